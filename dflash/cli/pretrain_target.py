@@ -1,0 +1,25 @@
+"""``dflash-pretrain-target``: pretrain the tiny code target on the stdlib corpus."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from dflash.training.pretrain import PretrainConfig, pretrain
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="HF-format output directory")
+    for field in dataclasses.fields(PretrainConfig):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
+                            default=field.default)
+    args = parser.parse_args(argv)
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+    result = pretrain(cfg, args.out)
+    print(f"held-out loss {result['heldout_loss']:.4f}; saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Frozen, validated configuration dataclasses.
+
+Architecture configs live here; experiment configs (training, inference) join them as
+the pipeline grows. Every config validates itself in ``__post_init__`` so a bad value is
+reported where it was made, naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters (``rope_type`` is ``default`` or ``llama3``)."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ("default", "llama3"):
+            raise ConfigError(
+                f"rope_type={self.rope_type!r} is not supported (supported: 'default', 'llama3')"
+            )
+        if self.theta <= 0:
+            raise ConfigError(f"rope theta must be positive, got {self.theta}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only target (Qwen3 / Qwen2 / Llama-3.x as config)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v projections
+    o_bias: bool = False  # Llama attention_bias=True also biases o_proj
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {self.model_type!r}; supported: "
+                + ", ".join(SUPPORTED_MODEL_TYPES)
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+    # ------------------------------------------------------------------ HF I/O
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Reads a Hugging Face ``config.json`` dict (old and new rope formats)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}; supported: "
+                + ", ".join(SUPPORTED_MODEL_TYPES)
+            )
+        if hf.get("use_sliding_window"):
+            raise ConfigError("use_sliding_window=true is not supported")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act={act!r} is not supported (only 'silu')")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if key not in hf:
+                raise ConfigError(f"config.json lacks required key {key!r}")
+        num_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        rope_params = dict(hf.get("rope_parameters") or {})
+        scaling = hf.get("rope_scaling") or {}
+        rope_params = {**scaling, **rope_params}
+        theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
+        rope = RopeConfig(
+            theta=float(theta),
+            rope_type=rope_type,
+            factor=float(rope_params.get("factor", 1.0)),
+            low_freq_factor=float(rope_params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rope_params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(
+                rope_params.get("original_max_position_embeddings",
+                                hf.get("max_position_embeddings", 8192))
+            ),
+        )
+        attention_bias = bool(hf.get("attention_bias", False))
+        eos = hf.get("eos_token_id")
+        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope=rope,
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qk_norm=model_type == "qwen3",
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos_ids,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` dict that ``transformers`` reads back into this model."""
+        rope: dict[str, Any] = {"rope_theta": self.rope.theta, "rope_type": self.rope.rope_type}
+        if self.rope.rope_type == "llama3":
+            rope.update(
+                factor=self.rope.factor,
+                low_freq_factor=self.rope.low_freq_factor,
+                high_freq_factor=self.rope.high_freq_factor,
+                original_max_position_embeddings=self.rope.original_max_position_embeddings,
+            )
+        arch = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "llama": "LlamaForCausalLM"}[self.model_type]
+        eos: Any = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
+        out: dict[str, Any] = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope.theta,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos if self.eos_token_id else None,
+            "torch_dtype": "float32",
+        }
+        if self.model_type != "qwen2":
+            out["attention_bias"] = self.qkv_bias
+        if self.model_type == "llama":
+            out["mlp_bias"] = self.mlp_bias
+        return out
+
+    # ------------------------------------------------------------------ sizes
+    def num_params(self) -> int:
+        """Exact parameter count (embeddings counted once when tied)."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h
+        attn += (q + 2 * kv) * self.qkv_bias + h * self.o_bias + 2 * self.head_dim * self.qk_norm
+        mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * self.mlp_bias
+        layer = attn + mlp + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + h + emb
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def _llama3_rope() -> RopeConfig:
+    return RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                      high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "qwen3_4b": ModelConfig(
+        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+        num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
+        rope=RopeConfig(theta=1000000.0), max_position_embeddings=40960,
+        tie_word_embeddings=True, qk_norm=True, eos_token_id=(151645,),
+    ),
+    "qwen3_8b": ModelConfig(
+        model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
+        rope=RopeConfig(theta=1000000.0), max_position_embeddings=40960,
+        tie_word_embeddings=False, qk_norm=True, eos_token_id=(151645,),
+    ),
+    "llama3_1_8b": ModelConfig(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        rope=_llama3_rope(), max_position_embeddings=131072, tie_word_embeddings=False,
+        bos_token_id=128000, eos_token_id=(128001, 128008, 128009),
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """Named full-size architecture preset (``qwen3_8b`` ...)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def llama3_inv_freq_scale(rope: RopeConfig, inv_freq: Any) -> Any:
+    """Applies llama3 frequency scaling to ``inv_freq`` (numpy or jax array)."""
+    import numpy as np
+
+    low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+    high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled)

@@ -1,0 +1,208 @@
+"""Loading and saving targets in the Hugging Face checkpoint format.
+
+The HF key -> our parameter mapping is the single table ``WEIGHT_TABLE``; loading and
+saving both read it, so the two directions cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from dflash.config import ModelConfig
+from dflash.models.transformer import Transformer, abstract
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# Short names of checkpoints that ship inside the package.
+SHIPPED = {"tiny-code": ASSETS / "tiny-code"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not match its config; names the culprit."""
+
+
+# (HF key template, our state path template, transpose?) — ``{i}`` is the layer index.
+# Optional rows (bias, q/k norm, lm_head) apply only when the config has them.
+WEIGHT_TABLE: tuple[tuple[str, str, bool], ...] = (
+    ("model.embed_tokens.weight", "embed_tokens", False),
+    ("model.norm.weight", "norm.weight", False),
+    ("lm_head.weight", "lm_head", True),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight", False),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.weight", False),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q_proj.kernel", True),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k_proj.kernel", True),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v_proj.kernel", True),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.o_proj.kernel", True),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.self_attn.q_proj.bias", False),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.self_attn.k_proj.bias", False),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.self_attn.v_proj.bias", False),
+    ("model.layers.{i}.self_attn.o_proj.bias", "layers.{i}.self_attn.o_proj.bias", False),
+    ("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.self_attn.q_norm.weight", False),
+    ("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.self_attn.k_norm.weight", False),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj.kernel", True),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj.kernel", True),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj.kernel", True),
+    ("model.layers.{i}.mlp.gate_proj.bias", "layers.{i}.mlp.gate_proj.bias", False),
+    ("model.layers.{i}.mlp.up_proj.bias", "layers.{i}.mlp.up_proj.bias", False),
+    ("model.layers.{i}.mlp.down_proj.bias", "layers.{i}.mlp.down_proj.bias", False),
+)
+
+
+def _path_key(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def weight_pairs(num_layers: int, present: set[str]) -> Iterator[tuple[str, str, bool]]:
+    """Expands the table to concrete (hf_key, our_path, transpose) rows for ``present`` paths."""
+    for hf, ours, transpose in WEIGHT_TABLE:
+        layers = range(num_layers) if "{i}" in hf else [None]
+        for i in layers:
+            our = ours.format(i=i)
+            if our in present:
+                yield hf.format(i=i), our, transpose
+
+
+# ----------------------------------------------------------------------------- resolving
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """Local dir, a shipped short name (``tiny-code``), or a hub id found in / fetched to the cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if str(name_or_path) in SHIPPED:
+        shipped = SHIPPED[str(name_or_path)]
+        if not (shipped / "config.json").exists():
+            raise CheckpointError(f"shipped checkpoint {name_or_path!r} is missing at {shipped}")
+        return shipped
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/")) or name.count("/") != 1:
+        raise CheckpointError(
+            f"{name!r} is not a checkpoint directory, a shipped name ({', '.join(SHIPPED)}), "
+            "or a hub id of the form 'owner/name'"
+        )
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise CheckpointError(
+            f"hub id {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        )
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as err:  # network errors, missing repos, gated repos
+        raise CheckpointError(
+            f"hub id {name!r} is not in the local Hugging Face cache and could not be downloaded "
+            f"(offline or unreachable?): {type(err).__name__}: {err}"
+        ) from err
+
+
+def read_config(directory: Path) -> ModelConfig:
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"missing file: {cfg_path}")
+    with open(cfg_path) as f:
+        return ModelConfig.from_hf(json.load(f))
+
+
+class _TensorSource:
+    """Reads tensors by HF key from one or several (indexed) safetensors files."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        single = directory / "model.safetensors"
+        if index.exists():
+            with open(index) as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not (directory / name).exists():
+                    raise CheckpointError(f"missing shard {directory / name} listed in {index}")
+            self.key_to_file = {k: directory / v for k, v in weight_map.items()}
+        elif single.exists():
+            with safe_open(single, framework="numpy") as f:
+                self.key_to_file = {k: single for k in f.keys()}
+        else:
+            raise CheckpointError(
+                f"missing file: neither {single} nor {index} exists"
+            )
+        self._handles: dict[Path, Any] = {}
+
+    def get(self, key: str) -> np.ndarray:
+        file = self.key_to_file[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="numpy")
+        return self._handles[file].get_tensor(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_to_file
+
+
+def load_params_into(model: nnx.Module, directory: Path, num_layers: int, dtype: jnp.dtype,
+                     prefix: str = "") -> nnx.Module:
+    """Fills an abstract (``eval_shape``) module from safetensors via ``WEIGHT_TABLE``."""
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    by_key = {_path_key(p): p for p in flat}
+    source = _TensorSource(directory)
+    filled: dict[tuple[Any, ...], Any] = {}
+    for hf_key, our, transpose in weight_pairs(num_layers, set(by_key)):
+        hf_key = prefix + hf_key
+        if hf_key not in source:
+            raise CheckpointError(f"checkpoint {directory} is missing tensor {hf_key!r}")
+        array = source.get(hf_key)
+        if transpose:
+            array = array.T
+        var = flat[by_key[our]]
+        if tuple(array.shape) != tuple(var.shape):
+            raise CheckpointError(
+                f"tensor {hf_key!r} has shape {tuple(array.shape)} but the config expects "
+                f"{tuple(var.shape)}"
+            )
+        filled[by_key[our]] = var.replace(jnp.asarray(array, dtype=dtype))
+    unfilled = set(flat) - set(filled)
+    if unfilled:
+        raise CheckpointError(f"no table row fills parameters {sorted(map(_path_key, unfilled))}")
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> Transformer:
+    """Loads a target from a HF directory / shipped name / hub id (single or sharded safetensors)."""
+    directory = resolve(name_or_path)
+    cfg = read_config(directory)
+    return load_params_into(abstract(cfg, dtype=dtype), directory, cfg.num_layers, dtype)
+
+
+def save_target(model: Transformer, directory: str | os.PathLike, *, dtype: Any = None,
+                extra_config: dict[str, Any] | None = None) -> Path:
+    """Writes ``config.json`` + ``model.safetensors`` in the layout ``transformers`` loads."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    by_key = {_path_key(p): v for p, v in flat.items()}
+    tensors: dict[str, np.ndarray] = {}
+    for hf_key, our, transpose in weight_pairs(model.cfg.num_layers, set(by_key)):
+        array = np.asarray(jax.device_get(by_key[our][...]))
+        if dtype is not None:
+            array = array.astype(dtype)
+        tensors[hf_key] = np.ascontiguousarray(array.T if transpose else array)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf_cfg = model.cfg.to_hf()
+    if dtype is not None:
+        hf_cfg["torch_dtype"] = np.dtype(dtype).name
+    hf_cfg.update(extra_config or {})
+    with open(out / "config.json", "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+    return out

@@ -1,0 +1,216 @@
+"""The one decoder implementation: Qwen3, Qwen2/2.5 and Llama-3.x differ only by config.
+
+Forward: ``(tokens [B,T], positions [B,T], cache) -> (logits, hidden states, new cache)``.
+Shape letters: B batch, T new tokens, S cache slots, D model width, N query heads,
+K kv heads, G = N / K, H head dim, F MLP width, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dflash import cache as kvc
+from dflash.config import ModelConfig, llama3_inv_freq_scale
+
+_NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives no NaN
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] (float32)
+    hidden: jax.Array | None  # [n_requested, B, T, D], outputs of the requested layers
+    cache: kvc.KVCache | None  # lengths advanced by T
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype, std: float = 0.02) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)``, kernel stored ``[in, out]`` (HF stores ``[out, in]``)."""
+
+    def __init__(self, din: int, dout: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.kernel = _normal(rngs, (din, dout), dtype)
+        self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...])
+        return y + self.bias[...] if self.bias is not None else y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, cast back before the weight (as HF does)."""
+
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies ``[H/2]`` (float32, llama3 scaling applied when configured)."""
+    exponent = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope.theta) ** exponent)).astype(np.float32)
+    if cfg.rope.rope_type == "llama3":
+        inv = llama3_inv_freq_scale(cfg.rope, inv).astype(np.float32)
+    return inv
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[B, T, H]`` in float32 (HF "rotate_half" layout: halves repeated)."""
+    freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
+    return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    half = x_BTNH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
+    return (x_BTNH * cos.astype(x_BTNH.dtype) + rotated * sin.astype(x_BTNH.dtype))
+
+
+def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """Grouped-query attention with a boolean visibility mask; softmax in float32."""
+    b, t, n, h = q_BTNH.shape
+    kh = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, kh, n // kh, h)
+    scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
+                              preferred_element_type=jnp.float32) * (h ** -0.5)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, _NEG_INF)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(b, t, n * h)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = Linear(d, q, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, kv, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, kv, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(q, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def qkv(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array):
+        """Projected, normed and rotated q ``[B,T,N,H]``, k and v ``[B,T,K,H]``."""
+        b, t, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only target LM. Holds parameters only; the cache goes in and comes out."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+
+    def embed(self, tokens_BT: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], tokens_BT, axis=0)
+
+    def logits(self, h_BTD: jax.Array) -> jax.Array:
+        """Final norm + LM head, float32 logits ``[B, T, V]``."""
+        x = self.norm(h_BTD)
+        if self.lm_head is None:
+            return jnp.einsum("BTD,VD->BTV", x, self.embed_tokens[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("BTD,DV->BTV", x, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array,
+        cache: kvc.KVCache | None = None,
+        *,
+        block_mask: jax.Array | None = None,
+        hidden_layers: tuple[int, ...] = (),
+        compute_logits: bool = True,
+    ) -> ForwardOutput:
+        """Runs the decoder over a block of ``T`` new tokens.
+
+        With a cache, the block's K/V are written at slots ``[len, len+T)``, queries see the
+        committed prefix plus the block under ``block_mask`` (``[T,T]`` or ``[B,T,T]``,
+        default causal), and the returned cache has ``lengths + T``: roll back with
+        ``cache.with_lengths``. Without a cache, attention is over the block alone.
+        """
+        b, t = tokens_BT.shape
+        if block_mask is None:
+            block_mask = kvc.causal_mask(t)
+        cos, sin = rope_cos_sin(self.cfg, positions_BT)
+        if cache is not None:
+            slots_BT = kvc.block_slots(cache.lengths, t)
+            mask_BTS = kvc.visibility(cache.lengths, cache.max_len, block_mask)
+            k_all, v_all = cache.k, cache.v
+        else:
+            mask_BTS = jnp.broadcast_to(block_mask, (b, t, t))
+        want = {layer: i for i, layer in enumerate(hidden_layers)}
+        hidden: list[jax.Array | None] = [None] * len(hidden_layers)
+        x_BTD = self.embed(tokens_BT)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x_BTD)
+            q, k, v = layer.self_attn.qkv(h, cos, sin)
+            if cache is not None:
+                k_all = kvc.write_layer(k_all, i, k, slots_BT)
+                v_all = kvc.write_layer(v_all, i, v, slots_BT)
+                k, v = k_all[i], v_all[i]
+            x_BTD = x_BTD + layer.self_attn.o_proj(attend(q, k, v, mask_BTS))
+            x_BTD = x_BTD + layer.mlp(layer.post_attention_layernorm(x_BTD))
+            if i in want:
+                hidden[want[i]] = x_BTD
+        new_cache = None
+        if cache is not None:
+            new_cache = kvc.KVCache(k=k_all, v=v_all, lengths=cache.lengths + t)
+        logits = self.logits(x_BTD) if compute_logits else None
+        hidden_arr = jnp.stack(hidden) if hidden_layers else None
+        return ForwardOutput(logits, hidden_arr, new_cache)
+
+
+def build(cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0) -> Transformer:
+    """A randomly initialised target (std 0.02 normal, unit norms)."""
+    return Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def abstract(cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32) -> Transformer:
+    """The model's structure with ``ShapeDtypeStruct`` leaves: nothing is allocated."""
+    return nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

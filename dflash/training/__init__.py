@@ -1,0 +1,1 @@
+"""Training pipelines: tiny-target pretraining (and, later, drafter training)."""

@@ -1,0 +1,141 @@
+"""Pretraining the shipped tiny code target on the stdlib corpus (causal LM, Optax AdamW)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from dflash.config import ModelConfig, RopeConfig
+from dflash.models.loading import save_target
+from dflash.models.transformer import Transformer, build
+from dflash.training import tiny_corpus as corpus
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 8
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 2000
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    seed: int = 0
+    eval_every: int = 200
+    eval_windows: int = 64
+    minutes: float = 0.0  # > 0: stop (and save) when this wall-clock budget is spent
+
+    def model_config(self, eos_id: int) -> ModelConfig:
+        return ModelConfig(
+            model_type="qwen3", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_layers=self.num_layers,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            rms_norm_eps=1e-6, rope=RopeConfig(theta=10000.0), max_position_embeddings=2048,
+            tie_word_embeddings=True, qk_norm=True, bos_token_id=eos_id, eos_token_id=(eos_id,),
+        )
+
+
+def encode_stream(tok, texts: list[str], eos_id: int) -> np.ndarray:
+    """All documents joined into one int32 stream, each followed by end-of-text."""
+    ids = []
+    for enc in tok.encode_batch(texts):
+        ids.extend(enc.ids)
+        ids.append(eos_id)
+    return np.asarray(ids, dtype=np.int32)
+
+
+def lm_loss(model: Transformer, tokens_BT: jax.Array) -> jax.Array:
+    positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    logits = model(tokens_BT[:, :-1], positions[:, :-1]).logits
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BT[:, 1:]).mean()
+
+
+def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict:
+    """Trains tokenizer + model, saves an HF directory at ``out_dir`` after every eval."""
+    train_files = corpus.stdlib_files("train")
+    held_files = corpus.stdlib_files("heldout")
+    tok = corpus.train_tokenizer([t for _, t in train_files], cfg.vocab_size)
+    eos_id = tok.token_to_id(corpus.EOT)
+    train_ids = encode_stream(tok, [t for _, t in train_files], eos_id)
+    held_ids = encode_stream(tok, [t for _, t in held_files], eos_id)
+    print(f"corpus: {len(train_files)} train files ({train_ids.size} tokens), "
+          f"{len(held_files)} held-out files ({held_ids.size} tokens)")
+
+    model_cfg = cfg.model_config(eos_id)
+    model = build(model_cfg, seed=cfg.seed)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps, cfg.lr * 0.05)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(schedule, b2=0.95, weight_decay=cfg.weight_decay))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+
+    # Donate the (model, optimizer) state: it is overwritten every step.
+    @jax.jit(donate_argnums=0)
+    def train_step(state, tokens_BT):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(lm_loss)(model, tokens_BT)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    @jax.jit
+    def eval_loss(state, tokens_BT):
+        model, _ = nnx.merge(graphdef, state)
+        return lm_loss(model, tokens_BT)
+
+    rng = np.random.default_rng(cfg.seed)
+    window = cfg.seq_len + 1
+    held_starts = np.linspace(0, held_ids.size - window - 1, cfg.eval_windows).astype(np.int64)
+    held_batch = np.stack([held_ids[s:s + window] for s in held_starts])
+
+    def evaluate(state) -> float:
+        losses = [float(eval_loss(state, held_batch[i:i + cfg.batch_size]))
+                  for i in range(0, len(held_batch), cfg.batch_size)]
+        return float(np.mean(losses))
+
+    def save(state, step: int, held_loss: float) -> None:
+        model, _ = nnx.merge(graphdef, state)
+        save_target(model, out_dir, dtype=jnp.bfloat16)  # bf16 keeps the shipped copy small
+        corpus.save_tokenizer(tok, out_dir, model_cfg.max_position_embeddings)
+        with open(out_dir / "generation_config.json", "w") as f:
+            json.dump({"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}, f)
+        with open(out_dir / "training_info.json", "w") as f:
+            json.dump({"step": step, "heldout_loss": held_loss, "heldout_ppl": math.exp(held_loss),
+                       "train_tokens_seen": step * cfg.batch_size * cfg.seq_len,
+                       "config": dataclasses.asdict(cfg)}, f, indent=2)
+
+    start = time.time()
+    history = []
+    bar = tqdm(range(1, cfg.steps + 1), desc="pretrain", dynamic_ncols=True)
+    held = float("nan")
+    for step in bar:
+        starts = rng.integers(0, train_ids.size - window, cfg.batch_size)
+        batch = np.stack([train_ids[s:s + window] for s in starts])
+        state, loss = train_step(state, batch)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}", held=f"{held:.3f}")
+        out_of_time = cfg.minutes > 0 and time.time() - start > cfg.minutes * 60
+        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+            held = evaluate(state)
+            history.append({"step": step, "train_loss": float(loss), "heldout_loss": held,
+                            "elapsed_s": time.time() - start})
+            tqdm.write(json.dumps(history[-1]))
+            save(state, step, held)
+        if out_of_time:
+            break
+    return {"history": history, "heldout_loss": held}

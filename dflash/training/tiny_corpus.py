@@ -1,0 +1,88 @@
+"""The offline code corpus of the tiny target: the Python standard library's source.
+
+Split into train / held-out *by file* (a stable hash of the path relative to the stdlib
+root), so held-out prompts come from files the target never saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from pathlib import Path
+
+HELD_OUT_EVERY = 20  # ~5% of files are held out
+EOT = "<|endoftext|>"
+MASK = "<|mask|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (EOT, MASK, IM_START, IM_END)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def is_held_out(relpath: str) -> bool:
+    digest = hashlib.sha1(relpath.encode()).digest()
+    return int.from_bytes(digest[:4], "little") % HELD_OUT_EVERY == 0
+
+
+def stdlib_files(split: str) -> list[tuple[str, str]]:
+    """Sorted ``(relative path, source text)`` of the stdlib's ``.py`` files in ``split``."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    root = stdlib_root()
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if "site-packages" in rel or "dist-packages" in rel:
+            continue
+        if is_held_out(rel) != (split == "heldout"):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            out.append((rel, text))
+    return out
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE with the reserved special tokens at ids 0..3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def save_tokenizer(tok, directory: Path, model_max_length: int) -> None:
+    """``tokenizer.json`` + ``tokenizer_config.json`` that ``AutoTokenizer`` opens as-is."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOT,
+        "pad_token": EOT,
+        "mask_token": MASK,
+        "additional_special_tokens": [IM_START, IM_END],
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    with open(directory / "tokenizer_config.json", "w") as f:
+        json.dump(config, f, indent=2)
