@@ -1,0 +1,71 @@
+"""``dflash-generate``: complete a prompt with a target model (AR baseline decoding)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from dflash.cache import CacheOverflowError
+from dflash.config import ConfigError
+from dflash.decoding import SamplingParams, generate
+from dflash.models import CheckpointError, load_target
+from dflash.models.tokenizer import eos_ids, load_tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dflash-generate", description=__doc__)
+    p.add_argument("--target", default="tiny-code", help="HF directory, shipped name or hub id")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", type=Path, help="file whose whole content is the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-len", type=int, default=None, help="KV cache slots (default: fit the request)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+        tokenizer = load_tokenizer(args.target)
+        model = load_target(args.target, dtype=DTYPES[args.dtype])
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        if not ids:
+            raise ValueError("the prompt encodes to zero tokens")
+        result = generate(
+            model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
+            key=jax.random.key(args.seed), eos_ids=eos_ids(tokenizer, model.cfg.eos_token_id),
+            max_len=args.max_len, pad_id=tokenizer.pad_token_id or 0,
+        )
+    except (CheckpointError, ConfigError, CacheOverflowError, ValueError, OSError) as err:
+        print(f"dflash-generate: error: {err}", file=sys.stderr)
+        return 2
+    tokens = result.tokens[0]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({
+            "text": text, "prompt_tokens": ids, "tokens": tokens,
+            "num_tokens": len(tokens), "tokens_per_s": result.tokens_per_s,
+            "elapsed_s": result.elapsed_s, "compile_s": result.compile_s,
+        }))
+    else:
+        print(prompt + text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

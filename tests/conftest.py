@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random ``transformers`` checkpoints built in-process."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+FAMILIES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+}
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+
+
+def make_hf_model(family: str, *, seed: int = 0, **overrides):
+    """A tiny random HF causal LM of ``family`` (fp32, eval mode)."""
+    import torch
+    import transformers
+
+    cfg_name, model_name = FAMILIES[family]
+    kwargs = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=96, vocab_size=101, head_dim=16, max_position_embeddings=256,
+                  tie_word_embeddings=False)
+    kwargs.update(overrides)
+    cfg = getattr(transformers, cfg_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    # HF initialises norms to ones and biases to zero: randomise them so parity covers them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: saves a tiny HF model and returns ``(hf_model, directory)``."""
+
+    def _make(family: str, **overrides):
+        model = make_hf_model(family, **overrides)
+        directory = tmp_path / f"{family}-ckpt"
+        model.save_pretrained(directory)
+        return model, directory
+
+    return _make
