@@ -103,17 +103,20 @@ class ModelConfig:
         rope_params = {**scaling, **rope_params}
         theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
-        rope = RopeConfig(
-            theta=float(theta),
-            rope_type=rope_type,
-            factor=float(rope_params.get("factor", 1.0)),
-            low_freq_factor=float(rope_params.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(rope_params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(
-                rope_params.get("original_max_position_embeddings",
-                                hf.get("max_position_embeddings", 8192))
-            ),
-        )
+        if rope_type == "default":  # scaling fields are meaningless: keep them canonical
+            rope = RopeConfig(theta=float(theta))
+        else:
+            rope = RopeConfig(
+                theta=float(theta),
+                rope_type=rope_type,
+                factor=float(rope_params.get("factor", 1.0)),
+                low_freq_factor=float(rope_params.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rope_params.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(
+                    rope_params.get("original_max_position_embeddings",
+                                    hf.get("max_position_embeddings", 8192))
+                ),
+            )
         attention_bias = bool(hf.get("attention_bias", False))
         eos = hf.get("eos_token_id")
         eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)

@@ -37,7 +37,7 @@ def make_hf_model(family: str, *, seed: int = 0, **overrides):
     model = getattr(transformers, model_name)(cfg).eval()
     # HF initialises norms to ones and biases to zero: randomise them so parity covers them.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model

@@ -163,15 +163,13 @@ def load_params_into(model: nnx.Module, directory: Path, num_layers: int, dtype:
         if hf_key not in source:
             raise CheckpointError(f"checkpoint {directory} is missing tensor {hf_key!r}")
         array = source.get(hf_key)
-        if transpose:
-            array = array.T
         var = flat[by_key[our]]
-        if tuple(array.shape) != tuple(var.shape):
+        expected = tuple(var.shape)[::-1] if transpose else tuple(var.shape)  # in the file's layout
+        if tuple(array.shape) != expected:
             raise CheckpointError(
-                f"tensor {hf_key!r} has shape {tuple(array.shape)} but the config expects "
-                f"{tuple(var.shape)}"
+                f"tensor {hf_key!r} has shape {tuple(array.shape)} but the config expects {expected}"
             )
-        filled[by_key[our]] = var.replace(jnp.asarray(array, dtype=dtype))
+        filled[by_key[our]] = var.replace(jnp.asarray(array.T if transpose else array, dtype=dtype))
     unfilled = set(flat) - set(filled)
     if unfilled:
         raise CheckpointError(f"no table row fills parameters {sorted(map(_path_key, unfilled))}")

@@ -141,7 +141,8 @@ class Transformer(nnx.Module):
         self.embed_tokens = _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+        untied = not cfg.tie_word_embeddings
+        self.lm_head = _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype) if untied else None
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], tokens_BT, axis=0)

@@ -1,0 +1,64 @@
+"""Model configs: HF config.json parsing, validation, full-size presets via eval_shape."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from dflash.config import PRESETS, ConfigError, ModelConfig, preset
+from dflash.models import abstract, count_params
+
+# Published parameter counts (HF model cards / safetensors metadata).
+PUBLISHED = {"qwen3_4b": 4_022_468_096, "qwen3_8b": 8_190_735_360, "llama3_1_8b": 8_030_261_248}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_full_size_presets_build_abstractly_with_published_sizes(name):
+    model = abstract(preset(name))
+    leaves = jax.tree.leaves(model)
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
+    assert count_params(model) == PUBLISHED[name] == preset(name).num_params()
+
+
+def test_presets_round_trip_through_hf_config():
+    for cfg in PRESETS.values():
+        assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_family_flags_from_hf_config():
+    base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2)
+    q3 = ModelConfig.from_hf({**base, "model_type": "qwen3"})
+    assert q3.qk_norm and not q3.qkv_bias
+    q2 = ModelConfig.from_hf({**base, "model_type": "qwen2"})
+    assert q2.qkv_bias and not q2.qk_norm and not q2.o_bias
+    old_style = ModelConfig.from_hf({**base, "model_type": "llama", "rope_theta": 5e5,
+                                     "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                      "original_max_position_embeddings": 8192}})
+    assert old_style.rope.rope_type == "llama3" and old_style.rope.theta == 5e5
+    assert old_style.num_kv_heads == 2 and old_style.head_dim == 4
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"model_type": "mistral"}, "mistral.*supported: qwen3, qwen2, llama"),
+    ({"model_type": "qwen3", "hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "qwen3", "use_sliding_window": True}, "sliding"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+    ({"model_type": "qwen3", "num_key_value_heads": 3}, "multiple of num_kv_heads"),
+])
+def test_bad_hf_configs_are_clear_errors(bad, match):
+    base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2)
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_hf({**base, **bad})
+
+
+def test_missing_required_key_is_named():
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        ModelConfig.from_hf({"model_type": "qwen3", "vocab_size": 10, "hidden_size": 8,
+                             "intermediate_size": 16, "num_attention_heads": 2})
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="qwen3_8b"):
+        preset("qwen3_80b")
