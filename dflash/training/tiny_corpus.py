@@ -86,3 +86,30 @@ def save_tokenizer(tok, directory: Path, model_max_length: int) -> None:
     }
     with open(directory / "tokenizer_config.json", "w") as f:
         json.dump(config, f, indent=2)
+
+
+def heldout_prompts(count: int, max_chars: int = 400, seed: int = 0) -> list[str]:
+    """Deterministic code prompts from held-out files: context ending just after a ``def`` line.
+
+    Each prompt is the up-to-``max_chars`` characters before and including a function header,
+    so the natural continuation is a function body the target never saw.
+    """
+    import random
+
+    candidates: list[str] = []
+    for _, text in stdlib_files("heldout"):
+        lines = text.splitlines(keepends=True)
+        offsets = [0]
+        for line in lines:
+            offsets.append(offsets[-1] + len(line))
+        for i, line in enumerate(lines):
+            stripped = line.lstrip()
+            if stripped.startswith("def ") and line.rstrip().endswith(":"):
+                end = offsets[i + 1]
+                start = max(0, end - max_chars)
+                start = text.find("\n", start) + 1 if start > 0 else 0  # begin on a line boundary
+                candidates.append(text[start:end])
+    random.Random(seed).shuffle(candidates)
+    if len(candidates) < count:
+        raise ValueError(f"only {len(candidates)} held-out prompts available, asked for {count}")
+    return candidates[:count]
