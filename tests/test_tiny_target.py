@@ -1,0 +1,62 @@
+"""The shipped tiny code target: a genuine HF directory both stacks open identically."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from dflash.models import load_target, resolve
+from dflash.models.loading import SHIPPED
+from dflash.models.tokenizer import load_tokenizer
+from dflash.training import tiny_corpus
+
+
+def test_shipped_directory_is_small_and_complete():
+    directory = resolve("tiny-code")
+    assert directory == SHIPPED["tiny-code"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (directory / name).is_file(), name
+    total = sum(f.stat().st_size for f in directory.iterdir())
+    assert total <= 20 * 1024 * 1024
+    cfg = json.loads((directory / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3"
+    assert 4000 <= cfg["vocab_size"] <= 8192
+
+
+def test_transformers_and_dflash_agree_on_the_shipped_target():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = resolve("tiny-code")
+    hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(str(directory))
+    ours = load_target("tiny-code")
+    tok = load_tokenizer("tiny-code")
+    text = tiny_corpus.heldout_prompts(1)[0]
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids == hf_tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == text  # byte-level BPE round-trips code exactly
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits.numpy()
+    got = np.asarray(ours(jnp.asarray([ids]), jnp.arange(len(ids))[None]).logits)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_tokenizer_reserves_mask_and_end_of_text():
+    tok = load_tokenizer("tiny-code")
+    assert tok.mask_token == tiny_corpus.MASK and tok.mask_token_id is not None
+    assert tok.eos_token == tiny_corpus.EOT
+    assert tok.eos_token_id in load_target("tiny-code").cfg.eos_token_id
+    assert tok.mask_token_id not in tok("x = 1\n").input_ids
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>assistant\n")
+
+
+def test_split_is_by_file_and_disjoint():
+    train = {rel for rel, _ in tiny_corpus.stdlib_files("train")}
+    held = {rel for rel, _ in tiny_corpus.stdlib_files("heldout")}
+    assert train and held and not train & held
+    assert 0.02 < len(held) / (len(train) + len(held)) < 0.1
