@@ -102,15 +102,25 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def qkv(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array):
-        """Projected, normed and rotated q ``[B,T,N,H]``, k and v ``[B,T,K,H]``."""
+    def q(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """Projected, normed and rotated queries ``[B,T,N,H]``."""
         b, t, _ = x_BTD.shape
         q = self.q_proj(x_BTD).reshape(b, t, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        return apply_rope(q, cos, sin)
+
+    def kv(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Projected, normed and rotated keys and values ``[B,T,K,H]``."""
+        b, t, _ = x_BTD.shape
         k = self.k_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return apply_rope(k, cos, sin), v
+
+    def qkv(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array):
+        return (self.q(x_BTD, cos, sin), *self.kv(x_BTD, cos, sin))
 
 
 class MLP(nnx.Module):
@@ -149,10 +159,14 @@ class Transformer(nnx.Module):
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:
         """Final norm + LM head, float32 logits ``[B, T, V]``."""
-        x = self.norm(h_BTD)
+        return self.unembed(self.norm(h_BTD))
+
+    def unembed(self, x_BTD: jax.Array) -> jax.Array:
+        """The LM head alone (drafters apply their own final norm first)."""
         if self.lm_head is None:
-            return jnp.einsum("BTD,VD->BTV", x, self.embed_tokens[...], preferred_element_type=jnp.float32)
-        return jnp.einsum("BTD,DV->BTV", x, self.lm_head[...], preferred_element_type=jnp.float32)
+            return jnp.einsum("BTD,VD->BTV", x_BTD, self.embed_tokens[...],
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head[...], preferred_element_type=jnp.float32)
 
     def __call__(
         self,

@@ -1,0 +1,169 @@
+"""The speculative engine: one jitted ``lax.while_loop`` of draft -> verify -> accept -> commit.
+
+Greedy verification (lossless: the output equals the target's own greedy decode token for
+token). The target verifies ``[anchor, d_1 .. d_{K-1}]`` in one pass; the accepted prefix
+plus the target's bonus token are emitted; the cache rolls back by setting lengths; the
+bonus becomes the next anchor. No host round trip per step; caches are created on device
+inside the compiled program and shapes are static (bucketed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dflash import cache as kvc
+from dflash.decoding.autoregressive import bucket, is_eos, pad_prompts, prefill
+from dflash.decoding.drafters import NoDraft
+from dflash.models.transformer import Transformer
+
+
+@dataclasses.dataclass
+class SpecResult:
+    tokens: list[list[int]]  # generated ids per row
+    acceptance_lengths: list[list[int]]  # accepted drafts + 1, one entry per verify step, per row
+    target_forwards: list[int]  # per row: prefill + verify passes while the row was active
+    elapsed_s: float
+    compile_s: float
+    block_size: int
+
+    @property
+    def num_generated(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_generated / max(self.elapsed_s, 1e-9)
+
+    @property
+    def tau(self) -> float:
+        steps = [a for row in self.acceptance_lengths for a in row]
+        return float(np.mean(steps)) if steps else float("nan")
+
+    def histogram(self) -> list[int]:
+        """Counts of accepted drafts 0..K-1 over all verify steps."""
+        hist = [0] * self.block_size
+        for row in self.acceptance_lengths:
+            for a in row:
+                hist[a - 1] += 1
+        return hist
+
+
+@partial(jax.jit, static_argnames=("tgraph", "dgraph", "method", "max_new", "max_len", "eos_ids",
+                                   "mask_id"))
+def _spec_generate(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, *, tgraph, dgraph, method,
+                   max_new: int, max_len: int, eos_ids: tuple[int, ...], mask_id: int):
+    target: Transformer = nnx.merge(tgraph, tparams)
+    drafter = nnx.merge(dgraph, dparams) if dgraph is not None else None
+    batch, prompt_pad = tokens_BP.shape
+    k = method.block_size
+    rows = jnp.arange(batch)
+    cache = kvc.init_cache(target.cfg, batch, max_len, target.dtype)
+    logits, hidden, cache = prefill(target, tokens_BP, prompt_lens_B, cache, method.hidden_layers)
+    dstate = method.init(drafter, batch, max_len, target.dtype)
+    dstate = method.prefill(drafter, dstate, hidden, prompt_lens_B)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # All committed + emitted tokens per row (prompt, then generation): the n-gram drafter reads it.
+    buf_len = max_len + k
+    tokens_BL = jnp.zeros((batch, buf_len), jnp.int32).at[:, :prompt_pad].set(tokens_BP)
+    tokens_BL = tokens_BL.at[rows, prompt_lens_B].set(first)
+    n_gen = jnp.ones((batch,), jnp.int32)
+    done = is_eos(first, eos_ids) | (n_gen >= max_new_B)
+    acc_log = jnp.zeros((batch, max_new), jnp.int32)  # accepted+1 per verify step
+    steps = jnp.zeros((batch,), jnp.int32)
+
+    def cond(carry):
+        return ~jnp.all(carry[4])
+
+    def body(carry):
+        cache, dstate, tokens_BL, n_gen, done, acc_log, steps = carry
+        lengths = cache.lengths  # committed tokens; the anchor sits at this position
+        total = prompt_lens_B + n_gen  # prompt + emitted (the anchor is the last of them)
+        anchor = jnp.take_along_axis(tokens_BL, (total - 1)[:, None], axis=1)[:, 0]
+        drafts = method.propose(drafter, target, dstate, anchor, lengths, tokens_BL, total)
+        block = jnp.concatenate([anchor[:, None], drafts], axis=1)  # [B, K]
+        positions = lengths[:, None] + jnp.arange(k)[None]
+        out = target(jnp.maximum(block, 0), positions, cache, hidden_layers=method.hidden_layers)
+        greedy = jnp.argmax(out.logits, axis=-1).astype(jnp.int32)  # [B, K]: prediction for pos+1
+        match = (drafts == greedy[:, :-1]) & (drafts != mask_id)
+        accepted = jnp.cumprod(match.astype(jnp.int32), axis=1).sum(axis=1)  # [B]
+        bonus = jnp.take_along_axis(greedy, accepted[:, None], axis=1)[:, 0]
+        idx_K = jnp.arange(k)[None]
+        emitted = jnp.where(idx_K < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
+        count = accepted + 1
+        # Stop at the first EOS among the emitted tokens and at the row's token budget.
+        eos_hit = is_eos(emitted, eos_ids) & (idx_K < count[:, None])
+        first_eos = jnp.where(eos_hit.any(axis=1), jnp.argmax(eos_hit, axis=1) + 1, count)
+        count = jnp.minimum(jnp.minimum(count, first_eos), max_new_B - n_gen)
+        count = jnp.where(done, 0, count)
+        write_at = jnp.where(idx_K < count[:, None], total[:, None] + idx_K, buf_len)
+        tokens_BL = tokens_BL.at[rows[:, None], write_at].set(emitted, mode="drop")
+        new_done = done | eos_hit.any(axis=1) & (first_eos <= count) | (n_gen + count >= max_new_B)
+        acc_log = acc_log.at[rows, jnp.where(done, max_new, steps)].set(accepted + 1, mode="drop")
+        steps = steps + (~done).astype(jnp.int32)
+        # Commit anchor + accepted drafts; finished rows keep their state.
+        new_lengths = jnp.where(done, lengths, lengths + accepted + 1)
+        cache = out.cache.with_lengths(new_lengths)
+        # A finished row's drafter state may drift: it never emits again, and writes past the
+        # cache are dropped, so no per-row select over the drafter's pytree is needed.
+        dstate = method.commit(drafter, dstate, out.hidden, lengths, accepted)
+        n_gen = n_gen + count
+        return cache, dstate, tokens_BL, n_gen, new_done, acc_log, steps
+
+    carry = (cache, dstate, tokens_BL, n_gen, done, acc_log, steps)
+    _, _, tokens_BL, n_gen, _, acc_log, steps = jax.lax.while_loop(cond, body, carry)
+    return tokens_BL, n_gen, acc_log, steps
+
+
+def speculative_generate(
+    target: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    method: Any = NoDraft(),
+    drafter: nnx.Module | None = None,
+    max_new_tokens: int | Sequence[int] = 128,
+    eos_ids: Sequence[int] | None = None,
+    mask_token_id: int = -1,
+    max_len: int | None = None,
+    pad_id: int = 0,
+) -> SpecResult:
+    """Greedy speculative decoding of a batch of prompts with ``method`` (and its ``drafter``)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    batch = len(prompts)
+    budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != batch or min(budgets) < 1:
+        raise ValueError("max_new_tokens must be >= 1 for every prompt")
+    prompt_lens = [len(p) for p in prompts]
+    k = method.block_size
+    # A verify block may write up to K slots past the last committed token.
+    longest = max(p + b for p, b in zip(prompt_lens, budgets, strict=True)) + k
+    max_len = bucket(longest) if max_len is None else max_len
+    for i, (p, b) in enumerate(zip(prompt_lens, budgets, strict=True)):
+        kvc.check_fits(p + b + k, max_len, f"prompt {i} ({p} tokens) + {b} new tokens + block {k}")
+    padded = pad_prompts(prompts, min(bucket(max(prompt_lens), 16), max_len), pad_id)
+    eos = tuple(target.cfg.eos_token_id if eos_ids is None else eos_ids)
+    tgraph, tparams = nnx.split(target)
+    dgraph, dparams = nnx.split(drafter) if drafter is not None else (None, None)
+    args = (tparams, dparams, jnp.asarray(padded), jnp.asarray(prompt_lens, jnp.int32),
+            jnp.asarray(budgets, jnp.int32))
+    static = dict(tgraph=tgraph, dgraph=dgraph, method=method, max_new=max(budgets), max_len=max_len,
+                  eos_ids=eos, mask_id=mask_token_id)
+    t0 = time.perf_counter()
+    compiled = _spec_generate.lower(*args, **static).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tokens_BL, n_gen, acc_log, steps = jax.block_until_ready(compiled(*args))
+    elapsed = time.perf_counter() - t0
+    tokens_BL, n_gen, acc_log, steps = map(np.asarray, (tokens_BL, n_gen, acc_log, steps))
+    tokens = [tokens_BL[i, prompt_lens[i]: prompt_lens[i] + n_gen[i]].tolist() for i in range(batch)]
+    accs = [acc_log[i, : steps[i]].tolist() for i in range(batch)]
+    return SpecResult(tokens, accs, [int(s) + 1 for s in steps], elapsed, compile_s, k)

@@ -1,0 +1,1 @@
+"""Drafters: DFlash (block diffusion conditioned on target features) and baselines."""

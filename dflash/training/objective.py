@@ -1,0 +1,110 @@
+"""DFlash training objective: anchors, the sparse anchor-block mask, labels, decayed loss.
+
+Pure functions of arrays (no state), so the train step, eval and the tests share them.
+Shape letters: B batch rows, S sequence, A anchors per row, K = block_size, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def anchor_candidates(loss_mask_BS: jax.Array, segment_ids_BS: jax.Array) -> jax.Array:
+    """``[B, S]``: positions ``a`` with tokens ``a`` and ``a+1`` both supervised, same document."""
+    nxt_mask = jnp.pad(loss_mask_BS[:, 1:], ((0, 0), (0, 1)))
+    nxt_seg = jnp.pad(segment_ids_BS[:, 1:], ((0, 0), (0, 1)))
+    return loss_mask_BS & nxt_mask & (segment_ids_BS == nxt_seg) & (segment_ids_BS > 0)
+
+
+def sample_anchors(key: jax.Array, loss_mask_BS: jax.Array, segment_ids_BS: jax.Array,
+                   num_anchors: int) -> tuple[jax.Array, jax.Array]:
+    """Up to ``num_anchors`` distinct random anchors per row (sorted); ``valid`` flags real ones.
+
+    Rows with fewer candidates than ``num_anchors`` get invalid (masked) extra anchors.
+    """
+    cand_BS = anchor_candidates(loss_mask_BS, segment_ids_BS)
+    scores_BS = jnp.where(cand_BS, jax.random.uniform(key, cand_BS.shape), -1.0)
+    top_BA, idx_BA = jax.lax.top_k(scores_BS, num_anchors)
+    valid_BA = top_BA >= 0.0
+    # Sort valid anchors ascending (invalid ones last) so blocks appear in sequence order.
+    order = jnp.argsort(jnp.where(valid_BA, idx_BA, jnp.iinfo(jnp.int32).max), axis=1)
+    return (jnp.take_along_axis(idx_BA, order, 1).astype(jnp.int32),
+            jnp.take_along_axis(valid_BA, order, 1))
+
+
+def anchor_block_mask(anchors_BA: jax.Array, valid_BA: jax.Array, segment_ids_BS: jax.Array,
+                      block_size: int) -> jax.Array:
+    """``[B, A*K, S + A*K]``: row (j, k) sees context ``s < a_j`` of its own document and block j.
+
+    Blocks never see each other; an invalid anchor's rows see only their own block.
+    """
+    b, a = anchors_BA.shape
+    s = segment_ids_BS.shape[1]
+    pos_S = jnp.arange(s)
+    seg_at_anchor_BA = jnp.take_along_axis(segment_ids_BS, anchors_BA, axis=1)
+    ctx_BAS = ((pos_S[None, None, :] < anchors_BA[:, :, None])
+               & (segment_ids_BS[:, None, :] == seg_at_anchor_BA[:, :, None])
+               & valid_BA[:, :, None])
+    ctx_BQS = jnp.repeat(ctx_BAS, block_size, axis=1)  # [B, A*K, S]
+    block_id_Q = jnp.repeat(jnp.arange(a), block_size)
+    blk_QQ = block_id_Q[:, None] == block_id_Q[None, :]
+    return jnp.concatenate([ctx_BQS, jnp.broadcast_to(blk_QQ, (b, a * block_size, a * block_size))],
+                           axis=2)
+
+
+def block_labels(tokens_BS: jax.Array, loss_mask_BS: jax.Array, segment_ids_BS: jax.Array,
+                 anchors_BA: jax.Array, valid_BA: jax.Array, block_size: int):
+    """Labels ``[B, A, K-1]``: the token at ``a + k`` (k = 1..K-1), and where it counts.
+
+    A label counts when it lies inside the sequence, in the anchor's document, is supervised
+    by the loss mask, and its anchor is valid.
+    """
+    s = tokens_BS.shape[1]
+    idx_BAk = anchors_BA[:, :, None] + jnp.arange(1, block_size)[None, None, :]
+    inside = idx_BAk < s
+    idx_c = jnp.minimum(idx_BAk, s - 1)
+    flat = idx_c.reshape(idx_c.shape[0], -1)
+    gather = lambda x: jnp.take_along_axis(x, flat, axis=1).reshape(idx_c.shape)  # noqa: E731
+    seg_anchor = jnp.take_along_axis(segment_ids_BS, anchors_BA, axis=1)[:, :, None]
+    mask = inside & gather(loss_mask_BS) & (gather(segment_ids_BS) == seg_anchor) & valid_BA[:, :, None]
+    return gather(tokens_BS), mask, idx_c
+
+
+def loss_weights(block_size: int, gamma: float) -> jax.Array:
+    """``w_k = exp(-(k-1)/gamma)`` for k = 1..K-1: early block positions matter most."""
+    k = jnp.arange(1, block_size, dtype=jnp.float32)
+    return jnp.exp(-(k - 1.0) / gamma)
+
+
+def decayed_loss(logits_BAkV: jax.Array, labels_BAk: jax.Array, mask_BAk: jax.Array,
+                 weights_k: jax.Array, target_logits_BAkV: jax.Array | None = None,
+                 ce_weight: float = 1.0, kl_weight: float = 0.0) -> tuple[jax.Array, dict]:
+    """Weighted CE (+ optional forward KL to the target), normalised by the sum of used weights."""
+    logp = jax.nn.log_softmax(logits_BAkV.astype(jnp.float32), axis=-1)
+    w_BAk = weights_k[None, None, :] * mask_BAk
+    denom = jnp.maximum(w_BAk.sum(), 1e-9)
+    ce_BAk = -jnp.take_along_axis(logp, labels_BAk[..., None], axis=-1)[..., 0]
+    loss = ce_weight * (ce_BAk * w_BAk).sum() / denom
+    metrics = {"ce": (ce_BAk * w_BAk).sum() / denom}
+    if target_logits_BAkV is not None and kl_weight > 0:
+        logp_t = jax.nn.log_softmax(target_logits_BAkV.astype(jnp.float32), axis=-1)
+        kl_BAk = (jnp.exp(logp_t) * (logp_t - logp)).sum(-1)
+        metrics["kl"] = (kl_BAk * w_BAk).sum() / denom
+        loss = loss + kl_weight * metrics["kl"]
+    return loss, metrics
+
+
+def block_accuracy(pred_BAk: jax.Array, ref_BAk: jax.Array, mask_BAk: jax.Array):
+    """Per-position accuracy ``[K-1]`` and the simulated acceptance length tau.
+
+    tau of a block = 1 + length of the leading run of correct predictions (a masked label
+    ends the run), the quantity greedy verification would accept; averaged over blocks whose
+    first label counts.
+    """
+    correct = (pred_BAk == ref_BAk) & mask_BAk
+    per_pos = correct.sum((0, 1)) / jnp.maximum(mask_BAk.sum((0, 1)), 1)
+    run = jnp.cumprod(correct.astype(jnp.int32), axis=-1).sum(-1)  # [B, A]
+    counted = mask_BAk[..., 0]
+    tau = 1.0 + (run * counted).sum() / jnp.maximum(counted.sum(), 1)
+    return per_pos, tau
