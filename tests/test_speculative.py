@@ -116,8 +116,8 @@ def test_eos_inside_an_accepted_block_stops_the_row(target):
     free = generate(target, prompts, max_new_tokens=40, eos_ids=())
     eos = free.tokens[1][9]
     ref = generate(target, prompts, max_new_tokens=40, eos_ids=(eos,))
-    out = speculative_generate(target, prompts, method=OracleDraft(8), drafter=_oracle(prompts, free.tokens, 0.0),
-                               max_new_tokens=40, eos_ids=(eos,))
+    out = speculative_generate(target, prompts, method=OracleDraft(8),
+                               drafter=_oracle(prompts, free.tokens, 0.0), max_new_tokens=40, eos_ids=(eos,))
     assert out.tokens == ref.tokens
     assert out.tokens[1][-1] == eos
 
