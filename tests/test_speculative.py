@@ -140,15 +140,14 @@ def test_drafter_cache_path_equals_training_path():
                                    jnp.asarray([8, 8]))
     cache = drafter.extend_context(cache, feats[:, 8:], jnp.broadcast_to(jnp.arange(8, 23), (2, 15)), p)
     got = drafter.draft_logits(target, cache, anchor)
-    # Training path: the whole context with an explicit mask (context < p, block bidirectional).
+    # Training path: the whole context, one block per row, context visible strictly before p.
     block = jnp.concatenate([anchor[:, None], jnp.full((2, 5), MASK)], axis=1)
-    x = target.embed(block)
-    q_pos = p[:, None] + jnp.arange(6)[None]
+    x = target.embed(block)[:, None]  # [B, A=1, K, D]
+    q_pos = (p[:, None] + jnp.arange(6)[None])[:, None]
     ctx = drafter.project_context(feats)
-    mask = jnp.concatenate([jnp.broadcast_to((jnp.arange(23)[None, None] < p[:, None, None]), (2, 6, 23)),
-                            jnp.ones((2, 6, 6), bool)], axis=2)
-    h = drafter(x, q_pos, ctx, jnp.broadcast_to(jnp.arange(23), (2, 23)), mask)
-    want = target.unembed(h[:, 1:])
+    ctx_mask = (jnp.arange(23)[None, None] < p[:, None, None])  # [B, 1, S]
+    h = drafter(x, q_pos, ctx, jnp.broadcast_to(jnp.arange(23), (2, 23)), ctx_mask)
+    want = target.unembed(h[:, 0, 1:])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 

@@ -22,11 +22,11 @@ from flax import nnx
 from dflash import cache as kvc
 from dflash.config import ConfigError, ModelConfig, RopeConfig
 from dflash.models.transformer import (
+    NEG_INF,
     DecoderLayer,
     Linear,
     RMSNorm,
     Transformer,
-    attend,
     rope_cos_sin,
 )
 
@@ -145,30 +145,52 @@ class DFlashDrafter(nnx.Module):
         """``hidden_norm(fc(concat features))`` -> ``[B, S, D]``; applied once, not per layer."""
         return self.hidden_norm(self.fc(feats_BSnD))
 
-    def _layer(self, layer: DecoderLayer, x_BQD, cos_q, sin_q, k_ctx, v_ctx, mask_BQK):
-        """One layer with KV injection: keys/values of ``[context ; block]``, queries of the block."""
-        h = layer.input_layernorm(x_BQD)
-        q = layer.self_attn.q(h, cos_q, sin_q)
-        k_blk, v_blk = layer.self_attn.kv(h, cos_q, sin_q)
-        k = jnp.concatenate([k_ctx.astype(k_blk.dtype), k_blk], axis=1)  # [B, S+Q, K, H]
-        v = jnp.concatenate([v_ctx.astype(v_blk.dtype), v_blk], axis=1)
-        x_BQD = x_BQD + layer.self_attn.o_proj(attend(q, k, v, mask_BQK))
-        return x_BQD + layer.mlp(layer.post_attention_layernorm(x_BQD))
+    def _layer(self, layer: DecoderLayer, x_BAKD, cos_q, sin_q, k_ctx_BSKH, v_ctx_BSKH, ctx_mask_BAS):
+        """One layer with KV injection over ``A`` blocks of ``K`` rows.
+
+        Keys/values are the context's (shared by all blocks, masked per block) plus the block's
+        own; queries come from the block only. Blocks never see each other, so attention is
+        computed blockwise: O(A*K*(S+K)) instead of a dense O(A*K*(S+A*K)).
+        """
+        b, a, k, d = x_BAKD.shape
+        h = layer.input_layernorm(x_BAKD).reshape(b, a * k, d)
+        attn = layer.self_attn
+        q = attn.q(h, cos_q, sin_q)  # [B, A*K, N, H]
+        k_blk, v_blk = attn.kv(h, cos_q, sin_q)  # [B, A*K, Kh, H]
+        n, hd, kh = q.shape[2], q.shape[3], k_blk.shape[2]
+        q_BAKkgH = q.reshape(b, a, k, kh, n // kh, hd)
+        k_blk = k_blk.reshape(b, a, k, kh, hd)
+        v_blk = v_blk.reshape(b, a, k, kh, hd)
+        k_ctx, v_ctx = k_ctx_BSKH.astype(k_blk.dtype), v_ctx_BSKH.astype(v_blk.dtype)
+        scale = hd ** -0.5
+        s_ctx = jnp.einsum("BAQkgH,BSkH->BkgAQS", q_BAKkgH, k_ctx, preferred_element_type=jnp.float32)
+        s_blk = jnp.einsum("BAQkgH,BAPkH->BkgAQP", q_BAKkgH, k_blk, preferred_element_type=jnp.float32)
+        s_ctx = jnp.where(ctx_mask_BAS[:, None, None, :, None, :], s_ctx * scale, NEG_INF)
+        probs = jax.nn.softmax(jnp.concatenate([s_ctx, s_blk * scale], axis=-1), axis=-1)
+        p_ctx, p_blk = probs[..., : k_ctx.shape[1]], probs[..., k_ctx.shape[1]:]
+        out = (jnp.einsum("BkgAQS,BSkH->BAQkgH", p_ctx.astype(v_ctx.dtype), v_ctx)
+               + jnp.einsum("BkgAQP,BAPkH->BAQkgH", p_blk.astype(v_blk.dtype), v_blk))
+        x_BAKD = x_BAKD + attn.o_proj(out.reshape(b, a, k, n * hd))
+        return x_BAKD + layer.mlp(layer.post_attention_layernorm(x_BAKD))
+
+    def _rope(self, positions: jax.Array):
+        flat = positions.reshape(positions.shape[0], -1)
+        return rope_cos_sin(self.layer_cfg, flat)
 
     # ------------------------------------------------------------------ training path
-    def __call__(self, x_BQD: jax.Array, q_pos_BQ: jax.Array, ctx_BSD: jax.Array,
-                 ctx_pos_BS: jax.Array, mask_BQK: jax.Array) -> jax.Array:
-        """Normed block hidden states ``[B, Q, D]`` for block embeddings ``x`` over context ``ctx``.
+    def __call__(self, x_BAKD: jax.Array, q_pos_BAK: jax.Array, ctx_BSD: jax.Array,
+                 ctx_pos_BS: jax.Array, ctx_mask_BAS: jax.Array) -> jax.Array:
+        """Normed hidden states ``[B, A, K, D]`` of ``A`` blocks drafted over one context.
 
-        ``mask_BQK`` is ``[B, Q, S + Q]``: which context positions and block rows each row sees
-        (the sparse anchor mask when many blocks are packed).
+        ``ctx_mask_BAS`` says which context positions block ``j`` sees (``s < anchor_j`` of its
+        own document: the sparse anchor mask); each block sees all of itself and no other block.
         """
-        cos_q, sin_q = rope_cos_sin(self.layer_cfg, q_pos_BQ)
+        cos_q, sin_q = self._rope(q_pos_BAK)
         cos_c, sin_c = rope_cos_sin(self.layer_cfg, ctx_pos_BS)
         for layer in self.layers:
             k_ctx, v_ctx = layer.self_attn.kv(ctx_BSD, cos_c, sin_c)
-            x_BQD = self._layer(layer, x_BQD, cos_q, sin_q, k_ctx, v_ctx, mask_BQK)
-        return self.norm(x_BQD)
+            x_BAKD = self._layer(layer, x_BAKD, cos_q, sin_q, k_ctx, v_ctx, ctx_mask_BAS)
+        return self.norm(x_BAKD)
 
     # ------------------------------------------------------------------ inference path
     def init_context_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> kvc.KVCache:
@@ -193,22 +215,20 @@ class DFlashDrafter(nnx.Module):
         return kvc.KVCache(k=k_all, v=v_all, lengths=new_lengths_B.astype(jnp.int32))
 
     def draft_logits(self, target: Transformer, cache: kvc.KVCache, anchor_B: jax.Array) -> jax.Array:
-        """Logits ``[B, B_blk - 1, V]`` for positions ``p+1 .. p+B_blk-1``, ``p = cache.lengths``.
+        """Logits ``[B, K-1, V]`` for positions ``p+1 .. p+K-1``, ``p = cache.lengths``.
 
         The block's own K/V are used for this pass only and never kept.
         """
-        b, q = anchor_B.shape[0], self.cfg.block_size
+        b, k = anchor_B.shape[0], self.cfg.block_size
         tokens = jnp.concatenate(
-            [anchor_B[:, None], jnp.full((b, q - 1), self.cfg.mask_token_id, jnp.int32)], axis=1)
-        x = target.embed(tokens).astype(self.fc.kernel[...].dtype)
-        positions = cache.lengths[:, None] + jnp.arange(q, dtype=jnp.int32)[None]
+            [anchor_B[:, None], jnp.full((b, k - 1), self.cfg.mask_token_id, jnp.int32)], axis=1)
+        x = target.embed(tokens).astype(self.fc.kernel[...].dtype)[:, None]  # [B, 1, K, D]
+        positions = cache.lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None]
         cos, sin = rope_cos_sin(self.layer_cfg, positions)
-        prefix_BS = jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None]
-        mask = jnp.concatenate([jnp.broadcast_to(prefix_BS[:, None, :], (b, q, cache.max_len)),
-                                jnp.ones((b, q, q), bool)], axis=2)  # [B, Q, S+Q]
+        ctx_mask = (jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None])[:, None]  # [B, 1, S]
         for i, layer in enumerate(self.layers):
-            x = self._layer(layer, x, cos, sin, cache.k[i], cache.v[i], mask)
-        return target.unembed(self.norm(x)[:, 1:])
+            x = self._layer(layer, x, cos, sin, cache.k[i], cache.v[i], ctx_mask)
+        return target.unembed(self.norm(x[:, 0, 1:]))
 
 
 def build_drafter(cfg: DFlashConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0) -> DFlashDrafter:

@@ -32,29 +32,26 @@ class CheckpointError(ValueError):
 
 
 # (HF key template, our state path template, transpose?) — ``{i}`` is the layer index.
-# Optional rows (bias, q/k norm, lm_head) apply only when the config has them.
+# Rows whose parameter the model lacks (bias, q/k norm, lm_head) are skipped. Decoder-layer
+# rows are shared by the target and the DFlash drafter (which has no ``model.`` prefix).
+LAYER_TABLE: tuple[tuple[str, str, bool], ...] = tuple(
+    (f"layers.{{i}}.{hf}", f"layers.{{i}}.{ours}", transpose)
+    for hf, ours, transpose in (
+        ("input_layernorm.weight", "input_layernorm.weight", False),
+        ("post_attention_layernorm.weight", "post_attention_layernorm.weight", False),
+        *((f"self_attn.{p}_proj.weight", f"self_attn.{p}_proj.kernel", True) for p in "qkvo"),
+        *((f"self_attn.{p}_proj.bias", f"self_attn.{p}_proj.bias", False) for p in "qkvo"),
+        ("self_attn.q_norm.weight", "self_attn.q_norm.weight", False),
+        ("self_attn.k_norm.weight", "self_attn.k_norm.weight", False),
+        *((f"mlp.{p}_proj.weight", f"mlp.{p}_proj.kernel", True) for p in ("gate", "up", "down")),
+        *((f"mlp.{p}_proj.bias", f"mlp.{p}_proj.bias", False) for p in ("gate", "up", "down")),
+    )
+)
 WEIGHT_TABLE: tuple[tuple[str, str, bool], ...] = (
     ("model.embed_tokens.weight", "embed_tokens", False),
     ("model.norm.weight", "norm.weight", False),
     ("lm_head.weight", "lm_head", True),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight", False),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.weight", False),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q_proj.kernel", True),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k_proj.kernel", True),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v_proj.kernel", True),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.o_proj.kernel", True),
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.self_attn.q_proj.bias", False),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.self_attn.k_proj.bias", False),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.self_attn.v_proj.bias", False),
-    ("model.layers.{i}.self_attn.o_proj.bias", "layers.{i}.self_attn.o_proj.bias", False),
-    ("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.self_attn.q_norm.weight", False),
-    ("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.self_attn.k_norm.weight", False),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj.kernel", True),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj.kernel", True),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj.kernel", True),
-    ("model.layers.{i}.mlp.gate_proj.bias", "layers.{i}.mlp.gate_proj.bias", False),
-    ("model.layers.{i}.mlp.up_proj.bias", "layers.{i}.mlp.up_proj.bias", False),
-    ("model.layers.{i}.mlp.down_proj.bias", "layers.{i}.mlp.down_proj.bias", False),
+    *((f"model.{hf}", ours, t) for hf, ours, t in LAYER_TABLE),
 )
 
 
@@ -62,9 +59,10 @@ def _path_key(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path)
 
 
-def weight_pairs(num_layers: int, present: set[str]) -> Iterator[tuple[str, str, bool]]:
-    """Expands the table to concrete (hf_key, our_path, transpose) rows for ``present`` paths."""
-    for hf, ours, transpose in WEIGHT_TABLE:
+def weight_pairs(table: tuple[tuple[str, str, bool], ...], num_layers: int,
+                 present: set[str]) -> Iterator[tuple[str, str, bool]]:
+    """Expands ``table`` to concrete (hf_key, our_path, transpose) rows for ``present`` paths."""
+    for hf, ours, transpose in table:
         layers = range(num_layers) if "{i}" in hf else [None]
         for i in layers:
             our = ours.format(i=i)
@@ -150,16 +148,15 @@ class _TensorSource:
         return key in self.key_to_file
 
 
-def load_params_into(model: nnx.Module, directory: Path, num_layers: int, dtype: jnp.dtype,
-                     prefix: str = "") -> nnx.Module:
-    """Fills an abstract (``eval_shape``) module from safetensors via ``WEIGHT_TABLE``."""
+def load_params_into(model: nnx.Module, directory: Path, table: tuple[tuple[str, str, bool], ...],
+                     num_layers: int, dtype: jnp.dtype) -> nnx.Module:
+    """Fills an abstract (``eval_shape``) module from safetensors via a weight ``table``."""
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     by_key = {_path_key(p): p for p in flat}
     source = _TensorSource(directory)
     filled: dict[tuple[Any, ...], Any] = {}
-    for hf_key, our, transpose in weight_pairs(num_layers, set(by_key)):
-        hf_key = prefix + hf_key
+    for hf_key, our, transpose in weight_pairs(table, num_layers, set(by_key)):
         if hf_key not in source:
             raise CheckpointError(f"checkpoint {directory} is missing tensor {hf_key!r}")
         array = source.get(hf_key)
@@ -180,7 +177,24 @@ def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float
     """Loads a target from a HF directory / shipped name / hub id (single or sharded safetensors)."""
     directory = resolve(name_or_path)
     cfg = read_config(directory)
-    return load_params_into(abstract(cfg, dtype=dtype), directory, cfg.num_layers, dtype)
+    return load_params_into(abstract(cfg, dtype=dtype), directory, WEIGHT_TABLE, cfg.num_layers, dtype)
+
+
+def save_params(model: nnx.Module, table: tuple[tuple[str, str, bool], ...], num_layers: int,
+                path: Path, dtype: Any = None) -> None:
+    """Writes ``model``'s parameters as safetensors under their HF names (``[out, in]`` layout)."""
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    by_key = {_path_key(p): v for p, v in flat.items()}
+    tensors: dict[str, np.ndarray] = {}
+    for hf_key, our, transpose in weight_pairs(table, num_layers, set(by_key)):
+        array = np.asarray(jax.device_get(by_key[our][...]))
+        if dtype is not None:
+            array = array.astype(dtype)
+        tensors[hf_key] = np.ascontiguousarray(array.T if transpose else array)
+    missing = set(by_key) - {our for _, our, _ in weight_pairs(table, num_layers, set(by_key))}
+    if missing:
+        raise CheckpointError(f"no table row names parameters {sorted(missing)}")
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def save_target(model: Transformer, directory: str | os.PathLike, *, dtype: Any = None,
@@ -188,15 +202,7 @@ def save_target(model: Transformer, directory: str | os.PathLike, *, dtype: Any 
     """Writes ``config.json`` + ``model.safetensors`` in the layout ``transformers`` loads."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    by_key = {_path_key(p): v for p, v in flat.items()}
-    tensors: dict[str, np.ndarray] = {}
-    for hf_key, our, transpose in weight_pairs(model.cfg.num_layers, set(by_key)):
-        array = np.asarray(jax.device_get(by_key[our][...]))
-        if dtype is not None:
-            array = array.astype(dtype)
-        tensors[hf_key] = np.ascontiguousarray(array.T if transpose else array)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_params(model, WEIGHT_TABLE, model.cfg.num_layers, out / "model.safetensors", dtype)
     hf_cfg = model.cfg.to_hf()
     if dtype is not None:
         hf_cfg["torch_dtype"] = np.dtype(dtype).name

@@ -17,7 +17,7 @@ from flax import nnx
 from dflash import cache as kvc
 from dflash.config import ModelConfig, llama3_inv_freq_scale
 
-_NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives no NaN
+NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives no NaN
 
 
 class ForwardOutput(NamedTuple):
@@ -85,7 +85,7 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: ja
     q_BTKGH = q_BTNH.reshape(b, t, kh, n // kh, h)
     scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
                               preferred_element_type=jnp.float32) * (h ** -0.5)
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, _NEG_INF)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, NEG_INF)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
     return out_BTKGH.reshape(b, t, n * h)

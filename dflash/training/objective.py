@@ -33,20 +33,25 @@ def sample_anchors(key: jax.Array, loss_mask_BS: jax.Array, segment_ids_BS: jax.
             jnp.take_along_axis(valid_BA, order, 1))
 
 
+def anchor_context_mask(anchors_BA: jax.Array, valid_BA: jax.Array, segment_ids_BS: jax.Array) -> jax.Array:
+    """``[B, A, S]``: block j sees context positions ``s < a_j`` of its own document only."""
+    pos_S = jnp.arange(segment_ids_BS.shape[1])
+    seg_at_anchor_BA = jnp.take_along_axis(segment_ids_BS, anchors_BA, axis=1)
+    return ((pos_S[None, None, :] < anchors_BA[:, :, None])
+            & (segment_ids_BS[:, None, :] == seg_at_anchor_BA[:, :, None])
+            & valid_BA[:, :, None])
+
+
 def anchor_block_mask(anchors_BA: jax.Array, valid_BA: jax.Array, segment_ids_BS: jax.Array,
                       block_size: int) -> jax.Array:
-    """``[B, A*K, S + A*K]``: row (j, k) sees context ``s < a_j`` of its own document and block j.
+    """Dense ``[B, A*K, S + A*K]`` form of the sparse anchor mask (the reference semantics).
 
-    Blocks never see each other; an invalid anchor's rows see only their own block.
+    Row (j, k) sees context ``s < a_j`` of its own document and all of block j; blocks never
+    see each other; an invalid anchor's rows see only their own block. The drafter computes
+    the same attention blockwise from ``anchor_context_mask`` without materialising this.
     """
     b, a = anchors_BA.shape
-    s = segment_ids_BS.shape[1]
-    pos_S = jnp.arange(s)
-    seg_at_anchor_BA = jnp.take_along_axis(segment_ids_BS, anchors_BA, axis=1)
-    ctx_BAS = ((pos_S[None, None, :] < anchors_BA[:, :, None])
-               & (segment_ids_BS[:, None, :] == seg_at_anchor_BA[:, :, None])
-               & valid_BA[:, :, None])
-    ctx_BQS = jnp.repeat(ctx_BAS, block_size, axis=1)  # [B, A*K, S]
+    ctx_BQS = jnp.repeat(anchor_context_mask(anchors_BA, valid_BA, segment_ids_BS), block_size, axis=1)
     block_id_Q = jnp.repeat(jnp.arange(a), block_size)
     blk_QQ = block_id_Q[:, None] == block_id_Q[None, :]
     return jnp.concatenate([ctx_BQS, jnp.broadcast_to(blk_QQ, (b, a * block_size, a * block_size))],
