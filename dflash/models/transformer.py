@@ -164,9 +164,9 @@ class Transformer(nnx.Module):
     def unembed(self, x_BTD: jax.Array) -> jax.Array:
         """The LM head alone (drafters apply their own final norm first)."""
         if self.lm_head is None:
-            return jnp.einsum("BTD,VD->BTV", x_BTD, self.embed_tokens[...],
+            return jnp.einsum("...D,VD->...V", x_BTD, self.embed_tokens[...],
                               preferred_element_type=jnp.float32)
-        return jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("...D,DV->...V", x_BTD, self.lm_head[...], preferred_element_type=jnp.float32)
 
     def __call__(
         self,

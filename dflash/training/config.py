@@ -1,0 +1,107 @@
+"""Experiment configuration of drafter training: YAML files in ``configs/`` map onto these."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from dflash.config import ConfigError
+from dflash.training.data import DataConfig
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+def _positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{section}.{name} must be > 0, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSection:
+    name: str = "tiny-code"  # HF directory, shipped name or hub id
+    dtype: Dtype = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterSection:
+    num_layers: int = 1
+    block_size: int = 16
+    target_layer_ids: tuple[int, ...] = ()  # () = spread evenly over 1..L-3
+    num_target_features: int = 5  # how many ids when target_layer_ids is ()
+    mask_token_id: int = -1  # -1 = the tokenizer's mask token
+    init_from: str = ""  # an exported drafter directory to continue from
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2:
+            raise ConfigError(f"drafter.block_size must be >= 2, got {self.block_size}")
+        _positive("drafter", num_layers=self.num_layers, num_target_features=self.num_target_features)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 6e-4
+    warmup_ratio: float = 0.04
+    final_lr_ratio: float = 0.0  # cosine decays to lr * this
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("optim", lr=self.lr, clip_norm=self.clip_norm, grad_accum=self.grad_accum)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    batch_size: int = 8  # packed rows per micro-batch (global, split over the data axis)
+    num_anchors: int = 512  # blocks per row (capped by the row's candidate positions)
+    epochs: float = 6.0
+    steps: int = 0  # > 0: optimizer steps, overriding epochs
+    gamma: float = 0.0  # loss decay; 0 = from the block size (7 for B = 16)
+    ce_weight: float = 1.0
+    kl_weight: float = 0.0  # forward KL to the target's distribution
+    compute_dtype: Dtype = "float32"  # bf16 compute keeps fp32 master weights
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 100
+    keep_last: int = 3
+    num_devices: int = 0  # 0 = all local devices on the data axis
+
+    def __post_init__(self) -> None:
+        _positive("train", batch_size=self.batch_size, num_anchors=self.num_anchors,
+                  log_every=self.log_every, eval_every=self.eval_every, save_every=self.save_every,
+                  keep_last=self.keep_last)
+        if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
+            raise ConfigError("train.steps or train.epochs must be positive")
+        if self.ce_weight < 0 or self.kl_weight < 0 or self.ce_weight + self.kl_weight == 0:
+            raise ConfigError("train.ce_weight / train.kl_weight must be >= 0 and not both 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    heldout_rows: int = 16  # packed held-out rows for the simulated acceptance length
+    eval_split: str = ""  # take held-out documents from this split instead of data.heldout_fraction
+    num_prompts: int = 8  # held-out prompts for the real tau at the end of the run
+    max_new_tokens: int = 128
+    prompt_tokens: int = 128  # prompts are cut to their last this-many tokens
+
+    def __post_init__(self) -> None:
+        _positive("eval", heldout_rows=self.heldout_rows, num_prompts=self.num_prompts,
+                  max_new_tokens=self.max_new_tokens, prompt_tokens=self.prompt_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    method: Literal["dflash"] = "dflash"
+    run_dir: str = "runs/dflash"
+    target: TargetSection = TargetSection()
+    drafter: DrafterSection = DrafterSection()
+    data: DataConfig = DataConfig()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()

@@ -1,0 +1,381 @@
+"""DFlash drafter training against a frozen target: Optax, Orbax, TensorBoard, a data mesh.
+
+The train step runs the frozen target inside the jitted step (online features, no gradient
+into it, its params never donated), samples anchors, drafts every block of every row in one
+blockwise pass, and applies the decayed loss. The batch is sharded over a ``data`` mesh axis
+with parameters replicated, so the same config runs on 1 device or many with the same loss.
+
+Resume is exact: the data stream and the anchor RNG are pure functions of (seed, step), and
+the checkpoint holds the drafter, the optimizer state and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import yaml
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from dflash.configio import to_dict
+from dflash.decoding.drafters import DFlashDraft, NgramDraft
+from dflash.decoding.speculative import speculative_generate
+from dflash.drafters.dflash import DFlashConfig, DFlashDrafter, build_drafter, default_gamma
+from dflash.export import load_drafter, save_drafter
+from dflash.models import load_target
+from dflash.models.tokenizer import load_tokenizer
+from dflash.models.transformer import Transformer
+from dflash.training import objective as obj
+from dflash.training.config import ExperimentConfig
+from dflash.training.data import Batches, DataConfig, Document, PackedRows, load_documents, pack
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot proceed (e.g. an unreadable checkpoint); nothing was overwritten."""
+
+
+# ----------------------------------------------------------------------------- the step
+def block_forward(drafter: DFlashDrafter, target: Transformer, batch: dict[str, jax.Array],
+                  key: jax.Array, *, num_anchors: int, gamma: float, ce_weight: float,
+                  kl_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss and metrics of one packed batch (tokens / loss_mask / segment_ids / positions [B, S])."""
+    cfg = drafter.cfg
+    k = cfg.block_size
+    tokens, loss_mask = batch["tokens"], batch["loss_mask"]
+    seg, pos = batch["segment_ids"], batch["positions"]
+    b, s = tokens.shape
+    # Frozen target over the clean sequence: causal within each packed document.
+    doc_mask_BSS = jnp.tril(jnp.ones((s, s), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+    out = target(tokens, pos, block_mask=doc_mask_BSS, hidden_layers=cfg.target_layer_ids)
+    hidden = jax.lax.stop_gradient(out.hidden)  # [n, B, S, D]
+    t_logits = jax.lax.stop_gradient(out.logits)  # [B, S, V]
+    feats = jnp.transpose(hidden, (1, 2, 0, 3)).reshape(b, s, -1)
+
+    anchors, valid = obj.sample_anchors(key, loss_mask, seg, num_anchors)  # [B, A]
+    labels, label_mask, idx = obj.block_labels(tokens, loss_mask, seg, anchors, valid, k)
+    a = anchors.shape[1]
+    anchor_tok = jnp.take_along_axis(tokens, anchors, axis=1)
+    block = jnp.concatenate([anchor_tok[..., None], jnp.full((b, a, k - 1), cfg.mask_token_id)], axis=-1)
+    x = jax.lax.stop_gradient(target.embed(block.reshape(b, a * k))).reshape(b, a, k, -1)
+    q_pos = jnp.take_along_axis(pos, anchors, axis=1)[..., None] + jnp.arange(k)  # [B, A, K]
+    ctx_mask = obj.anchor_context_mask(anchors, valid, seg)  # [B, A, S]
+    ctx = drafter.project_context(feats.astype(x.dtype))
+    h = drafter(x.astype(ctx.dtype), q_pos, ctx, pos, ctx_mask)  # [B, A, K, D]
+    logits = target.unembed(h[:, :, 1:].astype(target.dtype))  # [B, A, K-1, V]
+    # The target's distribution for the token at a+k sits at position a+k-1.
+    t_at = jnp.take_along_axis(t_logits, (idx - 1).reshape(b, -1)[..., None], axis=1).reshape(logits.shape)
+    weights = obj.loss_weights(k, gamma)
+    loss, metrics = obj.decayed_loss(logits, labels, label_mask, weights,
+                                     t_at if kl_weight > 0 else None, ce_weight, kl_weight)
+    pred = jnp.argmax(logits, axis=-1)
+    per_pos, tau_labels = obj.block_accuracy(pred, labels, label_mask)
+    _, tau_target = obj.block_accuracy(pred, jnp.argmax(t_at, axis=-1), label_mask)
+    metrics.update(loss=loss, accuracy=per_pos, tau_sim=tau_target, tau_sim_labels=tau_labels,
+                   tokens=(loss_mask & (seg > 0)).sum(), blocks=valid.sum())
+    return loss, metrics
+
+
+def _cast(module: nnx.Module, dtype: jnp.dtype) -> nnx.Module:
+    """A compute-dtype copy; gradients flow back to the fp32 master weights through the cast."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
+
+
+# ----------------------------------------------------------------------------- setup helpers
+@dataclass
+class RunData:
+    train: PackedRows
+    heldout: PackedRows
+    prompts: list[list[int]]
+
+
+def _prompts_from_docs(docs: list[Document], count: int, prompt_tokens: int) -> list[list[int]]:
+    """Held-out prompts: the unsupervised prefix (conversations) or a document's start (text)."""
+    out = []
+    for d in docs:
+        sup = np.flatnonzero(d.loss_mask)
+        cut = int(sup[0]) if len(sup) and sup[0] > 0 else min(len(d.ids) // 2, prompt_tokens)
+        if cut > 0:
+            out.append(d.ids[:cut][-prompt_tokens:].tolist())
+        if len(out) == count:
+            break
+    return out
+
+
+def prepare_data(cfg: ExperimentConfig, tokenizer: Any) -> RunData:
+    train_docs, held_docs = load_documents(cfg.data, tokenizer)
+    if cfg.eval.eval_split:
+        eval_cfg = DataConfig(**{**to_dict(cfg.data), "split": cfg.eval.eval_split, "heldout_fraction": 0.0,
+                                 "max_examples": 0})
+        held_docs, _ = load_documents(eval_cfg, tokenizer)
+    if not train_docs:
+        raise TrainingError(f"data source {cfg.data.source!r} yielded no training documents")
+    if not held_docs:
+        raise TrainingError("no held-out documents: raise data.heldout_fraction or set eval.eval_split")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_rows = pack(train_docs, cfg.data.seq_len, pad)
+    held_rows = pack(held_docs, cfg.data.seq_len, pad)
+    if cfg.data.source == "tiny-code":
+        from dflash.training.tiny_corpus import heldout_prompts
+
+        texts = heldout_prompts(cfg.eval.num_prompts)
+        prompts = [tokenizer(t, add_special_tokens=False).input_ids[-cfg.eval.prompt_tokens:] for t in texts]
+    else:
+        prompts = _prompts_from_docs(held_docs, cfg.eval.num_prompts, cfg.eval.prompt_tokens)
+    return RunData(train_rows, held_rows, prompts)
+
+
+def build_drafter_config(cfg: ExperimentConfig, target: Transformer, tokenizer: Any) -> DFlashConfig:
+    mask = cfg.drafter.mask_token_id
+    if mask < 0:
+        mask = tokenizer.mask_token_id
+        if mask is None:
+            raise TrainingError("the tokenizer has no mask token: set drafter.mask_token_id")
+    return DFlashConfig.for_target(
+        target.cfg, mask_token_id=mask, num_layers=cfg.drafter.num_layers, block_size=cfg.drafter.block_size,
+        target_layer_ids=cfg.drafter.target_layer_ids or None,
+        num_target_features=cfg.drafter.num_target_features)
+
+
+def lr_schedule(cfg: ExperimentConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup then cosine decay over the run's optimizer steps."""
+    o = cfg.optim
+    warmup = int(round(o.warmup_ratio * total_steps))
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(total_steps, warmup + 1),
+                                              o.lr * o.final_lr_ratio)
+
+
+def make_optimizer(cfg: ExperimentConfig, total_steps: int) -> optax.GradientTransformation:
+    o = cfg.optim
+    adamw = optax.adamw(lr_schedule(cfg, total_steps), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
+    return optax.MultiSteps(tx, every_k_schedule=o.grad_accum) if o.grad_accum > 1 else tx
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class Checkpoints:
+    """Orbax manager keeping the last ``keep_last`` steps plus the best by eval tau."""
+
+    def __init__(self, directory: Path, keep_last: int):
+        self.directory = directory
+        self.keep_last = keep_last
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(directory.resolve(), options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+        keep = set(self.steps()[-self.keep_last:])
+        if meta.get("best_step") is not None:
+            keep.add(int(meta["best_step"]))
+        for old in self.steps():
+            if old not in keep:
+                self.manager.delete(old)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception as err:  # orbax raises many types for truncated / foreign files
+            raise TrainingError(
+                f"checkpoint step {step} in {self.directory} could not be restored "
+                f"({type(err).__name__}: {err}); it was left untouched — move it away to resume "
+                "from an earlier step, or start a new run directory") from err
+        return restored["state"], restored["meta"]
+
+
+# ----------------------------------------------------------------------------- the run
+def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress: bool = True,
+                 final_eval: bool = True, export: bool = True) -> dict[str, Any]:
+    """Trains a DFlash drafter per ``cfg``; returns the final metrics (also in ``metrics.json``).
+
+    ``resume=None`` resumes when the run directory already holds checkpoints.
+    """
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    has_ckpt = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if resume is None:
+        resume = has_ckpt
+    if resume and not has_ckpt:
+        raise TrainingError(f"--resume: no checkpoint to resume from in {ckpt_dir}")
+    if not resume and has_ckpt:
+        raise TrainingError(f"{run_dir} already holds checkpoints; resume it or choose a new run_dir "
+                            "(refusing to overwrite them)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    tokenizer = load_tokenizer(cfg.target.name)
+    target = load_target(cfg.target.name, dtype=DTYPES[cfg.target.dtype])
+    dcfg = build_drafter_config(cfg, target, tokenizer)
+    drafter = (load_drafter(cfg.drafter.init_from, target.cfg) if cfg.drafter.init_from
+               else build_drafter(dcfg, seed=cfg.train.seed))
+    if cfg.drafter.init_from:
+        dcfg = drafter.cfg
+    data = prepare_data(cfg, tokenizer)
+    micro = Batches(data.train, cfg.train.batch_size, seed=cfg.train.seed)
+    if micro.steps_per_epoch == 0:
+        raise TrainingError(f"{len(data.train)} packed rows < train.batch_size={cfg.train.batch_size}")
+    accum = cfg.optim.grad_accum
+    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * micro.steps_per_epoch / accum))
+    optimizer = nnx.Optimizer(drafter, make_optimizer(cfg, total), wrt=nnx.Param)
+    schedule = lr_schedule(cfg, total)
+    gamma = cfg.train.gamma or default_gamma(dcfg.block_size)
+    compute = DTYPES[cfg.train.compute_dtype]
+
+    devices = jax.devices()[: cfg.train.num_devices or None]
+    if cfg.train.batch_size % len(devices):
+        raise TrainingError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+                            f"{len(devices)} devices of the data axis")
+    mesh = Mesh(np.asarray(devices), ("data",))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    graphdef, state = nnx.split((drafter, optimizer))
+    state = jax.device_put(state, replicated)
+    tgraph, tstate = nnx.split(target)
+    tstate = jax.device_put(tstate, replicated)
+    step_kw = dict(num_anchors=min(cfg.train.num_anchors, cfg.data.seq_len - 1), gamma=gamma,
+                   ce_weight=cfg.train.ce_weight, kl_weight=cfg.train.kl_weight)
+
+    # The (drafter, optimizer) state is donated: it is replaced every step. The frozen target's
+    # state is an ordinary argument, never donated and never differentiated.
+    @partial(jax.jit, donate_argnums=0)
+    def train_step(state, tstate, batch, key):
+        drafter, optimizer = nnx.merge(graphdef, state)
+        target = nnx.merge(tgraph, tstate)
+
+        def loss_fn(drafter):
+            d = _cast(drafter, compute) if compute != jnp.float32 else drafter
+            t = _cast(target, compute) if compute != target.dtype else target
+            return block_forward(d, t, batch, key, **step_kw)
+
+        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(drafter)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        optimizer.update(drafter, grads)
+        return nnx.state((drafter, optimizer)), metrics
+
+    @jax.jit
+    def eval_step(state, tstate, batch, key):
+        drafter, _ = nnx.merge(graphdef, state)
+        return block_forward(drafter, nnx.merge(tgraph, tstate), batch, key, **step_kw)[1]
+
+    def put(batch):
+        return {k: jax.device_put(jnp.asarray(v), batch_sharding) for k, v in batch.items()}
+
+    held_arrays = data.heldout.arrays()
+    n_eval = min(cfg.eval.heldout_rows, len(data.heldout))
+    n_eval -= n_eval % len(devices)
+    eval_batch = put({k: v[:max(n_eval, len(devices))] for k, v in held_arrays.items()})
+
+    def evaluate(state) -> dict[str, Any]:
+        m = eval_step(state, tstate, eval_batch, jax.random.key(12345))  # fixed anchors: comparable
+        return {"loss": float(m["loss"]), "tau_sim": float(m["tau_sim"]),
+                "tau_sim_labels": float(m["tau_sim_labels"]), "accuracy": np.asarray(m["accuracy"]).tolist()}
+
+    ckpts = Checkpoints(ckpt_dir, cfg.train.keep_last)
+    start, best_tau, best_step, history = 0, -1.0, None, []
+    if resume:
+        latest = ckpts.steps()[-1]
+        state, meta = ckpts.restore(latest, state)
+        state = jax.device_put(state, replicated)
+        start, best_tau, best_step = int(meta["step"]), float(meta["best_tau"]), meta.get("best_step")
+        history = meta.get("history", [])
+        if meta.get("total_steps") not in (None, total):
+            raise TrainingError(f"checkpoint was made for {meta['total_steps']} steps, config says {total}")
+
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"))
+    base_key = jax.random.key(cfg.train.seed)
+    bar = tqdm(range(start, total), initial=start, total=total, desc="train dflash", disable=not progress,
+               dynamic_ncols=True)
+    last_log, tau_now = time.perf_counter(), float("nan")
+    tokens_since = 0
+    metrics: dict[str, Any] = {}
+    for step in bar:
+        for i in range(accum):
+            m_idx = step * accum + i  # data position and anchor RNG are pure functions of this
+            key = jax.random.fold_in(base_key, m_idx)
+            state, metrics = train_step(state, tstate, put(micro.batch(m_idx)), key)
+            tokens_since += int(metrics["tokens"])
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == total:
+            now = time.perf_counter()
+            scalars = {name: float(metrics[name]) for name in ("loss", "ce", "tau_sim", "grad_norm")}
+            scalars["lr"] = float(schedule(done))
+            scalars["tokens_per_s"] = tokens_since / max(now - last_log, 1e-9)
+            for name, value in scalars.items():
+                writer.add_scalar(f"train/{name}", value, done)
+            for j, acc in enumerate(np.asarray(metrics["accuracy"])):
+                writer.add_scalar(f"train_accuracy/pos_{j + 1}", float(acc), done)
+            last_log, tokens_since = now, 0
+            bar.set_postfix(loss=f"{scalars['loss']:.3f}", tau=f"{tau_now:.2f}",
+                            tok_s=f"{scalars['tokens_per_s']:.0f}")
+        if done % cfg.train.eval_every == 0 or done == total:
+            ev = evaluate(state)
+            tau_now = ev["tau_sim"]
+            history.append({"step": done, **ev})
+            writer.add_scalar("eval/tau_sim", ev["tau_sim"], done)
+            writer.add_scalar("eval/tau_sim_labels", ev["tau_sim_labels"], done)
+            writer.add_scalar("eval/loss", ev["loss"], done)
+            for j, acc in enumerate(ev["accuracy"]):
+                writer.add_scalar(f"eval_accuracy/pos_{j + 1}", acc, done)
+            if ev["tau_sim"] > best_tau:
+                best_tau, best_step = ev["tau_sim"], done
+        if done % cfg.train.save_every == 0 or done == total:
+            meta = {"step": done, "best_tau": best_tau, "best_step": best_step, "total_steps": total,
+                    "seed": cfg.train.seed, "data_position": done * accum, "history": history}
+            ckpts.save(done, state, meta)
+    writer.flush()
+    bar.close()
+    drafter, _ = nnx.merge(graphdef, state)
+    result: dict[str, Any] = {"steps": total, "final_eval": history[-1] if history else None,
+                              "best_step": best_step, "best_tau_sim": best_tau}
+    if export:
+        out = run_dir / "export"
+        if out.exists():
+            shutil.rmtree(out)
+        save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target.cfg)
+        result["export_dir"] = str(out)
+    if final_eval:
+        result.update(measure_tau(target, drafter, data.prompts, cfg.eval.max_new_tokens, tokenizer))
+        writer.add_scalar("eval/tau_real", result["tau"], total)
+        writer.add_scalar("eval/tau_ngram", result["tau_ngram"], total)
+        writer.flush()
+    writer.close()
+    with open(run_dir / "metrics.json", "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def measure_tau(target: Transformer, drafter: DFlashDrafter, prompts: list[list[int]], max_new_tokens: int,
+                tokenizer: Any) -> dict[str, Any]:
+    """Real greedy speculative decoding on held-out prompts: the drafter's tau next to n-gram's."""
+    eos = tuple(target.cfg.eos_token_id)
+    mask = drafter.cfg.mask_token_id
+    dres = speculative_generate(target, prompts, method=DFlashDraft.of(drafter), drafter=drafter,
+                                max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=mask)
+    nres = speculative_generate(target, prompts, method=NgramDraft(block_size=drafter.cfg.block_size),
+                                max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=mask)
+    if dres.tokens != nres.tokens:  # both are lossless: a mismatch is a bug, never a metric
+        raise TrainingError("speculative outputs of the drafter and n-gram methods differ")
+    return {"tau": dres.tau, "tau_ngram": nres.tau, "acceptance_histogram": dres.histogram(),
+            "eval_prompts": len(prompts), "eval_new_tokens": dres.num_generated}
