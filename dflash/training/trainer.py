@@ -206,10 +206,13 @@ class Checkpoints:
 
 # ----------------------------------------------------------------------------- the run
 def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress: bool = True,
-                 final_eval: bool = True, export: bool = True) -> dict[str, Any]:
+                 final_eval: bool = True, export: bool = True,
+                 stop_after: int | None = None) -> dict[str, Any]:
     """Trains a DFlash drafter per ``cfg``; returns the final metrics (also in ``metrics.json``).
 
-    ``resume=None`` resumes when the run directory already holds checkpoints.
+    ``resume=None`` resumes when the run directory already holds checkpoints. ``stop_after``
+    ends the process-level run after that step's checkpoint, exactly as a kill right after it
+    would (tests use it; ``--resume`` continues).
     """
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -344,6 +347,10 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
             meta = {"step": done, "best_tau": best_tau, "best_step": best_step, "total_steps": total,
                     "seed": cfg.train.seed, "data_position": done * accum, "history": history}
             ckpts.save(done, state, meta)
+        if stop_after is not None and done >= stop_after:
+            writer.close()
+            bar.close()
+            return {"stopped_at": done}
     writer.flush()
     bar.close()
     drafter, _ = nnx.merge(graphdef, state)
