@@ -244,3 +244,18 @@ def llama3_inv_freq_scale(rope: RopeConfig, inv_freq: Any) -> Any:
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, scaled)
+
+
+# Hub ids whose architecture we know without downloading (used to validate real presets).
+HUB_PRESETS = {
+    "Qwen/Qwen3-4B": "qwen3_4b",
+    "Qwen/Qwen3-8B": "qwen3_8b",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama3_1_8b",
+    "meta-llama/Llama-3.1-8B": "llama3_1_8b",
+}
+
+
+def preset_for_hub_id(hub_id: str) -> ModelConfig:
+    if hub_id not in HUB_PRESETS:
+        raise ConfigError(f"no architecture preset for {hub_id!r}; known: {', '.join(sorted(HUB_PRESETS))}")
+    return PRESETS[HUB_PRESETS[hub_id]]

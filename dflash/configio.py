@@ -74,7 +74,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r} (known in this section: "
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r} (known in this section: "
                           f"{', '.join(sorted(fields))})")
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:

@@ -21,11 +21,12 @@ def sample_anchors(key: jax.Array, loss_mask_BS: jax.Array, segment_ids_BS: jax.
                    num_anchors: int) -> tuple[jax.Array, jax.Array]:
     """Up to ``num_anchors`` distinct random anchors per row (sorted); ``valid`` flags real ones.
 
-    Rows with fewer candidates than ``num_anchors`` get invalid (masked) extra anchors.
+    Rows with fewer candidates than ``num_anchors`` get invalid (masked) extra anchors; ``A``
+    is ``min(num_anchors, S)``.
     """
     cand_BS = anchor_candidates(loss_mask_BS, segment_ids_BS)
     scores_BS = jnp.where(cand_BS, jax.random.uniform(key, cand_BS.shape), -1.0)
-    top_BA, idx_BA = jax.lax.top_k(scores_BS, num_anchors)
+    top_BA, idx_BA = jax.lax.top_k(scores_BS, min(num_anchors, cand_BS.shape[1]))
     valid_BA = top_BA >= 0.0
     # Sort valid anchors ascending (invalid ones last) so blocks appear in sequence order.
     order = jnp.argsort(jnp.where(valid_BA, idx_BA, jnp.iinfo(jnp.int32).max), axis=1)

@@ -97,6 +97,36 @@ def _cast(module: nnx.Module, dtype: jnp.dtype) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
 
 
+def make_step_fns(graphdef: Any, tgraph: Any, step_kw: dict[str, Any], compute: jnp.dtype):
+    """Jitted ``train_step(state, tstate, batch, key)`` and ``eval_step(...)``.
+
+    ``state`` is the (drafter, optimizer) state and is donated: it is replaced every step. The
+    frozen target's ``tstate`` is an ordinary argument: never donated, never differentiated.
+    """
+
+    @partial(jax.jit, donate_argnums=0)
+    def train_step(state, tstate, batch, key):
+        drafter, optimizer = nnx.merge(graphdef, state)
+        target = nnx.merge(tgraph, tstate)
+
+        def loss_fn(drafter):
+            d = _cast(drafter, compute) if compute != jnp.float32 else drafter
+            t = _cast(target, compute) if compute != target.dtype else target
+            return block_forward(d, t, batch, key, **step_kw)
+
+        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(drafter)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        optimizer.update(drafter, grads)
+        return nnx.state((drafter, optimizer)), metrics
+
+    @jax.jit
+    def eval_step(state, tstate, batch, key):
+        drafter, _ = nnx.merge(graphdef, state)
+        return block_forward(drafter, nnx.merge(tgraph, tstate), batch, key, **step_kw)[1]
+
+    return train_step, eval_step
+
+
 # ----------------------------------------------------------------------------- setup helpers
 @dataclass
 class RunData:
@@ -258,27 +288,7 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     step_kw = dict(num_anchors=min(cfg.train.num_anchors, cfg.data.seq_len - 1), gamma=gamma,
                    ce_weight=cfg.train.ce_weight, kl_weight=cfg.train.kl_weight)
 
-    # The (drafter, optimizer) state is donated: it is replaced every step. The frozen target's
-    # state is an ordinary argument, never donated and never differentiated.
-    @partial(jax.jit, donate_argnums=0)
-    def train_step(state, tstate, batch, key):
-        drafter, optimizer = nnx.merge(graphdef, state)
-        target = nnx.merge(tgraph, tstate)
-
-        def loss_fn(drafter):
-            d = _cast(drafter, compute) if compute != jnp.float32 else drafter
-            t = _cast(target, compute) if compute != target.dtype else target
-            return block_forward(d, t, batch, key, **step_kw)
-
-        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(drafter)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        optimizer.update(drafter, grads)
-        return nnx.state((drafter, optimizer)), metrics
-
-    @jax.jit
-    def eval_step(state, tstate, batch, key):
-        drafter, _ = nnx.merge(graphdef, state)
-        return block_forward(drafter, nnx.merge(tgraph, tstate), batch, key, **step_kw)[1]
+    train_step, eval_step = make_step_fns(graphdef, tgraph, step_kw, compute)
 
     def put(batch):
         return {k: jax.device_put(jnp.asarray(v), batch_sharding) for k, v in batch.items()}

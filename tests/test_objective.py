@@ -1,0 +1,164 @@
+"""The DFlash training objective against loop-built references and hand-checked examples."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dflash.config import ModelConfig
+from dflash.drafters.dflash import DFlashConfig, build_drafter, default_gamma, default_target_layer_ids
+from dflash.models import build
+from dflash.models.transformer import attend, rope_cos_sin
+from dflash.training import objective as obj
+
+
+def _random_batch(rng, b=2, s=24, docs=2):
+    seg = np.zeros((b, s), np.int32)
+    for i in range(b):
+        cuts = np.sort(rng.choice(np.arange(3, s - 3), size=docs - 1, replace=False))
+        bounds = [0, *cuts.tolist(), s - int(rng.integers(0, 3))]
+        for d in range(docs):
+            seg[i, bounds[d]:bounds[d + 1]] = d + 1
+    loss_mask = (rng.random((b, s)) < 0.8) & (seg > 0)
+    return jnp.asarray(seg), jnp.asarray(loss_mask)
+
+
+def test_anchor_mask_equals_loop_reference():
+    rng = np.random.default_rng(0)
+    seg, loss_mask = _random_batch(rng)
+    anchors, valid = obj.sample_anchors(jax.random.key(1), loss_mask, seg, num_anchors=7)
+    k = 4
+    got = np.asarray(obj.anchor_block_mask(anchors, valid, seg, k))
+    anchors, valid, seg_np = np.asarray(anchors), np.asarray(valid), np.asarray(seg)
+    b, a = anchors.shape
+    s = seg_np.shape[1]
+    want = np.zeros((b, a * k, s + a * k), bool)
+    for i in range(b):
+        for j in range(a):
+            for r in range(k):
+                q = j * k + r
+                a_ij = anchors[i, j]
+                for c in range(s):  # context strictly before the anchor, same document
+                    want[i, q, c] = valid[i, j] and c < a_ij and seg_np[i, c] == seg_np[i, a_ij]
+                for j2 in range(a):  # its own block only, bidirectionally
+                    for r2 in range(k):
+                        want[i, q, s + j2 * k + r2] = j2 == j
+    np.testing.assert_array_equal(got, want)
+    # A block never sees its own anchor position or anything after it in the context.
+    for i in range(b):
+        for j in range(a):
+            assert not got[i, j * k:(j + 1) * k, anchors[i, j]:s].any()
+
+
+def test_anchors_are_supervised_distinct_and_capped():
+    rng = np.random.default_rng(2)
+    seg, loss_mask = _random_batch(rng, b=3, s=30, docs=3)
+    cand = np.asarray(obj.anchor_candidates(loss_mask, seg))
+    anchors, valid = obj.sample_anchors(jax.random.key(3), loss_mask, seg, num_anchors=64)
+    anchors, valid = np.asarray(anchors), np.asarray(valid)
+    for i in range(3):
+        chosen = anchors[i][valid[i]]
+        assert len(chosen) == cand[i].sum()  # capped by the available positions
+        assert len(set(chosen.tolist())) == len(chosen)
+        assert cand[i][chosen].all()
+        lm, sg = np.asarray(loss_mask[i]), np.asarray(seg[i])
+        assert all(lm[a] and lm[a + 1] and sg[a] == sg[a + 1] for a in chosen)
+
+
+def test_labels_and_weights_hand_checked():
+    # One row, one document of 10 tokens; token at position t is 100 + t.
+    tokens = jnp.arange(100, 110)[None]
+    loss_mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 0, 1, 1, 1]], bool)
+    seg = jnp.ones((1, 10), jnp.int32)
+    anchors, valid = jnp.asarray([[2, 7]]), jnp.asarray([[True, True]])
+    labels, mask, idx = obj.block_labels(tokens, loss_mask, seg, anchors, valid, block_size=4)
+    # Block at anchor 2 predicts positions 3, 4, 5 (same position, not shifted).
+    assert np.asarray(labels[0, 0]).tolist() == [103, 104, 105]
+    assert np.asarray(mask[0, 0]).tolist() == [True, True, True]
+    # Block at anchor 7 predicts 8, 9, then runs off the sequence end.
+    assert np.asarray(labels[0, 1, :2]).tolist() == [108, 109]
+    assert np.asarray(mask[0, 1]).tolist() == [True, True, False]
+    w = np.asarray(obj.loss_weights(16, 7.0))
+    assert w.shape == (15,) and w[0] == 1.0
+    np.testing.assert_allclose(w[1], np.exp(-1 / 7), rtol=1e-6)
+    np.testing.assert_allclose(w[14], np.exp(-14 / 7), rtol=1e-6)
+    assert default_gamma(16) == 7 and default_gamma(10) == 5 and default_gamma(8) == 4
+
+
+def test_decayed_loss_normalises_by_used_weights():
+    v = 5
+    logits = jnp.zeros((1, 1, 3, v))  # uniform: every CE term is log(5)
+    labels = jnp.zeros((1, 1, 3), jnp.int32)
+    w = obj.loss_weights(4, 2.0)
+    loss, _ = obj.decayed_loss(logits, labels, jnp.asarray([[[True, False, True]]]), w)
+    np.testing.assert_allclose(float(loss), np.log(v), rtol=1e-6)
+    # Hand-computed: per-position CE 1, 2, 3 with weights 1, e^-1/2, e^-1.
+    ce = jnp.asarray([1.0, 2.0, 3.0])
+    logits2 = jnp.zeros((1, 1, 3, 2)).at[0, 0, :, 1].set(jnp.log(jnp.exp(ce) - 1.0))  # CE of label 0 = ce
+    loss2, _ = obj.decayed_loss(logits2, labels, jnp.ones((1, 1, 3), bool), w)
+    want = (1 * 1 + 2 * np.exp(-0.5) + 3 * np.exp(-1)) / (1 + np.exp(-0.5) + np.exp(-1))
+    np.testing.assert_allclose(float(loss2), want, rtol=1e-5)
+
+
+def test_simulated_tau_counts_the_leading_run():
+    pred = jnp.asarray([[[1, 2, 3, 4], [1, 9, 3, 4]]])
+    ref = jnp.asarray([[[1, 2, 3, 0], [1, 2, 3, 4]]])
+    mask = jnp.ones((1, 2, 4), bool)
+    per_pos, tau = obj.block_accuracy(pred, ref, mask)
+    assert float(tau) == 1 + (3 + 1) / 2
+    np.testing.assert_allclose(np.asarray(per_pos), [1.0, 0.5, 1.0, 0.5])
+
+
+def test_blockwise_drafter_attention_equals_dense_anchor_mask():
+    """The drafter's blockwise pass == dense attention under ``anchor_block_mask``."""
+    cfg = ModelConfig(model_type="qwen3", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=4,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+    dcfg = DFlashConfig.for_target(cfg, mask_token_id=49, num_layers=1, block_size=4, target_layer_ids=(1,))
+    drafter = build_drafter(dcfg, seed=5)
+    rng = np.random.default_rng(6)
+    seg, loss_mask = _random_batch(rng, b=2, s=20)
+    anchors, valid = obj.sample_anchors(jax.random.key(7), loss_mask, seg, 5)
+    b, a, k, d = 2, 5, 4, 32
+    x = jnp.asarray(rng.normal(size=(b, a, k, d)), jnp.float32)
+    ctx = jnp.asarray(rng.normal(size=(b, 20, d)), jnp.float32)
+    ctx_pos = jnp.broadcast_to(jnp.arange(20), (b, 20))
+    q_pos = anchors[..., None] + jnp.arange(k)
+    got = drafter(x, q_pos, ctx, ctx_pos, obj.anchor_context_mask(anchors, valid, seg))
+    # Dense reference: one attention over [context ; all blocks] with the dense mask.
+    layer = drafter.layers[0]
+    lc = drafter.layer_cfg
+    cos_q, sin_q = rope_cos_sin(lc, q_pos.reshape(b, a * k))
+    cos_c, sin_c = rope_cos_sin(lc, ctx_pos)
+    h = layer.input_layernorm(x.reshape(b, a * k, d))
+    q = layer.self_attn.q(h, cos_q, sin_q)
+    kb, vb = layer.self_attn.kv(h, cos_q, sin_q)
+    kc, vc = layer.self_attn.kv(ctx, cos_c, sin_c)
+    dense = obj.anchor_block_mask(anchors, valid, seg, k)
+    out = attend(q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), dense)
+    y = x.reshape(b, a * k, d) + layer.self_attn.o_proj(out)
+    y = y + layer.mlp(layer.post_attention_layernorm(y))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(drafter.norm(y).reshape(b, a, k, d)), atol=1e-5)
+
+
+def test_default_target_layer_ids():
+    assert default_target_layer_ids(36, 5) == (1, 9, 17, 25, 33)  # published Qwen3-8B choice
+    assert default_target_layer_ids(8, 1) == (4,)
+    assert default_target_layer_ids(8, 3) == (1, 3, 5)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"block_size": 1}, "block_size"),
+    ({"target_layer_ids": (0, 8)}, "out of range"),
+    ({"mask_token_id": 50}, "outside the vocabulary"),
+])
+def test_drafter_config_errors(kw, match):
+    cfg = ModelConfig(model_type="qwen3", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=8,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+    from dflash.config import ConfigError
+
+    base = {"mask_token_id": 49, "block_size": 4, "target_layer_ids": (1, 2)}
+    with pytest.raises(ConfigError, match=match):
+        DFlashConfig.for_target(cfg, **{**base, **kw})
+    build(cfg)  # the target itself is fine

@@ -1,0 +1,216 @@
+"""Drafter training: exact resume, checkpoint safety, frozen target, logs, configs, sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from dflash.config import ConfigError, ModelConfig
+from dflash.configio import load_yaml
+from dflash.drafters.dflash import DFlashConfig, build_drafter
+from dflash.export import load_drafter
+from dflash.models import build, save_target
+from dflash.models.loading import SHIPPED
+from dflash.training.config import ExperimentConfig
+from dflash.training.trainer import TrainingError, make_optimizer, make_step_fns, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory) -> Path:
+    """A small random Qwen3 target sharing the shipped tokenizer (so data and masks work)."""
+    directory = tmp_path_factory.mktemp("target")
+    cfg = ModelConfig(model_type="qwen3", vocab_size=4096, hidden_size=32, intermediate_size=64,
+                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
+                      tie_word_embeddings=True, eos_token_id=(0,))
+    save_target(build(cfg, seed=0), directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SHIPPED["tiny-code"] / name, directory / name)
+    return directory
+
+
+def _cfg(target: Path, run_dir: Path, *extra: str) -> ExperimentConfig:
+    return load_yaml(ExperimentConfig, ROOT / "configs/tiny_code.yaml", [
+        f"target.name={target}", f"run_dir={run_dir}", "data.max_examples=40", "data.seq_len=64",
+        "train.batch_size=4", "train.num_anchors=8", "train.steps=4", "train.save_every=2",
+        "train.eval_every=2", "train.log_every=1", "train.keep_last=2", "drafter.block_size=4",
+        "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.heldout_rows=4", *extra])
+
+
+def _params(run_dir: Path) -> dict[str, np.ndarray]:
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_target, tmp_path):
+    straight = run_training(_cfg(tiny_target, tmp_path / "a"), progress=False, final_eval=False)
+    assert straight["steps"] == 4
+    cfg_b = _cfg(tiny_target, tmp_path / "b")
+    assert run_training(cfg_b, progress=False, stop_after=2) == {"stopped_at": 2}
+    resumed = run_training(cfg_b, progress=False, final_eval=False)  # resumes by default
+    assert resumed["steps"] == 4
+    a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # Kept: the last 2 checkpoints (the best by eval tau is one of them or also kept).
+    steps = sorted(int(p.name) for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-2:] == [2, 4] and len(steps) <= 3
+
+
+def test_outputs_logs_metrics_and_export(tiny_target, tmp_path):
+    result = run_training(_cfg(tiny_target, tmp_path / "r"), progress=False)
+    run = tmp_path / "r"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tau"] >= 1.0 and metrics["tau_ngram"] >= 1.0 and metrics["tau"] == result["tau"]
+    events = list((run / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboardX.proto import event_pb2  # read the event file back: real scalars inside
+
+    tags = set()
+    data = events[0].read_bytes()
+    pos = 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 8], "little")
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+        tags |= {v.tag for v in event.summary.value}
+        pos += 12 + length + 4
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/tau_sim",
+            "train_accuracy/pos_1", "eval/tau_real"} <= tags
+    drafter = load_drafter(run / "export")
+    assert drafter.cfg.block_size == 4
+    assert (run / "config.yaml").exists()
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_overwritten(tiny_target, tmp_path):
+    cfg = _cfg(tiny_target, tmp_path / "c")
+    run_training(cfg, progress=False, stop_after=2)
+    ckpt = tmp_path / "c" / "checkpoints"
+    victims = [p for p in (ckpt / "2").rglob("*") if p.is_file() and p.stat().st_size > 0]
+    for p in victims:
+        p.write_bytes(b"\x00garbage")
+    snapshot = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match="could not be restored"):
+        run_training(cfg, progress=False)
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == snapshot
+
+
+def test_resume_without_checkpoint_and_overwrite_are_refused(tiny_target, tmp_path):
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        run_training(_cfg(tiny_target, tmp_path / "empty"), resume=True, progress=False)
+    cfg = _cfg(tiny_target, tmp_path / "d")
+    run_training(cfg, progress=False, stop_after=2)
+    with pytest.raises(TrainingError, match="refusing to overwrite"):
+        run_training(cfg, resume=False, progress=False)
+
+
+def test_frozen_target_is_bit_identical_after_steps():
+    cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+    target = build(cfg, seed=0)
+    drafter = build_drafter(DFlashConfig.for_target(cfg, mask_token_id=63, block_size=4,
+                                                    target_layer_ids=(1, 2)), seed=1)
+    exp = load_yaml(ExperimentConfig, None, ["train.steps=3", "optim.lr=0.01"])
+    optimizer = nnx.Optimizer(drafter, make_optimizer(exp, 3), wrt=nnx.Param)
+    graphdef, state = nnx.split((drafter, optimizer))
+    tgraph, tstate = nnx.split(target)
+    before_t = [np.array(x) for x in jax.tree.leaves(tstate)]
+    before_d = [np.array(x) for x in jax.tree.leaves(nnx.state(drafter, nnx.Param))]
+    train_step, _ = make_step_fns(graphdef, tgraph, dict(num_anchors=6, gamma=2.0, ce_weight=1.0,
+                                                         kl_weight=0.5), jnp.float32)
+    rng = np.random.default_rng(0)
+    batch = {"tokens": jnp.asarray(rng.integers(0, 60, (2, 16)), jnp.int32),
+             "loss_mask": jnp.ones((2, 16), bool), "segment_ids": jnp.ones((2, 16), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(16), (2, 16))}
+    for i in range(3):
+        state, metrics = train_step(state, tstate, batch, jax.random.key(i))
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["kl"]) >= 0
+    for a, b in zip(before_t, jax.tree.leaves(tstate), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    drafter_after, _ = nnx.merge(graphdef, state)
+    after_d = jax.tree.leaves(nnx.state(drafter_after, nnx.Param))
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before_d, after_d, strict=True))
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.stepz=3", "unknown config key 'train.stepz'"),
+    ("optim.lr=fast", "optim.lr: expected a number"),
+    ("drafter.block_size=1", "block_size must be >= 2"),
+    ("drafter.target_layer_ids=[1, 99]", "layer 99 is out of range"),
+    ("drafter.mask_token_id=100000", "mask_token_id=100000 is outside the vocabulary"),
+    ("target.dtype=float16", "target.dtype: 'float16' is not one of"),
+])
+def test_config_errors_name_the_key(override, match, tmp_path):
+    from dflash.models import load_target
+    from dflash.models.tokenizer import load_tokenizer
+    from dflash.training.trainer import build_drafter_config
+
+    with pytest.raises(ConfigError, match=match):
+        cfg = load_yaml(ExperimentConfig, ROOT / "configs/tiny_code.yaml", [override])
+        build_drafter_config(cfg, load_target(cfg.target.name), load_tokenizer(cfg.target.name))
+
+
+PRESETS = {"qwen3_8b_dflash.yaml": ("qwen3_8b", 5, (1, 9, 17, 25, 33)),
+           "qwen3_4b_dflash.yaml": ("qwen3_4b", 5, (1, 9, 17, 25, 33)),
+           "llama3_1_8b_dflash.yaml": ("llama3_1_8b", 5, (1, 8, 15, 22, 29))}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_real_presets_validate_and_build_abstractly(name):
+    from dflash.config import preset_for_hub_id
+    from dflash.models import abstract
+
+    cfg = load_yaml(ExperimentConfig, ROOT / "configs" / name)
+    preset, layers, ids = PRESETS[name]
+    model_cfg = preset_for_hub_id(cfg.target.name)
+    assert abstract(model_cfg).cfg.num_params() > 4e9  # the full-size target builds abstractly
+    published = (6e-4, 1.0, 0.04, 6)
+    assert (cfg.optim.lr, cfg.optim.clip_norm, cfg.optim.warmup_ratio, cfg.train.epochs) == published
+    assert cfg.data.seq_len == 3072 and cfg.drafter.block_size == 16 and cfg.train.num_anchors == 512
+    dcfg = DFlashConfig.for_target(model_cfg, mask_token_id=cfg.drafter.mask_token_id,
+                                   num_layers=cfg.drafter.num_layers, block_size=cfg.drafter.block_size,
+                                   target_layer_ids=cfg.drafter.target_layer_ids or None)
+    assert dcfg.num_layers == layers and dcfg.target_layer_ids == ids
+    shapes = nnx.eval_shape(lambda: build_drafter(dcfg))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(shapes, nnx.Param)))
+    h = model_cfg.hidden_size
+    assert n > 5 * h * h and all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
+
+
+def test_one_and_eight_devices_give_the_same_loss(tiny_target):
+    """Same batch, same step on a 1-device and an 8-device (simulated) data mesh."""
+    script = f"""
+import jax, numpy as np
+from dflash.configio import load_yaml
+from dflash.training.config import ExperimentConfig
+from dflash.training.trainer import run_training
+assert len(jax.devices()) == 8
+out = {{}}
+for n in (1, 8):
+    cfg = load_yaml(ExperimentConfig, {str(ROOT / 'configs/tiny_code.yaml')!r}, [
+        "target.name={tiny_target}", "run_dir={{run}}/" + str(n), "data.max_examples=40", "data.seq_len=64",
+        "train.batch_size=8", "train.num_anchors=8", "train.steps=2", "train.eval_every=2",
+        "drafter.block_size=4", "eval.heldout_rows=8", "train.num_devices=" + str(n)])
+    r = run_training(cfg, progress=False, final_eval=False)
+    out[n] = r["final_eval"]["loss"]
+print(out[1], out[8])
+np.testing.assert_allclose(out[1], out[8], rtol=1e-5)
+"""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as run:
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run([sys.executable, "-c", script.replace("{run}", run)], env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
