@@ -1,0 +1,48 @@
+"""``dflash-regenerate``: rewrite a conversation dataset's responses with the target's own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax.numpy as jnp
+
+from dflash.config import ConfigError
+from dflash.decoding import SamplingParams
+from dflash.models import CheckpointError, load_target
+from dflash.models.tokenizer import load_tokenizer
+from dflash.training.regenerate import regenerate_dataset
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dflash-regenerate", description=__doc__)
+    p.add_argument("--target", default="tiny-code")
+    p.add_argument("--data", required=True, help="local jsonl/json/parquet file or dir, or a hub dataset id")
+    p.add_argument("--split", default="train")
+    p.add_argument("--messages-field", default="messages")
+    p.add_argument("--out", required=True, help="output .jsonl (one {messages: [...]} per line)")
+    p.add_argument("--max-examples", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    args = p.parse_args(argv)
+    try:
+        tokenizer = load_tokenizer(args.target)
+        target = load_target(args.target, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+        n = regenerate_dataset(
+            target, tokenizer, args.data, args.out, split=args.split, messages_field=args.messages_field,
+            max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
+            max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
+            sampling=SamplingParams(temperature=args.temperature), seed=args.seed)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"dflash-regenerate: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} conversations to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""Regenerate a conversation dataset's responses with the target itself.
+
+The published DFlash recipe trains on conversations whose assistant turns were rewritten by
+the target, so the drafter learns the target's own distribution rather than another model's.
+Turns are regenerated in order (a later turn sees the regenerated earlier ones), batched
+across conversations and decoded on device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+from dflash.decoding import SamplingParams, generate
+from dflash.models.transformer import Transformer
+
+
+def stop_ids(tokenizer: Any, config_eos: tuple[int, ...]) -> tuple[int, ...]:
+    """EOS ids plus the chat template's end-of-turn token when the tokenizer has one."""
+    ids = set(config_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return tuple(sorted(ids))
+
+
+def regenerate_conversations(
+    target: Transformer,
+    tokenizer: Any,
+    conversations: list[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 512,
+    max_prompt_tokens: int = 2048,
+    batch_size: int = 16,
+    sampling: SamplingParams = SamplingParams(),
+    seed: int = 0,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[dict[str, str]]]:
+    """Copies of ``conversations`` with every assistant turn replaced by the target's response."""
+    out = [[dict(m) for m in conv] for conv in conversations]
+    eos = stop_ids(tokenizer, target.cfg.eos_token_id)
+    key = jax.random.key(seed)
+    bar = tqdm(total=sum(m["role"] == "assistant" for c in out for m in c), desc="regenerate",
+               disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(out), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(out))))
+        turn = {i: 0 for i in chunk}  # next message index to look at, per conversation
+        while True:
+            jobs = []
+            for i in chunk:
+                conv = out[i]
+                while turn[i] < len(conv) and conv[turn[i]]["role"] != "assistant":
+                    turn[i] += 1
+                if turn[i] < len(conv):
+                    jobs.append(i)
+            if not jobs:
+                break
+            prompts = []
+            for i in jobs:
+                text = tokenizer.apply_chat_template(out[i][: turn[i]], tokenize=False,
+                                                     add_generation_prompt=True)
+                ids = tokenizer(text, add_special_tokens=False).input_ids[-max_prompt_tokens:]
+                prompts.append(ids)
+            key, sub = jax.random.split(key)
+            result = generate(target, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=sub,
+                              eos_ids=eos, pad_id=tokenizer.pad_token_id or 0)
+            for i, toks in zip(jobs, result.tokens, strict=True):
+                if toks and toks[-1] in eos:
+                    toks = toks[:-1]
+                out[i][turn[i]]["content"] = tokenizer.decode(toks, skip_special_tokens=True)
+                turn[i] += 1
+            bar.update(len(jobs))
+            if on_batch is not None:
+                on_batch(len(jobs))
+    bar.close()
+    return out
+
+
+def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_path: str | Path, *,
+                       split: str = "train", messages_field: str = "messages", max_examples: int = 0,
+                       **kwargs: Any) -> int:
+    """Reads conversations through ``datasets``, writes a jsonl dataset with regenerated turns."""
+    import datasets
+
+    from dflash.training.data import DataConfig, _load_dataset
+
+    ds = _load_dataset(DataConfig(source=source, split=split, format="conversations",
+                                  messages_field=messages_field))
+    if messages_field not in ds.column_names:
+        from dflash.config import ConfigError
+
+        raise ConfigError(f"dataset {source!r} has no {messages_field!r} column; columns: {ds.column_names}")
+    if max_examples:
+        ds = ds.select(range(min(max_examples, len(ds))))
+    convs = [[{"role": m["role"], "content": m["content"]} for m in conv] for conv in ds[messages_field]]
+    new = regenerate_conversations(target, tokenizer, convs, **kwargs)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict({messages_field: new}).to_json(str(out_path), lines=True)
+    return len(new)

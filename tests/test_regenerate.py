@@ -1,0 +1,50 @@
+"""dflash-regenerate: assistant turns become the target's own greedy responses."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+
+from dflash.cli.regenerate import main
+from dflash.decoding import generate
+from dflash.models import load_target
+from dflash.models.tokenizer import load_tokenizer
+from dflash.training.regenerate import stop_ids
+
+
+def test_regenerate_rewrites_only_assistant_turns(tmp_path):
+    convs = [
+        [{"role": "user", "content": "def add(a, b):"}, {"role": "assistant", "content": "ORIGINAL 1"}],
+        [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "import os"},
+         {"role": "assistant", "content": "ORIGINAL 2"}, {"role": "user", "content": "class A:"},
+         {"role": "assistant", "content": "ORIGINAL 3"}],
+        [{"role": "user", "content": "for i in range(10):"}, {"role": "assistant", "content": "ORIGINAL 4"}],
+    ]
+    src = tmp_path / "chats.jsonl"
+    datasets.Dataset.from_dict({"messages": convs}).to_json(str(src), lines=True)
+    out = tmp_path / "regen.jsonl"
+    assert main(["--target", "tiny-code", "--data", str(src), "--out", str(out), "--max-new-tokens", "12",
+                 "--batch-size", "2", "--dtype", "float32"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    for old, new in zip(convs, rows, strict=True):
+        assert [m["role"] for m in new["messages"]] == [m["role"] for m in old]
+        for a, b in zip(old, new["messages"], strict=True):
+            if a["role"] == "assistant":
+                assert not b["content"].startswith("ORIGINAL")
+            else:
+                assert a == b
+    # The first turn is exactly the target's greedy response to the templated prompt.
+    tok, target = load_tokenizer("tiny-code"), load_target("tiny-code")
+    prompt = tok.apply_chat_template(convs[0][:1], tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    eos = stop_ids(tok, target.cfg.eos_token_id)
+    ref = generate(target, [ids], max_new_tokens=12, eos_ids=eos).tokens[0]
+    ref = ref[:-1] if ref and ref[-1] in eos else ref
+    assert rows[0]["messages"][1]["content"] == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_regenerate_errors(tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
