@@ -50,12 +50,12 @@ class OracleDraft:
     def prefill(self, drafter, state, hidden, prompt_lens):
         return state
 
-    def propose(self, drafter, target, state, anchor, lengths, tokens_BL, total_B):
+    def propose(self, drafter, target, state, anchor, lengths, tokens_BL, total_B, key, sampling):
         ref_BL, bad_BL = state
         idx = jnp.minimum(total_B[:, None] + jnp.arange(self.block_size - 1)[None], ref_BL.shape[1] - 1)
         ref = jnp.take_along_axis(ref_BL, idx, axis=1)
         bad = jnp.take_along_axis(bad_BL, idx, axis=1)
-        return jnp.where(bad, (ref + 1) % 60, ref).astype(jnp.int32)
+        return jnp.where(bad, (ref + 1) % 60, ref).astype(jnp.int32), None
 
     def commit(self, drafter, state, hidden, lengths, accepted):
         return state

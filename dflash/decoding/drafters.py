@@ -6,7 +6,8 @@ its ``lax.while_loop``.
 
     init(drafter, batch, max_len, dtype)             -> state
     prefill(drafter, state, hidden, prompt_lens)     -> state   (hidden of the prompt, [n,B,P,D])
-    propose(drafter, target, state, anchor, lengths, tokens, total) -> drafts [B, K-1] (int32)
+    propose(drafter, target, state, anchor, lengths, tokens, total, key, sampling)
+        -> (drafts [B, K-1] int32, q [B, K-1, V] proposal probabilities or None if deterministic)
     commit(drafter, state, hidden, lengths, accepted) -> state  (hidden of the verified block)
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dflash.decoding.sampling import probabilities
 from dflash.drafters.dflash import DFlashDrafter
 from dflash.models.transformer import Transformer
 
@@ -35,8 +37,8 @@ class NoDraft:
     def prefill(self, drafter, state, hidden, prompt_lens):
         return state
 
-    def propose(self, drafter, target, state, anchor_B, lengths_B, tokens_BL, total_B):
-        return jnp.zeros((anchor_B.shape[0], 0), jnp.int32)
+    def propose(self, drafter, target, state, anchor_B, lengths_B, tokens_BL, total_B, key, sampling):
+        return jnp.zeros((anchor_B.shape[0], 0), jnp.int32), None
 
     def commit(self, drafter, state, hidden, lengths_B, accepted_B):
         return state
@@ -61,7 +63,7 @@ class NgramDraft:
     def prefill(self, drafter, state, hidden, prompt_lens):
         return state
 
-    def propose(self, drafter, target, state, anchor_B, lengths_B, tokens_BL, total_B):
+    def propose(self, drafter, target, state, anchor_B, lengths_B, tokens_BL, total_B, key, sampling):
         b, length = tokens_BL.shape
         pos_L = jnp.arange(length)
         best_j = jnp.full((b,), -1, jnp.int32)
@@ -79,7 +81,7 @@ class NgramDraft:
         idx = best_j[:, None] + 1 + jnp.arange(self.block_size - 1)[None]
         drafts = jnp.take_along_axis(tokens_BL, jnp.clip(idx, 0, length - 1), axis=1)
         known = (best_j[:, None] >= 0) & (idx < total_B[:, None])
-        return jnp.where(known, drafts, -1).astype(jnp.int32)
+        return jnp.where(known, drafts, -1).astype(jnp.int32), None
 
     def commit(self, drafter, state, hidden, lengths_B, accepted_B):
         return state
@@ -87,14 +89,19 @@ class NgramDraft:
 
 @dataclasses.dataclass(frozen=True)
 class DFlashDraft:
-    """The DFlash drafter: own context-only cache, fed by the target's verified hidden states."""
+    """The DFlash drafter: own context-only cache, fed by the target's verified hidden states.
+
+    Drafts are the argmax of each block row (deterministic) unless ``stochastic``, where, when
+    sampling, they are drawn from the drafter's processed distribution q and q is returned.
+    """
 
     block_size: int
     hidden_layers: tuple[int, ...]
+    stochastic: bool = False
 
     @classmethod
-    def of(cls, drafter: DFlashDrafter) -> DFlashDraft:
-        return cls(drafter.cfg.block_size, tuple(drafter.cfg.target_layer_ids))
+    def of(cls, drafter: DFlashDrafter, stochastic: bool = False) -> DFlashDraft:
+        return cls(drafter.cfg.block_size, tuple(drafter.cfg.target_layer_ids), stochastic)
 
     def init(self, drafter: DFlashDrafter, batch: int, max_len: int, dtype) -> Any:
         return drafter.init_context_cache(batch, max_len, dtype)
@@ -110,9 +117,15 @@ class DFlashDraft:
         return drafter.extend_context(state, feats, positions, prompt_lens_B)
 
     def propose(self, drafter: DFlashDrafter, target: Transformer, state, anchor_B, lengths_B,
-                tokens_BL, total_B):
+                tokens_BL, total_B, key, sampling):
         logits = drafter.draft_logits(target, state, anchor_B)  # [B, K-1, V]
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        # The mask token is never proposed: it gets no proposal mass (keeps sampling lossless).
+        logits = logits.at[..., drafter.cfg.mask_token_id].set(-jnp.inf)
+        if self.stochastic and not sampling.greedy:
+            q = probabilities(logits, sampling)
+            drafts = jax.random.categorical(key, jnp.log(jnp.maximum(q, 1e-38)), axis=-1)
+            return drafts.astype(jnp.int32), q
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
 
     def commit(self, drafter: DFlashDrafter, state, hidden, lengths_B, accepted_B):
         # The anchor and the accepted drafts become context; the rest of the block is dropped.

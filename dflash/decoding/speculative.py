@@ -1,8 +1,9 @@
 """The speculative engine: one jitted ``lax.while_loop`` of draft -> verify -> accept -> commit.
 
-Greedy verification (lossless: the output equals the target's own greedy decode token for
-token). The target verifies ``[anchor, d_1 .. d_{K-1}]`` in one pass; the accepted prefix
-plus the target's bonus token are emitted; the cache rolls back by setting lengths; the
+Verification is lossless: greedy output equals the target's own greedy decode token for token,
+and the token-wise and block rules preserve the target's sampling distribution (verify.py).
+The target verifies ``[anchor, d_1 .. d_{K-1}]`` in one pass; the accepted prefix plus one
+more token (bonus or correction) are emitted; the cache rolls back by setting lengths; the
 bonus becomes the next anchor. No host round trip per step; caches are created on device
 inside the compiled program and shapes are static (bucketed).
 """
@@ -23,6 +24,8 @@ from flax import nnx
 from dflash import cache as kvc
 from dflash.decoding.autoregressive import bucket, is_eos, pad_prompts, prefill
 from dflash.decoding.drafters import NoDraft
+from dflash.decoding.sampling import SamplingParams, sample
+from dflash.decoding.verify import RULES, verify
 from dflash.models.transformer import Transformer
 
 
@@ -58,9 +61,10 @@ class SpecResult:
 
 
 @partial(jax.jit, static_argnames=("tgraph", "dgraph", "method", "max_new", "max_len", "eos_ids",
-                                   "mask_id"))
-def _spec_generate(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, *, tgraph, dgraph, method,
-                   max_new: int, max_len: int, eos_ids: tuple[int, ...], mask_id: int):
+                                   "mask_id", "sampling", "rule"))
+def _spec_generate(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, key, *, tgraph, dgraph, method,
+                   max_new: int, max_len: int, eos_ids: tuple[int, ...], mask_id: int,
+                   sampling: SamplingParams, rule: str):
     target: Transformer = nnx.merge(tgraph, tparams)
     drafter = nnx.merge(dgraph, dparams) if dgraph is not None else None
     batch, prompt_pad = tokens_BP.shape
@@ -70,7 +74,8 @@ def _spec_generate(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, *, tgr
     logits, hidden, cache = prefill(target, tokens_BP, prompt_lens_B, cache, method.hidden_layers)
     dstate = method.init(drafter, batch, max_len, target.dtype)
     dstate = method.prefill(drafter, dstate, hidden, prompt_lens_B)
-    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    key, sub = jax.random.split(key)
+    first = sample(logits, sampling, sub)
     # All committed + emitted tokens per row (prompt, then generation): the n-gram drafter reads it.
     buf_len = max_len + k
     tokens_BL = jnp.zeros((batch, buf_len), jnp.int32).at[:, :prompt_pad].set(tokens_BP)
@@ -84,20 +89,20 @@ def _spec_generate(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, *, tgr
         return ~jnp.all(carry[4])
 
     def body(carry):
-        cache, dstate, tokens_BL, n_gen, done, acc_log, steps = carry
+        cache, dstate, tokens_BL, n_gen, done, acc_log, steps, key = carry
+        key, k_draft, k_verify = jax.random.split(key, 3)
         lengths = cache.lengths  # committed tokens; the anchor sits at this position
         total = prompt_lens_B + n_gen  # prompt + emitted (the anchor is the last of them)
         anchor = jnp.take_along_axis(tokens_BL, (total - 1)[:, None], axis=1)[:, 0]
-        drafts = method.propose(drafter, target, dstate, anchor, lengths, tokens_BL, total)
+        drafts, q = method.propose(drafter, target, dstate, anchor, lengths, tokens_BL, total, k_draft,
+                                   sampling)
         block = jnp.concatenate([anchor[:, None], drafts], axis=1)  # [B, K]
         positions = lengths[:, None] + jnp.arange(k)[None]
         out = target(jnp.maximum(block, 0), positions, cache, hidden_layers=method.hidden_layers)
-        greedy = jnp.argmax(out.logits, axis=-1).astype(jnp.int32)  # [B, K]: prediction for pos+1
-        match = (drafts == greedy[:, :-1]) & (drafts != mask_id)
-        accepted = jnp.cumprod(match.astype(jnp.int32), axis=1).sum(axis=1)  # [B]
-        bonus = jnp.take_along_axis(greedy, accepted[:, None], axis=1)[:, 0]
+        # out.logits[:, i] is the target's distribution for the token after block[:, :i+1].
+        accepted, extra = verify(rule, out.logits, drafts, q, k_verify, sampling, mask_id)  # [B], [B]
         idx_K = jnp.arange(k)[None]
-        emitted = jnp.where(idx_K < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
+        emitted = jnp.where(idx_K < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), extra[:, None])
         count = accepted + 1
         # Stop at the first EOS among the emitted tokens and at the row's token budget.
         eos_hit = is_eos(emitted, eos_ids) & (idx_K < count[:, None])
@@ -116,10 +121,10 @@ def _spec_generate(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, *, tgr
         # cache are dropped, so no per-row select over the drafter's pytree is needed.
         dstate = method.commit(drafter, dstate, out.hidden, lengths, accepted)
         n_gen = n_gen + count
-        return cache, dstate, tokens_BL, n_gen, new_done, acc_log, steps
+        return cache, dstate, tokens_BL, n_gen, new_done, acc_log, steps, key
 
-    carry = (cache, dstate, tokens_BL, n_gen, done, acc_log, steps)
-    _, _, tokens_BL, n_gen, _, acc_log, steps = jax.lax.while_loop(cond, body, carry)
+    carry = (cache, dstate, tokens_BL, n_gen, done, acc_log, steps, key)
+    _, _, tokens_BL, n_gen, _, acc_log, steps, _ = jax.lax.while_loop(cond, body, carry)
     return tokens_BL, n_gen, acc_log, steps
 
 
@@ -134,8 +139,20 @@ def speculative_generate(
     mask_token_id: int = -1,
     max_len: int | None = None,
     pad_id: int = 0,
+    sampling: SamplingParams = SamplingParams(),
+    rule: str | None = None,
+    key: jax.Array | None = None,
 ) -> SpecResult:
-    """Greedy speculative decoding of a batch of prompts with ``method`` (and its ``drafter``)."""
+    """Speculative decoding of a batch of prompts with ``method`` (and its ``drafter``).
+
+    ``rule``: ``greedy`` (default at temperature 0), ``token`` (default when sampling) or
+    ``block`` verification.
+    """
+    rule = rule or ("greedy" if sampling.greedy else "token")
+    if rule not in RULES:
+        raise ValueError(f"unknown verification rule {rule!r}; choose from {RULES}")
+    if rule == "greedy" and not sampling.greedy:
+        raise ValueError("greedy verification needs temperature 0; use rule 'token' or 'block'")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     batch = len(prompts)
@@ -154,9 +171,9 @@ def speculative_generate(
     tgraph, tparams = nnx.split(target)
     dgraph, dparams = nnx.split(drafter) if drafter is not None else (None, None)
     args = (tparams, dparams, jnp.asarray(padded), jnp.asarray(prompt_lens, jnp.int32),
-            jnp.asarray(budgets, jnp.int32))
+            jnp.asarray(budgets, jnp.int32), jax.random.key(0) if key is None else key)
     static = dict(tgraph=tgraph, dgraph=dgraph, method=method, max_new=max(budgets), max_len=max_len,
-                  eos_ids=eos, mask_id=mask_token_id)
+                  eos_ids=eos, mask_id=mask_token_id, sampling=sampling, rule=rule)
     t0 = time.perf_counter()
     compiled = _spec_generate.lower(*args, **static).compile()
     compile_s = time.perf_counter() - t0
