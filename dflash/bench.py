@@ -74,3 +74,87 @@ def write_json(result: dict[str, Any], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+
+
+def load_prompts(source: str, tokenizer: Any, *, field: str = "prompt", split: str = "train",
+                 limit: int = 0) -> list[list[int]]:
+    """Prompt ids from a jsonl of ``{"prompt": ...}`` / ``{"messages": [...]}``, a ``datasets`` id, or
+    ``tiny-code-heldout`` (function headers from stdlib files the tiny target never saw)."""
+    from dflash.training.data import DataConfig, _load_dataset
+
+    if source == "tiny-code-heldout":
+        from dflash.training.tiny_corpus import heldout_prompts
+
+        texts = heldout_prompts(limit or 16)
+        return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    ds = _load_dataset(DataConfig(source=source, split=split))
+    out = []
+    for row in ds:
+        if "messages" in row and row["messages"] is not None and field not in row:
+            msgs = [m for m in row["messages"]]
+            if msgs and msgs[-1]["role"] == "assistant":  # prompt = everything before the answer
+                msgs = msgs[:-1]
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        elif field in row:
+            text = row[field]
+        else:
+            from dflash.config import ConfigError
+
+            raise ConfigError(f"prompt source {source!r} rows have neither {field!r} nor 'messages' "
+                              f"(columns: {list(row)})")
+        out.append(tokenizer(text, add_special_tokens=False).input_ids)
+        if limit and len(out) == limit:
+            break
+    return out
+
+
+def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any, Any]], *,
+                  max_new_tokens: int = 256, batch_size: int = 1, sampling=None, rule: str | None = None,
+                  eos_ids: tuple[int, ...] = (), mask_token_id: int = -1, seed: int = 0,
+                  warmup: bool = True) -> dict[str, Any]:
+    """Runs every method on the same prompts in this process; speedups are vs ``methods['ar']``.
+
+    Each batch is compiled before it is timed (compile time is reported separately).
+    """
+    from dflash.decoding.sampling import SamplingParams
+    from dflash.decoding.speculative import speculative_generate
+
+    sampling = sampling or SamplingParams()
+    results: dict[str, Any] = {}
+    for name, (method, drafter) in methods.items():
+        per_prompt, elapsed, compile_s, generated, forwards, acc = [], 0.0, 0.0, 0, 0, []
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            kw = dict(method=method, drafter=drafter, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                      mask_token_id=mask_token_id, sampling=sampling, key=jax.random.key(seed + start),
+                      rule=rule)
+            if warmup and start == 0:
+                speculative_generate(target, batch, **kw)  # warm caches / allocator outside the timing
+            res = speculative_generate(target, batch, **kw)
+            elapsed += res.elapsed_s
+            compile_s += res.compile_s
+            generated += res.num_generated
+            forwards += sum(res.target_forwards)
+            for i, toks in enumerate(res.tokens):
+                row_acc = res.acceptance_lengths[i]
+                acc.extend(row_acc)
+                per_prompt.append({"prompt_index": start + i, "generated_tokens": len(toks),
+                                   "tau": float(np.mean(row_acc)) if row_acc else float("nan"),
+                                   "target_forwards": res.target_forwards[i], "tokens": toks})
+        hist = [0] * method.block_size
+        for a in acc:
+            hist[a - 1] += 1
+        results[name] = {
+            "tau": float(np.mean(acc)) if acc else float("nan"),
+            "tokens_per_s": generated / max(elapsed, 1e-9),
+            "time_per_output_token_ms": 1000 * elapsed / max(generated, 1),
+            "generated_tokens": generated, "elapsed_s": elapsed, "compile_s": compile_s,
+            "target_forwards": forwards, "block_size": method.block_size,
+            "acceptance_histogram": hist, "per_prompt": per_prompt,
+        }
+    base = results.get("ar")
+    for r in results.values():
+        r["speedup"] = (r["tokens_per_s"] / base["tokens_per_s"]) if base else float("nan")
+    return {"methods": results, "num_prompts": len(prompts), "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size, "temperature": sampling.temperature, "rule": rule,
+            "backend": jax.default_backend()}

@@ -1,4 +1,4 @@
-"""``dflash-generate``: complete a prompt with a target model (AR baseline decoding)."""
+"""``dflash-generate``: complete a prompt with a target (AR, or speculative with a drafter)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import jax.numpy as jnp
 from dflash.cache import CacheOverflowError
 from dflash.config import ConfigError
 from dflash.decoding import SamplingParams, generate
+from dflash.decoding.drafters import resolve_method
+from dflash.decoding.speculative import speculative_generate
+from dflash.decoding.verify import RULES
 from dflash.models import CheckpointError, load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
 
@@ -33,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--drafter", default=None,
+                   help="speculative decoding: an exported DFlash drafter (dir, hub id or shipped name such "
+                        "as tiny-code-dflash) or 'ngram' (prompt lookup); default: plain AR decoding")
+    p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
+    p.add_argument("--verify", choices=RULES, default=None,
+                   help="verification rule (default: greedy at temperature 0, else token)")
+    p.add_argument("--stochastic-drafts", action="store_true",
+                   help="when sampling, draw DFlash drafts from the drafter's distribution")
     return p
 
 
@@ -46,22 +57,30 @@ def main(argv: list[str] | None = None) -> int:
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         if not ids:
             raise ValueError("the prompt encodes to zero tokens")
-        result = generate(
-            model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
-            key=jax.random.key(args.seed), eos_ids=eos_ids(tokenizer, model.cfg.eos_token_id),
-            max_len=args.max_len, pad_id=tokenizer.pad_token_id or 0,
-        )
+        common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
+                      eos_ids=eos_ids(tokenizer, model.cfg.eos_token_id), max_len=args.max_len,
+                      pad_id=tokenizer.pad_token_id or 0)
+        if args.drafter is None:
+            result = generate(model, [ids], **common)
+        else:
+            method, drafter = resolve_method(args.drafter, model, block_size=args.block_size,
+                                             stochastic=args.stochastic_drafts)
+            mask = drafter.cfg.mask_token_id if drafter is not None else -1
+            result = speculative_generate(model, [ids], method=method, drafter=drafter, rule=args.verify,
+                                          mask_token_id=mask, **common)
     except (CheckpointError, ConfigError, CacheOverflowError, ValueError, OSError) as err:
         print(f"dflash-generate: error: {err}", file=sys.stderr)
         return 2
     tokens = result.tokens[0]
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if args.json:
-        print(json.dumps({
-            "text": text, "prompt_tokens": ids, "tokens": tokens,
-            "num_tokens": len(tokens), "tokens_per_s": result.tokens_per_s,
-            "elapsed_s": result.elapsed_s, "compile_s": result.compile_s,
-        }))
+        out = {"text": text, "prompt_tokens": ids, "tokens": tokens, "num_tokens": len(tokens),
+               "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s,
+               "compile_s": result.compile_s}
+        if args.drafter is not None:
+            out.update(tau=result.tau, acceptance_lengths=result.acceptance_lengths[0],
+                       target_forwards=result.target_forwards[0], block_size=result.block_size)
+        print(json.dumps(out))
     else:
         print(prompt + text)
     return 0

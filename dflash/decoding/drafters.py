@@ -100,8 +100,12 @@ class DFlashDraft:
     stochastic: bool = False
 
     @classmethod
-    def of(cls, drafter: DFlashDrafter, stochastic: bool = False) -> DFlashDraft:
-        return cls(drafter.cfg.block_size, tuple(drafter.cfg.target_layer_ids), stochastic)
+    def of(cls, drafter: DFlashDrafter, stochastic: bool = False,
+           block_size: int | None = None) -> DFlashDraft:
+        k, trained = block_size or drafter.cfg.block_size, drafter.cfg.block_size
+        if not 2 <= k <= trained:
+            raise ValueError(f"block size {k} must be in 2..{trained} (the trained block size)")
+        return cls(k, tuple(drafter.cfg.target_layer_ids), stochastic)
 
     def init(self, drafter: DFlashDrafter, batch: int, max_len: int, dtype) -> Any:
         return drafter.init_context_cache(batch, max_len, dtype)
@@ -118,7 +122,7 @@ class DFlashDraft:
 
     def propose(self, drafter: DFlashDrafter, target: Transformer, state, anchor_B, lengths_B,
                 tokens_BL, total_B, key, sampling):
-        logits = drafter.draft_logits(target, state, anchor_B)  # [B, K-1, V]
+        logits = drafter.draft_logits(target, state, anchor_B, self.block_size)  # [B, K-1, V]
         # The mask token is never proposed: it gets no proposal mass (keeps sampling lossless).
         logits = logits.at[..., drafter.cfg.mask_token_id].set(-jnp.inf)
         if self.stochastic and not sampling.greedy:
@@ -132,3 +136,19 @@ class DFlashDraft:
         feats = self._features(hidden)
         positions = lengths_B[:, None] + jnp.arange(feats.shape[1])[None]
         return drafter.extend_context(state, feats, positions, lengths_B + accepted_B + 1)
+
+
+def resolve_method(spec: str | None, target: Transformer, *, block_size: int | None = None,
+                   stochastic: bool = False) -> tuple[Any, Any]:
+    """``None``/``"ar"`` -> AR, ``"ngram"`` -> prompt lookup, else an exported DFlash drafter.
+
+    Returns ``(method, drafter_module_or_None)`` for ``speculative_generate``.
+    """
+    if spec in (None, "", "ar", "none"):
+        return NoDraft(), None
+    if spec == "ngram":
+        return NgramDraft(block_size=block_size or 16), None
+    from dflash.export import load_drafter
+
+    drafter = load_drafter(spec, target.cfg, dtype=target.dtype)
+    return DFlashDraft.of(drafter, stochastic=stochastic, block_size=block_size), drafter

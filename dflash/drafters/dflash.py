@@ -214,12 +214,14 @@ class DFlashDrafter(nnx.Module):
             v_all = kvc.write_layer(v_all, i, v, slots)
         return kvc.KVCache(k=k_all, v=v_all, lengths=new_lengths_B.astype(jnp.int32))
 
-    def draft_logits(self, target: Transformer, cache: kvc.KVCache, anchor_B: jax.Array) -> jax.Array:
+    def draft_logits(self, target: Transformer, cache: kvc.KVCache, anchor_B: jax.Array,
+                     block_size: int | None = None) -> jax.Array:
         """Logits ``[B, K-1, V]`` for positions ``p+1 .. p+K-1``, ``p = cache.lengths``.
 
-        The block's own K/V are used for this pass only and never kept.
+        The block's own K/V are used for this pass only and never kept. ``block_size`` may be
+        smaller than the trained one (shorter blocks at inference).
         """
-        b, k = anchor_B.shape[0], self.cfg.block_size
+        b, k = anchor_B.shape[0], block_size or self.cfg.block_size
         tokens = jnp.concatenate(
             [anchor_B[:, None], jnp.full((b, k - 1), self.cfg.mask_token_id, jnp.int32)], axis=1)
         x = target.embed(tokens).astype(self.fc.kernel[...].dtype)[:, None]  # [B, 1, K, D]

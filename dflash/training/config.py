@@ -7,6 +7,7 @@ from typing import Literal
 
 from dflash.config import ConfigError
 from dflash.training.data import DataConfig
+from dflash.training.selfdistill import RegenSection
 
 Dtype = Literal["float32", "bfloat16"]
 
@@ -64,6 +65,7 @@ class TrainSection:
     gamma: float = 0.0  # loss decay; 0 = from the block size (7 for B = 16)
     ce_weight: float = 1.0
     kl_weight: float = 0.0  # forward KL to the target's distribution
+    labels: Literal["data", "target"] = "data"  # CE on the data tokens or on the target's argmax
     compute_dtype: Dtype = "float32"  # bf16 compute keeps fp32 master weights
     seed: int = 0
     log_every: int = 10
@@ -102,6 +104,7 @@ class ExperimentConfig:
     target: TargetSection = TargetSection()
     drafter: DrafterSection = DrafterSection()
     data: DataConfig = DataConfig()
+    regen: RegenSection = RegenSection()
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()

@@ -42,6 +42,7 @@ from dflash.models.transformer import Transformer
 from dflash.training import objective as obj
 from dflash.training.config import ExperimentConfig
 from dflash.training.data import Batches, DataConfig, Document, PackedRows, load_documents, pack
+from dflash.training.selfdistill import load_documents_npz, regenerate_documents, save_documents
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -53,7 +54,7 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------- the step
 def block_forward(drafter: DFlashDrafter, target: Transformer, batch: dict[str, jax.Array],
                   key: jax.Array, *, num_anchors: int, gamma: float, ce_weight: float,
-                  kl_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  kl_weight: float, target_labels: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss and metrics of one packed batch (tokens / loss_mask / segment_ids / positions [B, S])."""
     cfg = drafter.cfg
     k = cfg.block_size
@@ -81,11 +82,14 @@ def block_forward(drafter: DFlashDrafter, target: Transformer, batch: dict[str, 
     # The target's distribution for the token at a+k sits at position a+k-1.
     t_at = jnp.take_along_axis(t_logits, (idx - 1).reshape(b, -1)[..., None], axis=1).reshape(logits.shape)
     weights = obj.loss_weights(k, gamma)
+    t_argmax = jnp.argmax(t_at, axis=-1)
+    if target_labels:  # the target's own prediction at each position (self-distillation)
+        labels = t_argmax
     loss, metrics = obj.decayed_loss(logits, labels, label_mask, weights,
                                      t_at if kl_weight > 0 else None, ce_weight, kl_weight)
     pred = jnp.argmax(logits, axis=-1)
     per_pos, tau_labels = obj.block_accuracy(pred, labels, label_mask)
-    _, tau_target = obj.block_accuracy(pred, jnp.argmax(t_at, axis=-1), label_mask)
+    _, tau_target = obj.block_accuracy(pred, t_argmax, label_mask)
     metrics.update(loss=loss, accuracy=per_pos, tau_sim=tau_target, tau_sim_labels=tau_labels,
                    tokens=(loss_mask & (seg > 0)).sum(), blocks=valid.sum())
     return loss, metrics
@@ -148,8 +152,18 @@ def _prompts_from_docs(docs: list[Document], count: int, prompt_tokens: int) -> 
     return out
 
 
-def prepare_data(cfg: ExperimentConfig, tokenizer: Any) -> RunData:
+def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run_dir: Path,
+                 progress: bool = True) -> RunData:
     train_docs, held_docs = load_documents(cfg.data, tokenizer)
+    if cfg.regen.num_sequences:
+        # Regenerated once per run and stored, so a resumed run trains on the very same data.
+        cached = run_dir / "regenerated.npz"
+        if cached.exists():
+            train_docs = load_documents_npz(cached)
+        else:
+            train_docs = regenerate_documents(target, train_docs, cfg.regen, seed=cfg.data.seed,
+                                              eos_ids=tuple(target.cfg.eos_token_id), progress=progress)
+            save_documents(train_docs, cached)
     if cfg.eval.eval_split:
         eval_cfg = DataConfig(**{**to_dict(cfg.data), "split": cfg.eval.eval_split, "heldout_fraction": 0.0,
                                  "max_examples": 0})
@@ -264,7 +278,7 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
                else build_drafter(dcfg, seed=cfg.train.seed))
     if cfg.drafter.init_from:
         dcfg = drafter.cfg
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, target, run_dir, progress)
     micro = Batches(data.train, cfg.train.batch_size, seed=cfg.train.seed)
     if micro.steps_per_epoch == 0:
         raise TrainingError(f"{len(data.train)} packed rows < train.batch_size={cfg.train.batch_size}")
@@ -286,7 +300,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     tgraph, tstate = nnx.split(target)
     tstate = jax.device_put(tstate, replicated)
     step_kw = dict(num_anchors=min(cfg.train.num_anchors, cfg.data.seq_len - 1), gamma=gamma,
-                   ce_weight=cfg.train.ce_weight, kl_weight=cfg.train.kl_weight)
+                   ce_weight=cfg.train.ce_weight, kl_weight=cfg.train.kl_weight,
+                   target_labels=cfg.train.labels == "target")
 
     train_step, eval_step = make_step_fns(graphdef, tgraph, step_kw, compute)
 

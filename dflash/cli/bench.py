@@ -1,0 +1,73 @@
+"""``dflash-bench``: AR vs prompt lookup vs a drafter, same prompts, same engine, one process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax.numpy as jnp
+
+from dflash.bench import bench_methods, load_prompts, write_json
+from dflash.cache import CacheOverflowError
+from dflash.config import ConfigError
+from dflash.decoding import SamplingParams
+from dflash.decoding.drafters import resolve_method
+from dflash.decoding.verify import RULES
+from dflash.models import CheckpointError, load_target
+from dflash.models.tokenizer import eos_ids, load_tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dflash-bench", description=__doc__)
+    p.add_argument("--target", default="tiny-code")
+    p.add_argument("--drafter", default="tiny-code-dflash",
+                   help="exported drafter dir / hub id / shipped name")
+    p.add_argument("--prompts", default="tiny-code-heldout",
+                   help="jsonl file ({'prompt'} or {'messages'} rows), a datasets id, or tiny-code-heldout")
+    p.add_argument("--split", default="train", help="split when --prompts is a datasets id")
+    p.add_argument("--field", default="prompt", help="prompt column when --prompts is a dataset")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=None, help="draft block (default: the drafter's)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--verify", choices=RULES, default=None)
+    p.add_argument("--stochastic-drafts", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--json", default=None, help="write the full result here")
+    args = p.parse_args(argv)
+    try:
+        tokenizer = load_tokenizer(args.target)
+        target = load_target(args.target, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+        prompts = load_prompts(args.prompts, tokenizer, field=args.field, split=args.split,
+                               limit=args.num_prompts)
+        drafter_method, drafter = resolve_method(args.drafter, target, block_size=args.block_size,
+                                                 stochastic=args.stochastic_drafts)
+        k = drafter_method.block_size
+        methods = {"ar": resolve_method("ar", target), "ngram": resolve_method("ngram", target, block_size=k),
+                   "drafter": (drafter_method, drafter)}
+        sampling = SamplingParams(temperature=args.temperature)
+        result = bench_methods(
+            target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            sampling=sampling, rule=args.verify, seed=args.seed,
+            eos_ids=() if args.ignore_eos else eos_ids(tokenizer, target.cfg.eos_token_id),
+            mask_token_id=drafter.cfg.mask_token_id if drafter is not None else -1)
+    except (CheckpointError, ConfigError, CacheOverflowError, ValueError, OSError) as err:
+        print(f"dflash-bench: error: {err}", file=sys.stderr)
+        return 2
+    result.update(target=args.target, drafter=args.drafter, prompts=args.prompts)
+    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
+          f"T={args.temperature}, B={k}, backend {result['backend']}")
+    print(f"{'method':>8} {'tau':>6} {'tok/s':>9} {'ms/token':>9} {'speedup':>8} {'fwd':>6}")
+    for name, r in result["methods"].items():
+        print(f"{name:>8} {r['tau']:>6.2f} {r['tokens_per_s']:>9.1f} {r['time_per_output_token_ms']:>9.2f} "
+              f"{r['speedup']:>7.2f}x {r['target_forwards']:>6}")
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
