@@ -90,17 +90,17 @@ def load_prompts(source: str, tokenizer: Any, *, field: str = "prompt", split: s
     ds = _load_dataset(DataConfig(source=source, split=split))
     out = []
     for row in ds:
-        if "messages" in row and row["messages"] is not None and field not in row:
-            msgs = [m for m in row["messages"]]
-            if msgs and msgs[-1]["role"] == "assistant":  # prompt = everything before the answer
+        if row.get(field) is not None:
+            text = row[field]
+        elif row.get("messages"):
+            msgs = list(row["messages"])
+            if msgs[-1]["role"] == "assistant":  # the prompt is everything before the answer
                 msgs = msgs[:-1]
             text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        elif field in row:
-            text = row[field]
         else:
             from dflash.config import ConfigError
 
-            raise ConfigError(f"prompt source {source!r} rows have neither {field!r} nor 'messages' "
+            raise ConfigError(f"prompt source {source!r}: a row has neither {field!r} nor 'messages' "
                               f"(columns: {list(row)})")
         out.append(tokenizer(text, add_special_tokens=False).input_ids)
         if limit and len(out) == limit:

@@ -1,0 +1,77 @@
+"""dflash-generate --drafter and dflash-bench end to end on the shipped target."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dflash.cli.bench import main as bench_main
+from dflash.cli.generate import main as generate_main
+from dflash.config import ModelConfig
+from dflash.drafters.dflash import DFlashConfig, build_drafter
+from dflash.export import save_drafter
+from dflash.models import CheckpointError, load_target
+from dflash.models.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(tmp_path_factory):
+    """An untrained drafter exported for the shipped target (lossless whatever its quality)."""
+    target = load_target("tiny-code")
+    tok = load_tokenizer("tiny-code")
+    cfg = DFlashConfig.for_target(target.cfg, mask_token_id=tok.mask_token_id, block_size=8, num_layers=1)
+    return save_drafter(build_drafter(cfg, seed=0), tmp_path_factory.mktemp("drafter"),
+                        target_name="tiny-code", target_cfg=target.cfg)
+
+
+def _gen(capsys, *args):
+    assert generate_main(["--prompt", "def area(r):\n", "--max-new-tokens", "40", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_with_drafters_is_lossless_and_reports_tau(capsys, drafter_dir):
+    ar = _gen(capsys)
+    for drafter in ("ngram", str(drafter_dir)):
+        out = _gen(capsys, "--drafter", drafter, "--block-size", "6")
+        assert out["tokens"] == ar["tokens"] and out["text"] == ar["text"]
+        assert out["block_size"] == 6
+        assert len(out["acceptance_lengths"]) == out["target_forwards"] - 1  # + the prefill pass
+        assert out["tau"] == pytest.approx(sum(out["acceptance_lengths"]) / len(out["acceptance_lengths"]))
+    sampled = _gen(capsys, "--drafter", str(drafter_dir), "--temperature", "0.9", "--verify", "block",
+                   "--seed", "4")
+    assert sampled["tokens"] and sampled["tau"] >= 1
+
+
+def test_drafter_for_another_target_is_refused(tmp_path):
+    other = ModelConfig(model_type="qwen3", vocab_size=4096, hidden_size=64, intermediate_size=96,
+                        num_layers=8, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True)
+    d = save_drafter(build_drafter(DFlashConfig.for_target(other, mask_token_id=1, block_size=4)), tmp_path)
+    from dflash.export import load_drafter
+
+    with pytest.raises(CheckpointError, match="hidden_size=64"):
+        load_drafter(d, load_target("tiny-code").cfg)
+
+
+def test_bench_writes_all_methods_from_jsonl_prompts(tmp_path, drafter_dir, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "import os\n\n\ndef main():\n"},
+            {"messages": [{"role": "user", "content": "def add(a, b):"}]},
+            {"prompt": "class Point:\n    def __init__(self, x, y):\n"}]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "bench.json"
+    assert bench_main(["--drafter", str(drafter_dir), "--prompts", str(prompts), "--max-new-tokens", "24",
+                       "--batch-size", "2", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "speedup" in table and "ngram" in table
+    result = json.loads(out.read_text())
+    methods = result["methods"]
+    assert set(methods) == {"ar", "ngram", "drafter"}
+    for name, r in methods.items():
+        assert {"tau", "tokens_per_s", "speedup", "generated_tokens", "per_prompt"} <= set(r), name
+        assert len(r["per_prompt"]) == 3 and r["generated_tokens"] > 0
+    assert methods["ar"]["tau"] == 1.0 and methods["ar"]["speedup"] == 1.0
+    for i in range(3):  # greedy: every method produced the AR tokens
+        ar_tokens = methods["ar"]["per_prompt"][i]["tokens"]
+        assert methods["ngram"]["per_prompt"][i]["tokens"] == ar_tokens
+        assert methods["drafter"]["per_prompt"][i]["tokens"] == ar_tokens
