@@ -51,6 +51,29 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> n
     return out
 
 
+def prepare_batch(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], extra_slots: int,
+                  max_len: int | None, pad_id: int) -> tuple[list[int], list[int], int, np.ndarray]:
+    """Validates a request; returns budgets, prompt lengths, the cache size, padded prompts.
+
+    ``extra_slots``: cache slots a step may write past the last committed token (a verify block).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    batch = len(prompts)
+    budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != batch or min(budgets) < 1:
+        raise ValueError("max_new_tokens must be >= 1 for every prompt")
+    prompt_lens = [len(p) for p in prompts]
+    longest = max(p + b for p, b in zip(prompt_lens, budgets, strict=True)) + extra_slots
+    max_len = bucket(longest) if max_len is None else max_len
+    for i, (p, b) in enumerate(zip(prompt_lens, budgets, strict=True)):
+        block = f" + block {extra_slots}" if extra_slots else ""
+        what = f"prompt {i} ({p} tokens) + {b} new tokens{block}"
+        kvc.check_fits(p + b + extra_slots, max_len, what)
+    padded = pad_prompts(prompts, min(bucket(max(prompt_lens), 16), max_len), pad_id)
+    return budgets, prompt_lens, max_len, padded
+
+
 def prefill(model: Transformer, tokens_BP: jax.Array, prompt_lens_B: jax.Array,
             cache: kvc.KVCache, hidden_layers: tuple[int, ...] = ()):
     """Runs right-padded prompts; returns last-position logits ``[B,V]``, hidden, cache at prompt length."""
@@ -114,19 +137,8 @@ def generate(
 
     Raises ``CacheOverflowError`` when a prompt plus its budget exceeds ``max_len``.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
     batch = len(prompts)
-    budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if len(budgets) != batch or min(budgets) < 1:
-        raise ValueError("max_new_tokens must be >= 1 for every prompt")
-    prompt_lens = [len(p) for p in prompts]
-    longest = max(p + b for p, b in zip(prompt_lens, budgets, strict=True))
-    if max_len is None:
-        max_len = bucket(longest)
-    for i, (p, b) in enumerate(zip(prompt_lens, budgets, strict=True)):
-        kvc.check_fits(p + b, max_len, f"prompt {i} ({p} tokens) + {b} new tokens")
-    padded = pad_prompts(prompts, min(bucket(max(prompt_lens), 16), max_len), pad_id)
+    budgets, prompt_lens, max_len, padded = prepare_batch(prompts, max_new_tokens, 0, max_len, pad_id)
     eos = tuple(model.cfg.eos_token_id if eos_ids is None else eos_ids)
     key = jax.random.key(0) if key is None else key
     graphdef, params = nnx.split(model)

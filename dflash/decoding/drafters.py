@@ -24,11 +24,9 @@ from dflash.drafters.dflash import DFlashDrafter
 from dflash.models.transformer import Transformer
 
 
-@dataclasses.dataclass(frozen=True)
-class NoDraft:
-    """Block of one token: the engine degenerates to plain AR decoding."""
+class _Stateless:
+    """Methods that keep no state of their own and need no target features."""
 
-    block_size: int = 1
     hidden_layers: tuple[int, ...] = ()
 
     def init(self, drafter, batch: int, max_len: int, dtype) -> Any:
@@ -37,15 +35,22 @@ class NoDraft:
     def prefill(self, drafter, state, hidden, prompt_lens):
         return state
 
-    def propose(self, drafter, target, state, anchor_B, lengths_B, tokens_BL, total_B, key, sampling):
-        return jnp.zeros((anchor_B.shape[0], 0), jnp.int32), None
-
     def commit(self, drafter, state, hidden, lengths_B, accepted_B):
         return state
 
 
 @dataclasses.dataclass(frozen=True)
-class NgramDraft:
+class NoDraft(_Stateless):
+    """Block of one token: the engine degenerates to plain AR decoding."""
+
+    block_size: int = 1
+
+    def propose(self, drafter, target, state, anchor_B, lengths_B, tokens_BL, total_B, key, sampling):
+        return jnp.zeros((anchor_B.shape[0], 0), jnp.int32), None
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramDraft(_Stateless):
     """Prompt lookup: copy what followed the most recent earlier occurrence of the last n tokens.
 
     Tries n = ``max_ngram`` down to ``min_ngram``; proposals past the known text are -1 (never
@@ -55,13 +60,6 @@ class NgramDraft:
     block_size: int = 16
     max_ngram: int = 3
     min_ngram: int = 1
-    hidden_layers: tuple[int, ...] = ()
-
-    def init(self, drafter, batch: int, max_len: int, dtype) -> Any:
-        return ()
-
-    def prefill(self, drafter, state, hidden, prompt_lens):
-        return state
 
     def propose(self, drafter, target, state, anchor_B, lengths_B, tokens_BL, total_B, key, sampling):
         b, length = tokens_BL.shape
@@ -82,9 +80,6 @@ class NgramDraft:
         drafts = jnp.take_along_axis(tokens_BL, jnp.clip(idx, 0, length - 1), axis=1)
         known = (best_j[:, None] >= 0) & (idx < total_B[:, None])
         return jnp.where(known, drafts, -1).astype(jnp.int32), None
-
-    def commit(self, drafter, state, hidden, lengths_B, accepted_B):
-        return state
 
 
 @dataclasses.dataclass(frozen=True)

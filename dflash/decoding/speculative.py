@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dflash import cache as kvc
-from dflash.decoding.autoregressive import bucket, is_eos, pad_prompts, prefill
+from dflash.decoding.autoregressive import GenerationResult, is_eos, prefill, prepare_batch
 from dflash.decoding.drafters import NoDraft
 from dflash.decoding.sampling import SamplingParams, sample
 from dflash.decoding.verify import RULES, verify
@@ -30,21 +30,10 @@ from dflash.models.transformer import Transformer
 
 
 @dataclasses.dataclass
-class SpecResult:
-    tokens: list[list[int]]  # generated ids per row
+class SpecResult(GenerationResult):
     acceptance_lengths: list[list[int]]  # accepted drafts + 1, one entry per verify step, per row
     target_forwards: list[int]  # per row: prefill + verify passes while the row was active
-    elapsed_s: float
-    compile_s: float
     block_size: int
-
-    @property
-    def num_generated(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.num_generated / max(self.elapsed_s, 1e-9)
 
     @property
     def tau(self) -> float:
@@ -153,20 +142,10 @@ def speculative_generate(
         raise ValueError(f"unknown verification rule {rule!r}; choose from {RULES}")
     if rule == "greedy" and not sampling.greedy:
         raise ValueError("greedy verification needs temperature 0; use rule 'token' or 'block'")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
     batch = len(prompts)
-    budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if len(budgets) != batch or min(budgets) < 1:
-        raise ValueError("max_new_tokens must be >= 1 for every prompt")
-    prompt_lens = [len(p) for p in prompts]
     k = method.block_size
     # A verify block may write up to K slots past the last committed token.
-    longest = max(p + b for p, b in zip(prompt_lens, budgets, strict=True)) + k
-    max_len = bucket(longest) if max_len is None else max_len
-    for i, (p, b) in enumerate(zip(prompt_lens, budgets, strict=True)):
-        kvc.check_fits(p + b + k, max_len, f"prompt {i} ({p} tokens) + {b} new tokens + block {k}")
-    padded = pad_prompts(prompts, min(bucket(max(prompt_lens), 16), max_len), pad_id)
+    budgets, prompt_lens, max_len, padded = prepare_batch(prompts, max_new_tokens, k, max_len, pad_id)
     eos = tuple(target.cfg.eos_token_id if eos_ids is None else eos_ids)
     tgraph, tparams = nnx.split(target)
     dgraph, dparams = nnx.split(drafter) if drafter is not None else (None, None)
@@ -183,4 +162,4 @@ def speculative_generate(
     tokens_BL, n_gen, acc_log, steps = map(np.asarray, (tokens_BL, n_gen, acc_log, steps))
     tokens = [tokens_BL[i, prompt_lens[i]: prompt_lens[i] + n_gen[i]].tolist() for i in range(batch)]
     accs = [acc_log[i, : steps[i]].tolist() for i in range(batch)]
-    return SpecResult(tokens, accs, [int(s) + 1 for s in steps], elapsed, compile_s, k)
+    return SpecResult(tokens, prompt_lens, elapsed, compile_s, accs, [int(s) + 1 for s in steps], k)
