@@ -158,3 +158,59 @@ def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any
     return {"methods": results, "num_prompts": len(prompts), "max_new_tokens": max_new_tokens,
             "batch_size": batch_size, "temperature": sampling.temperature, "rule": rule,
             "backend": jax.default_backend()}
+
+
+def step_costs(target, drafter=None, *, block_size: int = 16, context: int = 256, batch: int = 1,
+               iters: int = 50) -> dict[str, float]:
+    """Seconds per target pass over 1 token (AR step) and over a ``block_size`` block, and per
+    drafter pass, each measured inside one jitted ``fori_loop`` over a cache holding ``context``
+    committed tokens (so dispatch overhead is amortised as in the real loop)."""
+    from flax import nnx
+
+    from dflash import cache as kvc
+
+    tgraph, tparams = nnx.split(target)
+    max_len = context + block_size + 16
+
+    def timed(fn, *args) -> float:
+        compiled = jax.jit(fn).lower(*args).compile()
+        jax.block_until_ready(compiled(*args))
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        return (time.perf_counter() - t0) / iters
+
+    def target_loop(params, t):
+        model = nnx.merge(tgraph, params)
+        cache = kvc.init_cache(model.cfg, batch, max_len, model.dtype).with_lengths(
+            jnp.full((batch,), context, jnp.int32))
+        tokens = jnp.ones((batch, t), jnp.int32)
+        positions = context + jnp.broadcast_to(jnp.arange(t), (batch, t))
+
+        def body(i, carry):
+            cache, acc = carry
+            out = model(tokens + i % 7, positions, cache)
+            return out.cache.with_lengths(cache.lengths), acc + out.logits[0, -1, 0]
+
+        return jax.lax.fori_loop(0, iters, body, (cache, 0.0))[1]
+
+    import jax.numpy as jnp
+
+    out = {"ar_step_s": timed(lambda p: target_loop(p, 1), tparams),
+           "verify_s": timed(lambda p: target_loop(p, block_size), tparams)}
+    if drafter is not None:
+        dgraph, dparams = nnx.split(drafter)
+
+        def draft_loop(dp, tp):
+            d, model = nnx.merge(dgraph, dp), nnx.merge(tgraph, tp)
+            cache = d.init_context_cache(batch, max_len, model.dtype).with_lengths(
+                jnp.full((batch,), context, jnp.int32))
+
+            def body(i, acc):  # the anchor depends on i so XLA cannot hoist the pass out of the loop
+                anchor = jnp.full((batch,), i % 7, jnp.int32)
+                return acc + d.draft_logits(model, cache, anchor, block_size)[0, -1, 0]
+
+            return jax.lax.fori_loop(0, iters, body, 0.0)
+
+        out["draft_s"] = timed(draft_loop, dparams, tparams)
+    out["verify_over_ar"] = out["verify_s"] / out["ar_step_s"]
+    return out

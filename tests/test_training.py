@@ -214,3 +214,38 @@ np.testing.assert_allclose(out[1], out[8], rtol=1e-5)
         proc = subprocess.run([sys.executable, "-c", script.replace("{run}", run)], env=env,
                               capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_regenerated_documents_are_the_targets_greedy_continuations(tiny_target, tmp_path):
+    from dflash.decoding import generate
+    from dflash.models import load_target
+    from dflash.training.data import Document
+    from dflash.training.selfdistill import (
+        RegenSection,
+        load_documents_npz,
+        regenerate_documents,
+        save_documents,
+    )
+
+    target = load_target(tiny_target)
+    rng = np.random.default_rng(0)
+    docs = [Document(ids=rng.integers(5, 4000, n).astype(np.int32), loss_mask=np.ones(n, bool))
+            for n in (40, 80, 10)]
+    regen = regenerate_documents(target, docs, RegenSection(num_sequences=5, prompt_tokens=16, new_tokens=12,
+                                                            batch_size=2), seed=0, eos_ids=(), progress=False)
+    assert len(regen) == 5
+    for d in regen:
+        assert not d.loss_mask[:16].any() and d.loss_mask[16:].all() and len(d) == 28
+        want = generate(target, [d.ids[:16].tolist()], max_new_tokens=12, eos_ids=()).tokens[0]
+        assert d.ids[16:].tolist() == want
+    save_documents(regen, tmp_path / "r.npz")
+    back = load_documents_npz(tmp_path / "r.npz")
+    assert all(np.array_equal(a.ids, b.ids) and np.array_equal(a.loss_mask, b.loss_mask)
+               for a, b in zip(regen, back, strict=True))
+    # In a run, the regenerated data is made once and reused on resume.
+    cfg = _cfg(tiny_target, tmp_path / "run", "regen.num_sequences=8", "regen.prompt_tokens=16",
+               "regen.new_tokens=24", "train.labels=target")
+    run_training(cfg, progress=False, stop_after=2)
+    stamp = (tmp_path / "run" / "regenerated.npz").stat().st_mtime_ns
+    run_training(cfg, progress=False, final_eval=False)
+    assert (tmp_path / "run" / "regenerated.npz").stat().st_mtime_ns == stamp
