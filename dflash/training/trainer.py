@@ -11,11 +11,11 @@ the checkpoint holds the drafter, the optimizer state and the step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -132,7 +132,7 @@ def make_step_fns(graphdef: Any, tgraph: Any, step_kw: dict[str, Any], compute: 
 
 
 # ----------------------------------------------------------------------------- setup helpers
-@dataclass
+@dataclasses.dataclass
 class RunData:
     train: PackedRows
     heldout: PackedRows
@@ -155,19 +155,27 @@ def _prompts_from_docs(docs: list[Document], count: int, prompt_tokens: int) -> 
 def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run_dir: Path,
                  progress: bool = True) -> RunData:
     train_docs, held_docs = load_documents(cfg.data, tokenizer)
-    if cfg.regen.num_sequences:
-        # Regenerated once per run and stored, so a resumed run trains on the very same data.
-        cached = run_dir / "regenerated.npz"
-        if cached.exists():
-            train_docs = load_documents_npz(cached)
-        else:
-            train_docs = regenerate_documents(target, train_docs, cfg.regen, seed=cfg.data.seed,
-                                              eos_ids=tuple(target.cfg.eos_token_id), progress=progress)
-            save_documents(train_docs, cached)
     if cfg.eval.eval_split:
         eval_cfg = DataConfig(**{**to_dict(cfg.data), "split": cfg.eval.eval_split, "heldout_fraction": 0.0,
                                  "max_examples": 0})
         held_docs, _ = load_documents(eval_cfg, tokenizer)
+    if cfg.regen.num_sequences:
+        # Train and eval rows alike become (corpus prompt, target's greedy continuation), which
+        # is what the drafter sees when decoding. Made once per run and stored, so a resumed
+        # run uses the very same data.
+        eos = tuple(target.cfg.eos_token_id)
+        cached = run_dir / "regenerated.npz"
+        cached_eval = run_dir / "regenerated_eval.npz"
+        if cached.exists() and cached_eval.exists():
+            train_docs, held_docs = load_documents_npz(cached), load_documents_npz(cached_eval)
+        else:
+            train_docs = regenerate_documents(target, train_docs, cfg.regen, seed=cfg.data.seed, eos_ids=eos,
+                                              progress=progress)
+            eval_regen = dataclasses.replace(cfg.regen, num_sequences=cfg.eval.heldout_rows * 2)
+            held_docs = regenerate_documents(target, held_docs, eval_regen, seed=cfg.data.seed + 1,
+                                             eos_ids=eos, progress=progress)
+            save_documents(train_docs, cached)
+            save_documents(held_docs, cached_eval)
     if not train_docs:
         raise TrainingError(f"data source {cfg.data.source!r} yielded no training documents")
     if not held_docs:
