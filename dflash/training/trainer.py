@@ -79,14 +79,17 @@ def block_forward(drafter: DFlashDrafter, target: Transformer, batch: dict[str, 
     ctx = drafter.project_context(feats.astype(x.dtype))
     h = drafter(x.astype(ctx.dtype), q_pos, ctx, pos, ctx_mask)  # [B, A, K, D]
     logits = target.unembed(h[:, :, 1:].astype(target.dtype))  # [B, A, K-1, V]
-    # The target's distribution for the token at a+k sits at position a+k-1.
-    t_at = jnp.take_along_axis(t_logits, (idx - 1).reshape(b, -1)[..., None], axis=1).reshape(logits.shape)
+    # The target's distribution for the token at a+k sits at position a+k-1. Gather argmax ids
+    # (cheap) always, full distributions only when the KL term needs them.
+    prev = (idx - 1).reshape(b, -1)  # [B, A*(K-1)]
+    t_argmax = jnp.take_along_axis(jnp.argmax(t_logits, axis=-1), prev, axis=1).reshape(labels.shape)
+    t_at = None
+    if kl_weight > 0:
+        t_at = jnp.take_along_axis(t_logits, prev[..., None], axis=1).reshape(logits.shape)
     weights = obj.loss_weights(k, gamma)
-    t_argmax = jnp.argmax(t_at, axis=-1)
     if target_labels:  # the target's own prediction at each position (self-distillation)
         labels = t_argmax
-    loss, metrics = obj.decayed_loss(logits, labels, label_mask, weights,
-                                     t_at if kl_weight > 0 else None, ce_weight, kl_weight)
+    loss, metrics = obj.decayed_loss(logits, labels, label_mask, weights, t_at, ce_weight, kl_weight)
     pred = jnp.argmax(logits, axis=-1)
     per_pos, tau_labels = obj.block_accuracy(pred, labels, label_mask)
     _, tau_target = obj.block_accuracy(pred, t_argmax, label_mask)
