@@ -46,7 +46,8 @@ def _cfg(target: Path, run_dir: Path, *extra: str) -> ExperimentConfig:
         f"target.name={target}", f"run_dir={run_dir}", "data.max_examples=40", "data.seq_len=64",
         "train.batch_size=4", "train.num_anchors=8", "train.steps=4", "train.save_every=2",
         "train.eval_every=2", "train.log_every=1", "train.keep_last=2", "drafter.block_size=4",
-        "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.heldout_rows=4", "regen.num_sequences=0", *extra])
+        "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.heldout_rows=4", "regen.num_sequences=0",
+        *extra])
 
 
 def _params(run_dir: Path) -> dict[str, np.ndarray]:
@@ -201,7 +202,8 @@ for n in (1, 8):
     cfg = load_yaml(ExperimentConfig, {str(ROOT / 'configs/tiny_code.yaml')!r}, [
         "target.name={tiny_target}", "run_dir={{run}}/" + str(n), "data.max_examples=40", "data.seq_len=64",
         "train.batch_size=8", "train.num_anchors=8", "train.steps=2", "train.eval_every=2",
-        "drafter.block_size=4", "eval.heldout_rows=8", "regen.num_sequences=0", "train.num_devices=" + str(n)])
+        "drafter.block_size=4", "eval.heldout_rows=8", "regen.num_sequences=0",
+        "train.num_devices=" + str(n)])
     r = run_training(cfg, progress=False, final_eval=False)
     out[n] = r["final_eval"]["loss"]
 print(out[1], out[8])
