@@ -105,7 +105,9 @@ def heldout_prompts(count: int, max_chars: int = 400, seed: int = 0) -> list[str
         for i, line in enumerate(lines):
             stripped = line.lstrip()
             if stripped.startswith("def ") and line.rstrip().endswith(":"):
-                end = offsets[i + 1]
+                # End right after the colon: with byte-level BPE the newline and the body's
+                # indentation form one token, so a prompt ending in a bare newline is off-distribution.
+                end = offsets[i] + len(line.rstrip())
                 start = max(0, end - max_chars)
                 start = text.find("\n", start) + 1 if start > 0 else 0  # begin on a line boundary
                 candidates.append(text[start:end])
