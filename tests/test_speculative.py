@@ -160,3 +160,21 @@ def test_engine_compiles_once_for_many_steps(target):
     assert len(out.acceptance_lengths[0]) > 10  # many loop steps ran ...
     assert _spec_generate._cache_size() == before  # ... under the one compiled program
     jax.clear_caches()
+
+
+@pytest.mark.parametrize("batch,block", [(1, 16), (4, 4)])
+def test_trained_shipped_drafter_is_lossless(batch, block):
+    """The shipped tiny-code-dflash drafter on the shipped target: speculative == AR greedy."""
+    from dflash.decoding.drafters import resolve_method
+    from dflash.models import load_target
+    from dflash.models.tokenizer import load_tokenizer
+    from dflash.training.tiny_corpus import heldout_prompts
+
+    target, tok = load_target("tiny-code"), load_tokenizer("tiny-code")
+    prompts = [tok(p).input_ids[-64:] for p in heldout_prompts(batch, seed=1)]
+    ref = generate(target, prompts, max_new_tokens=64, eos_ids=target.cfg.eos_token_id)
+    method, drafter = resolve_method("tiny-code-dflash", target, block_size=block)
+    out = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=64,
+                               eos_ids=target.cfg.eos_token_id, mask_token_id=drafter.cfg.mask_token_id)
+    assert out.tokens == ref.tokens
+    assert max(a for row in out.acceptance_lengths for a in row) > 1  # it really drafts
