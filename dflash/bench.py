@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dflash.decoding import SamplingParams, generate
@@ -192,8 +193,6 @@ def step_costs(target, drafter=None, *, block_size: int = 16, context: int = 256
             return out.cache.with_lengths(cache.lengths), acc + out.logits[0, -1, 0]
 
         return jax.lax.fori_loop(0, iters, body, (cache, 0.0))[1]
-
-    import jax.numpy as jnp
 
     out = {"ar_step_s": timed(lambda p: target_loop(p, 1), tparams),
            "verify_s": timed(lambda p: target_loop(p, block_size), tparams)}
