@@ -37,6 +37,23 @@ class RopeConfig:
         if self.theta <= 0:
             raise ConfigError(f"rope theta must be positive, got {self.theta}")
 
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> RopeConfig:
+        """From a HF ``config.json``: ``rope_parameters`` (transformers >= 5) or ``rope_theta`` +
+        ``rope_scaling`` (older files)."""
+        params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "default":  # scaling fields are meaningless: keep them canonical
+            return cls(theta=theta)
+        return cls(
+            theta=theta, rope_type=rope_type, factor=float(params.get("factor", 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(params.get(
+                "original_max_position_embeddings", hf.get("max_position_embeddings", 8192))),
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -98,25 +115,7 @@ class ModelConfig:
                 raise ConfigError(f"config.json lacks required key {key!r}")
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-        rope_params = dict(hf.get("rope_parameters") or {})
-        scaling = hf.get("rope_scaling") or {}
-        rope_params = {**scaling, **rope_params}
-        theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
-        if rope_type == "default":  # scaling fields are meaningless: keep them canonical
-            rope = RopeConfig(theta=float(theta))
-        else:
-            rope = RopeConfig(
-                theta=float(theta),
-                rope_type=rope_type,
-                factor=float(rope_params.get("factor", 1.0)),
-                low_freq_factor=float(rope_params.get("low_freq_factor", 1.0)),
-                high_freq_factor=float(rope_params.get("high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(
-                    rope_params.get("original_max_position_embeddings",
-                                    hf.get("max_position_embeddings", 8192))
-                ),
-            )
+        rope = RopeConfig.from_hf(hf)
         attention_bias = bool(hf.get("attention_bias", False))
         eos = hf.get("eos_token_id")
         eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,7 @@ def config_from_hf(hf: dict[str, Any]) -> DFlashConfig:
     for key in ("mask_token_id", "target_layer_ids"):
         if key not in dcfg:
             raise CheckpointError(f"DFlash config.json lacks dflash_config.{key}")
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    rope = RopeConfig(theta=float(hf.get("rope_theta", 10000.0))) if rope_type == "default" else RopeConfig(
-        theta=float(hf.get("rope_theta", 10000.0)), rope_type=rope_type,
-        factor=float(scaling.get("factor", 1.0)), low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)))
+    rope = RopeConfig.from_hf(hf)
     try:
         return DFlashConfig(
             num_target_layers=int(hf["num_target_layers"]),
@@ -148,5 +143,13 @@ def load_drafter(name_or_path: str | os.PathLike, target_cfg: ModelConfig | None
             cfg.check_target(target_cfg)
         except ConfigError as err:
             raise CheckpointError(f"drafter {directory} does not match the target: {err}") from err
+        recorded = (hf.get("dflash_target") or {}).get("fingerprint")
+        if recorded and recorded != target_fingerprint(target_cfg):
+            warnings.warn(f"drafter {directory} was trained against target "
+                          f"{hf['dflash_target'].get('name_or_path')!r} whose config differs from this "
+                          "target's (fingerprint mismatch); shapes fit, but acceptance may be poor",
+                          stacklevel=2)
     abstract = nnx.eval_shape(lambda: DFlashDrafter(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    return load_params_into(abstract, directory, DRAFTER_TABLE, cfg.num_layers, dtype)
+    # The drafter uses the target's embedding and LM head; a copy in the file is not an error.
+    return load_params_into(abstract, directory, DRAFTER_TABLE, cfg.num_layers, dtype,
+                            ignorable=("embed_tokens.weight", "lm_head.weight"))

@@ -147,10 +147,28 @@ class _TensorSource:
     def __contains__(self, key: str) -> bool:
         return key in self.key_to_file
 
+    def keys(self) -> set[str]:
+        return set(self.key_to_file)
+
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_dtype(hf_key: str, array: np.ndarray) -> None:
+    if np.dtype(array.dtype).name not in SUPPORTED_DTYPES:
+        raise CheckpointError(f"tensor {hf_key!r} has dtype {np.dtype(array.dtype).name}, which is not "
+                              f"supported (supported: {', '.join(SUPPORTED_DTYPES)}; quantized "
+                              "checkpoints must be dequantized first)")
+
 
 def load_params_into(model: nnx.Module, directory: Path, table: tuple[tuple[str, str, bool], ...],
-                     num_layers: int, dtype: jnp.dtype) -> nnx.Module:
-    """Fills an abstract (``eval_shape``) module from safetensors via a weight ``table``."""
+                     num_layers: int, dtype: jnp.dtype, *,
+                     ignorable: tuple[str, ...] | None = None) -> nnx.Module:
+    """Fills an abstract (``eval_shape``) module from safetensors via a weight ``table``.
+
+    With ``ignorable`` set, any tensor in the files that the table does not read and that is
+    not listed there is an error (a foreign checkpoint is refused instead of half-loaded).
+    """
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     by_key = {_path_key(p): p for p in flat}
@@ -160,6 +178,7 @@ def load_params_into(model: nnx.Module, directory: Path, table: tuple[tuple[str,
         if hf_key not in source:
             raise CheckpointError(f"checkpoint {directory} is missing tensor {hf_key!r}")
         array = source.get(hf_key)
+        _check_dtype(hf_key, array)
         var = flat[by_key[our]]
         expected = tuple(var.shape)[::-1] if transpose else tuple(var.shape)  # in the file's layout
         if tuple(array.shape) != expected:
@@ -170,6 +189,12 @@ def load_params_into(model: nnx.Module, directory: Path, table: tuple[tuple[str,
     unfilled = set(flat) - set(filled)
     if unfilled:
         raise CheckpointError(f"no table row fills parameters {sorted(map(_path_key, unfilled))}")
+    if ignorable is not None:
+        used = {hf for hf, _, _ in weight_pairs(table, num_layers, set(by_key))}
+        extra = sorted(source.keys() - used - set(ignorable))
+        if extra:
+            raise CheckpointError(f"checkpoint {directory} has tensors this model does not have: "
+                                  f"{extra[:8]}{' ...' if len(extra) > 8 else ''}")
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 

@@ -1,0 +1,40 @@
+"""``dflash-export``: a training checkpoint -> HF "DFlashDraftModel" directory (vLLM / SGLang layout)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dflash.config import ConfigError
+from dflash.export.from_run import EXPORT_DTYPES, export_checkpoint
+from dflash.models import CheckpointError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dflash-export", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="run directory of dflash-train (uses --step)")
+    src.add_argument("--checkpoint", type=Path, help="one checkpoint: RUN/checkpoints/<step>")
+    p.add_argument("--step", default="latest",
+                   help="with --run: latest (default), best (by eval tau) or a step number")
+    p.add_argument("--out", type=Path, required=True, help="output directory (must be new or empty)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(EXPORT_DTYPES), help="weight dtype in the file")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--with-target", dest="with_target", action="store_true", default=None,
+                        help="also copy the target to OUT/target (default: only for shipped targets)")
+    target.add_argument("--no-target", dest="with_target", action="store_false")
+    args = p.parse_args(argv)
+    try:
+        info = export_checkpoint(args.out, run_dir=args.run, checkpoint=args.checkpoint, step=args.step,
+                                 dtype=args.dtype, with_target=args.with_target)
+    except (CheckpointError, ConfigError, FileNotFoundError) as err:
+        print(f"dflash-export: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

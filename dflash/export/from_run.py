@@ -1,0 +1,149 @@
+"""Export any Orbax checkpoint of a training run as a HF-format drafter directory.
+
+A run directory holds ``config.yaml`` (the experiment config it was started with) and
+``checkpoints/<step>/`` (Orbax: drafter + optimizer state, and JSON metadata). Only the
+drafter half of the state is read back; the drafter's architecture comes from the run's
+config and the target's ``config.json``, so no target weights are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from dflash.configio import load_yaml
+from dflash.drafters.dflash import DFlashConfig, DFlashDrafter
+from dflash.export.dflash_hf import config_from_hf, resolve_drafter, save_drafter
+from dflash.models.loading import ASSETS, SHIPPED, CheckpointError, read_config, resolve
+from dflash.models.tokenizer import load_tokenizer
+from dflash.models.transformer import abstract
+
+EXPORT_DTYPES = {"fp32": np.float32, "float32": np.float32, "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def find_checkpoint(run_dir: Path | None, checkpoint: Path | None, step: str = "latest") -> tuple[Path, int]:
+    """``(run_dir, step)`` from either a run directory (+ ``latest``/``best``/N) or a checkpoint dir."""
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_dir() or not checkpoint.name.isdigit():
+            raise CheckpointError(f"{checkpoint} is not a checkpoint directory "
+                                  "(expected RUN/checkpoints/<step>)")
+        return checkpoint.parent.parent, int(checkpoint.name)
+    if run_dir is None:
+        raise CheckpointError("give a run directory or a checkpoint directory")
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    if not steps:
+        raise CheckpointError(f"{run_dir} holds no checkpoints (looked in {ckpt_dir})")
+    if step == "latest":
+        return run_dir, steps[-1]
+    if step == "best":
+        meta = _read_meta(ckpt_dir / str(steps[-1]))
+        best = meta.get("best_step")
+        if best is None or int(best) not in steps:
+            raise CheckpointError(f"{run_dir}: the best step {best} is not among the kept "
+                                  f"checkpoints {steps}")
+        return run_dir, int(best)
+    if not str(step).isdigit() or int(step) not in steps:
+        raise CheckpointError(f"{run_dir} has no checkpoint for step {step!r}; kept steps: {steps}")
+    return run_dir, int(step)
+
+
+def _read_meta(step_dir: Path) -> dict[str, Any]:
+    path = step_dir / "meta" / "metadata"
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _strip_values(tree: Any) -> Any:
+    """Orbax's raw tree -> NNX pure dict: variables come back as ``{"value": array}``."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        # nnx.List children are int-keyed in the pure dict; Orbax stores the keys as strings.
+        return {int(k) if k.isdigit() else k: _strip_values(v) for k, v in tree.items()}
+    return tree
+
+
+def _restore_drafter_state(run_dir: Path, step: int) -> dict[str, Any]:
+    manager = ocp.CheckpointManager((run_dir / "checkpoints").resolve(),
+                                    options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except Exception as err:  # orbax raises many types for truncated / foreign files
+        raise CheckpointError(f"checkpoint step {step} of {run_dir} could not be read "
+                              f"({type(err).__name__}: {err})") from err
+    state = restored["state"]
+    if not isinstance(state, dict) or set(state) != {"0", "1"}:
+        raise CheckpointError(f"checkpoint step {step} of {run_dir} does not hold a "
+                              "(drafter, optimizer) state")
+    return _strip_values(state)[0]  # the state is nnx.split((drafter, optimizer))
+
+
+def run_drafter_config(run_dir: Path) -> tuple[Any, DFlashConfig, Any]:
+    """``(experiment config, drafter config, target config)`` of a run, without loading weights."""
+    from dflash.training.config import ExperimentConfig
+    from dflash.training.trainer import build_drafter_config
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{run_dir} is not a run directory: {cfg_path} is missing")
+    cfg = load_yaml(ExperimentConfig, cfg_path)
+    if cfg.method != "dflash":
+        raise CheckpointError(f"{run_dir} trained method {cfg.method!r}; "
+                              "this exporter writes DFlash drafters")
+    target_cfg = read_config(resolve(cfg.target.name))
+    if cfg.drafter.init_from:
+        with open(resolve_drafter(cfg.drafter.init_from) / "config.json") as f:
+            dcfg = config_from_hf(json.load(f))
+    else:
+        tokenizer = load_tokenizer(cfg.target.name)
+        dcfg = build_drafter_config(cfg, abstract(target_cfg), tokenizer)
+    return cfg, dcfg, target_cfg
+
+
+def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Path | None = None,
+                      step: str = "latest", dtype: str = "fp32",
+                      with_target: bool | None = None) -> dict[str, Any]:
+    """Writes the drafter of one checkpoint to ``out`` (and the target to ``out/target`` if asked).
+
+    ``with_target=None`` bundles the target only when it is a checkpoint shipped with dflash
+    (small, and the pair then travels as one directory); hub targets are referenced by name.
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise CheckpointError(f"unsupported export dtype {dtype!r}; choose from {sorted(EXPORT_DTYPES)}")
+    run_dir, step_n = find_checkpoint(run_dir, checkpoint, step)
+    cfg, dcfg, target_cfg = run_drafter_config(run_dir)
+    model = nnx.eval_shape(lambda: DFlashDrafter(dcfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(model)
+    saved = _restore_drafter_state(run_dir, step_n)
+    expected = abstract_state.to_pure_dict()
+    exp_paths = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    got_paths = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+    if exp_paths != got_paths:
+        diff = sorted(set(exp_paths.items()) ^ set(got_paths.items()))[:6]
+        raise CheckpointError(f"checkpoint step {step_n} of {run_dir} does not match the run's "
+                              f"drafter config (first differences: {diff})")
+    nnx.replace_by_pure_dict(abstract_state, jax.tree.map(np.asarray, saved))
+    drafter = nnx.merge(graphdef, abstract_state)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; choose a new output directory")
+    save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target_cfg,
+                 dtype=EXPORT_DTYPES[dtype])
+    target_dir = resolve(cfg.target.name)
+    shipped = str(cfg.target.name) in SHIPPED or ASSETS in target_dir.resolve().parents
+    bundled = shipped if with_target is None else with_target
+    if bundled:
+        shutil.copytree(target_dir, out / "target")
+    return {"out": str(out), "run_dir": str(run_dir), "step": step_n, "dtype": dtype,
+            "target": str(cfg.target.name), "target_bundled": bool(bundled)}
