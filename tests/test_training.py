@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,44 +19,21 @@ from dflash.config import ConfigError, ModelConfig
 from dflash.configio import load_yaml
 from dflash.drafters.dflash import DFlashConfig, build_drafter
 from dflash.export import load_drafter
-from dflash.models import build, save_target
-from dflash.models.loading import SHIPPED
+from dflash.models import build
 from dflash.training.config import ExperimentConfig
 from dflash.training.trainer import TrainingError, make_optimizer, make_step_fns, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_target(tmp_path_factory) -> Path:
-    """A small random Qwen3 target sharing the shipped tokenizer (so data and masks work)."""
-    directory = tmp_path_factory.mktemp("target")
-    cfg = ModelConfig(model_type="qwen3", vocab_size=4096, hidden_size=32, intermediate_size=64,
-                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
-                      tie_word_embeddings=True, eos_token_id=(0,))
-    save_target(build(cfg, seed=0), directory)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SHIPPED["tiny-code"] / name, directory / name)
-    return directory
-
-
-def _cfg(target: Path, run_dir: Path, *extra: str) -> ExperimentConfig:
-    return load_yaml(ExperimentConfig, ROOT / "configs/tiny_code.yaml", [
-        f"target.name={target}", f"run_dir={run_dir}", "data.max_examples=40", "data.seq_len=64",
-        "train.batch_size=4", "train.num_anchors=8", "train.steps=4", "train.save_every=2",
-        "train.eval_every=2", "train.log_every=1", "train.keep_last=2", "drafter.block_size=4",
-        "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.heldout_rows=4", "regen.num_sequences=0",
-        *extra])
-
-
 def _params(run_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(run_dir / "export" / "model.safetensors"))
 
 
-def test_kill_and_resume_equals_uninterrupted(tiny_target, tmp_path):
-    straight = run_training(_cfg(tiny_target, tmp_path / "a"), progress=False, final_eval=False)
+def test_kill_and_resume_equals_uninterrupted(run_config, tiny_target, tmp_path):
+    straight = run_training(run_config(tiny_target, tmp_path / "a"), progress=False, final_eval=False)
     assert straight["steps"] == 4
-    cfg_b = _cfg(tiny_target, tmp_path / "b")
+    cfg_b = run_config(tiny_target, tmp_path / "b")
     assert run_training(cfg_b, progress=False, stop_after=2) == {"stopped_at": 2}
     resumed = run_training(cfg_b, progress=False, final_eval=False)  # resumes by default
     assert resumed["steps"] == 4
@@ -70,8 +46,8 @@ def test_kill_and_resume_equals_uninterrupted(tiny_target, tmp_path):
     assert steps[-2:] == [2, 4] and len(steps) <= 3
 
 
-def test_outputs_logs_metrics_and_export(tiny_target, tmp_path):
-    result = run_training(_cfg(tiny_target, tmp_path / "r"), progress=False)
+def test_outputs_logs_metrics_and_export(run_config, tiny_target, tmp_path):
+    result = run_training(run_config(tiny_target, tmp_path / "r"), progress=False)
     run = tmp_path / "r"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["tau"] >= 1.0 and metrics["tau_ngram"] >= 1.0 and metrics["tau"] == result["tau"]
@@ -94,8 +70,8 @@ def test_outputs_logs_metrics_and_export(tiny_target, tmp_path):
     assert (run / "config.yaml").exists()
 
 
-def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_overwritten(tiny_target, tmp_path):
-    cfg = _cfg(tiny_target, tmp_path / "c")
+def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_overwritten(run_config, tiny_target, tmp_path):
+    cfg = run_config(tiny_target, tmp_path / "c")
     run_training(cfg, progress=False, stop_after=2)
     ckpt = tmp_path / "c" / "checkpoints"
     victims = [p for p in (ckpt / "2").rglob("*") if p.is_file() and p.stat().st_size > 0]
@@ -107,10 +83,10 @@ def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_overwritten(tiny_tar
     assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == snapshot
 
 
-def test_resume_without_checkpoint_and_overwrite_are_refused(tiny_target, tmp_path):
+def test_resume_without_checkpoint_and_overwrite_are_refused(run_config, tiny_target, tmp_path):
     with pytest.raises(TrainingError, match="no checkpoint"):
-        run_training(_cfg(tiny_target, tmp_path / "empty"), resume=True, progress=False)
-    cfg = _cfg(tiny_target, tmp_path / "d")
+        run_training(run_config(tiny_target, tmp_path / "empty"), resume=True, progress=False)
+    cfg = run_config(tiny_target, tmp_path / "d")
     run_training(cfg, progress=False, stop_after=2)
     with pytest.raises(TrainingError, match="refusing to overwrite"):
         run_training(cfg, resume=False, progress=False)
@@ -160,6 +136,12 @@ def test_config_errors_name_the_key(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         cfg = load_yaml(ExperimentConfig, ROOT / "configs/tiny_code.yaml", [override])
         build_drafter_config(cfg, load_target(cfg.target.name), load_tokenizer(cfg.target.name))
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    # YAML 1.1 reads "1e-4" as a string; users type it that way on the command line.
+    cfg = load_yaml(ExperimentConfig, ROOT / "configs/tiny_code.yaml", ["optim.lr=1e-4", "optim.clip_norm=2"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.clip_norm == 2.0
 
 
 PRESETS = {"qwen3_8b_dflash.yaml": ("qwen3_8b", 5, (1, 9, 17, 25, 33)),
@@ -218,7 +200,7 @@ np.testing.assert_allclose(out[1], out[8], rtol=1e-5)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-def test_regenerated_documents_are_the_targets_greedy_continuations(tiny_target, tmp_path):
+def test_regenerated_documents_are_the_targets_greedy_continuations(run_config, tiny_target, tmp_path):
     from dflash.decoding import generate
     from dflash.models import load_target
     from dflash.training.data import Document
@@ -245,7 +227,7 @@ def test_regenerated_documents_are_the_targets_greedy_continuations(tiny_target,
     assert all(np.array_equal(a.ids, b.ids) and np.array_equal(a.loss_mask, b.loss_mask)
                for a, b in zip(regen, back, strict=True))
     # In a run, the regenerated data is made once and reused on resume.
-    cfg = _cfg(tiny_target, tmp_path / "run", "regen.num_sequences=8", "regen.prompt_tokens=16",
+    cfg = run_config(tiny_target, tmp_path / "run", "regen.num_sequences=8", "regen.prompt_tokens=16",
                "regen.new_tokens=24", "train.labels=target")
     run_training(cfg, progress=False, stop_after=2)
     stamp = (tmp_path / "run" / "regenerated.npz").stat().st_mtime_ns

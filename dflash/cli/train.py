@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--run-dir", default=None, help="shorthand for --set run_dir=DIR")
+    p.add_argument("--init-from", default=None, metavar="DRAFTER",
+                   help="continue training an exported drafter (directory, shipped name or hub id); "
+                        "shorthand for --set drafter.init_from=DRAFTER")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="resume", action="store_true", default=None,
                         help="continue from the last checkpoint (default when the run dir has one)")
@@ -25,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    overrides += [f"drafter.init_from={args.init_from}"] if args.init_from else []
     try:
         cfg = load_yaml(ExperimentConfig, args.config, overrides)
         result = run_training(cfg, resume=args.resume, progress=not args.no_progress)

@@ -127,7 +127,7 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
     model = nnx.eval_shape(lambda: DFlashDrafter(dcfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(model)
     saved = _restore_drafter_state(run_dir, step_n)
-    expected = abstract_state.to_pure_dict()
+    expected = nnx.to_pure_dict(abstract_state)
     exp_paths = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
     got_paths = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
     if exp_paths != got_paths:
