@@ -1,0 +1,119 @@
+"""Tree drafting and greedy tree verification (DESIGN.md §7 "Trees").
+
+A DFlash block pass gives a distribution for every position ``p+1 .. p+D``. Instead of one
+chain of argmaxes, we keep the ``W`` best partial paths at every depth (beam search over the
+per-position log-probabilities): ``W * D`` nodes, laid out level by level, so every node's parent
+comes before it and the tree is prefix-closed by construction. The argmax chain is always beam 0,
+so a tree never accepts fewer tokens than the chain from the same state.
+
+The target verifies ``[anchor, nodes...]`` in one pass: positions are ``len + depth`` and each
+node sees the committed prefix plus its ancestors (the ancestor mask). Greedy acceptance keeps
+the deepest node whose whole root path matches the target's argmax; its path's K/V are then
+moved to contiguous cache slots so the cache looks exactly as if the chain had been verified.
+
+Shapes: ``B`` rows, ``W`` beam width, ``D`` depth, ``T = 1 + W*D`` tree tokens (root first).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dflash import cache as kvc
+
+
+class Tree(NamedTuple):
+    tokens: jax.Array  # [B, T] int32: the anchor, then the nodes level by level
+    parents: jax.Array  # [B, T] int32: block index of each node's parent (root: 0)
+    depth: jax.Array  # [B, T] int32: 0 for the root, 1..D for nodes
+
+
+def beam_tree(anchor_B: jax.Array, logp_BDV: jax.Array, width: int) -> Tree:
+    """The ``width`` best paths (sum of per-position log-probs) at every depth, as one tree."""
+    b, d, _ = logp_BDV.shape
+    top_lp_BDW, top_tok_BDW = jax.lax.top_k(logp_BDV, width)  # best children per position
+    score_BW = top_lp_BDW[:, 0]  # level 1: the W best tokens at position p+1
+    tokens, parents = [top_tok_BDW[:, 0]], [jnp.zeros((b, width), jnp.int32)]
+    for level in range(1, d):
+        cand_BWW = score_BW[:, :, None] + top_lp_BDW[:, level][:, None, :]  # [B, beam, child]
+        score_BW, flat_BW = jax.lax.top_k(cand_BWW.reshape(b, width * width), width)
+        beam_BW, child_BW = flat_BW // width, flat_BW % width
+        tokens.append(jnp.take_along_axis(top_tok_BDW[:, level], child_BW, axis=1))
+        parents.append(1 + (level - 1) * width + beam_BW)  # block index of the kept beam's node
+    depth_T = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                               jnp.repeat(jnp.arange(1, d + 1, dtype=jnp.int32), width)])
+    return Tree(
+        tokens=jnp.concatenate([anchor_B[:, None], *tokens], axis=1).astype(jnp.int32),
+        parents=jnp.concatenate([jnp.zeros((b, 1), jnp.int32), *parents], axis=1).astype(jnp.int32),
+        depth=jnp.broadcast_to(depth_T, (b, 1 + width * d)),
+    )
+
+
+def ancestor_mask(parents_BT: jax.Array) -> jax.Array:
+    """``[B, T, T]``: node t sees node s iff s is t or one of its ancestors (parents come first)."""
+    b, t = parents_BT.shape
+    eye = jnp.eye(t, dtype=bool)
+
+    def add(i, mask):
+        row = jnp.take_along_axis(mask, parents_BT[:, i][:, None, None], axis=1)[:, 0]  # parent's row
+        return mask.at[:, i].set(jnp.where(i > 0, row | eye[i], eye[i]))
+
+    return jax.lax.fori_loop(0, t, add, jnp.broadcast_to(eye, (b, t, t)))
+
+
+class TreeVerdict(NamedTuple):
+    accepted: jax.Array  # [B] accepted nodes on the chosen path (its depth)
+    path: jax.Array  # [B, D+1] block indices of the path, root first; entries past ``accepted`` repeat
+    extra: jax.Array  # [B] the target's argmax after the path's last node (the bonus token)
+
+
+def verify_tree_greedy(logits_BTV: jax.Array, tree: Tree, max_depth: int, mask_id: int) -> TreeVerdict:
+    """Deepest node whose root path equals the target's greedy continuation, token for token."""
+    greedy_BT = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
+    b, t = tree.tokens.shape
+    expected_BT = jnp.take_along_axis(greedy_BT, tree.parents, axis=1)  # what the target says there
+    correct_BT = (tree.tokens == expected_BT) & (tree.tokens != mask_id)
+
+    def follow(i, ok):
+        parent_ok = jnp.take_along_axis(ok, tree.parents[:, i][:, None], axis=1)[:, 0]
+        return ok.at[:, i].set(jnp.where(i > 0, parent_ok & correct_BT[:, i], True))
+
+    ok_BT = jax.lax.fori_loop(0, t, follow, jnp.zeros((b, t), bool))
+    reach_BT = jnp.where(ok_BT, tree.depth, -1)
+    best_B = jnp.argmax(reach_BT, axis=1).astype(jnp.int32)  # first of the deepest accepted nodes
+    accepted = jnp.take_along_axis(tree.depth, best_B[:, None], axis=1)[:, 0]
+
+    def climb(_, carry):
+        node, path = carry  # walk from the best node to the root, filling path[depth(node)]
+        d = jnp.take_along_axis(tree.depth, node[:, None], axis=1)[:, 0]
+        path = path.at[jnp.arange(b), d].set(node)
+        return jnp.take_along_axis(tree.parents, node[:, None], axis=1)[:, 0], path
+
+    path0 = jnp.broadcast_to(best_B[:, None], (b, max_depth + 1))
+    _, path = jax.lax.fori_loop(0, max_depth + 1, climb, (best_B, path0))
+    return TreeVerdict(accepted, path, jnp.take_along_axis(greedy_BT, best_B[:, None], axis=1)[:, 0])
+
+
+def commit_path(cache: kvc.KVCache, lengths_B: jax.Array, path_BP: jax.Array) -> kvc.KVCache:
+    """Moves the K/V of the path's nodes (written at ``len + block index``) to ``len + depth``.
+
+    Afterwards slots ``[len, len + accepted]`` hold exactly what a verified chain would have
+    written; the caller then sets ``lengths = len + accepted + 1``.
+    """
+    b, p = path_BP.shape
+    src_BP = lengths_B[:, None] + path_BP
+    dst_BP = lengths_B[:, None] + jnp.arange(p, dtype=jnp.int32)[None]
+    rows_BP = jnp.broadcast_to(jnp.arange(b)[:, None], (b, p))
+
+    def move(kv):  # [L, B, S, K, H]; gather everything first, then write (paths may overlap)
+        moved = kv[:, rows_BP, jnp.minimum(src_BP, kv.shape[2] - 1)]
+        return kv.at[:, rows_BP, dst_BP].set(moved, mode="drop")
+
+    return kvc.KVCache(k=move(cache.k), v=move(cache.v), lengths=cache.lengths)
+
+
+def gather_path(x_nBTD: jax.Array, path_BP: jax.Array) -> jax.Array:
+    """``[n, B, P, D]``: per-node activations (e.g. target hidden states) along the path."""
+    return jnp.take_along_axis(x_nBTD, path_BP[None, :, :, None], axis=2)

@@ -1,0 +1,114 @@
+"""Tree drafting and greedy tree verification against brute-force references."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dflash import cache as kvc
+from dflash.decoding.tree import ancestor_mask, beam_tree, commit_path, gather_path, verify_tree_greedy
+
+
+def _random_logp(seed: int, b: int, d: int, v: int) -> jax.Array:
+    return jax.nn.log_softmax(2.0 * jax.random.normal(jax.random.key(seed), (b, d, v)), axis=-1)
+
+
+@pytest.mark.parametrize("width,depth,vocab", [(1, 5, 7), (3, 3, 5), (4, 2, 6)])
+def test_beam_levels_are_the_global_best_paths(width, depth, vocab):
+    logp = _random_logp(width, 2, depth, vocab)
+    tree = beam_tree(jnp.array([11, 12]), logp, width)
+    tokens, parents = np.asarray(tree.tokens), np.asarray(tree.parents)
+    assert tokens.shape == (2, 1 + width * depth) and (tokens[:, 0] == [11, 12]).all()
+    assert (parents[:, 1:] < np.arange(1, 1 + width * depth)).all()  # parents come first
+    lp = np.asarray(logp)
+    for row in range(2):
+        def path(node, row=row):  # tokens from the root's child down to ``node``
+            out = []
+            while node:
+                out.append(int(tokens[row, node]))
+                node = int(parents[row, node])
+            return out[::-1]
+
+        for level in range(1, depth + 1):
+            nodes = range(1 + (level - 1) * width, 1 + level * width)
+            got = sorted(sum(lp[row, i, t] for i, t in enumerate(path(n))) for n in nodes)
+            brute = sorted(sum(lp[row, i, t] for i, t in enumerate(p))
+                           for p in itertools.product(range(vocab), repeat=level))[-width:]
+            np.testing.assert_allclose(got, brute, rtol=1e-5)
+        # Beam 0 is the argmax chain.
+        assert path(1 + (depth - 1) * width) == lp[row].argmax(-1).tolist()
+
+
+def test_ancestor_mask_matches_a_loop():
+    tree = beam_tree(jnp.array([1, 2, 3]), _random_logp(5, 3, 4, 9), 3)
+    mask, parents = np.asarray(ancestor_mask(tree.parents)), np.asarray(tree.parents)
+    for row in range(3):
+        for t in range(parents.shape[1]):
+            seen, node = {t}, t
+            while node:
+                node = int(parents[row, node])
+                seen.add(node)
+            assert set(np.flatnonzero(mask[row, t])) == seen
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_tree_verification_matches_brute_force(seed):
+    width, depth, vocab, b = 3, 4, 4, 5  # a tiny vocabulary so that long matches happen
+    tree = beam_tree(jnp.arange(b) % vocab, _random_logp(seed, b, depth, vocab), width)
+    logits = jax.random.normal(jax.random.key(100 + seed), (b, tree.tokens.shape[1], vocab))
+    mask_id = 3
+    verdict = verify_tree_greedy(logits, tree, depth, mask_id)
+    greedy = np.asarray(logits).argmax(-1)
+    tokens, parents, depths = map(np.asarray, tree)
+    for row in range(b):
+        ok = {0}
+        for t in range(1, tokens.shape[1]):  # parents first: one pass decides every node
+            if int(parents[row, t]) in ok and tokens[row, t] == greedy[row, parents[row, t]] \
+                    and tokens[row, t] != mask_id:
+                ok.add(t)
+        best = max(ok, key=lambda t: (depths[row, t], -t))
+        assert int(verdict.accepted[row]) == depths[row, best]
+        assert int(verdict.extra[row]) == greedy[row, best]
+        node, path = best, []
+        while True:
+            path.append(node)
+            if node == 0:
+                break
+            node = int(parents[row, node])
+        assert np.asarray(verdict.path)[row, : len(path)].tolist() == path[::-1]
+
+
+def test_width_one_tree_is_the_chain():
+    from dflash.decoding.verify import verify_greedy
+
+    logp = _random_logp(0, 4, 6, 5)
+    tree = beam_tree(jnp.array([0, 1, 2, 3]), logp, 1)
+    drafts = jnp.argmax(logp, -1).astype(jnp.int32)
+    assert (np.asarray(tree.tokens[:, 1:]) == np.asarray(drafts)).all()
+    logits = jax.random.normal(jax.random.key(1), (4, 7, 5))
+    chain_acc, chain_extra = verify_greedy(logits, drafts, mask_id=-1)
+    verdict = verify_tree_greedy(logits, tree, 6, mask_id=-1)
+    np.testing.assert_array_equal(verdict.accepted, chain_acc)
+    np.testing.assert_array_equal(verdict.extra, chain_extra)
+
+
+def test_commit_path_compacts_the_cache_like_a_chain():
+    # K/V of the path nodes move from len + block index to len + depth; the prefix is untouched.
+    layers, b, s, k, h = 2, 2, 24, 1, 3
+    cache = kvc.KVCache(k=jax.random.normal(jax.random.key(0), (layers, b, s, k, h)),
+                        v=jax.random.normal(jax.random.key(1), (layers, b, s, k, h)),
+                        lengths=jnp.array([5, 9]))
+    path = jnp.array([[0, 2, 6, 6], [0, 1, 4, 10]])
+    out = commit_path(cache, cache.lengths, path)
+    for kv_in, kv_out in ((cache.k, out.k), (cache.v, out.v)):
+        for row in range(b):
+            n = int(cache.lengths[row])
+            np.testing.assert_array_equal(kv_out[:, row, :n], kv_in[:, row, :n])
+            for d in range(path.shape[1]):
+                np.testing.assert_array_equal(kv_out[:, row, n + d], kv_in[:, row, n + int(path[row, d])])
+    hidden = jax.random.normal(jax.random.key(2), (3, b, 11, 4))
+    np.testing.assert_array_equal(gather_path(hidden, path)[:, 1, 3], hidden[:, 1, 10])
