@@ -112,3 +112,65 @@ def test_commit_path_compacts_the_cache_like_a_chain():
                 np.testing.assert_array_equal(kv_out[:, row, n + d], kv_in[:, row, n + int(path[row, d])])
     hidden = jax.random.normal(jax.random.key(2), (3, b, 11, 4))
     np.testing.assert_array_equal(gather_path(hidden, path)[:, 1, 3], hidden[:, 1, 10])
+
+
+# ----------------------------------------------------------------------------- in the engine
+@pytest.fixture(scope="module")
+def shipped():
+    from dflash.export import load_drafter
+    from dflash.models import load_target
+    from dflash.models.tokenizer import load_tokenizer
+    from dflash.training.tiny_corpus import heldout_prompts
+
+    target = load_target("tiny-code")
+    tok = load_tokenizer("tiny-code")
+    prompts = [tok(p).input_ids[-40:] for p in heldout_prompts(4, seed=3)]
+    return target, load_drafter("tiny-code-dflash", target.cfg), prompts
+
+
+@pytest.mark.parametrize("batch,width,block", [(1, 3, 16), (4, 2, 8), (4, 1, 6)])
+def test_tree_speculation_is_lossless_and_never_shorter_than_the_chain(shipped, batch, width, block):
+    from dflash.decoding.autoregressive import generate
+    from dflash.decoding.drafters import DFlashDraft
+    from dflash.decoding.speculative import speculative_generate
+    from dflash.decoding.tree import DFlashTreeDraft
+
+    target, drafter, prompts = shipped
+    prompts = prompts[:batch]
+    common = dict(drafter=drafter, max_new_tokens=48, mask_token_id=drafter.cfg.mask_token_id)
+    ar = generate(target, prompts, max_new_tokens=48)
+    tree = speculative_generate(target, prompts, method=DFlashTreeDraft.of(drafter, width, block), **common)
+    chain = speculative_generate(target, prompts, method=DFlashDraft.of(drafter, block_size=block), **common)
+    assert tree.tokens == ar.tokens == chain.tokens
+    assert all(1 <= a <= block for row in tree.acceptance_lengths for a in row)
+    if width == 1:  # the same drafts as the chain, step for step
+        assert tree.acceptance_lengths == chain.acceptance_lengths
+    else:
+        assert tree.tau >= chain.tau
+
+
+def test_tree_refuses_sampling(shipped):
+    from dflash.decoding.sampling import SamplingParams
+    from dflash.decoding.speculative import speculative_generate
+    from dflash.decoding.tree import DFlashTreeDraft
+
+    target, drafter, prompts = shipped
+    with pytest.raises(ValueError, match="greedy verification only"):
+        speculative_generate(target, prompts[:1], method=DFlashTreeDraft.of(drafter, 2), drafter=drafter,
+                             sampling=SamplingParams(temperature=1.0))
+
+
+def test_bench_runs_the_tree_beside_the_chain(tmp_path, capsys):
+    import json
+
+    from dflash.cli.bench import main as bench_main
+
+    out = tmp_path / "bench.json"
+    assert bench_main(["--drafter", "tiny-code-dflash", "--num-prompts", "2", "--max-new-tokens", "16",
+                       "--tree-width", "2", "--block-size", "6", "--json", str(out)]) == 0
+    methods = json.loads(out.read_text())["methods"]
+    assert set(methods) == {"ar", "ngram", "drafter", "tree"}
+    tokens = {name: [p["tokens"] for p in m["per_prompt"]] for name, m in methods.items()}
+    assert tokens["tree"] == tokens["ar"] == tokens["drafter"]
+    assert methods["tree"]["tau"] >= methods["drafter"]["tau"]
+    assert "tree" in capsys.readouterr().out

@@ -12,6 +12,7 @@ from dflash.cache import CacheOverflowError
 from dflash.config import ConfigError
 from dflash.decoding import SamplingParams
 from dflash.decoding.drafters import resolve_method
+from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
 from dflash.models import CheckpointError, load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--verify", choices=RULES, default=None)
     p.add_argument("--stochastic-drafts", action="store_true")
+    p.add_argument("--tree-width", type=int, default=0,
+                   help="also run the drafter as a beam tree of this width per depth (greedy; method 'tree')")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         k = drafter_method.block_size
         methods = {"ar": resolve_method("ar", target), "ngram": resolve_method("ngram", target, block_size=k),
                    "drafter": (drafter_method, drafter)}
+        if args.tree_width:
+            methods["tree"] = (DFlashTreeDraft.around(drafter_method, args.tree_width), drafter)
         sampling = SamplingParams(temperature=args.temperature)
         result = bench_methods(
             target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

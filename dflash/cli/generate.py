@@ -15,6 +15,7 @@ from dflash.config import ConfigError
 from dflash.decoding import SamplingParams, generate
 from dflash.decoding.drafters import resolve_method
 from dflash.decoding.speculative import speculative_generate
+from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
 from dflash.models import CheckpointError, load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
     p.add_argument("--verify", choices=RULES, default=None,
                    help="verification rule (default: greedy at temperature 0, else token)")
+    p.add_argument("--tree-width", type=int, default=0,
+                   help="draft a beam tree with this many paths per depth (DFlash drafters, greedy only)")
     p.add_argument("--stochastic-drafts", action="store_true",
                    help="when sampling, draw DFlash drafts from the drafter's distribution")
     return p
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             method, drafter = resolve_method(args.drafter, model, block_size=args.block_size,
                                              stochastic=args.stochastic_drafts)
+            if args.tree_width:
+                method = DFlashTreeDraft.around(method, args.tree_width)
             mask = drafter.cfg.mask_token_id if drafter is not None else -1
             result = speculative_generate(model, [ids], method=method, drafter=drafter, rule=args.verify,
                                           mask_token_id=mask, **common)

@@ -2,10 +2,10 @@
 
 Verification is lossless: greedy output equals the target's own greedy decode token for token,
 and the token-wise and block rules preserve the target's sampling distribution (verify.py).
-The target verifies ``[anchor, d_1 .. d_{K-1}]`` in one pass; the accepted prefix plus one
-more token (bonus or correction) are emitted; the cache rolls back by setting lengths; the
-bonus becomes the next anchor. No host round trip per step; caches are created on device
-inside the compiled program and shapes are static (bucketed).
+The target verifies ``[anchor, d_1 .. d_{K-1}]`` (or a tree of candidates, tree.py) in one
+pass; the accepted prefix plus one more token (bonus or correction) are emitted; the cache
+rolls back by setting lengths; the bonus becomes the next anchor. No host round trip per
+step; caches are created on device inside the compiled program and shapes are static (bucketed).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dflash import cache as kvc
 from dflash.decoding.autoregressive import GenerationResult, is_eos, prefill, prepare_batch
 from dflash.decoding.drafters import NoDraft
 from dflash.decoding.sampling import SamplingParams, sample
+from dflash.decoding.tree import ancestor_mask, commit_path, gather_path, verify_tree_greedy
 from dflash.decoding.verify import RULES, verify
 from dflash.models.transformer import Transformer
 
@@ -83,13 +84,20 @@ def _spec_generate(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, key, *
         lengths = cache.lengths  # committed tokens; the anchor sits at this position
         total = prompt_lens_B + n_gen  # prompt + emitted (the anchor is the last of them)
         anchor = jnp.take_along_axis(tokens_BL, (total - 1)[:, None], axis=1)[:, 0]
-        drafts, q = method.propose(drafter, target, dstate, anchor, lengths, tokens_BL, total, k_draft,
-                                   sampling)
-        block = jnp.concatenate([anchor[:, None], drafts], axis=1)  # [B, K]
-        positions = lengths[:, None] + jnp.arange(k)[None]
-        out = target(jnp.maximum(block, 0), positions, cache, hidden_layers=method.hidden_layers)
-        # out.logits[:, i] is the target's distribution for the token after block[:, :i+1].
-        accepted, extra = verify(rule, out.logits, drafts, q, k_verify, sampling, mask_id)  # [B], [B]
+        if getattr(method, "tree", False):  # a tree of candidates, greedy path selection
+            drafts, accepted, extra, cache_v, hidden = _tree_step(
+                method, drafter, target, cache, dstate, anchor, lengths, mask_id)
+        else:
+            # Cache-reading drafters (Orthrus) draft from the committed prefix; it comes back unchanged.
+            kw = {"target_cache": cache} if getattr(method, "reads_target_cache", False) else {}
+            drafts, q = method.propose(drafter, target, dstate, anchor, lengths, tokens_BL, total, k_draft,
+                                       sampling, **kw)
+            block = jnp.concatenate([anchor[:, None], drafts], axis=1)  # [B, K]
+            positions = lengths[:, None] + jnp.arange(k)[None]
+            out = target(jnp.maximum(block, 0), positions, cache, hidden_layers=method.hidden_layers)
+            # out.logits[:, i] is the target's distribution for the token after block[:, :i+1].
+            accepted, extra = verify(rule, out.logits, drafts, q, k_verify, sampling, mask_id)  # [B], [B]
+            cache_v, hidden = out.cache, out.hidden
         idx_K = jnp.arange(k)[None]
         emitted = jnp.where(idx_K < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), extra[:, None])
         count = accepted + 1
@@ -105,16 +113,33 @@ def _spec_generate(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, key, *
         steps = steps + (~done).astype(jnp.int32)
         # Commit anchor + accepted drafts; finished rows keep their state.
         new_lengths = jnp.where(done, lengths, lengths + accepted + 1)
-        cache = out.cache.with_lengths(new_lengths)
+        cache = cache_v.with_lengths(new_lengths)
         # A finished row's drafter state may drift: it never emits again, and writes past the
         # cache are dropped, so no per-row select over the drafter's pytree is needed.
-        dstate = method.commit(drafter, dstate, out.hidden, lengths, accepted)
+        dstate = method.commit(drafter, dstate, hidden, lengths, accepted)
         n_gen = n_gen + count
         return cache, dstate, tokens_BL, n_gen, new_done, acc_log, steps, key
 
     carry = (cache, dstate, tokens_BL, n_gen, done, acc_log, steps, key)
     _, _, tokens_BL, n_gen, _, acc_log, steps, _ = jax.lax.while_loop(cond, body, carry)
     return tokens_BL, n_gen, acc_log, steps
+
+
+def _tree_step(method, drafter, target: Transformer, cache, dstate, anchor_B, lengths_B, mask_id: int):
+    """Drafts a tree, verifies all its nodes in one target pass, keeps the longest greedy path.
+
+    Returns the path's drafts ``[B, D]``, accepted ``[B]``, the bonus ``[B]``, the cache with the
+    path's K/V moved to contiguous slots, and the hidden states along the path ``[n, B, D+1, H]``
+    (what a verified chain of the same tokens would have given).
+    """
+    tree = method.propose_tree(drafter, target, dstate, anchor_B)
+    positions = lengths_B[:, None] + tree.depth  # a node sits at its depth
+    out = target(tree.tokens, positions, cache, block_mask=ancestor_mask(tree.parents),
+                 hidden_layers=method.hidden_layers)
+    verdict = verify_tree_greedy(out.logits, tree, method.depth, mask_id)
+    drafts = jnp.take_along_axis(tree.tokens, verdict.path[:, 1:], axis=1)
+    cache = commit_path(out.cache, lengths_B, verdict.path)
+    return drafts, verdict.accepted, verdict.extra, cache, gather_path(out.hidden, verdict.path)
 
 
 def speculative_generate(
@@ -142,10 +167,13 @@ def speculative_generate(
         raise ValueError(f"unknown verification rule {rule!r}; choose from {RULES}")
     if rule == "greedy" and not sampling.greedy:
         raise ValueError("greedy verification needs temperature 0; use rule 'token' or 'block'")
+    if getattr(method, "tree", False) and rule != "greedy":
+        raise ValueError("tree drafting supports greedy verification only (temperature 0)")
     batch = len(prompts)
     k = method.block_size
-    # A verify block may write up to K slots past the last committed token.
-    budgets, prompt_lens, max_len, padded = prepare_batch(prompts, max_new_tokens, k, max_len, pad_id)
+    # A verify pass may write up to K (a tree: all its nodes) slots past the last committed token.
+    slack = getattr(method, "verify_tokens", k)
+    budgets, prompt_lens, max_len, padded = prepare_batch(prompts, max_new_tokens, slack, max_len, pad_id)
     eos = tuple(target.cfg.eos_token_id if eos_ids is None else eos_ids)
     tgraph, tparams = nnx.split(target)
     dgraph, dparams = nnx.split(drafter) if drafter is not None else (None, None)

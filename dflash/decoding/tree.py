@@ -16,7 +16,8 @@ Shapes: ``B`` rows, ``W`` beam width, ``D`` depth, ``T = 1 + W*D`` tree tokens (
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +118,66 @@ def commit_path(cache: kvc.KVCache, lengths_B: jax.Array, path_BP: jax.Array) ->
 def gather_path(x_nBTD: jax.Array, path_BP: jax.Array) -> jax.Array:
     """``[n, B, P, D]``: per-node activations (e.g. target hidden states) along the path."""
     return jnp.take_along_axis(x_nBTD, path_BP[None, :, :, None], axis=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class DFlashTreeDraft:
+    """DFlash drafting a beam tree instead of a chain (greedy verification only).
+
+    One drafter pass gives the block's ``depth`` distributions; the tree keeps ``width`` paths
+    per depth. ``block_size`` is the chain-equivalent block (anchor + ``depth``), so acceptance
+    lengths compare with chain drafting; ``verify_tokens`` is what the target scores per step.
+    The drafter's own cache is handled exactly as for a chain (``chain``), fed with the hidden
+    states of the accepted path.
+    """
+
+    chain: Any  # DFlashDraft with block_size = depth + 1
+    width: int
+    tree: ClassVar[bool] = True
+
+    @classmethod
+    def of(cls, drafter: Any, width: int, block_size: int | None = None) -> DFlashTreeDraft:
+        from dflash.decoding.drafters import DFlashDraft
+
+        return cls.around(DFlashDraft.of(drafter, block_size=block_size), width)
+
+    @classmethod
+    def around(cls, chain: Any, width: int) -> DFlashTreeDraft:
+        """The tree version of a chain method (only DFlash drafters give per-position distributions)."""
+        from dflash.decoding.drafters import DFlashDraft
+
+        if not isinstance(chain, DFlashDraft) or chain.stochastic:
+            raise ValueError("tree drafting needs a DFlash drafter with argmax drafts")
+        if width < 1:
+            raise ValueError(f"tree width must be >= 1, got {width}")
+        return cls(chain, width)
+
+    @property
+    def block_size(self) -> int:
+        return self.chain.block_size
+
+    @property
+    def depth(self) -> int:
+        return self.chain.block_size - 1
+
+    @property
+    def verify_tokens(self) -> int:
+        return 1 + self.width * self.depth
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        return self.chain.hidden_layers
+
+    def init(self, drafter, batch: int, max_len: int, dtype) -> Any:
+        return self.chain.init(drafter, batch, max_len, dtype)
+
+    def prefill(self, drafter, state, hidden, prompt_lens_B):
+        return self.chain.prefill(drafter, state, hidden, prompt_lens_B)
+
+    def propose_tree(self, drafter, target, state, anchor_B: jax.Array) -> Tree:
+        logits = drafter.draft_logits(target, state, anchor_B, self.block_size)  # [B, D, V]
+        logits = logits.at[..., drafter.cfg.mask_token_id].set(-jnp.inf)  # never proposed
+        return beam_tree(anchor_B, jax.nn.log_softmax(logits, axis=-1), self.width)
+
+    def commit(self, drafter, state, hidden_path, lengths_B, accepted_B):
+        return self.chain.commit(drafter, state, hidden_path, lengths_B, accepted_B)
