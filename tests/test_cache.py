@@ -115,9 +115,12 @@ def test_overlong_prompt_is_an_error(model):
 
 def test_generation_is_jitted_once_per_shape(model):
     """Same bucketed shapes reuse the compiled decode loop (no per-token host work)."""
-    from dflash.decoding import autoregressive
+    from dflash.decoding.compiled import COMPILES
 
+    before = COMPILES[0]
     generate(model, [[1, 2, 3]], max_new_tokens=8, eos_ids=())
-    before = autoregressive._generate._cache_size()
-    generate(model, [[4, 5, 6, 7, 8]], max_new_tokens=8, eos_ids=(), key=jax.random.key(5))
-    assert autoregressive._generate._cache_size() == before
+    assert COMPILES[0] == before + 1
+    again = generate(model, [[4, 5, 6, 7, 8]], max_new_tokens=8, eos_ids=(), key=jax.random.key(5))
+    assert COMPILES[0] == before + 1 and again.compile_s == 0.0
+    generate(model, [[4, 5, 6, 7, 8]], max_new_tokens=40, eos_ids=())  # a new budget: a new program
+    assert COMPILES[0] == before + 2

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dflash.config import ModelConfig
 from dflash.decoding import generate
+from dflash.decoding.compiled import COMPILES
 from dflash.decoding.drafters import DFlashDraft, NgramDraft, NoDraft
-from dflash.decoding.speculative import _spec_generate, speculative_generate
+from dflash.decoding.speculative import speculative_generate
 from dflash.drafters.dflash import DFlashConfig, build_drafter
 from dflash.models import build
 
@@ -154,12 +154,28 @@ def test_drafter_cache_path_equals_training_path():
 def test_engine_compiles_once_for_many_steps(target):
     prompts = _prompts(2, seed=3)
     method = NgramDraft(block_size=4)
+    before = COMPILES[0]
     speculative_generate(target, prompts, method=method, max_new_tokens=64, eos_ids=())
-    before = _spec_generate._cache_size()
+    assert COMPILES[0] == before + 2  # the start (prefill) and the loop programs
     out = speculative_generate(target, _prompts(2, seed=4), method=method, max_new_tokens=64, eos_ids=())
     assert len(out.acceptance_lengths[0]) > 10  # many loop steps ran ...
-    assert _spec_generate._cache_size() == before  # ... under the one compiled program
-    jax.clear_caches()
+    assert COMPILES[0] == before + 2  # ... under the one compiled program, compiled once
+    assert out.compile_s == 0.0
+
+
+def test_finished_rows_leave_the_device_batch(target):
+    """Batch 8 with budgets 4..60: once at most half the rows are active, the rest run alone."""
+    prompts = _prompts(8, seed=5)
+    budgets = [4, 60, 8, 56, 12, 52, 16, 48]
+    ref = generate(target, prompts, max_new_tokens=budgets, eos_ids=())
+    method = NgramDraft(block_size=4)
+    out = speculative_generate(target, prompts, method=method, max_new_tokens=budgets, eos_ids=())
+    assert out.tokens == ref.tokens and [len(t) for t in out.tokens] == budgets
+    assert out.device_batches[0] == 8 and out.device_batches[1] <= 4  # compacted
+    full = speculative_generate(target, prompts, method=method, max_new_tokens=budgets, eos_ids=(),
+                                compact=False)
+    assert full.device_batches == [8] and full.tokens == out.tokens
+    assert full.acceptance_lengths == out.acceptance_lengths and full.target_forwards == out.target_forwards
 
 
 @pytest.mark.parametrize("batch,block", [(1, 16), (4, 4)])

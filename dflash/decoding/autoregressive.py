@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from dflash import cache as kvc
+from dflash.decoding.compiled import compiled
 from dflash.decoding.sampling import SamplingParams, sample
 from dflash.models.transformer import Transformer
 
@@ -146,11 +147,9 @@ def generate(
     args = (params, kvc.init_cache(model.cfg, batch, max_len, model.dtype), jnp.asarray(padded),
             jnp.asarray(prompt_lens, jnp.int32), jnp.asarray(budgets, jnp.int32), key)
     static = dict(graphdef=graphdef, max_new=max_new, sampling=sampling, eos_ids=eos)
+    program, compile_s = compiled(_generate, args, static)
     t0 = time.perf_counter()
-    compiled = _generate.lower(*args, **static).compile()
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out, n, _ = jax.block_until_ready(compiled(*args))
+    out, n, _ = jax.block_until_ready(program(*args))
     elapsed = time.perf_counter() - t0
     out, n = np.asarray(out), np.asarray(n)
     tokens = [out[i, : n[i]].tolist() for i in range(batch)]

@@ -14,7 +14,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from flax import nnx
 
 from dflash import cache as kvc
 from dflash.decoding.autoregressive import GenerationResult, is_eos, prefill, prepare_batch
+from dflash.decoding.compiled import compiled
 from dflash.decoding.drafters import NoDraft
 from dflash.decoding.sampling import SamplingParams, sample
 from dflash.decoding.tree import ancestor_mask, commit_path, gather_path, verify_tree_greedy
@@ -35,6 +36,7 @@ class SpecResult(GenerationResult):
     acceptance_lengths: list[list[int]]  # accepted drafts + 1, one entry per verify step, per row
     target_forwards: list[int]  # per row: prefill + verify passes while the row was active
     block_size: int
+    device_batches: list[int] = dataclasses.field(default_factory=list)  # rows per loop segment
 
     @property
     def tau(self) -> float:
@@ -50,15 +52,30 @@ class SpecResult(GenerationResult):
         return hist
 
 
-@partial(jax.jit, static_argnames=("tgraph", "dgraph", "method", "max_new", "max_len", "eos_ids",
-                                   "mask_id", "sampling", "rule"))
-def _spec_generate(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, key, *, tgraph, dgraph, method,
-                   max_new: int, max_len: int, eos_ids: tuple[int, ...], mask_id: int,
-                   sampling: SamplingParams, rule: str):
+COMPACT_MIN_ROWS = 8
+
+
+class Carry(NamedTuple):
+    """The loop state; every array's leading axis is the row (caches: axis 1)."""
+
+    cache: kvc.KVCache
+    dstate: Any  # the method's own state (DFlash: its context cache)
+    tokens_BL: jax.Array  # prompt + emitted tokens per row
+    n_gen: jax.Array  # [B] emitted so far
+    done: jax.Array  # [B]
+    acc_log: jax.Array  # [B, max_new] accepted + 1 per verify step
+    steps: jax.Array  # [B] verify steps taken
+    prompt_lens: jax.Array  # [B]
+    max_new: jax.Array  # [B] token budgets
+
+
+@partial(jax.jit, static_argnames=("tgraph", "dgraph", "method", "max_new", "max_len", "eos_ids", "sampling"))
+def _spec_start(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, key, *, tgraph, dgraph, method,
+                max_new: int, max_len: int, eos_ids: tuple[int, ...], sampling: SamplingParams):
+    """Prefill of target and drafter, and the first token (sampled from the prompt's last logits)."""
     target: Transformer = nnx.merge(tgraph, tparams)
     drafter = nnx.merge(dgraph, dparams) if dgraph is not None else None
     batch, prompt_pad = tokens_BP.shape
-    k = method.block_size
     rows = jnp.arange(batch)
     cache = kvc.init_cache(target.cfg, batch, max_len, target.dtype)
     logits, hidden, cache = prefill(target, tokens_BP, prompt_lens_B, cache, method.hidden_layers)
@@ -67,19 +84,37 @@ def _spec_generate(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, key, *
     key, sub = jax.random.split(key)
     first = sample(logits, sampling, sub)
     # All committed + emitted tokens per row (prompt, then generation): the n-gram drafter reads it.
-    buf_len = max_len + k
-    tokens_BL = jnp.zeros((batch, buf_len), jnp.int32).at[:, :prompt_pad].set(tokens_BP)
+    tokens_BL = jnp.zeros((batch, max_len + method.block_size), jnp.int32).at[:, :prompt_pad].set(tokens_BP)
     tokens_BL = tokens_BL.at[rows, prompt_lens_B].set(first)
     n_gen = jnp.ones((batch,), jnp.int32)
     done = is_eos(first, eos_ids) | (n_gen >= max_new_B)
-    acc_log = jnp.zeros((batch, max_new), jnp.int32)  # accepted+1 per verify step
-    steps = jnp.zeros((batch,), jnp.int32)
+    carry = Carry(cache, dstate, tokens_BL, n_gen, done, jnp.zeros((batch, max_new), jnp.int32),
+                  jnp.zeros((batch,), jnp.int32), prompt_lens_B, max_new_B)
+    return carry, key
 
-    def cond(carry):
-        return ~jnp.all(carry[4])
 
-    def body(carry):
-        cache, dstate, tokens_BL, n_gen, done, acc_log, steps, key = carry
+@partial(jax.jit, static_argnames=("tgraph", "dgraph", "method", "max_new", "eos_ids", "mask_id", "sampling",
+                                   "rule", "keep_above"), donate_argnums=(2,))
+def _spec_loop(tparams, dparams, carry: Carry, key, *, tgraph, dgraph, method, max_new: int,
+               eos_ids: tuple[int, ...], mask_id: int, sampling: SamplingParams, rule: str, keep_above: int):
+    """Draft -> verify -> accept -> commit while more than ``keep_above`` rows are active (0: until
+    all are done; otherwise the host then drops the finished rows and calls again on fewer rows).
+
+    The carry is donated: its caches are updated in place.
+    """
+    target: Transformer = nnx.merge(tgraph, tparams)
+    drafter = nnx.merge(dgraph, dparams) if dgraph is not None else None
+    batch = carry.n_gen.shape[0]
+    buf_len = carry.tokens_BL.shape[1]
+    k = method.block_size
+    rows = jnp.arange(batch)
+    prompt_lens_B, max_new_B = carry.prompt_lens, carry.max_new
+
+    def cond(state):
+        return jnp.sum(~state[0].done) > keep_above
+
+    def body(state):
+        (cache, dstate, tokens_BL, n_gen, done, acc_log, steps, _, _), key = state
         key, k_draft, k_verify = jax.random.split(key, 3)
         lengths = cache.lengths  # committed tokens; the anchor sits at this position
         total = prompt_lens_B + n_gen  # prompt + emitted (the anchor is the last of them)
@@ -118,11 +153,21 @@ def _spec_generate(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, key, *
         # cache are dropped, so no per-row select over the drafter's pytree is needed.
         dstate = method.commit(drafter, dstate, hidden, lengths, accepted)
         n_gen = n_gen + count
-        return cache, dstate, tokens_BL, n_gen, new_done, acc_log, steps, key
+        return Carry(cache, dstate, tokens_BL, n_gen, new_done, acc_log, steps, prompt_lens_B, max_new_B), key
 
-    carry = (cache, dstate, tokens_BL, n_gen, done, acc_log, steps, key)
-    _, _, tokens_BL, n_gen, _, acc_log, steps, _ = jax.lax.while_loop(cond, body, carry)
-    return tokens_BL, n_gen, acc_log, steps
+    return jax.lax.while_loop(cond, body, (carry, key))
+
+
+def _take_rows(carry: Carry, keep: np.ndarray) -> Carry:
+    """The carry restricted to rows ``keep`` (KV caches keep rows on axis 1, the rest on axis 0)."""
+    idx = jnp.asarray(keep)
+
+    def take(x):
+        if isinstance(x, kvc.KVCache):
+            return kvc.KVCache(k=x.k[:, idx], v=x.v[:, idx], lengths=x.lengths[idx])
+        return x[idx]
+
+    return jax.tree.map(take, carry, is_leaf=lambda x: isinstance(x, kvc.KVCache))
 
 
 def _tree_step(method, drafter, target: Transformer, cache, dstate, anchor_B, lengths_B, mask_id: int):
@@ -156,11 +201,15 @@ def speculative_generate(
     sampling: SamplingParams = SamplingParams(),
     rule: str | None = None,
     key: jax.Array | None = None,
+    compact: bool = True,
 ) -> SpecResult:
     """Speculative decoding of a batch of prompts with ``method`` (and its ``drafter``).
 
     ``rule``: ``greedy`` (default at temperature 0), ``token`` (default when sampling) or
-    ``block`` verification.
+    ``block`` verification. ``compact``: once fewer than half of the rows are still active,
+    finished rows are dropped from the device batch so they stop costing work (each smaller
+    batch compiles once; compile time is reported apart, in ``compile_s``). Only batches of at
+    least ``COMPACT_MIN_ROWS`` rows are compacted: below that a recompile costs more than it saves.
     """
     rule = rule or ("greedy" if sampling.greedy else "token")
     if rule not in RULES:
@@ -177,17 +226,48 @@ def speculative_generate(
     eos = tuple(target.cfg.eos_token_id if eos_ids is None else eos_ids)
     tgraph, tparams = nnx.split(target)
     dgraph, dparams = nnx.split(drafter) if drafter is not None else (None, None)
-    args = (tparams, dparams, jnp.asarray(padded), jnp.asarray(prompt_lens, jnp.int32),
-            jnp.asarray(budgets, jnp.int32), jax.random.key(0) if key is None else key)
-    static = dict(tgraph=tgraph, dgraph=dgraph, method=method, max_new=max(budgets), max_len=max_len,
-                  eos_ids=eos, mask_id=mask_token_id, sampling=sampling, rule=rule)
+    common = dict(tgraph=tgraph, dgraph=dgraph, method=method, max_new=max(budgets))
+    start_args = (tparams, dparams, jnp.asarray(padded), jnp.asarray(prompt_lens, jnp.int32),
+                  jnp.asarray(budgets, jnp.int32), jax.random.key(0) if key is None else key)
+    start, compile_s = compiled(_spec_start, start_args, dict(common, max_len=max_len, eos_ids=eos,
+                                                               sampling=sampling))
+    loop_static = dict(common, eos_ids=eos, mask_id=mask_token_id, sampling=sampling, rule=rule)
+    # Results per original row; rows leave the device batch as they finish (when compacting).
+    tokens_out: list[list[int]] = [[] for _ in range(batch)]
+    accs: list[list[int]] = [[] for _ in range(batch)]
+    forwards = [0] * batch
+    elapsed = 0.0
     t0 = time.perf_counter()
-    compiled = _spec_generate.lower(*args, **static).compile()
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tokens_BL, n_gen, acc_log, steps = jax.block_until_ready(compiled(*args))
-    elapsed = time.perf_counter() - t0
-    tokens_BL, n_gen, acc_log, steps = map(np.asarray, (tokens_BL, n_gen, acc_log, steps))
-    tokens = [tokens_BL[i, prompt_lens[i]: prompt_lens[i] + n_gen[i]].tolist() for i in range(batch)]
-    accs = [acc_log[i, : steps[i]].tolist() for i in range(batch)]
-    return SpecResult(tokens, prompt_lens, elapsed, compile_s, accs, [int(s) + 1 for s in steps], k)
+    carry, key = jax.block_until_ready(start(*start_args))
+    elapsed += time.perf_counter() - t0
+    row_ids = np.arange(batch)  # original index of each device row
+    sizes: list[int] = []
+    while True:
+        # Run until all rows are done or, on a large batch, until at most half remain active.
+        keep_above = len(row_ids) // 2 if compact and len(row_ids) >= COMPACT_MIN_ROWS else 0
+        sizes.append(len(row_ids))
+        loop, seconds = compiled(_spec_loop, (tparams, dparams, carry, key), dict(loop_static,
+                                                                                  keep_above=keep_above))
+        compile_s += seconds
+        t0 = time.perf_counter()
+        carry, key = jax.block_until_ready(loop(tparams, dparams, carry, key))
+        done = np.asarray(carry.done)
+        elapsed += time.perf_counter() - t0
+        finished = np.flatnonzero(done)
+        if finished.size:
+            tokens_BL, n_gen, acc_log, steps = (np.asarray(x) for x in (
+                carry.tokens_BL, carry.n_gen, carry.acc_log, carry.steps))
+            for r in finished:
+                i = row_ids[r]
+                p = prompt_lens[i]
+                tokens_out[i] = tokens_BL[r, p: p + n_gen[r]].tolist()
+                accs[i] = acc_log[r, : steps[r]].tolist()
+                forwards[i] = int(steps[r]) + 1  # + the prefill pass
+        if done.all():
+            break
+        t0 = time.perf_counter()
+        keep = np.flatnonzero(~done)
+        carry, row_ids = jax.block_until_ready(_take_rows(carry, keep)), row_ids[keep]
+        elapsed += time.perf_counter() - t0
+    return SpecResult(tokens_out, prompt_lens, elapsed, compile_s, accs, forwards, k, sizes)
+
