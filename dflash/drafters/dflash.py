@@ -21,8 +21,8 @@ from flax import nnx
 
 from dflash import cache as kvc
 from dflash.config import ConfigError, ModelConfig, RopeConfig
+from dflash.kernels import dispatch
 from dflash.models.transformer import (
-    NEG_INF,
     DecoderLayer,
     Linear,
     RMSNorm,
@@ -129,6 +129,8 @@ class DFlashConfig:
 class DFlashDrafter(nnx.Module):
     """Parameters only; the context cache goes in and comes out."""
 
+    attention_impl = "auto"  # auto | pallas | reference: dflash.kernels.dispatch.set_attention_impl
+
     def __init__(self, cfg: DFlashConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         h = cfg.hidden_size
@@ -158,18 +160,9 @@ class DFlashDrafter(nnx.Module):
         q = attn.q(h, cos_q, sin_q)  # [B, A*K, N, H]
         k_blk, v_blk = attn.kv(h, cos_q, sin_q)  # [B, A*K, Kh, H]
         n, hd, kh = q.shape[2], q.shape[3], k_blk.shape[2]
-        q_BAKkgH = q.reshape(b, a, k, kh, n // kh, hd)
-        k_blk = k_blk.reshape(b, a, k, kh, hd)
-        v_blk = v_blk.reshape(b, a, k, kh, hd)
-        k_ctx, v_ctx = k_ctx_BSKH.astype(k_blk.dtype), v_ctx_BSKH.astype(v_blk.dtype)
-        scale = hd ** -0.5
-        s_ctx = jnp.einsum("BAQkgH,BSkH->BkgAQS", q_BAKkgH, k_ctx, preferred_element_type=jnp.float32)
-        s_blk = jnp.einsum("BAQkgH,BAPkH->BkgAQP", q_BAKkgH, k_blk, preferred_element_type=jnp.float32)
-        s_ctx = jnp.where(ctx_mask_BAS[:, None, None, :, None, :], s_ctx * scale, NEG_INF)
-        probs = jax.nn.softmax(jnp.concatenate([s_ctx, s_blk * scale], axis=-1), axis=-1)
-        p_ctx, p_blk = probs[..., : k_ctx.shape[1]], probs[..., k_ctx.shape[1]:]
-        out = (jnp.einsum("BkgAQS,BSkH->BAQkgH", p_ctx.astype(v_ctx.dtype), v_ctx)
-               + jnp.einsum("BkgAQP,BAPkH->BAQkgH", p_blk.astype(v_blk.dtype), v_blk))
+        out = dispatch.anchor_attention(  # [B, A, K, N, H]
+            q.reshape(b, a, k, n, hd), k_ctx_BSKH, v_ctx_BSKH, k_blk.reshape(b, a, k, kh, hd),
+            v_blk.reshape(b, a, k, kh, hd), ctx_mask_BAS, impl=self.attention_impl)
         x_BAKD = x_BAKD + attn.o_proj(out.reshape(b, a, k, n * hd))
         return x_BAKD + layer.mlp(layer.post_attention_layernorm(x_BAKD))
 

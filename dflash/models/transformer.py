@@ -16,6 +16,7 @@ from flax import nnx
 
 from dflash import cache as kvc
 from dflash.config import ModelConfig, llama3_inv_freq_scale
+from dflash.kernels import dispatch
 
 NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives no NaN
 
@@ -145,6 +146,8 @@ class DecoderLayer(nnx.Module):
 class Transformer(nnx.Module):
     """Decoder-only target LM. Holds parameters only; the cache goes in and comes out."""
 
+    attention_impl = "auto"  # auto | pallas | reference: dflash.kernels.dispatch.set_attention_impl
+
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
@@ -205,7 +208,12 @@ class Transformer(nnx.Module):
                 k_all = kvc.write_layer(k_all, i, k, slots_BT)
                 v_all = kvc.write_layer(v_all, i, v, slots_BT)
                 k, v = k_all[i], v_all[i]
-            x_BTD = x_BTD + layer.self_attn.o_proj(attend(q, k, v, mask_BTS))
+            if dispatch.use_verify_kernel(self.attention_impl, q, k):
+                lengths_B = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
+                attn_BTD = dispatch.verify_attention(q, k, v, lengths_B, block_mask).reshape(b, t, -1)
+            else:
+                attn_BTD = attend(q, k, v, mask_BTS)
+            x_BTD = x_BTD + layer.self_attn.o_proj(attn_BTD)
             x_BTD = x_BTD + layer.mlp(layer.post_attention_layernorm(x_BTD))
             if i in want:
                 hidden[want[i]] = x_BTD

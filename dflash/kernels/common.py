@@ -1,0 +1,96 @@
+"""Pieces shared by the attention kernels: the flash-attention update, platform checks.
+
+Everything here operates on *values* (already loaded from refs), so the same code runs in
+the Mosaic TPU, Triton GPU and interpret lowerings. Shape letters: R query rows of one
+program, C keys of one kv tile, H head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # == dflash.models.transformer.NEG_INF: finite masking, as the model does
+LANES = 128  # TPU lane width: m / l scratch rows are lane-replicated (the Mosaic convention)
+
+Carry = tuple[jax.Array, jax.Array, jax.Array]  # m [R,1], l [R,1], acc [R,H], all float32
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def matmul_t(a_MK: jax.Array, b_NK: jax.Array) -> jax.Array:
+    """``a @ b.T`` accumulated in float32 (the QK^T product)."""
+    return jax.lax.dot_general(a_MK, b_NK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def matmul(a_MK: jax.Array, b_KN: jax.Array) -> jax.Array:
+    """``a @ b`` accumulated in float32."""
+    return jax.lax.dot_general(a_MK, b_KN, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def init_carry(rows: int, head_dim: int) -> Carry:
+    return (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+            jnp.zeros((rows, head_dim), jnp.float32))
+
+
+def online_update(carry: Carry, q_RH: jax.Array, k_CH: jax.Array, v_CH: jax.Array,
+                  mask_RC: jax.Array | None, scale: float) -> Carry:
+    """One online-softmax step over a tile of ``C`` keys (``mask_RC=None``: all visible).
+
+    Scores are ``(q . k) * scale`` in float32, masked to ``NEG_INF`` like ``attend``. Masked
+    probabilities are forced to exactly 0, so a row that has seen nothing visible keeps
+    ``l = 0`` (and ends as a zero row instead of ``attend``'s uniform average, see docs).
+    Probabilities are cast to the value dtype before the PV product, as ``attend`` does.
+    """
+    m_prev, l_prev, acc_prev = carry
+    s_RC = matmul_t(q_RH, k_CH) * scale
+    if mask_RC is not None:
+        s_RC = jnp.where(mask_RC, s_RC, NEG_INF)
+    m_new = jnp.maximum(m_prev, jnp.max(s_RC, axis=1, keepdims=True))  # finite after one step
+    p_RC = jnp.exp(s_RC - m_new)
+    if mask_RC is not None:
+        p_RC = jnp.where(mask_RC, p_RC, 0.0)
+    alpha = jnp.exp(m_prev - m_new)  # 0 on the first step (m_prev = -inf)
+    l_new = alpha * l_prev + jnp.sum(p_RC, axis=1, keepdims=True)
+    acc_new = alpha * acc_prev + matmul(p_RC.astype(v_CH.dtype), v_CH)
+    return m_new, l_new, acc_new
+
+
+def finalize(l_R1: jax.Array, acc_RH: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``acc / l``; rows that saw no visible key (``l = 0``) become exact zeros, never NaN."""
+    return (acc_RH / jnp.where(l_R1 > 0, l_R1, 1.0)).astype(dtype)
+
+
+def zero_rows_past(x_CH: jax.Array, first_row: jax.Array, n_rows: int) -> jax.Array:
+    """Zeroes tile rows at absolute index ``>= n_rows`` (out-of-bounds part of a last tile).
+
+    Out-of-bounds tile rows hold garbage on hardware (NaN in interpret mode); a masked score
+    gives probability 0, but ``0 * NaN`` in the PV product would still poison the row.
+    """
+    rows_C1 = first_row + jax.lax.broadcasted_iota(jnp.int32, (x_CH.shape[0], 1), 0)
+    return jnp.where(rows_C1 < n_rows, x_CH, jnp.zeros_like(x_CH))
+
+
+def platform() -> str:
+    """``tpu``, ``gpu`` or ``cpu`` (the default backend, where kernels would run)."""
+    backend = jax.default_backend()
+    return backend if backend in ("tpu", "gpu") else "cpu"
+
+
+def kernel_backend(backend: str | None) -> str:
+    """Which kernel variant to build: ``tpu`` (Mosaic) or ``gpu`` (Triton).
+
+    On CPU (interpret mode only) the TPU variant is the default: it is the one that skips
+    tiles through its grid, so interpret-mode tests exercise the skipping logic.
+    """
+    if backend is None:
+        return "gpu" if platform() == "gpu" else "tpu"
+    if backend not in ("tpu", "gpu"):
+        raise ValueError(f"kernel backend must be 'tpu' or 'gpu', got {backend!r}")
+    return backend

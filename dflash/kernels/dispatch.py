@@ -1,0 +1,111 @@
+"""Attention backend dispatch: ``attention_impl`` = ``auto`` | ``pallas`` | ``reference``.
+
+The models carry ``attention_impl`` as a plain (static) attribute, default ``auto``; it is
+not architecture config (``ModelConfig`` round-trips to HF ``config.json``). Set it with
+``set_attention_impl(model, impl)``; being static, it is part of the NNX graphdef, so a
+jitted step retraces when it changes and never mixes implementations.
+
+* ``reference``: the pure-jnp path, bit-for-bit what the models computed before kernels.
+* ``pallas``: the Pallas kernels where they apply: the target's attention for blocks of
+  ``T <= 128`` new tokens (decode / verify; prefill keeps the reference), the DFlash
+  drafter's anchor-block attention always. On CPU they run in interpret mode (slow; for
+  tests). On a TPU/GPU, shapes the kernel cannot lower (see ``hardware_problem``) raise.
+* ``auto``: ``pallas`` on TPU/GPU where the shapes are supported, else ``reference``;
+  ``reference`` on CPU, so CPU defaults are unchanged.
+
+Under differentiation both kernels are the reference (custom VJP), so training is
+unaffected by the choice.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from dflash.kernels.anchor_attention import anchor_block_attention, reference_anchor_block_attention
+from dflash.kernels.common import is_pow2, platform
+from dflash.kernels.verify_attention import MAX_BLOCK_LEN
+from dflash.kernels.verify_attention import verify_attention as _verify_kernel
+
+ATTENTION_IMPLS = ("auto", "pallas", "reference")
+
+
+def check_impl(impl: str) -> str:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; choose from {ATTENTION_IMPLS}")
+    return impl
+
+
+def resolve_impl(impl: str) -> str:
+    """``pallas`` or ``reference``: what ``impl`` means on the current default backend."""
+    if check_impl(impl) == "auto":
+        return "pallas" if platform() in ("tpu", "gpu") else "reference"
+    return impl
+
+
+def hardware_problem(head_dim: int, kv_heads: int, group: int, block_rows: int | None = None) -> str | None:
+    """Why the compiled (non-interpret) kernels cannot take these shapes here, or None.
+
+    TPU (Mosaic): one kv head's slice of a ``[.., K*H]`` cache row is a lane block, so
+    ``H % 128 == 0`` (or a single kv head); the drafter kernel also merges ``G*Q`` rows into
+    sublanes (``G*Q % 8 == 0``). GPU (Triton): blocks are powers of two, so ``H`` must be a
+    power of two >= 16, and so must ``G`` for the drafter kernel (rows are padded otherwise).
+    """
+    where = platform()
+    if where == "tpu":
+        if head_dim % 128 and kv_heads > 1:
+            return f"the TPU kernels need head_dim % 128 == 0 (or one kv head), got head_dim={head_dim}"
+        if block_rows is not None and (group * block_rows) % 8:
+            return f"the TPU drafter kernel needs G*Q % 8 == 0, got G={group}, Q={block_rows}"
+    elif where == "gpu":
+        if not is_pow2(head_dim) or head_dim < 16:
+            return f"the GPU kernels need a power-of-two head_dim >= 16, got {head_dim}"
+        if block_rows is not None and not is_pow2(group):
+            return f"the GPU drafter kernel needs a power-of-two query/kv head ratio, got {group}"
+    return None
+
+
+def _wants_kernel(impl: str, problem: str | None) -> bool:
+    if resolve_impl(impl) != "pallas":
+        return False
+    if problem is not None:
+        if impl == "pallas":
+            raise ValueError(f"attention_impl='pallas' cannot run here: {problem}")
+        return False
+    return True
+
+
+def use_verify_kernel(impl: str, q_BTNH: jax.Array, k_BSKH: jax.Array) -> bool:
+    """Whether the target's attention over this block runs the verify kernel."""
+    if q_BTNH.shape[1] > MAX_BLOCK_LEN:  # prefill: the reference (see docs/kernels.md)
+        return False
+    kh = k_BSKH.shape[2]
+    return _wants_kernel(impl, hardware_problem(q_BTNH.shape[3], kh, q_BTNH.shape[2] // kh))
+
+
+def verify_attention(q_BTNH, k_BSKH, v_BSKH, lengths_B, block_mask):
+    """The verify kernel, compiled for this platform (interpret mode on CPU): ``[B,T,N,H]``."""
+    return _verify_kernel(q_BTNH, k_BSKH, v_BSKH, lengths_B, block_mask, interpret=platform() == "cpu")
+
+
+def anchor_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS, *, impl: str):
+    """The drafter's anchor-block attention under ``impl``: ``[B,A,Q,N,H]``."""
+    kh, q_rows = k_ctx_BSKH.shape[2], q_BAQNH.shape[2]
+    problem = hardware_problem(q_BAQNH.shape[4], kh, q_BAQNH.shape[3] // kh, q_rows)
+    args = (q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS)
+    if _wants_kernel(impl, problem):
+        return anchor_block_attention(*args, interpret=platform() == "cpu")
+    return reference_anchor_block_attention(*args)
+
+
+def set_attention_impl(model: nnx.Module, impl: str) -> nnx.Module:
+    """Sets ``attention_impl`` on every module in ``model`` that has one; returns ``model``."""
+    check_impl(impl)
+    found = False
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and hasattr(type(node), "attention_impl"):
+            node.attention_impl = impl
+            found = True
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no attention_impl to set")
+    return model
