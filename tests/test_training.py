@@ -120,6 +120,73 @@ def test_frozen_target_is_bit_identical_after_steps():
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before_d, after_d, strict=True))
 
 
+def _tiny_step_setup(compute=jnp.float32, num_anchors=6, *overrides: str):
+    cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+    target = build(cfg, seed=0)
+    drafter = build_drafter(DFlashConfig.for_target(cfg, mask_token_id=63, block_size=4,
+                                                    target_layer_ids=(1, 2)), seed=1)
+    exp = load_yaml(ExperimentConfig, None, ["train.steps=8", "optim.lr=0.01", "optim.warmup_ratio=0",
+                                             *overrides])
+    optimizer = nnx.Optimizer(drafter, make_optimizer(exp, 8), wrt=nnx.Param)
+    graphdef, state = nnx.split((drafter, optimizer))
+    tgraph, tstate = nnx.split(target)
+    train_step, eval_step = make_step_fns(graphdef, tgraph, dict(num_anchors=num_anchors, gamma=2.0,
+                                                                 ce_weight=1.0, kl_weight=0.0), compute)
+    return graphdef, state, tstate, train_step, eval_step
+
+
+def _batch(seed: int, rows: int = 2, length: int = 16) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    return {"tokens": jnp.asarray(rng.integers(0, 60, (rows, length)), jnp.int32),
+            "loss_mask": jnp.ones((rows, length), bool), "segment_ids": jnp.ones((rows, length), jnp.int32),
+            "positions": jnp.broadcast_to(jnp.arange(length), (rows, length))}
+
+
+def _drafter_params(graphdef, state) -> list[np.ndarray]:
+    drafter, _ = nnx.merge(graphdef, state)
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(drafter, nnx.Param))]
+
+
+def test_gradient_accumulation_equals_one_step_on_the_joined_batch():
+    # With every position an anchor the loss does not depend on the key, and equal masks make
+    # the joined batch's loss the mean of the two halves': 2 accumulated micro-steps == 1 step.
+    b1, b2 = _batch(1), _batch(2)
+    joined = {k: jnp.concatenate([b1[k], b2[k]]) for k in b1}
+    graphdef, state, tstate, step, _ = _tiny_step_setup(jnp.float32, 15, "optim.grad_accum=2")
+    start = _drafter_params(graphdef, state)
+    state, _ = step(state, tstate, b1, jax.random.key(0))
+    for a, b in zip(start, _drafter_params(graphdef, state), strict=True):
+        np.testing.assert_array_equal(a, b)  # accumulating: no update yet
+    state, _ = step(state, tstate, b2, jax.random.key(1))
+    accumulated = _drafter_params(graphdef, state)
+    graphdef1, state1, tstate1, step1, _ = _tiny_step_setup(jnp.float32, 15)
+    state1, _ = step1(state1, tstate1, joined, jax.random.key(7))
+    single = _drafter_params(graphdef1, state1)
+    assert any(not np.array_equal(a, b) for a, b in zip(start, single, strict=True))
+    # Adam's first step moves each weight by ~lr * sign(g): coordinates whose gradient is ~1e-8
+    # (near eps) turn float rounding of mean(g1, g2) vs grad(mean) into ~1e-6 differences, so
+    # compare the two updates to 0.1% of the step size (lr = 1e-2), not to float32 epsilon.
+    for a, b, s0 in zip(accumulated, single, start, strict=True):
+        np.testing.assert_allclose(a - s0, b - s0, rtol=0, atol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_trains():
+    batch = _batch(3)
+    losses = {}
+    for name, compute in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+        graphdef, state, tstate, step, eval_step = _tiny_step_setup(compute)
+        first = float(eval_step(state, tstate, batch, jax.random.key(0))["loss"])
+        for i in range(6):
+            state, _ = step(state, tstate, batch, jax.random.key(i))
+        last = float(eval_step(state, tstate, batch, jax.random.key(0))["loss"])
+        assert all(x.dtype == np.float32 for x in _drafter_params(graphdef, state))  # master weights
+        losses[name] = (first, last)
+        assert last < first
+    # bf16 forward: the same loss as fp32 to bf16 precision (8 bits of mantissa).
+    np.testing.assert_allclose(losses["bf16"][0], losses["fp32"][0], rtol=2e-2)
+
+
 @pytest.mark.parametrize("override,match", [
     ("train.stepz=3", "unknown config key 'train.stepz'"),
     ("optim.lr=fast", "optim.lr: expected a number"),
