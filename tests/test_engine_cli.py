@@ -75,3 +75,10 @@ def test_bench_writes_all_methods_from_jsonl_prompts(tmp_path, drafter_dir, caps
         ar_tokens = methods["ar"]["per_prompt"][i]["tokens"]
         assert methods["ngram"]["per_prompt"][i]["tokens"] == ar_tokens
         assert methods["drafter"]["per_prompt"][i]["tokens"] == ar_tokens
+
+
+def test_generate_with_pallas_kernels_in_interpret_mode_equals_reference(capsys):
+    args = ("--drafter", "tiny-code-dflash", "--block-size", "8")
+    ref = _gen(capsys, *args, "--attention-impl", "reference")
+    pallas = _gen(capsys, *args, "--attention-impl", "pallas")
+    assert pallas["tokens"] == ref["tokens"] and pallas["acceptance_lengths"] == ref["acceptance_lengths"]

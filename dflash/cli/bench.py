@@ -14,6 +14,7 @@ from dflash.decoding import SamplingParams
 from dflash.decoding.drafters import resolve_method
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
+from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
 from dflash.models import CheckpointError, load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
 
@@ -38,16 +39,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the drafter as a beam tree of this width per depth (greedy; method 'tree')")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
+                   help="auto: Pallas kernels on TPU/GPU, jnp reference on CPU (see docs/kernels.md)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--json", default=None, help="write the full result here")
     args = p.parse_args(argv)
     try:
         tokenizer = load_tokenizer(args.target)
         target = load_target(args.target, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+        set_attention_impl(target, args.attention_impl)
         prompts = load_prompts(args.prompts, tokenizer, field=args.field, split=args.split,
                                limit=args.num_prompts)
         drafter_method, drafter = resolve_method(args.drafter, target, block_size=args.block_size,
                                                  stochastic=args.stochastic_drafts)
+        if hasattr(type(drafter), "attention_impl"):  # DFlash (Orthrus runs inside the target)
+            set_attention_impl(drafter, args.attention_impl)
         k = drafter_method.block_size
         methods = {"ar": resolve_method("ar", target), "ngram": resolve_method("ngram", target, block_size=k),
                    "drafter": (drafter_method, drafter)}

@@ -17,6 +17,7 @@ from dflash.decoding.drafters import resolve_method
 from dflash.decoding.speculative import speculative_generate
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
+from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
 from dflash.models import CheckpointError, load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
+                   help="auto: Pallas kernels on TPU/GPU, jnp reference on CPU (see docs/kernels.md)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--drafter", default=None,
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
         tokenizer = load_tokenizer(args.target)
-        model = load_target(args.target, dtype=DTYPES[args.dtype])
+        model = set_attention_impl(load_target(args.target, dtype=DTYPES[args.dtype]), args.attention_impl)
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         if not ids:
             raise ValueError("the prompt encodes to zero tokens")
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             method, drafter = resolve_method(args.drafter, model, block_size=args.block_size,
                                              stochastic=args.stochastic_drafts)
+            if hasattr(type(drafter), "attention_impl"):  # DFlash (Orthrus runs inside the target)
+                set_attention_impl(drafter, args.attention_impl)
             if args.tree_width:
                 method = DFlashTreeDraft.around(method, args.tree_width)
             mask = drafter.cfg.mask_token_id if drafter is not None else -1
