@@ -197,12 +197,17 @@ def step_costs(target, drafter=None, *, block_size: int = 16, context: int = 256
     out = {"ar_step_s": timed(lambda p: target_loop(p, 1), tparams),
            "verify_s": timed(lambda p: target_loop(p, block_size), tparams)}
     if drafter is not None:
+        from dflash.drafters.orthrus import OrthrusDrafter
+
         dgraph, dparams = nnx.split(drafter)
 
         def draft_loop(dp, tp):
             d, model = nnx.merge(dgraph, dp), nnx.merge(tgraph, tp)
-            cache = d.init_context_cache(batch, max_len, model.dtype).with_lengths(
-                jnp.full((batch,), context, jnp.int32))
+            if isinstance(d, OrthrusDrafter):  # Orthrus drafts from the target's own cache
+                cache = kvc.init_cache(model.cfg, batch, max_len, model.dtype)
+            else:
+                cache = d.init_context_cache(batch, max_len, model.dtype)
+            cache = cache.with_lengths(jnp.full((batch,), context, jnp.int32))
 
             def body(i, acc):  # the anchor depends on i so XLA cannot hoist the pass out of the loop
                 anchor = jnp.full((batch,), i % 7, jnp.int32)
@@ -212,4 +217,30 @@ def step_costs(target, drafter=None, *, block_size: int = 16, context: int = 256
 
         out["draft_s"] = timed(draft_loop, dparams, tparams)
     out["verify_over_ar"] = out["verify_s"] / out["ar_step_s"]
+    return out
+
+
+def _nbytes(tree: Any) -> int:
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def drafter_memory(target, method, drafter=None, *, batch: int = 1, max_len: int = 512) -> dict[str, Any]:
+    """Bytes of persistent decoding state, summed over the arrays actually allocated.
+
+    ``drafter_state_bytes`` is what ``method.init`` creates for ``batch`` rows of ``max_len``
+    slots (DFlash: its context K/V cache; Orthrus and n-gram: nothing), ``drafter_params_bytes``
+    the drafter module's parameters (DFlash: its layers; Orthrus: the diffusion attentions).
+    Their sum is the memory a method adds beyond the target's parameters and KV cache.
+    """
+    from flax import nnx
+
+    from dflash import cache as kvc
+
+    state = method.init(drafter, batch, max_len, target.dtype)
+    params = _nbytes(nnx.state(drafter, nnx.Param)) if drafter is not None else 0
+    kv = kvc.init_cache(target.cfg, batch, max_len, target.dtype)
+    out = {"batch": batch, "max_len": max_len, "drafter_params_bytes": params,
+           "drafter_state_bytes": _nbytes(state),
+           "target_params_bytes": _nbytes(nnx.state(target, nnx.Param)), "target_kv_cache_bytes": _nbytes(kv)}
+    out["extra_bytes"] = out["drafter_params_bytes"] + out["drafter_state_bytes"]
     return out

@@ -6,21 +6,26 @@ its ``lax.while_loop``.
 
     init(drafter, batch, max_len, dtype)             -> state
     prefill(drafter, state, hidden, prompt_lens)     -> state   (hidden of the prompt, [n,B,P,D])
-    propose(drafter, target, state, anchor, lengths, tokens, total, key, sampling)
+    propose(drafter, target, state, anchor, lengths, tokens, total, key, sampling[, target_cache=])
         -> (drafts [B, K-1] int32, q [B, K-1, V] proposal probabilities or None if deterministic)
     commit(drafter, state, hidden, lengths, accepted) -> state  (hidden of the verified block)
+
+A method whose class sets ``reads_target_cache = True`` (Orthrus) is also given the target's
+KV cache (committed prefix at slots ``< lengths``) as ``target_cache=``; it must not change it
+(propose returns no cache). Other methods are called exactly as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from dflash.decoding.sampling import probabilities
 from dflash.drafters.dflash import DFlashDrafter
+from dflash.drafters.orthrus import OrthrusDrafter
 from dflash.models.transformer import Transformer
 
 
@@ -82,6 +87,24 @@ class NgramDraft(_Stateless):
         return jnp.where(known, drafts, -1).astype(jnp.int32), None
 
 
+def drafts_from_logits(logits_BkV: jax.Array, mask_token_id: int, stochastic: bool, key, sampling):
+    """Argmax drafts, or (``stochastic`` and sampling) drafts drawn from q, returned with q."""
+    # The mask token is never proposed: it gets no proposal mass (keeps sampling lossless).
+    logits_BkV = logits_BkV.at[..., mask_token_id].set(-jnp.inf)
+    if stochastic and not sampling.greedy:
+        q = probabilities(logits_BkV, sampling)
+        drafts = jax.random.categorical(key, jnp.log(jnp.maximum(q, 1e-38)), axis=-1)
+        return drafts.astype(jnp.int32), q
+    return jnp.argmax(logits_BkV, axis=-1).astype(jnp.int32), None
+
+
+def _check_block(block_size: int | None, trained: int) -> int:
+    k = block_size or trained
+    if not 2 <= k <= trained:
+        raise ValueError(f"block size {k} must be in 2..{trained} (the trained block size)")
+    return k
+
+
 @dataclasses.dataclass(frozen=True)
 class DFlashDraft:
     """The DFlash drafter: own context-only cache, fed by the target's verified hidden states.
@@ -97,9 +120,7 @@ class DFlashDraft:
     @classmethod
     def of(cls, drafter: DFlashDrafter, stochastic: bool = False,
            block_size: int | None = None) -> DFlashDraft:
-        k, trained = block_size or drafter.cfg.block_size, drafter.cfg.block_size
-        if not 2 <= k <= trained:
-            raise ValueError(f"block size {k} must be in 2..{trained} (the trained block size)")
+        k = _check_block(block_size, drafter.cfg.block_size)
         return cls(k, tuple(drafter.cfg.target_layer_ids), stochastic)
 
     def init(self, drafter: DFlashDrafter, batch: int, max_len: int, dtype) -> Any:
@@ -118,13 +139,7 @@ class DFlashDraft:
     def propose(self, drafter: DFlashDrafter, target: Transformer, state, anchor_B, lengths_B,
                 tokens_BL, total_B, key, sampling):
         logits = drafter.draft_logits(target, state, anchor_B, self.block_size)  # [B, K-1, V]
-        # The mask token is never proposed: it gets no proposal mass (keeps sampling lossless).
-        logits = logits.at[..., drafter.cfg.mask_token_id].set(-jnp.inf)
-        if self.stochastic and not sampling.greedy:
-            q = probabilities(logits, sampling)
-            drafts = jax.random.categorical(key, jnp.log(jnp.maximum(q, 1e-38)), axis=-1)
-            return drafts.astype(jnp.int32), q
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+        return drafts_from_logits(logits, drafter.cfg.mask_token_id, self.stochastic, key, sampling)
 
     def commit(self, drafter: DFlashDrafter, state, hidden, lengths_B, accepted_B):
         # The anchor and the accepted drafts become context; the rest of the block is dropped.
@@ -133,17 +148,59 @@ class DFlashDraft:
         return drafter.extend_context(state, feats, positions, lengths_B + accepted_B + 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class OrthrusDraft(_Stateless):
+    """Orthrus: the diffusion view drafts from the target's own KV cache; no state of its own.
+
+    Each step drafts ``[anchor, MASK x (K-1)]`` at positions ``len .. len+K-1`` through the
+    frozen target with the diffusion attentions swapped in; row j is the draft for ``len+j+1``.
+    The cache is only read (prefix slots ``< len``), so verification sees it unchanged.
+    Drafts are argmax unless ``stochastic`` (then drawn from q when sampling, as for DFlash).
+    """
+
+    block_size: int
+    stochastic: bool = False
+    reads_target_cache: ClassVar[bool] = True
+
+    @classmethod
+    def of(cls, drafter: OrthrusDrafter, stochastic: bool = False,
+           block_size: int | None = None) -> OrthrusDraft:
+        return cls(_check_block(block_size, drafter.cfg.block_size), stochastic)
+
+    def propose(self, drafter: OrthrusDrafter, target: Transformer, state, anchor_B, lengths_B,
+                tokens_BL, total_B, key, sampling, *, target_cache):
+        logits = drafter.draft_logits(target, target_cache, anchor_B, self.block_size)  # [B, K-1, V]
+        return drafts_from_logits(logits, drafter.cfg.mask_token_id, self.stochastic, key, sampling)
+
+
+def method_for(drafter: Any, *, stochastic: bool = False, block_size: int | None = None) -> Any:
+    """The engine method that runs a loaded drafter module (DFlash or Orthrus)."""
+    if isinstance(drafter, OrthrusDrafter):
+        return OrthrusDraft.of(drafter, stochastic=stochastic, block_size=block_size)
+    if isinstance(drafter, DFlashDrafter):
+        return DFlashDraft.of(drafter, stochastic=stochastic, block_size=block_size)
+    raise TypeError(f"no draft method for {type(drafter).__name__}")
+
+
 def resolve_method(spec: str | None, target: Transformer, *, block_size: int | None = None,
                    stochastic: bool = False) -> tuple[Any, Any]:
-    """``None``/``"ar"`` -> AR, ``"ngram"`` -> prompt lookup, else an exported DFlash drafter.
+    """``None``/``"ar"`` -> AR, ``"ngram"`` -> prompt lookup, else an exported drafter.
 
-    Returns ``(method, drafter_module_or_None)`` for ``speculative_generate``.
+    An exported drafter is a DFlash directory or an Orthrus one (full or delta export, e.g. the
+    shipped ``tiny-code-orthrus``), given as a directory, shipped name or hub id; an Orthrus
+    drafter is checked against ``target`` (architecture and weights). Returns
+    ``(method, drafter_module_or_None)`` for ``speculative_generate``.
     """
     if spec in (None, "", "ar", "none"):
         return NoDraft(), None
     if spec == "ngram":
         return NgramDraft(block_size=block_size or 16), None
-    from dflash.export import load_drafter
+    from dflash.export.orthrus_hf import find_orthrus, load_orthrus
 
-    drafter = load_drafter(spec, target.cfg, dtype=target.dtype)
-    return DFlashDraft.of(drafter, stochastic=stochastic, block_size=block_size), drafter
+    if find_orthrus(spec) is not None:
+        drafter = load_orthrus(spec, target, dtype=target.dtype)
+    else:
+        from dflash.export import load_drafter
+
+        drafter = load_drafter(spec, target.cfg, dtype=target.dtype)
+    return method_for(drafter, stochastic=stochastic, block_size=block_size), drafter

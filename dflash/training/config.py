@@ -26,16 +26,17 @@ class TargetSection:
 
 @dataclasses.dataclass(frozen=True)
 class DrafterSection:
-    num_layers: int = 1
-    block_size: int = 16
-    target_layer_ids: tuple[int, ...] = ()  # () = spread evenly over 1..L-3
-    num_target_features: int = 5  # how many ids when target_layer_ids is ()
+    num_layers: int = 1  # DFlash only (Orthrus adds one diffusion attention to every target layer)
+    block_size: int = 0  # 0 = the method's default: DFlash 16, Orthrus 32
+    target_layer_ids: tuple[int, ...] = ()  # DFlash only; () = spread evenly over 1..L-3
+    num_target_features: int = 5  # DFlash only: how many ids when target_layer_ids is ()
     mask_token_id: int = -1  # -1 = the tokenizer's mask token
     init_from: str = ""  # an exported drafter directory to continue from
 
     def __post_init__(self) -> None:
-        if self.block_size < 2:
-            raise ConfigError(f"drafter.block_size must be >= 2, got {self.block_size}")
+        if self.block_size != 0 and self.block_size < 2:
+            raise ConfigError(f"drafter.block_size must be >= 2 (or 0: the method's default), "
+                              f"got {self.block_size}")
         _positive("drafter", num_layers=self.num_layers, num_target_features=self.num_target_features)
 
 
@@ -63,8 +64,9 @@ class TrainSection:
     epochs: float = 6.0
     steps: int = 0  # > 0: optimizer steps, overriding epochs
     gamma: float = 0.0  # loss decay; 0 = from the block size (7 for B = 16)
-    ce_weight: float = 1.0
-    kl_weight: float = 0.0  # forward KL to the target's distribution
+    # Unset (null) = the method's default for that weight: DFlash CE 1 / KL 0, Orthrus CE 0 / KL 1.
+    ce_weight: float | None = None
+    kl_weight: float | None = None  # forward KL to the target's distribution
     labels: Literal["data", "target"] = "data"  # CE on the data tokens or on the target's argmax
     compute_dtype: Dtype = "float32"  # bf16 compute keeps fp32 master weights
     seed: int = 0
@@ -80,7 +82,7 @@ class TrainSection:
                   keep_last=self.keep_last)
         if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
             raise ConfigError("train.steps or train.epochs must be positive")
-        if self.ce_weight < 0 or self.kl_weight < 0 or self.ce_weight + self.kl_weight == 0:
+        if any(w is not None and w < 0 for w in (self.ce_weight, self.kl_weight)):
             raise ConfigError("train.ce_weight / train.kl_weight must be >= 0 and not both 0")
 
 
@@ -97,9 +99,14 @@ class EvalSection:
                   max_new_tokens=self.max_new_tokens, prompt_tokens=self.prompt_tokens)
 
 
+METHODS = ("dflash", "orthrus")
+DEFAULT_BLOCK_SIZE = {"dflash": 16, "orthrus": 32}
+DEFAULT_LOSS_WEIGHTS = {"dflash": (1.0, 0.0), "orthrus": (0.0, 1.0)}  # (ce, kl)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    method: Literal["dflash"] = "dflash"
+    method: Literal["dflash", "orthrus"] = "dflash"
     run_dir: str = "runs/dflash"
     target: TargetSection = TargetSection()
     drafter: DrafterSection = DrafterSection()
@@ -108,3 +115,24 @@ class ExperimentConfig:
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+
+    def __post_init__(self) -> None:
+        if self.method == "orthrus":
+            d = self.drafter
+            if d.num_layers != 1 or d.target_layer_ids:
+                raise ConfigError("drafter.num_layers / drafter.target_layer_ids are DFlash options; Orthrus "
+                                  "adds one diffusion attention to every target layer and reads no features")
+        if self.loss_weights == (0.0, 0.0):
+            raise ConfigError("train.ce_weight / train.kl_weight must be >= 0 and not both 0")
+
+    @property
+    def block_size(self) -> int:
+        """The drafter's block size (the method's default when ``drafter.block_size`` is 0)."""
+        return self.drafter.block_size or DEFAULT_BLOCK_SIZE[self.method]
+
+    @property
+    def loss_weights(self) -> tuple[float, float]:
+        """(ce_weight, kl_weight); an unset weight takes the method's default."""
+        ce, kl = DEFAULT_LOSS_WEIGHTS[self.method]
+        t = self.train
+        return (ce if t.ce_weight is None else t.ce_weight, kl if t.kl_weight is None else t.kl_weight)

@@ -1,5 +1,8 @@
-"""DFlash training objective: anchors, the sparse anchor-block mask, labels, decayed loss.
+"""Drafter training objective: anchors, the sparse anchor-block mask, labels, decayed loss.
 
+Shared by DFlash and Orthrus: both draft blocks at sampled anchors and produce ``K-1`` logits
+per block for the tokens at ``a+1 .. a+K-1`` (DFlash from rows 1..K-1, Orthrus from rows
+0..K-2 with the one-position shift); ``score_blocks`` turns those into loss and metrics.
 Pure functions of arrays (no state), so the train step, eval and the tests share them.
 Shape letters: B batch rows, S sequence, A anchors per row, K = block_size, V vocab.
 """
@@ -114,3 +117,32 @@ def block_accuracy(pred_BAk: jax.Array, ref_BAk: jax.Array, mask_BAk: jax.Array)
     counted = mask_BAk[..., 0]
     tau = 1.0 + (run * counted).sum() / jnp.maximum(counted.sum(), 1)
     return per_pos, tau
+
+
+def score_blocks(logits_BAkV: jax.Array, labels_BAk: jax.Array, label_mask_BAk: jax.Array,
+                 label_idx_BAk: jax.Array, target_logits_BSV: jax.Array, *, gamma: float, ce_weight: float,
+                 kl_weight: float, target_labels: bool = False) -> tuple[jax.Array, dict]:
+    """Loss and metrics of drafted blocks whose ``K-1`` rows predict the tokens at ``label_idx``.
+
+    The target's distribution for the token at position ``i`` sits at ``i - 1`` of its clean
+    (teacher-forced) pass: argmax ids are always gathered (cheap: simulated tau), full
+    distributions only when the KL term needs them. ``target_labels``: CE on the target's own
+    argmax instead of the data (self-distillation).
+    """
+    b = logits_BAkV.shape[0]
+    k = labels_BAk.shape[-1] + 1
+    prev = (label_idx_BAk - 1).reshape(b, -1)  # [B, A*(K-1)]
+    t_argmax_BS = jnp.argmax(target_logits_BSV, axis=-1)
+    t_argmax = jnp.take_along_axis(t_argmax_BS, prev, axis=1).reshape(labels_BAk.shape)
+    t_at = None
+    if kl_weight > 0:
+        t_at = jnp.take_along_axis(target_logits_BSV, prev[..., None], axis=1).reshape(logits_BAkV.shape)
+    if target_labels:
+        labels_BAk = t_argmax
+    loss, metrics = decayed_loss(logits_BAkV, labels_BAk, label_mask_BAk, loss_weights(k, gamma), t_at,
+                                 ce_weight, kl_weight)
+    pred = jnp.argmax(logits_BAkV, axis=-1)
+    per_pos, tau_labels = block_accuracy(pred, labels_BAk, label_mask_BAk)
+    _, tau_target = block_accuracy(pred, t_argmax, label_mask_BAk)
+    metrics.update(loss=loss, accuracy=per_pos, tau_sim=tau_target, tau_sim_labels=tau_labels)
+    return loss, metrics

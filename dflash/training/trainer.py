@@ -1,8 +1,11 @@
-"""DFlash drafter training against a frozen target: Optax, Orbax, TensorBoard, a data mesh.
+"""Drafter training against a frozen target: Optax, Orbax, TensorBoard, a data mesh.
 
-The train step runs the frozen target inside the jitted step (online features, no gradient
-into it, its params never donated), samples anchors, drafts every block of every row in one
-blockwise pass, and applies the decayed loss. The batch is sharded over a ``data`` mesh axis
+Two methods share the machinery (``method:`` in the config): **DFlash** (a small separate
+drafter fed with target features) and **Orthrus** (diffusion attentions inside every frozen
+target layer; only they are trained). The train step runs the frozen target inside the
+jitted step (online features / AR K/V, no gradient into it, its params never donated),
+samples anchors, drafts every block of every row in one blockwise pass, and applies the
+decayed loss (objective.score_blocks). The batch is sharded over a ``data`` mesh axis
 with parameters replicated, so the same config runs on 1 device or many with the same loss.
 
 Resume is exact: the data stream and the anchor RNG are pure functions of (seed, step), and
@@ -18,7 +21,7 @@ import shutil
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +34,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from dflash import cache as kvc
 from dflash.configio import to_dict
-from dflash.decoding.drafters import DFlashDraft, NgramDraft
+from dflash.decoding.drafters import NgramDraft, method_for
 from dflash.decoding.speculative import speculative_generate
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter, build_drafter, default_gamma
+from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
 from dflash.export import load_drafter, save_drafter
+from dflash.export.orthrus_hf import load_orthrus, save_orthrus
 from dflash.models import load_target
 from dflash.models.tokenizer import load_tokenizer
 from dflash.models.transformer import Transformer
@@ -58,8 +64,7 @@ def block_forward(drafter: DFlashDrafter, target: Transformer, batch: dict[str, 
     """Loss and metrics of one packed batch (tokens / loss_mask / segment_ids / positions [B, S])."""
     cfg = drafter.cfg
     k = cfg.block_size
-    tokens, loss_mask = batch["tokens"], batch["loss_mask"]
-    seg, pos = batch["segment_ids"], batch["positions"]
+    tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     b, s = tokens.shape
     # Frozen target over the clean sequence: causal within each packed document.
     doc_mask_BSS = jnp.tril(jnp.ones((s, s), bool))[None] & (seg[:, :, None] == seg[:, None, :])
@@ -68,34 +73,79 @@ def block_forward(drafter: DFlashDrafter, target: Transformer, batch: dict[str, 
     t_logits = jax.lax.stop_gradient(out.logits)  # [B, S, V]
     feats = jnp.transpose(hidden, (1, 2, 0, 3)).reshape(b, s, -1)
 
+    blocks = _anchor_blocks(target, batch, key, num_anchors, k, cfg.mask_token_id)
+    ctx = drafter.project_context(feats.astype(blocks.x.dtype))
+    h = drafter(blocks.x.astype(ctx.dtype), blocks.q_pos, ctx, pos, blocks.ctx_mask)  # [B, A, K, D]
+    logits = target.unembed(h[:, :, 1:].astype(target.dtype))  # [B, A, K-1, V]: row k -> token a+k
+    return _score(logits, blocks, t_logits, batch, gamma=gamma, ce_weight=ce_weight, kl_weight=kl_weight,
+                  target_labels=target_labels)
+
+
+class _Blocks(NamedTuple):
+    x: jax.Array  # [B, A, K, D] embedded [anchor, MASK x (K-1)] blocks (no gradient)
+    q_pos: jax.Array  # [B, A, K] their positions (within the anchor's document)
+    ctx_mask: jax.Array  # [B, A, S] block j sees positions < a_j of its own document
+    labels: jax.Array  # [B, A, K-1] tokens at a+1 .. a+K-1
+    label_mask: jax.Array  # [B, A, K-1]
+    label_idx: jax.Array  # [B, A, K-1] their positions in the row
+    valid: jax.Array  # [B, A]
+
+
+def _anchor_blocks(target: Transformer, batch: dict[str, jax.Array], key: jax.Array, num_anchors: int,
+                   k: int, mask_token_id: int) -> _Blocks:
+    """Samples anchors and builds their blocks, labels and prefix masks (shared by both methods)."""
+    tokens, loss_mask = batch["tokens"], batch["loss_mask"]
+    seg, pos = batch["segment_ids"], batch["positions"]
+    b = tokens.shape[0]
     anchors, valid = obj.sample_anchors(key, loss_mask, seg, num_anchors)  # [B, A]
     labels, label_mask, idx = obj.block_labels(tokens, loss_mask, seg, anchors, valid, k)
     a = anchors.shape[1]
     anchor_tok = jnp.take_along_axis(tokens, anchors, axis=1)
-    block = jnp.concatenate([anchor_tok[..., None], jnp.full((b, a, k - 1), cfg.mask_token_id)], axis=-1)
+    block = jnp.concatenate([anchor_tok[..., None], jnp.full((b, a, k - 1), mask_token_id)], axis=-1)
     x = jax.lax.stop_gradient(target.embed(block.reshape(b, a * k))).reshape(b, a, k, -1)
     q_pos = jnp.take_along_axis(pos, anchors, axis=1)[..., None] + jnp.arange(k)  # [B, A, K]
     ctx_mask = obj.anchor_context_mask(anchors, valid, seg)  # [B, A, S]
-    ctx = drafter.project_context(feats.astype(x.dtype))
-    h = drafter(x.astype(ctx.dtype), q_pos, ctx, pos, ctx_mask)  # [B, A, K, D]
-    logits = target.unembed(h[:, :, 1:].astype(target.dtype))  # [B, A, K-1, V]
-    # The target's distribution for the token at a+k sits at position a+k-1. Gather argmax ids
-    # (cheap) always, full distributions only when the KL term needs them.
-    prev = (idx - 1).reshape(b, -1)  # [B, A*(K-1)]
-    t_argmax = jnp.take_along_axis(jnp.argmax(t_logits, axis=-1), prev, axis=1).reshape(labels.shape)
-    t_at = None
-    if kl_weight > 0:
-        t_at = jnp.take_along_axis(t_logits, prev[..., None], axis=1).reshape(logits.shape)
-    weights = obj.loss_weights(k, gamma)
-    if target_labels:  # the target's own prediction at each position (self-distillation)
-        labels = t_argmax
-    loss, metrics = obj.decayed_loss(logits, labels, label_mask, weights, t_at, ce_weight, kl_weight)
-    pred = jnp.argmax(logits, axis=-1)
-    per_pos, tau_labels = obj.block_accuracy(pred, labels, label_mask)
-    _, tau_target = obj.block_accuracy(pred, t_argmax, label_mask)
-    metrics.update(loss=loss, accuracy=per_pos, tau_sim=tau_target, tau_sim_labels=tau_labels,
-                   tokens=(loss_mask & (seg > 0)).sum(), blocks=valid.sum())
+    return _Blocks(x, q_pos, ctx_mask, labels, label_mask, idx, valid)
+
+
+def _score(logits: jax.Array, blocks: _Blocks, t_logits: jax.Array, batch: dict[str, jax.Array],
+           **loss_kw: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    loss, metrics = obj.score_blocks(logits, blocks.labels, blocks.label_mask, blocks.label_idx, t_logits,
+                                     **loss_kw)
+    metrics.update(tokens=(batch["loss_mask"] & (batch["segment_ids"] > 0)).sum(), blocks=blocks.valid.sum())
     return loss, metrics
+
+
+def orthrus_forward(drafter: OrthrusDrafter, target: Transformer, batch: dict[str, jax.Array],
+                    key: jax.Array, *, num_anchors: int, gamma: float, ce_weight: float, kl_weight: float,
+                    target_labels: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Orthrus loss of one packed batch (DESIGN.md §6).
+
+    One frozen AR pass over the clean sequence (into an empty S-slot cache, which hands back
+    every layer's AR K/V), then one diffusion pass over all anchor blocks of every row: block j
+    reads the AR K/V at positions < a_j of its document plus its own diffusion K/V. Row r of
+    block j predicts the token at a_j + r + 1; its KL target is the AR distribution at
+    a_j + r (the clean pass's logits there).
+    """
+    k = drafter.cfg.block_size
+    tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
+    b, s = tokens.shape
+    doc_mask_BSS = jnp.tril(jnp.ones((s, s), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+    out = target(tokens, pos, kvc.init_cache(target.cfg, b, s, target.dtype), block_mask=doc_mask_BSS)
+    k_ar, v_ar = jax.lax.stop_gradient(out.cache.k), jax.lax.stop_gradient(out.cache.v)  # [L, B, S, K, H]
+    t_logits = jax.lax.stop_gradient(out.logits)  # [B, S, V]
+    blocks = _anchor_blocks(target, batch, key, num_anchors, k, drafter.cfg.mask_token_id)
+    h = drafter(target, blocks.x, blocks.q_pos, k_ar, v_ar, blocks.ctx_mask)  # [B, A, K, D]
+    logits = target.logits(h[:, :, : k - 1])  # [B, A, K-1, V]: row r -> token a+r+1
+    return _score(logits, blocks, t_logits, batch, gamma=gamma, ce_weight=ce_weight, kl_weight=kl_weight,
+                  target_labels=target_labels)
+
+
+def drafter_forward(drafter: nnx.Module, target: Transformer, batch: dict[str, jax.Array], key: jax.Array,
+                    **step_kw: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The method's loss: by the drafter's type (static under jit)."""
+    forward = orthrus_forward if isinstance(drafter, OrthrusDrafter) else block_forward
+    return forward(drafter, target, batch, key, **step_kw)
 
 
 def _cast(module: nnx.Module, dtype: jnp.dtype) -> nnx.Module:
@@ -119,7 +169,7 @@ def make_step_fns(graphdef: Any, tgraph: Any, step_kw: dict[str, Any], compute: 
         def loss_fn(drafter):
             d = _cast(drafter, compute) if compute != jnp.float32 else drafter
             t = _cast(target, compute) if compute != target.dtype else target
-            return block_forward(d, t, batch, key, **step_kw)
+            return drafter_forward(d, t, batch, key, **step_kw)
 
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(drafter)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -129,7 +179,7 @@ def make_step_fns(graphdef: Any, tgraph: Any, step_kw: dict[str, Any], compute: 
     @jax.jit
     def eval_step(state, tstate, batch, key):
         drafter, _ = nnx.merge(graphdef, state)
-        return block_forward(drafter, nnx.merge(tgraph, tstate), batch, key, **step_kw)[1]
+        return drafter_forward(drafter, nnx.merge(tgraph, tstate), batch, key, **step_kw)[1]
 
     return train_step, eval_step
 
@@ -196,16 +246,35 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run
     return RunData(train_rows, held_rows, prompts)
 
 
-def build_drafter_config(cfg: ExperimentConfig, target: Transformer, tokenizer: Any) -> DFlashConfig:
+def build_drafter_config(cfg: ExperimentConfig, target: Transformer,
+                         tokenizer: Any) -> DFlashConfig | OrthrusConfig:
     mask = cfg.drafter.mask_token_id
     if mask < 0:
         mask = tokenizer.mask_token_id
         if mask is None:
             raise TrainingError("the tokenizer has no mask token: set drafter.mask_token_id")
+    if cfg.method == "orthrus":
+        return OrthrusConfig.for_target(target.cfg, mask_token_id=mask, block_size=cfg.block_size)
     return DFlashConfig.for_target(
-        target.cfg, mask_token_id=mask, num_layers=cfg.drafter.num_layers, block_size=cfg.drafter.block_size,
+        target.cfg, mask_token_id=mask, num_layers=cfg.drafter.num_layers, block_size=cfg.block_size,
         target_layer_ids=cfg.drafter.target_layer_ids or None,
         num_target_features=cfg.drafter.num_target_features)
+
+
+def build_method_drafter(cfg: ExperimentConfig, dcfg: DFlashConfig | OrthrusConfig,
+                         target: Transformer) -> DFlashDrafter | OrthrusDrafter:
+    """The drafter a run starts from: ``drafter.init_from``, else a fresh one (Orthrus: warm start).
+
+    An Orthrus drafter starts as copies of the target's AR attentions; it holds only those
+    (the target itself is never copied).
+    """
+    if cfg.method == "orthrus":
+        if cfg.drafter.init_from:
+            return load_orthrus(cfg.drafter.init_from, target, dtype=jnp.float32)
+        return OrthrusDrafter.from_target(target, dcfg)
+    if cfg.drafter.init_from:
+        return load_drafter(cfg.drafter.init_from, target.cfg)
+    return build_drafter(dcfg, seed=cfg.train.seed)
 
 
 def lr_schedule(cfg: ExperimentConfig, total_steps: int) -> optax.Schedule:
@@ -263,7 +332,7 @@ class Checkpoints:
 def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress: bool = True,
                  final_eval: bool = True, export: bool = True,
                  stop_after: int | None = None) -> dict[str, Any]:
-    """Trains a DFlash drafter per ``cfg``; returns the final metrics (also in ``metrics.json``).
+    """Trains a drafter (DFlash or Orthrus) per ``cfg``; returns the final metrics (also in ``metrics.json``).
 
     ``resume=None`` resumes when the run directory already holds checkpoints. ``stop_after``
     ends the process-level run after that step's checkpoint, exactly as a kill right after it
@@ -285,8 +354,7 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     tokenizer = load_tokenizer(cfg.target.name)
     target = load_target(cfg.target.name, dtype=DTYPES[cfg.target.dtype])
     dcfg = build_drafter_config(cfg, target, tokenizer)
-    drafter = (load_drafter(cfg.drafter.init_from, target.cfg) if cfg.drafter.init_from
-               else build_drafter(dcfg, seed=cfg.train.seed))
+    drafter = build_method_drafter(cfg, dcfg, target)
     if cfg.drafter.init_from:
         dcfg = drafter.cfg
     data = prepare_data(cfg, tokenizer, target, run_dir, progress)
@@ -310,9 +378,9 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     state = jax.device_put(state, replicated)
     tgraph, tstate = nnx.split(target)
     tstate = jax.device_put(tstate, replicated)
+    ce_weight, kl_weight = cfg.loss_weights
     step_kw = dict(num_anchors=min(cfg.train.num_anchors, cfg.data.seq_len - 1), gamma=gamma,
-                   ce_weight=cfg.train.ce_weight, kl_weight=cfg.train.kl_weight,
-                   target_labels=cfg.train.labels == "target")
+                   ce_weight=ce_weight, kl_weight=kl_weight, target_labels=cfg.train.labels == "target")
 
     train_step, eval_step = make_step_fns(graphdef, tgraph, step_kw, compute)
 
@@ -344,8 +412,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
 
     writer = SummaryWriter(str(run_dir / "tb"))
     base_key = jax.random.key(cfg.train.seed)
-    bar = tqdm(range(start, total), initial=start, total=total, desc="train dflash", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"train {cfg.method}",
+               disable=not progress, dynamic_ncols=True)
     last_log, tau_now = time.perf_counter(), float("nan")
     tokens_since = 0
     metrics: dict[str, Any] = {}
@@ -390,13 +458,17 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     writer.flush()
     bar.close()
     drafter, _ = nnx.merge(graphdef, state)
-    result: dict[str, Any] = {"steps": total, "final_eval": history[-1] if history else None,
+    result: dict[str, Any] = {"method": cfg.method, "block_size": dcfg.block_size, "steps": total,
+                              "final_eval": history[-1] if history else None,
                               "best_step": best_step, "best_tau_sim": best_tau}
     if export:
         out = run_dir / "export"
         if out.exists():
             shutil.rmtree(out)
-        save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target.cfg)
+        if isinstance(drafter, OrthrusDrafter):  # delta export: the diffusion tensors + a target reference
+            save_orthrus(drafter, target, out, form="delta", target_name=cfg.target.name)
+        else:
+            save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target.cfg)
         result["export_dir"] = str(out)
     if final_eval:
         result.update(measure_tau(target, drafter, data.prompts, cfg.eval.max_new_tokens, tokenizer))
@@ -409,12 +481,12 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     return result
 
 
-def measure_tau(target: Transformer, drafter: DFlashDrafter, prompts: list[list[int]], max_new_tokens: int,
-                tokenizer: Any) -> dict[str, Any]:
+def measure_tau(target: Transformer, drafter: DFlashDrafter | OrthrusDrafter, prompts: list[list[int]],
+                max_new_tokens: int, tokenizer: Any) -> dict[str, Any]:
     """Real greedy speculative decoding on held-out prompts: the drafter's tau next to n-gram's."""
     eos = tuple(target.cfg.eos_token_id)
     mask = drafter.cfg.mask_token_id
-    dres = speculative_generate(target, prompts, method=DFlashDraft.of(drafter), drafter=drafter,
+    dres = speculative_generate(target, prompts, method=method_for(drafter), drafter=drafter,
                                 max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=mask)
     nres = speculative_generate(target, prompts, method=NgramDraft(block_size=drafter.cfg.block_size),
                                 max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=mask)

@@ -1,0 +1,213 @@
+"""Orthrus dual-view drafting (exact semantics: DESIGN.md §6).
+
+Every target layer gets a second, full-rank attention (``q/k/v/o_proj_diff`` and
+``q_norm_diff`` / ``k_norm_diff``), warm-started as copies of the AR attention; only these are
+trained. The diffusion view of a block ``[anchor, MASK x (B-1)]`` runs the target's own frozen
+residual stream (embedding, ``input_layernorm``, ``post_attention_layernorm``, MLP, final norm,
+LM head) but in every layer swaps the AR attention for the diffusion one: queries from
+``q_proj_diff`` attend to the **AR K/V of the prefix** (made by the frozen AR projections: the
+target's KV cache at inference, the clean AR pass in training) plus the block's own diffusion
+K/V, bidirectionally. Output row ``j`` predicts the token at ``a + j + 1`` (the usual shift):
+``B - 1`` drafts, the last row is discarded.
+
+This module holds only the ``*_diff`` parameters (no copy of the target); the frozen target is
+passed in. Nothing is written to the target's cache: the prefix is read, the block's K/V live
+for one pass only, so the cache that comes back from a draft is the one that went in.
+
+Shape letters: B batch, A blocks per row, Q block rows, S prefix (cache) slots, D width,
+N query heads, K kv heads, G = N / K, H head dim, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dflash import cache as kvc
+from dflash.config import ConfigError, ModelConfig
+from dflash.models.transformer import NEG_INF, Linear, RMSNorm, Transformer, apply_rope, rope_cos_sin
+
+DEFAULT_BLOCK_SIZE = 32
+_ARCH_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
+                "qk_norm", "qkv_bias", "o_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class OrthrusConfig:
+    """The diffusion attention's shapes (all copied from the target) plus block and mask token."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    mask_token_id: int
+    block_size: int = DEFAULT_BLOCK_SIZE
+    rms_norm_eps: float = 1e-6
+    qk_norm: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    model_type: str = "qwen3"  # the target's family (recorded on export)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2:
+            raise ConfigError(f"drafter.block_size must be >= 2, got {self.block_size}")
+        if self.num_layers < 1:
+            raise ConfigError(f"orthrus num_layers must be >= 1, got {self.num_layers}")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ConfigError(
+                f"drafter.mask_token_id={self.mask_token_id} is outside the vocabulary "
+                f"(0..{self.vocab_size - 1})")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError("orthrus num_heads must be a multiple of num_kv_heads")
+
+    @classmethod
+    def for_target(cls, target: ModelConfig, *, mask_token_id: int,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> OrthrusConfig:
+        """One diffusion attention per target layer, shaped exactly like the target's own."""
+        return cls(num_layers=target.num_layers, hidden_size=target.hidden_size, num_heads=target.num_heads,
+                   num_kv_heads=target.num_kv_heads, head_dim=target.head_dim, vocab_size=target.vocab_size,
+                   mask_token_id=mask_token_id, block_size=block_size, rms_norm_eps=target.rms_norm_eps,
+                   qk_norm=target.qk_norm, qkv_bias=target.qkv_bias, o_bias=target.o_bias,
+                   model_type=target.model_type)
+
+    def check_target(self, target: ModelConfig) -> None:
+        """The diffusion attentions only fit a target of exactly this depth / width / heads."""
+        for name in _ARCH_FIELDS:
+            ours, theirs = getattr(self, name), getattr(target, name)
+            if ours != theirs:
+                raise ConfigError(f"Orthrus drafter was built for a target with {name}={ours}, "
+                                  f"but this target has {name}={theirs}")
+
+
+class DiffAttention(nnx.Module):
+    """The diffusion view's attention of one layer; projections as in ``Attention.q`` / ``.kv``."""
+
+    def __init__(self, cfg: OrthrusConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj_diff = Linear(d, q, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj_diff = Linear(d, kv, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj_diff = Linear(d, kv, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj_diff = Linear(q, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.q_norm_diff = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm_diff = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def q(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        b, t, _ = x_BTD.shape
+        q = self.q_proj_diff(x_BTD).reshape(b, t, self.num_heads, self.head_dim)
+        if self.q_norm_diff is not None:
+            q = self.q_norm_diff(q)
+        return apply_rope(q, cos, sin)
+
+    def kv(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        b, t, _ = x_BTD.shape
+        k = self.k_proj_diff(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj_diff(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.k_norm_diff is not None:
+            k = self.k_norm_diff(k)
+        return apply_rope(k, cos, sin), v
+
+
+def prefix_block_attend(q_BAQNH: jax.Array, k_ctx_BSKH: jax.Array, v_ctx_BSKH: jax.Array,
+                        ctx_mask_BAS: jax.Array, k_blk_BAQKH: jax.Array, v_blk_BAQKH: jax.Array) -> jax.Array:
+    """``A`` blocks per row over one shared prefix: ``[B, A, Q, N*H]``.
+
+    Block ``j``'s queries see the prefix keys ``ctx_mask_BAS[:, j]`` allows and every key of
+    their own block (bidirectional); blocks never see each other. One float32 softmax over
+    [prefix ; block], computed blockwise (O(A*Q*(S+Q)), never the dense O(A*Q*(S+A*Q)) mask)
+    and without concatenating or writing K/V, so the prefix (a KV cache) is only read.
+    """
+    b, a, q, n, h = q_BAQNH.shape
+    kh = k_ctx_BSKH.shape[2]
+    q_BAQKGH = q_BAQNH.reshape(b, a, q, kh, n // kh, h)
+    k_ctx, v_ctx = k_ctx_BSKH.astype(k_blk_BAQKH.dtype), v_ctx_BSKH.astype(v_blk_BAQKH.dtype)
+    scale = h ** -0.5
+    s_ctx = jnp.einsum("BAQKGH,BSKH->BKGAQS", q_BAQKGH, k_ctx, preferred_element_type=jnp.float32) * scale
+    s_blk = jnp.einsum("BAQKGH,BAPKH->BKGAQP", q_BAQKGH, k_blk_BAQKH,
+                       preferred_element_type=jnp.float32) * scale
+    s_ctx = jnp.where(ctx_mask_BAS[:, None, None, :, None, :], s_ctx, NEG_INF)
+    probs = jax.nn.softmax(jnp.concatenate([s_ctx, s_blk], axis=-1), axis=-1)
+    p_ctx, p_blk = probs[..., : k_ctx.shape[1]], probs[..., k_ctx.shape[1]:]
+    out_BAQKGH = (jnp.einsum("BKGAQS,BSKH->BAQKGH", p_ctx.astype(v_ctx.dtype), v_ctx)
+                  + jnp.einsum("BKGAQP,BAPKH->BAQKGH", p_blk.astype(v_blk_BAQKH.dtype), v_blk_BAQKH))
+    return out_BAQKGH.reshape(b, a, q, n * h)
+
+
+class OrthrusDrafter(nnx.Module):
+    """The per-layer diffusion attentions only; the frozen target is an argument."""
+
+    def __init__(self, cfg: OrthrusConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.layers = nnx.List([DiffAttention(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+
+    def __call__(self, target: Transformer, x_BAQD: jax.Array, pos_BAQ: jax.Array, k_ctx_LBSKH: jax.Array,
+                 v_ctx_LBSKH: jax.Array, ctx_mask_BAS: jax.Array) -> jax.Array:
+        """Residual stream ``[B, A, Q, D]`` (before the final norm) of ``A`` blocks per row.
+
+        ``x_BAQD``: embedded blocks; ``pos_BAQ``: their absolute positions; ``k/v_ctx_LBSKH``:
+        the AR keys/values of every target layer over the prefix (a KV cache, or the clean AR
+        pass in training); ``ctx_mask_BAS``: which prefix slots block ``j`` sees.
+        """
+        b, a, q, d = x_BAQD.shape
+        cos, sin = rope_cos_sin(target.cfg, pos_BAQ.reshape(b, a * q))
+        for i, (layer, diff) in enumerate(zip(target.layers, self.layers, strict=True)):
+            h_BTD = layer.input_layernorm(x_BAQD).reshape(b, a * q, d)
+            q_BTNH = diff.q(h_BTD, cos, sin)
+            k_BTKH, v_BTKH = diff.kv(h_BTD, cos, sin)
+            blk = lambda t: t.reshape(b, a, q, *t.shape[2:])  # noqa: E731  [B, A*Q, ...] -> [B, A, Q, ...]
+            attn_BAQ_NH = prefix_block_attend(blk(q_BTNH), k_ctx_LBSKH[i], v_ctx_LBSKH[i], ctx_mask_BAS,
+                                              blk(k_BTKH), blk(v_BTKH))
+            x_BAQD = x_BAQD + diff.o_proj_diff(attn_BAQ_NH)
+            x_BAQD = x_BAQD + layer.mlp(layer.post_attention_layernorm(x_BAQD))
+        return x_BAQD
+
+    def draft_logits(self, target: Transformer, cache: kvc.KVCache, anchor_B: jax.Array,
+                     block_size: int | None = None) -> jax.Array:
+        """Logits ``[B, K-1, V]`` for positions ``p+1 .. p+K-1``, ``p = cache.lengths`` (the anchor's).
+
+        Reads the committed prefix of the target's cache (slots ``< lengths``); writes nothing.
+        """
+        b, k = anchor_B.shape[0], block_size or self.cfg.block_size
+        tokens = jnp.concatenate(
+            [anchor_B[:, None], jnp.full((b, k - 1), self.cfg.mask_token_id, jnp.int32)], axis=1)
+        x = target.embed(tokens)[:, None]  # [B, 1, K, D]
+        positions = (cache.lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None])[:, None]  # [B, 1, K]
+        ctx_mask = (jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None])[:, None]  # [B, 1, S]
+        h = self(target, x, positions, cache.k, cache.v, ctx_mask)
+        return target.logits(h[:, 0, : k - 1])  # row j predicts the token at p + j + 1
+
+    @classmethod
+    def from_target(cls, target: Transformer, cfg: OrthrusConfig) -> OrthrusDrafter:
+        """Warm start: every ``*_diff`` parameter is a copy of the target's AR counterpart.
+
+        Real copies (new buffers), so donating the drafter's state in a train step can never
+        invalidate the frozen target's arrays.
+        """
+        cfg.check_target(target.cfg)
+        dtype = target.embed_tokens[...].dtype
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+        source = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(target, nnx.Param))}
+        filled = {}
+        for path, var in nnx.to_flat_state(state):
+            key = ".".join(map(str, path))
+            src = source[ar_counterpart(key)]
+            filled[path] = var.replace(jnp.array(src[...], dtype=dtype, copy=True))
+        return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def ar_counterpart(diff_path: str) -> str:
+    """``layers.3.q_proj_diff.kernel`` -> ``layers.3.self_attn.q_proj.kernel`` (the AR weight it copies)."""
+    layers, i, name, *leaf = diff_path.split(".")
+    if layers != "layers" or not name.endswith("_diff"):
+        raise ValueError(f"not an Orthrus parameter path: {diff_path!r}")
+    return ".".join([layers, i, "self_attn", name[: -len("_diff")], *leaf])
+
+
+def build_orthrus(cfg: OrthrusConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0) -> OrthrusDrafter:
+    """Randomly initialised diffusion attentions (tests; real drafters start ``from_target``)."""
+    return OrthrusDrafter(cfg, dtype=dtype, rngs=nnx.Rngs(seed))

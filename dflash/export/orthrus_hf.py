@@ -1,0 +1,244 @@
+"""Orthrus drafters in a Hugging Face layout: a full model or a delta against its target.
+
+Both forms have a ``config.json`` = the target's own HF config plus ``block_size``,
+``mask_token_id`` and an ``orthrus_config`` section (form, target reference). Tensor names are
+the target's (``model.layers.{i}.self_attn.q_proj.weight`` ...) plus, per layer,
+``model.layers.{i}.self_attn.{q,k,v,o}_proj_diff.weight`` (and ``.bias`` where the target's
+projections have one) and ``model.layers.{i}.self_attn.{q,k}_norm_diff.weight``.
+
+- **full** (``architectures: ["OrthrusForCausalLM"]``): target tensors and diffusion tensors as
+  an indexed two-shard checkpoint (``model.safetensors.index.json``), self-contained: the
+  target loads from the same directory.
+- **delta** (``architectures: ["OrthrusDeltaModel"]``): only the diffusion tensors in
+  ``model.safetensors`` plus a reference to the target (name or path, an architecture
+  fingerprint and a weights fingerprint). Small: what ships as ``tiny-code-orthrus``.
+
+Loading checks a given target against the recorded fingerprints and refuses a wrong one with
+an error that names both; the diffusion view reuses the target's frozen MLPs and norms, so a
+drafter only makes sense on the exact weights it was trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dflash.config import ConfigError, ModelConfig
+from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
+from dflash.export.dflash_hf import target_fingerprint
+from dflash.models.loading import (
+    ASSETS,
+    WEIGHT_TABLE,
+    CheckpointError,
+    load_params_into,
+    resolve,
+    save_params,
+)
+from dflash.models.transformer import Transformer, abstract
+
+FULL_ARCH = "OrthrusForCausalLM"
+DELTA_ARCH = "OrthrusDeltaModel"
+ARCHITECTURES = (FULL_ARCH, DELTA_ARCH)
+SHIPPED_ORTHRUS = {"tiny-code-orthrus": ASSETS / "tiny-code-orthrus"}
+
+# (HF key template, our state path template, transpose?) of the diffusion attentions; rows whose
+# parameter the drafter lacks (biases, q/k norms of non-Qwen3 targets) are skipped.
+DIFF_TABLE: tuple[tuple[str, str, bool], ...] = (
+    *((f"model.layers.{{i}}.self_attn.{p}_proj_diff.weight", f"layers.{{i}}.{p}_proj_diff.kernel", True)
+      for p in "qkvo"),
+    *((f"model.layers.{{i}}.self_attn.{p}_proj_diff.bias", f"layers.{{i}}.{p}_proj_diff.bias", False)
+      for p in "qkvo"),
+    ("model.layers.{i}.self_attn.q_norm_diff.weight", "layers.{i}.q_norm_diff.weight", False),
+    ("model.layers.{i}.self_attn.k_norm_diff.weight", "layers.{i}.k_norm_diff.weight", False),
+)
+_SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")  # target, diffusion
+
+
+def target_weights_fingerprint(target: Transformer, samples: int = 256) -> str:
+    """Short hash of a strided sample of every target tensor (cheap even for 8B targets).
+
+    Values are rounded to bfloat16 first, so a bf16 checkpoint loaded in fp32 or bf16 gives
+    the same fingerprint; a different checkpoint of the same architecture does not.
+    """
+    digest = hashlib.sha256()
+    for path, var in sorted(nnx.to_flat_state(nnx.state(target, nnx.Param)), key=lambda pv: str(pv[0])):
+        flat = jnp.ravel(var[...])
+        sample = flat[:: max(1, flat.shape[0] // samples)][:samples]
+        values = np.asarray(jax.device_get(sample.astype(jnp.bfloat16).astype(jnp.float32)))
+        digest.update(".".join(map(str, path)).encode())
+        digest.update(str(tuple(var.shape)).encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def orthrus_hf_config(cfg: OrthrusConfig, target: Transformer, form: Literal["full", "delta"],
+                      target_name: str = "", dtype: str = "float32") -> dict[str, Any]:
+    out = target.cfg.to_hf()
+    out.update({
+        "architectures": [FULL_ARCH if form == "full" else DELTA_ARCH],
+        "block_size": cfg.block_size,
+        "mask_token_id": cfg.mask_token_id,
+        "torch_dtype": dtype,
+        "orthrus_config": {
+            "form": form, "block_size": cfg.block_size, "mask_token_id": cfg.mask_token_id,
+            "target_architectures": target.cfg.to_hf()["architectures"],
+            "target": {"name_or_path": str(target_name), "fingerprint": target_fingerprint(target.cfg),
+                       "weights_fingerprint": target_weights_fingerprint(target)},
+        },
+    })
+    return out
+
+
+def save_orthrus(drafter: OrthrusDrafter, target: Transformer, directory: str | os.PathLike, *,
+                 form: Literal["full", "delta"] = "delta", target_name: str = "", dtype: Any = None) -> Path:
+    """Writes the drafter (``delta``: diffusion tensors only; ``full``: target + diffusion)."""
+    if form not in ("full", "delta"):
+        raise ValueError(f"form must be 'full' or 'delta', got {form!r}")
+    drafter.cfg.check_target(target.cfg)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    n = drafter.cfg.num_layers
+    if form == "delta":
+        save_params(drafter, DIFF_TABLE, n, out / "model.safetensors", dtype)
+    else:
+        from safetensors import safe_open
+
+        save_params(target, WEIGHT_TABLE, n, out / _SHARDS[0], dtype)
+        save_params(drafter, DIFF_TABLE, n, out / _SHARDS[1], dtype)
+        weight_map = {}
+        for shard in _SHARDS:
+            with safe_open(out / shard, framework="numpy") as f:
+                weight_map.update({k: shard for k in f.keys()})
+        with open(out / "model.safetensors.index.json", "w") as f:
+            json.dump({"metadata": {"format": "pt"}, "weight_map": weight_map}, f, indent=2)
+    name = jnp.dtype(dtype).name if dtype is not None else jnp.dtype(
+        drafter.layers[0].q_proj_diff.kernel[...].dtype).name
+    with open(out / "config.json", "w") as f:
+        json.dump(orthrus_hf_config(drafter.cfg, target, form, target_name, name), f, indent=2)
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+def _read_config(directory: Path) -> dict[str, Any]:
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"missing file: {cfg_path}")
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
+def _is_orthrus_config(hf: dict[str, Any]) -> bool:
+    return any(a in ARCHITECTURES for a in hf.get("architectures") or [])
+
+
+def find_orthrus(name_or_path: str | os.PathLike) -> Path | None:
+    """The directory of an Orthrus export (shipped name, directory or cached hub id), else None."""
+    name = str(name_or_path)
+    if name in SHIPPED_ORTHRUS:
+        if not (SHIPPED_ORTHRUS[name] / "config.json").exists():
+            raise CheckpointError(f"shipped Orthrus drafter {name!r} is missing at {SHIPPED_ORTHRUS[name]}")
+        return SHIPPED_ORTHRUS[name]
+    try:
+        directory = resolve(name_or_path)
+        hf = _read_config(directory)
+    except (CheckpointError, OSError, json.JSONDecodeError):
+        return None  # not ours: the caller's next loader reports the real problem
+    return directory if _is_orthrus_config(hf) else None
+
+
+def _target_config(hf: dict[str, Any]) -> ModelConfig:
+    base = dict(hf)
+    base["architectures"] = (hf.get("orthrus_config") or {}).get("target_architectures")
+    try:
+        return ModelConfig.from_hf(base)
+    except ConfigError as err:
+        raise CheckpointError(f"Orthrus config.json does not describe a supported target: {err}") from err
+
+
+def read_orthrus_config(directory: Path) -> tuple[OrthrusConfig, ModelConfig, dict[str, Any]]:
+    """(drafter config, the target's architecture, the raw config.json) of an Orthrus export."""
+    hf = _read_config(directory)
+    if not _is_orthrus_config(hf):
+        raise CheckpointError(f"not an Orthrus drafter: {directory}/config.json architectures="
+                              f"{hf.get('architectures')!r} (expected one of {list(ARCHITECTURES)})")
+    ocfg = hf.get("orthrus_config") or {}
+    for key in ("form", "block_size", "mask_token_id"):
+        if key not in ocfg:
+            raise CheckpointError(f"Orthrus config.json lacks orthrus_config.{key}")
+    tcfg = _target_config(hf)
+    try:
+        cfg = OrthrusConfig.for_target(tcfg, mask_token_id=int(ocfg["mask_token_id"]),
+                                       block_size=int(ocfg["block_size"]))
+    except ConfigError as err:
+        raise CheckpointError(f"Orthrus config.json in {directory} is invalid: {err}") from err
+    return cfg, tcfg, hf
+
+
+def _check_target(directory: Path, hf: dict[str, Any], cfg: OrthrusConfig, target_cfg: ModelConfig,
+                  target: Transformer | None) -> None:
+    ref = (hf.get("orthrus_config") or {}).get("target") or {}
+    name = ref.get("name_or_path") or "?"
+    try:
+        cfg.check_target(target_cfg)
+    except ConfigError as err:
+        raise CheckpointError(f"Orthrus drafter {directory} (made for target {name!r}) does not fit this "
+                              f"target: {err}") from err
+    if ref.get("fingerprint") and ref["fingerprint"] != target_fingerprint(target_cfg):
+        raise CheckpointError(
+            f"Orthrus drafter {directory} was made for target {name!r} with architecture fingerprint "
+            f"{ref['fingerprint']}, but this target's is {target_fingerprint(target_cfg)} (its config.json "
+            "differs: rope, vocabulary or norms); load it with the target it was trained on")
+    if target is not None and ref.get("weights_fingerprint"):
+        got = target_weights_fingerprint(target)
+        if got != ref["weights_fingerprint"]:
+            raise CheckpointError(
+                f"Orthrus drafter {directory} was made for target {name!r} with weights fingerprint "
+                f"{ref['weights_fingerprint']}, but this target's weights give {got}: same architecture, "
+                "different checkpoint. The diffusion view runs the target's own frozen layers, so it only "
+                "works with the exact target it was trained on")
+
+
+def load_orthrus(name_or_path: str | os.PathLike, target: Transformer | None = None, *,
+                 target_cfg: ModelConfig | None = None, dtype: jnp.dtype = jnp.float32) -> OrthrusDrafter:
+    """Loads the diffusion attentions of a full or delta export.
+
+    With ``target`` (a loaded model) the recorded architecture *and* weights fingerprints are
+    checked; with only ``target_cfg``, the architecture.
+    """
+    directory = find_orthrus(name_or_path)
+    if directory is None:
+        raise CheckpointError(f"{str(name_or_path)!r} is not an Orthrus drafter (a directory whose "
+                              f"config.json names {list(ARCHITECTURES)}, or a shipped name: "
+                              f"{', '.join(SHIPPED_ORTHRUS)})")
+    cfg, recorded_cfg, hf = read_orthrus_config(directory)
+    if target is not None or target_cfg is not None:
+        _check_target(directory, hf, cfg, target.cfg if target is not None else target_cfg, target)
+    shapes = nnx.eval_shape(lambda: OrthrusDrafter(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    return load_params_into(shapes, directory, DIFF_TABLE, cfg.num_layers, dtype)
+
+
+def load_orthrus_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> Transformer:
+    """The target an export runs on: its own tensors (full) or the referenced target (delta), checked."""
+    from dflash.models import load_target
+
+    directory = find_orthrus(name_or_path)
+    if directory is None:
+        raise CheckpointError(f"{str(name_or_path)!r} is not an Orthrus drafter")
+    cfg, tcfg, hf = read_orthrus_config(directory)
+    if hf["orthrus_config"]["form"] == "full":
+        return load_params_into(abstract(tcfg, dtype=dtype), directory, WEIGHT_TABLE, tcfg.num_layers, dtype)
+    ref = (hf["orthrus_config"].get("target") or {}).get("name_or_path")
+    if not ref:
+        raise CheckpointError(f"delta Orthrus export {directory} does not name its target; load the target "
+                              "yourself and pass it to load_orthrus")
+    target = load_target(ref, dtype=dtype)
+    _check_target(directory, hf, cfg, target.cfg, target)
+    return target
