@@ -109,6 +109,11 @@ def test_simulated_tau_counts_the_leading_run():
     per_pos, tau = obj.block_accuracy(pred, ref, mask)
     assert float(tau) == 1 + (3 + 1) / 2
     np.testing.assert_allclose(np.asarray(per_pos), [1.0, 0.5, 1.0, 0.5])
+    # Per verify step: blocks of tau 4 and 2 -> the harmonic mean 8/3.
+    np.testing.assert_allclose(float(obj.step_weighted_tau(pred, ref, mask)), 2 / (1 / 4 + 1 / 2), rtol=1e-6)
+    # A block whose first label is masked is not counted.
+    mask2 = mask.at[0, 1, 0].set(False)
+    np.testing.assert_allclose(float(obj.step_weighted_tau(pred, ref, mask2)), 4.0, rtol=1e-6)
 
 
 def test_blockwise_drafter_attention_equals_dense_anchor_mask():

@@ -269,6 +269,19 @@ def test_dflash_train_method_orthrus_end_to_end(tiny_target, tmp_path):
     out = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=16,
                                eos_ids=(), mask_token_id=drafter.cfg.mask_token_id)
     assert out.tokens == ref.tokens
+    # dflash-export of the run's last checkpoint reproduces the run's own (delta) export bit for
+    # bit; the full form carries the target's tensors too and loads as a drafter the same way.
+    from dflash.cli.export import main as export_main
+
+    assert export_main(["--run", str(run), "--out", str(tmp_path / "delta")]) == 0
+    again = load_file(str(tmp_path / "delta" / "model.safetensors"))
+    assert set(again) == set(tensors) and all(np.array_equal(again[k], tensors[k]) for k in tensors)
+    assert export_main(["--run", str(run), "--form", "full", "--out", str(tmp_path / "full")]) == 0
+    full_method, full_drafter = resolve_method(str(tmp_path / "full"), target)
+    assert isinstance(full_method, OrthrusDraft)
+    leaves = [jax.tree.leaves(nnx.state(d)) for d in (full_drafter, drafter)]
+    for a, b in zip(*leaves, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("override,match", [

@@ -1,4 +1,8 @@
-"""``dflash-export``: a training checkpoint -> HF "DFlashDraftModel" directory (vLLM / SGLang layout)."""
+"""``dflash-export``: a training checkpoint -> HF-format drafter directory.
+
+DFlash runs give the "DFlashDraftModel" layout vLLM and SGLang load; Orthrus runs the Orthrus
+layout (delta or full). See docs/export.md.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", default="latest",
                    help="with --run: latest (default), best (by eval tau) or a step number")
     p.add_argument("--out", type=Path, required=True, help="output directory (must be new or empty)")
+    p.add_argument("--form", default="delta", choices=["delta", "full"],
+                   help="Orthrus runs: diffusion tensors only + target reference (delta), or with the target")
     p.add_argument("--dtype", default="fp32", choices=sorted(EXPORT_DTYPES), help="weight dtype in the file")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--with-target", dest="with_target", action="store_true", default=None,
@@ -28,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         info = export_checkpoint(args.out, run_dir=args.run, checkpoint=args.checkpoint, step=args.step,
-                                 dtype=args.dtype, with_target=args.with_target)
+                                 dtype=args.dtype, with_target=args.with_target, form=args.form)
     except (CheckpointError, ConfigError, FileNotFoundError) as err:
         print(f"dflash-export: error: {err}", file=sys.stderr)
         return 2

@@ -37,10 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     final = result.get("final_eval") or {}
     print(f"run dir: {cfg.run_dir}  (checkpoints, tb/, export/, metrics.json)")
-    print(f"simulated tau on held-out rows: {final.get('tau_sim', float('nan')):.2f}")
+    print(f"simulated tau on held-out rows: {final.get('tau_sim', float('nan')):.2f} per anchor, "
+          f"{final.get('tau_sim_steps', float('nan')):.2f} per verify step")
     if "tau" in result:
-        print(f"held-out tau, greedy, B={cfg.drafter.block_size}, {result['eval_prompts']} prompts: "
-              f"DFlash drafter {result['tau']:.2f} | prompt-lookup (n-gram) {result['tau_ngram']:.2f}")
+        name = {"dflash": "DFlash", "orthrus": "Orthrus"}.get(result.get("method", cfg.method), cfg.method)
+        print(f"held-out tau, greedy, B={result.get('block_size', cfg.block_size)}, {result['eval_prompts']} "
+              f"prompts: {name} drafter {result['tau']:.2f} | "
+              f"prompt-lookup (n-gram) {result['tau_ngram']:.2f}")
     return 0
 
 

@@ -90,7 +90,7 @@ def _restore_drafter_state(run_dir: Path, step: int) -> dict[str, Any]:
     return _strip_values(state)[0]  # the state is nnx.split((drafter, optimizer))
 
 
-def run_drafter_config(run_dir: Path) -> tuple[Any, DFlashConfig, Any]:
+def run_drafter_config(run_dir: Path) -> tuple[Any, Any, Any]:
     """``(experiment config, drafter config, target config)`` of a run, without loading weights."""
     from dflash.training.config import ExperimentConfig
     from dflash.training.trainer import build_drafter_config
@@ -99,24 +99,35 @@ def run_drafter_config(run_dir: Path) -> tuple[Any, DFlashConfig, Any]:
     if not cfg_path.exists():
         raise CheckpointError(f"{run_dir} is not a run directory: {cfg_path} is missing")
     cfg = load_yaml(ExperimentConfig, cfg_path)
-    if cfg.method != "dflash":
-        raise CheckpointError(f"{run_dir} trained method {cfg.method!r}; "
-                              "this exporter writes DFlash drafters")
     target_cfg = read_config(resolve(cfg.target.name))
-    if cfg.drafter.init_from:
+    if cfg.drafter.init_from and cfg.method == "orthrus":
+        from dflash.export.orthrus_hf import find_orthrus, read_orthrus_config
+
+        dcfg = read_orthrus_config(find_orthrus(cfg.drafter.init_from) or resolve(cfg.drafter.init_from))[0]
+    elif cfg.drafter.init_from:
         with open(resolve_drafter(cfg.drafter.init_from) / "config.json") as f:
             dcfg = config_from_hf(json.load(f))
     else:
-        tokenizer = load_tokenizer(cfg.target.name)
-        dcfg = build_drafter_config(cfg, abstract(target_cfg), tokenizer)
+        dcfg = build_drafter_config(cfg, abstract(target_cfg), load_tokenizer(cfg.target.name))
     return cfg, dcfg, target_cfg
 
 
+def _abstract_drafter(dcfg: Any) -> nnx.Module:
+    if isinstance(dcfg, DFlashConfig):
+        return nnx.eval_shape(lambda: DFlashDrafter(dcfg, rngs=nnx.Rngs(0)))
+    from dflash.drafters.orthrus import OrthrusDrafter
+
+    return nnx.eval_shape(lambda: OrthrusDrafter(dcfg, rngs=nnx.Rngs(0)))
+
+
 def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Path | None = None,
-                      step: str = "latest", dtype: str = "fp32",
-                      with_target: bool | None = None) -> dict[str, Any]:
+                      step: str = "latest", dtype: str = "fp32", with_target: bool | None = None,
+                      form: str = "delta") -> dict[str, Any]:
     """Writes the drafter of one checkpoint to ``out`` (and the target to ``out/target`` if asked).
 
+    DFlash runs give a "DFlashDraftModel" directory. Orthrus runs give the Orthrus layout:
+    ``form="delta"`` holds the diffusion tensors plus a reference to the target, ``"full"``
+    the target's tensors too (one directory that loads as the target and as the drafter).
     ``with_target=None`` bundles the target only when it is a checkpoint shipped with dflash
     (small, and the pair then travels as one directory); hub targets are referenced by name.
     """
@@ -124,8 +135,7 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
         raise CheckpointError(f"unsupported export dtype {dtype!r}; choose from {sorted(EXPORT_DTYPES)}")
     run_dir, step_n = find_checkpoint(run_dir, checkpoint, step)
     cfg, dcfg, target_cfg = run_drafter_config(run_dir)
-    model = nnx.eval_shape(lambda: DFlashDrafter(dcfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(model)
+    graphdef, abstract_state = nnx.split(_abstract_drafter(dcfg))
     saved = _restore_drafter_state(run_dir, step_n)
     expected = nnx.to_pure_dict(abstract_state)
     exp_paths = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
@@ -138,12 +148,19 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
     drafter = nnx.merge(graphdef, abstract_state)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty; choose a new output directory")
-    save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target_cfg,
-                 dtype=EXPORT_DTYPES[dtype])
+    if isinstance(dcfg, DFlashConfig):
+        save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target_cfg,
+                     dtype=EXPORT_DTYPES[dtype])
+    else:  # Orthrus records a fingerprint of the target's weights: load them
+        from dflash.export.orthrus_hf import save_orthrus
+        from dflash.models.loading import load_target
+
+        save_orthrus(drafter, load_target(cfg.target.name), out, form=form, target_name=cfg.target.name,
+                     dtype=EXPORT_DTYPES[dtype])
     target_dir = resolve(cfg.target.name)
     shipped = str(cfg.target.name) in SHIPPED or ASSETS in target_dir.resolve().parents
     bundled = shipped if with_target is None else with_target
     if bundled:
         shutil.copytree(target_dir, out / "target")
-    return {"out": str(out), "run_dir": str(run_dir), "step": step_n, "dtype": dtype,
+    return {"out": str(out), "run_dir": str(run_dir), "step": step_n, "method": cfg.method, "dtype": dtype,
             "target": str(cfg.target.name), "target_bundled": bool(bundled)}

@@ -119,6 +119,22 @@ def block_accuracy(pred_BAk: jax.Array, ref_BAk: jax.Array, mask_BAk: jax.Array)
     return per_pos, tau
 
 
+def step_weighted_tau(pred_BAk: jax.Array, ref_BAk: jax.Array, mask_BAk: jax.Array) -> jax.Array:
+    """Simulated tau per *verify step*: the harmonic mean of the per-block acceptance lengths.
+
+    Decoding from a position with acceptance length t advances t tokens in one step, so a
+    stretch where t holds costs (its length / t) steps, and tokens / steps = 1 / mean(1 / t)
+    when every position is as likely to be a step's anchor. The plain mean over anchors
+    (``block_accuracy``) counts easy stretches (repetition loops, t ~ B) as often as hard ones
+    and overstates decoding tau; this one can understate it (a decoder entering a loop lands
+    on its start, where t is largest). docs/benchmarks.md compares both with real tau.
+    """
+    correct = (pred_BAk == ref_BAk) & mask_BAk
+    tau_BA = 1.0 + jnp.cumprod(correct.astype(jnp.int32), axis=-1).sum(-1)  # [B, A]
+    counted = mask_BAk[..., 0]
+    return counted.sum() / jnp.maximum((counted / tau_BA).sum(), 1e-9)
+
+
 def score_blocks(logits_BAkV: jax.Array, labels_BAk: jax.Array, label_mask_BAk: jax.Array,
                  label_idx_BAk: jax.Array, target_logits_BSV: jax.Array, *, gamma: float, ce_weight: float,
                  kl_weight: float, target_labels: bool = False) -> tuple[jax.Array, dict]:
@@ -144,5 +160,6 @@ def score_blocks(logits_BAkV: jax.Array, labels_BAk: jax.Array, label_mask_BAk: 
     pred = jnp.argmax(logits_BAkV, axis=-1)
     per_pos, tau_labels = block_accuracy(pred, labels_BAk, label_mask_BAk)
     _, tau_target = block_accuracy(pred, t_argmax, label_mask_BAk)
-    metrics.update(loss=loss, accuracy=per_pos, tau_sim=tau_target, tau_sim_labels=tau_labels)
+    metrics.update(loss=loss, accuracy=per_pos, tau_sim=tau_target, tau_sim_labels=tau_labels,
+                   tau_sim_steps=step_weighted_tau(pred, t_argmax, label_mask_BAk))
     return loss, metrics
