@@ -21,12 +21,16 @@ CFG = ModelConfig(model_type="qwen3", vocab_size=61, hidden_size=32, intermediat
 MASK = 60
 
 
-@pytest.fixture(scope="module")
-def target():
+def sharpened_target():
+    """A tiny random target, sharpened so greedy continuations repeat (real n-gram acceptances)."""
     model = build(CFG, seed=1)
-    # Sharpen so greedy continuations repeat (gives the n-gram drafter real acceptances).
     model.embed_tokens[...] = model.embed_tokens[...] * 8.0
     return model
+
+
+@pytest.fixture(scope="module")
+def target():
+    return sharpened_target()
 
 
 def _prompts(batch: int, seed: int) -> list[list[int]]:

@@ -141,8 +141,14 @@ def test_speculative_sampling_preserves_the_target_distribution(exact, rule, dra
     assert all(len(t) == 3 for t in out.tokens)
     # Drafts were really accepted (else this would only test plain sampling).
     assert sum(a > 1 for row in out.acceptance_lengths for a in row) > n // 20
+    assert_first_three_follow(out.tokens, joint)
+
+
+def assert_first_three_follow(tokens: list[list[int]], joint: np.ndarray) -> None:
+    """Chi-square of the sampled first three tokens against their exact joint distribution."""
+    n = len(tokens)
     counts = np.zeros(VOCAB ** 3)
-    np.add.at(counts, [a * VOCAB * VOCAB + b * VOCAB + c for a, b, c in out.tokens], 1)
+    np.add.at(counts, [a * VOCAB * VOCAB + b * VOCAB + c for a, b, c in tokens], 1)
     probs = joint.reshape(-1).copy()
     rare = probs * n < 5  # pool rare cells into the most likely one
     top = int(np.argmax(probs))
