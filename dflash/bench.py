@@ -112,7 +112,7 @@ def load_prompts(source: str, tokenizer: Any, *, field: str = "prompt", split: s
 def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any, Any]], *,
                   max_new_tokens: int = 256, batch_size: int = 1, sampling=None, rule: str | None = None,
                   eos_ids: tuple[int, ...] = (), mask_token_id: int = -1, seed: int = 0,
-                  warmup: bool = True) -> dict[str, Any]:
+                  warmup: bool = True, compact: bool = True) -> dict[str, Any]:
     """Runs every method on the same prompts in this process; speedups are vs ``methods['ar']``.
 
     Each batch is compiled before it is timed (compile time is reported separately).
@@ -128,7 +128,7 @@ def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any
             batch = prompts[start:start + batch_size]
             kw = dict(method=method, drafter=drafter, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                       mask_token_id=mask_token_id, sampling=sampling, key=jax.random.key(seed + start),
-                      rule=rule)
+                      rule=rule, compact=compact)
             if warmup and start == 0:
                 speculative_generate(target, batch, **kw)  # warm caches / allocator outside the timing
             res = speculative_generate(target, batch, **kw)

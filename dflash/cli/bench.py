@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stochastic-drafts", action="store_true")
     p.add_argument("--tree-width", type=int, default=0,
                    help="also run the drafter as a beam tree of this width per depth (greedy; method 'tree')")
+    p.add_argument("--no-compact", action="store_true",
+                   help="keep finished rows in the device batch (default: drop them once half are done)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling = SamplingParams(temperature=args.temperature)
         result = bench_methods(
             target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            sampling=sampling, rule=args.verify, seed=args.seed,
+            sampling=sampling, rule=args.verify, seed=args.seed, compact=not args.no_compact,
             eos_ids=() if args.ignore_eos else eos_ids(tokenizer, target.cfg.eos_token_id),
             mask_token_id=drafter.cfg.mask_token_id if drafter is not None else -1)
     except (CheckpointError, ConfigError, CacheOverflowError, ValueError, OSError) as err:
