@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="tiny-code")
     p.add_argument("--drafter", default="tiny-code-dflash",
                    help="exported drafter dir / hub id / shipped name")
+    p.add_argument("--also", action="append", default=[], metavar="DRAFTER",
+                   help="another drafter to run side by side on the same prompts (repeatable; "
+                        "method name 'also:DRAFTER' in the table and JSON)")
     p.add_argument("--prompts", default="tiny-code-heldout",
                    help="jsonl file ({'prompt'} or {'messages'} rows), a datasets id, or tiny-code-heldout")
     p.add_argument("--split", default="train", help="split when --prompts is a datasets id")
@@ -61,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
                    "drafter": (drafter_method, drafter)}
         if args.tree_width:
             methods["tree"] = (DFlashTreeDraft.around(drafter_method, args.tree_width), drafter)
+        for other in args.also:
+            also_method, also_drafter = resolve_method(other, target, block_size=args.block_size,
+                                                       stochastic=args.stochastic_drafts)
+            if drafter is None or also_drafter is None:
+                raise ValueError("--also compares exported drafters: give drafters, not ar/ngram")
+            if also_drafter.cfg.mask_token_id != drafter.cfg.mask_token_id:
+                raise ValueError(f"--also {other}: its mask token differs from the drafter's")
+            if hasattr(type(also_drafter), "attention_impl"):
+                set_attention_impl(also_drafter, args.attention_impl)
+            methods[f"also:{other}"] = (also_method, also_drafter)
         sampling = SamplingParams(temperature=args.temperature)
         result = bench_methods(
             target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -73,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     result.update(target=args.target, drafter=args.drafter, prompts=args.prompts)
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
           f"T={args.temperature}, B={k}, backend {result['backend']}")
-    print(f"{'method':>8} {'tau':>6} {'tok/s':>9} {'ms/token':>9} {'speedup':>8} {'fwd':>6}")
+    width = max(8, *(len(name) for name in result["methods"]))
+    print(f"{'method':>{width}} {'tau':>6} {'tok/s':>9} {'ms/token':>9} {'speedup':>8} {'fwd':>6}")
     for name, r in result["methods"].items():
-        print(f"{name:>8} {r['tau']:>6.2f} {r['tokens_per_s']:>9.1f} {r['time_per_output_token_ms']:>9.2f} "
-              f"{r['speedup']:>7.2f}x {r['target_forwards']:>6}")
+        print(f"{name:>{width}} {r['tau']:>6.2f} {r['tokens_per_s']:>9.1f} "
+              f"{r['time_per_output_token_ms']:>9.2f} {r['speedup']:>7.2f}x {r['target_forwards']:>6}")
     if args.json:
         write_json(result, args.json)
     return 0

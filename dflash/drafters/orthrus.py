@@ -28,7 +28,8 @@ from flax import nnx
 
 from dflash import cache as kvc
 from dflash.config import ConfigError, ModelConfig
-from dflash.models.transformer import NEG_INF, Linear, RMSNorm, Transformer, apply_rope, rope_cos_sin
+from dflash.kernels import dispatch
+from dflash.models.transformer import Linear, RMSNorm, Transformer, apply_rope, rope_cos_sin
 
 DEFAULT_BLOCK_SIZE = 32
 _ARCH_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
@@ -113,31 +114,6 @@ class DiffAttention(nnx.Module):
         return apply_rope(k, cos, sin), v
 
 
-def prefix_block_attend(q_BAQNH: jax.Array, k_ctx_BSKH: jax.Array, v_ctx_BSKH: jax.Array,
-                        ctx_mask_BAS: jax.Array, k_blk_BAQKH: jax.Array, v_blk_BAQKH: jax.Array) -> jax.Array:
-    """``A`` blocks per row over one shared prefix: ``[B, A, Q, N*H]``.
-
-    Block ``j``'s queries see the prefix keys ``ctx_mask_BAS[:, j]`` allows and every key of
-    their own block (bidirectional); blocks never see each other. One float32 softmax over
-    [prefix ; block], computed blockwise (O(A*Q*(S+Q)), never the dense O(A*Q*(S+A*Q)) mask)
-    and without concatenating or writing K/V, so the prefix (a KV cache) is only read.
-    """
-    b, a, q, n, h = q_BAQNH.shape
-    kh = k_ctx_BSKH.shape[2]
-    q_BAQKGH = q_BAQNH.reshape(b, a, q, kh, n // kh, h)
-    k_ctx, v_ctx = k_ctx_BSKH.astype(k_blk_BAQKH.dtype), v_ctx_BSKH.astype(v_blk_BAQKH.dtype)
-    scale = h ** -0.5
-    s_ctx = jnp.einsum("BAQKGH,BSKH->BKGAQS", q_BAQKGH, k_ctx, preferred_element_type=jnp.float32) * scale
-    s_blk = jnp.einsum("BAQKGH,BAPKH->BKGAQP", q_BAQKGH, k_blk_BAQKH,
-                       preferred_element_type=jnp.float32) * scale
-    s_ctx = jnp.where(ctx_mask_BAS[:, None, None, :, None, :], s_ctx, NEG_INF)
-    probs = jax.nn.softmax(jnp.concatenate([s_ctx, s_blk], axis=-1), axis=-1)
-    p_ctx, p_blk = probs[..., : k_ctx.shape[1]], probs[..., k_ctx.shape[1]:]
-    out_BAQKGH = (jnp.einsum("BKGAQS,BSKH->BAQKGH", p_ctx.astype(v_ctx.dtype), v_ctx)
-                  + jnp.einsum("BKGAQP,BAPKH->BAQKGH", p_blk.astype(v_blk_BAQKH.dtype), v_blk_BAQKH))
-    return out_BAQKGH.reshape(b, a, q, n * h)
-
-
 class OrthrusDrafter(nnx.Module):
     """The per-layer diffusion attentions only; the frozen target is an argument."""
 
@@ -160,9 +136,13 @@ class OrthrusDrafter(nnx.Module):
             q_BTNH = diff.q(h_BTD, cos, sin)
             k_BTKH, v_BTKH = diff.kv(h_BTD, cos, sin)
             blk = lambda t: t.reshape(b, a, q, *t.shape[2:])  # noqa: E731  [B, A*Q, ...] -> [B, A, Q, ...]
-            attn_BAQ_NH = prefix_block_attend(blk(q_BTNH), k_ctx_LBSKH[i], v_ctx_LBSKH[i], ctx_mask_BAS,
-                                              blk(k_BTKH), blk(v_BTKH))
-            x_BAQD = x_BAQD + diff.o_proj_diff(attn_BAQ_NH)
+            # Each block sees the prefix its mask allows plus all of itself, never another block:
+            # the same attention as the DFlash drafter's (Pallas kernel on TPU/GPU). The prefix
+            # (a KV cache) is only read.
+            attn_BAQNH = dispatch.anchor_attention(blk(q_BTNH), k_ctx_LBSKH[i], v_ctx_LBSKH[i],
+                                                   blk(k_BTKH), blk(v_BTKH), ctx_mask_BAS,
+                                                   impl=target.attention_impl)
+            x_BAQD = x_BAQD + diff.o_proj_diff(attn_BAQNH.reshape(b, a, q, -1))
             x_BAQD = x_BAQD + layer.mlp(layer.post_attention_layernorm(x_BAQD))
         return x_BAQD
 
