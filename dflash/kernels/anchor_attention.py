@@ -33,6 +33,7 @@ from dflash.kernels.common import (
     kernel_backend,
     next_pow2,
     online_update,
+    poison_outputs,
     zero_rows_past,
 )
 
@@ -256,11 +257,7 @@ def _forward_tpu(q, kc_BSKH, vc_BSKH, kb, vb, mask_BGaS, lo_BG, hi_BG, cfg: _Con
                 pl.BlockSpec((None, None, ap, tile), mask_map), blk_spec, blk_spec]
     args = [lo_BG.reshape(-1), hi_BG.reshape(-1), q, kc, vc, mask_BGaS, kb, vb]
     out_shape = jax.ShapeDtypeStruct(q.shape, vb.dtype)
-    aliases = {}
-    if cfg.poison:
-        in_specs.append(q_spec)
-        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        aliases = {len(args) - 1: 0}
+    aliases = poison_outputs(cfg.poison, in_specs, args, [out_shape], [q_spec])
     kernel = functools.partial(_tpu_kernel, scale=h ** -0.5, tile=tile, n_slots=s, groups=groups,
                                rows_per_anchor=r // ap, q_pad=lay.q_pad, q_real=qn)
     return pl.pallas_call(
@@ -315,11 +312,7 @@ def _forward_gpu(q, kc_BSKH, vc_BSKH, kb, vb, mask_BGaS, lo_BG, hi_BG, cfg: _Con
                 pl.BlockSpec((None, None, ap, span), lambda bi, hk, gi: (bi, gi, 0, 0)), blk_spec, blk_spec]
     args = [lo_BG, hi_BG, q, kc_BSKH, vc_BSKH, mask_BGaS, kb, vb]
     out_shape = jax.ShapeDtypeStruct(q.shape, vb.dtype)
-    aliases = {}
-    if cfg.poison:
-        in_specs.append(q_spec)
-        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        aliases = {len(args) - 1: 0}
+    aliases = poison_outputs(cfg.poison, in_specs, args, [out_shape], [q_spec])
     kernel = functools.partial(_gpu_kernel, scale=h ** -0.5, tile=tile, n_slots=kc_BSKH.shape[1],
                                rows_per_anchor=r // ap, q_pad=lay.q_pad, q_real=qn)
     return pl.pallas_call(

@@ -77,6 +77,21 @@ def zero_rows_past(x_CH: jax.Array, first_row: jax.Array, n_rows: int) -> jax.Ar
     return jnp.where(rows_C1 < n_rows, x_CH, jnp.zeros_like(x_CH))
 
 
+def poison_outputs(poison: bool, in_specs: list, args: list, out_shapes, out_specs) -> dict[int, int]:
+    """With ``poison``, appends a NaN-filled input aliased to each output and returns the aliases.
+
+    The kernel then writes into buffers that start as NaN, so a test can prove every output
+    element was written (an unwritten one stays NaN).
+    """
+    aliases: dict[int, int] = {}
+    if poison:
+        for i, (shape, spec) in enumerate(zip(out_shapes, out_specs, strict=True)):
+            in_specs.append(spec)
+            args.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
+            aliases[len(args) - 1] = i
+    return aliases
+
+
 def platform() -> str:
     """``tpu``, ``gpu`` or ``cpu`` (the default backend, where kernels would run)."""
     backend = jax.default_backend()

@@ -42,6 +42,7 @@ from dflash.kernels.common import (
     matmul,
     next_pow2,
     online_update,
+    poison_outputs,
     zero_rows_past,
 )
 
@@ -201,11 +202,7 @@ def _forward_tpu(q_BKRH, k_BSKH, v_BSKH, lengths_B, bm_BRT, cfg: _Config):
                 pl.BlockSpec((None, r, t), lambda bi, hi, j, lens: (bi, 0, 0))]
     args = [lengths_B, q_BKRH, k_flat, v_flat, bm_BRT]
     out_shape = jax.ShapeDtypeStruct((b, kh, r, h), v_BSKH.dtype)
-    aliases = {}
-    if cfg.poison:
-        in_specs.append(q_spec)
-        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        aliases = {len(args) - 1: 0}
+    aliases = poison_outputs(cfg.poison, in_specs, args, [out_shape], [q_spec])
     kernel = functools.partial(_tpu_kernel, scale=h ** -0.5, tile=tile, n_slots=s, block_len=t)
     return pl.pallas_call(
         kernel,
@@ -284,12 +281,7 @@ def _forward_gpu(q_BKRH, k_BSKH, v_BSKH, lengths_B, bm_BRT, cfg: _Config):
                  pl.BlockSpec((None, None, None, rp), lambda bi, hi, p: (bi, hi, p, 0)),
                  pl.BlockSpec((None, None, None, rp), lambda bi, hi, p: (bi, hi, p, 0))]
     args = [lengths_B, q_p, k_BSKH, v_BSKH, bm_p]
-    aliases = {}
-    if cfg.poison:
-        for i, (shape, spec) in enumerate(zip(out_shape, out_specs, strict=True)):
-            in_specs.append(spec)
-            args.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
-            aliases[len(args) - 1] = i
+    aliases = poison_outputs(cfg.poison, in_specs, args, out_shape, out_specs)
     kernel = functools.partial(_gpu_kernel, scale=h ** -0.5, tile=tile, n_slots=s, block_len=t,
                                tiles_per_split=tiles_per_split)
     acc_P, m_P, l_P = pl.pallas_call(
