@@ -29,7 +29,7 @@ from flax import nnx
 from dflash import cache as kvc
 from dflash.config import ConfigError, ModelConfig
 from dflash.kernels import dispatch
-from dflash.models.transformer import Linear, RMSNorm, Transformer, apply_rope, rope_cos_sin
+from dflash.models.transformer import Linear, RMSNorm, Transformer, rope_cos_sin, rotated_heads, split_heads
 
 DEFAULT_BLOCK_SIZE = 32
 _ARCH_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
@@ -99,19 +99,13 @@ class DiffAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def q(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        b, t, _ = x_BTD.shape
-        q = self.q_proj_diff(x_BTD).reshape(b, t, self.num_heads, self.head_dim)
-        if self.q_norm_diff is not None:
-            q = self.q_norm_diff(q)
-        return apply_rope(q, cos, sin)
+        return rotated_heads(self.q_proj_diff, self.q_norm_diff, x_BTD, self.num_heads, self.head_dim,
+                             cos, sin)
 
     def kv(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-        b, t, _ = x_BTD.shape
-        k = self.k_proj_diff(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj_diff(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if self.k_norm_diff is not None:
-            k = self.k_norm_diff(k)
-        return apply_rope(k, cos, sin), v
+        return (rotated_heads(self.k_proj_diff, self.k_norm_diff, x_BTD, self.num_kv_heads, self.head_dim,
+                              cos, sin),
+                split_heads(self.v_proj_diff, x_BTD, self.num_kv_heads, self.head_dim))
 
 
 class OrthrusDrafter(nnx.Module):

@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from dflash.configio import load_yaml
@@ -40,14 +39,13 @@ def find_checkpoint(run_dir: Path | None, checkpoint: Path | None, step: str = "
         raise CheckpointError("give a run directory or a checkpoint directory")
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    steps = _checkpoints(run_dir).steps() if ckpt_dir.is_dir() else []
     if not steps:
         raise CheckpointError(f"{run_dir} holds no checkpoints (looked in {ckpt_dir})")
     if step == "latest":
         return run_dir, steps[-1]
     if step == "best":
-        meta = _read_meta(ckpt_dir / str(steps[-1]))
-        best = meta.get("best_step")
+        best = _checkpoints(run_dir).restore(steps[-1], state=False)[1].get("best_step")
         if best is None or int(best) not in steps:
             raise CheckpointError(f"{run_dir}: the best step {best} is not among the kept "
                                   f"checkpoints {steps}")
@@ -57,12 +55,10 @@ def find_checkpoint(run_dir: Path | None, checkpoint: Path | None, step: str = "
     return run_dir, int(step)
 
 
-def _read_meta(step_dir: Path) -> dict[str, Any]:
-    path = step_dir / "meta" / "metadata"
-    if not path.exists():
-        return {}
-    with open(path) as f:
-        return json.load(f)
+def _checkpoints(run_dir: Path) -> Any:
+    from dflash.training.trainer import Checkpoints
+
+    return Checkpoints(run_dir / "checkpoints", keep_last=1)  # read only: nothing is saved or deleted
 
 
 def _strip_values(tree: Any) -> Any:
@@ -76,14 +72,12 @@ def _strip_values(tree: Any) -> Any:
 
 
 def _restore_drafter_state(run_dir: Path, step: int) -> dict[str, Any]:
-    manager = ocp.CheckpointManager((run_dir / "checkpoints").resolve(),
-                                    options=ocp.CheckpointManagerOptions(create=False))
+    from dflash.training.trainer import TrainingError
+
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    except Exception as err:  # orbax raises many types for truncated / foreign files
-        raise CheckpointError(f"checkpoint step {step} of {run_dir} could not be read "
-                              f"({type(err).__name__}: {err})") from err
-    state = restored["state"]
+        state, _ = _checkpoints(run_dir).restore(step)
+    except TrainingError as err:
+        raise CheckpointError(str(err)) from err
     if not isinstance(state, dict) or set(state) != {"0", "1"}:
         raise CheckpointError(f"checkpoint step {step} of {run_dir} does not hold a "
                               "(drafter, optimizer) state")

@@ -92,6 +92,19 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: ja
     return out_BTKGH.reshape(b, t, n * h)
 
 
+def split_heads(proj: Linear, x_BTD: jax.Array, heads: int, head_dim: int) -> jax.Array:
+    """``proj(x)`` as ``[B, T, heads, head_dim]``."""
+    b, t, _ = x_BTD.shape
+    return proj(x_BTD).reshape(b, t, heads, head_dim)
+
+
+def rotated_heads(proj: Linear, norm: RMSNorm | None, x_BTD: jax.Array, heads: int, head_dim: int,
+                  cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Queries or keys: projection, per-head RMSNorm (Qwen3's q/k norm, when present), RoPE."""
+    y_BTNH = split_heads(proj, x_BTD, heads, head_dim)
+    return apply_rope(norm(y_BTNH) if norm is not None else y_BTNH, cos, sin)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -105,20 +118,12 @@ class Attention(nnx.Module):
 
     def q(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """Projected, normed and rotated queries ``[B,T,N,H]``."""
-        b, t, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).reshape(b, t, self.num_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        return apply_rope(q, cos, sin)
+        return rotated_heads(self.q_proj, self.q_norm, x_BTD, self.num_heads, self.head_dim, cos, sin)
 
     def kv(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Projected, normed and rotated keys and values ``[B,T,K,H]``."""
-        b, t, _ = x_BTD.shape
-        k = self.k_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        return apply_rope(k, cos, sin), v
+        return (rotated_heads(self.k_proj, self.k_norm, x_BTD, self.num_kv_heads, self.head_dim, cos, sin),
+                split_heads(self.v_proj, x_BTD, self.num_kv_heads, self.head_dim))
 
     def qkv(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array):
         return (self.q(x_BTD, cos, sin), *self.kv(x_BTD, cos, sin))

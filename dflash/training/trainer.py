@@ -316,16 +316,22 @@ class Checkpoints:
             if old not in keep:
                 self.manager.delete(old)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    def restore(self, step: int, abstract_state: Any = None, *,
+                state: bool = True) -> tuple[Any, dict[str, Any]]:
+        """``(state, meta)`` of ``step``. Without ``abstract_state`` the state comes back as Orbax's
+        raw tree (dicts of arrays: for readers such as the exporter); ``state=False`` reads the
+        metadata only."""
+        args = {"meta": ocp.args.JsonRestore()}
+        if state:
+            args["state"] = ocp.args.StandardRestore(abstract_state)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:  # orbax raises many types for truncated / foreign files
             raise TrainingError(
                 f"checkpoint step {step} in {self.directory} could not be restored "
-                f"({type(err).__name__}: {err}); it was left untouched — move it away to resume "
-                "from an earlier step, or start a new run directory") from err
-        return restored["state"], restored["meta"]
+                f"({type(err).__name__}: {err}); it was left untouched — move it away to use "
+                "an earlier step, or start a new run directory") from err
+        return (restored["state"] if state else None), restored["meta"]
 
 
 # ----------------------------------------------------------------------------- the run
