@@ -92,35 +92,8 @@ def test_resume_without_checkpoint_and_overwrite_are_refused(run_config, tiny_ta
         run_training(cfg, resume=False, progress=False)
 
 
-def test_frozen_target_is_bit_identical_after_steps():
-    cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
-                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
-    target = build(cfg, seed=0)
-    drafter = build_drafter(DFlashConfig.for_target(cfg, mask_token_id=63, block_size=4,
-                                                    target_layer_ids=(1, 2)), seed=1)
-    exp = load_yaml(ExperimentConfig, None, ["train.steps=3", "optim.lr=0.01"])
-    optimizer = nnx.Optimizer(drafter, make_optimizer(exp, 3), wrt=nnx.Param)
-    graphdef, state = nnx.split((drafter, optimizer))
-    tgraph, tstate = nnx.split(target)
-    before_t = [np.array(x) for x in jax.tree.leaves(tstate)]
-    before_d = [np.array(x) for x in jax.tree.leaves(nnx.state(drafter, nnx.Param))]
-    train_step, _ = make_step_fns(graphdef, tgraph, dict(num_anchors=6, gamma=2.0, ce_weight=1.0,
-                                                         kl_weight=0.5), jnp.float32)
-    rng = np.random.default_rng(0)
-    batch = {"tokens": jnp.asarray(rng.integers(0, 60, (2, 16)), jnp.int32),
-             "loss_mask": jnp.ones((2, 16), bool), "segment_ids": jnp.ones((2, 16), jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(16), (2, 16))}
-    for i in range(3):
-        state, metrics = train_step(state, tstate, batch, jax.random.key(i))
-        assert np.isfinite(float(metrics["loss"])) and float(metrics["kl"]) >= 0
-    for a, b in zip(before_t, jax.tree.leaves(tstate), strict=True):
-        np.testing.assert_array_equal(a, np.asarray(b))
-    drafter_after, _ = nnx.merge(graphdef, state)
-    after_d = jax.tree.leaves(nnx.state(drafter_after, nnx.Param))
-    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before_d, after_d, strict=True))
-
-
-def _tiny_step_setup(compute=jnp.float32, num_anchors=6, *overrides: str):
+def _tiny_step_setup(compute=jnp.float32, num_anchors=6, *overrides: str, kl_weight: float = 0.0):
+    """A random tiny target + DFlash drafter, their optimizer state and jitted step functions."""
     cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
                       num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
     target = build(cfg, seed=0)
@@ -132,7 +105,7 @@ def _tiny_step_setup(compute=jnp.float32, num_anchors=6, *overrides: str):
     graphdef, state = nnx.split((drafter, optimizer))
     tgraph, tstate = nnx.split(target)
     train_step, eval_step = make_step_fns(graphdef, tgraph, dict(num_anchors=num_anchors, gamma=2.0,
-                                                                 ce_weight=1.0, kl_weight=0.0), compute)
+                                                                 ce_weight=1.0, kl_weight=kl_weight), compute)
     return graphdef, state, tstate, train_step, eval_step
 
 
@@ -146,6 +119,20 @@ def _batch(seed: int, rows: int = 2, length: int = 16) -> dict[str, jax.Array]:
 def _drafter_params(graphdef, state) -> list[np.ndarray]:
     drafter, _ = nnx.merge(graphdef, state)
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(drafter, nnx.Param))]
+
+
+def test_frozen_target_is_bit_identical_after_steps():
+    graphdef, state, tstate, train_step, _ = _tiny_step_setup(kl_weight=0.5)
+    before_t = [np.array(x) for x in jax.tree.leaves(tstate)]
+    before_d = _drafter_params(graphdef, state)
+    batch = _batch(0)
+    for i in range(3):
+        state, metrics = train_step(state, tstate, batch, jax.random.key(i))
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["kl"]) >= 0
+    for a, b in zip(before_t, jax.tree.leaves(tstate), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    after_d = _drafter_params(graphdef, state)
+    assert any(not np.array_equal(a, b) for a, b in zip(before_d, after_d, strict=True))
 
 
 def test_gradient_accumulation_equals_one_step_on_the_joined_batch():
