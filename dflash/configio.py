@@ -101,6 +101,18 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: configs compared key by key name the key that differs."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``["train.steps=100", "drafter.target_layer_ids=[1,3]"]`` applied to a nested dict copy."""
     import copy

@@ -90,6 +90,15 @@ def test_resume_without_checkpoint_and_overwrite_are_refused(run_config, tiny_ta
     run_training(cfg, progress=False, stop_after=2)
     with pytest.raises(TrainingError, match="refusing to overwrite"):
         run_training(cfg, resume=False, progress=False)
+    # Resuming with settings that change the trajectory is refused (naming them), and nothing
+    # is touched; logging/eval cadence may change.
+    saved = (tmp_path / "d" / "config.yaml").read_text()
+    changed = run_config(tiny_target, tmp_path / "d", "optim.lr=1e-3", "train.seed=5", "train.log_every=2")
+    with pytest.raises(TrainingError, match=r"optim.lr: 0.003 -> 0.001; train.seed: 0 -> 5\)"):
+        run_training(changed, progress=False)
+    assert (tmp_path / "d" / "config.yaml").read_text() == saved
+    cadence = run_config(tiny_target, tmp_path / "d", "train.log_every=2", "train.eval_every=4")
+    assert run_training(cadence, progress=False, final_eval=False, export=False)["steps"] == 4
 
 
 def _tiny_step_setup(compute=jnp.float32, num_anchors=6, *overrides: str, kl_weight: float = 0.0):
@@ -287,3 +296,17 @@ def test_regenerated_documents_are_the_targets_greedy_continuations(run_config, 
     stamp = (tmp_path / "run" / "regenerated.npz").stat().st_mtime_ns
     run_training(cfg, progress=False, final_eval=False)
     assert (tmp_path / "run" / "regenerated.npz").stat().st_mtime_ns == stamp
+    # Data stored by other regen settings (e.g. a crashed run restarted with a new config) is
+    # never reused: it is made again for the new settings, and again identically for the old.
+    from dflash.models.tokenizer import load_tokenizer
+    from dflash.training.trainer import prepare_data
+
+    tok, stored = load_tokenizer(tiny_target), tmp_path / "run" / "regenerated.npz"
+    first = load_documents_npz(stored)
+    other = run_config(tiny_target, tmp_path / "run", "regen.num_sequences=8", "regen.prompt_tokens=16",
+                       "regen.new_tokens=10")
+    prepare_data(other, tok, target, tmp_path / "run", progress=False)
+    assert all(len(d) <= 26 and d.loss_mask.sum() <= 10 for d in load_documents_npz(stored))
+    assert max(len(d) for d in first) > 26
+    prepare_data(cfg, tok, target, tmp_path / "run", progress=False)
+    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(first, load_documents_npz(stored), strict=True))

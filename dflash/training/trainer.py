@@ -35,12 +35,13 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from dflash import cache as kvc
-from dflash.configio import to_dict
+from dflash.configio import flatten, from_dict, to_dict
 from dflash.decoding.drafters import NgramDraft, method_for
 from dflash.decoding.speculative import speculative_generate
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter, build_drafter, default_gamma
 from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
 from dflash.export import load_drafter, save_drafter
+from dflash.export.dflash_hf import target_fingerprint
 from dflash.export.orthrus_hf import load_orthrus, save_orthrus
 from dflash.models import load_target
 from dflash.models.tokenizer import load_tokenizer
@@ -219,9 +220,12 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run
         eos = tuple(target.cfg.eos_token_id)
         cached = run_dir / "regenerated.npz"
         cached_eval = run_dir / "regenerated_eval.npz"
-        if cached.exists() and cached_eval.exists():
+        made_with = run_dir / "regenerated.json"  # the settings the stored data was made with
+        settings = json.loads(json.dumps(_regen_settings(cfg, target)))
+        if (cached.exists() and cached_eval.exists() and made_with.exists()
+                and json.loads(made_with.read_text()) == settings):
             train_docs, held_docs = load_documents_npz(cached), load_documents_npz(cached_eval)
-        else:
+        else:  # none yet, or made with other settings: regeneration is deterministic, so remake it
             train_docs = regenerate_documents(target, train_docs, cfg.regen, seed=cfg.data.seed, eos_ids=eos,
                                               progress=progress)
             eval_regen = dataclasses.replace(cfg.regen, num_sequences=cfg.eval.heldout_rows * 2)
@@ -229,6 +233,7 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run
                                              eos_ids=eos, progress=progress)
             save_documents(train_docs, cached)
             save_documents(held_docs, cached_eval)
+            made_with.write_text(json.dumps(settings, indent=1))
     if not train_docs:
         raise TrainingError(f"data source {cfg.data.source!r} yielded no training documents")
     if not held_docs:
@@ -244,6 +249,13 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run
     else:
         prompts = _prompts_from_docs(held_docs, cfg.eval.num_prompts, cfg.eval.prompt_tokens)
     return RunData(train_rows, held_rows, prompts)
+
+
+def _regen_settings(cfg: ExperimentConfig, target: Transformer) -> dict[str, Any]:
+    """Everything the regenerated documents depend on: data, regen and eval sections, the target."""
+    return {"data": to_dict(cfg.data), "regen": to_dict(cfg.regen), "eval_split": cfg.eval.eval_split,
+            "heldout_rows": cfg.eval.heldout_rows, "target": cfg.target.name,
+            "target_dtype": cfg.target.dtype, "target_fingerprint": target_fingerprint(target.cfg)}
 
 
 def build_drafter_config(cfg: ExperimentConfig, target: Transformer,
@@ -335,6 +347,31 @@ class Checkpoints:
 
 
 # ----------------------------------------------------------------------------- the run
+# Keys a resumed run may change: they steer logging, checkpoint cadence, the device count (same
+# loss on 1 or N devices) and the final report, never the parameters. Any other change would
+# break "resume continues exactly" and is refused.
+RESUME_FREE_KEYS = frozenset({
+    "run_dir", "train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
+    "train.num_devices", "eval.num_prompts", "eval.max_new_tokens", "eval.prompt_tokens"})
+
+
+def check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """A resumed run must use the config it was started with (up to ``RESUME_FREE_KEYS``)."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise TrainingError(f"cannot resume {run_dir}: its config.yaml is missing")
+    try:
+        saved = flatten(to_dict(from_dict(ExperimentConfig, yaml.safe_load(path.read_text()) or {})))
+    except Exception as err:
+        raise TrainingError(f"cannot resume {run_dir}: its config.yaml is unreadable ({err})") from err
+    new = flatten(to_dict(cfg))
+    diffs = [f"{key}: {saved.get(key)!r} -> {new.get(key)!r}" for key in sorted(saved.keys() | new.keys())
+             if key not in RESUME_FREE_KEYS and saved.get(key) != new.get(key)]
+    if diffs:
+        raise TrainingError(f"cannot resume {run_dir} with a different config ({'; '.join(diffs)}); "
+                            "resume with the settings it was started with, or start a new run_dir")
+
+
 def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress: bool = True,
                  final_eval: bool = True, export: bool = True,
                  stop_after: int | None = None) -> dict[str, Any]:
@@ -354,6 +391,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     if not resume and has_ckpt:
         raise TrainingError(f"{run_dir} already holds checkpoints; resume it or choose a new run_dir "
                             "(refusing to overwrite them)")
+    if resume:
+        check_resume_config(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
