@@ -1,4 +1,4 @@
-"""Tree drafting and greedy tree verification against brute-force references."""
+"""Tree drafting and tree verification: brute-force references, losslessness, sampling statistics."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_verify import exact  # noqa: F401  (a fixture)
 
 from dflash import cache as kvc
-from dflash.decoding.tree import ancestor_mask, beam_tree, commit_path, gather_path, verify_tree_greedy
+from dflash.decoding.tree import ancestor_mask, beam_tree, commit_path, gather_path, verify_tree
 
 
 def _random_logp(seed: int, b: int, d: int, v: int) -> jax.Array:
@@ -61,8 +62,8 @@ def test_greedy_tree_verification_matches_brute_force(seed):
     tree = beam_tree(jnp.arange(b) % vocab, _random_logp(seed, b, depth, vocab), width)
     logits = jax.random.normal(jax.random.key(100 + seed), (b, tree.tokens.shape[1], vocab))
     mask_id = 3
-    verdict = verify_tree_greedy(logits, tree, depth, mask_id)
     greedy = np.asarray(logits).argmax(-1)
+    verdict = verify_tree(jnp.asarray(greedy), tree, depth, mask_id)
     tokens, parents, depths = map(np.asarray, tree)
     for row in range(b):
         ok = {0}
@@ -91,7 +92,7 @@ def test_width_one_tree_is_the_chain():
     assert (np.asarray(tree.tokens[:, 1:]) == np.asarray(drafts)).all()
     logits = jax.random.normal(jax.random.key(1), (4, 7, 5))
     chain_acc, chain_extra = verify_greedy(logits, drafts, mask_id=-1)
-    verdict = verify_tree_greedy(logits, tree, 6, mask_id=-1)
+    verdict = verify_tree(jnp.argmax(logits, -1), tree, 6, mask_id=-1)
     np.testing.assert_array_equal(verdict.accepted, chain_acc)
     np.testing.assert_array_equal(verdict.extra, chain_extra)
 
@@ -149,15 +150,40 @@ def test_tree_speculation_is_lossless_and_never_shorter_than_the_chain(shipped, 
         assert tree.tau >= chain.tau
 
 
-def test_tree_refuses_sampling(shipped):
+def test_tree_refuses_block_verification(shipped):
     from dflash.decoding.sampling import SamplingParams
     from dflash.decoding.speculative import speculative_generate
     from dflash.decoding.tree import DFlashTreeDraft
 
     target, drafter, prompts = shipped
-    with pytest.raises(ValueError, match="greedy verification only"):
+    with pytest.raises(ValueError, match="not 'block'"):
         speculative_generate(target, prompts[:1], method=DFlashTreeDraft.of(drafter, 2), drafter=drafter,
-                             sampling=SamplingParams(temperature=1.0))
+                             sampling=SamplingParams(temperature=1.0), rule="block")
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_tree_sampling_preserves_the_target_distribution(exact, width):  # noqa: F811
+    """Chi-square on the joint of the first three sampled tokens (all from one tree step)."""
+    from test_verify import CFG as EXACT_CFG
+    from test_verify import VOCAB, assert_first_three_follow
+
+    from dflash.decoding.sampling import SamplingParams
+    from dflash.decoding.speculative import speculative_generate
+    from dflash.decoding.tree import DFlashTreeDraft
+    from dflash.drafters.dflash import DFlashConfig, build_drafter
+
+    target, prompt, joint = exact
+    drafter = build_drafter(DFlashConfig.for_target(EXACT_CFG, mask_token_id=VOCAB - 1, block_size=4,
+                                                    target_layer_ids=(0,)), seed=9)
+    n = 6000
+    out = speculative_generate(target, [prompt] * n, method=DFlashTreeDraft.of(drafter, width),
+                               drafter=drafter, max_new_tokens=3, eos_ids=(), mask_token_id=VOCAB - 1,
+                               sampling=SamplingParams(temperature=1.0), key=jax.random.key(7))
+    assert all(len(t) == 3 for t in out.tokens)
+    # Drafts were really accepted (paths of two drafts in the wider tree), not only plain sampling.
+    depth = 1 if width == 1 else 2
+    assert sum(a > depth for row in out.acceptance_lengths for a in row) > n // 20
+    assert_first_three_follow(out.tokens, joint)
 
 
 def test_bench_runs_the_tree_beside_the_chain(tmp_path, capsys):

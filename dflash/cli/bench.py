@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", choices=RULES, default=None)
     p.add_argument("--stochastic-drafts", action="store_true")
     p.add_argument("--tree-width", type=int, default=0,
-                   help="also run the drafter as a beam tree of this width per depth (greedy; method 'tree')")
+                   help="also run the drafter as a beam tree of this width per depth (method 'tree')")
     p.add_argument("--no-compact", action="store_true",
                    help="keep finished rows in the device batch (default: drop them once half are done)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")

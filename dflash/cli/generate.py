@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", choices=RULES, default=None,
                    help="verification rule (default: greedy at temperature 0, else token)")
     p.add_argument("--tree-width", type=int, default=0,
-                   help="draft a beam tree with this many paths per depth (DFlash drafters, greedy only)")
+                   help="draft a beam tree with this many paths per depth (DFlash; greedy or token rule)")
     p.add_argument("--stochastic-drafts", action="store_true",
                    help="when sampling, draw DFlash drafts from the drafter's distribution")
     return p

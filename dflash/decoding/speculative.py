@@ -26,7 +26,7 @@ from dflash.decoding.autoregressive import GenerationResult, is_eos, prefill, pr
 from dflash.decoding.compiled import compiled
 from dflash.decoding.drafters import NoDraft
 from dflash.decoding.sampling import SamplingParams, sample
-from dflash.decoding.tree import ancestor_mask, commit_path, gather_path, verify_tree_greedy
+from dflash.decoding.tree import ancestor_mask, commit_path, gather_path, target_choices, verify_tree
 from dflash.decoding.verify import RULES, verify
 from dflash.models.transformer import Transformer
 
@@ -119,9 +119,9 @@ def _spec_loop(tparams, dparams, carry: Carry, key, *, tgraph, dgraph, method, m
         lengths = cache.lengths  # committed tokens; the anchor sits at this position
         total = prompt_lens_B + n_gen  # prompt + emitted (the anchor is the last of them)
         anchor = jnp.take_along_axis(tokens_BL, (total - 1)[:, None], axis=1)[:, 0]
-        if getattr(method, "tree", False):  # a tree of candidates, greedy path selection
+        if getattr(method, "tree", False):  # a tree of candidates, one accepted path
             drafts, accepted, extra, cache_v, hidden = _tree_step(
-                method, drafter, target, cache, dstate, anchor, lengths, mask_id)
+                method, drafter, target, cache, dstate, anchor, lengths, mask_id, sampling, k_verify)
         else:
             # Cache-reading drafters (Orthrus) draft from the committed prefix; it comes back unchanged.
             kw = {"target_cache": cache} if getattr(method, "reads_target_cache", False) else {}
@@ -170,8 +170,9 @@ def _take_rows(carry: Carry, keep: np.ndarray) -> Carry:
     return jax.tree.map(take, carry, is_leaf=lambda x: isinstance(x, kvc.KVCache))
 
 
-def _tree_step(method, drafter, target: Transformer, cache, dstate, anchor_B, lengths_B, mask_id: int):
-    """Drafts a tree, verifies all its nodes in one target pass, keeps the longest greedy path.
+def _tree_step(method, drafter, target: Transformer, cache, dstate, anchor_B, lengths_B, mask_id: int,
+               sampling: SamplingParams, key: jax.Array):
+    """Drafts a tree, verifies all its nodes in one target pass, keeps the longest accepted path.
 
     Returns the path's drafts ``[B, D]``, accepted ``[B]``, the bonus ``[B]``, the cache with the
     path's K/V moved to contiguous slots, and the hidden states along the path ``[n, B, D+1, H]``
@@ -181,7 +182,7 @@ def _tree_step(method, drafter, target: Transformer, cache, dstate, anchor_B, le
     positions = lengths_B[:, None] + tree.depth  # a node sits at its depth
     out = target(tree.tokens, positions, cache, block_mask=ancestor_mask(tree.parents),
                  hidden_layers=method.hidden_layers)
-    verdict = verify_tree_greedy(out.logits, tree, method.depth, mask_id)
+    verdict = verify_tree(target_choices(out.logits, sampling, key), tree, method.depth, mask_id)
     drafts = jnp.take_along_axis(tree.tokens, verdict.path[:, 1:], axis=1)
     cache = commit_path(out.cache, lengths_B, verdict.path)
     return drafts, verdict.accepted, verdict.extra, cache, gather_path(out.hidden, verdict.path)
@@ -216,8 +217,8 @@ def speculative_generate(
         raise ValueError(f"unknown verification rule {rule!r}; choose from {RULES}")
     if rule == "greedy" and not sampling.greedy:
         raise ValueError("greedy verification needs temperature 0; use rule 'token' or 'block'")
-    if getattr(method, "tree", False) and rule != "greedy":
-        raise ValueError("tree drafting supports greedy verification only (temperature 0)")
+    if getattr(method, "tree", False) and rule == "block":
+        raise ValueError("tree drafting verifies greedily or token-wise (sibling rejection), not 'block'")
     batch = len(prompts)
     k = method.block_size
     # A verify pass may write up to K (a tree: all its nodes) slots past the last committed token.

@@ -1,4 +1,4 @@
-"""Tree drafting and greedy tree verification (DESIGN.md §7 "Trees").
+"""Tree drafting and tree verification, greedy and sampled (DESIGN.md §7 "Trees").
 
 A DFlash block pass gives a distribution for every position ``p+1 .. p+D``. Instead of one
 chain of argmaxes, we keep the ``W`` best partial paths at every depth (beam search over the
@@ -7,9 +7,19 @@ comes before it and the tree is prefix-closed by construction. The argmax chain 
 so a tree never accepts fewer tokens than the chain from the same state.
 
 The target verifies ``[anchor, nodes...]`` in one pass: positions are ``len + depth`` and each
-node sees the committed prefix plus its ancestors (the ancestor mask). Greedy acceptance keeps
-the deepest node whose whole root path matches the target's argmax; its path's K/V are then
-moved to contiguous cache slots so the cache looks exactly as if the chain had been verified.
+node sees the committed prefix plus its ancestors (the ancestor mask). Each node gets the target's
+choice of the token after it: the argmax (greedy) or one independent sample from the processed
+target distribution there (sampling). A node is accepted when its token is its parent's choice
+and its parent is accepted; the deepest accepted node wins and its own choice is the bonus token.
+Its path's K/V are then moved to contiguous cache slots so the cache looks exactly as if the
+chain had been verified.
+
+Sampling is lossless: siblings are distinct tokens (each beam's children are distinct top-k
+entries), so at most one child matches a node's sample and the emitted tokens are a chain of
+draws from p, each given the tokens before it. This is the recursive rejection over siblings of
+DESIGN.md §7 for deterministic candidates: rejecting sibling c (q one-hot) leaves p with c
+removed and renormalised, so trying the siblings in turn and sampling the residual draws
+exactly one token from p.
 
 Shapes: ``B`` rows, ``W`` beam width, ``D`` depth, ``T = 1 + W*D`` tree tokens (root first).
 """
@@ -23,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from dflash import cache as kvc
+from dflash.decoding.sampling import SamplingParams, sample
 
 
 class Tree(NamedTuple):
@@ -67,14 +78,18 @@ def ancestor_mask(parents_BT: jax.Array) -> jax.Array:
 class TreeVerdict(NamedTuple):
     accepted: jax.Array  # [B] accepted nodes on the chosen path (its depth)
     path: jax.Array  # [B, D+1] block indices of the path, root first; entries past ``accepted`` repeat
-    extra: jax.Array  # [B] the target's argmax after the path's last node (the bonus token)
+    extra: jax.Array  # [B] the target's choice after the path's last node (the bonus token)
 
 
-def verify_tree_greedy(logits_BTV: jax.Array, tree: Tree, max_depth: int, mask_id: int) -> TreeVerdict:
-    """Deepest node whose root path equals the target's greedy continuation, token for token."""
-    greedy_BT = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
+def target_choices(logits_BTV: jax.Array, sampling: SamplingParams, key: jax.Array) -> jax.Array:
+    """``[B, T]``: the target's token after every node: argmax, or an independent sample per node."""
+    return sample(logits_BTV, sampling, key)
+
+
+def verify_tree(choice_BT: jax.Array, tree: Tree, max_depth: int, mask_id: int) -> TreeVerdict:
+    """Deepest node whose every token on its root path is its parent's choice (``target_choices``)."""
     b, t = tree.tokens.shape
-    expected_BT = jnp.take_along_axis(greedy_BT, tree.parents, axis=1)  # what the target says there
+    expected_BT = jnp.take_along_axis(choice_BT, tree.parents, axis=1)  # what the target says there
     correct_BT = (tree.tokens == expected_BT) & (tree.tokens != mask_id)
 
     def follow(i, ok):
@@ -94,7 +109,7 @@ def verify_tree_greedy(logits_BTV: jax.Array, tree: Tree, max_depth: int, mask_i
 
     path0 = jnp.broadcast_to(best_B[:, None], (b, max_depth + 1))
     _, path = jax.lax.fori_loop(0, max_depth + 1, climb, (best_B, path0))
-    return TreeVerdict(accepted, path, jnp.take_along_axis(greedy_BT, best_B[:, None], axis=1)[:, 0])
+    return TreeVerdict(accepted, path, jnp.take_along_axis(choice_BT, best_B[:, None], axis=1)[:, 0])
 
 
 def commit_path(cache: kvc.KVCache, lengths_B: jax.Array, path_BP: jax.Array) -> kvc.KVCache:
@@ -122,7 +137,7 @@ def gather_path(x_nBTD: jax.Array, path_BP: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class DFlashTreeDraft:
-    """DFlash drafting a beam tree instead of a chain (greedy verification only).
+    """DFlash drafting a beam tree instead of a chain (greedy, or sampling with sibling rejection).
 
     One drafter pass gives the block's ``depth`` distributions; the tree keeps ``width`` paths
     per depth. ``block_size`` is the chain-equivalent block (anchor + ``depth``), so acceptance
