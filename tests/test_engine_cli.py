@@ -82,3 +82,17 @@ def test_generate_with_pallas_kernels_in_interpret_mode_equals_reference(capsys)
     ref = _gen(capsys, *args, "--attention-impl", "reference")
     pallas = _gen(capsys, *args, "--attention-impl", "pallas")
     assert pallas["tokens"] == ref["tokens"] and pallas["acceptance_lengths"] == ref["acceptance_lengths"]
+
+
+def test_step_costs_measure_every_pass_of_the_loop():
+    from dflash.bench import step_costs
+    from dflash.models import build
+
+    cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+    drafter = build_drafter(DFlashConfig.for_target(cfg, mask_token_id=63, block_size=4,
+                                                    target_layer_ids=(1, 2)), seed=1)
+    costs = step_costs(build(cfg, seed=0), drafter, block_size=4, context=20, iters=3)
+    assert set(costs) == {"ar_step_s", "verify_s", "draft_s", "draft_verify_s", "verify_over_ar"}
+    assert all(v > 0 for v in costs.values())
+    assert costs["verify_over_ar"] == costs["verify_s"] / costs["ar_step_s"]
