@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from dflash import cache as kvc
-from dflash.config import ConfigError, ModelConfig, RopeConfig
+from dflash.config import ConfigError, ModelConfig, RopeConfig, check_block_drafter
 from dflash.kernels import dispatch
 from dflash.models.transformer import (
     DecoderLayer,
@@ -68,10 +68,9 @@ class DFlashConfig:
     model_type: str = "qwen3"  # the target's family (recorded on export)
 
     def __post_init__(self) -> None:
-        if self.block_size < 2:
-            raise ConfigError(f"drafter.block_size must be >= 2, got {self.block_size}")
-        if self.num_layers < 1:
-            raise ConfigError(f"drafter.num_layers must be >= 1, got {self.num_layers}")
+        check_block_drafter("drafter", block_size=self.block_size, num_layers=self.num_layers,
+                            mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+                            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
         if not self.target_layer_ids:
             raise ConfigError("drafter.target_layer_ids must name at least one target layer")
         for i in self.target_layer_ids:
@@ -82,13 +81,6 @@ class DFlashConfig:
                 )
         if len(set(self.target_layer_ids)) != len(self.target_layer_ids):
             raise ConfigError(f"drafter.target_layer_ids has duplicates: {self.target_layer_ids}")
-        if not 0 <= self.mask_token_id < self.vocab_size:
-            raise ConfigError(
-                f"drafter.mask_token_id={self.mask_token_id} is outside the vocabulary "
-                f"(0..{self.vocab_size - 1})"
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError("drafter.num_heads must be a multiple of drafter.num_kv_heads")
 
     @classmethod
     def for_target(cls, target: ModelConfig, *, mask_token_id: int, num_layers: int = 1,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dflash import cache as kvc
-from dflash.config import ConfigError, ModelConfig
+from dflash.config import ConfigError, ModelConfig, check_block_drafter
 from dflash.kernels import dispatch
 from dflash.models.transformer import Linear, RMSNorm, Transformer, rope_cos_sin, rotated_heads, split_heads
 
@@ -55,16 +55,9 @@ class OrthrusConfig:
     model_type: str = "qwen3"  # the target's family (recorded on export)
 
     def __post_init__(self) -> None:
-        if self.block_size < 2:
-            raise ConfigError(f"drafter.block_size must be >= 2, got {self.block_size}")
-        if self.num_layers < 1:
-            raise ConfigError(f"orthrus num_layers must be >= 1, got {self.num_layers}")
-        if not 0 <= self.mask_token_id < self.vocab_size:
-            raise ConfigError(
-                f"drafter.mask_token_id={self.mask_token_id} is outside the vocabulary "
-                f"(0..{self.vocab_size - 1})")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError("orthrus num_heads must be a multiple of num_kv_heads")
+        check_block_drafter("orthrus", block_size=self.block_size, num_layers=self.num_layers,
+                            mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+                            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
 
     @classmethod
     def for_target(cls, target: ModelConfig, *, mask_token_id: int,
