@@ -25,6 +25,14 @@ def drafter_dir(tmp_path_factory):
                         target_name="tiny-code", target_cfg=target.cfg)
 
 
+def run_bench(tmp_path, *args: str) -> tuple[dict, dict[str, list[list[int]]]]:
+    """``dflash-bench ARGS --json``: the methods' results, and each method's tokens per prompt."""
+    out = tmp_path / "bench.json"
+    assert bench_main([*args, "--json", str(out)]) == 0
+    methods = json.loads(out.read_text())["methods"]
+    return methods, {name: [p["tokens"] for p in m["per_prompt"]] for name, m in methods.items()}
+
+
 def _gen(capsys, *args):
     assert generate_main(["--prompt", "def area(r):\n", "--max-new-tokens", "40", "--json", *args]) == 0
     return json.loads(capsys.readouterr().out)
@@ -59,22 +67,16 @@ def test_bench_writes_all_methods_from_jsonl_prompts(tmp_path, drafter_dir, caps
             {"messages": [{"role": "user", "content": "def add(a, b):"}]},
             {"prompt": "class Point:\n    def __init__(self, x, y):\n"}]
     prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = tmp_path / "bench.json"
-    assert bench_main(["--drafter", str(drafter_dir), "--prompts", str(prompts), "--max-new-tokens", "24",
-                       "--batch-size", "2", "--json", str(out)]) == 0
+    methods, tokens = run_bench(tmp_path, "--drafter", str(drafter_dir), "--prompts", str(prompts),
+                                "--max-new-tokens", "24", "--batch-size", "2")
     table = capsys.readouterr().out
     assert "speedup" in table and "ngram" in table
-    result = json.loads(out.read_text())
-    methods = result["methods"]
     assert set(methods) == {"ar", "ngram", "drafter"}
     for name, r in methods.items():
         assert {"tau", "tokens_per_s", "speedup", "generated_tokens", "per_prompt"} <= set(r), name
         assert len(r["per_prompt"]) == 3 and r["generated_tokens"] > 0
     assert methods["ar"]["tau"] == 1.0 and methods["ar"]["speedup"] == 1.0
-    for i in range(3):  # greedy: every method produced the AR tokens
-        ar_tokens = methods["ar"]["per_prompt"][i]["tokens"]
-        assert methods["ngram"]["per_prompt"][i]["tokens"] == ar_tokens
-        assert methods["drafter"]["per_prompt"][i]["tokens"] == ar_tokens
+    assert tokens["ngram"] == tokens["ar"] == tokens["drafter"]  # greedy: every method gives the AR tokens
 
 
 def test_generate_with_pallas_kernels_in_interpret_mode_equals_reference(capsys):

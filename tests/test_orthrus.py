@@ -383,14 +383,11 @@ def test_shipped_drafter_is_lossless_and_drafts(batch, block):
 
 
 def test_bench_runs_orthrus_and_dflash_side_by_side(tmp_path, capsys):
-    from dflash.cli.bench import main as bench_main
+    from test_engine_cli import run_bench
 
-    out = tmp_path / "bench.json"
-    assert bench_main(["--drafter", "tiny-code-orthrus", "--also", "tiny-code-dflash", "--block-size", "8",
-                       "--num-prompts", "2", "--max-new-tokens", "16", "--json", str(out)]) == 0
-    methods = json.loads(out.read_text())["methods"]
+    methods, tokens = run_bench(tmp_path, "--drafter", "tiny-code-orthrus", "--also", "tiny-code-dflash",
+                                "--block-size", "8", "--num-prompts", "2", "--max-new-tokens", "16")
     assert set(methods) == {"ar", "ngram", "drafter", "also:tiny-code-dflash"}
-    tokens = {name: [p["tokens"] for p in m["per_prompt"]] for name, m in methods.items()}
     assert tokens["drafter"] == tokens["ar"] == tokens["also:tiny-code-dflash"]
     assert methods["drafter"]["block_size"] == methods["also:tiny-code-dflash"]["block_size"] == 8
     assert "also:tiny-code-dflash" in capsys.readouterr().out

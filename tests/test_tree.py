@@ -187,16 +187,11 @@ def test_tree_sampling_preserves_the_target_distribution(exact, width):  # noqa:
 
 
 def test_bench_runs_the_tree_beside_the_chain(tmp_path, capsys):
-    import json
+    from test_engine_cli import run_bench
 
-    from dflash.cli.bench import main as bench_main
-
-    out = tmp_path / "bench.json"
-    assert bench_main(["--drafter", "tiny-code-dflash", "--num-prompts", "2", "--max-new-tokens", "16",
-                       "--tree-width", "2", "--block-size", "6", "--json", str(out)]) == 0
-    methods = json.loads(out.read_text())["methods"]
+    methods, tokens = run_bench(tmp_path, "--drafter", "tiny-code-dflash", "--num-prompts", "2",
+                                "--max-new-tokens", "16", "--tree-width", "2", "--block-size", "6")
     assert set(methods) == {"ar", "ngram", "drafter", "tree"}
-    tokens = {name: [p["tokens"] for p in m["per_prompt"]] for name, m in methods.items()}
     assert tokens["tree"] == tokens["ar"] == tokens["drafter"]
     assert methods["tree"]["tau"] >= methods["drafter"]["tau"]
     assert "tree" in capsys.readouterr().out
