@@ -26,7 +26,7 @@ from dflash.decoding.autoregressive import GenerationResult, is_eos, prefill, pr
 from dflash.decoding.compiled import compiled
 from dflash.decoding.drafters import NoDraft
 from dflash.decoding.sampling import SamplingParams, sample
-from dflash.decoding.tree import ancestor_mask, commit_path, gather_path, target_choices, verify_tree
+from dflash.decoding.tree import ancestor_mask, commit_path, gather_path, verify_tree
 from dflash.decoding.verify import RULES, verify
 from dflash.models.transformer import Transformer
 
@@ -182,7 +182,7 @@ def _tree_step(method, drafter, target: Transformer, cache, dstate, anchor_B, le
     positions = lengths_B[:, None] + tree.depth  # a node sits at its depth
     out = target(tree.tokens, positions, cache, block_mask=ancestor_mask(tree.parents),
                  hidden_layers=method.hidden_layers)
-    verdict = verify_tree(target_choices(out.logits, sampling, key), tree, method.depth, mask_id)
+    verdict = verify_tree(sample(out.logits, sampling, key), tree, method.depth, mask_id)  # a choice per node
     drafts = jnp.take_along_axis(tree.tokens, verdict.path[:, 1:], axis=1)
     cache = commit_path(out.cache, lengths_B, verdict.path)
     return drafts, verdict.accepted, verdict.extra, cache, gather_path(out.hidden, verdict.path)

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 
 from dflash import cache as kvc
-from dflash.decoding.sampling import SamplingParams, sample
 
 
 class Tree(NamedTuple):
@@ -81,13 +80,12 @@ class TreeVerdict(NamedTuple):
     extra: jax.Array  # [B] the target's choice after the path's last node (the bonus token)
 
 
-def target_choices(logits_BTV: jax.Array, sampling: SamplingParams, key: jax.Array) -> jax.Array:
-    """``[B, T]``: the target's token after every node: argmax, or an independent sample per node."""
-    return sample(logits_BTV, sampling, key)
-
-
 def verify_tree(choice_BT: jax.Array, tree: Tree, max_depth: int, mask_id: int) -> TreeVerdict:
-    """Deepest node whose every token on its root path is its parent's choice (``target_choices``)."""
+    """Deepest node whose every token on its root path is its parent's choice.
+
+    ``choice_BT``: the target's token after every node, the argmax or one independent sample per
+    node (``sampling.sample`` over the tree's logits ``[B, T, V]``).
+    """
     b, t = tree.tokens.shape
     expected_BT = jnp.take_along_axis(choice_BT, tree.parents, axis=1)  # what the target says there
     correct_BT = (tree.tokens == expected_BT) & (tree.tokens != mask_id)
