@@ -221,7 +221,7 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run
         cached = run_dir / "regenerated.npz"
         cached_eval = run_dir / "regenerated_eval.npz"
         made_with = run_dir / "regenerated.json"  # the settings the stored data was made with
-        settings = json.loads(json.dumps(_regen_settings(cfg, target)))
+        settings = _regen_settings(cfg, target)  # plain JSON values (to_dict turns tuples into lists)
         if (cached.exists() and cached_eval.exists() and made_with.exists()
                 and json.loads(made_with.read_text()) == settings):
             train_docs, held_docs = load_documents_npz(cached), load_documents_npz(cached_eval)
