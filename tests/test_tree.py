@@ -11,7 +11,15 @@ import pytest
 from test_verify import exact  # noqa: F401  (a fixture)
 
 from dflash import cache as kvc
-from dflash.decoding.tree import ancestor_mask, beam_tree, commit_path, gather_path, verify_tree
+from dflash.decoding.tree import (
+    ancestor_mask,
+    beam_tree,
+    commit_path,
+    gather_path,
+    graft_chain,
+    top_few,
+    verify_tree,
+)
 
 
 def _random_logp(seed: int, b: int, d: int, v: int) -> jax.Array:
@@ -44,6 +52,69 @@ def test_beam_levels_are_the_global_best_paths(width, depth, vocab):
         assert path(1 + (depth - 1) * width) == lp[row].argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_few_equals_lax_top_k_with_ties(k):
+    x = jnp.round(jax.random.normal(jax.random.key(k), (2, 5, 40)) * 2) / 2  # many equal entries
+    for got, want in zip(top_few(x, k), jax.lax.top_k(x, k), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def _paths(tokens, parents, row) -> set[tuple[int, ...]]:
+    """Root-to-node token paths (root excluded) whose every token is a real candidate (>= 0)."""
+    out = set()
+    for t in range(1, tokens.shape[1]):
+        path, node = [], t
+        while node:
+            path.append(int(tokens[row, node]))
+            node = int(parents[row, node])
+        if min(path) >= 0:
+            out.add(tuple(path[::-1]))
+    return out
+
+
+def _chains(tree, depth: int, vocab: int, seed: int) -> jax.Array:
+    """Candidate chains per row: the tree's best path with a random tail from a random depth
+    on, or fully random, or with unknown (-1) entries: shared prefixes of every length occur."""
+    rng = np.random.default_rng(seed)
+    tokens, parents = np.asarray(tree.tokens), np.asarray(tree.parents)
+    rows = []
+    for row in range(tokens.shape[0]):
+        best = max(_paths(tokens, parents, row), key=lambda p: (len(p), p))
+        chain = rng.integers(0, vocab, depth)
+        keep = rng.integers(0, depth + 1)
+        chain[:keep] = best[:keep]
+        if rng.random() < 0.3:
+            chain[rng.integers(0, depth):] = -1
+        rows.append(chain)
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grafted_chain_adds_exactly_its_prefixes_and_keeps_siblings_distinct(seed):
+    width, depth, vocab, b = 2, 4, 3, 8
+    tree = beam_tree(jnp.zeros((b,), jnp.int32), _random_logp(seed, b, depth, vocab), width)
+    chain = _chains(tree, depth, vocab, seed)
+    grafted = graft_chain(tree, chain)
+    tokens, parents, depths = map(np.asarray, grafted)
+    t = 1 + width * depth
+    assert tokens.shape == (b, t + depth)
+    np.testing.assert_array_equal(tokens[:, :t], tree.tokens)  # the tree itself is unchanged
+    assert (parents[:, 1:] < np.arange(1, t + depth)).all()  # parents come first
+    for row in range(b):
+        for node in range(1, t + depth):
+            assert depths[row, node] == depths[row, parents[row, node]] + 1
+        children = {}
+        for node in range(1, t + depth):
+            if tokens[row, node] >= 0:
+                key = (int(parents[row, node]), int(tokens[row, node]))
+                assert key not in children, "two siblings with the same token"
+                children[key] = node
+        c = np.asarray(chain)[row]
+        prefixes = {tuple(c[:i].tolist()) for i in range(1, depth + 1) if min(c[:i]) >= 0}
+        assert _paths(tokens, parents, row) == _paths(np.asarray(tree.tokens), np.asarray(tree.parents),
+                                                      row) | prefixes
+
+
 def test_ancestor_mask_matches_a_loop():
     tree = beam_tree(jnp.array([1, 2, 3]), _random_logp(5, 3, 4, 9), 3)
     mask, parents = np.asarray(ancestor_mask(tree.parents)), np.asarray(tree.parents)
@@ -56,10 +127,12 @@ def test_ancestor_mask_matches_a_loop():
             assert set(np.flatnonzero(mask[row, t])) == seen
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_greedy_tree_verification_matches_brute_force(seed):
+@pytest.mark.parametrize("seed,graft", [(s, s >= 4) for s in range(8)])
+def test_greedy_tree_verification_matches_brute_force(seed, graft):
     width, depth, vocab, b = 3, 4, 4, 5  # a tiny vocabulary so that long matches happen
     tree = beam_tree(jnp.arange(b) % vocab, _random_logp(seed, b, depth, vocab), width)
+    if graft:  # with a grafted chain: blank (-1) nodes, a branch below a shared node
+        tree = graft_chain(tree, _chains(tree, depth, vocab, seed))
     logits = jax.random.normal(jax.random.key(100 + seed), (b, tree.tokens.shape[1], vocab))
     mask_id = 3
     greedy = np.asarray(logits).argmax(-1)
@@ -129,10 +202,11 @@ def shipped():
     return target, load_drafter("tiny-code-dflash", target.cfg), prompts
 
 
-@pytest.mark.parametrize("batch,width,block", [(1, 3, 16), (4, 2, 8), (4, 1, 6)])
-def test_tree_speculation_is_lossless_and_never_shorter_than_the_chain(shipped, batch, width, block):
+@pytest.mark.parametrize("batch,width,block,lookup", [(1, 3, 16, False), (4, 2, 8, False), (4, 1, 6, False),
+                                                      (1, 1, 16, True), (4, 2, 6, True)])
+def test_tree_speculation_is_lossless_and_never_shorter_than_the_chain(shipped, batch, width, block, lookup):
     from dflash.decoding.autoregressive import generate
-    from dflash.decoding.drafters import DFlashDraft
+    from dflash.decoding.drafters import DFlashDraft, NgramDraft
     from dflash.decoding.speculative import speculative_generate
     from dflash.decoding.tree import DFlashTreeDraft
 
@@ -140,14 +214,19 @@ def test_tree_speculation_is_lossless_and_never_shorter_than_the_chain(shipped, 
     prompts = prompts[:batch]
     common = dict(drafter=drafter, max_new_tokens=48, mask_token_id=drafter.cfg.mask_token_id)
     ar = generate(target, prompts, max_new_tokens=48)
-    tree = speculative_generate(target, prompts, method=DFlashTreeDraft.of(drafter, width, block), **common)
+    tree = speculative_generate(target, prompts, method=DFlashTreeDraft.of(drafter, width, block, lookup),
+                                **common)
     chain = speculative_generate(target, prompts, method=DFlashDraft.of(drafter, block_size=block), **common)
     assert tree.tokens == ar.tokens == chain.tokens
     assert all(1 <= a <= block for row in tree.acceptance_lengths for a in row)
-    if width == 1:  # the same drafts as the chain, step for step
+    if width == 1 and not lookup:  # the same drafts as the chain, step for step
         assert tree.acceptance_lengths == chain.acceptance_lengths
     else:
         assert tree.tau >= chain.tau
+    if lookup:  # the lookup branch is really taken: better than either method alone
+        ngram = speculative_generate(target, prompts, method=NgramDraft(block_size=block), **common)
+        assert tree.tokens == ngram.tokens
+        assert tree.tau > max(chain.tau, ngram.tau)
 
 
 def test_tree_refuses_block_verification(shipped):
@@ -161,8 +240,8 @@ def test_tree_refuses_block_verification(shipped):
                              sampling=SamplingParams(temperature=1.0), rule="block")
 
 
-@pytest.mark.parametrize("width", [1, 3])
-def test_tree_sampling_preserves_the_target_distribution(exact, width):  # noqa: F811
+@pytest.mark.parametrize("width,lookup", [(1, False), (3, False), (1, True)])
+def test_tree_sampling_preserves_the_target_distribution(exact, width, lookup):  # noqa: F811
     """Chi-square on the joint of the first three sampled tokens (all from one tree step)."""
     from test_verify import CFG as EXACT_CFG
     from test_verify import VOCAB, assert_first_three_follow
@@ -176,13 +255,23 @@ def test_tree_sampling_preserves_the_target_distribution(exact, width):  # noqa:
     drafter = build_drafter(DFlashConfig.for_target(EXACT_CFG, mask_token_id=VOCAB - 1, block_size=4,
                                                     target_layer_ids=(0,)), seed=9)
     n = 6000
-    out = speculative_generate(target, [prompt] * n, method=DFlashTreeDraft.of(drafter, width),
-                               drafter=drafter, max_new_tokens=3, eos_ids=(), mask_token_id=VOCAB - 1,
-                               sampling=SamplingParams(temperature=1.0), key=jax.random.key(7))
+
+    def run(lookup: bool):
+        method = DFlashTreeDraft.of(drafter, width, lookup=lookup)
+        return speculative_generate(target, [prompt] * n, method=method, drafter=drafter, max_new_tokens=3,
+                                    eos_ids=(), mask_token_id=VOCAB - 1,
+                                    sampling=SamplingParams(temperature=1.0), key=jax.random.key(7))
+
+    def longer_than(result, depth: int) -> int:
+        return sum(a > depth for row in result.acceptance_lengths for a in row)
+
+    out = run(lookup)
     assert all(len(t) == 3 for t in out.tokens)
     # Drafts were really accepted (paths of two drafts in the wider tree), not only plain sampling.
     depth = 1 if width == 1 else 2
-    assert sum(a > depth for row in out.acceptance_lengths for a in row) > n // 20
+    assert longer_than(out, depth) > n // 20
+    if lookup:  # the lookup branch adds accepted paths (measured: 2567 against 1748 steps accept a draft)
+        assert longer_than(out, 1) > 1.2 * longer_than(run(False), 1)
     assert_first_three_follow(out.tokens, joint)
 
 
@@ -190,8 +279,11 @@ def test_bench_runs_the_tree_beside_the_chain(tmp_path, capsys):
     from test_engine_cli import run_bench
 
     methods, tokens = run_bench(tmp_path, "--drafter", "tiny-code-dflash", "--num-prompts", "2",
-                                "--max-new-tokens", "16", "--tree-width", "2", "--block-size", "6")
-    assert set(methods) == {"ar", "ngram", "drafter", "tree"}
-    assert tokens["tree"] == tokens["ar"] == tokens["drafter"]
+                                "--max-new-tokens", "16", "--tree-width", "2", "--block-size", "6",
+                                "--ngram-branch")
+    assert set(methods) == {"ar", "ngram", "drafter", "tree", "drafter+ngram"}
+    assert tokens["tree"] == tokens["drafter+ngram"] == tokens["ar"] == tokens["drafter"]
     assert methods["tree"]["tau"] >= methods["drafter"]["tau"]
-    assert "tree" in capsys.readouterr().out
+    assert methods["drafter+ngram"]["tau"] >= methods["tree"]["tau"]
+    out = capsys.readouterr().out
+    assert "tree" in out and "drafter+ngram" in out

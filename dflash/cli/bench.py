@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stochastic-drafts", action="store_true")
     p.add_argument("--tree-width", type=int, default=0,
                    help="also run the drafter as a beam tree of this width per depth (method 'tree')")
+    p.add_argument("--ngram-branch", action="store_true",
+                   help="also run the drafter with the prompt-lookup chain as one more tree branch, verified "
+                        "in the same pass (method 'drafter+ngram'; tree width --tree-width or 1)")
     p.add_argument("--no-compact", action="store_true",
                    help="keep finished rows in the device batch (default: drop them once half are done)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                    "drafter": (drafter_method, drafter)}
         if args.tree_width:
             methods["tree"] = (DFlashTreeDraft.around(drafter_method, args.tree_width), drafter)
+        if args.ngram_branch:
+            hybrid = DFlashTreeDraft.around(drafter_method, args.tree_width or 1, lookup=True)
+            methods["drafter+ngram"] = (hybrid, drafter)
         for other in args.also:
             also_method, also_drafter = resolve_method(other, target, block_size=args.block_size,
                                                        stochastic=args.stochastic_drafts)

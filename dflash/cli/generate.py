@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verification rule (default: greedy at temperature 0, else token)")
     p.add_argument("--tree-width", type=int, default=0,
                    help="draft a beam tree with this many paths per depth (DFlash; greedy or token rule)")
+    p.add_argument("--ngram-branch", action="store_true",
+                   help="verify the prompt-lookup chain beside the DFlash draft, as one more tree branch "
+                        "(tree width 1 unless --tree-width)")
     p.add_argument("--stochastic-drafts", action="store_true",
                    help="when sampling, draw DFlash drafts from the drafter's distribution")
     return p
@@ -73,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                                              stochastic=args.stochastic_drafts)
             if hasattr(type(drafter), "attention_impl"):  # DFlash (Orthrus runs inside the target)
                 set_attention_impl(drafter, args.attention_impl)
-            if args.tree_width:
-                method = DFlashTreeDraft.around(method, args.tree_width)
+            if args.tree_width or args.ngram_branch:
+                method = DFlashTreeDraft.around(method, args.tree_width or 1, lookup=args.ngram_branch)
             mask = drafter.cfg.mask_token_id if drafter is not None else -1
             result = speculative_generate(model, [ids], method=method, drafter=drafter, rule=args.verify,
                                           mask_token_id=mask, **common)

@@ -121,7 +121,8 @@ def _spec_loop(tparams, dparams, carry: Carry, key, *, tgraph, dgraph, method, m
         anchor = jnp.take_along_axis(tokens_BL, (total - 1)[:, None], axis=1)[:, 0]
         if getattr(method, "tree", False):  # a tree of candidates, one accepted path
             drafts, accepted, extra, cache_v, hidden = _tree_step(
-                method, drafter, target, cache, dstate, anchor, lengths, mask_id, sampling, k_verify)
+                method, drafter, target, cache, dstate, anchor, lengths, tokens_BL, total, mask_id, sampling,
+                k_verify)
         else:
             # Cache-reading drafters (Orthrus) draft from the committed prefix; it comes back unchanged.
             kw = {"target_cache": cache} if getattr(method, "reads_target_cache", False) else {}
@@ -170,17 +171,18 @@ def _take_rows(carry: Carry, keep: np.ndarray) -> Carry:
     return jax.tree.map(take, carry, is_leaf=lambda x: isinstance(x, kvc.KVCache))
 
 
-def _tree_step(method, drafter, target: Transformer, cache, dstate, anchor_B, lengths_B, mask_id: int,
-               sampling: SamplingParams, key: jax.Array):
+def _tree_step(method, drafter, target: Transformer, cache, dstate, anchor_B, lengths_B, tokens_BL, total_B,
+               mask_id: int, sampling: SamplingParams, key: jax.Array):
     """Drafts a tree, verifies all its nodes in one target pass, keeps the longest accepted path.
 
     Returns the path's drafts ``[B, D]``, accepted ``[B]``, the bonus ``[B]``, the cache with the
     path's K/V moved to contiguous slots, and the hidden states along the path ``[n, B, D+1, H]``
     (what a verified chain of the same tokens would have given).
     """
-    tree = method.propose_tree(drafter, target, dstate, anchor_B)
+    tree = method.propose_tree(drafter, target, dstate, anchor_B, tokens_BL, total_B)
     positions = lengths_B[:, None] + tree.depth  # a node sits at its depth
-    out = target(tree.tokens, positions, cache, block_mask=ancestor_mask(tree.parents),
+    # Blank nodes (-1: a grafted chain's shared or unknown candidates) are scored as token 0, never accepted.
+    out = target(jnp.maximum(tree.tokens, 0), positions, cache, block_mask=ancestor_mask(tree.parents),
                  hidden_layers=method.hidden_layers)
     verdict = verify_tree(sample(out.logits, sampling, key), tree, method.depth, mask_id)  # a choice per node
     drafts = jnp.take_along_axis(tree.tokens, verdict.path[:, 1:], axis=1)

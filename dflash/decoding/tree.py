@@ -21,7 +21,14 @@ DESIGN.md §7 for deterministic candidates: rejecting sibling c (q one-hot) leav
 removed and renormalised, so trying the siblings in turn and sampling the residual draws
 exactly one token from p.
 
-Shapes: ``B`` rows, ``W`` beam width, ``D`` depth, ``T = 1 + W*D`` tree tokens (root first).
+A prompt-lookup chain can be grafted on as one more branch (``graft_chain``): the drafter and
+the n-gram drafter fail in different places (the drafter in loops it has not learned, lookup on
+novel text), and the target scores both in the same pass, so a step accepts the longer of the two.
+The chain shares the tree's nodes where it agrees with a tree path and branches off below the
+deepest agreeing node, so siblings stay distinct and sampling stays lossless.
+
+Shapes: ``B`` rows, ``W`` beam width, ``D`` depth, ``T = 1 + W*D`` tree tokens (root first), plus
+``D`` when a chain is grafted.
 """
 
 from __future__ import annotations
@@ -41,10 +48,27 @@ class Tree(NamedTuple):
     depth: jax.Array  # [B, T] int32: 0 for the root, 1..D for nodes
 
 
+def top_few(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k`` over the last axis for a small ``k``, as ``k`` argmax passes.
+
+    XLA:CPU turns a ``top_k`` over a ``[B, D, V]`` array into a full sort of every row (4.7 ms per
+    drafted block for V = 4096 here, against 0.1 ms for a few argmaxes). Ties go to the lower
+    index, as in ``top_k``.
+    """
+    vals, idx = [], []
+    iota = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    for _ in range(k):
+        i = jnp.argmax(x, axis=-1).astype(jnp.int32)
+        vals.append(jnp.take_along_axis(x, i[..., None], axis=-1)[..., 0])
+        idx.append(i)
+        x = jnp.where(iota == i[..., None], -jnp.inf, x)
+    return jnp.stack(vals, axis=-1), jnp.stack(idx, axis=-1)
+
+
 def beam_tree(anchor_B: jax.Array, logp_BDV: jax.Array, width: int) -> Tree:
     """The ``width`` best paths (sum of per-position log-probs) at every depth, as one tree."""
     b, d, _ = logp_BDV.shape
-    top_lp_BDW, top_tok_BDW = jax.lax.top_k(logp_BDV, width)  # best children per position
+    top_lp_BDW, top_tok_BDW = top_few(logp_BDV, width)  # best children per position
     score_BW = top_lp_BDW[:, 0]  # level 1: the W best tokens at position p+1
     tokens, parents = [top_tok_BDW[:, 0]], [jnp.zeros((b, width), jnp.int32)]
     for level in range(1, d):
@@ -59,6 +83,40 @@ def beam_tree(anchor_B: jax.Array, logp_BDV: jax.Array, width: int) -> Tree:
         tokens=jnp.concatenate([anchor_B[:, None], *tokens], axis=1).astype(jnp.int32),
         parents=jnp.concatenate([jnp.zeros((b, 1), jnp.int32), *parents], axis=1).astype(jnp.int32),
         depth=jnp.broadcast_to(depth_T, (b, 1 + width * d)),
+    )
+
+
+def along_paths(parents_BT: jax.Array, node_ok_BT: jax.Array) -> jax.Array:
+    """``[B, T]``: node t holds iff ``node_ok`` holds at t and at all its ancestors except the root."""
+    b, t = parents_BT.shape
+
+    def follow(i, ok):
+        parent_ok = jnp.take_along_axis(ok, parents_BT[:, i][:, None], axis=1)[:, 0]
+        return ok.at[:, i].set(jnp.where(i > 0, parent_ok & node_ok_BT[:, i], True))
+
+    return jax.lax.fori_loop(0, t, follow, jnp.zeros((b, t), bool))
+
+
+def graft_chain(tree: Tree, chain_BD: jax.Array) -> Tree:
+    """``tree`` plus the candidate chain ``chain_BD`` (-1: no candidate) as one more branch.
+
+    The deepest tree node whose root path spells ``chain[:c]`` is shared: the chain's first ``c``
+    nodes are blanked (-1, never accepted) and node ``c+1`` hangs below the shared node, so no
+    node has two children with the same token. Chain node i sits at block index ``T + i - 1``.
+    """
+    b, t = tree.tokens.shape
+    d = chain_BD.shape[1]
+    want_BT = jnp.take_along_axis(chain_BD, jnp.maximum(tree.depth - 1, 0), axis=1)  # chain token there
+    on_BT = along_paths(tree.parents, tree.tokens == want_BT)  # root paths that spell a chain prefix
+    shared_B = jnp.argmax(jnp.where(on_BT, tree.depth, -1), axis=1).astype(jnp.int32)  # one per depth
+    c_B = jnp.take_along_axis(tree.depth, shared_B[:, None], axis=1)  # [B, 1] agreeing depth
+    i_D = jnp.arange(1, d + 1, dtype=jnp.int32)[None]
+    own_parent_D = jnp.where(i_D == 1, 0, t + i_D - 2)  # the previous chain node (node 1: the root)
+    return Tree(
+        tokens=jnp.concatenate([tree.tokens, jnp.where(i_D <= c_B, -1, chain_BD)], axis=1).astype(jnp.int32),
+        parents=jnp.concatenate([tree.parents, jnp.where(i_D == c_B + 1, shared_B[:, None], own_parent_D)],
+                                axis=1).astype(jnp.int32),
+        depth=jnp.concatenate([tree.depth, jnp.broadcast_to(i_D, (b, d))], axis=1),
     )
 
 
@@ -86,15 +144,9 @@ def verify_tree(choice_BT: jax.Array, tree: Tree, max_depth: int, mask_id: int) 
     ``choice_BT``: the target's token after every node, the argmax or one independent sample per
     node (``sampling.sample`` over the tree's logits ``[B, T, V]``).
     """
-    b, t = tree.tokens.shape
+    b = tree.tokens.shape[0]
     expected_BT = jnp.take_along_axis(choice_BT, tree.parents, axis=1)  # what the target says there
-    correct_BT = (tree.tokens == expected_BT) & (tree.tokens != mask_id)
-
-    def follow(i, ok):
-        parent_ok = jnp.take_along_axis(ok, tree.parents[:, i][:, None], axis=1)[:, 0]
-        return ok.at[:, i].set(jnp.where(i > 0, parent_ok & correct_BT[:, i], True))
-
-    ok_BT = jax.lax.fori_loop(0, t, follow, jnp.zeros((b, t), bool))
+    ok_BT = along_paths(tree.parents, (tree.tokens == expected_BT) & (tree.tokens != mask_id))
     reach_BT = jnp.where(ok_BT, tree.depth, -1)
     best_B = jnp.argmax(reach_BT, axis=1).astype(jnp.int32)  # first of the deepest accepted nodes
     accepted = jnp.take_along_axis(tree.depth, best_B[:, None], axis=1)[:, 0]
@@ -138,32 +190,35 @@ class DFlashTreeDraft:
     """DFlash drafting a beam tree instead of a chain (greedy, or sampling with sibling rejection).
 
     One drafter pass gives the block's ``depth`` distributions; the tree keeps ``width`` paths
-    per depth. ``block_size`` is the chain-equivalent block (anchor + ``depth``), so acceptance
-    lengths compare with chain drafting; ``verify_tokens`` is what the target scores per step.
-    The drafter's own cache is handled exactly as for a chain (``chain``), fed with the hidden
-    states of the accepted path.
+    per depth. With ``lookup`` (an ``NgramDraft``), the prompt-lookup chain is grafted on as one
+    more branch (``graft_chain``). ``block_size`` is the chain-equivalent block (anchor +
+    ``depth``), so acceptance lengths compare with chain drafting; ``verify_tokens`` is what the
+    target scores per step. The drafter's own cache is handled exactly as for a chain
+    (``chain``), fed with the hidden states of the accepted path.
     """
 
     chain: Any  # DFlashDraft with block_size = depth + 1
     width: int
+    lookup: Any = None  # NgramDraft with the same block size, or None
     tree: ClassVar[bool] = True
 
     @classmethod
-    def of(cls, drafter: Any, width: int, block_size: int | None = None) -> DFlashTreeDraft:
+    def of(cls, drafter: Any, width: int, block_size: int | None = None,
+           lookup: bool = False) -> DFlashTreeDraft:
         from dflash.decoding.drafters import DFlashDraft
 
-        return cls.around(DFlashDraft.of(drafter, block_size=block_size), width)
+        return cls.around(DFlashDraft.of(drafter, block_size=block_size), width, lookup)
 
     @classmethod
-    def around(cls, chain: Any, width: int) -> DFlashTreeDraft:
+    def around(cls, chain: Any, width: int, lookup: bool = False) -> DFlashTreeDraft:
         """The tree version of a chain method (only DFlash drafters give per-position distributions)."""
-        from dflash.decoding.drafters import DFlashDraft
+        from dflash.decoding.drafters import DFlashDraft, NgramDraft
 
         if not isinstance(chain, DFlashDraft) or chain.stochastic:
             raise ValueError("tree drafting needs a DFlash drafter with argmax drafts")
         if width < 1:
             raise ValueError(f"tree width must be >= 1, got {width}")
-        return cls(chain, width)
+        return cls(chain, width, NgramDraft(block_size=chain.block_size) if lookup else None)
 
     @property
     def block_size(self) -> int:
@@ -175,7 +230,7 @@ class DFlashTreeDraft:
 
     @property
     def verify_tokens(self) -> int:
-        return 1 + self.width * self.depth
+        return 1 + (self.width + (self.lookup is not None)) * self.depth
 
     @property
     def hidden_layers(self) -> tuple[int, ...]:
@@ -187,10 +242,16 @@ class DFlashTreeDraft:
     def prefill(self, drafter, state, hidden, prompt_lens_B):
         return self.chain.prefill(drafter, state, hidden, prompt_lens_B)
 
-    def propose_tree(self, drafter, target, state, anchor_B: jax.Array) -> Tree:
+    def propose_tree(self, drafter, target, state, anchor_B: jax.Array, tokens_BL: jax.Array,
+                     total_B: jax.Array) -> Tree:
+        """``tokens_BL``/``total_B``: the committed + emitted text, read by the lookup branch."""
         logits = drafter.draft_logits(target, state, anchor_B, self.block_size)  # [B, D, V]
         logits = logits.at[..., drafter.cfg.mask_token_id].set(-jnp.inf)  # never proposed
-        return beam_tree(anchor_B, jax.nn.log_softmax(logits, axis=-1), self.width)
+        tree = beam_tree(anchor_B, jax.nn.log_softmax(logits, axis=-1), self.width)
+        if self.lookup is None:
+            return tree
+        chain_BD, _ = self.lookup.propose(None, target, (), anchor_B, None, tokens_BL, total_B, None, None)
+        return graft_chain(tree, chain_BD)
 
     def commit(self, drafter, state, hidden_path, lengths_B, accepted_B):
         return self.chain.commit(drafter, state, hidden_path, lengths_B, accepted_B)
