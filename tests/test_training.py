@@ -51,6 +51,7 @@ def test_outputs_logs_metrics_and_export(run_config, tiny_target, tmp_path):
     run = tmp_path / "r"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["tau"] >= 1.0 and metrics["tau_ngram"] >= 1.0 and metrics["tau"] == result["tau"]
+    assert metrics["tau_with_ngram"] >= 1.0  # DFlash + the lookup branch (outputs checked equal inside)
     events = list((run / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     from tensorboardX.proto import event_pb2  # read the event file back: real scalars inside
@@ -64,7 +65,7 @@ def test_outputs_logs_metrics_and_export(run_config, tiny_target, tmp_path):
         tags |= {v.tag for v in event.summary.value}
         pos += 12 + length + 4
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/tau_sim",
-            "train_accuracy/pos_1", "eval/tau_real"} <= tags
+            "train_accuracy/pos_1", "eval/tau_real", "eval/tau_with_ngram"} <= tags
     drafter = load_drafter(run / "export")
     assert drafter.cfg.block_size == 4
     assert (run / "config.yaml").exists()

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         name = {"dflash": "DFlash", "orthrus": "Orthrus"}.get(result.get("method", cfg.method), cfg.method)
         print(f"held-out tau, greedy, B={result.get('block_size', cfg.block_size)}, {result['eval_prompts']} "
               f"prompts: {name} drafter {result['tau']:.2f} | "
-              f"prompt-lookup (n-gram) {result['tau_ngram']:.2f}")
+              f"prompt-lookup (n-gram) {result['tau_ngram']:.2f}"
+              + (f" | both in one tree (--ngram-branch) {result['tau_with_ngram']:.2f}"
+                 if "tau_with_ngram" in result else ""))
     return 0
 
 

@@ -38,6 +38,7 @@ from dflash import cache as kvc
 from dflash.configio import flatten, from_dict, to_dict
 from dflash.decoding.drafters import NgramDraft, method_for
 from dflash.decoding.speculative import speculative_generate
+from dflash.decoding.tree import DFlashTreeDraft
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter, build_drafter, default_gamma
 from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
 from dflash.export import load_drafter, save_drafter
@@ -521,6 +522,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
         result.update(measure_tau(target, drafter, data.prompts, cfg.eval.max_new_tokens, tokenizer))
         writer.add_scalar("eval/tau_real", result["tau"], total)
         writer.add_scalar("eval/tau_ngram", result["tau_ngram"], total)
+        if "tau_with_ngram" in result:
+            writer.add_scalar("eval/tau_with_ngram", result["tau_with_ngram"], total)
         writer.flush()
     writer.close()
     with open(run_dir / "metrics.json", "w") as f:
@@ -530,14 +533,22 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
 
 def measure_tau(target: Transformer, drafter: DFlashDrafter | OrthrusDrafter, prompts: list[list[int]],
                 max_new_tokens: int, tokenizer: Any) -> dict[str, Any]:
-    """Real greedy speculative decoding on held-out prompts: the drafter's tau next to n-gram's."""
+    """Real greedy speculative decoding on held-out prompts: the drafter's tau next to n-gram's,
+    and for DFlash also both in one tree (``tau_with_ngram``: the lookup chain as a branch)."""
     eos = tuple(target.cfg.eos_token_id)
     mask = drafter.cfg.mask_token_id
-    dres = speculative_generate(target, prompts, method=method_for(drafter), drafter=drafter,
-                                max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=mask)
-    nres = speculative_generate(target, prompts, method=NgramDraft(block_size=drafter.cfg.block_size),
-                                max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=mask)
+    common = dict(max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=mask)
+    dres = speculative_generate(target, prompts, method=method_for(drafter), drafter=drafter, **common)
+    ngram = NgramDraft(block_size=drafter.cfg.block_size)
+    nres = speculative_generate(target, prompts, method=ngram, **common)
     if dres.tokens != nres.tokens:  # both are lossless: a mismatch is a bug, never a metric
         raise TrainingError("speculative outputs of the drafter and n-gram methods differ")
-    return {"tau": dres.tau, "tau_ngram": nres.tau, "acceptance_histogram": dres.histogram(),
-            "eval_prompts": len(prompts), "eval_new_tokens": dres.num_generated}
+    out = {"tau": dres.tau, "tau_ngram": nres.tau, "acceptance_histogram": dres.histogram(),
+           "eval_prompts": len(prompts), "eval_new_tokens": dres.num_generated}
+    if isinstance(drafter, DFlashDrafter):
+        hres = speculative_generate(target, prompts, method=DFlashTreeDraft.of(drafter, 1, lookup=True),
+                                    drafter=drafter, **common)
+        if hres.tokens != dres.tokens:
+            raise TrainingError("speculative outputs with and without the n-gram branch differ")
+        out["tau_with_ngram"] = hres.tau
+    return out
