@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -272,6 +274,71 @@ def test_tree_sampling_preserves_the_target_distribution(exact, width, lookup): 
     assert longer_than(out, depth) > n // 20
     if lookup:  # the lookup branch adds accepted paths (measured: 2567 against 1748 steps accept a draft)
         assert longer_than(out, 1) > 1.2 * longer_than(run(False), 1)
+    assert_first_three_follow(out.tokens, joint)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedTreeDraft:
+    """Test-only: the fixed chain ``drafts`` as a width-1 tree with the fixed chain ``lookup`` grafted on."""
+
+    drafts: tuple[int, ...]
+    lookup: tuple[int, ...]
+    hidden_layers: tuple[int, ...] = ()
+    tree: ClassVar[bool] = True
+
+    @property
+    def depth(self) -> int:
+        return len(self.drafts)
+
+    @property
+    def block_size(self) -> int:
+        return self.depth + 1
+
+    @property
+    def verify_tokens(self) -> int:
+        return 1 + 2 * self.depth
+
+    def init(self, drafter, batch, max_len, dtype):
+        return ()
+
+    def prefill(self, drafter, state, hidden, prompt_lens):
+        return state
+
+    def commit(self, drafter, state, hidden, lengths, accepted):
+        return state
+
+    def propose_tree(self, drafter, target, state, anchor_B, tokens_BL, total_B):
+        from dflash.decoding.tree import Tree
+
+        b, d = anchor_B.shape[0], self.depth
+        drafts = jnp.broadcast_to(jnp.asarray(self.drafts, jnp.int32), (b, d))
+        parents = jnp.maximum(jnp.arange(d + 1, dtype=jnp.int32) - 1, 0)  # a chain
+        chain = Tree(tokens=jnp.concatenate([anchor_B[:, None].astype(jnp.int32), drafts], axis=1),
+                     parents=jnp.broadcast_to(parents, (b, d + 1)),
+                     depth=jnp.broadcast_to(jnp.arange(d + 1, dtype=jnp.int32), (b, d + 1)))
+        return graft_chain(chain, jnp.broadcast_to(jnp.asarray(self.lookup, jnp.int32), (b, d)))
+
+
+def test_grafted_chain_sharing_a_prefix_samples_the_target_distribution(exact):  # noqa: F811
+    """Both chains start with the likeliest 2nd token and then part: the shared node must not be
+    duplicated (two accepted siblings would let the deeper path pick the 3rd token, a bias this
+    chi-square detects: with the sharing removed, the lookup's 3rd token came out with frequency 0.35
+    after the shared 2nd token, against the exact 0.21, and this test failed)."""
+    from test_verify import VOCAB, assert_first_three_follow
+
+    from dflash.decoding.sampling import SamplingParams
+    from dflash.decoding.speculative import speculative_generate
+
+    target, prompt, joint = exact
+    second = int(np.argmax(joint.sum((0, 2))))
+    likely_third = [int(t) for t in np.argsort(joint.sum((0, 1)))[::-1] if t != VOCAB - 1]  # not the mask
+    third_a, third_b = likely_third[:2]
+    method = FixedTreeDraft((second, third_a, 0), (second, third_b, 1))
+    n = 6000
+    out = speculative_generate(target, [prompt] * n, method=method, max_new_tokens=3, eos_ids=(),
+                               mask_token_id=VOCAB - 1, sampling=SamplingParams(temperature=1.0),
+                               key=jax.random.key(11))
+    assert sum(a > 2 for row in out.acceptance_lengths for a in row) > n // 20  # both drafts accepted
     assert_first_three_follow(out.tokens, joint)
 
 

@@ -187,7 +187,8 @@ def _tree_step(method, drafter, target: Transformer, cache, dstate, anchor_B, le
     verdict = verify_tree(sample(out.logits, sampling, key), tree, method.depth, mask_id)  # a choice per node
     drafts = jnp.take_along_axis(tree.tokens, verdict.path[:, 1:], axis=1)
     cache = commit_path(out.cache, lengths_B, verdict.path)
-    return drafts, verdict.accepted, verdict.extra, cache, gather_path(out.hidden, verdict.path)
+    hidden = None if out.hidden is None else gather_path(out.hidden, verdict.path)  # None: no features asked
+    return drafts, verdict.accepted, verdict.extra, cache, hidden
 
 
 def speculative_generate(
