@@ -40,8 +40,9 @@ def _gen(capsys, *args):
 
 def test_generate_with_drafters_is_lossless_and_reports_tau(capsys, drafter_dir):
     ar = _gen(capsys)
-    for drafter in ("ngram", str(drafter_dir)):
-        out = _gen(capsys, "--drafter", drafter, "--block-size", "6")
+    for extra in (["--drafter", "ngram"], ["--drafter", str(drafter_dir)],
+                  ["--drafter", str(drafter_dir), "--ngram-branch"]):
+        out = _gen(capsys, *extra, "--block-size", "6")
         assert out["tokens"] == ar["tokens"] and out["text"] == ar["text"]
         assert out["block_size"] == 6
         assert len(out["acceptance_lengths"]) == out["target_forwards"] - 1  # + the prefill pass
@@ -49,6 +50,8 @@ def test_generate_with_drafters_is_lossless_and_reports_tau(capsys, drafter_dir)
     sampled = _gen(capsys, "--drafter", str(drafter_dir), "--temperature", "0.9", "--verify", "block",
                    "--seed", "4")
     assert sampled["tokens"] and sampled["tau"] >= 1
+    assert generate_main(["--prompt", "x", "--drafter", "ngram", "--ngram-branch"]) == 2  # needs DFlash
+    assert "needs a DFlash drafter" in capsys.readouterr().err
 
 
 def test_drafter_for_another_target_is_refused(tmp_path):
