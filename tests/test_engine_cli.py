@@ -51,7 +51,10 @@ def test_generate_with_drafters_is_lossless_and_reports_tau(capsys, drafter_dir)
                    "--seed", "4")
     assert sampled["tokens"] and sampled["tau"] >= 1
     assert generate_main(["--prompt", "x", "--drafter", "ngram", "--ngram-branch"]) == 2  # needs DFlash
-    assert "needs a DFlash drafter" in capsys.readouterr().err
+    assert "needs a DFlash drafter with argmax drafts, not NgramDraft" in capsys.readouterr().err
+    assert generate_main(["--prompt", "x", "--drafter", str(drafter_dir), "--stochastic-drafts",
+                          "--temperature", "1", "--tree-width", "2"]) == 2
+    assert "not stochastic drafts" in capsys.readouterr().err
 
 
 def test_drafter_for_another_target_is_refused(tmp_path):

@@ -215,7 +215,9 @@ class DFlashTreeDraft:
         from dflash.decoding.drafters import DFlashDraft, NgramDraft
 
         if not isinstance(chain, DFlashDraft) or chain.stochastic:
-            raise ValueError("tree drafting needs a DFlash drafter with argmax drafts")
+            kind = "stochastic drafts" if isinstance(chain, DFlashDraft) else type(chain).__name__
+            raise ValueError(f"tree drafting (--tree-width, --ngram-branch) needs a DFlash drafter with "
+                             f"argmax drafts, not {kind}")
         if width < 1:
             raise ValueError(f"tree width must be >= 1, got {width}")
         return cls(chain, width, NgramDraft(block_size=chain.block_size) if lookup else None)
