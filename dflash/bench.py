@@ -112,54 +112,143 @@ def load_prompts(source: str, tokenizer: Any, *, field: str = "prompt", split: s
 def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any, Any]], *,
                   max_new_tokens: int = 256, batch_size: int = 1, sampling=None, rule: str | None = None,
                   eos_ids: tuple[int, ...] = (), mask_token_id: int = -1, seed: int = 0,
-                  warmup: bool = True, compact: bool = True) -> dict[str, Any]:
+                  warmup: bool = True, compact: bool = True, ceiling: bool = False) -> dict[str, Any]:
     """Runs every method on the same prompts in this process; speedups are vs ``methods['ar']``.
 
-    Each batch is compiled and run once before it is timed (compile time is reported separately),
-    so every method is measured in the steady state a server sees.
+    The methods take turns batch by batch (AR, then each drafter, on the same batch), so a drift
+    in the machine's speed over the run hits every method alike. Each batch is compiled and run
+    once before it is timed (compile time is reported separately), so every method is measured
+    in the steady state a server sees. ``ceiling``: also time each method's bare step
+    (``pass_costs``) and report the speedup the engine would reach if its loop cost nothing
+    (``ceiling = tau * t_ar / t_method``) and the share of it achieved (``efficiency``).
     """
     from dflash.decoding.sampling import SamplingParams
     from dflash.decoding.speculative import speculative_generate
 
     sampling = sampling or SamplingParams()
-    results: dict[str, Any] = {}
-    for name, (method, drafter) in methods.items():
-        per_prompt, elapsed, compile_s, generated, forwards, acc = [], 0.0, 0.0, 0, 0, []
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size]
+    acc: dict[str, dict[str, Any]] = {
+        name: {"per_prompt": [], "elapsed": 0.0, "compile_s": 0.0, "generated": 0, "forwards": 0, "acc": [],
+               "max_len": 0} for name in methods}
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        for name, (method, drafter) in methods.items():
+            a = acc[name]
             kw = dict(method=method, drafter=drafter, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                       mask_token_id=mask_token_id, sampling=sampling, key=jax.random.key(seed + start),
                       rule=rule, compact=compact)
             if warmup:  # every batch once untimed: first-touch allocations and cold caches stay out
                 speculative_generate(target, batch, **kw)
             res = speculative_generate(target, batch, **kw)
-            elapsed += res.elapsed_s
-            compile_s += res.compile_s
-            generated += res.num_generated
-            forwards += sum(res.target_forwards)
+            a["elapsed"] += res.elapsed_s
+            a["compile_s"] += res.compile_s
+            a["generated"] += res.num_generated
+            a["forwards"] += sum(res.target_forwards)
+            a["max_len"] = max(a["max_len"], res.max_len)
             for i, toks in enumerate(res.tokens):
                 row_acc = res.acceptance_lengths[i]
-                acc.extend(row_acc)
-                per_prompt.append({"prompt_index": start + i, "generated_tokens": len(toks),
-                                   "tau": float(np.mean(row_acc)) if row_acc else float("nan"),
-                                   "target_forwards": res.target_forwards[i], "tokens": toks})
+                a["acc"].extend(row_acc)
+                a["per_prompt"].append({"prompt_index": start + i, "generated_tokens": len(toks),
+                                        "tau": float(np.mean(row_acc)) if row_acc else float("nan"),
+                                        "target_forwards": res.target_forwards[i], "tokens": toks})
+    results: dict[str, Any] = {}
+    for name, (method, _) in methods.items():
+        a = acc[name]
         hist = [0] * method.block_size
-        for a in acc:
-            hist[a - 1] += 1
+        for n in a["acc"]:
+            hist[n - 1] += 1
         results[name] = {
-            "tau": float(np.mean(acc)) if acc else float("nan"),
-            "tokens_per_s": generated / max(elapsed, 1e-9),
-            "time_per_output_token_ms": 1000 * elapsed / max(generated, 1),
-            "generated_tokens": generated, "elapsed_s": elapsed, "compile_s": compile_s,
-            "target_forwards": forwards, "block_size": method.block_size,
-            "acceptance_histogram": hist, "per_prompt": per_prompt,
+            "tau": float(np.mean(a["acc"])) if a["acc"] else float("nan"),
+            "tokens_per_s": a["generated"] / max(a["elapsed"], 1e-9),
+            "time_per_output_token_ms": 1000 * a["elapsed"] / max(a["generated"], 1),
+            "generated_tokens": a["generated"], "elapsed_s": a["elapsed"], "compile_s": a["compile_s"],
+            "target_forwards": a["forwards"], "block_size": method.block_size, "max_len": a["max_len"],
+            "acceptance_histogram": hist, "per_prompt": a["per_prompt"],
         }
     base = results.get("ar")
     for r in results.values():
         r["speedup"] = (r["tokens_per_s"] / base["tokens_per_s"]) if base else float("nan")
-    return {"methods": results, "num_prompts": len(prompts), "max_new_tokens": max_new_tokens,
-            "batch_size": batch_size, "temperature": sampling.temperature, "rule": rule,
-            "backend": jax.default_backend()}
+    out = {"methods": results, "num_prompts": len(prompts), "max_new_tokens": max_new_tokens,
+           "batch_size": batch_size, "temperature": sampling.temperature, "rule": rule,
+           "backend": jax.default_backend()}
+    if ceiling and base is not None:
+        # The bare steps run mid-generation: the median prompt plus half the new tokens committed.
+        context = int(np.median([len(p) for p in prompts])) + max_new_tokens // 2
+        costs = pass_costs(target, {n: (*methods[n], results[n]["max_len"]) for n in methods},
+                           batch=min(batch_size, len(prompts)), context=context, sampling=sampling, rule=rule,
+                           mask_token_id=mask_token_id)
+        for name, r in results.items():
+            r["pass_ms"] = 1000 * costs[name]
+            r["ceiling"] = r["tau"] * costs["ar"] / costs[name]
+            r["efficiency"] = r["speedup"] / r["ceiling"]
+        out["ceiling_context"] = context
+    return out
+
+
+def pass_costs(target, methods: dict[str, tuple[Any, Any, int]], *, batch: int = 1, context: int = 256,
+               sampling=None, rule: str | None = None, mask_token_id: int = -1, iters: int = 40,
+               repeats: int = 5) -> dict[str, float]:
+    """Seconds per engine step of each method ``name -> (method, drafter, max_len)``, loop left out.
+
+    Each iteration runs what the engine's step runs for the method, through the same code: the
+    draft, the target's pass over the block or tree and verification
+    (``speculative.draft_and_verify``), then the method's commit of its drafter state. What is
+    left out is the loop's own work: emitting tokens, EOS and budget checks, the logs, the
+    while-loop. Caches hold ``context`` committed tokens in ``max_len`` slots (the run's) and are
+    rolled back after every pass, so every iteration does the same work. The methods are timed
+    in turn, ``repeats`` rounds, and the median is kept. ``tau * t_ar / t_method`` is then the
+    speedup the engine reaches if its loop costs nothing (the ceiling of issue 4).
+    """
+    from flax import nnx
+
+    from dflash import cache as kvc
+    from dflash.decoding.sampling import SamplingParams
+    from dflash.decoding.speculative import draft_and_verify
+
+    sampling = sampling or SamplingParams()
+    rule = rule or ("greedy" if sampling.greedy else "token")
+    tgraph, tparams = nnx.split(target)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    key = jax.random.key(0)
+
+    def rolled_back(state):
+        return jax.tree.map(lambda x: x.with_lengths(lengths) if isinstance(x, kvc.KVCache) else x, state,
+                            is_leaf=lambda x: isinstance(x, kvc.KVCache))
+
+    def build(method, drafter, max_len: int):
+        kvc.check_fits(context + getattr(method, "verify_tokens", method.block_size), max_len, "a timed step")
+        dgraph, dparams = nnx.split(drafter) if drafter is not None else (None, None)
+
+        def run(tp, dp):
+            model = nnx.merge(tgraph, tp)
+            d = nnx.merge(dgraph, dp) if dgraph is not None else None
+            cache = kvc.init_cache(model.cfg, batch, max_len, model.dtype).with_lengths(lengths)
+            dstate = rolled_back(method.init(d, batch, max_len, model.dtype))
+            tokens_BL = jax.random.randint(key, (batch, max_len + method.block_size), 2, model.cfg.vocab_size)
+
+            def body(i, carry):
+                cache, dstate, total = carry
+                anchor = jnp.full((batch,), 2 + i % 7, jnp.int32)  # varies, so no pass is hoisted
+                k_draft, k_verify = jax.random.split(jax.random.fold_in(key, i))
+                _, accepted, extra, cache_v, hidden = draft_and_verify(
+                    method, d, model, cache, dstate, anchor, lengths, tokens_BL, lengths + 1, mask_token_id,
+                    sampling, rule, k_draft, k_verify)
+                dstate = method.commit(d, dstate, hidden, lengths, accepted)
+                return cache_v.with_lengths(lengths), rolled_back(dstate), total + jnp.sum(accepted + extra)
+
+            return jax.lax.fori_loop(0, iters, body, (cache, dstate, jnp.int32(0)))[2]
+
+        fn = jax.jit(run).lower(tparams, dparams).compile()
+        jax.block_until_ready(fn(tparams, dparams))  # first touch of the buffers
+        return lambda: fn(tparams, dparams)
+
+    runs = {name: build(*spec) for name, spec in methods.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append((time.perf_counter() - t0) / iters)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def step_costs(target, drafter=None, *, block_size: int = 16, context: int = 256, batch: int = 1,

@@ -104,3 +104,51 @@ def test_step_costs_measure_every_pass_of_the_loop():
     assert set(costs) == {"ar_step_s", "verify_s", "draft_s", "draft_verify_s", "verify_over_ar"}
     assert all(v > 0 for v in costs.values())
     assert costs["verify_over_ar"] == costs["verify_s"] / costs["ar_step_s"]
+
+
+def test_pass_costs_time_every_kind_of_step_and_refuse_a_too_small_cache():
+    from dflash.bench import pass_costs
+    from dflash.cache import CacheOverflowError
+    from dflash.decoding.drafters import DFlashDraft, NgramDraft, NoDraft
+    from dflash.decoding.tree import DFlashTreeDraft
+    from dflash.models import build
+
+    cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+    drafter = build_drafter(DFlashConfig.for_target(cfg, mask_token_id=63, block_size=4,
+                                                    target_layer_ids=(1, 2)), seed=1)
+    chain = DFlashDraft.of(drafter)
+    methods = {"ar": (NoDraft(), None, 64), "ngram": (NgramDraft(block_size=4), None, 64),
+               "drafter": (chain, drafter, 64),
+               "hybrid": (DFlashTreeDraft.around(chain, 2, lookup=True), drafter, 64)}
+    costs = pass_costs(build(cfg, seed=0), methods, batch=2, context=30, iters=2, repeats=2, mask_token_id=63)
+    assert set(costs) == set(methods) and all(0 < c < 10 for c in costs.values())
+    with pytest.raises(CacheOverflowError, match="a timed step needs 40 cache slots"):  # 30 + 1 + 3 * 3
+        pass_costs(build(cfg, seed=0), {"hybrid": (*methods["hybrid"][:2], 39)}, context=30, mask_token_id=63)
+
+
+def test_bench_takes_turns_and_reports_the_ceiling(tmp_path, capsys, monkeypatch):
+    import dflash.decoding.speculative as spec
+
+    calls = []
+    real = spec.speculative_generate
+
+    def recording(target, batch, **kw):
+        calls.append((len(batch[0]), type(kw["method"]).__name__))
+        return real(target, batch, **kw)
+
+    monkeypatch.setattr(spec, "speculative_generate", recording)
+    methods, tokens = run_bench(tmp_path, "--drafter", "tiny-code-dflash", "--num-prompts", "2",
+                                "--max-new-tokens", "8", "--block-size", "4", "--ceiling")
+    # Batch by batch, every method in turn (run once untimed, then timed), not method by method.
+    kinds = ["NoDraft", "NoDraft", "NgramDraft", "NgramDraft", "DFlashDraft", "DFlashDraft"]
+    assert [k for _, k in calls] == kinds * 2
+    assert len({n for n, _ in calls[:6]}) == 1 and calls[0][0] != calls[6][0]  # two different prompts
+    ar = methods["ar"]
+    assert ar["ceiling"] == 1.0 and ar["efficiency"] == 1.0
+    for r in methods.values():
+        assert r["pass_ms"] > 0 and r["max_len"] >= 8
+        assert r["ceiling"] == pytest.approx(r["tau"] * ar["pass_ms"] / r["pass_ms"])
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["ceiling"])
+    out = capsys.readouterr().out
+    assert "ceiling" in out and "achieved" in out

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                         "in the same pass (method 'drafter+ngram'; tree width --tree-width or 1)")
     p.add_argument("--no-compact", action="store_true",
                    help="keep finished rows in the device batch (default: drop them once half are done)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also time each method's bare step (draft + verify + commit, no loop) and report the "
+                        "speedup ceiling tau * t_ar / t_step and the share of it achieved")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_methods(
             target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             sampling=sampling, rule=args.verify, seed=args.seed, compact=not args.no_compact,
+            ceiling=args.ceiling,
             eos_ids=() if args.ignore_eos else eos_ids(tokenizer, target.cfg.eos_token_id),
             mask_token_id=drafter.cfg.mask_token_id if drafter is not None else -1)
     except (CheckpointError, ConfigError, CacheOverflowError, ValueError, OSError) as err:
@@ -93,10 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
           f"T={args.temperature}, B={k}, backend {result['backend']}")
     width = max(8, *(len(name) for name in result["methods"]))
-    print(f"{'method':>{width}} {'tau':>6} {'tok/s':>9} {'ms/token':>9} {'speedup':>8} {'fwd':>6}")
+    extra = f" {'step ms':>8} {'ceiling':>8} {'achieved':>8}" if args.ceiling else ""
+    print(f"{'method':>{width}} {'tau':>6} {'tok/s':>9} {'ms/token':>9} {'speedup':>8} {'fwd':>6}{extra}")
     for name, r in result["methods"].items():
-        print(f"{name:>{width}} {r['tau']:>6.2f} {r['tokens_per_s']:>9.1f} "
-              f"{r['time_per_output_token_ms']:>9.2f} {r['speedup']:>7.2f}x {r['target_forwards']:>6}")
+        line = (f"{name:>{width}} {r['tau']:>6.2f} {r['tokens_per_s']:>9.1f} "
+                f"{r['time_per_output_token_ms']:>9.2f} {r['speedup']:>7.2f}x {r['target_forwards']:>6}")
+        if "ceiling" in r:
+            line += f" {r['pass_ms']:>8.2f} {r['ceiling']:>7.2f}x {100 * r['efficiency']:>7.0f}%"
+        print(line)
+    if args.ceiling:
+        print(f"step ms: one bare engine step (draft, verify, commit) at {result['ceiling_context']} "
+              "committed tokens; ceiling: tau * t_ar / t_step; achieved: speedup / ceiling")
     if args.json:
         write_json(result, args.json)
     return 0

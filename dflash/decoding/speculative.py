@@ -37,6 +37,7 @@ class SpecResult(GenerationResult):
     target_forwards: list[int]  # per row: prefill + verify passes while the row was active
     block_size: int
     device_batches: list[int] = dataclasses.field(default_factory=list)  # rows per loop segment
+    max_len: int = 0  # cache slots per row (the bucket this request compiled for)
 
     @property
     def tau(self) -> float:
@@ -119,21 +120,9 @@ def _spec_loop(tparams, dparams, carry: Carry, key, *, tgraph, dgraph, method, m
         lengths = cache.lengths  # committed tokens; the anchor sits at this position
         total = prompt_lens_B + n_gen  # prompt + emitted (the anchor is the last of them)
         anchor = jnp.take_along_axis(tokens_BL, (total - 1)[:, None], axis=1)[:, 0]
-        if getattr(method, "tree", False):  # a tree of candidates, one accepted path
-            drafts, accepted, extra, cache_v, hidden = _tree_step(
-                method, drafter, target, cache, dstate, anchor, lengths, tokens_BL, total, mask_id, sampling,
-                k_verify)
-        else:
-            # Cache-reading drafters (Orthrus) draft from the committed prefix; it comes back unchanged.
-            kw = {"target_cache": cache} if getattr(method, "reads_target_cache", False) else {}
-            drafts, q = method.propose(drafter, target, dstate, anchor, lengths, tokens_BL, total, k_draft,
-                                       sampling, **kw)
-            block = jnp.concatenate([anchor[:, None], drafts], axis=1)  # [B, K]
-            positions = lengths[:, None] + jnp.arange(k)[None]
-            out = target(jnp.maximum(block, 0), positions, cache, hidden_layers=method.hidden_layers)
-            # out.logits[:, i] is the target's distribution for the token after block[:, :i+1].
-            accepted, extra = verify(rule, out.logits, drafts, q, k_verify, sampling, mask_id)  # [B], [B]
-            cache_v, hidden = out.cache, out.hidden
+        drafts, accepted, extra, cache_v, hidden = draft_and_verify(
+            method, drafter, target, cache, dstate, anchor, lengths, tokens_BL, total, mask_id, sampling,
+            rule, k_draft, k_verify)
         idx_K = jnp.arange(k)[None]
         emitted = jnp.where(idx_K < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), extra[:, None])
         count = accepted + 1
@@ -157,6 +146,31 @@ def _spec_loop(tparams, dparams, carry: Carry, key, *, tgraph, dgraph, method, m
         return Carry(cache, dstate, tokens_BL, n_gen, new_done, acc_log, steps, prompt_lens_B, max_new_B), key
 
     return jax.lax.while_loop(cond, body, (carry, key))
+
+
+def draft_and_verify(method, drafter, target: Transformer, cache: kvc.KVCache, dstate, anchor_B: jax.Array,
+                     lengths_B: jax.Array, tokens_BL: jax.Array, total_B: jax.Array, mask_id: int,
+                     sampling: SamplingParams, rule: str, k_draft: jax.Array, k_verify: jax.Array):
+    """One step's passes: the method drafts, the target scores the block (or tree), the rule accepts.
+
+    Returns drafts ``[B, K-1]`` (a tree: along the accepted path), accepted ``[B]``, the bonus or
+    correction ``[B]``, the target cache holding the block's K/V (lengths not yet committed) and
+    the hidden states the method asked for. The engine adds only bookkeeping around it;
+    ``bench.pass_costs`` times it alone to measure what that bookkeeping costs.
+    """
+    if getattr(method, "tree", False):  # a tree of candidates, one accepted path
+        return _tree_step(method, drafter, target, cache, dstate, anchor_B, lengths_B, tokens_BL, total_B,
+                          mask_id, sampling, k_verify)
+    # Cache-reading drafters (Orthrus) draft from the committed prefix; it comes back unchanged.
+    kw = {"target_cache": cache} if getattr(method, "reads_target_cache", False) else {}
+    drafts, q = method.propose(drafter, target, dstate, anchor_B, lengths_B, tokens_BL, total_B, k_draft,
+                               sampling, **kw)
+    block = jnp.concatenate([anchor_B[:, None], drafts], axis=1)  # [B, K]
+    positions = lengths_B[:, None] + jnp.arange(method.block_size)[None]
+    out = target(jnp.maximum(block, 0), positions, cache, hidden_layers=method.hidden_layers)
+    # out.logits[:, i] is the target's distribution for the token after block[:, :i+1].
+    accepted, extra = verify(rule, out.logits, drafts, q, k_verify, sampling, mask_id)  # [B], [B]
+    return drafts, accepted, extra, out.cache, out.hidden
 
 
 def _take_rows(carry: Carry, keep: np.ndarray) -> Carry:
@@ -273,5 +287,5 @@ def speculative_generate(
         keep = np.flatnonzero(~done)
         carry, row_ids = jax.block_until_ready(_take_rows(carry, keep)), row_ids[keep]
         elapsed += time.perf_counter() - t0
-    return SpecResult(tokens_out, prompt_lens, elapsed, compile_s, accs, forwards, k, sizes)
+    return SpecResult(tokens_out, prompt_lens, elapsed, compile_s, accs, forwards, k, sizes, max_len)
 
