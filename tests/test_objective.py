@@ -102,6 +102,32 @@ def test_decayed_loss_normalises_by_used_weights():
     np.testing.assert_allclose(float(loss2), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("ce_weight,kl_weight", [(1.0, 0.0), (0.7, 0.3), (0.0, 1.0)])
+def test_fused_loss_value_and_gradient_equal_the_plain_autodiff_form(ce_weight, kl_weight):
+    rng = np.random.default_rng(3)
+    b, a, k, v = 2, 3, 5, 37  # awkward sizes; some labels masked, one block fully masked
+    logits = jnp.asarray(rng.normal(size=(b, a, k, v)) * 4, jnp.float32)
+    t_logits = jnp.asarray(rng.normal(size=(b, a, k, v)) * 4, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, v, (b, a, k)), jnp.int32)
+    mask = jnp.asarray(rng.random((b, a, k)) < 0.7).at[1, 2].set(False)
+    w = obj.loss_weights(k + 1, 2.5)
+
+    def fused(lg, tl):
+        return obj.decayed_loss(lg, labels, mask, w, tl, ce_weight, kl_weight)[0]
+
+    def plain(lg, tl):
+        return obj.reference_decayed_loss(lg, labels, mask, w, tl, ce_weight, kl_weight)
+
+    (f_val, (f_grad, f_tgrad)) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(logits, t_logits)
+    (p_val, (p_grad, _)) = jax.value_and_grad(plain, argnums=(0, 1))(logits, t_logits)
+    np.testing.assert_allclose(float(f_val), float(p_val), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(f_grad), np.asarray(p_grad), rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(f_grad[1, 2]).max()) == 0.0  # a fully masked block gets no gradient
+    assert float(jnp.abs(f_tgrad).max()) == 0.0  # the teacher is frozen
+    _, metrics = obj.decayed_loss(logits, labels, mask, w, t_logits, ce_weight, kl_weight)
+    assert ("kl" in metrics) == (kl_weight > 0)
+
+
 def test_simulated_tau_counts_the_leading_run():
     pred = jnp.asarray([[[1, 2, 3, 4], [1, 9, 3, 4]]])
     ref = jnp.asarray([[[1, 2, 3, 0], [1, 2, 3, 4]]])
@@ -167,3 +193,13 @@ def test_drafter_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
         DFlashConfig.for_target(cfg, **{**base, **kw})
     build(cfg)  # the target itself is fine
+
+
+def test_loss_head_benchmark_times_both_forms():
+    from dflash.bench import loss_head_costs
+
+    out = loss_head_costs(batch=1, anchors=3, block_size=4, hidden=8, vocab=19, repeats=1, iters=1)
+    for loss in ("ce", "ce_kl"):
+        assert out[f"fused_{loss}_s"] > 0 and out[f"reference_{loss}_s"] > 0
+        assert out[f"speedup_{loss}"] == out[f"reference_{loss}_s"] / out[f"fused_{loss}_s"]
+    assert out["shape"] == [1, 3, 3, 19]
