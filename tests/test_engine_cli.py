@@ -152,3 +152,23 @@ def test_bench_takes_turns_and_reports_the_ceiling(tmp_path, capsys, monkeypatch
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["ceiling"])
     out = capsys.readouterr().out
     assert "ceiling" in out and "achieved" in out
+
+
+def test_anchor_profile_reproduces_the_engines_steps(tmp_path, capsys):
+    """The per-anchor profile walks exactly the verify steps the engine took, for the drafter, for
+    prompt lookup, and (the longer of the two per anchor) for the tree with the lookup branch."""
+    profile_path = tmp_path / "profile.json"
+    methods, tokens = run_bench(tmp_path, "--drafter", "tiny-code-dflash", "--num-prompts", "2",
+                                "--max-new-tokens", "40", "--block-size", "8", "--ngram-branch",
+                                "--anchor-profile", str(profile_path))
+    assert "anchor profile (80 anchors, greedy)" in capsys.readouterr().out
+    profile = json.loads(profile_path.read_text())
+    for name, method in (("drafter", "drafter"), ("ngram", "ngram"), ("best", "drafter+ngram")):
+        engine = [p["acceptance_lengths"] for p in methods[method]["per_prompt"]]
+        assert [row["steps"][name] for row in profile["rows"]] == engine, name
+        assert profile["summary"][f"tau_{name}"] == pytest.approx(methods[method]["tau"])
+    assert any(a > 1 for row in profile["rows"] for a in row["steps"]["drafter"])  # a real drafter accepts
+    row = profile["rows"][0]
+    assert len(row["drafter"]) == len(row["ngram"]) == len(row["target_top1"]) == 40
+    assert bench_main(["--drafter", "ngram", "--anchor-profile", str(profile_path)]) == 2  # not DFlash
+    assert bench_main(["--temperature", "1", "--anchor-profile", str(profile_path)]) == 2  # greedy only

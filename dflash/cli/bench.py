@@ -7,13 +7,14 @@ import sys
 
 import jax.numpy as jnp
 
-from dflash.bench import bench_methods, load_prompts, write_json
+from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
 from dflash.cache import CacheOverflowError
 from dflash.config import ConfigError
 from dflash.decoding import SamplingParams
 from dflash.decoding.drafters import resolve_method
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
+from dflash.drafters.dflash import DFlashDrafter
 from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
 from dflash.models import CheckpointError, load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
@@ -54,7 +55,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: Pallas kernels on TPU/GPU, jnp reference on CPU (see docs/kernels.md)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--json", default=None, help="write the full result here")
+    p.add_argument("--anchor-profile", default=None, metavar="JSON",
+                   help="also write the greedy acceptance of the DFlash drafter and of prompt lookup at "
+                        "every anchor of the target's own continuations, and the steps each takes "
+                        "(dflash.bench.anchor_profile), and print its summary")
     args = p.parse_args(argv)
+    if args.anchor_profile and args.temperature > 0:
+        print("dflash-bench: error: --anchor-profile measures greedy acceptance; use --temperature 0",
+              file=sys.stderr)
+        return 2
     try:
         tokenizer = load_tokenizer(args.target)
         target = load_target(args.target, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
@@ -66,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(type(drafter), "attention_impl"):  # DFlash (Orthrus runs inside the target)
             set_attention_impl(drafter, args.attention_impl)
         k = drafter_method.block_size
+        if args.anchor_profile and not isinstance(drafter, DFlashDrafter):
+            raise ValueError(f"--anchor-profile profiles a DFlash drafter; {args.drafter!r} is not one")
+        stop = () if args.ignore_eos else eos_ids(tokenizer, target.cfg.eos_token_id)
         methods = {"ar": resolve_method("ar", target), "ngram": resolve_method("ngram", target, block_size=k),
                    "drafter": (drafter_method, drafter)}
         if args.tree_width:
@@ -88,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             sampling=sampling, rule=args.verify, seed=args.seed, compact=not args.no_compact,
             ceiling=args.ceiling,
-            eos_ids=() if args.ignore_eos else eos_ids(tokenizer, target.cfg.eos_token_id),
-            mask_token_id=drafter.cfg.mask_token_id if drafter is not None else -1)
+            eos_ids=stop, mask_token_id=drafter.cfg.mask_token_id if drafter is not None else -1)
+        profile = None
+        if args.anchor_profile:
+            profile = anchor_profile(target, drafter, prompts, max_new_tokens=args.max_new_tokens,
+                                     block_size=k, eos_ids=stop)
     except (CheckpointError, ConfigError, CacheOverflowError, ValueError, OSError) as err:
         print(f"dflash-bench: error: {err}", file=sys.stderr)
         return 2
@@ -110,6 +125,17 @@ def main(argv: list[str] | None = None) -> int:
               "committed tokens; ceiling: tau * t_ar / t_step; achieved: speedup / ceiling")
     if args.json:
         write_json(result, args.json)
+    if profile is not None:
+        write_json(profile, args.anchor_profile)
+        sm = profile["summary"]
+        print(f"anchor profile ({sm['anchors']} anchors, greedy): tau drafter {sm['tau_drafter']:.2f} | "
+              f"n-gram {sm['tau_ngram']:.2f} | the longer of the two per step {sm['tau_best']:.2f}")
+        print(f"  full blocks (all {k - 1} drafts accepted): drafter {sm['drafter_full_blocks']}, n-gram "
+              f"{sm['ngram_full_blocks']}")
+        print("  drafter's accepted drafts where n-gram's block is full: "
+              f"{sm['drafter_accepted_where_ngram_full']}")
+        print(f"  n-gram's accepted drafts where the drafter's block is full: "
+              f"{sm['ngram_accepted_where_drafter_full']}")
     return 0
 
 
