@@ -242,13 +242,19 @@ def pass_costs(target, methods: dict[str, tuple[Any, Any, int]], *, batch: int =
         jax.block_until_ready(fn(tparams, dparams))  # first touch of the buffers
         return lambda: fn(tparams, dparams)
 
-    runs = {name: build(*spec) for name, spec in methods.items()}
+    return median_in_turns({name: build(*spec) for name, spec in methods.items()}, repeats, iters)
+
+
+def median_in_turns(runs: dict[str, Any], repeats: int, per_call: int) -> dict[str, float]:
+    """Seconds per unit of work of each ``name -> fn`` (``fn()`` does ``per_call`` units): the
+    functions take turns for ``repeats`` rounds, so a drift in machine speed hits all alike, and
+    each keeps its median round."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
-            times[name].append((time.perf_counter() - t0) / iters)
+            times[name].append((time.perf_counter() - t0) / per_call)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -376,13 +382,7 @@ def loss_head_costs(*, batch: int = 8, anchors: int = 64, block_size: int = 16, 
     impls = (("fused", obj.decayed_loss), ("reference", obj.reference_decayed_loss))
     losses = (("ce", 0.0), ("ce_kl", 1.0))
     runs = {f"{impl}_{loss}": make(fn, kl) for impl, fn in impls for loss, kl in losses}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(run())
-            times[name].append((time.perf_counter() - t0) / iters)
-    out: dict[str, Any] = {f"{name}_s": statistics.median(t) for name, t in times.items()}
+    out: dict[str, Any] = {f"{name}_s": t for name, t in median_in_turns(runs, repeats, iters).items()}
     for loss in ("ce", "ce_kl"):
         out[f"speedup_{loss}"] = out[f"reference_{loss}_s"] / out[f"fused_{loss}_s"]
     out["shape"] = [batch, anchors, k, vocab]
