@@ -258,7 +258,8 @@ np.testing.assert_allclose(out[1], out[8], rtol=1e-5)
     import tempfile
 
     with tempfile.TemporaryDirectory() as run:
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
         proc = subprocess.run([sys.executable, "-c", script.replace("{run}", run)], env=env,
                               capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
