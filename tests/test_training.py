@@ -145,6 +145,39 @@ def test_frozen_target_is_bit_identical_after_steps():
     assert any(not np.array_equal(a, b) for a, b in zip(before_d, after_d, strict=True))
 
 
+def test_train_step_without_target_logits_has_the_same_loss_and_gradient():
+    """Train steps skip the target's layers above the deepest feature and its LM head when the
+    loss needs no target logits; the loss and its gradient are unchanged, the simulated tau is
+    then measured against the labels, and the KL term without target logits is refused."""
+    from dflash.training import objective as obj
+    from dflash.training.trainer import block_forward
+
+    cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+    target = build(cfg, seed=0)
+    drafter = build_drafter(DFlashConfig.for_target(cfg, mask_token_id=63, block_size=4,
+                                                    target_layer_ids=(1, 2)))
+    batch, key = _batch(3), jax.random.key(5)
+    kw = dict(num_anchors=6, gamma=2.0, ce_weight=1.0, kl_weight=0.0)
+
+    def run(target_metrics):
+        fn = lambda d: block_forward(d, target, batch, key, **kw, target_metrics=target_metrics)  # noqa: E731
+        return nnx.value_and_grad(fn, has_aux=True)(drafter)
+
+    (loss_t, m_t), g_t = run(True)
+    (loss_l, m_l), g_l = run(False)
+    np.testing.assert_allclose(float(loss_l), float(loss_t), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_l), jax.tree.leaves(g_t), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert float(m_l["tau_sim"]) == float(m_t["tau_sim_labels"])
+    np.testing.assert_array_equal(np.asarray(m_l["accuracy"]), np.asarray(m_t["accuracy"]))
+    logits = jnp.zeros((1, 1, 3, 64))
+    labels = jnp.zeros((1, 1, 3), jnp.int32)
+    with pytest.raises(ValueError, match="need the target's logits"):
+        obj.score_blocks(logits, labels, labels == 0, labels + 1, None, gamma=2.0, ce_weight=1.0,
+                         kl_weight=1.0)
+
+
 def test_gradient_accumulation_equals_one_step_on_the_joined_batch():
     # With every position an anchor the loss does not depend on the key, and equal masks make
     # the joined batch's loss the mean of the two halves': 2 accumulated micro-steps == 1 step.

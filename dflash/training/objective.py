@@ -192,20 +192,26 @@ def step_weighted_tau(pred_BAk: jax.Array, ref_BAk: jax.Array, mask_BAk: jax.Arr
 
 
 def score_blocks(logits_BAkV: jax.Array, labels_BAk: jax.Array, label_mask_BAk: jax.Array,
-                 label_idx_BAk: jax.Array, target_logits_BSV: jax.Array, *, gamma: float, ce_weight: float,
-                 kl_weight: float, target_labels: bool = False) -> tuple[jax.Array, dict]:
+                 label_idx_BAk: jax.Array, target_logits_BSV: jax.Array | None, *, gamma: float,
+                 ce_weight: float, kl_weight: float, target_labels: bool = False) -> tuple[jax.Array, dict]:
     """Loss and metrics of drafted blocks whose ``K-1`` rows predict the tokens at ``label_idx``.
 
     The target's distribution for the token at position ``i`` sits at ``i - 1`` of its clean
-    (teacher-forced) pass: argmax ids are always gathered (cheap: simulated tau), full
-    distributions only when the KL term needs them. ``target_labels``: CE on the target's own
-    argmax instead of the data (self-distillation).
+    (teacher-forced) pass: argmax ids are gathered for the simulated tau, full distributions
+    only when the KL term needs them. ``target_labels``: CE on the target's own argmax instead
+    of the data (self-distillation). ``target_logits_BSV=None`` (a train step that needs no
+    target logits: CE on the data, no KL) measures the simulated tau against the labels.
     """
     b = logits_BAkV.shape[0]
     k = labels_BAk.shape[-1] + 1
     prev = (label_idx_BAk - 1).reshape(b, -1)  # [B, A*(K-1)]
-    t_argmax_BS = jnp.argmax(target_logits_BSV, axis=-1)
-    t_argmax = jnp.take_along_axis(t_argmax_BS, prev, axis=1).reshape(labels_BAk.shape)
+    if target_logits_BSV is None:
+        if kl_weight > 0 or target_labels:
+            raise ValueError("the KL term and target labels need the target's logits")
+        t_argmax = labels_BAk
+    else:
+        t_argmax_BS = jnp.argmax(target_logits_BSV, axis=-1)
+        t_argmax = jnp.take_along_axis(t_argmax_BS, prev, axis=1).reshape(labels_BAk.shape)
     t_at = None
     if kl_weight > 0:
         t_at = jnp.take_along_axis(target_logits_BSV, prev[..., None], axis=1).reshape(logits_BAkV.shape)

@@ -62,17 +62,26 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------- the step
 def block_forward(drafter: DFlashDrafter, target: Transformer, batch: dict[str, jax.Array],
                   key: jax.Array, *, num_anchors: int, gamma: float, ce_weight: float,
-                  kl_weight: float, target_labels: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss and metrics of one packed batch (tokens / loss_mask / segment_ids / positions [B, S])."""
+                  kl_weight: float, target_labels: bool = False,
+                  target_metrics: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss and metrics of one packed batch (tokens / loss_mask / segment_ids / positions [B, S]).
+
+    ``target_metrics=False`` (train steps): when the loss needs no target logits (CE on the data,
+    no KL), the target stops at its deepest feature layer (XLA drops the layers above it and the
+    LM head: 9% of a main-job step) and the simulated tau compares with the labels, which on
+    target-regenerated data are the target's greedy tokens. Eval always compares with the target.
+    """
     cfg = drafter.cfg
     k = cfg.block_size
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     b, s = tokens.shape
+    need_logits = target_metrics or kl_weight > 0 or target_labels
     # Frozen target over the clean sequence: causal within each packed document.
     doc_mask_BSS = jnp.tril(jnp.ones((s, s), bool))[None] & (seg[:, :, None] == seg[:, None, :])
-    out = target(tokens, pos, block_mask=doc_mask_BSS, hidden_layers=cfg.target_layer_ids)
+    out = target(tokens, pos, block_mask=doc_mask_BSS, hidden_layers=cfg.target_layer_ids,
+                 compute_logits=need_logits)
     hidden = jax.lax.stop_gradient(out.hidden)  # [n, B, S, D]
-    t_logits = jax.lax.stop_gradient(out.logits)  # [B, S, V]
+    t_logits = jax.lax.stop_gradient(out.logits) if need_logits else None  # [B, S, V]
     feats = jnp.transpose(hidden, (1, 2, 0, 3)).reshape(b, s, -1)
 
     blocks = _anchor_blocks(target, batch, key, num_anchors, k, cfg.mask_token_id)
@@ -120,8 +129,10 @@ def _score(logits: jax.Array, blocks: _Blocks, t_logits: jax.Array, batch: dict[
 
 def orthrus_forward(drafter: OrthrusDrafter, target: Transformer, batch: dict[str, jax.Array],
                     key: jax.Array, *, num_anchors: int, gamma: float, ce_weight: float, kl_weight: float,
-                    target_labels: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Orthrus loss of one packed batch (DESIGN.md §6).
+                    target_labels: bool = False,
+                    target_metrics: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Orthrus loss of one packed batch (DESIGN.md §6); ``target_metrics`` is accepted for the
+    shared step signature (the AR pass that feeds the diffusion attentions yields the logits).
 
     One frozen AR pass over the clean sequence (into an empty S-slot cache, which hands back
     every layer's AR K/V), then one diffusion pass over all anchor blocks of every row: block j
@@ -171,7 +182,7 @@ def make_step_fns(graphdef: Any, tgraph: Any, step_kw: dict[str, Any], compute: 
         def loss_fn(drafter):
             d = _cast(drafter, compute) if compute != jnp.float32 else drafter
             t = _cast(target, compute) if compute != target.dtype else target
-            return drafter_forward(d, t, batch, key, **step_kw)
+            return drafter_forward(d, t, batch, key, **step_kw, target_metrics=False)
 
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(drafter)
         metrics["grad_norm"] = optax.tree.norm(grads)
