@@ -26,7 +26,7 @@ from dflash.export.dflash_hf import DRAFTER_TABLE, SHIPPED_DRAFTERS, config_from
 from dflash.models import CheckpointError, load_target
 from dflash.models.loading import weight_pairs
 from dflash.models.tokenizer import load_tokenizer
-from dflash.training.trainer import run_training
+from dflash.training.trainer import TrainingError, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,8 +170,13 @@ def test_published_qwen3_8b_layout_maps_onto_the_preset():
 
 
 def test_init_from_continues_from_the_exported_weights(run, run_config, tiny_target, tmp_path):
+    # A config that disagrees with the drafter is refused (it would silently train another shape).
+    bad = run_config(tiny_target, tmp_path / "bad", f"drafter.init_from={run / 'export'}",
+                     "drafter.num_layers=3")
+    with pytest.raises(TrainingError, match=r"drafter.num_layers: config 3, drafter 1"):
+        run_training(bad, progress=False, final_eval=False)
     cfg = run_config(tiny_target, tmp_path / "cont", f"drafter.init_from={run / 'export'}",
-                     "optim.lr=1e-12", "train.steps=2", "drafter.num_layers=3")  # ignored: from the drafter
+                     "optim.lr=1e-12", "train.steps=2")
     run_training(cfg, progress=False, final_eval=False)
     before, after = _tensors(run / "export"), _tensors(tmp_path / "cont" / "export")
     assert set(before) == set(after)

@@ -203,3 +203,27 @@ def test_loss_head_benchmark_times_both_forms():
         assert out[f"fused_{loss}_s"] > 0 and out[f"reference_{loss}_s"] > 0
         assert out[f"speedup_{loss}"] == out[f"reference_{loss}_s"] / out[f"fused_{loss}_s"]
     assert out["shape"] == [1, 3, 3, 19]
+
+
+def test_chunked_metrics_combine_to_the_whole_batchs():
+    """Evaluation runs held-out rows in chunks: combining the chunks' score_blocks metrics must
+    give the metrics of all rows at once (loss, both taus, per-position accuracy)."""
+    rng = np.random.default_rng(7)
+    b, a, k, v, s = 5, 6, 4, 11, 20
+    labels = jnp.asarray(rng.integers(0, v, (b, a, k - 1)))
+    logits = jnp.asarray(rng.normal(size=(b, a, k - 1, v)), jnp.float32)
+    # Make some predictions right, so that runs of accepted drafts have several lengths.
+    logits = logits + 4.0 * jax.nn.one_hot(labels, v) * jnp.asarray(rng.random((b, a, k - 1, 1)) < 0.6)
+    mask = jnp.asarray(rng.random((b, a, k - 1)) < 0.85)
+    mask = mask.at[3].set(False)  # a row without a single counted block
+    idx = jnp.asarray(rng.integers(1, s, (b, a, k - 1)))
+    t_logits = jnp.asarray(rng.normal(size=(b, s, v)), jnp.float32)
+    kw = dict(gamma=2.0, ce_weight=1.0, kl_weight=0.5)
+    whole = obj.score_blocks(logits, labels, mask, idx, t_logits, **kw)[1]
+    parts = [obj.score_blocks(logits[i:j], labels[i:j], mask[i:j], idx[i:j], t_logits[i:j], **kw)[1]
+             for i, j in ((0, 2), (2, 3), (3, 4), (4, 5))]  # (3, 4): nothing counted
+    got = obj.combine_chunk_metrics(parts)
+    for name in ("loss", "tau_sim", "tau_sim_steps", "tau_sim_labels"):
+        np.testing.assert_allclose(got[name], float(whole[name]), rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got["accuracy"], np.asarray(whole["accuracy"]), rtol=1e-5)
+    assert 1.0 < got["tau_sim"] < k  # the example is not degenerate

@@ -48,3 +48,19 @@ def test_regenerate_rewrites_only_assistant_turns(tmp_path):
 def test_regenerate_errors(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_regenerate_reads_sharegpt_turns_as_training_does(tmp_path):
+    """ShareGPT's from/value turns (which the trainer's data path accepts) regenerate exactly as
+    the same conversation written with role/content."""
+    roles = [[{"role": "user", "content": "def add(a, b):"}, {"role": "assistant", "content": "ORIGINAL"}]]
+    share = [[{"from": "human", "value": "def add(a, b):"}, {"from": "gpt", "value": "ORIGINAL"}]]
+    outs = []
+    for name, convs in (("roles", roles), ("share", share)):
+        src, out = tmp_path / f"{name}.jsonl", tmp_path / f"{name}_out.jsonl"
+        datasets.Dataset.from_dict({"messages": convs}).to_json(str(src), lines=True)
+        assert main(["--target", "tiny-code", "--data", str(src), "--out", str(out), "--max-new-tokens", "8",
+                     "--dtype", "float32"]) == 0
+        outs.append([json.loads(line) for line in out.read_text().splitlines()])
+    assert outs[1] == outs[0]
+    assert outs[0][0]["messages"][0] == roles[0][0] and outs[0][0]["messages"][1]["content"] != "ORIGINAL"

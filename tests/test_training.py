@@ -84,6 +84,23 @@ def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_overwritten(run_conf
     assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == snapshot
 
 
+def test_the_best_checkpoint_is_kept_even_between_save_steps(run_config, tiny_target, tmp_path):
+    # lr ~ 0: the eval tau never improves after step 1, so step 1 stays the best, and it is no
+    # save step (save_every=4) nor one of the last keep_last=1.
+    cfg = run_config(tiny_target, tmp_path / "b", "optim.lr=1e-12", "train.eval_every=1",
+                     "train.save_every=4", "train.keep_last=1")
+    result = run_training(cfg, progress=False, final_eval=False, export=False)
+    steps = sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit())
+    assert result["best_step"] == 1 and steps == [1, 4]
+
+
+def test_too_little_data_or_too_many_devices_are_clear_errors(run_config, tiny_target, tmp_path):
+    with pytest.raises(TrainingError, match="cannot fill one batch of train.batch_size=4000"):
+        run_training(run_config(tiny_target, tmp_path / "rows", "train.batch_size=4000"), progress=False)
+    with pytest.raises(TrainingError, match="train.num_devices=64, but only"):
+        run_training(run_config(tiny_target, tmp_path / "dev", "train.num_devices=64"), progress=False)
+
+
 def test_resume_without_checkpoint_and_overwrite_are_refused(run_config, tiny_target, tmp_path):
     with pytest.raises(TrainingError, match="no checkpoint"):
         run_training(run_config(tiny_target, tmp_path / "empty"), resume=True, progress=False)
@@ -206,15 +223,19 @@ def test_bf16_compute_keeps_fp32_master_weights_and_trains():
     losses = {}
     for name, compute in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
         graphdef, state, tstate, step, eval_step = _tiny_step_setup(compute)
-        first = float(eval_step(state, tstate, batch, jax.random.key(0))["loss"])
+        first = float(eval_step(state, tstate, batch, jax.random.key(0))["loss"])  # fp32 eval
+        step_losses = []
         for i in range(6):
-            state, _ = step(state, tstate, batch, jax.random.key(i))
+            state, m = step(state, tstate, batch, jax.random.key(i))
+            step_losses.append(float(m["loss"]))  # the train step's own forward, in `compute`
         last = float(eval_step(state, tstate, batch, jax.random.key(0))["loss"])
         assert all(x.dtype == np.float32 for x in _drafter_params(graphdef, state))  # master weights
-        losses[name] = (first, last)
+        losses[name] = step_losses[0]
         assert last < first
-    # bf16 forward: the same loss as fp32 to bf16 precision (8 bits of mantissa).
-    np.testing.assert_allclose(losses["bf16"][0], losses["fp32"][0], rtol=2e-2)
+    # The first train step's forward (same weights, same anchors): bf16 matches fp32 to bf16
+    # precision (8 bits of mantissa), and differs from it (the step really ran in bf16).
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=2e-2)
+    assert losses["bf16"] != losses["fp32"]
 
 
 @pytest.mark.parametrize("override,match", [
@@ -224,6 +245,11 @@ def test_bf16_compute_keeps_fp32_master_weights_and_trains():
     ("drafter.target_layer_ids=[1, 99]", "layer 99 is out of range"),
     ("drafter.mask_token_id=100000", "mask_token_id=100000 is outside the vocabulary"),
     ("target.dtype=float16", "target.dtype: 'float16' is not one of"),
+    ("optim.b2=1.5", r"optim.b2 must be in \[0, 1\)"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("train.gamma=-1", "train.gamma must be > 0"),
+    ("train.num_devices=-2", "train.num_devices must be >= 0"),
+    ("drafter.mask_token_id=-5", "drafter.mask_token_id must be a token id or -1"),
 ])
 def test_config_errors_name_the_key(override, match, tmp_path):
     from dflash.models import load_target

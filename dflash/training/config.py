@@ -38,6 +38,9 @@ class DrafterSection:
             raise ConfigError(f"drafter.block_size must be >= 2 (or 0: the method's default), "
                               f"got {self.block_size}")
         _positive("drafter", num_layers=self.num_layers, num_target_features=self.num_target_features)
+        if self.mask_token_id < -1:
+            raise ConfigError(f"drafter.mask_token_id must be a token id or -1 (the tokenizer's mask "
+                              f"token), got {self.mask_token_id}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +56,12 @@ class OptimSection:
 
     def __post_init__(self) -> None:
         _positive("optim", lr=self.lr, clip_norm=self.clip_norm, grad_accum=self.grad_accum)
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("warmup_ratio", "b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("weight_decay", "final_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +91,11 @@ class TrainSection:
             raise ConfigError("train.steps or train.epochs must be positive")
         if any(w is not None and w < 0 for w in (self.ce_weight, self.kl_weight)):
             raise ConfigError("train.ce_weight / train.kl_weight must be >= 0 and not both 0")
+        if self.gamma < 0:
+            raise ConfigError(f"train.gamma must be > 0 (or 0: from the block size), got {self.gamma}")
+        if self.num_devices < 0:
+            raise ConfigError(f"train.num_devices must be >= 0 (0 = all local devices), "
+                              f"got {self.num_devices}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,11 @@ Shape letters: B batch rows, S sequence, A anchors per row, K = block_size, V vo
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def anchor_candidates(loss_mask_BS: jax.Array, segment_ids_BS: jax.Array) -> jax.Array:
@@ -136,7 +139,7 @@ def decayed_loss(logits_BAkV: jax.Array, labels_BAk: jax.Array, mask_BAk: jax.Ar
     use_kl = target_logits_BAkV is not None and kl_weight > 0
     t_logits = jax.lax.stop_gradient(target_logits_BAkV.astype(jnp.float32)) if use_kl else None
     ce_BAk, kl_BAk = ce_kl_rows(logits_BAkV.astype(jnp.float32), labels_BAk, t_logits)
-    metrics = {"ce": (ce_BAk * w_BAk).sum() / denom}
+    metrics = {"ce": (ce_BAk * w_BAk).sum() / denom, "weight_sum": denom}
     loss = ce_weight * metrics["ce"]
     if use_kl:
         metrics["kl"] = (kl_BAk * w_BAk).sum() / denom
@@ -223,5 +226,31 @@ def score_blocks(logits_BAkV: jax.Array, labels_BAk: jax.Array, label_mask_BAk: 
     per_pos, tau_labels = block_accuracy(pred, labels_BAk, label_mask_BAk)
     _, tau_target = block_accuracy(pred, t_argmax, label_mask_BAk)
     metrics.update(loss=loss, accuracy=per_pos, tau_sim=tau_target, tau_sim_labels=tau_labels,
-                   tau_sim_steps=step_weighted_tau(pred, t_argmax, label_mask_BAk))
+                   tau_sim_steps=step_weighted_tau(pred, t_argmax, label_mask_BAk),
+                   # the denominators of those means: chunked evaluation combines them exactly
+                   blocks_counted=label_mask_BAk[..., 0].sum(), position_count=label_mask_BAk.sum((0, 1)))
     return loss, metrics
+
+
+def combine_chunk_metrics(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """``score_blocks`` metrics of several batches -> the metrics of their union, exactly.
+
+    Each metric is a mean over its own batch; weighting it by that batch's denominator (loss
+    weights, counted blocks, labels per position) gives the mean over all of them. The per-step
+    tau is a harmonic mean, so its reciprocals are what add up.
+    """
+    w = np.array([float(c["weight_sum"]) for c in chunks])
+    n = np.array([float(c["blocks_counted"]) for c in chunks])
+    pos = np.stack([np.asarray(c["position_count"], np.float64) for c in chunks])  # [C, K-1]
+    acc = np.stack([np.asarray(c["accuracy"], np.float64) for c in chunks])  # [C, K-1]
+
+    def mean(name: str, weights: np.ndarray, empty: float) -> float:
+        values = np.array([float(c[name]) for c in chunks])
+        return float((values * weights).sum() / weights.sum()) if weights.sum() > 0 else empty
+
+    has = n > 0  # a batch without counted blocks has no per-step tau (its 1/tau terms are 0)
+    steps = float(n[has].sum() / sum(n[i] / float(chunks[i]["tau_sim_steps"]) for i in np.flatnonzero(has))
+                  ) if has.any() else 0.0
+    return {"loss": mean("loss", w, 0.0), "tau_sim": mean("tau_sim", n, 1.0), "tau_sim_steps": steps,
+            "tau_sim_labels": mean("tau_sim_labels", n, 1.0),
+            "accuracy": ((acc * pos).sum(0) / np.maximum(pos.sum(0), 1)).tolist()}

@@ -90,7 +90,7 @@ def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_pat
     """Reads conversations through ``datasets``, writes a jsonl dataset with regenerated turns."""
     import datasets
 
-    from dflash.training.data import DataConfig, _load_dataset
+    from dflash.training.data import DataConfig, _clean_messages, _load_dataset
 
     ds = _load_dataset(DataConfig(source=source, split=split, format="conversations",
                                   messages_field=messages_field))
@@ -100,7 +100,8 @@ def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_pat
         raise ConfigError(f"dataset {source!r} has no {messages_field!r} column; columns: {ds.column_names}")
     if max_examples:
         ds = ds.select(range(min(max_examples, len(ds))))
-    convs = [[{"role": m["role"], "content": m["content"]} for m in conv] for conv in ds[messages_field]]
+    convs = [[{"role": m["role"], "content": m["content"]} for m in _clean_messages(conv)]
+             for conv in ds[messages_field]]  # also ShareGPT's from/value turns, as training reads them
     new = regenerate_conversations(target, tokenizer, convs, **kwargs)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
