@@ -52,6 +52,8 @@ class OptimSection:
     b1: float = 0.9
     b2: float = 0.95
     clip_norm: float = 1.0
+    # Micro-batches per optimizer step: the step applies the mean of their gradients, each taken
+    # from its own micro-batch's loss (normalised by that micro-batch's loss weights).
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
