@@ -47,13 +47,17 @@ def test_rollback_then_rewrite_equals_clean_run(model):
     ids = rng.integers(0, 67, size=(1, 20)).astype(np.int32)
     full = np.asarray(model(jnp.asarray(ids), jnp.arange(20)[None]).logits)
     cache = model(jnp.asarray(ids[:, :10]), jnp.arange(10)[None], kvc.init_cache(CFG, 1, 32)).cache
-    junk = rng.integers(0, 67, size=(1, 8)).astype(np.int32)
-    cache = model(jnp.asarray(junk), jnp.arange(10, 18)[None], cache).cache
-    cache = cache.with_lengths(jnp.array([12]))  # accept 2 "drafts": rewrite them with truth
-    cache = model(jnp.asarray(ids[:, 10:12]), jnp.arange(10, 12)[None],
-                  cache.with_lengths(jnp.array([10]))).cache
-    out = model(jnp.asarray(ids[:, 12:20]), jnp.arange(12, 20)[None], cache)
-    np.testing.assert_allclose(np.asarray(out.logits), full[:, 12:20], atol=1e-5, rtol=0)
+    # A block of 8 whose first 2 "drafts" are right: keep them (length 12), roll back the rest.
+    block = rng.integers(0, 67, size=(1, 8)).astype(np.int32)
+    block[:, :2] = ids[:, 10:12]
+    cache = model(jnp.asarray(block), jnp.arange(10, 18)[None], cache).cache
+    cache = cache.with_lengths(jnp.array([12]))
+    # Short blocks next, while stale K/V still sits in slots 14..17: it must be invisible.
+    for lo, hi in ((12, 14), (14, 15), (15, 20)):
+        out = model(jnp.asarray(ids[:, lo:hi]), jnp.arange(lo, hi)[None], cache)
+        np.testing.assert_allclose(np.asarray(out.logits), full[:, lo:hi], atol=1e-5, rtol=0)
+        cache = out.cache
+    assert np.asarray(cache.lengths).tolist() == [20]
 
 
 def test_rows_with_different_lengths_decode_like_alone(model):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dflash.cli.generate import main
 from dflash.models.tokenizer import load_tokenizer
 
@@ -34,3 +36,8 @@ def test_generate_errors_are_clear(capsys, tmp_path):
     assert "max_len=16" in capsys.readouterr().err
     assert main(["--prompt", "x", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
+    # Speculative-only options without a drafter are refused (argparse: exit status 2), not dropped.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--prompt", "x", "--ngram-branch", "--verify", "block"])
+    assert exit_info.value.code == 2
+    assert "--verify, --ngram-branch only apply to speculative decoding" in capsys.readouterr().err

@@ -220,6 +220,11 @@ def test_bad_drafter_directories_are_named(tmp_path):
     (extra / "config.json").write_text(json.dumps(hf))
     with pytest.warns(UserWarning, match="fingerprint mismatch"):
         load_drafter(extra, target.cfg)
+    # A drafter declaring sliding-window layers is refused, not loaded as full attention.
+    hf["layer_types"] = ["full_attention"] * (hf["num_hidden_layers"] - 1) + ["sliding_attention"]
+    (extra / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match=r"sliding-window attention .*\['sliding_attention'\]"):
+        load_drafter(extra, target.cfg)
 
 
 def test_export_errors_are_clear(run, tmp_path, capsys):
@@ -227,6 +232,7 @@ def test_export_errors_are_clear(run, tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("keep me")
     checks = [
         (["--run", run, "--out", tmp_path / "full"], "is not empty"),
+        (["--run", run, "--out", tmp_path / "full" / "x"], "exists and is not a directory"),
         (["--run", run, "--step", "3", "--out", tmp_path / "o1"],
          "no checkpoint for step '3'; kept steps: [2, 4]"),
         (["--run", tmp_path, "--out", tmp_path / "o2"], "holds no checkpoints"),

@@ -155,3 +155,43 @@ def assert_first_three_follow(tokens: list[list[int]], joint: np.ndarray) -> Non
     counts[top] += counts[rare].sum()
     probs[top] += probs[rare].sum()
     assert chi2_pvalue(counts[~rare], probs[~rare]) > FALSE_ALARM
+
+
+@pytest.mark.parametrize("rule", ["token", "block"])
+@pytest.mark.parametrize("drafts", ["fixed", "sampled"])
+def test_one_verify_step_emits_the_targets_distribution_including_the_bonus(rule, drafts):
+    """The rule itself, at every position of one step: drafts (fixed, or sampled from a q tree),
+    the emitted prefix ``d_1 .. d_a, extra``, completed to K tokens by plain sampling from p,
+    must follow p's joint over all K = 3 tokens. The end-to-end tests stop before the bonus;
+    here every draft is accepted (extra = the bonus, from p's last row) in a good share of rows."""
+    rng = np.random.default_rng(11)
+    v, gamma, n = 3, 2, 60_000
+    prefixes = [pre for m in range(gamma + 1) for pre in itertools.product(range(v), repeat=m)]
+    p_tree = {pre: _random_dist(rng, v) for pre in prefixes}  # p(. | prefix), prefixes of 0..gamma tokens
+    q_tree = {pre: _random_dist(rng, v) for pre in prefixes if len(pre) < gamma}
+    if drafts == "fixed":  # the target's likeliest path: accepted often, rejected often
+        path = (int(np.argmax(p_tree[()])),)
+        path += (int(np.argmax(p_tree[path])),)
+        d = np.tile(np.array(path), (n, 1))
+    else:
+        d = np.zeros((n, gamma), np.int64)
+        for i in range(gamma):
+            for row in range(n):
+                d[row, i] = rng.choice(v, p=q_tree[tuple(d[row, :i])])
+    p_rows = np.stack([[p_tree[tuple(x[:i])] for i in range(gamma + 1)] for x in d])  # [N, K, V]
+    q_rows = None if drafts == "fixed" else jnp.asarray(
+        np.stack([[q_tree[tuple(x[:i])] for i in range(gamma)] for x in d]), jnp.float32)  # [N, K-1, V]
+    rule_fn = verify_token if rule == "token" else verify_block
+    accepted, extra = rule_fn(jnp.asarray(np.log(p_rows), jnp.float32), jnp.asarray(d, jnp.int32), q_rows,
+                              jax.random.key(3), SamplingParams(temperature=1.0), mask_id=v + 1)
+    accepted, extra = np.asarray(accepted), np.asarray(extra)
+    assert (accepted == gamma).mean() > 0.1  # the bonus path is exercised
+    counts = np.zeros(v ** (gamma + 1))
+    for row in range(n):
+        seq = [*d[row, :accepted[row]], int(extra[row])]
+        while len(seq) < gamma + 1:
+            seq.append(int(rng.choice(v, p=p_tree[tuple(seq)])))
+        counts[int(np.ravel_multi_index(seq, (v,) * (gamma + 1)))] += 1
+    joint = np.array([np.prod([p_tree[x[:i]][x[i]] for i in range(gamma + 1)])
+                      for x in itertools.product(range(v), repeat=gamma + 1)])
+    assert chi2_pvalue(counts, joint) > FALSE_ALARM

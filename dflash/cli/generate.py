@@ -57,7 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.drafter is None:  # speculative-only options would be silently dropped
+        options = (("--block-size", args.block_size), ("--verify", args.verify),
+                   ("--tree-width", args.tree_width), ("--ngram-branch", args.ngram_branch),
+                   ("--stochastic-drafts", args.stochastic_drafts))
+        given = [flag for flag, value in options if value]
+        if given:
+            parser.error(f"{', '.join(given)} only apply to speculative decoding: add --drafter")
     try:
         prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)

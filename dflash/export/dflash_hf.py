@@ -90,6 +90,11 @@ def config_from_hf(hf: dict[str, Any]) -> DFlashConfig:
     for key in ("mask_token_id", "target_layer_ids"):
         if key not in dcfg:
             raise CheckpointError(f"DFlash config.json lacks dflash_config.{key}")
+    windowed = [t for t in (hf.get("layer_types") or []) if t != "full_attention"]
+    if hf.get("use_sliding_window") or windowed:
+        raise CheckpointError(f"DFlash drafter config.json asks for sliding-window attention "
+                              f"(use_sliding_window={hf.get('use_sliding_window')!r}, layer_types "
+                              f"{sorted(set(windowed))}); only full attention is supported")
     rope = RopeConfig.from_hf(hf)
     try:
         return DFlashConfig(

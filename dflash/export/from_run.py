@@ -114,6 +114,14 @@ def _abstract_drafter(dcfg: Any) -> nnx.Module:
     return nnx.eval_shape(lambda: OrthrusDrafter(dcfg, rngs=nnx.Rngs(0)))
 
 
+def _check_output_dir(out: Path) -> None:
+    """Nothing is overwritten: the output must be new or an empty directory."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory; choose a new output directory")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; choose a new output directory")
+
+
 def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Path | None = None,
                       step: str = "latest", dtype: str = "fp32", with_target: bool | None = None,
                       form: str = "delta") -> dict[str, Any]:
@@ -127,6 +135,7 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
     """
     if dtype not in EXPORT_DTYPES:
         raise CheckpointError(f"unsupported export dtype {dtype!r}; choose from {sorted(EXPORT_DTYPES)}")
+    _check_output_dir(out)  # before the (slow) restore
     run_dir, step_n = find_checkpoint(run_dir, checkpoint, step)
     cfg, dcfg, target_cfg = run_drafter_config(run_dir)
     graphdef, abstract_state = nnx.split(_abstract_drafter(dcfg))
@@ -140,8 +149,7 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
                               f"drafter config (first differences: {diff})")
     nnx.replace_by_pure_dict(abstract_state, jax.tree.map(np.asarray, saved))
     drafter = nnx.merge(graphdef, abstract_state)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty; choose a new output directory")
+    _check_output_dir(out)
     if isinstance(dcfg, DFlashConfig):
         save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target_cfg,
                      dtype=EXPORT_DTYPES[dtype])
