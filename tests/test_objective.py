@@ -205,7 +205,7 @@ def test_loss_head_benchmark_times_both_forms():
     assert out["shape"] == [1, 3, 3, 19]
 
 
-def test_chunked_metrics_combine_to_the_whole_batchs():
+def test_chunked_metrics_combine_to_the_whole_batch():
     """Evaluation runs held-out rows in chunks: combining the chunks' score_blocks metrics must
     give the metrics of all rows at once (loss, both taus, per-position accuracy)."""
     rng = np.random.default_rng(7)

@@ -149,7 +149,6 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
                               f"drafter config (first differences: {diff})")
     nnx.replace_by_pure_dict(abstract_state, jax.tree.map(np.asarray, saved))
     drafter = nnx.merge(graphdef, abstract_state)
-    _check_output_dir(out)
     if isinstance(dcfg, DFlashConfig):
         save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target_cfg,
                      dtype=EXPORT_DTYPES[dtype])

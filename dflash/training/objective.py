@@ -239,18 +239,16 @@ def combine_chunk_metrics(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     weights, counted blocks, labels per position) gives the mean over all of them. The per-step
     tau is a harmonic mean, so its reciprocals are what add up.
     """
-    w = np.array([float(c["weight_sum"]) for c in chunks])
-    n = np.array([float(c["blocks_counted"]) for c in chunks])
-    pos = np.stack([np.asarray(c["position_count"], np.float64) for c in chunks])  # [C, K-1]
-    acc = np.stack([np.asarray(c["accuracy"], np.float64) for c in chunks])  # [C, K-1]
+    def values(name: str) -> np.ndarray:  # [C] or [C, K-1]
+        return np.stack([np.asarray(c[name], np.float64) for c in chunks])
+
+    w, n, pos = values("weight_sum"), values("blocks_counted"), values("position_count")
 
     def mean(name: str, weights: np.ndarray, empty: float) -> float:
-        values = np.array([float(c[name]) for c in chunks])
-        return float((values * weights).sum() / weights.sum()) if weights.sum() > 0 else empty
+        return float((values(name) * weights).sum() / weights.sum()) if weights.sum() > 0 else empty
 
     has = n > 0  # a batch without counted blocks has no per-step tau (its 1/tau terms are 0)
-    steps = float(n[has].sum() / sum(n[i] / float(chunks[i]["tau_sim_steps"]) for i in np.flatnonzero(has))
-                  ) if has.any() else 0.0
+    steps = float(n[has].sum() / (n[has] / values("tau_sim_steps")[has]).sum()) if has.any() else 0.0
     return {"loss": mean("loss", w, 0.0), "tau_sim": mean("tau_sim", n, 1.0), "tau_sim_steps": steps,
             "tau_sim_labels": mean("tau_sim_labels", n, 1.0),
-            "accuracy": ((acc * pos).sum(0) / np.maximum(pos.sum(0), 1)).tolist()}
+            "accuracy": ((values("accuracy") * pos).sum(0) / np.maximum(pos.sum(0), 1)).tolist()}

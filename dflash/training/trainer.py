@@ -474,8 +474,9 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     # real preset would not fit in memory at once); the chunks' metrics combine exactly.
     held_arrays = data.heldout.arrays()
     n_eval = min(cfg.eval.heldout_rows, len(data.heldout))
-    eval_batches = [put({k: v[i:i + eval_chunk] for k, v in held_arrays.items()})
-                    for i in range(0, n_eval - n_eval % eval_chunk, eval_chunk)]
+    n_eval -= n_eval % len(devices)  # every row of it; the last chunk may be smaller
+    eval_batches = [put({k: v[i:min(i + eval_chunk, n_eval)] for k, v in held_arrays.items()})
+                    for i in range(0, n_eval, eval_chunk)]
     eval_key = jax.random.key(12345)  # fixed anchors: evaluations are comparable across steps
 
     def evaluate(state) -> dict[str, Any]:
