@@ -157,7 +157,7 @@ def test_published_qwen3_8b_layout_maps_onto_the_preset():
     v5 = {k: v for k, v in published.items() if k not in ("rope_theta", "rope_scaling")}
     v5["rope_parameters"] = {"rope_theta": 1000000.0, "rope_type": "default"}
     assert config_from_hf(v5) == cfg
-    # Every tensor name the exporter writes for this drafter is one of DESIGN.md §8.
+    # Every tensor name the exporter writes for this drafter is one of docs/design.md §8.
     model = nnx.eval_shape(lambda: DFlashDrafter(cfg, rngs=nnx.Rngs(0)))
     present = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))}
     names = {hf for hf, _, _ in weight_pairs(DRAFTER_TABLE, cfg.num_layers, present)}

@@ -133,7 +133,7 @@ def orthrus_forward(drafter: OrthrusDrafter, target: Transformer, batch: dict[st
                     key: jax.Array, *, num_anchors: int, gamma: float, ce_weight: float, kl_weight: float,
                     target_labels: bool = False,
                     target_metrics: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Orthrus loss of one packed batch (DESIGN.md §6); ``target_metrics`` is accepted for the
+    """Orthrus loss of one packed batch (docs/design.md §6); ``target_metrics`` is accepted for the
     shared step signature (the AR pass that feeds the diffusion attentions yields the logits).
 
     One frozen AR pass over the clean sequence (into an empty S-slot cache, which hands back
