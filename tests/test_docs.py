@@ -50,3 +50,16 @@ def test_design_section_references_exist():
                     if sec.split(".")[0] not in sections:
                         bad.append(f"{f.relative_to(ROOT)}:{n}: §{sec}")
     assert not bad, "references to sections docs/design.md does not have:\n" + "\n".join(bad)
+
+
+def test_readme_outputs_are_ignored_by_git():
+    """What the README's commands write (run from the root) never shows up in ``git status``."""
+    flags = r"--(?:out|json|run-dir|anchor-profile)"
+    outputs = set()
+    for doc in ("README.md", "docs/export.md"):
+        outputs |= set(re.findall(flags + r"[ =]([\w./-]+)", (ROOT / doc).read_text()))
+    outputs = {o for o in outputs if not o.startswith("docs/") and o not in ("DIR", "OUT.json")}
+    assert {"exported/tiny", "bench.json", "runs/longer"} <= outputs  # the pattern still reads the README
+    listed = subprocess.run(["git", "check-ignore", "--no-index", *sorted(outputs)], cwd=ROOT,
+                            capture_output=True, text=True).stdout.split()
+    assert sorted(set(outputs) - set(listed)) == []
