@@ -252,3 +252,21 @@ def test_export_errors_are_clear(run, tmp_path, capsys):
     shutil.copytree(run / "checkpoints", bare / "checkpoints")
     assert _export("--run", bare, "--out", tmp_path / "o5") == 2
     assert "config.yaml is missing" in capsys.readouterr().err
+
+
+def test_exports_and_shipped_assets_are_world_readable(run, tmp_path, capsys):
+    """A serving container running as another user must be able to read an export."""
+    old = os.umask(0o022)
+    try:
+        assert _export("--run", run, "--out", tmp_path / "e", "--with-target") == 0
+    finally:
+        os.umask(old)
+    files = [f for f in (tmp_path / "e").rglob("*") if f.is_file()]
+    assert {f.name for f in files} >= {"model.safetensors", "config.json"} and len(files) > 2
+    assert {f.relative_to(tmp_path): oct(f.stat().st_mode & 0o777) for f in files} == {
+        f.relative_to(tmp_path): oct(0o644) for f in files}
+    shipped = [f for f in (ROOT / "dflash" / "assets").rglob("*") if f.is_file()]
+    assert shipped and all(f.stat().st_mode & 0o044 == 0o044 for f in shipped)
+    listed = subprocess.run(["git", "ls-files", "-s", "dflash/assets"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.splitlines()
+    assert listed and {line.split()[0] for line in listed} == {"100644"}  # what a clone checks out

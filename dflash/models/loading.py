@@ -220,6 +220,18 @@ def save_params(model: nnx.Module, table: tuple[tuple[str, str, bool], ...], num
     if missing:
         raise CheckpointError(f"no table row names parameters {sorted(missing)}")
     save_file(tensors, str(path), metadata={"format": "pt"})
+    world_readable(path)
+
+
+def world_readable(path: str | os.PathLike) -> None:
+    """Gives ``path`` the mode ``open()`` would (0644 under the usual umask 022).
+
+    safetensors writes its files 0600, which a serving container running as another user
+    cannot read; ``save_pretrained`` outputs are world-readable and exports should be too.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_target(model: Transformer, directory: str | os.PathLike, *, dtype: Any = None,
