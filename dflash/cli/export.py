@@ -6,18 +6,18 @@ layout (delta or full). See docs/export.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.export.from_run import EXPORT_DTYPES, export_checkpoint
 from dflash.models import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-export", description=__doc__)
+    p = make_parser("dflash-export", __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="run directory of dflash-train (uses --step)")
     src.add_argument("--checkpoint", type=Path, help="one checkpoint: RUN/checkpoints/<step>")

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from dflash.cache import CacheOverflowError
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.decoding import SamplingParams, generate
 from dflash.decoding.drafters import resolve_method
@@ -25,7 +26,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dflash-generate", description=__doc__)
+    p = make_parser("dflash-generate", __doc__)
     p.add_argument("--target", default="tiny-code", help="HF directory, shipped name or hub id")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                    ("--stochastic-drafts", args.stochastic_drafts))
         given = [flag for flag, value in options if value]
         if given:
-            parser.error(f"{', '.join(given)} only apply to speculative decoding: add --drafter")
+            verb = "applies" if len(given) == 1 else "apply"
+            parser.error(f"{', '.join(given)} {verb} only to speculative decoding: add --drafter")
     try:
         prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import jax.numpy as jnp
 
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.decoding import SamplingParams
 from dflash.models import CheckpointError, load_target
@@ -15,7 +15,7 @@ from dflash.training.regenerate import regenerate_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-regenerate", description=__doc__)
+    p = make_parser("dflash-regenerate", __doc__)
     p.add_argument("--target", default="tiny-code")
     p.add_argument("--data", required=True, help="local jsonl/json/parquet file or dir, or a hub dataset id")
     p.add_argument("--split", default="train")

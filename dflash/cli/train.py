@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.configio import load_yaml
 from dflash.models import CheckpointError
@@ -13,7 +13,7 @@ from dflash.training.trainer import TrainingError, run_training
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-train", description=__doc__)
+    p = make_parser("dflash-train", __doc__)
     p.add_argument("--config", default="configs/tiny_code.yaml", help="YAML experiment config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=100 (repeatable)")
