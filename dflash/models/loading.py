@@ -84,8 +84,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if path.exists() or name.startswith((".", "/")) or name.count("/") != 1:
         raise CheckpointError(
-            f"{name!r} is not a checkpoint directory, a shipped name ({', '.join(SHIPPED)}), "
-            "or a hub id of the form 'owner/name'"
+            f"{name!r} is not a checkpoint directory (looked for {path.absolute()}), a shipped name "
+            f"({', '.join(SHIPPED)}), or a hub id of the form 'owner/name'"
         )
     from huggingface_hub import snapshot_download
 
@@ -94,16 +94,18 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
     except Exception:
         pass
+    # A local directory wins over a hub id; when neither exists, say where both were looked for.
+    local = f"{name!r} is not a local directory (looked for {path.absolute()})"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise CheckpointError(
-            f"hub id {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+            f"{local}, and as a hub id it is not in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
         )
     try:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as err:  # network errors, missing repos, gated repos
         raise CheckpointError(
-            f"hub id {name!r} is not in the local Hugging Face cache and could not be downloaded "
-            f"(offline or unreachable?): {type(err).__name__}: {err}"
+            f"{local}, and as a hub id it is not in the local Hugging Face cache and could not be "
+            f"downloaded (offline or unreachable?): {type(err).__name__}: {err}"
         ) from err
 
 
