@@ -22,3 +22,28 @@ def test_relative_local_directory_wins_and_a_missing_one_names_both_places(tmp_p
     shutil.copytree(SHIPPED["tiny-code"], tmp_path / "models" / "qwen3")
     assert load_target("models/qwen3").cfg == load_target("tiny-code").cfg
     assert load_tokenizer("models/qwen3")("def f():").input_ids
+
+
+def test_a_run_directory_as_drafter_uses_its_export_or_says_how(tmp_path, capsys):
+    from dflash.cli.generate import main as generate_main
+    from dflash.export.dflash_hf import SHIPPED_DRAFTERS
+    from dflash.export.orthrus_hf import SHIPPED_ORTHRUS, find_orthrus
+
+    run = tmp_path / "try"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("method: dflash\n")
+    args = ["--prompt", "def fib(n):", "--max-new-tokens", "8", "--json"]
+    assert generate_main([*args, "--drafter", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} is a dflash-train run directory" in err and f"dflash-export --run {run}" in err
+    assert len(err.splitlines()) == 1
+    shutil.copytree(SHIPPED_DRAFTERS["tiny-code-dflash"], run / "export")
+    assert generate_main([*args, "--drafter", str(run)]) == 0
+    from_run = capsys.readouterr().out
+    assert generate_main([*args, "--drafter", "tiny-code-dflash"]) == 0
+    shipped = capsys.readouterr().out
+    assert from_run.split('"tokens_per_s"')[0] == shipped.split('"tokens_per_s"')[0]
+    orthrus_run = tmp_path / "orthrus"
+    shutil.copytree(SHIPPED_ORTHRUS["tiny-code-orthrus"], orthrus_run / "export")
+    (orthrus_run / "config.yaml").write_text("method: orthrus\n")
+    assert find_orthrus(orthrus_run) == orthrus_run / "export"

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p = make_parser("dflash-bench", __doc__)
     p.add_argument("--target", default="tiny-code")
     p.add_argument("--drafter", default="tiny-code-dflash",
-                   help="exported drafter dir / hub id / shipped name")
+                   help="exported drafter dir / dflash-train run dir (its export/) / hub id / shipped name")
     p.add_argument("--also", action="append", default=[], metavar="DRAFTER",
                    help="another drafter to run side by side on the same prompts (repeatable; "
                         "method name 'also:DRAFTER' in the table and JSON)")

@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--drafter", default=None,
-                   help="speculative decoding: an exported DFlash drafter (dir, hub id or shipped name such "
-                        "as tiny-code-dflash) or 'ngram' (prompt lookup); default: plain AR decoding")
+                   help="speculative decoding: an exported drafter (dir, a dflash-train run dir for its "
+                        "export/, hub id or shipped name such as tiny-code-dflash) or 'ngram' (prompt "
+                        "lookup); default: plain AR decoding")
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
     p.add_argument("--verify", choices=RULES, default=None,
                    help="verification rule (default: greedy at temperature 0, else token)")
