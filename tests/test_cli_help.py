@@ -17,7 +17,7 @@ EXPECTED = [
     (bench_ar.main, {"--target": "tiny-code", "--repeats": "3"}),
     (export.main, {"--dtype": "fp32", "--form": "delta"}),
     (regenerate.main, {"--target": "tiny-code", "--batch-size": "16", "--dtype": "bfloat16"}),
-    (train.main, {"--config": "tiny_code.yaml"}),
+    (train.main, {"--config": "the shipped tiny_code"}),
     (pretrain_target.main, {"--steps": "2000", "--seq-len": "256"}),
     (kernels_bench.main, {"--batch": "1"}),
 ]
@@ -33,7 +33,7 @@ def test_help_shows_defaults(main, defaults, capsys, monkeypatch):
     for option, value in defaults.items():
         entry = re.search(re.escape(option) + r" [A-Z_{},a-z0-9]+ (.*?)(?= --[a-z]|$)", text)
         assert entry, option
-        assert re.search(r"\(default: [^)]*" + re.escape(value), entry.group(1)), (option, entry.group(1))
+        assert re.search(r"default: [^)]*" + re.escape(value), entry.group(1)), (option, entry.group(1))
 
 
 def test_speculative_only_flag_message(capsys):

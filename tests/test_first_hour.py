@@ -47,3 +47,27 @@ def test_a_run_directory_as_drafter_uses_its_export_or_says_how(tmp_path, capsys
     shutil.copytree(SHIPPED_ORTHRUS["tiny-code-orthrus"], orthrus_run / "export")
     (orthrus_run / "config.yaml").write_text("method: orthrus\n")
     assert find_orthrus(orthrus_run) == orthrus_run / "export"
+
+
+def test_train_default_config_is_shipped_and_works_from_any_directory(tmp_path, monkeypatch, capsys):
+    import filecmp
+    from pathlib import Path
+
+    import dflash.cli.train as train_cli
+    from dflash.configio import load_yaml
+    from dflash.training.config import ExperimentConfig
+
+    root = Path(__file__).resolve().parents[1]
+    for name, shipped in train_cli.SHIPPED_CONFIGS.items():  # configs/ is the same file, to edit
+        assert filecmp.cmp(shipped, root / "configs" / f"{name}.yaml", shallow=False), name
+    seen = []
+    monkeypatch.setattr(train_cli, "run_training", lambda cfg, **kw: seen.append(cfg) or {})
+    monkeypatch.chdir(tmp_path)
+    assert train_cli.main(["--set", "train.steps=3"]) == 0
+    assert train_cli.main(["--config", "tiny_code_orthrus"]) == 0
+    assert seen == [load_yaml(ExperimentConfig, root / "configs" / "tiny_code.yaml", ["train.steps=3"]),
+                    load_yaml(ExperimentConfig, root / "configs" / "tiny_code_orthrus.yaml")]
+    capsys.readouterr()
+    assert train_cli.main(["--config", "configs/tiny_code.yaml"]) == 2  # a path that is not there
+    err = capsys.readouterr().err
+    assert "configs/tiny_code.yaml does not exist" in err and "tiny_code_orthrus" in err
