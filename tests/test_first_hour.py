@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from dflash.decoding.autoregressive import ContextLengthError, check_context
 from dflash.models import CheckpointError, load_target
 from dflash.models.loading import SHIPPED
 from dflash.models.tokenizer import load_tokenizer
@@ -71,3 +72,24 @@ def test_train_default_config_is_shipped_and_works_from_any_directory(tmp_path, 
     assert train_cli.main(["--config", "configs/tiny_code.yaml"]) == 2  # a path that is not there
     err = capsys.readouterr().err
     assert "configs/tiny_code.yaml does not exist" in err and "tiny_code_orthrus" in err
+
+
+def test_a_prompt_longer_than_the_context_is_refused_unless_allowed(tmp_path, capsys):
+    """tiny-code's context is 2048 positions; a longer prompt used to run and return garbage."""
+    from dflash.cli.generate import main as generate_main
+
+    assert load_target("tiny-code").cfg.max_position_embeddings == 2048
+    long = tmp_path / "long.py"
+    long.write_text("x = 1\n" * 520)  # 2,080 tokens
+    for drafter in ([], ["--drafter", "ngram"]):
+        assert generate_main(["--prompt-file", str(long), "--max-new-tokens", "4", *drafter]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Token indices" not in err
+        assert "2084 positions, past the target's context of 2048" in err
+        assert "--allow-longer-than-context" in err
+    check_context([2044, 7], [4, 2041], 2048)  # the whole context, no more
+    with pytest.raises(ContextLengthError, match="prompt 1 .* 2049 positions"):
+        check_context([2044, 7], [4, 2042], 2048)
+    assert generate_main(["--prompt-file", str(long), "--max-new-tokens", "2", "--json",
+                          "--allow-longer-than-context"]) == 0
+    assert '"num_tokens": 2' in capsys.readouterr().out

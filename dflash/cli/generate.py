@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", type=Path, help="file whose whole content is the prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-len", type=int, default=None, help="KV cache slots (default: fit the request)")
+    p.add_argument("--allow-longer-than-context", action="store_true",
+                   help="run a prompt + new tokens longer than the target's context "
+                        "(max_position_embeddings; positions past it were never trained: expect wrong "
+                        "output) instead of refusing it")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -74,12 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
         tokenizer = load_tokenizer(args.target)
         model = set_attention_impl(load_target(args.target, dtype=DTYPES[args.dtype]), args.attention_impl)
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # length: checked below
         if not ids:
             raise ValueError("the prompt encodes to zero tokens")
         common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
                       eos_ids=eos_ids(tokenizer, model.cfg.eos_token_id), max_len=args.max_len,
-                      pad_id=tokenizer.pad_token_id or 0)
+                      pad_id=tokenizer.pad_token_id or 0,
+                      allow_longer_than_context=args.allow_longer_than_context)
         if args.drafter is None:
             result = generate(model, [ids], **common)
         else:
