@@ -93,3 +93,18 @@ def test_a_prompt_longer_than_the_context_is_refused_unless_allowed(tmp_path, ca
     assert generate_main(["--prompt-file", str(long), "--max-new-tokens", "2", "--json",
                           "--allow-longer-than-context"]) == 0
     assert '"num_tokens": 2' in capsys.readouterr().out
+
+
+def test_regenerate_settings_past_the_context_are_refused_before_any_work(tmp_path, capsys):
+    import datasets
+
+    from dflash.cli.regenerate import main as regenerate_main
+
+    src, out = tmp_path / "chats.jsonl", tmp_path / "out.jsonl"
+    convs = [[{"role": "user", "content": "def f():"}, {"role": "assistant", "content": "ORIGINAL"}]]
+    datasets.Dataset.from_dict({"messages": convs}).to_json(str(src), lines=True)
+    args = ["--data", str(src), "--out", str(out), "--max-new-tokens", "100"]
+    assert regenerate_main([*args, "--max-prompt-tokens", "2000"]) == 2
+    err = capsys.readouterr().err
+    assert "max_prompt_tokens 2000 + max_new_tokens 100 does not fit the target's context of 2048" in err
+    assert "--allow-longer-than-context" in err and not out.exists()
