@@ -108,3 +108,18 @@ def test_regenerate_settings_past_the_context_are_refused_before_any_work(tmp_pa
     err = capsys.readouterr().err
     assert "max_prompt_tokens 2000 + max_new_tokens 100 does not fit the target's context of 2048" in err
     assert "--allow-longer-than-context" in err and not out.exists()
+
+
+def test_training_settings_past_the_context_are_named():
+    from dflash.config import ConfigError
+    from dflash.configio import from_dict
+    from dflash.training.config import ExperimentConfig
+
+    fine = from_dict(ExperimentConfig, {"data": {"seq_len": 2048}, "regen": {"num_sequences": 4}})
+    fine.check_context(2048)
+    over = from_dict(ExperimentConfig, {"data": {"seq_len": 4096}, "regen": {"num_sequences": 4,
+                     "prompt_tokens": 2000, "new_tokens": 64}, "eval": {"prompt_tokens": 100}})
+    with pytest.raises(ConfigError) as err:
+        over.check_context(2048)
+    assert str(err.value).startswith("data.seq_len = 4096; regen.prompt_tokens + regen.new_tokens = 2064: "
+                                     "past the target's context of 2048")
