@@ -63,3 +63,12 @@ def test_readme_outputs_are_ignored_by_git():
     listed = subprocess.run(["git", "check-ignore", "--no-index", *sorted(outputs)], cwd=ROOT,
                             capture_output=True, text=True).stdout.split()
     assert sorted(set(outputs) - set(listed)) == []
+
+
+def test_the_readme_says_how_to_install_and_run_tensorboard():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert re.fullmatch(r"tensorboard==[\d.]+", "".join(extras["tensorboard"]))  # pinned exactly
+    readme = (ROOT / "README.md").read_text()
+    assert 'pip install -e ".[tensorboard]"' in readme and "tensorboard --logdir" in readme
