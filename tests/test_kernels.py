@@ -21,12 +21,12 @@ from flax import nnx
 from jax.experimental.pallas import tpu as pltpu
 
 from dflash import cache as kvc
+from dflash.bench import kernels as bench
 from dflash.config import ModelConfig
 from dflash.decoding.tree import ancestor_mask
 from dflash.drafters.dflash import DFlashConfig, build_drafter
 from dflash.kernels import (
     anchor_block_attention,
-    bench,
     dispatch,
     reference_anchor_block_attention,
     reference_verify_attention,
