@@ -8,10 +8,11 @@ from pathlib import Path
 from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.configio import load_yaml
+from dflash.errors import TrainingError
 from dflash.models import CheckpointError
 from dflash.models.loading import ASSETS
 from dflash.training.config import ExperimentConfig
-from dflash.training.trainer import TrainingError, run_training
+from dflash.training.trainer import run_training
 
 SHIPPED_CONFIGS = {p.stem: p for p in sorted((ASSETS / "configs").glob("*.yaml"))}
 
