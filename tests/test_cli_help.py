@@ -7,7 +7,7 @@ import re
 import pytest
 
 from dflash.cli import bench, bench_ar, export, generate, pretrain_target, regenerate, train
-from dflash.kernels import bench as kernels_bench
+from dflash.bench import kernels as kernels_bench
 
 # (command, a few "option ... (default: value)" pairs its help must show)
 EXPECTED = [

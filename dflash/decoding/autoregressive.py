@@ -20,6 +20,7 @@ from flax import nnx
 from dflash import cache as kvc
 from dflash.decoding.compiled import compiled
 from dflash.decoding.sampling import SamplingParams, sample
+from dflash.errors import ContextLengthError  # noqa: F401  (raised here; importable from here too)
 from dflash.models.transformer import Transformer
 
 
@@ -73,10 +74,6 @@ def prepare_batch(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequen
         kvc.check_fits(p + b + extra_slots, max_len, what)
     padded = pad_prompts(prompts, min(bucket(max(prompt_lens), 16), max_len), pad_id)
     return budgets, prompt_lens, max_len, padded
-
-
-class ContextLengthError(ValueError):
-    """A request reaches positions past the target's trained context (``max_position_embeddings``)."""
 
 
 def check_context(prompt_lens: Sequence[int], budgets: Sequence[int], context: int,
