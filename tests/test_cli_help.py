@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from dflash.cli import bench, bench_ar, export, generate, pretrain_target, regenerate, train
 from dflash.bench import kernels as kernels_bench
+from dflash.cli import bench, bench_ar, export, generate, pretrain_target, regenerate, train
 
 # (command, a few "option ... (default: value)" pairs its help must show)
 EXPECTED = [

@@ -271,3 +271,38 @@ def test_exports_and_shipped_assets_are_world_readable(run, tmp_path, capsys):
     listed = subprocess.run(["git", "ls-files", "-s", "dflash/assets"], cwd=ROOT, capture_output=True,
                             text=True).stdout.splitlines()
     assert listed and {line.split()[0] for line in listed} == {"100644"}  # what a clone checks out
+
+
+def test_a_truncated_checkpoint_is_a_short_message_naming_what_to_use(run, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    for f in (broken / "checkpoints" / "4" / "state").rglob("d/*"):  # every data file of step 4
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert _export("--run", broken, "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) < 20 and "TensorStore(" not in err, err
+    assert f"checkpoint step 4 in {broken / 'checkpoints'} could not be restored" in err
+    assert str(broken / "checkpoints" / "4" / "state") in err  # the damaged file's place
+    assert f"previous good step is 2: export it with `dflash-export --run {broken} --step 2" in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    assert _export("--run", broken, "--out", tmp_path / "o", "--verbose") == 2
+    assert len(capsys.readouterr().err.splitlines()) > 20  # the full detail, on request
+    assert _export("--run", broken, "--step", "2", "--out", tmp_path / "o2") == 0
+
+
+def test_export_reads_the_drafter_only_not_the_optimizer_moments(run, tmp_path, capsys):
+    """A damaged optimizer moment must not stop an export: it only needs the drafter's weights."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    meta_file = damaged / "checkpoints" / "4" / "state" / "_METADATA"
+    meta = json.loads(meta_file.read_text())
+    moments = [k for k in meta["tree_metadata"] if k.startswith("('1', 'opt_state'") and "'nu'" in k]
+    entry = meta["tree_metadata"].pop(moments[0])  # point one moment at an array that is not stored
+    entry["key_metadata"][-2]["key"] += "_gone"
+    meta["tree_metadata"][moments[0].replace("'value')", "'gone', 'value')")] = entry
+    meta_file.write_text(json.dumps(meta))
+    assert _export("--run", damaged, "--out", tmp_path / "e") == 0, capsys.readouterr().err
+    ours, final = _tensors(tmp_path / "e"), _tensors(run / "export")
+    assert set(ours) == set(final)
+    for name in final:
+        np.testing.assert_array_equal(ours[name], final[name], err_msg=name)

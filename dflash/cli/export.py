@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from dflash.cli.parser import make_parser
@@ -31,11 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--with-target", dest="with_target", action="store_true", default=None,
                         help="also copy the target to OUT/target (default: only for shipped targets)")
     target.add_argument("--no-target", dest="with_target", action="store_false")
+    p.add_argument("--verbose", action="store_true", help="on an error, also print its full detail")
     args = p.parse_args(argv)
     try:
         info = export_checkpoint(args.out, run_dir=args.run, checkpoint=args.checkpoint, step=args.step,
                                  dtype=args.dtype, with_target=args.with_target, form=args.form)
     except (CheckpointError, ConfigError, FileNotFoundError) as err:
+        if args.verbose:
+            traceback.print_exception(err)
         print(f"dflash-export: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(info))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 from dflash.cli.parser import make_parser
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue from the last checkpoint (default when the run dir has one)")
     resume.add_argument("--no-resume", dest="resume", action="store_false")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="on an error, also print its full detail")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     overrides += [f"drafter.init_from={args.init_from}"] if args.init_from else []
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_yaml(ExperimentConfig, config_file(args.config), overrides)
         result = run_training(cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as err:
+        if args.verbose:
+            traceback.print_exception(err)
         print(f"dflash-train: error: {err}", file=sys.stderr)
         return 2
     final = result.get("final_eval") or {}
