@@ -123,3 +123,28 @@ def test_training_settings_past_the_context_are_named():
         over.check_context(2048)
     assert str(err.value).startswith("data.seq_len = 4096; regen.prompt_tokens + regen.new_tokens = 2064: "
                                      "past the target's context of 2048")
+
+
+def test_a_short_run_regenerates_only_what_it_will_consume(run_config, tiny_target, tmp_path):
+    import numpy as np
+
+    from dflash.training.data import load_documents
+    from dflash.training.rundata import prepare_data, regen_count
+    from dflash.training.selfdistill import load_documents_npz, regenerate_documents
+
+    regen = ["regen.num_sequences=64", "regen.prompt_tokens=16", "regen.new_tokens=16", "regen.batch_size=64"]
+    cfg = run_config(tiny_target, tmp_path / "r", *regen, "train.steps=2")  # 2 steps x 4 rows x 2 per row
+    assert regen_count(cfg) == 16
+    assert regen_count(run_config(tiny_target, tmp_path / "x", *regen, "train.steps=50")) == 64
+    assert regen_count(run_config(tiny_target, tmp_path / "x", *regen, "train.steps=0",
+                                  "train.epochs=1")) == 64
+    target, tok = load_target(tiny_target), load_tokenizer(tiny_target)
+    (tmp_path / "r").mkdir()
+    prepare_data(cfg, tok, target, tmp_path / "r", progress=False)
+    made = load_documents_npz(tmp_path / "r" / "regenerated.npz")
+    assert len(made) == 16
+    full = regenerate_documents(target, load_documents(cfg.data, tok)[0], cfg.regen, seed=cfg.data.seed,
+                                eos_ids=tuple(target.cfg.eos_token_id), progress=False)
+    assert len(full) == 64  # the short run's data is the start of the full set
+    for a, b in zip(made, full[:16], strict=True):
+        np.testing.assert_array_equal(a.ids, b.ids)
