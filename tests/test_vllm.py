@@ -40,7 +40,7 @@ def _fresh_drafter(work: Path) -> Path:
 
     run = work / "fresh-run"
     assert train_main([
-        "--config", str(ROOT / "configs/tiny_code.yaml"), "--run-dir", str(run), "--no-progress",
+        "--config", "tiny_code", "--run-dir", str(run), "--no-progress",
         "--set", "drafter.num_layers=1", "--set", "drafter.block_size=8", "--set", "train.steps=60",
         "--set", "train.save_every=60", "--set", "train.eval_every=60", "--set", "data.max_examples=200",
         "--set", "regen.num_sequences=64", "--set", "regen.batch_size=64", "--set", "eval.num_prompts=2",
