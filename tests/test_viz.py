@@ -93,6 +93,10 @@ def test_bench_figures_read_bench_results(tmp_path):
         F.speedup_points([b8, b8])
     with pytest.raises(VizError, match="not a dflash-bench result"):
         F.lengths_from_bench({"tau": 1})
+    paths = F.bench_figures(b8, tmp_path / "plots")  # dflash-bench --plots DIR
+    assert [p.name for p in paths] == ["acceptance_histogram.png", "acceptance_by_position.png",
+                                       "tau_per_prompt.png", "speedup_vs_block.png"]
+    assert all(Image.open(p).size == (800, 450) for p in paths)
     fig = F.tau_comparison({"drafter": 1.4, "lookup": 3.6})
     np.testing.assert_allclose(bar_heights(fig.axes[0])[0], [1.4, 3.6])
 

@@ -233,3 +233,16 @@ def training_curves(scalars: Mapping[str, tuple[np.ndarray, np.ndarray]],
         fig.colorbar(im, ax=acc_ax, label="accuracy")
     acc_ax.set(xlabel="step", ylabel="draft position", title="Eval accuracy by position")
     return fig
+
+
+def bench_figures(result: Mapping[str, Any], out: str | Path) -> list[Path]:
+    """``dflash-bench --plots DIR``: the figures of one bench result, as PNGs under ``out``."""
+    out = Path(out)
+    lengths = lengths_from_bench(result)
+    if not lengths:
+        raise VizError("the bench result has no drafting method to plot (only AR)")
+    k = max(m["block_size"] for m in _methods(result).values())
+    return [save(acceptance_histogram(lengths, k), out / "acceptance_histogram.png"),
+            save(position_plot(lengths, k), out / "acceptance_by_position.png"),
+            save(tau_per_prompt(taus_from_bench(result)), out / "tau_per_prompt.png"),
+            save(speedup_vs_block([result]), out / "speedup_vs_block.png")]
