@@ -20,7 +20,7 @@ NOTEBOOKS = ("01_quickstart", "02_train_a_drafter", "03_export_and_serve")
 # The notebooks' default training sizes: a run of a few steps on a CPU in about a minute.
 TINY_OVERRIDES = (
     "data.format=text", "data.seq_len=128", "data.heldout_fraction=0.0", "eval.eval_split=heldout",
-    "regen.num_sequences=32", "regen.prompt_tokens=32", "regen.new_tokens=32", "regen.batch_size=32",
+    "regen.num_sequences=32", "regen.prompt_tokens=32", "regen.new_tokens=32", "regen.batch_size=8",
     "drafter.num_target_features=3", "train.batch_size=4", "train.num_anchors=16", "train.log_every=2",
     "train.eval_every=4", "train.save_every=4", "eval.heldout_rows=4", "eval.num_prompts=2",
     "eval.max_new_tokens=32", "eval.prompt_tokens=64")
