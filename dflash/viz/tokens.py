@@ -178,3 +178,10 @@ class TokenView:
 
     def __str__(self) -> str:
         return self.prompt + render_terminal(self.steps, self.texts)
+
+
+def show_steps(tokenizer: Any, prompt: str, tokens: Sequence[int], acceptance_lengths: Sequence[int]) -> str:
+    """``dflash-generate --show-steps``: the prompt, the coloured generation and a summary line."""
+    steps = split_steps(tokens, acceptance_lengths)
+    return (prompt + render_terminal(steps, TokenTexts(tokenizer))
+            + f"\n\n{len(steps) - 1} verify steps, {len(tokens)} tokens {LEGEND}")
