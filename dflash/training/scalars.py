@@ -64,6 +64,11 @@ class ScalarLog:
             self._csv.writerow((step, f"{tag}/len_{k}", repr(float(c))))
         self._file.flush()
 
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+        self._file.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dflash.errors import DflashError
 
-class VizError(ValueError):
+
+class VizError(DflashError, ValueError):
     """Input a figure, report or token view cannot show (named in the message)."""
