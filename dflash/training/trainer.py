@@ -29,7 +29,6 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from dflash.configio import to_dict
@@ -49,6 +48,7 @@ from dflash.training.evaluation import heldout_chunks, make_evaluate, measure_ta
 from dflash.training.optim import lr_schedule, make_optimizer
 from dflash.training.progress import finished_result, log_line, tau_text
 from dflash.training.rundata import prepare_data
+from dflash.training.scalars import Listener, ScalarLog
 from dflash.training.setup import DTYPES, build_drafter_config, build_method_drafter, data_devices
 from dflash.training.step import make_step_fns
 
@@ -57,14 +57,17 @@ __all__ = ["TrainingError", "run_training"]
 
 def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress: bool = True,
                  final_eval: bool = True, export: bool = True,
-                 stop_after: int | None = None, extend: bool = False) -> dict[str, Any]:
+                 stop_after: int | None = None, extend: bool = False,
+                 on_scalars: Listener | None = None) -> dict[str, Any]:
     """Trains a drafter (DFlash or Orthrus) per ``cfg``; returns the final metrics (also in ``metrics.json``).
 
     ``resume=None`` resumes when the run directory already holds checkpoints. ``stop_after``
     ends the process-level run after that step's checkpoint, exactly as a kill right after it
     would (tests use it; ``--resume`` continues). ``extend`` lets a resumed run take a larger
     step count (the rest of the run follows the LR schedule of the new total); a run already at
-    its final step returns its saved result with ``already_complete``.
+    its final step returns its saved result with ``already_complete``. ``on_scalars(step, values)``
+    sees every logged batch of scalars (a notebook's live plot); they also go to TensorBoard and
+    ``scalars.csv``.
     """
     run_dir = Path(cfg.run_dir)
     cfg.check_context(read_config(resolve(cfg.target.name)).max_position_embeddings)
@@ -123,7 +126,7 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
                                 + ("; --extend needs more steps than the run has done" if extend else ""))
 
     # ---- the loop
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = ScalarLog(run_dir, start, on_write=on_scalars)  # tb/ and scalars.csv (rows past start dropped)
     base_key = jax.random.key(cfg.train.seed)
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"train {cfg.method}",
                disable=not progress, dynamic_ncols=True)
@@ -177,10 +180,9 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
         result["export_dir"] = str(_export(cfg, drafter, target, run_dir / "export"))
     if final_eval:
         result.update(measure_tau(target, drafter, data.prompts, cfg.eval.max_new_tokens))
-        for name in ("tau", "tau_ngram", "tau_with_ngram"):
-            if name in result:
-                writer.add_scalar("eval/tau_real" if name == "tau" else f"eval/{name}", result[name], total)
-        writer.flush()
+        writer.scalars(total, {"eval/tau_real" if name == "tau" else f"eval/{name}": result[name]
+                               for name in ("tau", "tau_ngram", "tau_with_ngram") if name in result})
+        writer.histogram("decode/acceptance", result["acceptance_histogram"], total)
     writer.close()
     with open(run_dir / "metrics.json", "w") as f:
         json.dump(result, f, indent=2)
@@ -188,18 +190,16 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     return result
 
 
-def _log_train(writer: SummaryWriter, scalars: dict[str, float], accuracy: Any, step: int) -> None:
-    for name, value in scalars.items():
-        writer.add_scalar(f"train/{name}", value, step)
-    for j, acc in enumerate(np.asarray(accuracy)):
-        writer.add_scalar(f"train_accuracy/pos_{j + 1}", float(acc), step)
+def _log_train(writer: ScalarLog, scalars: dict[str, float], accuracy: Any, step: int) -> None:
+    accuracy = {f"train_accuracy/pos_{j + 1}": float(acc) for j, acc in enumerate(np.asarray(accuracy))}
+    writer.scalars(step, {f"train/{name}": value for name, value in scalars.items()} | accuracy)
 
 
-def _log_eval(writer: SummaryWriter, ev: dict[str, Any], step: int) -> None:
-    for name in ("tau_sim", "tau_sim_steps", "tau_sim_labels", "loss"):
-        writer.add_scalar(f"eval/{name}", ev[name], step)
-    for j, acc in enumerate(ev["accuracy"]):
-        writer.add_scalar(f"eval_accuracy/pos_{j + 1}", acc, step)
+def _log_eval(writer: ScalarLog, ev: dict[str, Any], step: int) -> None:
+    names = ("tau_sim", "tau_sim_steps", "tau_sim_labels", "loss")
+    writer.scalars(step, {f"eval/{name}": ev[name] for name in names}
+                   | {f"eval_accuracy/pos_{j + 1}": acc for j, acc in enumerate(ev["accuracy"])})
+    writer.histogram("eval/acceptance", ev["acceptance_counts"], step)  # held-out blocks' simulated lengths
 
 
 def _export(cfg: ExperimentConfig, drafter: Any, target: Transformer, out: Path) -> Path:
