@@ -164,10 +164,15 @@ def test_log_lines_a_finished_run_and_an_extended_run_that_continues_exactly(
     constant_lr = ("optim.warmup_ratio=0", "optim.final_lr_ratio=1")  # the total steps do not matter
     a = run_config(tiny_target, tmp_path / "a", *constant_lr)
     run_training(a, progress=False, final_eval=False)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    capsys_out_a = capsys.readouterr().out
+    lines = [line for line in capsys_out_a.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]  # log_every=1, no bar
     assert "tau_sim —" in lines[0] and re.search(r"tau_sim \d\.\d\d", lines[2])  # eval at step 2
     assert not any("nan" in line for line in lines)
+    out_lines = capsys_out_a.splitlines()
+    assert [line for line in out_lines if line.startswith("eval at step")] == [
+        line for line in out_lines if re.match(r"eval at step [24]: tau_sim \d\.\d\d per verify step", line)]
+    assert sum(line.startswith("eval at step") for line in out_lines) == 2
     events = sorted((tmp_path / "a" / "tb").iterdir())
 
     # Re-running the finished run says so and stops: no training, no evaluation, no new events.

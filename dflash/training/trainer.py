@@ -157,6 +157,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
             tau_now = ev["tau_sim_steps"]
             history.append({"step": done, **ev})
             _log_eval(writer, ev, done)
+            if not progress:
+                print(f"eval at step {done}: tau_sim {tau_now:.2f} per verify step", flush=True)
             if ev["tau_sim_steps"] > best_tau:  # the per-step estimate tracks decoding tau best
                 best_tau, best_step = ev["tau_sim_steps"], done
         # A new best is saved at once (kept beside the last k), even between save_every steps.
