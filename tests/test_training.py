@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from dflash.config import ConfigError, ModelConfig
 from dflash.configio import load_yaml
 from dflash.drafters.dflash import DFlashConfig, build_drafter
-from dflash.errors import TrainingError
+from dflash.errors import CheckpointError, TrainingError
 from dflash.export import load_drafter
 from dflash.models import build
 from dflash.training.config import ExperimentConfig
@@ -82,7 +82,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_overwritten(run_conf
     for p in victims:
         p.write_bytes(b"\x00garbage")
     snapshot = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
-    with pytest.raises(TrainingError, match="could not be restored"):
+    with pytest.raises(CheckpointError, match="could not be restored"):
         run_training(cfg, progress=False)
     assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == snapshot
 

@@ -8,15 +8,14 @@ import sys
 import jax.numpy as jnp
 
 from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
-from dflash.cache import CacheOverflowError
-from dflash.config import ConfigError
 from dflash.decoding import SamplingParams
 from dflash.decoding.drafters import resolve_method
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
 from dflash.drafters.dflash import DFlashDrafter
+from dflash.errors import ConfigError, DflashError
 from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
-from dflash.models import CheckpointError, load_target
+from dflash.models import load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
 
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             set_attention_impl(drafter, args.attention_impl)
         k = drafter_method.block_size
         if args.anchor_profile and not isinstance(drafter, DFlashDrafter):
-            raise ValueError(f"--anchor-profile profiles a DFlash drafter; {args.drafter!r} is not one")
+            raise ConfigError(f"--anchor-profile profiles a DFlash drafter; {args.drafter!r} is not one")
         stop = () if args.ignore_eos else eos_ids(tokenizer, target.cfg.eos_token_id)
         methods = {"ar": resolve_method("ar", target), "ngram": resolve_method("ngram", target, block_size=k),
                    "drafter": (drafter_method, drafter)}
@@ -89,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             also_method, also_drafter = resolve_method(other, target, block_size=args.block_size,
                                                        stochastic=args.stochastic_drafts)
             if drafter is None or also_drafter is None:
-                raise ValueError("--also compares exported drafters: give drafters, not ar/ngram")
+                raise ConfigError("--also compares exported drafters: give drafters, not ar/ngram")
             if also_drafter.cfg.mask_token_id != drafter.cfg.mask_token_id:
-                raise ValueError(f"--also {other}: its mask token differs from the drafter's")
+                raise ConfigError(f"--also {other}: its mask token differs from the drafter's")
             if hasattr(type(also_drafter), "attention_impl"):
                 set_attention_impl(also_drafter, args.attention_impl)
             methods[f"also:{other}"] = (also_method, also_drafter)
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.anchor_profile:
             profile = anchor_profile(target, drafter, prompts, max_new_tokens=args.max_new_tokens,
                                      block_size=k, eos_ids=stop)
-    except (CheckpointError, ConfigError, CacheOverflowError, ValueError, OSError) as err:
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-bench: error: {err}", file=sys.stderr)
         return 2
     result.update(target=args.target, drafter=args.drafter, prompts=args.prompts)

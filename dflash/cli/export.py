@@ -11,9 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from dflash.config import ConfigError
+from dflash.errors import DflashError
 from dflash.export.from_run import EXPORT_DTYPES, export_checkpoint
-from dflash.models import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = export_checkpoint(args.out, run_dir=args.run, checkpoint=args.checkpoint, step=args.step,
                                  dtype=args.dtype, with_target=args.with_target, form=args.form)
-    except (CheckpointError, ConfigError, FileNotFoundError) as err:
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-export: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(info))

@@ -10,15 +10,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from dflash.cache import CacheOverflowError
-from dflash.config import ConfigError
 from dflash.decoding import SamplingParams, generate
 from dflash.decoding.drafters import resolve_method
 from dflash.decoding.speculative import speculative_generate
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
+from dflash.errors import ConfigError, DflashError
 from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
-from dflash.models import CheckpointError, load_target
+from dflash.models import load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         model = set_attention_impl(load_target(args.target, dtype=DTYPES[args.dtype]), args.attention_impl)
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         if not ids:
-            raise ValueError("the prompt encodes to zero tokens")
+            raise ConfigError("the prompt encodes to zero tokens")
         common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
                       eos_ids=eos_ids(tokenizer, model.cfg.eos_token_id), max_len=args.max_len,
                       pad_id=tokenizer.pad_token_id or 0)
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             mask = drafter.cfg.mask_token_id if drafter is not None else -1
             result = speculative_generate(model, [ids], method=method, drafter=drafter, rule=args.verify,
                                           mask_token_id=mask, **common)
-    except (CheckpointError, ConfigError, CacheOverflowError, ValueError, OSError) as err:
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-generate: error: {err}", file=sys.stderr)
         return 2
     tokens = result.tokens[0]

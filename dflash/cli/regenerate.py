@@ -7,9 +7,9 @@ import sys
 
 import jax.numpy as jnp
 
-from dflash.config import ConfigError
 from dflash.decoding import SamplingParams
-from dflash.models import CheckpointError, load_target
+from dflash.errors import DflashError
+from dflash.models import load_target
 from dflash.models.tokenizer import load_tokenizer
 from dflash.training.regenerate import regenerate_dataset
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
             max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
             sampling=SamplingParams(temperature=args.temperature), seed=args.seed)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-regenerate: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {n} conversations to {args.out}")

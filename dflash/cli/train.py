@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dflash.config import ConfigError
 from dflash.configio import load_yaml
-from dflash.errors import TrainingError
-from dflash.models import CheckpointError
+from dflash.errors import DflashError
 from dflash.training.config import ExperimentConfig
 from dflash.training.trainer import run_training
 
@@ -33,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_yaml(ExperimentConfig, args.config, overrides)
         result = run_training(cfg, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as err:
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-train: error: {err}", file=sys.stderr)
         return 2
     final = result.get("final_eval") or {}

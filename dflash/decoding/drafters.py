@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from dflash.decoding.sampling import probabilities
 from dflash.drafters.dflash import DFlashDrafter
 from dflash.drafters.orthrus import OrthrusDrafter
+from dflash.errors import ConfigError
 from dflash.models.transformer import Transformer
 
 
@@ -101,7 +102,7 @@ def drafts_from_logits(logits_BkV: jax.Array, mask_token_id: int, stochastic: bo
 def _check_block(block_size: int | None, trained: int) -> int:
     k = block_size or trained
     if not 2 <= k <= trained:
-        raise ValueError(f"block size {k} must be in 2..{trained} (the trained block size)")
+        raise ConfigError(f"block size {k} must be in 2..{trained} (the trained block size)")
     return k
 
 

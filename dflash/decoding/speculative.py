@@ -28,6 +28,7 @@ from dflash.decoding.drafters import NoDraft
 from dflash.decoding.sampling import SamplingParams, sample
 from dflash.decoding.tree import ancestor_mask, commit_path, gather_path, verify_tree
 from dflash.decoding.verify import RULES, verify
+from dflash.errors import ConfigError
 from dflash.models.transformer import Transformer
 
 
@@ -231,11 +232,11 @@ def speculative_generate(
     """
     rule = rule or ("greedy" if sampling.greedy else "token")
     if rule not in RULES:
-        raise ValueError(f"unknown verification rule {rule!r}; choose from {RULES}")
+        raise ConfigError(f"unknown verification rule {rule!r}; choose from {RULES}")
     if rule == "greedy" and not sampling.greedy:
-        raise ValueError("greedy verification needs temperature 0; use rule 'token' or 'block'")
+        raise ConfigError("greedy verification needs temperature 0; use rule 'token' or 'block'")
     if getattr(method, "tree", False) and rule == "block":
-        raise ValueError("tree drafting verifies greedily or token-wise (sibling rejection), not 'block'")
+        raise ConfigError("tree drafting verifies greedily or token-wise (sibling rejection), not 'block'")
     batch = len(prompts)
     k = method.block_size
     # A verify pass may write up to K (a tree: all its nodes) slots past the last committed token.

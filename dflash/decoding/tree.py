@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from dflash import cache as kvc
+from dflash.errors import ConfigError
 
 
 class Tree(NamedTuple):
@@ -216,10 +217,10 @@ class DFlashTreeDraft:
 
         if not isinstance(chain, DFlashDraft) or chain.stochastic:
             kind = "stochastic drafts" if isinstance(chain, DFlashDraft) else type(chain).__name__
-            raise ValueError(f"tree drafting (--tree-width, --ngram-branch) needs a DFlash drafter with "
+            raise ConfigError(f"tree drafting (--tree-width, --ngram-branch) needs a DFlash drafter with "
                              f"argmax drafts, not {kind}")
         if width < 1:
-            raise ValueError(f"tree width must be >= 1, got {width}")
+            raise ConfigError(f"tree width must be >= 1, got {width}")
         return cls(chain, width, NgramDraft(block_size=chain.block_size) if lookup else None)
 
     @property

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dflash.decoding.sampling import SamplingParams, probabilities
+from dflash.errors import ConfigError
 
 RULES = ("greedy", "token", "block")
 
@@ -119,10 +120,10 @@ def verify_block(logits_BKV, drafts_BK, q_BKV, key, sampling: SamplingParams, ma
 def verify(rule: str, logits_BKV, drafts_BK, q_BKV, key, sampling: SamplingParams, mask_id: int):
     """Dispatch by rule name. At T = 0 the token and block rules reduce to greedy (tested)."""
     if rule not in RULES:
-        raise ValueError(f"unknown verification rule {rule!r}; choose from {RULES}")
+        raise ConfigError(f"unknown verification rule {rule!r}; choose from {RULES}")
     if rule == "greedy":
         if not sampling.greedy:
-            raise ValueError("the greedy rule needs temperature 0; use 'token' or 'block' to sample")
+            raise ConfigError("the greedy rule needs temperature 0; use 'token' or 'block' to sample")
         return verify_greedy(logits_BKV, drafts_BK, mask_id)
     if rule == "token":
         return verify_token(logits_BKV, drafts_BK, q_BKV, key, sampling, mask_id)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from dflash.configio import load_yaml
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter
-from dflash.errors import CheckpointError, TrainingError
+from dflash.errors import CheckpointError
 from dflash.export.dflash_hf import config_from_hf, resolve_drafter, save_drafter
 from dflash.models.loading import ASSETS, SHIPPED, read_config, resolve
 from dflash.models.tokenizer import load_tokenizer
@@ -74,10 +74,7 @@ def _strip_values(tree: Any) -> Any:
 
 
 def _restore_drafter_state(run_dir: Path, step: int) -> dict[str, Any]:
-    try:
-        state, _ = _checkpoints(run_dir).restore(step)
-    except TrainingError as err:
-        raise CheckpointError(str(err)) from err
+    state, _ = _checkpoints(run_dir).restore(step)  # CheckpointError when unreadable
     if not isinstance(state, dict) or set(state) != {"0", "1"}:
         raise CheckpointError(f"checkpoint step {step} of {run_dir} does not hold a "
                               "(drafter, optimizer) state")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from dflash.errors import ConfigError
 from dflash.kernels.anchor_attention import anchor_block_attention, reference_anchor_block_attention
 from dflash.kernels.common import is_pow2, platform
 from dflash.kernels.verify_attention import MAX_BLOCK_LEN
@@ -32,7 +33,7 @@ ATTENTION_IMPLS = ("auto", "pallas", "reference")
 
 def check_impl(impl: str) -> str:
     if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention_impl {impl!r}; choose from {ATTENTION_IMPLS}")
+        raise ConfigError(f"unknown attention_impl {impl!r}; choose from {ATTENTION_IMPLS}")
     return impl
 
 
@@ -70,7 +71,7 @@ def _wants_kernel(impl: str, problem: str | None) -> bool:
         return False
     if problem is not None:
         if impl == "pallas":
-            raise ValueError(f"attention_impl='pallas' cannot run here: {problem}")
+            raise ConfigError(f"attention_impl='pallas' cannot run here: {problem}")
         return False
     return True
 
@@ -107,5 +108,5 @@ def set_attention_impl(model: nnx.Module, impl: str) -> nnx.Module:
             node.attention_impl = impl
             found = True
     if not found:
-        raise ValueError(f"{type(model).__name__} has no attention_impl to set")
+        raise ConfigError(f"{type(model).__name__} has no attention_impl to set")
     return model

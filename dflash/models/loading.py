@@ -84,13 +84,14 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             f"{name!r} is not a checkpoint directory, a shipped name ({', '.join(SHIPPED)}), "
             "or a hub id of the form 'owner/name'"
         )
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: only hub ids need the hub client
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
     try:
         return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
+    except (LocalEntryNotFoundError, HFValidationError):
+        pass  # not cached (or not a valid id): the download below tries, and reports why it cannot
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise CheckpointError(
             f"hub id {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"

@@ -14,8 +14,14 @@ import orbax.checkpoint as ocp
 import yaml
 
 from dflash.configio import flatten, from_dict, to_dict
-from dflash.errors import TrainingError
+from dflash.errors import CheckpointError, ConfigError, TrainingError
 from dflash.training.config import ExperimentConfig
+
+# What Orbax raises for a checkpoint it cannot read (measured on orbax-checkpoint 0.12.8: garbage
+# or truncated JSON / OCDBT files -> JSONDecodeError or tensorstore's ValueError, a missing item
+# -> KeyError, missing array files -> FileNotFoundError). Anything else (out of memory, sharding,
+# a bug) keeps its own type and traceback.
+CORRUPT_CHECKPOINT_ERRORS = (ValueError, KeyError, OSError)
 
 
 class Checkpoints:
@@ -51,10 +57,11 @@ class Checkpoints:
             args["state"] = ocp.args.StandardRestore(abstract_state)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        except Exception as err:  # orbax raises many types for truncated / foreign files
-            raise TrainingError(
+        except CORRUPT_CHECKPOINT_ERRORS as err:
+            raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} could not be restored "
-                f"({type(err).__name__}: {err}); it was left untouched — move it away to use "
+                f"({type(err).__name__}: {err}); its files are truncated, corrupt or missing, or it holds "
+                "a different (drafter, optimizer) structure. It was left untouched: move it away to use "
                 "an earlier step, or start a new run directory") from err
         return (restored["state"] if state else None), restored["meta"]
 
@@ -98,7 +105,7 @@ def check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
         raise TrainingError(f"cannot resume {run_dir}: its config.yaml is missing")
     try:
         saved = flatten(to_dict(from_dict(ExperimentConfig, yaml.safe_load(path.read_text()) or {})))
-    except Exception as err:
+    except (yaml.YAMLError, ConfigError) as err:  # unparsable, or keys / values from_dict refuses
         raise TrainingError(f"cannot resume {run_dir}: its config.yaml is unreadable ({err})") from err
     new = flatten(to_dict(cfg))
     diffs = [f"{key}: {saved.get(key)!r} -> {new.get(key)!r}" for key in sorted(saved.keys() | new.keys())
