@@ -14,7 +14,7 @@ from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
 from dflash.drafters.dflash import DFlashDrafter
 from dflash.errors import ConfigError, DflashError
-from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
+from dflash.kernels.dispatch import ATTENTION_IMPLS
 from dflash.models import load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
 
@@ -65,14 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         tokenizer = load_tokenizer(args.target)
-        target = load_target(args.target, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-        set_attention_impl(target, args.attention_impl)
+        target = load_target(args.target, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+                             attention_impl=args.attention_impl)  # drafters resolved below take it too
         prompts = load_prompts(args.prompts, tokenizer, field=args.field, split=args.split,
                                limit=args.num_prompts)
         drafter_method, drafter = resolve_method(args.drafter, target, block_size=args.block_size,
                                                  stochastic=args.stochastic_drafts)
-        if hasattr(type(drafter), "attention_impl"):  # DFlash (Orthrus runs inside the target)
-            set_attention_impl(drafter, args.attention_impl)
         k = drafter_method.block_size
         if args.anchor_profile and not isinstance(drafter, DFlashDrafter):
             raise ConfigError(f"--anchor-profile profiles a DFlash drafter; {args.drafter!r} is not one")
@@ -91,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--also compares exported drafters: give drafters, not ar/ngram")
             if also_drafter.cfg.mask_token_id != drafter.cfg.mask_token_id:
                 raise ConfigError(f"--also {other}: its mask token differs from the drafter's")
-            if hasattr(type(also_drafter), "attention_impl"):
-                set_attention_impl(also_drafter, args.attention_impl)
             methods[f"also:{other}"] = (also_method, also_drafter)
         sampling = SamplingParams(temperature=args.temperature)
         result = bench_methods(

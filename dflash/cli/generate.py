@@ -16,7 +16,7 @@ from dflash.decoding.speculative import speculative_generate
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
 from dflash.errors import ConfigError, DflashError
-from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
+from dflash.kernels.dispatch import ATTENTION_IMPLS
 from dflash.models import load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
         tokenizer = load_tokenizer(args.target)
-        model = set_attention_impl(load_target(args.target, dtype=DTYPES[args.dtype]), args.attention_impl)
+        model = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl)
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         if not ids:
             raise ConfigError("the prompt encodes to zero tokens")
@@ -80,14 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             result = generate(model, [ids], **common)
         else:
             method, drafter = resolve_method(args.drafter, model, block_size=args.block_size,
-                                             stochastic=args.stochastic_drafts)
-            if hasattr(type(drafter), "attention_impl"):  # DFlash (Orthrus runs inside the target)
-                set_attention_impl(drafter, args.attention_impl)
+                                             stochastic=args.stochastic_drafts)  # the target's attention_impl
             if args.tree_width or args.ngram_branch:
                 method = DFlashTreeDraft.around(method, args.tree_width or 1, lookup=args.ngram_branch)
-            mask = drafter.cfg.mask_token_id if drafter is not None else -1
             result = speculative_generate(model, [ids], method=method, drafter=drafter, rule=args.verify,
-                                          mask_token_id=mask, **common)
+                                          **common)
     except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-generate: error: {err}", file=sys.stderr)
         return 2
@@ -98,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s,
                "compile_s": result.compile_s}
         if args.drafter is not None:
-            out.update(tau=result.tau, acceptance_lengths=result.acceptance_lengths[0],
+            out.update(tau=result.tau, mean_acceptance_length=result.mean_acceptance_length,
+                       acceptance_lengths=result.acceptance_lengths[0],
                        target_forwards=result.target_forwards[0], block_size=result.block_size)
         print(json.dumps(out))
     else:

@@ -7,13 +7,13 @@ and the method's own state is a pytree the engine carries through its ``lax.whil
 ``DFlashTreeDraft`` (``tree.py``) all derive from ``DraftMethod``; the engine
 (``speculative.py``) reads only the members below.
 
-Shape letters: B rows, K the block (anchor + K-1 drafts), L token buffer, V vocabulary,
-n feature layers, P prompt, T block rows, D model width.
+Shape letters (docs/architecture.md): B rows, Q the block (anchor + k = Q-1 drafts), L token
+buffer, V vocabulary, n feature layers, P prompt, T block rows, D model width.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
 
@@ -21,6 +21,7 @@ from dflash import cache as kvc
 from dflash.decoding.sampling import SamplingParams
 
 
+@runtime_checkable
 class DraftMethod(Protocol):
     """What the speculative engine needs from a draft method."""
 
@@ -56,8 +57,8 @@ class DraftMethod(Protocol):
     def propose(self, drafter: Any, target: Any, state: Any, anchor_B: jax.Array, lengths_B: jax.Array,
                 tokens_BL: jax.Array, total_B: jax.Array, key: jax.Array, sampling: SamplingParams,
                 **target_cache: kvc.KVCache) -> tuple[jax.Array, jax.Array | None]:
-        """Drafts ``[B, K-1]`` int32 after ``anchor_B`` (committed tokens: ``lengths_B``; buffer
-        ``tokens_BL`` holds ``total_B`` tokens), and their proposal probabilities ``[B, K-1, V]``,
+        """Drafts ``[B, Q-1]`` int32 after ``anchor_B`` (committed tokens: ``lengths_B``; buffer
+        ``tokens_BL`` holds ``total_B`` tokens), and their proposal probabilities ``[B, Q-1, V]``,
         or None when the drafts are deterministic. Chain methods only."""
         ...
 

@@ -208,7 +208,8 @@ def _check_target(directory: Path, hf: dict[str, Any], cfg: OrthrusConfig, targe
 
 
 def load_orthrus(name_or_path: str | os.PathLike, target: Transformer | None = None, *,
-                 target_cfg: ModelConfig | None = None, dtype: jnp.dtype = jnp.float32) -> OrthrusDrafter:
+                 target_cfg: ModelConfig | None = None, dtype: jnp.dtype = jnp.float32,
+                 attention_impl: str = "auto") -> OrthrusDrafter:
     """Loads the diffusion attentions of a full or delta export.
 
     With ``target`` (a loaded model) the recorded architecture *and* weights fingerprints are
@@ -222,7 +223,8 @@ def load_orthrus(name_or_path: str | os.PathLike, target: Transformer | None = N
     cfg, tcfg, hf = read_orthrus_config(directory)
     if target is not None or target_cfg is not None:
         _check_target(directory, hf, cfg, target.cfg if target is not None else target_cfg, target)
-    shapes = nnx.eval_shape(lambda: OrthrusDrafter(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    shapes = nnx.eval_shape(lambda: OrthrusDrafter(cfg, dtype=dtype, attention_impl=attention_impl,
+                                                   rngs=nnx.Rngs(0)))
     # Like load_drafter, a tensor that is neither ours nor expected is refused: a full export also
     # holds its target's tensors, a delta export nothing else.
     target_keys = [hf_key for hf_key, _, _ in weight_pairs(WEIGHT_TABLE, tcfg.num_layers, _all_paths(tcfg))]

@@ -196,11 +196,13 @@ def load_params_into(model: nnx.Module, directory: Path, table: tuple[tuple[str,
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> Transformer:
+def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
+                attention_impl: str = "auto") -> Transformer:
     """Loads a target from a HF directory / shipped name / hub id (single or sharded safetensors)."""
     directory = resolve(name_or_path)
     cfg = read_config(directory)
-    return load_params_into(abstract(cfg, dtype=dtype), directory, WEIGHT_TABLE, cfg.num_layers, dtype)
+    model = abstract(cfg, dtype=dtype, attention_impl=attention_impl)
+    return load_params_into(model, directory, WEIGHT_TABLE, cfg.num_layers, dtype)
 
 
 def save_params(model: nnx.Module, table: tuple[tuple[str, str, bool], ...], num_layers: int,
