@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dflash import cache as kvc
-from dflash.decoding.autoregressive import GenerationResult, is_eos, prefill, prepare_batch
+from dflash.decoding.autoregressive import GenerationResult, check_context, is_eos, prefill, prepare_batch
 from dflash.decoding.compiled import compiled
 from dflash.decoding.drafters import NoDraft
 from dflash.decoding.method import DraftMethod
@@ -246,6 +246,7 @@ def speculative_generate(
     rule: str | None = None,
     key: jax.Array | None = None,
     compact: bool = True,
+    allow_longer_than_context: bool = False,
 ) -> SpecResult:
     """Speculative decoding of a batch of prompts with ``method`` (and its ``drafter``).
 
@@ -255,6 +256,8 @@ def speculative_generate(
     batch compiles once; compile time is reported apart, in ``compile_s``). Only batches of at
     least ``COMPACT_MIN_ROWS`` rows are compacted: below that a recompile costs more than it saves.
     ``mask_token_id`` (never emitted) comes from the method; passing a different one is an error.
+    A prompt plus its budget past the target's context is a ``ContextLengthError`` unless
+    ``allow_longer_than_context``.
     """
     mask_id = mask_id_for(method, mask_token_id)
     rule = rule or ("greedy" if sampling.greedy else "token")
@@ -269,6 +272,7 @@ def speculative_generate(
     # A verify pass may write up to Q (a tree: all its nodes) slots past the last committed token.
     slack = method.verify_tokens
     budgets, prompt_lens, max_len, padded = prepare_batch(prompts, max_new_tokens, slack, max_len, pad_id)
+    check_context(prompt_lens, budgets, target.cfg.max_position_embeddings, allow_longer_than_context)
     eos = tuple(target.cfg.eos_token_id if eos_ids is None else eos_ids)
     tgraph, tparams = nnx.split(target)
     dgraph, dparams = nnx.split(drafter) if drafter is not None else (None, None)
