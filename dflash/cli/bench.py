@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import jax.numpy as jnp
-
 from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
 from dflash.cli.parser import make_parser
 from dflash.decoding import SamplingParams
@@ -16,6 +14,7 @@ from dflash.drafters.dflash import DFlashDrafter
 from dflash.errors import ConfigError, DflashError
 from dflash.kernels.dispatch import ATTENTION_IMPLS
 from dflash.models import load_target
+from dflash.models.loading import DTYPES
 from dflash.models.tokenizer import eos_ids, load_tokenizer
 
 
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
                    help="auto: Pallas kernels on TPU/GPU, jnp reference on CPU (see docs/kernels.md)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", default=None, help="write the full result here")
     p.add_argument("--anchor-profile", default=None, metavar="JSON",
                    help="also write the greedy acceptance of the DFlash drafter and of prompt lookup at "
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         tokenizer = load_tokenizer(args.target)
-        target = load_target(args.target, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+        target = load_target(args.target, dtype=DTYPES[args.dtype],
                              attention_impl=args.attention_impl)  # drafters resolved below take it too
         prompts = load_prompts(args.prompts, tokenizer, field=args.field, split=args.split,
                                limit=args.num_prompts)

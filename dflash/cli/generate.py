@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from dflash.cli.parser import make_parser
 from dflash.decoding import SamplingParams, generate
@@ -19,9 +18,8 @@ from dflash.decoding.verify import RULES
 from dflash.errors import ConfigError, DflashError
 from dflash.kernels.dispatch import ATTENTION_IMPLS
 from dflash.models import load_target
+from dflash.models.loading import DTYPES
 from dflash.models.tokenizer import eos_ids, load_tokenizer
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -152,6 +152,8 @@ class _TensorSource:
 
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+# Names of the dtypes a model can be loaded or computed in (configs and CLIs take these names).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _check_dtype(hf_key: str, array: np.ndarray) -> None:

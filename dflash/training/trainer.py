@@ -39,6 +39,7 @@ from dflash.errors import TrainingError
 from dflash.export.dflash_hf import save_drafter
 from dflash.export.orthrus_hf import save_orthrus
 from dflash.models import load_target
+from dflash.models.loading import DTYPES
 from dflash.models.tokenizer import load_tokenizer
 from dflash.models.transformer import Transformer
 from dflash.training.checkpoints import Checkpoints, decide_resume
@@ -47,7 +48,7 @@ from dflash.training.data import Batches
 from dflash.training.evaluation import heldout_chunks, make_evaluate, measure_tau
 from dflash.training.optim import lr_schedule, make_optimizer
 from dflash.training.rundata import prepare_data
-from dflash.training.setup import DTYPES, build_drafter_config, build_method_drafter, data_devices
+from dflash.training.setup import build_drafter_config, build_method_drafter, data_devices
 from dflash.training.step import make_step_fns, mean_metrics
 
 __all__ = ["TrainingError", "run_training"]
