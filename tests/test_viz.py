@@ -3,6 +3,8 @@ the same token ids; the scalars log is resume-safe."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -159,3 +161,25 @@ def test_steps_split_and_render_round_trip_to_the_token_ids():
     assert T.parse_terminal(rendered, texts) == steps
     html = T.render_html(steps, texts, prompt="p")
     assert html.count("data-id=") == len(ids) and 'data-kind="bonus"' in html
+
+
+def test_generate_show_steps_round_trips_to_the_same_token_ids(capsys):
+    from dflash.cli.generate import main
+    from dflash.models.tokenizer import load_tokenizer
+
+    args = ["--drafter", "tiny-code-dflash", "--block-size", "8", "--prompt", "def area(r):\n",
+            "--max-new-tokens", "40"]
+    assert main([*args, "--json"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert main([*args, "--show-steps"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("def area(r):\n") and "\x1b[32m" in shown  # some drafts were accepted
+    steps = T.parse_terminal(shown, T.TokenTexts(load_tokenizer("tiny-code")))
+    assert [t for s in steps for t in s.tokens] == ref["tokens"]
+    lens = [len(s.tokens) for s in steps[1:]]
+    assert lens[:-1] == ref["acceptance_lengths"][:-1]
+    # The budget cut the last step (1 + 3 + 4 x 8 = 36 tokens, then 4 of its 8): drafts, no bonus.
+    assert lens[-1] < ref["acceptance_lengths"][-1] and steps[-1].bonus is None
+    assert main([*args, "--json", "--show-steps"]) == 0
+    as_json = json.loads(capsys.readouterr().out)["steps"]
+    assert [T.Step(tuple(s["drafts"]), s["bonus"]) for s in as_json] == steps

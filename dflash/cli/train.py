@@ -14,6 +14,7 @@ from dflash.models import CheckpointError
 from dflash.models.loading import ASSETS
 from dflash.training.config import ExperimentConfig
 from dflash.training.trainer import run_training
+from dflash.viz.report import write_report
 
 SHIPPED_CONFIGS = {p.stem: p for p in sorted((ASSETS / "configs").glob("*.yaml"))}
 
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
               f"prompt-lookup (n-gram) {result['tau_ngram']:.2f}"
               + (f" | both in one tree (--ngram-branch) {result['tau_with_ngram']:.2f}"
                  if "tau_with_ngram" in result else ""))
+    print(f"report: {write_report(cfg.run_dir)}  (curves, tau vs lookup, acceptance; dflash-report RUN_DIR)")
     if result.get("already_complete"):
         print(f"To train longer: --set train.steps=N --extend (N > {result.get('steps')}); to start over: "
               "a new --run-dir")
