@@ -23,7 +23,12 @@ from dflash.decoding.sampling import SamplingParams
 
 @runtime_checkable
 class DraftMethod(Protocol):
-    """What the speculative engine needs from a draft method."""
+    """What the speculative engine needs from a draft method.
+
+    A tree method (``tree = True``, ``tree.DFlashTreeDraft``) also has ``depth`` (drafts along a
+    path) and ``propose_tree(drafter, target, state, anchor_B, tokens_BL, total_B) -> Tree``,
+    which the engine calls instead of ``propose``.
+    """
 
     block_size: int
     """Anchor + drafts per verify step: a step accepts at most ``block_size - 1`` drafts."""
