@@ -130,7 +130,8 @@ def test_scalars_log_is_resume_safe_and_feeds_the_training_curves(tmp_path):
     tau_lines = {ln.get_label(): ln for ln in tau_ax.get_lines()}
     assert tau_lines["eval, per verify step"].get_ydata().tolist() == [1.2]
     assert tau_lines["real τ (prompt lookup)"].get_xdata().tolist() == [30]
-    np.testing.assert_allclose(acc_ax.get_images()[0].get_array(), [[0.5], [0.25]])
+    np.testing.assert_allclose(np.asarray(acc_ax.collections[0].get_array()).reshape(2, 1), [[0.5], [0.25]])
+    assert F._edges(np.array([4, 6, 10])).tolist() == [3, 5, 8, 12]
     assert png_size(fig, tmp_path) == (1200, 400)
     fresh = ScalarLog(tmp_path, tensorboard=False)  # a new run starts the file over
     fresh.close()

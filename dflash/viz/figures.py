@@ -200,6 +200,15 @@ def accuracy_matrix(scalars: Mapping[str, tuple[np.ndarray, np.ndarray]],
     return steps, np.stack([scalars[n][1] for n in names])
 
 
+def _edges(steps: np.ndarray) -> np.ndarray:
+    """``[S+1]`` cell edges around ``S`` sorted steps: midpoints, half a gap beyond the ends."""
+    s = np.asarray(steps, dtype=float)
+    if len(s) == 1:
+        return np.array([s[0] - 0.5, s[0] + 0.5])
+    mids = (s[1:] + s[:-1]) / 2
+    return np.concatenate([[2 * s[0] - mids[0]], mids, [2 * s[-1] - mids[-1]]])
+
+
 TAU_SERIES = {"eval/tau_sim": "eval, per anchor", "eval/tau_sim_steps": "eval, per verify step",
               "train/tau_sim": "train, per anchor"}
 
@@ -227,10 +236,10 @@ def training_curves(scalars: Mapping[str, tuple[np.ndarray, np.ndarray]],
     tau_ax.set(xlabel="step", ylabel="τ", title="Simulated τ")
     tau_ax.legend(fontsize="small")
     steps, acc = accuracy_matrix(scalars)
-    if acc.size:
-        extent = (steps[0] - 0.5, steps[-1] + 0.5, acc.shape[0] + 0.5, 0.5)
-        im = acc_ax.imshow(acc, aspect="auto", vmin=0, vmax=1, extent=extent, interpolation="nearest")
-        fig.colorbar(im, ax=acc_ax, label="accuracy")
+    if acc.size:  # one column per eval step, as wide as the gaps to its neighbours
+        mesh = acc_ax.pcolormesh(_edges(steps), np.arange(acc.shape[0] + 1) + 0.5, acc, vmin=0, vmax=1)
+        acc_ax.invert_yaxis()
+        fig.colorbar(mesh, ax=acc_ax, label="accuracy")
     acc_ax.set(xlabel="step", ylabel="draft position", title="Eval accuracy by position")
     return fig
 
