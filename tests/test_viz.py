@@ -101,6 +101,7 @@ def test_bench_figures_read_bench_results(tmp_path):
     assert all(Image.open(p).size == (800, 450) for p in paths)
     fig = F.tau_comparison({"drafter": 1.4, "lookup": 3.6})
     np.testing.assert_allclose(bar_heights(fig.axes[0])[0], [1.4, 3.6])
+    assert png_size(fig, tmp_path) == (800, 450)
 
 
 def test_scalars_log_is_resume_safe_and_feeds_the_training_curves(tmp_path):
