@@ -191,3 +191,17 @@ def test_log_lines_a_finished_run_and_an_extended_run_that_continues_exactly(
         np.testing.assert_array_equal(extended[name], scratch[name], err_msg=name)
     out = capsys.readouterr().out
     assert "step 5/6" in out
+
+
+def test_quick_is_a_short_try_in_its_own_run_dir_and_explicit_settings_win(tmp_path, monkeypatch):
+    import dflash.cli.train as train_cli
+
+    seen = []
+    monkeypatch.setattr(train_cli, "run_training", lambda cfg, **kw: seen.append((cfg, kw)) or {})
+    monkeypatch.chdir(tmp_path)
+    assert train_cli.main(["--quick"]) == 0
+    assert train_cli.main(["--quick", "--set", "train.steps=7", "--run-dir", "runs/mine"]) == 0
+    (quick, kw), (mine, _) = seen
+    assert quick.run_dir == "runs/tiny_code-quick" and quick.train.steps == 20
+    assert quick.eval.num_prompts == 2 and quick.eval.max_new_tokens == 32 and kw["extend"] is False
+    assert mine.run_dir == "runs/mine" and mine.train.steps == 7 and mine.eval.num_prompts == 2
