@@ -174,14 +174,17 @@ def speedup_vs_block(results: Sequence[Mapping[str, Any]]) -> Figure:
     """Speedup over AR against the block size, per method (solid), with the measured ceiling
     ``tau * t_ar / t_step`` (dashed, from ``dflash-bench --ceiling``) where the results have one."""
     fig, (ax,) = new_figure()
-    for i, (name, p) in enumerate(speedup_points(results).items()):
+    points = speedup_points(results)
+    for i, (name, p) in enumerate(points.items()):
         ax.plot(p["block"], p["speedup"], marker="o", color=f"C{i}", label=name)
         if not np.all(np.isnan(p["ceiling"])):
             ax.plot(p["block"], p["ceiling"], ls="--", marker="x", color=f"C{i}", label=f"{name} ceiling")
     ax.axhline(1.0, color="grey", lw=1, label="AR")
     ax.set(xlabel="block size B", ylabel="speedup over AR (same engine)", title="Speedup vs block size",
            xscale="log", ylim=(0, None))
-    ax.xaxis.set_major_formatter("{x:.0f}")
+    blocks = sorted({b for p in points.values() for b in p["block"]})
+    ax.minorticks_off()
+    ax.set_xticks(blocks, [str(b) for b in blocks])
     ax.legend(fontsize="small")
     return fig
 
