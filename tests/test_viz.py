@@ -4,6 +4,7 @@ the same token ids; the scalars log is resume-safe."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +186,14 @@ def test_generate_show_steps_round_trips_to_the_same_token_ids(capsys):
     assert main([*args, "--json", "--show-steps"]) == 0
     as_json = json.loads(capsys.readouterr().out)["steps"]
     assert [T.Step(tuple(s["drafts"]), s["bonus"]) for s in as_json] == steps
+
+
+def test_speedup_command_reads_committed_bench_results(tmp_path):
+    from dflash.viz.__main__ import main
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results"
+    results = sorted(docs.glob("bench_ceiling_b*_stage5.json"))
+    assert len(results) == 3
+    assert main(["speedup", str(tmp_path / "s.png"), *map(str, results)]) == 0
+    assert Image.open(tmp_path / "s.png").size == (800, 450)
+    assert main(["speedup", str(tmp_path / "t.png"), str(results[0]), str(results[0])]) == 2  # same B twice
