@@ -3,6 +3,9 @@ the same token ids; the scalars log is resume-safe."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -99,6 +102,7 @@ def test_bench_figures_read_bench_results(tmp_path):
     assert all(Image.open(p).size == (800, 450) for p in paths)
     fig = F.tau_comparison({"drafter": 1.4, "lookup": 3.6})
     np.testing.assert_allclose(bar_heights(fig.axes[0])[0], [1.4, 3.6])
+    assert png_size(fig, tmp_path) == (800, 450)
 
 
 def test_scalars_log_is_resume_safe_and_feeds_the_training_curves(tmp_path):
@@ -128,7 +132,8 @@ def test_scalars_log_is_resume_safe_and_feeds_the_training_curves(tmp_path):
     tau_lines = {ln.get_label(): ln for ln in tau_ax.get_lines()}
     assert tau_lines["eval, per verify step"].get_ydata().tolist() == [1.2]
     assert tau_lines["real τ (prompt lookup)"].get_xdata().tolist() == [30]
-    np.testing.assert_allclose(acc_ax.get_images()[0].get_array(), [[0.5], [0.25]])
+    np.testing.assert_allclose(np.asarray(acc_ax.collections[0].get_array()).reshape(2, 1), [[0.5], [0.25]])
+    assert F._edges(np.array([4, 6, 10])).tolist() == [3, 5, 8, 12]
     assert png_size(fig, tmp_path) == (1200, 400)
     fresh = ScalarLog(tmp_path, tensorboard=False)  # a new run starts the file over
     fresh.close()
@@ -159,3 +164,36 @@ def test_steps_split_and_render_round_trip_to_the_token_ids():
     assert T.parse_terminal(rendered, texts) == steps
     html = T.render_html(steps, texts, prompt="p")
     assert html.count("data-id=") == len(ids) and 'data-kind="bonus"' in html
+
+
+def test_generate_show_steps_round_trips_to_the_same_token_ids(capsys):
+    from dflash.cli.generate import main
+    from dflash.models.tokenizer import load_tokenizer
+
+    args = ["--drafter", "tiny-code-dflash", "--block-size", "8", "--prompt", "def area(r):\n",
+            "--max-new-tokens", "40"]
+    assert main([*args, "--json"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert main([*args, "--show-steps"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("def area(r):\n") and "\x1b[32m" in shown  # some drafts were accepted
+    steps = T.parse_terminal(shown, T.TokenTexts(load_tokenizer("tiny-code")))
+    assert [t for s in steps for t in s.tokens] == ref["tokens"]
+    lens = [len(s.tokens) for s in steps[1:]]
+    assert lens[:-1] == ref["acceptance_lengths"][:-1]
+    # The budget cut the last step (1 + 3 + 4 x 8 = 36 tokens, then 4 of its 8): drafts, no bonus.
+    assert lens[-1] < ref["acceptance_lengths"][-1] and steps[-1].bonus is None
+    assert main([*args, "--json", "--show-steps"]) == 0
+    as_json = json.loads(capsys.readouterr().out)["steps"]
+    assert [T.Step(tuple(s["drafts"]), s["bonus"]) for s in as_json] == steps
+
+
+def test_speedup_command_reads_committed_bench_results(tmp_path):
+    from dflash.viz.__main__ import main
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results"
+    results = sorted(docs.glob("bench_ceiling_b*_stage5.json"))
+    assert len(results) == 3
+    assert main(["speedup", str(tmp_path / "s.png"), *map(str, results)]) == 0
+    assert Image.open(tmp_path / "s.png").size == (800, 450)
+    assert main(["speedup", str(tmp_path / "t.png"), str(results[0]), str(results[0])]) == 2  # same B twice

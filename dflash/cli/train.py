@@ -7,13 +7,12 @@ import traceback
 from pathlib import Path
 
 from dflash.cli.parser import make_parser
-from dflash.config import ConfigError
 from dflash.configio import load_yaml
-from dflash.errors import TrainingError
-from dflash.models import CheckpointError
+from dflash.errors import ConfigError, DflashError
 from dflash.models.loading import ASSETS
 from dflash.training.config import ExperimentConfig
 from dflash.training.trainer import run_training
+from dflash.viz.report import write_report
 
 SHIPPED_CONFIGS = {p.stem: p for p in sorted((ASSETS / "configs").glob("*.yaml"))}
 
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [*QUICK, f"run_dir={run_dir}", *overrides]
         cfg = load_yaml(ExperimentConfig, path, overrides)
         result = run_training(cfg, resume=args.resume, progress=not args.no_progress, extend=args.extend)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as err:
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         if args.verbose:
             traceback.print_exception(err)
         print(f"dflash-train: error: {err}", file=sys.stderr)
@@ -92,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
               f"prompt-lookup (n-gram) {result['tau_ngram']:.2f}"
               + (f" | both in one tree (--ngram-branch) {result['tau_with_ngram']:.2f}"
                  if "tau_with_ngram" in result else ""))
+    print(f"report: {write_report(cfg.run_dir)}  (curves, tau vs lookup, acceptance; dflash-report RUN_DIR)")
     if result.get("already_complete"):
         print(f"To train longer: --set train.steps=N --extend (N > {result.get('steps')}); to start over: "
               "a new --run-dir")
