@@ -210,3 +210,20 @@ def test_quick_is_a_short_try_in_its_own_run_dir_and_explicit_settings_win(tmp_p
     assert quick.run_dir == "runs/tiny_code-quick" and quick.train.steps == 20
     assert quick.eval.num_prompts == 2 and quick.eval.max_new_tokens == 32 and kw["extend"] is False
     assert mine.run_dir == "runs/mine" and mine.train.steps == 7 and mine.eval.num_prompts == 2
+
+
+def test_generate_json_tau_counts_only_tokens_within_the_budget(capsys):
+    """With --max-new-tokens 48 the last steps accept full blocks past the budget: tau used to
+    read 6.56 (the mean of acceptance_lengths, 59 / 9) against 47 emitted tokens in 9 steps."""
+    import json
+
+    from dflash.cli.generate import main as generate_main
+
+    assert generate_main(["--drafter", "tiny-code-dflash", "--prompt", "def fib(n):",
+                          "--max-new-tokens", "48", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    steps = out["acceptance_lengths"]
+    assert out["num_tokens"] == 48 and sum(steps) > out["num_tokens"] - 1  # the budget cut a step
+    assert out["tau"] == pytest.approx((out["num_tokens"] - 1) / len(steps))
+    assert out["mean_acceptance_length"] == pytest.approx(sum(steps) / len(steps))
+    assert out["target_forwards"] == len(steps) + 1
