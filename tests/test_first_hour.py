@@ -227,3 +227,17 @@ def test_generate_json_tau_counts_only_tokens_within_the_budget(capsys):
     assert out["tau"] == pytest.approx((out["num_tokens"] - 1) / len(steps))
     assert out["mean_acceptance_length"] == pytest.approx(sum(steps) / len(steps))
     assert out["target_forwards"] == len(steps) + 1
+
+
+def test_bench_refuses_a_prompt_past_the_context_before_running_anything(tmp_path, capsys):
+    import json
+
+    from dflash.cli.bench import main as bench_main
+
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"prompt": "def f():\n    return 1\n"}, {"prompt": "x = 1\n" * 520}]  # 2,080 tokens
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench_main(["--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 1 (2080 tokens) + 8 new tokens = 2088 positions, past the target's context of 2048" in err
+    assert "--allow-longer-than-context" in err and "Token indices" not in err

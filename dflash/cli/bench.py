@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: Pallas kernels on TPU/GPU, jnp reference on CPU (see docs/kernels.md)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", default=None, help="write the full result here")
+    p.add_argument("--allow-longer-than-context", action="store_true",
+                   help="run prompts + new tokens longer than the target's context (expect wrong output)")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write the figures as PNGs here: acceptance histogram, by draft position, tau per "
                         "prompt, speedup (docs/viz.md)")
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_methods(
             target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             sampling=sampling, rule=args.verify, seed=args.seed, compact=not args.no_compact,
-            ceiling=args.ceiling,
+            ceiling=args.ceiling, allow_longer_than_context=args.allow_longer_than_context,
             eos_ids=stop, mask_token_id=drafter.cfg.mask_token_id if drafter is not None else -1)
         profile = None
         if args.anchor_profile:
