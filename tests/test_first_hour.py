@@ -241,3 +241,13 @@ def test_bench_refuses_a_prompt_past_the_context_before_running_anything(tmp_pat
     err = capsys.readouterr().err
     assert "prompt 1 (2080 tokens) + 8 new tokens = 2088 positions, past the target's context of 2048" in err
     assert "--allow-longer-than-context" in err and "Token indices" not in err
+
+
+def test_train_refuses_rows_longer_than_the_context_before_touching_the_run_dir(tmp_path, capsys):
+    from dflash.cli.train import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main(["--set", "data.seq_len=4096", "--run-dir", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "data.seq_len = 4096: past the target's context of 2048 positions" in err
+    assert not run.exists()
