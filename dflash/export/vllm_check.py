@@ -82,7 +82,8 @@ def _drive(python: Path, request: dict, patched: bool, workdir: Path, timeout_s:
     tag = "patched" if patched else "stock"
     req, res, log = (workdir / f"vllm-{tag}.{ext}" for ext in ("request.json", "result.json", "log"))
     req.write_text(json.dumps(request))
-    env = dict(os.environ, **{PATCH_ENV: "1" if patched else "0", MARK_ENV: str(workdir / "patch-ran")})
+    env = dict(os.environ, **{PATCH_ENV: "1" if patched else "0", MARK_ENV: str(workdir / "patch-ran"),
+                              "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})  # no phoning home
     env.pop("PYTHONPATH", None)  # our checkout must not shadow vLLM's packages
     with open(log, "w") as handle:
         try:
