@@ -146,3 +146,28 @@ def test_env_cache_follows_the_pins_and_the_override(tmp_path, monkeypatch):
     monkeypatch.delenv("DFLASH_VLLM_PYTHON")
     with pytest.raises(VllmSetupError, match="missing"):
         vllm_env.ensure_vllm_python(tmp_path / "absent.txt")
+
+
+@pytest.mark.parametrize(("layers", "steps_identical", "tokens", "code"), [
+    (1, 10, True, 0), (1, 9, True, 1), (2, 9, True, 0), (2, 10, False, 1)])
+def test_check_cli_exit_code_follows_the_comparison(monkeypatch, capsys, layers, steps_identical, tokens,
+                                                     code):
+    """``dflash-export --check-with vllm``'s verdict on a report (vLLM itself runs in the round trip)."""
+    from dflash.export import vllm_check
+    from dflash.export.dflash_hf import SHIPPED_DRAFTERS
+
+    asked = {}
+
+    def fake_check(target, cases, prompts, max_new_tokens):
+        asked.update(target=target, blocks=[c.block_size for c in cases], prompts=len(prompts))
+        row = {"drafter": "d", "layers": layers, "block_size": 16, "per_layer_k_norm": False, "prompts": 4,
+               "tokens_identical": tokens, "plain_tokens_identical": True, "steps": 10,
+               "steps_identical": steps_identical, "tau_ours": 2.0, "tau_vllm": 2.0}
+        return {"rows": [row], "vllm_version": "0.32.0", "timing": {}}
+
+    monkeypatch.setattr(vllm_check, "check_with_vllm", fake_check)
+    info = {"method": "dflash", "out": str(SHIPPED_DRAFTERS["tiny-code-dflash"]), "target": "tiny-code"}
+    assert cli_check(info) == code
+    assert asked == {"target": "tiny-code", "blocks": [16, 8], "prompts": 4}  # its K and K/2
+    out = capsys.readouterr().out
+    assert "| d | " in out and (("k_norm defect" in out) == (layers > 1 and steps_identical < 10))
