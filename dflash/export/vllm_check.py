@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dflash.errors import DflashError
 from dflash.export.vllm_driver import MARK_ENV, PATCH_ENV
 from dflash.export.vllm_env import ensure_vllm_python
 
@@ -32,7 +33,7 @@ DRIVER = Path(__file__).with_name("vllm_driver.py")
 KV_CACHE_BYTES = 256 * 2**20  # CPU KV pool: the default (92% of RAM) fails on a shared machine
 
 
-class VllmCheckError(RuntimeError):
+class VllmCheckError(DflashError, RuntimeError):
     """vLLM could not run the check (engine error, timeout); the message holds the log tail."""
 
 

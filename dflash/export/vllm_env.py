@@ -24,12 +24,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from dflash.errors import DflashError
+
 REQUIREMENTS = Path(__file__).with_name("vllm_requirements.txt")
 READY = ".dflash-ready"  # written last: a venv without it is incomplete and rebuilt
 BUILD_TIMEOUT_S = 1800
 
 
-class VllmSetupError(RuntimeError):
+class VllmSetupError(DflashError, RuntimeError):
     """vLLM's environment could not be built or does not import; the message says how to fix it."""
 
 
