@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ BUILTIN_SOURCES = ("tiny-code",)
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _TOKENIZE_CHUNK = 512  # texts per tokenizer call: batched for speed, bounded for memory
 _TRUE = ("1", "ON", "YES", "TRUE")
+FSSPEC_BACKENDS = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs", "az": "adlfs", "abfs": "adlfs",
+                   "hf": "huggingface_hub"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,10 @@ class DataConfig:
     max_examples: int = 0  # 0 = all; otherwise the first N examples of the split
     heldout_fraction: float = 0.02  # fraction of *documents* held out for eval (deterministic by seed)
     seed: int = 0
+    # Data lanes (multi-host): the global batch is ``lanes`` equal slices, lane j drawing from its own
+    # documents (index % lanes == j), so a process reads and tokenizes only its lanes' documents and
+    # the global batches depend on ``lanes``, never on the process count (dflash.training.hostdata).
+    lanes: int = 1
 
     def __post_init__(self) -> None:
         for name in ("source", "split", "text_field", "messages_field"):
@@ -61,6 +67,8 @@ class DataConfig:
             raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.lanes, int) or self.lanes < 1:
+            raise ConfigError(f"lanes must be an int >= 1, got {self.lanes!r}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -153,6 +161,32 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
+def _remote_files(url: str) -> tuple[str, list[str]]:
+    """(builder name, sorted data file URLs) of a remote file or directory, through fsspec."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as err:  # fsspec knows the protocol; its backend package is missing
+        package = FSSPEC_BACKENDS.get(protocol, "its fsspec backend")
+        raise ConfigError(f"data source {url!r}: reading {protocol}:// paths needs the fsspec backend "
+                          f"package {package!r} (pip install {package}); {err}") from err
+    except ValueError as err:
+        raise ConfigError(f"data source {url!r}: fsspec knows no protocol {protocol!r}") from err
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"data source {url!r} does not exist")
+    found = [path] if fs.isfile(path) else sorted(p for p in fs.find(path)
+                                                  if Path(p).suffix in LOCAL_SUFFIXES)
+    if not found:
+        raise ConfigError(f"source {url!r} holds no {sorted(LOCAL_SUFFIXES)} files")
+    builders = {LOCAL_SUFFIXES.get(Path(p).suffix) for p in found}
+    if len(builders) != 1 or None in builders:
+        raise ConfigError(f"source {url!r}: use one kind of {sorted(LOCAL_SUFFIXES)} files")
+    return builders.pop(), [fs.unstrip_protocol(p) for p in found]
+
+
 def _load_dataset(cfg: DataConfig) -> Any:
     """The examples of ``cfg.source`` / ``cfg.split`` as a ``datasets.Dataset``."""
     import datasets
@@ -167,6 +201,11 @@ def _load_dataset(cfg: DataConfig) -> Any:
             files = files[: cfg.max_examples]
         # Through ``datasets`` like any other source, so the builtin exercises the same path.
         return datasets.Dataset.from_dict({"text": [text for _, text in files]})
+
+    if "://" in cfg.source:  # gs://, s3://, ... through fsspec
+        builder, files = _remote_files(cfg.source)
+        split_name = cfg.split.split("[", 1)[0]
+        return datasets.load_dataset(builder, data_files={split_name: files}, split=cfg.split)
 
     path = Path(cfg.source).expanduser()
     if path.exists() or _looks_like_path(cfg.source):
@@ -363,22 +402,43 @@ def _heldout_flags(keys: list[str], fraction: float, seed: int) -> np.ndarray:
 
 def load_documents(cfg: DataConfig, tokenizer: Any) -> tuple[list[Document], list[Document]]:
     """(train, heldout) tokenized documents of ``cfg``; held out by document, seeded."""
+    lanes, heldout = load_lane_documents(cfg, tokenizer, None)
+    return [d for _, d in sorted((t for docs in lanes.values() for t in docs), key=lambda t: t[0])], heldout
+
+
+def load_lane_documents(cfg: DataConfig, tokenizer: Any, lanes: Collection[int] | None
+                        ) -> tuple[dict[int, list[tuple[int, Document]]], list[Document]]:
+    """({lane: [(document index, training document)]}, held-out documents) of ``cfg``.
+
+    Document ``i`` (in dataset order) is in data lane ``i % cfg.lanes``. Only the training
+    documents of ``lanes`` (None: all) are tokenized, so a process that feeds some lanes of the
+    global batch reads them alone; held-out documents are always all tokenized (every process
+    evaluates the same rows).
+    """
     ds = _load_dataset(cfg)
     fmt = _resolve_format(cfg, list(ds.column_names))
     if cfg.max_examples and len(ds) > cfg.max_examples:
         ds = ds.select(range(cfg.max_examples))
     if fmt == "text":
         texts = ["" if t is None else str(t) for t in ds[cfg.text_field]]
-        keep = [t for t in texts if t]  # an empty text would be a lone EOS: nothing to learn
-        docs, keys = _text_documents(keep, tokenizer), keep
+        items: list[Any] = [t for t in texts if t]  # an empty text would be a lone EOS: nothing to learn
+        keys = items
     else:
-        conversations = list(ds[cfg.messages_field])
-        docs = _conversation_documents(conversations, tokenizer)
-        keys = [json.dumps(c, sort_keys=True, default=str) for c in conversations]
+        items = list(ds[cfg.messages_field])
+        keys = [json.dumps(c, sort_keys=True, default=str) for c in items]
     held = _heldout_flags(keys, cfg.heldout_fraction, cfg.seed)
-    train = [d for d, h in zip(docs, held, strict=True) if not h and len(d)]
-    heldout = [d for d, h in zip(docs, held, strict=True) if h and len(d)]
-    return train, heldout
+    wanted = [i for i in range(len(items)) if held[i] or lanes is None or i % cfg.lanes in lanes]
+    tokenize = _text_documents if fmt == "text" else _conversation_documents
+    docs = tokenize([items[i] for i in wanted], tokenizer)
+    by_lane: dict[int, list[tuple[int, Document]]] = {
+        j: [] for j in (range(cfg.lanes) if lanes is None else sorted(lanes))}
+    heldout = []
+    for i, d in zip(wanted, docs, strict=True):
+        if len(d) and held[i]:
+            heldout.append(d)
+        elif len(d) and i % cfg.lanes in by_lane:
+            by_lane[i % cfg.lanes].append((i, d))
+    return by_lane, heldout
 
 
 # ----------------------------------------------------------------------------- packing

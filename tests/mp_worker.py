@@ -1,0 +1,78 @@
+"""One process of a multi-process test (tests/test_multiprocess.py): ``python mp_worker.py SCENARIO DIR``.
+
+Joins the job from the DFLASH_* variables dflash-launch sets (a plain single process without
+them), runs the scenario and, on process 0, writes its result as JSON to DIR/result.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from dflash import distributed
+
+distributed.initialize()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from dflash.fingerprint import check_consistent, fingerprint  # noqa: E402
+
+BATCH, SEQ, LANES, STEPS = 8, 16, 4, 5
+
+
+def data_order(out: Path) -> dict:
+    """Per-host lanes -> global batches; a sharded computation over them; row digests per step."""
+    from dflash.models.tokenizer import load_tokenizer
+    from dflash.training.data import DataConfig
+    from dflash.training.hostdata import (
+        LaneBatches,
+        gather_lane_sizes,
+        global_batch,
+        load_lane_rows,
+        process_lanes,
+    )
+
+    cfg = DataConfig(source=str(out / "docs.jsonl"), seq_len=SEQ, heldout_fraction=0.0, lanes=LANES, seed=3)
+    check_consistent(fingerprint({"data": {"lanes": LANES}}, [cfg.source]), timeout_s=60)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    sharding = NamedSharding(mesh, P("data"))
+    lanes = process_lanes(sharding, BATCH, SEQ, LANES)
+    rows, _ = load_lane_rows(cfg, load_tokenizer("tiny-code"), lanes, pad_id=0)
+    batches = LaneBatches(rows, LANES, BATCH, seed=3, lane_sizes=gather_lane_sizes(rows, LANES))
+    weights = jax.device_put(jnp.arange(SEQ, dtype=jnp.float32) / SEQ, NamedSharding(mesh, P()))
+    reduce = jax.jit(lambda t, w: jnp.sum(jnp.tanh(t.astype(jnp.float32) / 100.0) * w, axis=1),
+                     out_shardings=NamedSharding(mesh, P()))
+    steps, sums = [], []
+    for step in range(STEPS):
+        batch = global_batch(sharding, batches.local_batch(step), BATCH)
+        tokens = np.asarray(multihost_utils.process_allgather(batch["tokens"], tiled=True))  # [B, S]
+        steps.append([hashlib.sha256(r.tobytes()).hexdigest()[:12] for r in tokens])
+        sums.append(np.asarray(reduce(batch["tokens"], weights)).tolist())
+    return {"lanes_here": lanes, "rows_by_step": steps, "sums": sums, "processes": jax.process_count(),
+            "devices": jax.device_count()}
+
+
+def mismatch(out: Path) -> dict:
+    """Process 1 has another train.steps: every process must stop with the error naming it."""
+    check_consistent(fingerprint({"train": {"steps": 10 + jax.process_index(), "seed": 0}}), timeout_s=60)
+    return {"checked": True}
+
+
+SCENARIOS = {"data_order": data_order, "mismatch": mismatch}
+
+if __name__ == "__main__":
+    scenario, directory = sys.argv[1], Path(sys.argv[2])
+    try:
+        result = SCENARIOS[scenario](directory)
+    except distributed.DistributedError as err:
+        print(f"DistributedError: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
+    if distributed.is_primary():
+        (directory / "result.json").write_text(json.dumps(result))

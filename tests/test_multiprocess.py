@@ -1,0 +1,95 @@
+"""Multi-process runs (jax.distributed on 127.0.0.1, gloo): N processes == one process.
+
+Each test starts real processes through ``dflash.cli.launch.run_local`` and bounds their wall time,
+so a hang is a failure within the bound, never a stuck suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dflash.cli.launch import run_local
+from dflash.distributed import DistributedError, Launch, detect_launch
+
+WORKER = Path(__file__).with_name("mp_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _launch(scenario: str, directory: Path, processes: int, devices: int, timeout_s: float = 240.0):
+    env = {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    start = time.monotonic()
+    results = run_local([sys.executable, str(WORKER), scenario, str(directory)], processes,
+                        devices_per_process=devices, timeout_s=timeout_s, env={**os.environ, **env},
+                        grace_s=20)
+    return results, time.monotonic() - start
+
+
+def _ok(results) -> None:
+    for r in results:
+        assert r.returncode == 0, f"process {r.process_id} exited {r.returncode}:\n{r.stderr[-3000:]}"
+
+
+def _docs(directory: Path, n: int = 40) -> None:
+    lines = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {'y' * (i % 7)}\n" * (1 + i % 3)})
+             for i in range(n)]
+    (directory / "docs.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_two_processes_build_the_same_global_batches_as_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        d.mkdir()
+        _docs(d)
+    results, _ = _launch("data_order", one, processes=1, devices=8)
+    _ok(results)
+    results, _ = _launch("data_order", two, processes=2, devices=4)
+    _ok(results)
+    a, b = (json.loads((d / "result.json").read_text()) for d in (one, two))
+    assert (a["processes"], a["devices"], b["processes"], b["devices"]) == (1, 8, 2, 8)
+    assert a["lanes_here"] == [0, 1, 2, 3] and b["lanes_here"] == [0, 1]  # process 0 read half the lanes
+    assert a["rows_by_step"] == b["rows_by_step"]
+    assert a["sums"] == b["sums"]  # the sharded computation, bit for bit
+    assert len({tuple(s) for s in a["rows_by_step"]}) == len(a["rows_by_step"])  # the batches do move on
+
+
+def test_a_config_mismatch_is_a_clear_error_on_every_process_within_seconds(tmp_path):
+    results, took = _launch("mismatch", tmp_path, processes=2, devices=1, timeout_s=120)
+    assert [r.returncode for r in results] == [3, 3], [r.stderr[-2000:] for r in results]
+    for r in results:
+        assert "process 1 differs from process 0 in config (train.steps: 10 vs 11)" in r.stderr
+    assert took < 90
+
+
+@pytest.mark.parametrize("env, how", [
+    ({}, "single"),
+    ({"DFLASH_COORDINATOR": "10.0.0.1:1234", "DFLASH_NUM_PROCESSES": "4", "DFLASH_PROCESS_ID": "3"},
+     "explicit"),
+    ({"DFLASH_NUM_PROCESSES": "1"}, "single"),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+      "SLURM_LOCALID": "0"}, "slurm"),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+      "SLURM_LOCALID": "0"}, "single"),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+      "SLURM_LOCALID": "0", "DFLASH_DISTRIBUTED": "off"}, "single"),
+])
+def test_detect_launch_reads_the_environment(env, how):
+    assert detect_launch(environ=env).how == how
+
+
+def test_detect_launch_flags_win_and_bad_ones_are_named():
+    env = {"DFLASH_COORDINATOR": "10.0.0.1:1234", "DFLASH_NUM_PROCESSES": "4", "DFLASH_PROCESS_ID": "3"}
+    assert detect_launch("127.0.0.1:5", 2, 0, environ=env) == Launch("explicit", "127.0.0.1:5", 2, 0)
+    with pytest.raises(DistributedError, match="missing: --process-id"):
+        detect_launch("127.0.0.1:5", 2, environ={})
+    with pytest.raises(DistributedError, match="HOST:PORT"):
+        detect_launch("127.0.0.1", 2, 0, environ={})
+    with pytest.raises(DistributedError, match=r"\[0, 2\)"):
+        detect_launch("127.0.0.1:5", 2, 2, environ={})
+    with pytest.raises(DistributedError, match="integer"):
+        detect_launch(environ={"DFLASH_NUM_PROCESSES": "two"})
