@@ -14,6 +14,7 @@ from dflash.decoding import SamplingParams
 from dflash.decoding.drafters import resolve_method
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
+from dflash.distributed import DistributedError, add_distributed_args, initialize_from_args, is_primary
 from dflash.drafters.dflash import DFlashDrafter
 from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
 from dflash.models import CheckpointError, load_target
@@ -59,12 +60,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write the greedy acceptance of the DFlash drafter and of prompt lookup at "
                         "every anchor of the target's own continuations, and the steps each takes "
                         "(dflash.bench.anchor_profile), and print its summary")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     if args.anchor_profile and args.temperature > 0:
         print("dflash-bench: error: --anchor-profile measures greedy acceptance; use --temperature 0",
               file=sys.stderr)
         return 2
     try:
+        initialize_from_args(args)
         tokenizer = load_tokenizer(args.target)
         target = load_target(args.target, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
         set_attention_impl(target, args.attention_impl)
@@ -105,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.anchor_profile:
             profile = anchor_profile(target, drafter, prompts, max_new_tokens=args.max_new_tokens,
                                      block_size=k, eos_ids=stop)
-    except (CheckpointError, ConfigError, CacheOverflowError, ValueError, OSError) as err:
+    except (CheckpointError, ConfigError, CacheOverflowError, DistributedError, ValueError, OSError) as err:
         print(f"dflash-bench: error: {err}", file=sys.stderr)
         return 2
+    if not is_primary():  # every process ran the same benchmark; process 0 reports it
+        return 0
     result.update(target=args.target, drafter=args.drafter, prompts=args.prompts)
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
           f"T={args.temperature}, B={k}, backend {result['backend']}")

@@ -17,6 +17,7 @@ from dflash.decoding.drafters import resolve_method
 from dflash.decoding.speculative import speculative_generate
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
+from dflash.distributed import DistributedError, add_distributed_args, initialize_from_args, is_primary
 from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
 from dflash.models import CheckpointError, load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(tree width 1 unless --tree-width)")
     p.add_argument("--stochastic-drafts", action="store_true",
                    help="when sampling, draw DFlash drafts from the drafter's distribution")
+    add_distributed_args(p)
     return p
 
 
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if given:
             parser.error(f"{', '.join(given)} only apply to speculative decoding: add --drafter")
     try:
+        initialize_from_args(args)
         prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
         tokenizer = load_tokenizer(args.target)
@@ -89,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             mask = drafter.cfg.mask_token_id if drafter is not None else -1
             result = speculative_generate(model, [ids], method=method, drafter=drafter, rule=args.verify,
                                           mask_token_id=mask, **common)
-    except (CheckpointError, ConfigError, CacheOverflowError, ValueError, OSError) as err:
+    except (CheckpointError, ConfigError, CacheOverflowError, DistributedError, ValueError, OSError) as err:
         print(f"dflash-generate: error: {err}", file=sys.stderr)
         return 2
+    if not is_primary():
+        return 0
     tokens = result.tokens[0]
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if args.json:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from dflash.config import ConfigError
 from dflash.decoding import SamplingParams
+from dflash.distributed import DistributedError, add_distributed_args, initialize_from_args, is_primary
 from dflash.models import CheckpointError, load_target
 from dflash.models.tokenizer import load_tokenizer
 from dflash.training.regenerate import regenerate_dataset
@@ -28,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     try:
+        initialize_from_args(args)
         tokenizer = load_tokenizer(args.target)
         target = load_target(args.target, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
         n = regenerate_dataset(
@@ -37,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
             max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
             max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
             sampling=SamplingParams(temperature=args.temperature), seed=args.seed)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CheckpointError, DistributedError, FileNotFoundError, ValueError) as err:
         print(f"dflash-regenerate: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {n} conversations to {args.out}")
+    if is_primary():
+        print(f"wrote {n} conversations to {args.out}")
     return 0
 
 

@@ -7,6 +7,7 @@ import sys
 
 from dflash.config import ConfigError
 from dflash.configio import load_yaml
+from dflash.distributed import DistributedError, add_distributed_args, initialize_from_args, is_primary
 from dflash.models import CheckpointError
 from dflash.training.config import ExperimentConfig
 from dflash.training.trainer import TrainingError, run_training
@@ -26,15 +27,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue from the last checkpoint (default when the run dir has one)")
     resume.add_argument("--no-resume", dest="resume", action="store_false")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     overrides += [f"drafter.init_from={args.init_from}"] if args.init_from else []
     try:
+        initialize_from_args(args)
         cfg = load_yaml(ExperimentConfig, args.config, overrides)
         result = run_training(cfg, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, TrainingError, DistributedError, FileNotFoundError) as err:
         print(f"dflash-train: error: {err}", file=sys.stderr)
         return 2
+    if not is_primary():  # process 0 reports for the job
+        return 0
     final = result.get("final_eval") or {}
     print(f"run dir: {cfg.run_dir}  (checkpoints, tb/, export/, metrics.json)")
     print(f"simulated tau on held-out rows: {final.get('tau_sim', float('nan')):.2f} per anchor, "

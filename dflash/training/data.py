@@ -162,7 +162,12 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
 
 
 def _remote_files(url: str) -> tuple[str, list[str]]:
-    """(builder name, sorted data file URLs) of a remote file or directory, through fsspec."""
+    """(builder name, local copies of the sorted data files) of a remote file or directory.
+
+    Copied with fsspec into ``$DFLASH_CACHE`` (default ``~/.cache/dflash/remote``), kept while the
+    remote size is unchanged; ``datasets`` then reads local files (its own remote reads refuse to
+    run under ``HF_HUB_OFFLINE``, which pods often set).
+    """
     import fsspec
 
     protocol = url.split("://", 1)[0]
@@ -184,7 +189,19 @@ def _remote_files(url: str) -> tuple[str, list[str]]:
     builders = {LOCAL_SUFFIXES.get(Path(p).suffix) for p in found}
     if len(builders) != 1 or None in builders:
         raise ConfigError(f"source {url!r}: use one kind of {sorted(LOCAL_SUFFIXES)} files")
-    return builders.pop(), [fs.unstrip_protocol(p) for p in found]
+    cache = Path(os.environ.get("DFLASH_CACHE", "~/.cache/dflash")).expanduser() / "remote"
+    local = []
+    for p in found:
+        remote = fs.unstrip_protocol(p)
+        size = fs.size(p)
+        dest = cache / hashlib.sha256(remote.encode()).hexdigest()[:16] / Path(p).name
+        if not dest.exists() or dest.stat().st_size != size:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            partial = dest.with_name(f"{dest.name}.{os.getpid()}.partial")  # hosts sharing a cache
+            fs.get(p, str(partial))
+            partial.replace(dest)
+        local.append(str(dest))
+    return builders.pop(), local
 
 
 def _load_dataset(cfg: DataConfig) -> Any:
@@ -202,7 +219,7 @@ def _load_dataset(cfg: DataConfig) -> Any:
         # Through ``datasets`` like any other source, so the builtin exercises the same path.
         return datasets.Dataset.from_dict({"text": [text for _, text in files]})
 
-    if "://" in cfg.source:  # gs://, s3://, ... through fsspec
+    if "://" in cfg.source:  # gs://, s3://, ... through fsspec, copied to a local cache first
         builder, files = _remote_files(cfg.source)
         split_name = cfg.split.split("[", 1)[0]
         return datasets.load_dataset(builder, data_files={split_name: files}, split=cfg.split)
