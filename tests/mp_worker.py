@@ -65,7 +65,43 @@ def mismatch(out: Path) -> dict:
     return {"checked": True}
 
 
-SCENARIOS = {"data_order": data_order, "mismatch": mismatch}
+def _ckpt_state(mesh: Mesh) -> dict:
+    """w [8, 6] split over the data axis, b replicated: every process holds only some rows of w."""
+    w = np.arange(48, dtype=np.float32).reshape(8, 6) / 7.0
+    return {"w": jax.make_array_from_callback(w.shape, NamedSharding(mesh, P("data")), lambda i: w[i]),
+            "b": jax.device_put(jnp.arange(5, dtype=jnp.float32), NamedSharding(mesh, P()))}
+
+
+def ckpt_save(out: Path) -> dict:
+    """Steps 1 and 2 saved by every process (the test then damages step 2: a host died mid-save)."""
+    from dflash.training.trainer import Checkpoints
+
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    ckpts = Checkpoints(out / "checkpoints", keep_last=3)
+    state = _ckpt_state(mesh)
+    ckpts.save(1, state, {"step": 1})
+    ckpts.save(2, jax.tree.map(lambda a: a * 2, state), {"step": 2})
+    return {"steps": ckpts.steps()}
+
+
+def ckpt_restore(out: Path) -> dict:
+    """The newest whole checkpoint, restored on this job's mesh (any process and device count)."""
+    from dflash.training.recovery import restore_latest
+    from dflash.training.trainer import Checkpoints
+
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    ckpts = Checkpoints(out / "checkpoints", keep_last=3)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                            _ckpt_state(mesh))
+    state, meta, step = restore_latest(ckpts, abstract)
+    full = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)).tolist()
+            for k, v in state.items()}
+    return {"step": step, "meta": meta, "state": full, "steps_after": ckpts.steps(),
+            "w_sharding": str(state["w"].sharding.spec)}
+
+
+SCENARIOS = {"data_order": data_order, "mismatch": mismatch, "ckpt_save": ckpt_save,
+             "ckpt_restore": ckpt_restore}
 
 if __name__ == "__main__":
     scenario, directory = sys.argv[1], Path(sys.argv[2])

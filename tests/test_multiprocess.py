@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dflash.cli.launch import run_local
@@ -64,6 +65,27 @@ def test_a_config_mismatch_is_a_clear_error_on_every_process_within_seconds(tmp_
     for r in results:
         assert "process 1 differs from process 0 in config (train.steps: 10 vs 11)" in r.stderr
     assert took < 90
+
+
+def test_a_two_process_checkpoint_survives_a_damaged_step_and_restores_on_other_process_counts(tmp_path):
+    results, _ = _launch("ckpt_save", tmp_path, processes=2, devices=4)
+    _ok(results)
+    assert json.loads((tmp_path / "result.json").read_text())["steps"] == [1, 2]
+    for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):  # step 2 half-written
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    w = (np.arange(48, dtype=np.float32).reshape(8, 6) / 7.0).tolist()
+    for processes, devices in ((2, 4), (1, 8), (1, 1)):
+        results, _ = _launch("ckpt_restore", tmp_path, processes=processes, devices=devices)
+        _ok(results)
+        got = json.loads((tmp_path / "result.json").read_text())
+        assert (got["step"], got["meta"], got["steps_after"]) == (1, {"step": 1}, [1]), (processes, devices)
+        assert got["state"] == {"w": w, "b": [0.0, 1.0, 2.0, 3.0, 4.0]}
+        assert got["w_sharding"] == "P('data',)"
+        if processes == 2:  # the run that found the damaged step logged it (process 0)
+            assert "resumed from checkpoint step 1" in results[0].stderr and "step 2" in results[0].stderr
+    damaged = [p.name.split("-")[0] for p in (tmp_path / "checkpoints-damaged").iterdir()]
+    assert damaged == ["2"]  # moved once, by the 2-process resume
 
 
 @pytest.mark.parametrize("env, how", [

@@ -1,0 +1,56 @@
+"""Resuming skips a damaged newest checkpoint (a host died mid-save), logs it, and saves over it."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dflash.training.recovery import restore_latest
+from dflash.training.trainer import Checkpoints, TrainingError
+
+
+def _state(step: int) -> dict:
+    key = jax.random.key(step)
+    return {"w": jax.random.normal(key, (5, 3)), "b": jnp.full((7,), float(step)), "n": jnp.int32(step)}
+
+
+def _damage(step_dir, how: str) -> None:
+    files = sorted(p for p in (step_dir / "state").rglob("*") if p.is_file())
+    assert files
+    for f in files:
+        if how == "truncate":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+        elif how == "delete":
+            f.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_a_damaged_newest_checkpoint_is_skipped_logged_and_saved_again(tmp_path, caplog, how):
+    ckpts = Checkpoints(tmp_path / "checkpoints", keep_last=5)
+    for step in (1, 2, 3):
+        ckpts.save(step, _state(step), {"step": step})
+    _damage(tmp_path / "checkpoints" / "3", how)
+    abstract = jax.tree.map(jnp.zeros_like, _state(0))
+    with caplog.at_level(logging.WARNING, logger="dflash"):
+        state, meta, step = restore_latest(ckpts, abstract)
+    assert step == 2 and meta["step"] == 2
+    jax.tree.map(np.testing.assert_array_equal, state, _state(2))
+    assert "step 3" in caplog.text and "checkpoints-damaged" in caplog.text
+    assert ckpts.steps() == [1, 2]
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints-damaged").iterdir()] == ["3"]
+    ckpts.save(3, _state(3), {"step": 3})  # the resumed run saves that step again
+    state, _, step = restore_latest(ckpts, abstract)
+    assert step == 3
+    jax.tree.map(np.testing.assert_array_equal, state, _state(3))
+
+
+def test_no_restorable_checkpoint_is_the_restore_error(tmp_path):
+    ckpts = Checkpoints(tmp_path / "checkpoints", keep_last=5)
+    ckpts.save(1, _state(1), {"step": 1})
+    _damage(tmp_path / "checkpoints" / "1", "delete")
+    with pytest.raises(TrainingError, match="step 1"):
+        restore_latest(ckpts, jax.tree.map(jnp.zeros_like, _state(0)))
