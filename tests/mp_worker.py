@@ -100,7 +100,18 @@ def ckpt_restore(out: Path) -> dict:
             "w_sharding": str(state["w"].sharding.spec)}
 
 
-SCENARIOS = {"data_order": data_order, "mismatch": mismatch, "ckpt_save": ckpt_save,
+def regen(out: Path) -> dict:
+    """dflash-regenerate over this job's processes (shards of 2 conversations)."""
+    from dflash.cli.regenerate import main
+
+    code = main(["--target", "tiny-code", "--data", str(out / "chats.jsonl"),
+                 "--out", str(out / "regen.jsonl"),
+                 "--max-new-tokens", "6", "--batch-size", "2", "--shard-size", "2", "--dtype", "float32",
+                 "--no-progress"])
+    return {"code": code}
+
+
+SCENARIOS = {"regen": regen, "data_order": data_order, "mismatch": mismatch, "ckpt_save": ckpt_save,
              "ckpt_restore": ckpt_restore}
 
 if __name__ == "__main__":

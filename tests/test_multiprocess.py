@@ -88,6 +88,33 @@ def test_a_two_process_checkpoint_survives_a_damaged_step_and_restores_on_other_
     assert damaged == ["2"]  # moved once, by the 2-process resume
 
 
+def test_regeneration_over_two_processes_equals_one_and_resumes_without_redoing_shards(tmp_path):
+    import datasets
+
+    convs = [[{"role": "user", "content": f"def f{i}(x):"}, {"role": "assistant", "content": "OLD"}]
+             for i in range(5)]
+    outs = []
+    for processes, name in ((1, "one"), (2, "two")):
+        d = tmp_path / name
+        d.mkdir()
+        datasets.Dataset.from_dict({"messages": convs}).to_json(str(d / "chats.jsonl"), lines=True)
+        results, _ = _launch("regen", d, processes=processes, devices=1)
+        _ok(results)
+        assert json.loads((d / "result.json").read_text())["code"] == 0
+        outs.append((d / "regen.jsonl").read_text())
+    assert outs[0] == outs[1] and outs[0].count("\n") == 5 and "OLD" not in outs[0]
+    # Killed after some shards: only the missing ones are made again.
+    shards = tmp_path / "two" / "regen.jsonl.shards"
+    assert sorted(p.name for p in shards.glob("shard-*")) == [f"shard-0000{k}.jsonl" for k in range(3)]
+    (shards / "shard-00001.jsonl").unlink()
+    (tmp_path / "two" / "regen.jsonl").unlink()
+    kept = {k: (shards / f"shard-0000{k}.jsonl").stat().st_mtime_ns for k in (0, 2)}
+    results, _ = _launch("regen", tmp_path / "two", processes=2, devices=1)
+    _ok(results)
+    assert (tmp_path / "two" / "regen.jsonl").read_text() == outs[0]
+    assert {k: (shards / f"shard-0000{k}.jsonl").stat().st_mtime_ns for k in (0, 2)} == kept
+
+
 @pytest.mark.parametrize("env, how", [
     ({}, "single"),
     ({"DFLASH_COORDINATOR": "10.0.0.1:1234", "DFLASH_NUM_PROCESSES": "4", "DFLASH_PROCESS_ID": "3"},

@@ -54,3 +54,16 @@ def test_no_restorable_checkpoint_is_the_restore_error(tmp_path):
     _damage(tmp_path / "checkpoints" / "1", "delete")
     with pytest.raises(TrainingError, match="step 1"):
         restore_latest(ckpts, jax.tree.map(jnp.zeros_like, _state(0)))
+
+
+def test_regeneration_shards_of_other_settings_are_refused(tmp_path):
+    from dflash.config import ConfigError
+    from dflash.training.regen_shards import ShardPlan
+
+    out = tmp_path / "regen.jsonl"
+    plan = ShardPlan.open(out, 5, 2, {"seed": "0", "max_new_tokens": "6"})
+    assert (plan.num_shards, plan.bounds(2), plan.todo()) == (3, (4, 5), [0, 1, 2])
+    plan.shard_path(1).write_text("{}\n")
+    assert ShardPlan.open(out, 5, 2, {"seed": "0", "max_new_tokens": "6"}).todo() == [0, 2]
+    with pytest.raises(ConfigError, match=r"other settings \(max_new_tokens, shard_size\)"):
+        ShardPlan.open(out, 5, 3, {"seed": "0", "max_new_tokens": "7"})

@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=256,
+                   help="conversations per output shard (OUT.shards/): the unit of resuming and of the "
+                        "split over processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
@@ -38,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         n = regenerate_dataset(
             target, tokenizer, args.data, args.out, split=args.split, messages_field=args.messages_field,
             max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
-            max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
+            max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
+            progress=not args.no_progress,
             sampling=SamplingParams(temperature=args.temperature), seed=args.seed)
     except (ConfigError, CheckpointError, DistributedError, FileNotFoundError, ValueError) as err:
         print(f"dflash-regenerate: error: {err}", file=sys.stderr)

@@ -43,11 +43,13 @@ def regenerate_conversations(
     seed: int = 0,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    key: jax.Array | None = None,
 ) -> list[list[dict[str, str]]]:
-    """Copies of ``conversations`` with every assistant turn replaced by the target's response."""
+    """Copies of ``conversations`` with every assistant turn replaced by the target's response.
+    ``key`` (default ``jax.random.key(seed)``) drives sampling."""
     out = [[dict(m) for m in conv] for conv in conversations]
     eos = stop_ids(tokenizer, target.cfg.eos_token_id)
-    key = jax.random.key(seed)
+    key = jax.random.key(seed) if key is None else key
     bar = tqdm(total=sum(m["role"] == "assistant" for c in out for m in c), desc="regenerate",
                disable=not progress, dynamic_ncols=True)
     for start in range(0, len(out), batch_size):
@@ -86,11 +88,18 @@ def regenerate_conversations(
 
 def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_path: str | Path, *,
                        split: str = "train", messages_field: str = "messages", max_examples: int = 0,
-                       **kwargs: Any) -> int:
-    """Reads conversations through ``datasets``, writes a jsonl dataset with regenerated turns."""
+                       shard_size: int = 256, progress: bool = True, **kwargs: Any) -> int:
+    """Reads conversations through ``datasets``, writes a jsonl dataset with regenerated turns.
+
+    The work is cut into shards of ``shard_size`` conversations (``regen_shards``): each process
+    regenerates shards ``process_index, process_index + process_count, ...`` and skips the ones
+    already written, so a killed job resumes without redoing finished shards and the result does
+    not depend on the process count. Process 0 then joins the shards into ``out_path``.
+    """
     import datasets
 
     from dflash.training.data import DataConfig, _clean_messages, _load_dataset
+    from dflash.training.regen_shards import ShardPlan
 
     ds = _load_dataset(DataConfig(source=source, split=split, format="conversations",
                                   messages_field=messages_field))
@@ -100,10 +109,19 @@ def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_pat
         raise ConfigError(f"dataset {source!r} has no {messages_field!r} column; columns: {ds.column_names}")
     if max_examples:
         ds = ds.select(range(min(max_examples, len(ds))))
-    convs = [[{"role": m["role"], "content": m["content"]} for m in _clean_messages(conv)]
-             for conv in ds[messages_field]]  # also ShareGPT's from/value turns, as training reads them
-    new = regenerate_conversations(target, tokenizer, convs, **kwargs)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset.from_dict({messages_field: new}).to_json(str(out_path), lines=True)
-    return len(new)
+    settings = {"source": source, "split": split, "messages_field": messages_field,
+                "max_examples": max_examples,
+                "target": repr(target.cfg), "dtype": str(target.dtype),
+                **{k: repr(v) for k, v in sorted(kwargs.items())}}
+    plan = ShardPlan.open(Path(out_path), len(ds), shard_size, settings)
+    seed = int(kwargs.pop("seed", 0))
+    with plan.progress(progress) as advance:
+        for shard in plan.todo():
+            lo, hi = plan.bounds(shard)
+            convs = [[{"role": m["role"], "content": m["content"]} for m in _clean_messages(conv)]
+                     for conv in ds.select(range(lo, hi))[messages_field]]  # also ShareGPT's from/value turns
+            new = regenerate_conversations(target, tokenizer, convs, progress=False,
+                                           key=jax.random.fold_in(jax.random.key(seed), shard), **kwargs)
+            plan.write(shard, datasets.Dataset.from_dict({messages_field: new}))
+            advance()
+    return plan.finish()
