@@ -21,6 +21,11 @@ from pathlib import Path
 
 import jax
 
+from dflash.errors import DistributedError
+
+__all__ = ["DistributedError", "Launch", "add_distributed_args", "detect_launch", "initialize",
+           "initialize_from_args", "is_primary", "quiet_logging", "show_progress"]
+
 ENV_COORDINATOR = "DFLASH_COORDINATOR"
 ENV_NUM_PROCESSES = "DFLASH_NUM_PROCESSES"
 ENV_PROCESS_ID = "DFLASH_PROCESS_ID"
@@ -29,11 +34,6 @@ ENV_VERBOSE = "DFLASH_VERBOSE"
 MODES = ("auto", "off", "on")
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 _TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")  # what a Cloud TPU VM's chips appear as
-
-
-class DistributedError(RuntimeError):
-    """A multi-process launch that cannot work: bad flags, unreachable coordinator, processes that
-    disagree. Raised on every process, so the whole job stops instead of hanging."""
 
 
 @dataclasses.dataclass(frozen=True)

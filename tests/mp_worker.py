@@ -74,7 +74,7 @@ def _ckpt_state(mesh: Mesh) -> dict:
 
 def ckpt_save(out: Path) -> dict:
     """Steps 1 and 2 saved by every process (the test then damages step 2: a host died mid-save)."""
-    from dflash.training.trainer import Checkpoints
+    from dflash.training.checkpoints import Checkpoints
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     ckpts = Checkpoints(out / "checkpoints", keep_last=3)
@@ -86,8 +86,8 @@ def ckpt_save(out: Path) -> dict:
 
 def ckpt_restore(out: Path) -> dict:
     """The newest whole checkpoint, restored on this job's mesh (any process and device count)."""
+    from dflash.training.checkpoints import Checkpoints
     from dflash.training.recovery import restore_latest
-    from dflash.training.trainer import Checkpoints
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     ckpts = Checkpoints(out / "checkpoints", keep_last=3)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dflash.errors import TrainingError
+from dflash.training.checkpoints import Checkpoints
 from dflash.training.recovery import restore_latest
-from dflash.training.trainer import Checkpoints, TrainingError
 
 
 def _state(step: int) -> dict:

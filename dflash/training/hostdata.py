@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dflash.config import ConfigError
+from dflash.errors import ConfigError
 from dflash.training.data import Batches, DataConfig, Document, PackedRows, load_lane_documents, pack
 
 

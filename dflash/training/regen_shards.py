@@ -21,8 +21,8 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from dflash.config import ConfigError
 from dflash.distributed import is_primary
+from dflash.errors import ConfigError
 
 
 def _barrier(name: str) -> None:

@@ -16,7 +16,11 @@ import jax
 from tqdm import tqdm
 
 from dflash.decoding import SamplingParams, generate
+from dflash.errors import ConfigError
 from dflash.models.transformer import Transformer
+from dflash.training.chat import clean_messages
+from dflash.training.regen_shards import ShardPlan
+from dflash.training.sources import DataConfig, load_dataset
 
 
 def stop_ids(tokenizer: Any, config_eos: tuple[int, ...]) -> tuple[int, ...]:
@@ -96,16 +100,11 @@ def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_pat
     already written, so a killed job resumes without redoing finished shards and the result does
     not depend on the process count. Process 0 then joins the shards into ``out_path``.
     """
-    import datasets
+    import datasets  # deferred: only writing the dataset needs it, and it is slow to import
 
-    from dflash.training.data import DataConfig, _clean_messages, _load_dataset
-    from dflash.training.regen_shards import ShardPlan
-
-    ds = _load_dataset(DataConfig(source=source, split=split, format="conversations",
+    ds = load_dataset(DataConfig(source=source, split=split, format="conversations",
                                   messages_field=messages_field))
     if messages_field not in ds.column_names:
-        from dflash.config import ConfigError
-
         raise ConfigError(f"dataset {source!r} has no {messages_field!r} column; columns: {ds.column_names}")
     if max_examples:
         ds = ds.select(range(min(max_examples, len(ds))))
@@ -118,7 +117,7 @@ def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_pat
     with plan.progress(progress) as advance:
         for shard in plan.todo():
             lo, hi = plan.bounds(shard)
-            convs = [[{"role": m["role"], "content": m["content"]} for m in _clean_messages(conv)]
+            convs = [[{"role": m["role"], "content": m["content"]} for m in clean_messages(conv)]
                      for conv in ds.select(range(lo, hi))[messages_field]]  # also ShareGPT's from/value turns
             new = regenerate_conversations(target, tokenizer, convs, progress=False,
                                            key=jax.random.fold_in(jax.random.key(seed), shard), **kwargs)
