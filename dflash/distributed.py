@@ -18,13 +18,15 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 
 from dflash.errors import DistributedError
 
 __all__ = ["DistributedError", "Launch", "add_distributed_args", "detect_launch", "initialize",
-           "initialize_from_args", "is_primary", "quiet_logging", "show_progress"]
+           "host_local", "initialize_from_args", "is_primary", "quiet_logging", "show_progress",
+           "sync_processes"]
 
 ENV_COORDINATOR = "DFLASH_COORDINATOR"
 ENV_NUM_PROCESSES = "DFLASH_NUM_PROCESSES"
@@ -161,6 +163,30 @@ def process_count() -> int:
 def is_primary() -> bool:
     """True on process 0, the one that writes configs, logs, metrics and exports."""
     return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Barrier across the job's processes (no-op in a single process); ``name`` must match."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def host_local(tree: Any) -> Any:
+    """``tree`` with every array that spans several processes replaced by a copy on this process's
+    first device (replicated arrays: the local replica; sharded ones: gathered, which is a
+    collective, so every process must call this at the same point)."""
+    def local(a: Any) -> Any:
+        if not isinstance(a, jax.Array) or a.is_fully_addressable:
+            return a
+        if a.is_fully_replicated:
+            return a.addressable_data(0)
+        from jax.experimental import multihost_utils
+
+        return jax.device_put(multihost_utils.process_allgather(a, tiled=True), jax.local_devices()[0])
+
+    return jax.tree.map(local, tree)
 
 
 def show_progress(requested: bool) -> bool:

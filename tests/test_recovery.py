@@ -53,8 +53,10 @@ def test_no_restorable_checkpoint_is_the_restore_error(tmp_path):
     ckpts = Checkpoints(tmp_path / "checkpoints", keep_last=5)
     ckpts.save(1, _state(1), {"step": 1})
     _damage(tmp_path / "checkpoints" / "1", "delete")
-    with pytest.raises(TrainingError, match="step 1"):
+    snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match="could be restored, nothing was changed.*step 1"):
         restore_latest(ckpts, jax.tree.map(jnp.zeros_like, _state(0)))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
 
 
 def test_regeneration_shards_of_other_settings_are_refused(tmp_path):

@@ -118,7 +118,7 @@ def global_batch(sharding: jax.sharding.Sharding, local: Mapping[str, np.ndarray
             for k, v in local.items()}
 
 
-def replicated_batch(sharding: jax.sharding.Sharding, full: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+def full_batch(sharding: jax.sharding.Sharding, full: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """Global arrays of rows every process holds in full (held-out rows), laid out per ``sharding``."""
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
             for k, v in full.items()}

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from dflash.distributed import is_primary
+from dflash.errors import TrainingError
 
 logger = logging.getLogger("dflash")
 
@@ -48,28 +49,33 @@ def _everywhere(ok: bool) -> bool:
 def restore_latest(ckpts: CheckpointStore, abstract_state: Any = None) -> tuple[Any, dict[str, Any], int]:
     """``(state, meta, step)`` of the newest step that restores on every process.
 
-    Damaged newer steps are logged and moved to ``checkpoints-damaged/`` next to the checkpoint
-    directory. Raises the last restore error when no step restores.
+    Damaged newer steps are logged and, once an older step restored, moved to
+    ``checkpoints-damaged/`` next to the checkpoint directory. When no step restores, nothing is
+    moved and the error lists every step's failure.
     """
     errors: list[str] = []
-    last_err: Exception | None = None
+    damaged: list[int] = []
+    first_err: Exception | None = None
     for step in reversed(ckpts.steps()):
         try:
             state, meta = ckpts.restore(step, abstract_state)
             ok = True
         except Exception as err:  # Checkpoints.restore wraps Orbax's many error types
-            ok, last_err = False, err
+            ok, first_err = False, first_err or err
             errors.append(f"step {step}: {err}")
         if _everywhere(ok):
-            if errors:
-                logger.warning("resumed from checkpoint step %d: the newer steps could not be restored and "
-                               "were moved to %s (%s)", step, _damaged_dir(ckpts), "; ".join(errors))
+            for bad in damaged:
+                quarantine(ckpts, bad)
+            if damaged:
+                logger.warning("resumed from checkpoint step %d: the newer steps %s could not be restored "
+                               "and were moved to %s (%s)", step, damaged, _damaged_dir(ckpts),
+                               "; ".join(errors))
             return state, meta, step
         logger.warning("checkpoint step %d in %s is incomplete or damaged; trying the previous one", step,
                        ckpts.directory)
-        quarantine(ckpts, step)
-    raise last_err if last_err is not None else FileNotFoundError(
-        f"no checkpoint restores in {ckpts.directory} ({'; '.join(errors) or 'none saved'})")
+        damaged.append(step)
+    raise TrainingError(f"no checkpoint in {ckpts.directory} could be restored, nothing was changed "
+                        f"({'; '.join(errors) or 'none saved'})") from first_err
 
 
 def _damaged_dir(ckpts: CheckpointStore) -> Path:

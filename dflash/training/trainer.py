@@ -33,19 +33,22 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from dflash.configio import to_dict
+from dflash.distributed import host_local, is_primary, show_progress, sync_processes
 from dflash.drafters.dflash import default_gamma
 from dflash.drafters.orthrus import OrthrusDrafter
 from dflash.errors import TrainingError
 from dflash.export.dflash_hf import save_drafter
 from dflash.export.orthrus_hf import save_orthrus
+from dflash.fingerprint import check_consistent, fingerprint
 from dflash.models import load_target
 from dflash.models.tokenizer import load_tokenizer
 from dflash.models.transformer import Transformer
 from dflash.training.checkpoints import Checkpoints, decide_resume
 from dflash.training.config import ExperimentConfig
-from dflash.training.data import Batches
 from dflash.training.evaluation import heldout_chunks, make_evaluate, measure_tau
+from dflash.training.hostdata import LaneBatches, full_batch, gather_lane_sizes, global_batch, process_lanes
 from dflash.training.optim import lr_schedule, make_optimizer
+from dflash.training.recovery import restore_latest
 from dflash.training.rundata import prepare_data
 from dflash.training.setup import DTYPES, build_drafter_config, build_method_drafter, data_devices
 from dflash.training.step import make_step_fns
@@ -63,9 +66,12 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     would (tests use it; ``--resume`` continues).
     """
     run_dir = Path(cfg.run_dir)
+    check_consistent(fingerprint(to_dict(cfg), [cfg.data.source]))  # processes of one job agree
     resume = decide_resume(run_dir, cfg, resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    sync_processes("dflash run start")  # all have read the run directory before process 0 writes to it
+    if is_primary():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # ---- what the run starts from
     tokenizer = load_tokenizer(cfg.target.name)
@@ -73,20 +79,27 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     drafter = build_method_drafter(cfg, build_drafter_config(cfg, target, tokenizer), target)
     dcfg = drafter.cfg
     devices = data_devices(cfg)
-    data = prepare_data(cfg, tokenizer, target, run_dir, progress)
-    if len(data.train) < cfg.train.batch_size:
-        raise TrainingError(f"{len(data.train)} packed training rows of data.seq_len={cfg.data.seq_len} "
+    if jax.process_count() > 1 and len(devices) != jax.device_count():
+        raise TrainingError(f"train.num_devices={cfg.train.num_devices}: a {jax.process_count()}-process run "
+                            f"uses all {jax.device_count()} devices (set 0)")
+    mesh = Mesh(np.asarray(devices), ("data",))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    # Each process reads only the data lanes its devices' batch rows hold (hostdata.py).
+    lanes = process_lanes(batch_sharding, cfg.train.batch_size, cfg.data.seq_len, cfg.data.lanes)
+    data = prepare_data(cfg, tokenizer, target, run_dir, show_progress(progress), lanes)
+    sizes = gather_lane_sizes(data.train, cfg.data.lanes)
+    if min(sizes) < cfg.train.batch_size // cfg.data.lanes:
+        in_lanes = f"in data lanes of {sizes} rows " if cfg.data.lanes > 1 else ""
+        raise TrainingError(f"{sum(sizes)} packed training rows of data.seq_len={cfg.data.seq_len} {in_lanes}"
                             f"cannot fill one batch of train.batch_size={cfg.train.batch_size}")
     held = heldout_chunks(data.heldout.arrays(), cfg.eval.heldout_rows, cfg.train.batch_size, len(devices))
-    micro = Batches(data.train, cfg.train.batch_size, seed=cfg.train.seed)
+    micro = LaneBatches(data.train, cfg.data.lanes, cfg.train.batch_size, cfg.train.seed, sizes)
     accum = cfg.optim.grad_accum
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * micro.steps_per_epoch / accum))
     optimizer = nnx.Optimizer(drafter, make_optimizer(cfg, total), wrt=nnx.Param)
     schedule = lr_schedule(cfg, total)
 
     # ---- placement and the jitted steps
-    mesh = Mesh(np.asarray(devices), ("data",))
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, state = nnx.split((drafter, optimizer))
     state = jax.device_put(state, replicated)
     tgraph, tstate = nnx.split(target)
@@ -97,16 +110,16 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
                    kl_weight=kl_weight, target_labels=cfg.train.labels == "target")
     train_step, eval_step = make_step_fns(graphdef, tgraph, step_kw, DTYPES[cfg.train.compute_dtype])
 
-    def put(batch):
-        return {k: jax.device_put(jnp.asarray(v), batch_sharding) for k, v in batch.items()}
+    def put(local_rows):  # this process's rows of a global batch
+        return global_batch(batch_sharding, local_rows, cfg.train.batch_size)
 
-    evaluate = make_evaluate(eval_step, tstate, [put(b) for b in held])
+    evaluate = make_evaluate(eval_step, tstate, [full_batch(batch_sharding, b) for b in held])
 
     # ---- resume
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.train.keep_last)
     start, best_tau, best_step, history = 0, -1.0, None, []
-    if resume:
-        state, meta = ckpts.restore(ckpts.steps()[-1], state)
+    if resume:  # the newest checkpoint that is whole (a damaged newer one is logged and set aside)
+        state, meta, _ = restore_latest(ckpts, state)
         state = jax.device_put(state, replicated)
         start, best_tau, best_step = int(meta["step"]), float(meta["best_tau"]), meta.get("best_step")
         history = meta.get("history", [])
@@ -114,10 +127,10 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
             raise TrainingError(f"checkpoint was made for {meta['total_steps']} steps, config says {total}")
 
     # ---- the loop
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = SummaryWriter(str(run_dir / "tb")) if is_primary() else _NoWriter()
     base_key = jax.random.key(cfg.train.seed)
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"train {cfg.method}",
-               disable=not progress, dynamic_ncols=True)
+               disable=not show_progress(progress), dynamic_ncols=True)
     last_log, tau_now = time.perf_counter(), float("nan")
     tokens_since = 0
     metrics: dict[str, Any] = {}
@@ -125,7 +138,7 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
         for i in range(accum):
             m_idx = step * accum + i  # data position and anchor RNG are pure functions of this
             key = jax.random.fold_in(base_key, m_idx)
-            state, metrics = train_step(state, tstate, put(micro.batch(m_idx)), key)
+            state, metrics = train_step(state, tstate, put(micro.local_batch(m_idx)), key)
             tokens_since = tokens_since + metrics["tokens"]  # a device scalar: no host sync per step
         done = step + 1
         if done % cfg.train.log_every == 0 or done == total:
@@ -157,11 +170,13 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     writer.flush()
     bar.close()
 
-    # ---- the result: export, real tau, metrics.json
-    drafter, _ = nnx.merge(graphdef, state)
+    # ---- the result: export, real tau, metrics.json (process 0, on its own copy of the drafter)
+    drafter, _ = nnx.merge(graphdef, host_local(state))
     result: dict[str, Any] = {"method": cfg.method, "block_size": dcfg.block_size, "steps": total,
                               "final_eval": history[-1] if history else None,
                               "best_step": best_step, "best_tau_sim": best_tau}
+    if not is_primary():
+        return result
     if export:
         result["export_dir"] = str(_export(cfg, drafter, target, run_dir / "export"))
     if final_eval:
@@ -175,6 +190,16 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
         json.dump(result, f, indent=2)
     _check_outputs_agree(result, target, cfg, run_dir)
     return result
+
+
+class _NoWriter:
+    """TensorBoard writer of the processes other than 0: they log nothing."""
+
+    def add_scalar(self, *args: Any) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _log_train(writer: SummaryWriter, scalars: dict[str, float], accuracy: Any, step: int) -> None:
