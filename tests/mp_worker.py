@@ -111,8 +111,25 @@ def regen(out: Path) -> dict:
     return {"code": code}
 
 
-SCENARIOS = {"regen": regen, "data_order": data_order, "mismatch": mismatch, "ckpt_save": ckpt_save,
-             "ckpt_restore": ckpt_restore}
+def train(out: Path) -> dict:
+    """The tiny config for 4 steps over this job's processes in ``out/run``; ``out/args.json`` names
+    the target and an optional ``stop_after``."""
+    from dflash.configio import load_yaml
+    from dflash.training.config import ExperimentConfig
+    from dflash.training.trainer import run_training
+
+    args = json.loads((out / "args.json").read_text())
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_yaml(ExperimentConfig, root / "configs/tiny_code.yaml", [
+        f"target.name={args['target']}", f"run_dir={out / 'run'}", "data.max_examples=40", "data.seq_len=64",
+        "data.lanes=2", "train.batch_size=8", "train.num_anchors=8", "train.steps=4", "train.save_every=2",
+        "train.eval_every=2", "train.log_every=1", "train.keep_last=2", "drafter.block_size=4",
+        "eval.heldout_rows=8", "regen.num_sequences=0"])
+    return run_training(cfg, progress=False, final_eval=False, stop_after=args.get("stop_after"))
+
+
+SCENARIOS = {"train": train, "regen": regen, "data_order": data_order, "mismatch": mismatch,
+             "ckpt_save": ckpt_save, "ckpt_restore": ckpt_restore}
 
 if __name__ == "__main__":
     scenario, directory = sys.argv[1], Path(sys.argv[2])

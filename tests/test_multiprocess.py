@@ -59,6 +59,37 @@ def test_two_processes_build_the_same_global_batches_as_one(tmp_path):
     assert len({tuple(s) for s in a["rows_by_step"]}) == len(a["rows_by_step"])  # the batches do move on
 
 
+def test_training_on_two_processes_equals_one_and_resumes_on_another_process_count(tiny_target, tmp_path):
+    from safetensors.numpy import load_file
+
+    def run(name: str, processes: int, devices: int, **args) -> dict:
+        d = tmp_path / name
+        d.mkdir(exist_ok=True)
+        (d / "args.json").write_text(json.dumps({"target": str(tiny_target), **args}))
+        results, _ = _launch("train", d, processes=processes, devices=devices, timeout_s=500)
+        _ok(results)
+        return json.loads((d / "result.json").read_text())
+
+    def params(name: str) -> dict:
+        return load_file(str(tmp_path / name / "run" / "export" / "model.safetensors"))
+
+    one, two = run("one", 1, 8), run("two", 2, 4)
+    assert one["final_eval"] == two["final_eval"]  # held-out loss, tau, accuracies: bit for bit
+    a, b = params("one"), params("two")
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # Process 0 alone wrote TensorBoard events (one file) and the export.
+    assert len(list((tmp_path / "two" / "run" / "tb").glob("events.out.tfevents.*"))) == 1
+    # Killed after step 2 on 2 processes, resumed on 1 process: the same global batches follow.
+    assert run("kill", 2, 4, stop_after=2) == {"stopped_at": 2}
+    resumed = run("kill", 1, 8)
+    assert resumed["final_eval"] == one["final_eval"]
+    c = params("kill")
+    for name in a:
+        np.testing.assert_array_equal(a[name], c[name], err_msg=name)
+
+
 def test_a_config_mismatch_is_a_clear_error_on_every_process_within_seconds(tmp_path):
     results, took = _launch("mismatch", tmp_path, processes=2, devices=1, timeout_s=120)
     assert [r.returncode for r in results] == [3, 3], [r.stderr[-2000:] for r in results]
