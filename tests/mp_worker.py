@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from dflash.errors import ConfigError  # noqa: E402
 from dflash.fingerprint import check_consistent, fingerprint  # noqa: E402
 
 BATCH, SEQ, LANES, STEPS = 8, 16, 4, 5
@@ -55,8 +56,13 @@ def data_order(out: Path) -> dict:
         tokens = np.asarray(multihost_utils.process_allgather(batch["tokens"], tiled=True))  # [B, S]
         steps.append([hashlib.sha256(r.tobytes()).hexdigest()[:12] for r in tokens])
         sums.append(np.asarray(reduce(batch["tokens"], weights)).tolist())
-    return {"lanes_here": lanes, "rows_by_step": steps, "sums": sums, "processes": jax.process_count(),
-            "devices": jax.device_count()}
+    try:  # one lane cannot be split over 2 processes: a clear error, on each process alike
+        process_lanes(sharding, BATCH, SEQ, 1)
+        one_lane = "no error"
+    except ConfigError as err:
+        one_lane = str(err)
+    return {"lanes_here": lanes, "one_lane_error": one_lane, "rows_by_step": steps, "sums": sums,
+            "processes": jax.process_count(), "devices": jax.device_count()}
 
 
 def mismatch(out: Path) -> dict:

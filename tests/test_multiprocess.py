@@ -54,6 +54,8 @@ def test_two_processes_build_the_same_global_batches_as_one(tmp_path):
     a, b = (json.loads((d / "result.json").read_text()) for d in (one, two))
     assert (a["processes"], a["devices"], b["processes"], b["devices"]) == (1, 8, 2, 8)
     assert a["lanes_here"] == [0, 1, 2, 3] and b["lanes_here"] == [0, 1]  # process 0 read half the lanes
+    assert a["one_lane_error"] == "no error"
+    assert "set data.lanes to a multiple of 2" in b["one_lane_error"]
     assert a["rows_by_step"] == b["rows_by_step"]
     assert a["sums"] == b["sums"]  # the sharded computation, bit for bit
     assert len({tuple(s) for s in a["rows_by_step"]}) == len(a["rows_by_step"])  # the batches do move on
