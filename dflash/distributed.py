@@ -134,8 +134,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return launch
 
 
-def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    """The multi-process flags every long-running CLI takes (see ``docs/multihost.md``)."""
+def add_distributed_args(parser: argparse.ArgumentParser, verbose_flag: bool = True) -> None:
+    """The multi-process flags every long-running CLI takes (see ``docs/multihost.md``).
+    ``verbose_flag=False`` when the CLI has its own ``--verbose`` (it then also means full logs on
+    every process)."""
     g = parser.add_argument_group("multi-process (jax.distributed; auto-detected on Cloud TPU VMs, SLURM)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help=f"address of process 0's coordinator (or {ENV_COORDINATOR})")
@@ -143,13 +145,15 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                    help=f"processes in the job (or {ENV_NUM_PROCESSES})")
     g.add_argument("--process-id", type=int, default=None, metavar="I",
                    help=f"this process's index, 0..N-1 (or {ENV_PROCESS_ID})")
-    g.add_argument("--verbose", action="store_true", default=None,
-                   help=f"full logs on every process, not only process 0 (or {ENV_VERBOSE}=1)")
+    if verbose_flag:
+        g.add_argument("--verbose", action="store_true", default=None,
+                       help=f"full logs on every process, not only process 0 (or {ENV_VERBOSE}=1)")
 
 
 def initialize_from_args(args: argparse.Namespace) -> Launch:
     """``initialize`` with the flags of :func:`add_distributed_args`."""
-    return initialize(args.coordinator, args.num_processes, args.process_id, verbose=args.verbose)
+    return initialize(args.coordinator, args.num_processes, args.process_id,
+                      verbose=getattr(args, "verbose", None) or None)
 
 
 def process_index() -> int:

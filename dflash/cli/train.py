@@ -2,21 +2,44 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+import traceback
+from pathlib import Path
 
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.configio import load_yaml
 from dflash.distributed import DistributedError, add_distributed_args, initialize_from_args, is_primary
 from dflash.errors import TrainingError
 from dflash.models import CheckpointError
+from dflash.models.loading import ASSETS
 from dflash.training.config import ExperimentConfig
 from dflash.training.trainer import run_training
 
+SHIPPED_CONFIGS = {p.stem: p for p in sorted((ASSETS / "configs").glob("*.yaml"))}
+
+
+def config_file(name: str | None) -> Path:
+    """``--config``: an existing file, else a shipped config's name; None: the shipped tiny_code.
+
+    The default lives in the package, so ``dflash-train`` works from any directory.
+    """
+    if name is None:
+        return SHIPPED_CONFIGS["tiny_code"]
+    if not Path(name).exists() and name in SHIPPED_CONFIGS:
+        return SHIPPED_CONFIGS[name]
+    if not Path(name).exists():
+        raise ConfigError(f"config file {name} does not exist (from {Path.cwd()}); shipped configs, "
+                          f"usable by name from any directory: {', '.join(SHIPPED_CONFIGS)}")
+    return Path(name)
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-train", description=__doc__)
-    p.add_argument("--config", default="configs/tiny_code.yaml", help="YAML experiment config")
+    p = make_parser("dflash-train", __doc__)
+    p.add_argument("--config", default=None,
+                   help="YAML experiment config: a file, or a config shipped in the package by name "
+                        f"({', '.join(SHIPPED_CONFIGS)}); default: the shipped tiny_code, the README's main "
+                        "job (configs/ in the repository holds the same files to copy and edit)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--run-dir", default=None, help="shorthand for --set run_dir=DIR")
@@ -28,15 +51,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue from the last checkpoint (default when the run dir has one)")
     resume.add_argument("--no-resume", dest="resume", action="store_false")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_distributed_args(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="on an error, also print its full detail; full logs on every process, not only "
+                        "process 0")
+    add_distributed_args(p, verbose_flag=False)
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     overrides += [f"drafter.init_from={args.init_from}"] if args.init_from else []
     try:
         initialize_from_args(args)
-        cfg = load_yaml(ExperimentConfig, args.config, overrides)
+        cfg = load_yaml(ExperimentConfig, config_file(args.config), overrides)
         result = run_training(cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, CheckpointError, TrainingError, DistributedError, FileNotFoundError) as err:
+        if args.verbose:
+            traceback.print_exception(err)
         print(f"dflash-train: error: {err}", file=sys.stderr)
         return 2
     if not is_primary():  # process 0 reports for the job
