@@ -70,3 +70,21 @@ def test_regeneration_shards_of_other_settings_are_refused(tmp_path):
     assert ShardPlan.open(out, 5, 2, {"seed": "0", "max_new_tokens": "6"}).todo() == [0, 2]
     with pytest.raises(ConfigError, match=r"other settings \(max_new_tokens, shard_size\)"):
         ShardPlan.open(out, 5, 3, {"seed": "0", "max_new_tokens": "7"})
+
+
+def test_training_resumes_from_the_step_before_a_half_written_one(run_config, tiny_target, tmp_path, caplog):
+    from safetensors.numpy import load_file
+
+    from dflash.training.trainer import run_training
+
+    extra = ("train.save_every=1", "train.keep_last=3")
+    run_training(run_config(tiny_target, tmp_path / "a", *extra), progress=False, final_eval=False)
+    cfg = run_config(tiny_target, tmp_path / "b", *extra)
+    assert run_training(cfg, progress=False, stop_after=3) == {"stopped_at": 3}
+    _damage(tmp_path / "b" / "checkpoints" / "3", "truncate")  # the host died while writing step 3
+    with caplog.at_level(logging.WARNING, logger="dflash"):
+        run_training(cfg, progress=False, final_eval=False)
+    assert "resumed from checkpoint step 2" in caplog.text
+    a, b = (load_file(str(tmp_path / r / "export" / "model.safetensors")) for r in "ab")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

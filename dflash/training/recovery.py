@@ -62,7 +62,7 @@ def restore_latest(ckpts: CheckpointStore, abstract_state: Any = None) -> tuple[
             ok = True
         except Exception as err:  # Checkpoints.restore wraps Orbax's many error types
             ok, first_err = False, first_err or err
-            errors.append(f"step {step}: {err}")
+            errors.append(f"step {step}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
         if _everywhere(ok):
             for bad in damaged:
                 quarantine(ckpts, bad)
