@@ -83,6 +83,13 @@ def test_training_on_two_processes_equals_one_and_resumes_on_another_process_cou
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     # Process 0 alone wrote TensorBoard events (one file) and the export.
     assert len(list((tmp_path / "two" / "run" / "tb").glob("events.out.tfevents.*"))) == 1
+    # The 2-process checkpoint restores in this one process: dflash-export gives the run's own export.
+    from dflash.cli.export import main as export_main
+
+    assert export_main(["--run", str(tmp_path / "two" / "run"), "--out", str(tmp_path / "exported")]) == 0
+    e = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    for name in a:
+        np.testing.assert_array_equal(a[name], e[name], err_msg=name)
     # Killed after step 2 on 2 processes, resumed on 1 process: the same global batches follow.
     assert run("kill", 2, 4, stop_after=2) == {"stopped_at": 2}
     resumed = run("kill", 1, 8)
