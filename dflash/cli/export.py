@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--with-target", dest="with_target", action="store_true", default=None,
                         help="also copy the target to OUT/target (default: only for shipped targets)")
     target.add_argument("--no-target", dest="with_target", action="store_false")
+    p.add_argument("--check-with", choices=["vllm"], default=None,
+                   help="then run the export in vLLM (own venv, built on first use) and compare tokens and "
+                        "acceptance with ours (docs/serving.md)")
     p.add_argument("--verbose", action="store_true", help="on an error, also print its full detail")
     args = p.parse_args(argv)
     try:
@@ -43,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dflash-export: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(info))
+    if args.check_with == "vllm":
+        from dflash.export.vllm_check import VllmCheckError, cli_check
+        from dflash.export.vllm_env import VllmSetupError
+
+        try:
+            return cli_check(info)
+        except (VllmCheckError, VllmSetupError) as err:
+            print(f"dflash-export: --check-with vllm: error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

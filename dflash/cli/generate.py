@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from dflash.distributed import DistributedError, add_distributed_args, initializ
 from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
 from dflash.models import CheckpointError, load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
+from dflash.viz.tokens import show_steps, split_steps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -60,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(tree width 1 unless --tree-width)")
     p.add_argument("--stochastic-drafts", action="store_true",
                    help="when sampling, draw DFlash drafts from the drafter's distribution")
+    p.add_argument("--show-steps", action="store_true",
+                   help="colour what each verify step emitted: accepted drafts green, the target's own token "
+                        "bold yellow (with --json: a 'steps' list of {drafts, bonus})")
     add_distributed_args(p)
     return p
 
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.drafter is None:  # speculative-only options would be silently dropped
         options = (("--block-size", args.block_size), ("--verify", args.verify),
                    ("--tree-width", args.tree_width), ("--ngram-branch", args.ngram_branch),
-                   ("--stochastic-drafts", args.stochastic_drafts))
+                   ("--stochastic-drafts", args.stochastic_drafts), ("--show-steps", args.show_steps))
         given = [flag for flag, value in options if value]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
@@ -114,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.drafter is not None:
             out.update(tau=result.tau, acceptance_lengths=result.acceptance_lengths[0],
                        target_forwards=result.target_forwards[0], block_size=result.block_size)
+        if args.show_steps:
+            out["steps"] = [dataclasses.asdict(s) for s in split_steps(tokens, result.acceptance_lengths[0])]
         print(json.dumps(out))
+    elif args.show_steps:
+        print(show_steps(tokenizer, prompt, tokens, result.acceptance_lengths[0]))
     else:
         print(prompt + text)
     return 0

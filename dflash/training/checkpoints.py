@@ -56,6 +56,11 @@ class Checkpoints:
             raise self.unreadable(step, err) from err
         return (restored["state"] if state else None), restored["meta"]
 
+    def latest_meta(self) -> dict[str, Any]:
+        """The metadata of the latest checkpoint ({} when there is none); no arrays are read."""
+        steps = self.steps()
+        return self.restore(steps[-1], state=False)[1] if steps else {}
+
     def restore_subtree(self, step: int, item: dict[str, Any]) -> dict[str, Any]:
         """Only the part of the saved state that ``item`` (a raw tree of ``ShapeDtypeStruct``)
         names, e.g. the drafter's parameters without the optimizer moments an export never needs."""
@@ -121,7 +126,7 @@ def has_checkpoints(run_dir: Path) -> bool:
     return ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
 
 
-def decide_resume(run_dir: Path, cfg: ExperimentConfig, resume: bool | None) -> bool:
+def decide_resume(run_dir: Path, cfg: ExperimentConfig, resume: bool | None, *, extend: bool = False) -> bool:
     """Whether the run resumes: ``resume=None`` does when ``run_dir`` holds checkpoints.
 
     Refuses to resume without checkpoints, to start over existing ones, and to resume with a
@@ -135,13 +140,20 @@ def decide_resume(run_dir: Path, cfg: ExperimentConfig, resume: bool | None) -> 
     if not resume and has_ckpt:
         raise TrainingError(f"{run_dir} already holds checkpoints; resume it or choose a new run_dir "
                             "(refusing to overwrite them)")
+    if extend and not resume:
+        raise TrainingError(f"--extend continues a run, and {run_dir} holds no checkpoint to continue")
     if resume:
-        check_resume_config(run_dir, cfg)
+        check_resume_config(run_dir, cfg, extend=extend)
     return resume
 
 
-def check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
-    """A resumed run must use the config it was started with (up to ``RESUME_FREE_KEYS``)."""
+# Keys ``--extend`` may change as well: the length of the run.
+EXTEND_KEYS = frozenset({"train.steps", "train.epochs"})
+
+
+def check_resume_config(run_dir: Path, cfg: ExperimentConfig, *, extend: bool = False) -> None:
+    """A resumed run must use the config it was started with (up to ``RESUME_FREE_KEYS``, and
+    ``EXTEND_KEYS`` when extending)."""
     path = run_dir / "config.yaml"
     if not path.exists():
         raise TrainingError(f"cannot resume {run_dir}: its config.yaml is missing")
@@ -150,8 +162,11 @@ def check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     except Exception as err:
         raise TrainingError(f"cannot resume {run_dir}: its config.yaml is unreadable ({err})") from err
     new = flatten(to_dict(cfg))
+    free = RESUME_FREE_KEYS | (EXTEND_KEYS if extend else frozenset())
     diffs = [f"{key}: {saved.get(key)!r} -> {new.get(key)!r}" for key in sorted(saved.keys() | new.keys())
-             if key not in RESUME_FREE_KEYS and saved.get(key) != new.get(key)]
+             if key not in free and saved.get(key) != new.get(key)]
     if diffs:
+        longer = ("; to train longer on the same run, raise train.steps and pass --extend"
+                  if not extend and {d.split(":")[0] for d in diffs} <= EXTEND_KEYS else "")
         raise TrainingError(f"cannot resume {run_dir} with a different config ({'; '.join(diffs)}); "
-                            "resume with the settings it was started with, or start a new run_dir")
+                            f"resume with the settings it was started with, or start a new run_dir{longer}")
