@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,4 @@ def quiet_logging(verbose: bool | None = None) -> None:
         return
     for name in ("", "dflash", "absl", "jax", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")  # library warnings repeat process 0's

@@ -182,3 +182,15 @@ def test_detect_launch_flags_win_and_bad_ones_are_named():
         detect_launch("127.0.0.1:5", 2, 2, environ={})
     with pytest.raises(DistributedError, match="integer"):
         detect_launch(environ={"DFLASH_NUM_PROCESSES": "two"})
+
+
+def test_launcher_sets_each_process_and_stops_the_rest_when_one_fails(capsys):
+    from dflash.cli.launch import main
+
+    show = "import os; print(os.environ['DFLASH_PROCESS_ID'], os.environ['DFLASH_NUM_PROCESSES'])"
+    assert main(["--local-processes", "2", "--", sys.executable, "-c", show]) == 0
+    assert "[process 1] 1 2" in capsys.readouterr().err
+    fail = "import os, sys, time; sys.exit(3) if os.environ['DFLASH_PROCESS_ID'] == '1' else time.sleep(120)"
+    start = time.monotonic()
+    results = run_local([sys.executable, "-c", fail], 2, timeout_s=100, grace_s=1)
+    assert [r.returncode for r in results] == [-9, 3] and time.monotonic() - start < 30
