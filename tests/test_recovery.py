@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dflash.errors import TrainingError
+from dflash.errors import CheckpointError
 from dflash.training.checkpoints import Checkpoints
 from dflash.training.recovery import restore_latest
 
@@ -54,7 +54,7 @@ def test_no_restorable_checkpoint_is_the_restore_error(tmp_path):
     ckpts.save(1, _state(1), {"step": 1})
     _damage(tmp_path / "checkpoints" / "1", "delete")
     snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(TrainingError, match="could be restored, nothing was changed.*step 1"):
+    with pytest.raises(CheckpointError, match="could be restored, nothing was changed.*step 1"):
         restore_latest(ckpts, jax.tree.map(jnp.zeros_like, _state(0)))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
 

@@ -7,11 +7,9 @@ import traceback
 from pathlib import Path
 
 from dflash.cli.parser import make_parser
-from dflash.config import ConfigError
 from dflash.configio import load_yaml
-from dflash.distributed import DistributedError, add_distributed_args, initialize_from_args, is_primary
-from dflash.errors import TrainingError
-from dflash.models import CheckpointError
+from dflash.distributed import add_distributed_args, initialize_from_args, is_primary
+from dflash.errors import ConfigError, DflashError
 from dflash.models.loading import ASSETS
 from dflash.training.config import ExperimentConfig
 from dflash.training.trainer import run_training
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [*QUICK, f"run_dir={run_dir}", *overrides]
         cfg = load_yaml(ExperimentConfig, path, overrides)
         result = run_training(cfg, resume=args.resume, progress=not args.no_progress, extend=args.extend)
-    except (ConfigError, CheckpointError, TrainingError, DistributedError, FileNotFoundError) as err:
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         if args.verbose:
             traceback.print_exception(err)
         print(f"dflash-train: error: {err}", file=sys.stderr)

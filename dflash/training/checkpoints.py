@@ -15,8 +15,14 @@ import orbax.checkpoint as ocp
 import yaml
 
 from dflash.configio import flatten, from_dict, to_dict
-from dflash.errors import TrainingError
+from dflash.errors import CheckpointError, ConfigError, TrainingError
 from dflash.training.config import ExperimentConfig
+
+# What Orbax raises for a checkpoint it cannot read (measured on orbax-checkpoint 0.12.8: garbage
+# or truncated JSON / OCDBT files -> JSONDecodeError or tensorstore's ValueError, a missing item
+# -> KeyError, missing array files -> FileNotFoundError). Anything else (out of memory, sharding,
+# a bug) keeps its own type and traceback.
+CORRUPT_CHECKPOINT_ERRORS = (ValueError, KeyError, OSError)
 
 
 class Checkpoints:
@@ -52,7 +58,7 @@ class Checkpoints:
             args["state"] = ocp.args.StandardRestore(abstract_state)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        except Exception as err:  # orbax raises many types for truncated / foreign files
+        except CORRUPT_CHECKPOINT_ERRORS as err:
             raise self.unreadable(step, err) from err
         return (restored["state"] if state else None), restored["meta"]
 
@@ -70,10 +76,10 @@ class Checkpoints:
         try:
             return fresh.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=item, partial_restore=True, restore_args=restore_args)))["state"]
-        except Exception as err:  # as in ``restore``
+        except CORRUPT_CHECKPOINT_ERRORS as err:  # as in ``restore``
             raise self.unreadable(step, err) from err
 
-    def unreadable(self, step: int, err: BaseException) -> TrainingError:
+    def unreadable(self, step: int, err: BaseException) -> CheckpointError:
         """A few lines a user can act on: checkpoint, step, damaged file, the previous good step.
 
         Orbax's own message holds the whole TensorStore spec (hundreds of lines); it stays in the
@@ -87,7 +93,7 @@ class Checkpoints:
         advice = (f"the previous good step is {good}: export it with `dflash-export --run {run} --step "
                   f"{good} --out DIR`, or move {self.directory / str(step)} out of the run to resume from it"
                   if good is not None else "no earlier checkpoint is readable: start a new run directory")
-        return TrainingError(f"checkpoint step {step} in {self.directory} could not be restored: {cause}\n"
+        return CheckpointError(f"checkpoint step {step} in {self.directory} could not be restored: {cause}\n"
                              f"  damaged or missing file: {file}\n  {advice}; nothing was changed "
                              "(the full error: --verbose)")
 
@@ -98,7 +104,7 @@ class Checkpoints:
                 Checkpoints(self.directory, self.keep_last).manager.restore(
                     earlier, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
                 return earlier
-            except Exception:  # unreadable too: look further back
+            except CORRUPT_CHECKPOINT_ERRORS:  # unreadable too: look further back
                 continue
         return None
 
@@ -159,7 +165,7 @@ def check_resume_config(run_dir: Path, cfg: ExperimentConfig, *, extend: bool = 
         raise TrainingError(f"cannot resume {run_dir}: its config.yaml is missing")
     try:
         saved = flatten(to_dict(from_dict(ExperimentConfig, yaml.safe_load(path.read_text()) or {})))
-    except Exception as err:
+    except (yaml.YAMLError, ConfigError) as err:  # unparsable, or keys / values from_dict refuses
         raise TrainingError(f"cannot resume {run_dir}: its config.yaml is unreadable ({err})") from err
     new = flatten(to_dict(cfg))
     free = RESUME_FREE_KEYS | (EXTEND_KEYS if extend else frozenset())

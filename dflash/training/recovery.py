@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from dflash.distributed import is_primary
-from dflash.errors import TrainingError
+from dflash.errors import CheckpointError
 
 logger = logging.getLogger("dflash")
 
@@ -60,7 +60,7 @@ def restore_latest(ckpts: CheckpointStore, abstract_state: Any = None) -> tuple[
         try:
             state, meta = ckpts.restore(step, abstract_state)
             ok = True
-        except Exception as err:  # Checkpoints.restore wraps Orbax's many error types
+        except CheckpointError as err:  # Checkpoints.restore's verdict on a damaged step
             ok, first_err = False, first_err or err
             errors.append(f"step {step}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
         if _everywhere(ok):
@@ -74,7 +74,7 @@ def restore_latest(ckpts: CheckpointStore, abstract_state: Any = None) -> tuple[
         logger.warning("checkpoint step %d in %s is incomplete or damaged; trying the previous one", step,
                        ckpts.directory)
         damaged.append(step)
-    raise TrainingError(f"no checkpoint in {ckpts.directory} could be restored, nothing was changed "
+    raise CheckpointError(f"no checkpoint in {ckpts.directory} could be restored, nothing was changed "
                         f"({'; '.join(errors) or 'none saved'})") from first_err
 
 

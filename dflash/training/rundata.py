@@ -97,6 +97,9 @@ def _regenerated(cfg: ExperimentConfig, target: Transformer, run_dir: Path, trai
     if reuse:
         return load_documents_npz(cached), load_documents_npz(cached_eval)
     # None yet, or made with other settings: regeneration is deterministic, so remake it.
+    if not progress:  # (with a bar, the bar says it)
+        print(f"regenerating {regen_count(cfg)} + {cfg.eval.heldout_rows * 2} target continuations "
+              f"(once per run, kept in {cached.name})", flush=True)
     train_docs = regenerate_documents(target, train_docs, cfg.regen, seed=cfg.data.seed, eos_ids=eos,
                                       progress=progress, limit=regen_count(cfg))
     eval_regen = dataclasses.replace(cfg.regen, num_sequences=cfg.eval.heldout_rows * 2)

@@ -40,7 +40,7 @@ from dflash.export.dflash_hf import save_drafter
 from dflash.export.orthrus_hf import save_orthrus
 from dflash.fingerprint import check_consistent, fingerprint
 from dflash.models import load_target
-from dflash.models.loading import read_config, resolve
+from dflash.models.loading import DTYPES, read_config, resolve
 from dflash.models.tokenizer import load_tokenizer
 from dflash.models.transformer import Transformer
 from dflash.training.checkpoints import Checkpoints, decide_resume
@@ -52,10 +52,12 @@ from dflash.training.progress import finished_result, log_line, tau_text
 from dflash.training.recovery import restore_latest
 from dflash.training.rundata import prepare_data
 from dflash.training.scalars import Listener, ScalarLog
-from dflash.training.setup import DTYPES, build_drafter_config, build_method_drafter, data_devices
-from dflash.training.step import make_step_fns
+from dflash.training.setup import build_drafter_config, build_method_drafter, data_devices
+from dflash.training.step import make_step_fns, mean_metrics
 
 __all__ = ["TrainingError", "run_training"]
+
+LOGGED_METRICS = ("loss", "ce", "tau_sim", "grad_norm", "accuracy")  # per optimizer step, as means
 
 
 def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress: bool = True,
@@ -146,17 +148,19 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
                disable=not show_progress(progress), dynamic_ncols=True)
     last_log, tau_now = time.perf_counter(), (history[-1]["tau_sim_steps"] if history else float("nan"))
     tokens_since = 0
-    metrics: dict[str, Any] = {}
     for step in bar:
+        micro_metrics = []
         for i in range(accum):
             m_idx = step * accum + i  # data position and anchor RNG are pure functions of this
             key = jax.random.fold_in(base_key, m_idx)
             state, metrics = train_step(state, tstate, put(micro.local_batch(m_idx)), key)
+            micro_metrics.append(metrics)
             tokens_since = tokens_since + metrics["tokens"]  # a device scalar: no host sync per step
         done = step + 1
         if done % cfg.train.log_every == 0 or done == total:
             tokens = float(tokens_since)  # waits for the steps so far: the rate covers finished work
             now = time.perf_counter()
+            metrics = mean_metrics(micro_metrics, LOGGED_METRICS)  # the step's micro-batches, all of them
             scalars = {name: float(metrics[name]) for name in ("loss", "ce", "tau_sim", "grad_norm")}
             scalars["lr"] = float(schedule(done))
             scalars["tokens_per_s"] = tokens / max(now - last_log, 1e-9)
@@ -171,6 +175,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
             tau_now = ev["tau_sim_steps"]
             history.append({"step": done, **ev})
             _log_eval(writer, ev, done)
+            if not progress:
+                print(f"eval at step {done}: tau_sim {tau_now:.2f} per verify step", flush=True)
             if ev["tau_sim_steps"] > best_tau:  # the per-step estimate tracks decoding tau best
                 best_tau, best_step = ev["tau_sim_steps"], done
         # A new best is saved at once (kept beside the last k), even between save_every steps.
