@@ -10,6 +10,7 @@ from dflash.decoding import SamplingParams
 from dflash.decoding.drafters import resolve_method
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
+from dflash.distributed import add_distributed_args, initialize_from_args, is_primary
 from dflash.drafters.dflash import DFlashDrafter
 from dflash.errors import ConfigError, DflashError
 from dflash.kernels.dispatch import ATTENTION_IMPLS
@@ -63,12 +64,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write the greedy acceptance of the DFlash drafter and of prompt lookup at "
                         "every anchor of the target's own continuations, and the steps each takes "
                         "(dflash.bench.anchor_profile), and print its summary")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     if args.anchor_profile and args.temperature > 0:
         print("dflash-bench: error: --anchor-profile measures greedy acceptance; use --temperature 0",
               file=sys.stderr)
         return 2
     try:
+        initialize_from_args(args)
         tokenizer = load_tokenizer(args.target)
         target = load_target(args.target, dtype=DTYPES[args.dtype],
                              attention_impl=args.attention_impl)  # drafters resolved below take it too
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-bench: error: {err}", file=sys.stderr)
         return 2
+    if not is_primary():  # every process ran the same benchmark; process 0 reports it
+        return 0
     result.update(target=args.target, drafter=args.drafter, prompts=args.prompts)
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
           f"T={args.temperature}, B={k}, backend {result['backend']}")
