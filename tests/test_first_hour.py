@@ -64,7 +64,7 @@ def test_train_default_config_is_shipped_and_works_from_any_directory(tmp_path, 
         assert filecmp.cmp(shipped, root / "configs" / f"{name}.yaml", shallow=False), name
     seen = []
     monkeypatch.setattr(train_cli, "run_training", lambda cfg, **kw: seen.append(cfg) or {})
-    monkeypatch.setattr(train_cli, "write_report", lambda run_dir: Path(run_dir) / "report")  # no run was made
+    monkeypatch.setattr(train_cli, "write_report", lambda run_dir: Path(run_dir) / "report")  # no run made
     monkeypatch.chdir(tmp_path)
     assert train_cli.main(["--set", "train.steps=3"]) == 0
     assert train_cli.main(["--config", "tiny_code_orthrus"]) == 0
@@ -205,7 +205,7 @@ def test_quick_is_a_short_try_in_its_own_run_dir_and_explicit_settings_win(tmp_p
 
     seen = []
     monkeypatch.setattr(train_cli, "run_training", lambda cfg, **kw: seen.append((cfg, kw)) or {})
-    monkeypatch.setattr(train_cli, "write_report", lambda run_dir: Path(run_dir) / "report")  # no run was made
+    monkeypatch.setattr(train_cli, "write_report", lambda run_dir: Path(run_dir) / "report")  # no run made
     monkeypatch.chdir(tmp_path)
     assert train_cli.main(["--quick"]) == 0
     assert train_cli.main(["--quick", "--set", "train.steps=7", "--run-dir", "runs/mine"]) == 0
