@@ -75,7 +75,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     ``scalars.csv``.
     """
     run_dir = Path(cfg.run_dir)
-    check_consistent(fingerprint(to_dict(cfg), [cfg.data.source]))  # processes of one job agree
+    if jax.process_count() > 1:  # the processes of one job run the same code, config and data
+        check_consistent(fingerprint(to_dict(cfg), [cfg.data.source]))
     cfg.check_context(read_config(resolve(cfg.target.name)).max_position_embeddings)
     resume = decide_resume(run_dir, cfg, resume, extend=extend)
     if resume and (done := finished_result(run_dir, Checkpoints(run_dir / "checkpoints", 1).latest_meta())):
