@@ -194,6 +194,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
 
     # ---- the result: export, real tau, metrics.json (process 0, on its own copy of the drafter)
     drafter, _ = nnx.merge(graphdef, host_local(state))
+    if final_eval and jax.process_count() > 1:  # process 0 decodes alone: on its own copy of the target
+        target = nnx.merge(tgraph, host_local(tstate))
     result: dict[str, Any] = {"method": cfg.method, "block_size": dcfg.block_size, "steps": total,
                               "final_eval": history[-1] if history else None,
                               "best_step": best_step, "best_tau_sim": best_tau}
