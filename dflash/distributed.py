@@ -152,9 +152,16 @@ def add_distributed_args(parser: argparse.ArgumentParser, verbose_flag: bool = T
 
 
 def initialize_from_args(args: argparse.Namespace) -> Launch:
-    """``initialize`` with the flags of :func:`add_distributed_args`."""
-    return initialize(args.coordinator, args.num_processes, args.process_id,
-                      verbose=getattr(args, "verbose", None) or None)
+    """``initialize`` with the flags of :func:`add_distributed_args`; in a multi-process job, then
+    checks that every process got the same command line (but its ``--process-id``) and code."""
+    launch = initialize(args.coordinator, args.num_processes, args.process_id,
+                        verbose=getattr(args, "verbose", None) or None)
+    if launch.multi:
+        from dflash.fingerprint import check_consistent, fingerprint
+
+        flags = {k: v for k, v in vars(args).items() if k != "process_id"}
+        check_consistent(fingerprint({"command line": flags}))
+    return launch
 
 
 def process_index() -> int:

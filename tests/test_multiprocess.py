@@ -75,8 +75,10 @@ def test_training_on_two_processes_equals_one_and_resumes_on_another_process_cou
     def params(name: str) -> dict:
         return load_file(str(tmp_path / name / "run" / "export" / "model.safetensors"))
 
-    one, two = run("one", 1, 8), run("two", 2, 4)
+    one, two = run("one", 1, 8), run("two", 2, 4, final_eval=True)
     assert one["final_eval"] == two["final_eval"]  # held-out loss, tau, accuracies: bit for bit
+    metrics = json.loads((tmp_path / "two" / "run" / "metrics.json").read_text())  # decoded on process 0
+    assert metrics["tau"] >= 1.0 and metrics["tau_ngram"] >= 1.0 and metrics["eval_prompts"] == 2
     a, b = params("one"), params("two")
     assert set(a) == set(b)
     for name in a:

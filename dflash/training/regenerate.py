@@ -18,6 +18,7 @@ from tqdm import tqdm
 from dflash.decoding import SamplingParams, generate
 from dflash.decoding.autoregressive import ContextLengthError
 from dflash.errors import ConfigError
+from dflash.fingerprint import check_consistent, fingerprint
 from dflash.models.transformer import Transformer
 from dflash.training.chat import clean_messages
 from dflash.training.regen_shards import ShardPlan
@@ -128,6 +129,8 @@ def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_pat
                 "max_examples": max_examples,
                 "target": repr(target.cfg), "dtype": str(target.dtype),
                 **{k: repr(v) for k, v in sorted(kwargs.items())}}
+    if jax.process_count() > 1:  # before the manifest: a process with other settings would wait forever
+        check_consistent(fingerprint({"regenerate": {**settings, "shard_size": shard_size}}, [source]))
     plan = ShardPlan.open(Path(out_path), len(ds), shard_size, settings)
     seed = int(kwargs.pop("seed", 0))
     with plan.progress(progress) as advance:

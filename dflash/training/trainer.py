@@ -75,7 +75,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     ``scalars.csv``.
     """
     run_dir = Path(cfg.run_dir)
-    check_consistent(fingerprint(to_dict(cfg), [cfg.data.source]))  # processes of one job agree
+    if jax.process_count() > 1:  # the processes of one job run the same code, config and data
+        check_consistent(fingerprint(to_dict(cfg), [cfg.data.source]))
     cfg.check_context(read_config(resolve(cfg.target.name)).max_position_embeddings)
     resume = decide_resume(run_dir, cfg, resume, extend=extend)
     if resume and (done := finished_result(run_dir, Checkpoints(run_dir / "checkpoints", 1).latest_meta())):
@@ -193,6 +194,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
 
     # ---- the result: export, real tau, metrics.json (process 0, on its own copy of the drafter)
     drafter, _ = nnx.merge(graphdef, host_local(state))
+    if final_eval and jax.process_count() > 1:  # process 0 decodes alone: on its own copy of the target
+        target = nnx.merge(tgraph, host_local(tstate))
     result: dict[str, Any] = {"method": cfg.method, "block_size": dcfg.block_size, "steps": total,
                               "final_eval": history[-1] if history else None,
                               "best_step": best_step, "best_tau_sim": best_tau}
