@@ -29,6 +29,7 @@ from dflash.models.transformer import (
     Transformer,
     rope_cos_sin,
 )
+from dflash.sharding import constrain
 
 GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}  # loss-decay gamma of the published recipe
 
@@ -146,6 +147,7 @@ class DFlashDrafter(nnx.Module):
         own; queries come from the block only. Blocks never see each other, so attention is
         computed blockwise: O(A*K*(S+K)) instead of a dense O(A*K*(S+A*K)).
         """
+        x_BAKD = constrain(x_BAKD, ("batch", ..., None))  # layer boundary: batch over data x fsdp
         b, a, k, d = x_BAKD.shape
         h = layer.input_layernorm(x_BAKD).reshape(b, a * k, d)
         attn = layer.self_attn

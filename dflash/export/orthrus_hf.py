@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from dflash.config import ConfigError, ModelConfig
 from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
@@ -207,8 +208,9 @@ def _check_target(directory: Path, hf: dict[str, Any], cfg: OrthrusConfig, targe
 
 
 def load_orthrus(name_or_path: str | os.PathLike, target: Transformer | None = None, *,
-                 target_cfg: ModelConfig | None = None, dtype: jnp.dtype = jnp.float32) -> OrthrusDrafter:
-    """Loads the diffusion attentions of a full or delta export.
+                 target_cfg: ModelConfig | None = None, dtype: jnp.dtype = jnp.float32,
+                 mesh: Mesh | None = None, replicate_indivisible: bool = False) -> OrthrusDrafter:
+    """Loads the diffusion attentions of a full or delta export (into their shards on ``mesh``).
 
     With ``target`` (a loaded model) the recorded architecture *and* weights fingerprints are
     checked; with only ``target_cfg``, the architecture.
@@ -222,10 +224,12 @@ def load_orthrus(name_or_path: str | os.PathLike, target: Transformer | None = N
     if target is not None or target_cfg is not None:
         _check_target(directory, hf, cfg, target.cfg if target is not None else target_cfg, target)
     shapes = nnx.eval_shape(lambda: OrthrusDrafter(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    return load_params_into(shapes, directory, DIFF_TABLE, cfg.num_layers, dtype)
+    return load_params_into(shapes, directory, DIFF_TABLE, cfg.num_layers, dtype, mesh=mesh,
+                            replicate_indivisible=replicate_indivisible)
 
 
-def load_orthrus_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> Transformer:
+def load_orthrus_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
+                        mesh: Mesh | None = None, replicate_indivisible: bool = False) -> Transformer:
     """The target an export runs on: its own tensors (full) or the referenced target (delta), checked."""
     from dflash.models import load_target
 
@@ -234,11 +238,12 @@ def load_orthrus_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = j
         raise CheckpointError(f"{str(name_or_path)!r} is not an Orthrus drafter")
     cfg, tcfg, hf = read_orthrus_config(directory)
     if hf["orthrus_config"]["form"] == "full":
-        return load_params_into(abstract(tcfg, dtype=dtype), directory, WEIGHT_TABLE, tcfg.num_layers, dtype)
+        return load_params_into(abstract(tcfg, dtype=dtype), directory, WEIGHT_TABLE, tcfg.num_layers, dtype,
+                                mesh=mesh, replicate_indivisible=replicate_indivisible)
     ref = (hf["orthrus_config"].get("target") or {}).get("name_or_path")
     if not ref:
         raise CheckpointError(f"delta Orthrus export {directory} does not name its target; load the target "
                               "yourself and pass it to load_orthrus")
-    target = load_target(ref, dtype=dtype)
+    target = load_target(ref, dtype=dtype, mesh=mesh, replicate_indivisible=replicate_indivisible)
     _check_target(directory, hf, cfg, target.cfg, target)
     return target
