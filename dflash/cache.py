@@ -16,13 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from dflash.config import ModelConfig
+from dflash.errors import CacheOverflowError
 from dflash.sharding import constrain
 
 KV_AXES = (None, "batch", None, "kv_heads", None)  # [L, B, S, K, H]: where they divide
-
-
-class CacheOverflowError(ValueError):
-    """A prompt or generation would not fit in the cache's ``max_len`` slots."""
 
 
 @jax.tree_util.register_dataclass

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dflash.config import ConfigError
+from dflash.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")

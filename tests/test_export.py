@@ -21,12 +21,13 @@ from safetensors.numpy import load_file, save_file
 from dflash.cli.export import main as export_main
 from dflash.config import PRESETS
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter, build_drafter
+from dflash.errors import TrainingError
 from dflash.export import load_drafter, save_drafter
 from dflash.export.dflash_hf import DRAFTER_TABLE, SHIPPED_DRAFTERS, config_from_hf
 from dflash.models import CheckpointError, load_target
 from dflash.models.loading import weight_pairs
 from dflash.models.tokenizer import load_tokenizer
-from dflash.training.trainer import TrainingError, run_training
+from dflash.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 

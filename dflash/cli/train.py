@@ -7,9 +7,10 @@ import sys
 
 from dflash.config import ConfigError
 from dflash.configio import load_yaml
+from dflash.errors import TrainingError
 from dflash.models import CheckpointError
 from dflash.training.config import ExperimentConfig
-from dflash.training.trainer import TrainingError, run_training
+from dflash.training.trainer import run_training
 
 
 def main(argv: list[str] | None = None) -> int:

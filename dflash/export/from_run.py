@@ -19,10 +19,14 @@ from flax import nnx
 
 from dflash.configio import load_yaml
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter
+from dflash.errors import CheckpointError, TrainingError
 from dflash.export.dflash_hf import config_from_hf, resolve_drafter, save_drafter
-from dflash.models.loading import ASSETS, SHIPPED, CheckpointError, read_config, resolve
+from dflash.models.loading import ASSETS, SHIPPED, read_config, resolve
 from dflash.models.tokenizer import load_tokenizer
 from dflash.models.transformer import abstract
+from dflash.training.checkpoints import Checkpoints
+from dflash.training.config import ExperimentConfig
+from dflash.training.setup import build_drafter_config
 
 EXPORT_DTYPES = {"fp32": np.float32, "float32": np.float32, "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -56,8 +60,6 @@ def find_checkpoint(run_dir: Path | None, checkpoint: Path | None, step: str = "
 
 
 def _checkpoints(run_dir: Path) -> Any:
-    from dflash.training.trainer import Checkpoints
-
     return Checkpoints(run_dir / "checkpoints", keep_last=1)  # read only: nothing is saved or deleted
 
 
@@ -72,8 +74,6 @@ def _strip_values(tree: Any) -> Any:
 
 
 def _restore_drafter_state(run_dir: Path, step: int) -> dict[str, Any]:
-    from dflash.training.trainer import TrainingError
-
     try:
         state, _ = _checkpoints(run_dir).restore(step)
     except TrainingError as err:
@@ -86,9 +86,6 @@ def _restore_drafter_state(run_dir: Path, step: int) -> dict[str, Any]:
 
 def run_drafter_config(run_dir: Path) -> tuple[Any, Any, Any]:
     """``(experiment config, drafter config, target config)`` of a run, without loading weights."""
-    from dflash.training.config import ExperimentConfig
-    from dflash.training.trainer import build_drafter_config
-
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise CheckpointError(f"{run_dir} is not a run directory: {cfg_path} is missing")

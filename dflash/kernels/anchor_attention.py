@@ -24,9 +24,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from dflash.attention import NEG_INF
 from dflash.kernels.common import (
     LANES,
-    NEG_INF,
     finalize,
     init_carry,
     is_pow2,

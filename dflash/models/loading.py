@@ -21,16 +21,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dflash.config import ModelConfig
+from dflash.errors import CheckpointError
 from dflash.models.transformer import Transformer, abstract
 from dflash.sharding import param_spec
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Short names of checkpoints that ship inside the package.
 SHIPPED = {"tiny-code": ASSETS / "tiny-code"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or does not match its config; names the culprit."""
 
 
 # (HF key template, our state path template, transpose?) — ``{i}`` is the layer index.

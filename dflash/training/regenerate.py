@@ -16,7 +16,10 @@ import jax
 from tqdm import tqdm
 
 from dflash.decoding import SamplingParams, generate
+from dflash.errors import ConfigError
 from dflash.models.transformer import Transformer
+from dflash.training.chat import clean_messages
+from dflash.training.sources import DataConfig, load_dataset
 
 
 def stop_ids(tokenizer: Any, config_eos: tuple[int, ...]) -> tuple[int, ...]:
@@ -88,19 +91,15 @@ def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_pat
                        split: str = "train", messages_field: str = "messages", max_examples: int = 0,
                        **kwargs: Any) -> int:
     """Reads conversations through ``datasets``, writes a jsonl dataset with regenerated turns."""
-    import datasets
+    import datasets  # deferred: only writing the dataset needs it, and it is slow to import
 
-    from dflash.training.data import DataConfig, _clean_messages, _load_dataset
-
-    ds = _load_dataset(DataConfig(source=source, split=split, format="conversations",
+    ds = load_dataset(DataConfig(source=source, split=split, format="conversations",
                                   messages_field=messages_field))
     if messages_field not in ds.column_names:
-        from dflash.config import ConfigError
-
         raise ConfigError(f"dataset {source!r} has no {messages_field!r} column; columns: {ds.column_names}")
     if max_examples:
         ds = ds.select(range(min(max_examples, len(ds))))
-    convs = [[{"role": m["role"], "content": m["content"]} for m in _clean_messages(conv)]
+    convs = [[{"role": m["role"], "content": m["content"]} for m in clean_messages(conv)]
              for conv in ds[messages_field]]  # also ShareGPT's from/value turns, as training reads them
     new = regenerate_conversations(target, tokenizer, convs, **kwargs)
     out_path = Path(out_path)
