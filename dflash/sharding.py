@@ -261,6 +261,11 @@ def describe_sharding(model: nnx.Module, mesh: Mesh, *, replicate_indivisible: b
 
 
 # ----------------------------------------------------------------------------- batches, activations
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch is split (``data × fsdp``)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension over ``data × fsdp``, the rest replicated."""
     return NamedSharding(mesh, P(_entry(_mesh_axes("batch", mesh))))

@@ -59,12 +59,13 @@ class Checkpoints:
         return (restored["state"] if state else None), restored["meta"]
 
 
-# Keys a resumed run may change: they steer logging, checkpoint cadence, the device count (same
-# loss on 1 or N devices) and the final report, never the parameters. Any other change would
-# break "resume continues exactly" and is refused.
+# Keys a resumed run may change: they steer logging, checkpoint cadence, the mesh (same loss on
+# any mesh, within float rounding; checkpoints restore onto any mesh) and the final report, never
+# the parameters. Any other change would break "resume continues exactly" and is refused.
 RESUME_FREE_KEYS = frozenset({
     "run_dir", "train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
-    "train.num_devices", "eval.num_prompts", "eval.max_new_tokens", "eval.prompt_tokens"})
+    "train.num_devices", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.replicate_indivisible",
+    "eval.num_prompts", "eval.max_new_tokens", "eval.prompt_tokens"})
 
 
 def has_checkpoints(run_dir: Path) -> bool:
