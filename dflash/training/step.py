@@ -26,7 +26,7 @@ from dflash import cache as kvc
 from dflash.drafters.dflash import DFlashDrafter
 from dflash.drafters.orthrus import OrthrusDrafter
 from dflash.models.transformer import Transformer
-from dflash.sharding import batch_sharding
+from dflash.sharding import batch_sharding, tree_shardings
 from dflash.training import objective as obj
 
 
@@ -173,6 +173,8 @@ def make_step_fns(graphdef: Any, tgraph: Any, step_kw: dict[str, Any], compute: 
             return drafter_forward(d, t, batch, key, **step_kw, target_metrics=False)
 
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(drafter)
+        if mesh is not None:  # gradients in their params' shards: FSDP reduces them with a reduce-scatter
+            grads = jax.lax.with_sharding_constraint(grads, tree_shardings(grads, mesh))
         metrics["grad_norm"] = optax.tree.norm(grads)
         optimizer.update(drafter, grads)
         return nnx.state((drafter, optimizer)), metrics
