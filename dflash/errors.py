@@ -25,5 +25,9 @@ class CacheOverflowError(DflashError, ValueError):
     """A prompt or generation would not fit in the cache's ``max_len`` slots."""
 
 
+class ContextLengthError(DflashError, ValueError):
+    """A request reaches positions past the target's trained context (``max_position_embeddings``)."""
+
+
 class TrainingError(DflashError, RuntimeError):
     """The run cannot proceed (e.g. an unreadable checkpoint); nothing was overwritten."""

@@ -74,8 +74,10 @@ def test_bench_writes_all_methods_from_jsonl_prompts(tmp_path, drafter_dir, caps
             {"prompt": "class Point:\n    def __init__(self, x, y):\n"}]
     prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     methods, tokens = run_bench(tmp_path, "--drafter", str(drafter_dir), "--prompts", str(prompts),
-                                "--max-new-tokens", "24", "--batch-size", "2")
+                                "--max-new-tokens", "24", "--batch-size", "2", "--plots", str(tmp_path / "f"))
     table = capsys.readouterr().out
+    figures = {"acceptance_histogram", "acceptance_by_position", "tau_per_prompt", "speedup_vs_block"}
+    assert {p.name for p in (tmp_path / "f").iterdir()} == {f"{n}.png" for n in figures}  # --plots
     assert "speedup" in table and "ngram" in table
     assert set(methods) == {"ar", "ngram", "drafter"}
     for name, r in methods.items():

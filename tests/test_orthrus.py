@@ -92,7 +92,7 @@ def test_warm_start_holds_only_diff_params_copied_into_new_buffers(target):
 
 
 def _dense_reference(drafter, target, k_ar_LPKH, v_ar_LPKH, anchor, p: int, k: int):
-    """One block by the letter of DESIGN §6, with the plain ``attend`` over [AR prefix ; block]."""
+    """One block by the letter of docs/design.md §6, with the plain ``attend`` over [AR prefix ; block]."""
     block = jnp.asarray([[anchor] + [MASK] * (k - 1)])
     cos, sin = rope_cos_sin(CFG, p + jnp.arange(k)[None])
     x = target.embed(block)

@@ -23,6 +23,7 @@ from dflash.export import load_drafter
 from dflash.models import build
 from dflash.training.config import ExperimentConfig
 from dflash.training.optim import make_optimizer
+from dflash.training.scalars import histogram_counts, read_scalars
 from dflash.training.step import make_step_fns
 from dflash.training.trainer import run_training
 
@@ -44,6 +45,13 @@ def test_kill_and_resume_equals_uninterrupted(run_config, tiny_target, tmp_path)
     assert set(a) == set(b)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # scalars.csv: the killed run's rows are not repeated by the resumed one (timings aside, equal).
+    rows_a, rows_b = (read_scalars(tmp_path / r) for r in "ab")
+    assert rows_a.keys() == rows_b.keys() and "eval/acceptance/len_1" in rows_a
+    for tag, (steps, values) in rows_a.items():
+        assert rows_b[tag][0].tolist() == steps.tolist(), tag
+        if tag != "train/tokens_per_s":
+            np.testing.assert_allclose(rows_b[tag][1], values, rtol=1e-6, err_msg=tag)
     # Kept: the last 2 checkpoints (the best by eval tau is one of them or also kept).
     steps = sorted(int(p.name) for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-2:] == [2, 4] and len(steps) <= 3
@@ -68,7 +76,10 @@ def test_outputs_logs_metrics_and_export(run_config, tiny_target, tmp_path):
         tags |= {v.tag for v in event.summary.value}
         pos += 12 + length + 4
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/tau_sim",
-            "train_accuracy/pos_1", "eval/tau_real", "eval/tau_with_ngram"} <= tags
+            "train_accuracy/pos_1", "eval/tau_real", "eval/tau_with_ngram", "eval/acceptance",
+            "decode/acceptance"} <= tags  # the last two: histograms of acceptance lengths
+    decoded = histogram_counts(read_scalars(run), "decode/acceptance")
+    assert decoded.tolist() == metrics["acceptance_histogram"] and decoded.sum() > 0
     drafter = load_drafter(run / "export")
     assert drafter.cfg.block_size == 4
     assert (run / "config.yaml").exists()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import jax.numpy as jnp
 
 from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
 from dflash.cache import CacheOverflowError
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.decoding import SamplingParams
 from dflash.decoding.drafters import resolve_method
@@ -18,13 +18,14 @@ from dflash.drafters.dflash import DFlashDrafter
 from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
 from dflash.models import CheckpointError, load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
+from dflash.viz.figures import bench_figures
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-bench", description=__doc__)
+    p = make_parser("dflash-bench", __doc__)
     p.add_argument("--target", default="tiny-code")
     p.add_argument("--drafter", default="tiny-code-dflash",
-                   help="exported drafter dir / hub id / shipped name")
+                   help="exported drafter dir / dflash-train run dir (its export/) / hub id / shipped name")
     p.add_argument("--also", action="append", default=[], metavar="DRAFTER",
                    help="another drafter to run side by side on the same prompts (repeatable; "
                         "method name 'also:DRAFTER' in the table and JSON)")
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: Pallas kernels on TPU/GPU, jnp reference on CPU (see docs/kernels.md)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--json", default=None, help="write the full result here")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write the figures as PNGs here: acceptance histogram, by draft position, tau per "
+                        "prompt, speedup (docs/viz.md)")
     p.add_argument("--anchor-profile", default=None, metavar="JSON",
                    help="also write the greedy acceptance of the DFlash drafter and of prompt lookup at "
                         "every anchor of the target's own continuations, and the steps each takes "
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
               "committed tokens; ceiling: tau * t_ar / t_step; achieved: speedup / ceiling")
     if args.json:
         write_json(result, args.json)
+    if args.plots:
+        print("figures:", ", ".join(str(p) for p in bench_figures(result, args.plots)))
     if profile is not None:
         write_json(profile, args.anchor_profile)
         sm = profile["summary"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from dflash.cache import CacheOverflowError
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.decoding import SamplingParams, generate
 from dflash.decoding.drafters import resolve_method
@@ -20,18 +22,23 @@ from dflash.decoding.verify import RULES
 from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
 from dflash.models import CheckpointError, load_target
 from dflash.models.tokenizer import eos_ids, load_tokenizer
+from dflash.viz.tokens import show_steps, split_steps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dflash-generate", description=__doc__)
+    p = make_parser("dflash-generate", __doc__)
     p.add_argument("--target", default="tiny-code", help="HF directory, shipped name or hub id")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", type=Path, help="file whose whole content is the prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-len", type=int, default=None, help="KV cache slots (default: fit the request)")
+    p.add_argument("--allow-longer-than-context", action="store_true",
+                   help="run a prompt + new tokens longer than the target's context "
+                        "(max_position_embeddings; positions past it were never trained: expect wrong "
+                        "output) instead of refusing it")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -41,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--drafter", default=None,
-                   help="speculative decoding: an exported DFlash drafter (dir, hub id or shipped name such "
-                        "as tiny-code-dflash) or 'ngram' (prompt lookup); default: plain AR decoding")
+                   help="speculative decoding: an exported drafter (dir, a dflash-train run dir for its "
+                        "export/, hub id or shipped name such as tiny-code-dflash) or 'ngram' (prompt "
+                        "lookup); default: plain AR decoding")
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
     p.add_argument("--verify", choices=RULES, default=None,
                    help="verification rule (default: greedy at temperature 0, else token)")
@@ -53,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(tree width 1 unless --tree-width)")
     p.add_argument("--stochastic-drafts", action="store_true",
                    help="when sampling, draw DFlash drafts from the drafter's distribution")
+    p.add_argument("--show-steps", action="store_true",
+                   help="colour what each verify step emitted: accepted drafts green, the target's own token "
+                        "bold yellow (with --json: a 'steps' list of {drafts, bonus})")
     return p
 
 
@@ -62,21 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.drafter is None:  # speculative-only options would be silently dropped
         options = (("--block-size", args.block_size), ("--verify", args.verify),
                    ("--tree-width", args.tree_width), ("--ngram-branch", args.ngram_branch),
-                   ("--stochastic-drafts", args.stochastic_drafts))
+                   ("--stochastic-drafts", args.stochastic_drafts), ("--show-steps", args.show_steps))
         given = [flag for flag, value in options if value]
         if given:
-            parser.error(f"{', '.join(given)} only apply to speculative decoding: add --drafter")
+            verb = "applies" if len(given) == 1 else "apply"
+            parser.error(f"{', '.join(given)} {verb} only to speculative decoding: add --drafter")
     try:
         prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
         tokenizer = load_tokenizer(args.target)
         model = set_attention_impl(load_target(args.target, dtype=DTYPES[args.dtype]), args.attention_impl)
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # length: checked below
         if not ids:
             raise ValueError("the prompt encodes to zero tokens")
         common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
                       eos_ids=eos_ids(tokenizer, model.cfg.eos_token_id), max_len=args.max_len,
-                      pad_id=tokenizer.pad_token_id or 0)
+                      pad_id=tokenizer.pad_token_id or 0,
+                      allow_longer_than_context=args.allow_longer_than_context)
         if args.drafter is None:
             result = generate(model, [ids], **common)
         else:
@@ -101,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.drafter is not None:
             out.update(tau=result.tau, acceptance_lengths=result.acceptance_lengths[0],
                        target_forwards=result.target_forwards[0], block_size=result.block_size)
+        if args.show_steps:
+            out["steps"] = [dataclasses.asdict(s) for s in split_steps(tokens, result.acceptance_lengths[0])]
         print(json.dumps(out))
+    elif args.show_steps:
+        print(show_steps(tokenizer, prompt, tokens, result.acceptance_lengths[0]))
     else:
         print(prompt + text)
     return 0

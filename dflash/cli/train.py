@@ -2,20 +2,50 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+import traceback
+from pathlib import Path
 
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.configio import load_yaml
 from dflash.errors import TrainingError
 from dflash.models import CheckpointError
+from dflash.models.loading import ASSETS
 from dflash.training.config import ExperimentConfig
 from dflash.training.trainer import run_training
+from dflash.viz.report import write_report
+
+SHIPPED_CONFIGS = {p.stem: p for p in sorted((ASSETS / "configs").glob("*.yaml"))}
+
+
+def config_file(name: str | None) -> Path:
+    """``--config``: an existing file, else a shipped config's name; None: the shipped tiny_code.
+
+    The default lives in the package, so ``dflash-train`` works from any directory.
+    """
+    if name is None:
+        return SHIPPED_CONFIGS["tiny_code"]
+    if not Path(name).exists() and name in SHIPPED_CONFIGS:
+        return SHIPPED_CONFIGS[name]
+    if not Path(name).exists():
+        raise ConfigError(f"config file {name} does not exist (from {Path.cwd()}); shipped configs, "
+                          f"usable by name from any directory: {', '.join(SHIPPED_CONFIGS)}")
+    return Path(name)
+
+
+# --quick: a try of the whole pipeline in a few minutes on a laptop (a short schedule, fewer and
+# shorter real-tau prompts; regeneration follows the step count). Explicit --set values win.
+QUICK = ("train.steps=20", "train.log_every=5", "train.eval_every=10", "train.save_every=10",
+         "eval.num_prompts=2", "eval.max_new_tokens=32")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-train", description=__doc__)
-    p.add_argument("--config", default="configs/tiny_code.yaml", help="YAML experiment config")
+    p = make_parser("dflash-train", __doc__)
+    p.add_argument("--config", default=None,
+                   help="YAML experiment config: a file, or a config shipped in the package by name "
+                        f"({', '.join(SHIPPED_CONFIGS)}); default: the shipped tiny_code, the README's main "
+                        "job (configs/ in the repository holds the same files to copy and edit)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--run-dir", default=None, help="shorthand for --set run_dir=DIR")
@@ -26,17 +56,33 @@ def main(argv: list[str] | None = None) -> int:
     resume.add_argument("--resume", dest="resume", action="store_true", default=None,
                         help="continue from the last checkpoint (default when the run dir has one)")
     resume.add_argument("--no-resume", dest="resume", action="store_false")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: one plain line per train.log_every steps instead")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a short try: {' '.join(QUICK)}, in RUN_DIR-quick (--set / --run-dir still win)")
+    p.add_argument("--extend", action="store_true",
+                   help="continue a run with a larger train.steps (or epochs), optimizer state included; "
+                        "the remaining steps follow the LR schedule of a run planned for the new total")
+    p.add_argument("--verbose", action="store_true", help="on an error, also print its full detail")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     overrides += [f"drafter.init_from={args.init_from}"] if args.init_from else []
     try:
-        cfg = load_yaml(ExperimentConfig, args.config, overrides)
-        result = run_training(cfg, resume=args.resume, progress=not args.no_progress)
+        path = config_file(args.config)
+        if args.quick:
+            run_dir = load_yaml(ExperimentConfig, path).run_dir.rstrip("/") + "-quick"
+            overrides = [*QUICK, f"run_dir={run_dir}", *overrides]
+        cfg = load_yaml(ExperimentConfig, path, overrides)
+        result = run_training(cfg, resume=args.resume, progress=not args.no_progress, extend=args.extend)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as err:
+        if args.verbose:
+            traceback.print_exception(err)
         print(f"dflash-train: error: {err}", file=sys.stderr)
         return 2
     final = result.get("final_eval") or {}
+    if result.get("already_complete"):
+        print(f"{cfg.run_dir} is already complete ({result.get('steps')} of {result.get('steps')} steps); "
+              "nothing was run. Its results (metrics.json):")
     print(f"run dir: {cfg.run_dir}  (checkpoints, tb/, export/, metrics.json)")
     print(f"simulated tau on held-out rows: {final.get('tau_sim', float('nan')):.2f} per anchor, "
           f"{final.get('tau_sim_steps', float('nan')):.2f} per verify step")
@@ -47,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
               f"prompt-lookup (n-gram) {result['tau_ngram']:.2f}"
               + (f" | both in one tree (--ngram-branch) {result['tau_with_ngram']:.2f}"
                  if "tau_with_ngram" in result else ""))
+    print(f"report: {write_report(cfg.run_dir)}  (curves, tau vs lookup, acceptance; dflash-report RUN_DIR)")
+    if result.get("already_complete"):
+        print(f"To train longer: --set train.steps=N --extend (N > {result.get('steps')}); to start over: "
+              "a new --run-dir")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Verify attention: ``T`` new queries against a KV cache that already holds their block.
 
-Semantics (DESIGN.md §4): the block's K/V were written at slots ``[len, len+T)``; query
+Semantics (docs/design.md §3): the block's K/V were written at slots ``[len, len+T)``; query
 ``t`` of row ``b`` sees every slot ``< len_b`` (the committed prefix) plus the block slots
 ``len_b + u`` with ``block_mask[b, t, u]`` (causal for AR chains, bidirectional for
 diffusion blocks, ancestor masks for trees). ``reference_verify_attention`` *is* the model's

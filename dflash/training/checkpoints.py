@@ -7,6 +7,7 @@ imports nothing of the training loop.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,62 @@ class Checkpoints:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:  # orbax raises many types for truncated / foreign files
-            raise TrainingError(
-                f"checkpoint step {step} in {self.directory} could not be restored "
-                f"({type(err).__name__}: {err}); it was left untouched — move it away to use "
-                "an earlier step, or start a new run directory") from err
+            raise self.unreadable(step, err) from err
         return (restored["state"] if state else None), restored["meta"]
+
+    def latest_meta(self) -> dict[str, Any]:
+        """The metadata of the latest checkpoint ({} when there is none); no arrays are read."""
+        steps = self.steps()
+        return self.restore(steps[-1], state=False)[1] if steps else {}
+
+    def restore_subtree(self, step: int, item: dict[str, Any]) -> dict[str, Any]:
+        """Only the part of the saved state that ``item`` (a raw tree of ``ShapeDtypeStruct``)
+        names, e.g. the drafter's parameters without the optimizer moments an export never needs."""
+        fresh = Checkpoints(self.directory, self.keep_last)  # a manager is bound to one restore kind
+        try:
+            return fresh.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=item, partial_restore=True)))["state"]
+        except Exception as err:  # as in ``restore``
+            raise self.unreadable(step, err) from err
+
+    def unreadable(self, step: int, err: BaseException) -> TrainingError:
+        """A few lines a user can act on: checkpoint, step, damaged file, the previous good step.
+
+        Orbax's own message holds the whole TensorStore spec (hundreds of lines); it stays in the
+        exception chain (``--verbose``), and only its root cause is quoted here.
+        """
+        cause = _root_cause(err)
+        where = re.search(r'"([^"]+)" in OCDBT database at local file "([^"]+)"', cause)
+        file = f"{where.group(2)} (array {where.group(1)})" if where else str(self.directory / str(step))
+        good = self.previous_good_step(step)
+        run = self.directory.parent
+        advice = (f"the previous good step is {good}: export it with `dflash-export --run {run} --step "
+                  f"{good} --out DIR`, or move {self.directory / str(step)} out of the run to resume from it"
+                  if good is not None else "no earlier checkpoint is readable: start a new run directory")
+        return TrainingError(f"checkpoint step {step} in {self.directory} could not be restored: {cause}\n"
+                             f"  damaged or missing file: {file}\n  {advice}; nothing was changed "
+                             "(the full error: --verbose)")
+
+    def previous_good_step(self, step: int) -> int | None:
+        """The latest kept step before ``step`` whose state restores, if any."""
+        for earlier in reversed([s for s in self.steps() if s < step]):
+            try:
+                Checkpoints(self.directory, self.keep_last).manager.restore(
+                    earlier, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+                return earlier
+            except Exception:  # unreadable too: look further back
+                continue
+        return None
+
+
+def _root_cause(err: BaseException, limit: int = 400) -> str:
+    """The innermost message of an exception chain, on one line, at most ``limit`` characters."""
+    chain = [err]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    text = next((str(e) for e in reversed(chain) if str(e).strip()), type(err).__name__)
+    line = " ".join(text.split("[tensorstore_spec=")[0].split())
+    return line if len(line) <= limit else line[:limit] + " ..."
 
 
 # Keys a resumed run may change: they steer logging, checkpoint cadence, the mesh (same loss on
@@ -73,7 +125,7 @@ def has_checkpoints(run_dir: Path) -> bool:
     return ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
 
 
-def decide_resume(run_dir: Path, cfg: ExperimentConfig, resume: bool | None) -> bool:
+def decide_resume(run_dir: Path, cfg: ExperimentConfig, resume: bool | None, *, extend: bool = False) -> bool:
     """Whether the run resumes: ``resume=None`` does when ``run_dir`` holds checkpoints.
 
     Refuses to resume without checkpoints, to start over existing ones, and to resume with a
@@ -87,13 +139,20 @@ def decide_resume(run_dir: Path, cfg: ExperimentConfig, resume: bool | None) -> 
     if not resume and has_ckpt:
         raise TrainingError(f"{run_dir} already holds checkpoints; resume it or choose a new run_dir "
                             "(refusing to overwrite them)")
+    if extend and not resume:
+        raise TrainingError(f"--extend continues a run, and {run_dir} holds no checkpoint to continue")
     if resume:
-        check_resume_config(run_dir, cfg)
+        check_resume_config(run_dir, cfg, extend=extend)
     return resume
 
 
-def check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
-    """A resumed run must use the config it was started with (up to ``RESUME_FREE_KEYS``)."""
+# Keys ``--extend`` may change as well: the length of the run.
+EXTEND_KEYS = frozenset({"train.steps", "train.epochs"})
+
+
+def check_resume_config(run_dir: Path, cfg: ExperimentConfig, *, extend: bool = False) -> None:
+    """A resumed run must use the config it was started with (up to ``RESUME_FREE_KEYS``, and
+    ``EXTEND_KEYS`` when extending)."""
     path = run_dir / "config.yaml"
     if not path.exists():
         raise TrainingError(f"cannot resume {run_dir}: its config.yaml is missing")
@@ -102,8 +161,11 @@ def check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     except Exception as err:
         raise TrainingError(f"cannot resume {run_dir}: its config.yaml is unreadable ({err})") from err
     new = flatten(to_dict(cfg))
+    free = RESUME_FREE_KEYS | (EXTEND_KEYS if extend else frozenset())
     diffs = [f"{key}: {saved.get(key)!r} -> {new.get(key)!r}" for key in sorted(saved.keys() | new.keys())
-             if key not in RESUME_FREE_KEYS and saved.get(key) != new.get(key)]
+             if key not in free and saved.get(key) != new.get(key)]
     if diffs:
+        longer = ("; to train longer on the same run, raise train.steps and pass --extend"
+                  if not extend and {d.split(":")[0] for d in diffs} <= EXTEND_KEYS else "")
         raise TrainingError(f"cannot resume {run_dir} with a different config ({'; '.join(diffs)}); "
-                            "resume with the settings it was started with, or start a new run_dir")
+                            f"resume with the settings it was started with, or start a new run_dir{longer}")

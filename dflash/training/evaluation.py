@@ -70,6 +70,7 @@ def measure_tau(target: Transformer, drafter: DFlashDrafter | OrthrusDrafter, pr
     nres = speculative_generate(target, prompts, method=ngram, **common)
     differ = ["drafter vs n-gram"] if dres.tokens != nres.tokens else []
     out = {"tau": dres.tau, "tau_ngram": nres.tau, "acceptance_histogram": dres.histogram(),
+           "acceptance_histogram_ngram": nres.histogram(),
            "eval_prompts": len(prompts), "eval_new_tokens": dres.num_generated}
     if isinstance(drafter, DFlashDrafter):
         hres = speculative_generate(target, prompts, method=DFlashTreeDraft.of(drafter, 1, lookup=True),

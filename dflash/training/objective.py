@@ -194,6 +194,15 @@ def step_weighted_tau(pred_BAk: jax.Array, ref_BAk: jax.Array, mask_BAk: jax.Arr
     return counted.sum() / jnp.maximum((counted / tau_BA).sum(), 1e-9)
 
 
+def acceptance_counts(pred_BAk: jax.Array, ref_BAk: jax.Array, mask_BAk: jax.Array) -> jax.Array:
+    """``[K]`` counts of counted blocks whose simulated acceptance length is 1 .. K: the
+    histogram whose mean is ``block_accuracy``'s tau (TensorBoard's acceptance histogram)."""
+    correct = (pred_BAk == ref_BAk) & mask_BAk
+    tau_BA = 1 + jnp.cumprod(correct.astype(jnp.int32), axis=-1).sum(-1)  # [B, A]
+    counted = mask_BAk[..., 0].astype(jnp.int32)
+    return jnp.zeros(mask_BAk.shape[-1] + 1, jnp.int32).at[(tau_BA - 1).reshape(-1)].add(counted.reshape(-1))
+
+
 def score_blocks(logits_BAkV: jax.Array, labels_BAk: jax.Array, label_mask_BAk: jax.Array,
                  label_idx_BAk: jax.Array, target_logits_BSV: jax.Array | None, *, gamma: float,
                  ce_weight: float, kl_weight: float, target_labels: bool = False) -> tuple[jax.Array, dict]:
@@ -227,6 +236,7 @@ def score_blocks(logits_BAkV: jax.Array, labels_BAk: jax.Array, label_mask_BAk: 
     _, tau_target = block_accuracy(pred, t_argmax, label_mask_BAk)
     metrics.update(loss=loss, accuracy=per_pos, tau_sim=tau_target, tau_sim_labels=tau_labels,
                    tau_sim_steps=step_weighted_tau(pred, t_argmax, label_mask_BAk),
+                   acceptance_counts=acceptance_counts(pred, t_argmax, label_mask_BAk),
                    # the denominators of those means: chunked evaluation combines them exactly
                    blocks_counted=label_mask_BAk[..., 0].sum(), position_count=label_mask_BAk.sum((0, 1)))
     return loss, metrics
@@ -251,4 +261,5 @@ def combine_chunk_metrics(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     steps = float(n[has].sum() / (n[has] / values("tau_sim_steps")[has]).sum()) if has.any() else 0.0
     return {"loss": mean("loss", w, 0.0), "tau_sim": mean("tau_sim", n, 1.0), "tau_sim_steps": steps,
             "tau_sim_labels": mean("tau_sim_labels", n, 1.0),
-            "accuracy": ((values("accuracy") * pos).sum(0) / np.maximum(pos.sum(0), 1)).tolist()}
+            "accuracy": ((values("accuracy") * pos).sum(0) / np.maximum(pos.sum(0), 1)).tolist(),
+            "acceptance_counts": values("acceptance_counts").sum(0).astype(int).tolist()}
