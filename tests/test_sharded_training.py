@@ -5,7 +5,10 @@ Bodies run in a subprocess with 8 simulated CPU devices (``tests/devices.py``).
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -132,3 +135,13 @@ def test_checkpoints_move_between_meshes_and_resume_exactly_on_one():
             for name, value in _exported(tmp / moved).items():
                 np.testing.assert_allclose(value, straight[name], rtol=2e-4, atol=1e-4,
                                            err_msg=f"{moved} {name}")
+        # The exporter reads the (2, 2, 2) checkpoint in a process with one device.
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        proc = subprocess.run([sys.executable, "-m", "dflash.cli.export", "--run", str(tmp / "straight"),
+                               "--step", "4", "--out", str(tmp / "exported")], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        from safetensors.numpy import load_file
+
+        for name, value in load_file(str(tmp / "exported" / "model.safetensors")).items():
+            np.testing.assert_array_equal(value, straight[name], err_msg=name)

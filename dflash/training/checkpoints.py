@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 import yaml
 
@@ -44,13 +45,14 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_state: Any = None, *,
                 state: bool = True) -> tuple[Any, dict[str, Any]]:
-        """``(state, meta)`` of ``step``. Without ``abstract_state`` the state comes back as Orbax's
-        raw tree (dicts of arrays: for readers such as the exporter); ``state=False`` reads the
-        metadata only."""
+        """``(state, meta)`` of ``step``, onto the shardings of ``abstract_state`` (any mesh). Without
+        it the state comes back as Orbax's raw tree on this process's first device (dicts of
+        arrays: for readers such as the exporter); ``state=False`` reads the metadata only."""
         args = {"meta": ocp.args.JsonRestore()}
-        if state:
-            args["state"] = ocp.args.StandardRestore(abstract_state)
         try:
+            if state:
+                args["state"] = ocp.args.StandardRestore(abstract_state if abstract_state is not None
+                                                         else self.local_target(step))
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:  # orbax raises many types for truncated / foreign files
             raise self.unreadable(step, err) from err
@@ -65,11 +67,21 @@ class Checkpoints:
         """Only the part of the saved state that ``item`` (a raw tree of ``ShapeDtypeStruct``)
         names, e.g. the drafter's parameters without the optimizer moments an export never needs."""
         fresh = Checkpoints(self.directory, self.keep_last)  # a manager is bound to one restore kind
+        item = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
+                            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_first_device()), item)
         try:
             return fresh.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=item, partial_restore=True)))["state"]
+                state=ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                             restore_args=ocp.checkpoint_utils.construct_restore_args(item))))["state"]
         except Exception as err:  # as in ``restore``
             raise self.unreadable(step, err) from err
+
+    def local_target(self, step: int) -> Any:
+        """The saved state's shapes and dtypes on this process's first device: a raw restore that
+        works whatever mesh (however many devices) wrote the checkpoint."""
+        saved = ocp.StandardCheckpointer().metadata(self.directory.resolve() / str(step) / "state")
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_first_device()),
+                            saved.item_metadata.tree)
 
     def unreadable(self, step: int, err: BaseException) -> TrainingError:
         """A few lines a user can act on: checkpoint, step, damaged file, the previous good step.
@@ -93,12 +105,17 @@ class Checkpoints:
         """The latest kept step before ``step`` whose state restores, if any."""
         for earlier in reversed([s for s in self.steps() if s < step]):
             try:
+                target = self.local_target(earlier)
                 Checkpoints(self.directory, self.keep_last).manager.restore(
-                    earlier, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+                    earlier, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
                 return earlier
             except Exception:  # unreadable too: look further back
                 continue
         return None
+
+
+def _first_device() -> jax.sharding.SingleDeviceSharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _root_cause(err: BaseException, limit: int = 400) -> str:
