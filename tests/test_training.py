@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from dflash.config import ConfigError, ModelConfig
 from dflash.configio import load_yaml
 from dflash.drafters.dflash import DFlashConfig, build_drafter
-from dflash.errors import TrainingError
+from dflash.errors import CheckpointError, TrainingError
 from dflash.export import load_drafter
 from dflash.models import build
 from dflash.training.config import ExperimentConfig
@@ -93,7 +93,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_overwritten(run_conf
     for p in victims:
         p.write_bytes(b"\x00garbage")
     snapshot = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
-    with pytest.raises(TrainingError, match="could not be restored"):
+    with pytest.raises(CheckpointError, match="could not be restored"):
         run_training(cfg, progress=False)
     assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == snapshot
 
@@ -386,3 +386,21 @@ def test_regenerated_documents_are_the_targets_greedy_continuations(run_config, 
     assert max(len(d) for d in first) > 26
     prepare_data(cfg, tok, target, tmp_path / "run", progress=False)
     assert all(np.array_equal(a.ids, b.ids) for a, b in zip(first, load_documents_npz(stored), strict=True))
+
+
+def test_logged_metrics_are_means_over_the_accumulated_micro_batches():
+    """Under grad_accum the logged loss, tau, grad norm and accuracy are the step's means, not the
+    last micro-batch's (the loop logs ``mean_metrics`` of all of them)."""
+    from dflash.training.step import mean_metrics
+    from dflash.training.trainer import LOGGED_METRICS
+
+    micro = [{"loss": jnp.float32(1.0), "ce": jnp.float32(2.0), "tau_sim": jnp.float32(1.5),
+              "grad_norm": jnp.float32(4.0), "accuracy": jnp.asarray([0.5, 0.25]), "tokens": jnp.int32(7)},
+             {"loss": jnp.float32(3.0), "ce": jnp.float32(0.0), "tau_sim": jnp.float32(2.5),
+              "grad_norm": jnp.float32(2.0), "accuracy": jnp.asarray([1.0, 0.75]), "tokens": jnp.int32(9)}]
+    got = mean_metrics(micro, LOGGED_METRICS)
+    assert set(got) == {"loss", "ce", "tau_sim", "grad_norm", "accuracy"}
+    assert (float(got["loss"]), float(got["ce"]), float(got["tau_sim"]), float(got["grad_norm"])) == (
+        2.0, 1.0, 2.0, 3.0)
+    np.testing.assert_array_equal(np.asarray(got["accuracy"]), [0.75, 0.5])
+    assert float(mean_metrics(micro[:1], ("loss",))["loss"]) == 1.0  # grad_accum = 1: the step itself

@@ -4,6 +4,7 @@ the same token ids; the scalars log is resume-safe."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,7 @@ def test_bench_figures_read_bench_results(tmp_path):
     assert all(Image.open(p).size == (800, 450) for p in paths)
     fig = F.tau_comparison({"drafter": 1.4, "lookup": 3.6})
     np.testing.assert_allclose(bar_heights(fig.axes[0])[0], [1.4, 3.6])
+    assert png_size(fig, tmp_path) == (800, 450)
 
 
 def test_scalars_log_is_resume_safe_and_feeds_the_training_curves(tmp_path):
@@ -130,7 +132,8 @@ def test_scalars_log_is_resume_safe_and_feeds_the_training_curves(tmp_path):
     tau_lines = {ln.get_label(): ln for ln in tau_ax.get_lines()}
     assert tau_lines["eval, per verify step"].get_ydata().tolist() == [1.2]
     assert tau_lines["real τ (prompt lookup)"].get_xdata().tolist() == [30]
-    np.testing.assert_allclose(acc_ax.get_images()[0].get_array(), [[0.5], [0.25]])
+    np.testing.assert_allclose(np.asarray(acc_ax.collections[0].get_array()).reshape(2, 1), [[0.5], [0.25]])
+    assert F._edges(np.array([4, 6, 10])).tolist() == [3, 5, 8, 12]
     assert png_size(fig, tmp_path) == (1200, 400)
     fresh = ScalarLog(tmp_path, tensorboard=False)  # a new run starts the file over
     fresh.close()
@@ -183,3 +186,14 @@ def test_generate_show_steps_round_trips_to_the_same_token_ids(capsys):
     assert main([*args, "--json", "--show-steps"]) == 0
     as_json = json.loads(capsys.readouterr().out)["steps"]
     assert [T.Step(tuple(s["drafts"]), s["bonus"]) for s in as_json] == steps
+
+
+def test_speedup_command_reads_committed_bench_results(tmp_path):
+    from dflash.viz.__main__ import main
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results"
+    results = sorted(docs.glob("bench_ceiling_b*_stage5.json"))
+    assert len(results) == 3
+    assert main(["speedup", str(tmp_path / "s.png"), *map(str, results)]) == 0
+    assert Image.open(tmp_path / "s.png").size == (800, 450)
+    assert main(["speedup", str(tmp_path / "t.png"), str(results[0]), str(results[0])]) == 2  # same B twice

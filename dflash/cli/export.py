@@ -12,9 +12,8 @@ import traceback
 from pathlib import Path
 
 from dflash.cli.parser import make_parser
-from dflash.config import ConfigError
+from dflash.errors import DflashError
 from dflash.export.from_run import EXPORT_DTYPES, export_checkpoint
-from dflash.models import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = export_checkpoint(args.out, run_dir=args.run, checkpoint=args.checkpoint, step=args.step,
                                  dtype=args.dtype, with_target=args.with_target, form=args.form)
-    except (CheckpointError, ConfigError, FileNotFoundError) as err:
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         if args.verbose:
             traceback.print_exception(err)
         print(f"dflash-export: error: {err}", file=sys.stderr)

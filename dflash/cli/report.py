@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from dflash.cli.parser import make_parser
 from dflash.viz.errors import VizError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-report", description=__doc__)
+    p = make_parser("dflash-report", __doc__)
     p.add_argument("run_dir", type=Path, help="a dflash-train run directory")
     p.add_argument("--out", type=Path, default=None, help="where to write it (default: RUN_DIR/report)")
     args = p.parse_args(argv)

@@ -7,10 +7,9 @@ import traceback
 from pathlib import Path
 
 from dflash.cli.parser import make_parser
-from dflash.config import ConfigError
 from dflash.configio import load_yaml
-from dflash.errors import TrainingError
-from dflash.models import CheckpointError
+from dflash.distributed import add_distributed_args, initialize_from_args, is_primary
+from dflash.errors import ConfigError, DflashError
 from dflash.models.loading import ASSETS
 from dflash.training.config import ExperimentConfig
 from dflash.training.trainer import run_training
@@ -63,22 +62,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extend", action="store_true",
                    help="continue a run with a larger train.steps (or epochs), optimizer state included; "
                         "the remaining steps follow the LR schedule of a run planned for the new total")
-    p.add_argument("--verbose", action="store_true", help="on an error, also print its full detail")
+    p.add_argument("--verbose", action="store_true",
+                   help="on an error, also print its full detail; full logs on every process, not only "
+                        "process 0")
+    add_distributed_args(p, verbose_flag=False)
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     overrides += [f"drafter.init_from={args.init_from}"] if args.init_from else []
     try:
+        initialize_from_args(args)
         path = config_file(args.config)
         if args.quick:
             run_dir = load_yaml(ExperimentConfig, path).run_dir.rstrip("/") + "-quick"
             overrides = [*QUICK, f"run_dir={run_dir}", *overrides]
         cfg = load_yaml(ExperimentConfig, path, overrides)
         result = run_training(cfg, resume=args.resume, progress=not args.no_progress, extend=args.extend)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as err:
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         if args.verbose:
             traceback.print_exception(err)
         print(f"dflash-train: error: {err}", file=sys.stderr)
         return 2
+    if not is_primary():  # process 0 reports for the job
+        return 0
     final = result.get("final_eval") or {}
     if result.get("already_complete"):
         print(f"{cfg.run_dir} is already complete ({result.get('steps')} of {result.get('steps')} steps); "

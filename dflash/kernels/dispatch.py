@@ -1,9 +1,10 @@
 """Attention backend dispatch: ``attention_impl`` = ``auto`` | ``pallas`` | ``reference``.
 
-The models carry ``attention_impl`` as a plain (static) attribute, default ``auto``; it is
-not architecture config (``ModelConfig`` round-trips to HF ``config.json``). Set it with
-``set_attention_impl(model, impl)``; being static, it is part of the NNX graphdef, so a
-jitted step retraces when it changes and never mixes implementations.
+Every model (``Transformer``, ``DFlashDrafter``, ``OrthrusDrafter``) takes ``attention_impl``
+as a constructor argument (default ``auto``) and keeps it as a plain static attribute: it is
+not architecture config (``ModelConfig`` round-trips to HF ``config.json``), and being static
+it is part of the NNX graphdef, so a jitted step never mixes implementations. For a run, pass
+it to ``load_target``; ``resolve_method`` builds the drafter with the target's setting.
 
 * ``reference``: the pure-jnp path, bit-for-bit what the models computed before kernels.
 * ``pallas``: the Pallas kernels where they apply: the target's attention for blocks of
@@ -20,8 +21,8 @@ unaffected by the choice.
 from __future__ import annotations
 
 import jax
-from flax import nnx
 
+from dflash.errors import ConfigError
 from dflash.kernels.anchor_attention import anchor_block_attention, reference_anchor_block_attention
 from dflash.kernels.common import is_pow2, platform
 from dflash.kernels.verify_attention import MAX_BLOCK_LEN
@@ -32,7 +33,7 @@ ATTENTION_IMPLS = ("auto", "pallas", "reference")
 
 def check_impl(impl: str) -> str:
     if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention_impl {impl!r}; choose from {ATTENTION_IMPLS}")
+        raise ConfigError(f"unknown attention_impl {impl!r}; choose from {ATTENTION_IMPLS}")
     return impl
 
 
@@ -70,7 +71,7 @@ def _wants_kernel(impl: str, problem: str | None) -> bool:
         return False
     if problem is not None:
         if impl == "pallas":
-            raise ValueError(f"attention_impl='pallas' cannot run here: {problem}")
+            raise ConfigError(f"attention_impl='pallas' cannot run here: {problem}")
         return False
     return True
 
@@ -96,16 +97,3 @@ def anchor_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, 
     if _wants_kernel(impl, problem):
         return anchor_block_attention(*args, interpret=platform() == "cpu")
     return reference_anchor_block_attention(*args)
-
-
-def set_attention_impl(model: nnx.Module, impl: str) -> nnx.Module:
-    """Sets ``attention_impl`` on every module in ``model`` that has one; returns ``model``."""
-    check_impl(impl)
-    found = False
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module) and hasattr(type(node), "attention_impl"):
-            node.attention_impl = impl
-            found = True
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no attention_impl to set")
-    return model

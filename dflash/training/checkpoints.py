@@ -16,8 +16,14 @@ import orbax.checkpoint as ocp
 import yaml
 
 from dflash.configio import flatten, from_dict, to_dict
-from dflash.errors import TrainingError
+from dflash.errors import CheckpointError, ConfigError, TrainingError
 from dflash.training.config import ExperimentConfig
+
+# What Orbax raises for a checkpoint it cannot read (measured on orbax-checkpoint 0.12.8: garbage
+# or truncated JSON / OCDBT files -> JSONDecodeError or tensorstore's ValueError, a missing item
+# -> KeyError, missing array files -> FileNotFoundError). Anything else (out of memory, sharding,
+# a bug) keeps its own type and traceback.
+CORRUPT_CHECKPOINT_ERRORS = (ValueError, KeyError, OSError)
 
 
 class Checkpoints:
@@ -54,7 +60,7 @@ class Checkpoints:
                 args["state"] = ocp.args.StandardRestore(abstract_state if abstract_state is not None
                                                          else self.local_target(step))
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        except Exception as err:  # orbax raises many types for truncated / foreign files
+        except CORRUPT_CHECKPOINT_ERRORS as err:
             raise self.unreadable(step, err) from err
         return (restored["state"] if state else None), restored["meta"]
 
@@ -67,13 +73,15 @@ class Checkpoints:
         """Only the part of the saved state that ``item`` (a raw tree of ``ShapeDtypeStruct``)
         names, e.g. the drafter's parameters without the optimizer moments an export never needs."""
         fresh = Checkpoints(self.directory, self.keep_last)  # a manager is bound to one restore kind
+        # Read onto the shardings of ``item`` (this process's first device where it names none): the
+        # saved ones may name another mesh's or process count's devices.
         item = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
                             jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_first_device()), item)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
         try:
-            return fresh.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=item, partial_restore=True,
-                                             restore_args=ocp.checkpoint_utils.construct_restore_args(item))))["state"]
-        except Exception as err:  # as in ``restore``
+            return fresh.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, partial_restore=True, restore_args=restore_args)))["state"]
+        except CORRUPT_CHECKPOINT_ERRORS as err:  # as in ``restore``
             raise self.unreadable(step, err) from err
 
     def local_target(self, step: int) -> Any:
@@ -83,7 +91,7 @@ class Checkpoints:
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_first_device()),
                             saved.item_metadata.tree)
 
-    def unreadable(self, step: int, err: BaseException) -> TrainingError:
+    def unreadable(self, step: int, err: BaseException) -> CheckpointError:
         """A few lines a user can act on: checkpoint, step, damaged file, the previous good step.
 
         Orbax's own message holds the whole TensorStore spec (hundreds of lines); it stays in the
@@ -97,7 +105,7 @@ class Checkpoints:
         advice = (f"the previous good step is {good}: export it with `dflash-export --run {run} --step "
                   f"{good} --out DIR`, or move {self.directory / str(step)} out of the run to resume from it"
                   if good is not None else "no earlier checkpoint is readable: start a new run directory")
-        return TrainingError(f"checkpoint step {step} in {self.directory} could not be restored: {cause}\n"
+        return CheckpointError(f"checkpoint step {step} in {self.directory} could not be restored: {cause}\n"
                              f"  damaged or missing file: {file}\n  {advice}; nothing was changed "
                              "(the full error: --verbose)")
 
@@ -109,7 +117,7 @@ class Checkpoints:
                 Checkpoints(self.directory, self.keep_last).manager.restore(
                     earlier, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
                 return earlier
-            except Exception:  # unreadable too: look further back
+            except CORRUPT_CHECKPOINT_ERRORS:  # unreadable too: look further back
                 continue
         return None
 
@@ -175,7 +183,7 @@ def check_resume_config(run_dir: Path, cfg: ExperimentConfig, *, extend: bool = 
         raise TrainingError(f"cannot resume {run_dir}: its config.yaml is missing")
     try:
         saved = flatten(to_dict(from_dict(ExperimentConfig, yaml.safe_load(path.read_text()) or {})))
-    except Exception as err:
+    except (yaml.YAMLError, ConfigError) as err:  # unparsable, or keys / values from_dict refuses
         raise TrainingError(f"cannot resume {run_dir}: its config.yaml is unreadable ({err})") from err
     new = flatten(to_dict(cfg))
     free = RESUME_FREE_KEYS | (EXTEND_KEYS if extend else frozenset())

@@ -33,27 +33,32 @@ from tqdm import tqdm
 
 from dflash import sharding
 from dflash.configio import to_dict
+from dflash.distributed import host_local, is_primary, show_progress, sync_processes
 from dflash.drafters.dflash import default_gamma
 from dflash.drafters.orthrus import OrthrusDrafter
 from dflash.errors import TrainingError
 from dflash.export.dflash_hf import save_drafter
 from dflash.export.orthrus_hf import save_orthrus
+from dflash.fingerprint import check_consistent, fingerprint
 from dflash.models import load_target
-from dflash.models.loading import read_config, resolve
+from dflash.models.loading import DTYPES, read_config, resolve
 from dflash.models.tokenizer import load_tokenizer
 from dflash.models.transformer import Transformer
 from dflash.training.checkpoints import Checkpoints, decide_resume
 from dflash.training.config import ExperimentConfig
-from dflash.training.data import Batches
 from dflash.training.evaluation import heldout_chunks, make_evaluate, measure_tau
+from dflash.training.hostdata import LaneBatches, full_batch, gather_lane_sizes, global_batch, process_lanes
 from dflash.training.optim import lr_schedule, make_optimizer
 from dflash.training.progress import finished_result, log_line, tau_text
+from dflash.training.recovery import restore_latest
 from dflash.training.rundata import prepare_data
 from dflash.training.scalars import Listener, ScalarLog
-from dflash.training.setup import DTYPES, build_drafter_config, build_mesh, build_method_drafter, train_state
-from dflash.training.step import make_step_fns
+from dflash.training.setup import build_drafter_config, build_mesh, build_method_drafter, train_state
+from dflash.training.step import make_step_fns, mean_metrics
 
 __all__ = ["TrainingError", "run_training"]
+
+LOGGED_METRICS = ("loss", "ce", "tau_sim", "grad_norm", "accuracy")  # per optimizer step, as means
 
 
 def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress: bool = True,
@@ -71,13 +76,16 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     ``scalars.csv``. ``devices`` (default: all) is what ``mesh:`` spans.
     """
     run_dir = Path(cfg.run_dir)
+    check_consistent(fingerprint(to_dict(cfg), [cfg.data.source]))  # processes of one job agree
     cfg.check_context(read_config(resolve(cfg.target.name)).max_position_embeddings)
     resume = decide_resume(run_dir, cfg, resume, extend=extend)
     if resume and (done := finished_result(run_dir, Checkpoints(run_dir / "checkpoints", 1).latest_meta())):
         if not extend or done.get("steps") == (cfg.train.steps or None):
             return done
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    sync_processes("dflash run start")  # all have read the run directory before process 0 writes to it
+    if is_primary():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # ---- what the run starts from
     mesh = build_mesh(cfg, devices)
@@ -87,13 +95,18 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
                          replicate_indivisible=rep)
     drafter = build_method_drafter(cfg, build_drafter_config(cfg, target, tokenizer), target, mesh)
     dcfg = drafter.cfg
-    data = prepare_data(cfg, tokenizer, target, run_dir, progress)
-    if len(data.train) < cfg.train.batch_size:
-        raise TrainingError(f"{len(data.train)} packed training rows of data.seq_len={cfg.data.seq_len} "
+    batch_sharding = sharding.batch_sharding(mesh)
+    # Each process reads only the data lanes its devices' batch rows hold (hostdata.py).
+    lanes = process_lanes(batch_sharding, cfg.train.batch_size, cfg.data.seq_len, cfg.data.lanes)
+    data = prepare_data(cfg, tokenizer, target, run_dir, show_progress(progress), lanes)
+    sizes = gather_lane_sizes(data.train, cfg.data.lanes)
+    if min(sizes) < cfg.train.batch_size // cfg.data.lanes:
+        in_lanes = f"in data lanes of {sizes} rows " if cfg.data.lanes > 1 else ""
+        raise TrainingError(f"{sum(sizes)} packed training rows of data.seq_len={cfg.data.seq_len} {in_lanes}"
                             f"cannot fill one batch of train.batch_size={cfg.train.batch_size}")
     held = heldout_chunks(data.heldout.arrays(), cfg.eval.heldout_rows, cfg.train.batch_size,
                           sharding.batch_shards(mesh))
-    micro = Batches(data.train, cfg.train.batch_size, seed=cfg.train.seed)
+    micro = LaneBatches(data.train, cfg.data.lanes, cfg.train.batch_size, cfg.train.seed, sizes)
     accum = cfg.optim.grad_accum
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * micro.steps_per_epoch / accum))
     schedule = lr_schedule(cfg, total)
@@ -109,22 +122,20 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     train_step, eval_step = make_step_fns(graphdef, tgraph, step_kw, DTYPES[cfg.train.compute_dtype],
                                           mesh=mesh, state_shardings=state_shardings,
                                           tstate_shardings=tstate_shardings)
-    batch_sharding = sharding.batch_sharding(mesh)
 
-    def put(batch):  # host rows straight into their shards (one process: its rows are all rows)
-        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-                for k, v in batch.items()}
+    def put(local_rows):  # this process's rows of a global batch, straight into their shards
+        return global_batch(batch_sharding, local_rows, cfg.train.batch_size)
 
-    evaluate = make_evaluate(eval_step, tstate, [put(b) for b in held])
+    evaluate = make_evaluate(eval_step, tstate, [full_batch(batch_sharding, b) for b in held])
 
     # ---- resume
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.train.keep_last)
     start, best_tau, best_step, history = 0, -1.0, None, []
-    if resume:
+    if resume:  # the newest checkpoint that is whole (a damaged newer one is logged and set aside)
         # Restored straight onto this run's mesh, whatever mesh wrote the checkpoint.
         targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                                state_shardings)
-        state, meta = ckpts.restore(ckpts.steps()[-1], targets)
+        state, meta, _ = restore_latest(ckpts, targets)
         start, best_tau, best_step = int(meta["step"]), float(meta["best_tau"]), meta.get("best_step")
         history = meta.get("history", [])
         if meta.get("total_steps") not in (None, total) and not (extend and total > start):
@@ -132,23 +143,26 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
                                 + ("; --extend needs more steps than the run has done" if extend else ""))
 
     # ---- the loop
-    writer = ScalarLog(run_dir, start, on_write=on_scalars)  # tb/ and scalars.csv (rows past start dropped)
+    # tb/ and scalars.csv (rows past start dropped), written by process 0 alone
+    writer = ScalarLog(run_dir, start, on_write=on_scalars) if is_primary() else _NoLog()
     base_key = jax.random.key(cfg.train.seed)
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"train {cfg.method}",
-               disable=not progress, dynamic_ncols=True)
+               disable=not show_progress(progress), dynamic_ncols=True)
     last_log, tau_now = time.perf_counter(), (history[-1]["tau_sim_steps"] if history else float("nan"))
     tokens_since = 0
-    metrics: dict[str, Any] = {}
     for step in bar:
+        micro_metrics = []
         for i in range(accum):
             m_idx = step * accum + i  # data position and anchor RNG are pure functions of this
             key = jax.random.fold_in(base_key, m_idx)
-            state, metrics = train_step(state, tstate, put(micro.batch(m_idx)), key)
+            state, metrics = train_step(state, tstate, put(micro.local_batch(m_idx)), key)
+            micro_metrics.append(metrics)
             tokens_since = tokens_since + metrics["tokens"]  # a device scalar: no host sync per step
         done = step + 1
         if done % cfg.train.log_every == 0 or done == total:
             tokens = float(tokens_since)  # waits for the steps so far: the rate covers finished work
             now = time.perf_counter()
+            metrics = mean_metrics(micro_metrics, LOGGED_METRICS)  # the step's micro-batches, all of them
             scalars = {name: float(metrics[name]) for name in ("loss", "ce", "tau_sim", "grad_norm")}
             scalars["lr"] = float(schedule(done))
             scalars["tokens_per_s"] = tokens / max(now - last_log, 1e-9)
@@ -156,13 +170,15 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
             last_log, tokens_since = now, 0
             bar.set_postfix(loss=f"{scalars['loss']:.3f}", tau=tau_text(tau_now),
                             tok_s=f"{scalars['tokens_per_s']:.0f}")
-            if not progress:  # no bar: one plain line per log_every
+            if not progress and is_primary():  # no bar: one plain line per log_every
                 print(log_line(done, total, scalars, tau_now), flush=True)
         if done % cfg.train.eval_every == 0 or done == total:
             ev = evaluate(state)
             tau_now = ev["tau_sim_steps"]
             history.append({"step": done, **ev})
             _log_eval(writer, ev, done)
+            if not progress:
+                print(f"eval at step {done}: tau_sim {tau_now:.2f} per verify step", flush=True)
             if ev["tau_sim_steps"] > best_tau:  # the per-step estimate tracks decoding tau best
                 best_tau, best_step = ev["tau_sim_steps"], done
         # A new best is saved at once (kept beside the last k), even between save_every steps.
@@ -177,11 +193,13 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     writer.flush()
     bar.close()
 
-    # ---- the result: export, real tau, metrics.json
-    drafter, _ = nnx.merge(graphdef, state)
+    # ---- the result: export, real tau, metrics.json (process 0, on its own copy of the drafter)
+    drafter, _ = nnx.merge(graphdef, host_local(state))
     result: dict[str, Any] = {"method": cfg.method, "block_size": dcfg.block_size, "steps": total,
                               "final_eval": history[-1] if history else None,
                               "best_step": best_step, "best_tau_sim": best_tau}
+    if not is_primary():
+        return result
     if export:
         result["export_dir"] = str(_export(cfg, drafter, target, run_dir / "export"))
     if final_eval:
@@ -194,6 +212,13 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
         json.dump(result, f, indent=2)
     _check_outputs_agree(result, target, cfg, run_dir)
     return result
+
+
+class _NoLog:
+    """The scalar log of the processes other than 0: they log nothing (process 0 logs for the job)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
 
 def _log_train(writer: ScalarLog, scalars: dict[str, float], accuracy: Any, step: int) -> None:

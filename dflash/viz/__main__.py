@@ -49,10 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     readme.add_argument("out", type=Path, help="directory for the PNGs (docs/img)")
     readme.add_argument("--num-prompts", type=int, default=4)
     readme.add_argument("--max-new-tokens", type=int, default=128)
+    speedup = sub.add_parser("speedup", help="speedup vs block size (with ceilings) from dflash-bench JSONs")
+    speedup.add_argument("out", type=Path, help="the PNG to write")
+    speedup.add_argument("results", type=Path, nargs="+", help="dflash-bench --json files, one per block")
     args = p.parse_args(argv)
     try:
-        paths = readme_figures(args.out, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens)
-    except (VizError, OSError) as err:
+        if args.command == "speedup":
+            from dflash.viz import figures as F
+
+            results = [json.loads(path.read_text()) for path in args.results]
+            paths = [F.save(F.speedup_vs_block(results), args.out)]
+        else:
+            paths = readme_figures(args.out, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens)
+    except (VizError, OSError, ValueError) as err:  # ValueError: a file that is not JSON
         print(f"python -m dflash.viz: error: {err}", file=sys.stderr)
         return 2
     print("\n".join(str(p) for p in paths))

@@ -174,14 +174,17 @@ def speedup_vs_block(results: Sequence[Mapping[str, Any]]) -> Figure:
     """Speedup over AR against the block size, per method (solid), with the measured ceiling
     ``tau * t_ar / t_step`` (dashed, from ``dflash-bench --ceiling``) where the results have one."""
     fig, (ax,) = new_figure()
-    for i, (name, p) in enumerate(speedup_points(results).items()):
+    points = speedup_points(results)
+    for i, (name, p) in enumerate(points.items()):
         ax.plot(p["block"], p["speedup"], marker="o", color=f"C{i}", label=name)
         if not np.all(np.isnan(p["ceiling"])):
             ax.plot(p["block"], p["ceiling"], ls="--", marker="x", color=f"C{i}", label=f"{name} ceiling")
     ax.axhline(1.0, color="grey", lw=1, label="AR")
     ax.set(xlabel="block size B", ylabel="speedup over AR (same engine)", title="Speedup vs block size",
            xscale="log", ylim=(0, None))
-    ax.xaxis.set_major_formatter("{x:.0f}")
+    blocks = sorted({b for p in points.values() for b in p["block"]})
+    ax.minorticks_off()
+    ax.set_xticks(blocks, [str(b) for b in blocks])
     ax.legend(fontsize="small")
     return fig
 
@@ -198,6 +201,15 @@ def accuracy_matrix(scalars: Mapping[str, tuple[np.ndarray, np.ndarray]],
         if not np.array_equal(scalars[n][0], steps):
             raise VizError(f"{n} was logged at other steps than {names[0]}")
     return steps, np.stack([scalars[n][1] for n in names])
+
+
+def _edges(steps: np.ndarray) -> np.ndarray:
+    """``[S+1]`` cell edges around ``S`` sorted steps: midpoints, half a gap beyond the ends."""
+    s = np.asarray(steps, dtype=float)
+    if len(s) == 1:
+        return np.array([s[0] - 0.5, s[0] + 0.5])
+    mids = (s[1:] + s[:-1]) / 2
+    return np.concatenate([[2 * s[0] - mids[0]], mids, [2 * s[-1] - mids[-1]]])
 
 
 TAU_SERIES = {"eval/tau_sim": "eval, per anchor", "eval/tau_sim_steps": "eval, per verify step",
@@ -227,10 +239,10 @@ def training_curves(scalars: Mapping[str, tuple[np.ndarray, np.ndarray]],
     tau_ax.set(xlabel="step", ylabel="τ", title="Simulated τ")
     tau_ax.legend(fontsize="small")
     steps, acc = accuracy_matrix(scalars)
-    if acc.size:
-        extent = (steps[0] - 0.5, steps[-1] + 0.5, acc.shape[0] + 0.5, 0.5)
-        im = acc_ax.imshow(acc, aspect="auto", vmin=0, vmax=1, extent=extent, interpolation="nearest")
-        fig.colorbar(im, ax=acc_ax, label="accuracy")
+    if acc.size:  # one column per eval step, as wide as the gaps to its neighbours
+        mesh = acc_ax.pcolormesh(_edges(steps), np.arange(acc.shape[0] + 1) + 0.5, acc, vmin=0, vmax=1)
+        acc_ax.invert_yaxis()
+        fig.colorbar(mesh, ax=acc_ax, label="accuracy")
     acc_ax.set(xlabel="step", ylabel="draft position", title="Eval accuracy by position")
     return fig
 
