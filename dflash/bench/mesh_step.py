@@ -23,10 +23,11 @@ from dflash import sharding
 from dflash.configio import load_yaml
 from dflash.drafters.dflash import default_gamma
 from dflash.models import load_target
+from dflash.models.loading import DTYPES
 from dflash.models.tokenizer import load_tokenizer
 from dflash.training.config import ExperimentConfig
 from dflash.training.optim import make_optimizer
-from dflash.training.setup import DTYPES, build_drafter_config, build_method_drafter, train_state
+from dflash.training.setup import build_drafter_config, build_method_drafter, train_state
 from dflash.training.step import make_step_fns
 
 
