@@ -17,6 +17,9 @@ import jax.numpy as jnp
 
 from dflash.config import ModelConfig
 from dflash.errors import CacheOverflowError
+from dflash.sharding import constrain
+
+KV_AXES = (None, "batch", None, "kv_heads", None)  # [L, B, S, K, H]: where they divide
 
 
 @jax.tree_util.register_dataclass
@@ -46,9 +49,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jn
     if max_len <= 0:
         raise CacheOverflowError(f"max_len must be positive, got {max_len}")
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(
-        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32)
-    )
+    k, v = (constrain(jnp.zeros(shape, dtype), KV_AXES) for _ in "kv")  # two buffers (donation)
+    return KVCache(k=k, v=v, lengths=jnp.zeros((batch,), jnp.int32))
 
 
 def check_fits(needed: int, max_len: int, what: str = "sequence") -> None:
@@ -68,7 +70,8 @@ def block_slots(lengths: jax.Array, block_len: int) -> jax.Array:
 def write_layer(cache_kv: jax.Array, layer: int, new_BTKD: jax.Array, slots_BT: jax.Array) -> jax.Array:
     """Scatters one layer's new keys (or values) into the full ``[L,B,S,K,D]`` array."""
     b_BT = jnp.broadcast_to(jnp.arange(new_BTKD.shape[0])[:, None], slots_BT.shape)
-    return cache_kv.at[layer, b_BT, slots_BT].set(new_BTKD.astype(cache_kv.dtype), mode="drop")
+    written = cache_kv.at[layer, b_BT, slots_BT].set(new_BTKD.astype(cache_kv.dtype), mode="drop")
+    return constrain(written, KV_AXES)
 
 
 def causal_mask(block_len: int) -> jax.Array:

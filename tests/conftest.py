@@ -65,16 +65,14 @@ def hf_checkpoint(tmp_path):
     return _make
 
 
-@pytest.fixture(scope="session")
-def tiny_target(tmp_path_factory):
-    """A small random Qwen3 target sharing the shipped tokenizer (so data and masks work)."""
+def make_tiny_target(directory):
+    """Writes a small random Qwen3 target sharing the shipped tokenizer (so data and masks work)."""
     import shutil
 
     from dflash.config import ModelConfig
     from dflash.models import build, save_target
     from dflash.models.loading import SHIPPED
 
-    directory = tmp_path_factory.mktemp("target")
     cfg = ModelConfig(model_type="qwen3", vocab_size=4096, hidden_size=32, intermediate_size=64,
                       num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
                       tie_word_embeddings=True, eos_token_id=(0,))
@@ -85,21 +83,27 @@ def tiny_target(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def run_config():
-    """Factory: the tiny_code experiment shrunk to seconds (4 steps, checkpoints at 2 and 4)."""
+def tiny_target(tmp_path_factory):
+    return make_tiny_target(tmp_path_factory.mktemp("target"))
+
+
+def tiny_run_config(target, run_dir, *extra: str):
+    """The tiny_code experiment shrunk to seconds (4 steps, checkpoints at 2 and 4)."""
     from pathlib import Path
 
     from dflash.configio import load_yaml
     from dflash.training.config import ExperimentConfig
 
     root = Path(__file__).resolve().parents[1]
+    return load_yaml(ExperimentConfig, root / "configs/tiny_code.yaml", [
+        f"target.name={target}", f"run_dir={run_dir}", "data.max_examples=40", "data.seq_len=64",
+        "train.batch_size=4", "train.num_anchors=8", "train.steps=4", "train.save_every=2",
+        "train.eval_every=2", "train.log_every=1", "train.keep_last=2", "drafter.block_size=4",
+        "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.heldout_rows=4", "regen.num_sequences=0",
+        *extra])
 
-    def _make(target, run_dir, *extra: str) -> ExperimentConfig:
-        return load_yaml(ExperimentConfig, root / "configs/tiny_code.yaml", [
-            f"target.name={target}", f"run_dir={run_dir}", "data.max_examples=40", "data.seq_len=64",
-            "train.batch_size=4", "train.num_anchors=8", "train.steps=4", "train.save_every=2",
-            "train.eval_every=2", "train.log_every=1", "train.keep_last=2", "drafter.block_size=4",
-            "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.heldout_rows=4", "regen.num_sequences=0",
-            *extra])
 
-    return _make
+@pytest.fixture(scope="session")
+def run_config():
+    """Factory: ``tiny_run_config``."""
+    return tiny_run_config

@@ -111,8 +111,8 @@ def test_the_best_checkpoint_is_kept_even_between_save_steps(run_config, tiny_ta
 def test_too_little_data_or_too_many_devices_are_clear_errors(run_config, tiny_target, tmp_path):
     with pytest.raises(TrainingError, match="cannot fill one batch of train.batch_size=4000"):
         run_training(run_config(tiny_target, tmp_path / "rows", "train.batch_size=4000"), progress=False)
-    with pytest.raises(TrainingError, match="train.num_devices=64, but only"):
-        run_training(run_config(tiny_target, tmp_path / "dev", "train.num_devices=64"), progress=False)
+    with pytest.raises(ConfigError, match="mesh data=64, fsdp=1, tensor=1 has 64 devices but there are 1"):
+        run_training(run_config(tiny_target, tmp_path / "dev", "mesh.data=64"), progress=False)
 
 
 def test_resume_without_checkpoint_and_overwrite_are_refused(run_config, tiny_target, tmp_path):
@@ -262,7 +262,9 @@ def test_bf16_compute_keeps_fp32_master_weights_and_trains():
     ("optim.b2=1.5", r"optim.b2 must be in \[0, 1\)"),
     ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
     ("train.gamma=-1", "train.gamma must be > 0"),
-    ("train.num_devices=-2", "train.num_devices must be >= 0"),
+    ("train.num_devices=2", "train.num_devices=2: the device count is now set by the mesh: section"),
+    ("mesh.fsdp=0", "mesh.fsdp must be a positive int or -1"),
+    ("mesh.fsdp=-1", "at most one mesh axis may be -1"),
     ("drafter.mask_token_id=-5", "drafter.mask_token_id must be a token id or -1"),
 ])
 def test_config_errors_name_the_key(override, match, tmp_path):
@@ -321,9 +323,8 @@ for n in (1, 8):
     cfg = load_yaml(ExperimentConfig, {str(ROOT / 'configs/tiny_code.yaml')!r}, [
         "target.name={tiny_target}", "run_dir={{run}}/" + str(n), "data.max_examples=40", "data.seq_len=64",
         "train.batch_size=8", "train.num_anchors=8", "train.steps=2", "train.eval_every=2",
-        "drafter.block_size=4", "eval.heldout_rows=8", "regen.num_sequences=0",
-        "train.num_devices=" + str(n)])
-    r = run_training(cfg, progress=False, final_eval=False)
+        "drafter.block_size=4", "eval.heldout_rows=8", "regen.num_sequences=0"])
+    r = run_training(cfg, progress=False, final_eval=False, devices=jax.devices()[:n])
     out[n] = r["final_eval"]["loss"]
 print(out[1], out[8])
 np.testing.assert_allclose(out[1], out[8], rtol=1e-5)

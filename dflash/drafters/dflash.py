@@ -29,6 +29,7 @@ from dflash.models.transformer import (
     Transformer,
     rope_cos_sin,
 )
+from dflash.sharding import constrain
 
 GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}  # loss-decay gamma of the published recipe
 
@@ -147,6 +148,7 @@ class DFlashDrafter(nnx.Module):
         own; queries come from the block only. Blocks never see each other, so attention is
         computed blockwise: O(A*Q*(S+Q)) instead of a dense O(A*Q*(S+A*Q)).
         """
+        x_BAQD = constrain(x_BAQD, ("batch", ..., None))  # layer boundary: batch over data x fsdp
         b, a, k, d = x_BAQD.shape
         h = layer.input_layernorm(x_BAQD).reshape(b, a * k, d)
         attn = layer.self_attn

@@ -30,6 +30,7 @@ from dflash import cache as kvc
 from dflash.config import ConfigError, ModelConfig, check_block_drafter
 from dflash.kernels import dispatch
 from dflash.models.transformer import Linear, RMSNorm, Transformer, rope_cos_sin, rotated_heads, split_heads
+from dflash.sharding import constrain
 
 DEFAULT_BLOCK_SIZE = 32
 _ARCH_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
@@ -122,6 +123,7 @@ class OrthrusDrafter(nnx.Module):
         b, a, q, d = x_BAQD.shape
         cos, sin = rope_cos_sin(target.cfg, pos_BAQ.reshape(b, a * q))
         for i, (layer, diff) in enumerate(zip(target.layers, self.layers, strict=True)):
+            x_BAQD = constrain(x_BAQD, ("batch", ..., None))  # layer boundary: batch over data x fsdp
             h_BTD = layer.input_layernorm(x_BAQD).reshape(b, a * q, d)
             q_BTNH = diff.q(h_BTD, cos, sin)
             k_BTKH, v_BTKH = diff.kv(h_BTD, cos, sin)

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from dflash.config import ConfigError, ModelConfig, RopeConfig
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter
@@ -152,8 +153,9 @@ def resolve_drafter(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_drafter(name_or_path: str | os.PathLike, target_cfg: ModelConfig | None = None, *,
-                 dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto") -> DFlashDrafter:
-    """Loads an exported drafter; with ``target_cfg``, checks it fits that target."""
+                 dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto", mesh: Mesh | None = None,
+                 replicate_indivisible: bool = False) -> DFlashDrafter:
+    """Loads an exported drafter (into its shards on ``mesh``); with ``target_cfg``, checks it fits."""
     directory = resolve_drafter(name_or_path)
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
@@ -176,4 +178,5 @@ def load_drafter(name_or_path: str | os.PathLike, target_cfg: ModelConfig | None
                                                     rngs=nnx.Rngs(0)))
     # The drafter uses the target's embedding and LM head; a copy in the file is not an error.
     return load_params_into(abstract, directory, DRAFTER_TABLE, cfg.num_layers, dtype,
-                            ignorable=("embed_tokens.weight", "lm_head.weight"))
+                            ignorable=("embed_tokens.weight", "lm_head.weight"), mesh=mesh,
+                            replicate_indivisible=replicate_indivisible)

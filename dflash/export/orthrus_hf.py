@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from dflash.config import ConfigError, ModelConfig
 from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
@@ -213,8 +214,9 @@ def _check_target(directory: Path, hf: dict[str, Any], cfg: OrthrusConfig, targe
 
 def load_orthrus(name_or_path: str | os.PathLike, target: Transformer | None = None, *,
                  target_cfg: ModelConfig | None = None, dtype: jnp.dtype = jnp.float32,
-                 attention_impl: str = "auto") -> OrthrusDrafter:
-    """Loads the diffusion attentions of a full or delta export.
+                 attention_impl: str = "auto", mesh: Mesh | None = None,
+                 replicate_indivisible: bool = False) -> OrthrusDrafter:
+    """Loads the diffusion attentions of a full or delta export (into their shards on ``mesh``).
 
     With ``target`` (a loaded model) the recorded architecture *and* weights fingerprints are
     checked; with only ``target_cfg``, the architecture.
@@ -233,7 +235,8 @@ def load_orthrus(name_or_path: str | os.PathLike, target: Transformer | None = N
     # holds its target's tensors, a delta export nothing else.
     target_keys = [hf_key for hf_key, _, _ in weight_pairs(WEIGHT_TABLE, tcfg.num_layers, _all_paths(tcfg))]
     ignorable = tuple(target_keys) if hf["orthrus_config"]["form"] == "full" else ()
-    return load_params_into(shapes, directory, DIFF_TABLE, cfg.num_layers, dtype, ignorable=ignorable)
+    return load_params_into(shapes, directory, DIFF_TABLE, cfg.num_layers, dtype, ignorable=ignorable,
+                            mesh=mesh, replicate_indivisible=replicate_indivisible)
 
 
 def _all_paths(tcfg: ModelConfig) -> set[str]:

@@ -16,12 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dflash.config import ModelConfig
 from dflash.errors import CheckpointError
 from dflash.models.transformer import Transformer, abstract
+from dflash.sharding import param_spec
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Short names of checkpoints that ship inside the package.
@@ -138,11 +140,18 @@ class _TensorSource:
             )
         self._handles: dict[Path, Any] = {}
 
-    def get(self, key: str) -> np.ndarray:
+    def _handle(self, key: str) -> Any:
         file = self.key_to_file[key]
         if file not in self._handles:
             self._handles[file] = safe_open(file, framework="numpy")
-        return self._handles[file].get_tensor(key)
+        return self._handles[file]
+
+    def get(self, key: str) -> np.ndarray:
+        return self._handle(key).get_tensor(key)
+
+    def slice(self, key: str) -> Any:
+        """A lazy view: indexing it reads only that part of the file."""
+        return self._handle(key).get_slice(key)
 
     def __contains__(self, key: str) -> bool:
         return key in self.key_to_file
@@ -163,13 +172,32 @@ def _check_dtype(hf_key: str, array: np.ndarray) -> None:
                               "checkpoints must be dequantized first)")
 
 
+def _read_sharded(source: _TensorSource, hf_key: str, transpose: bool, shape: tuple[int, ...],
+                  dtype: jnp.dtype, sharding: NamedSharding) -> jax.Array:
+    """One parameter read slice by slice straight into its shards (at most one copy on the host)."""
+    view, parts = source.slice(hf_key), {}
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in parts:  # devices that replicate a shard share one read
+            part = view[index[::-1] if transpose else index]
+            _check_dtype(hf_key, part)
+            parts[key] = np.ascontiguousarray(part.T if transpose else part).astype(dtype)
+        return parts[key]
+
+    return jax.make_array_from_callback(shape, sharding, read)
+
+
 def load_params_into(model: nnx.Module, directory: Path, table: tuple[tuple[str, str, bool], ...],
                      num_layers: int, dtype: jnp.dtype, *,
-                     ignorable: tuple[str, ...] | None = None) -> nnx.Module:
+                     ignorable: tuple[str, ...] | None = None, mesh: Mesh | None = None,
+                     replicate_indivisible: bool = False) -> nnx.Module:
     """Fills an abstract (``eval_shape``) module from safetensors via a weight ``table``.
 
     With ``ignorable`` set, any tensor in the files that the table does not read and that is
     not listed there is an error (a foreign checkpoint is refused instead of half-loaded).
+    With a ``mesh``, each device's slice of each tensor is read from the file into that
+    device (``dflash.sharding`` rules); no tensor is ever whole on one device.
     """
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
@@ -179,15 +207,20 @@ def load_params_into(model: nnx.Module, directory: Path, table: tuple[tuple[str,
     for hf_key, our, transpose in weight_pairs(table, num_layers, set(by_key)):
         if hf_key not in source:
             raise CheckpointError(f"checkpoint {directory} is missing tensor {hf_key!r}")
-        array = source.get(hf_key)
-        _check_dtype(hf_key, array)
         var = flat[by_key[our]]
         expected = tuple(var.shape)[::-1] if transpose else tuple(var.shape)  # in the file's layout
-        if tuple(array.shape) != expected:
-            raise CheckpointError(
-                f"tensor {hf_key!r} has shape {tuple(array.shape)} but the config expects {expected}"
-            )
-        filled[by_key[our]] = var.replace(jnp.asarray(array.T if transpose else array, dtype=dtype))
+        found = tuple(source.slice(hf_key).get_shape())
+        if found != expected:
+            raise CheckpointError(f"tensor {hf_key!r} has shape {found} but the config expects {expected}")
+        if mesh is not None:
+            sharding = NamedSharding(mesh, param_spec(our, var.shape, mesh,
+                                                      replicate_indivisible=replicate_indivisible))
+            value = _read_sharded(source, hf_key, transpose, tuple(var.shape), dtype, sharding)
+        else:
+            array = source.get(hf_key)
+            _check_dtype(hf_key, array)
+            value = jnp.asarray(array.T if transpose else array, dtype=dtype)
+        filled[by_key[our]] = var.replace(value)
     unfilled = set(flat) - set(filled)
     if unfilled:
         raise CheckpointError(f"no table row fills parameters {sorted(map(_path_key, unfilled))}")
@@ -201,12 +234,17 @@ def load_params_into(model: nnx.Module, directory: Path, table: tuple[tuple[str,
 
 
 def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
-                attention_impl: str = "auto") -> Transformer:
-    """Loads a target from a HF directory / shipped name / hub id (single or sharded safetensors)."""
+                attention_impl: str = "auto", mesh: Mesh | None = None,
+                replicate_indivisible: bool = False) -> Transformer:
+    """Loads a target from a HF directory / shipped name / hub id (single or sharded safetensors).
+
+    With ``mesh``, every tensor is read slice by slice into its shards (``dflash.sharding``).
+    """
     directory = resolve(name_or_path)
     cfg = read_config(directory)
     model = abstract(cfg, dtype=dtype, attention_impl=attention_impl)
-    return load_params_into(model, directory, WEIGHT_TABLE, cfg.num_layers, dtype)
+    return load_params_into(model, directory, WEIGHT_TABLE, cfg.num_layers, dtype, mesh=mesh,
+                            replicate_indivisible=replicate_indivisible)
 
 
 def save_params(model: nnx.Module, table: tuple[tuple[str, str, bool], ...], num_layers: int,

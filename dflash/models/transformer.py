@@ -18,6 +18,7 @@ from dflash import cache as kvc
 from dflash.attention import attend
 from dflash.config import ModelConfig, llama3_inv_freq_scale
 from dflash.kernels import dispatch
+from dflash.sharding import constrain
 
 
 class ForwardOutput(NamedTuple):
@@ -81,7 +82,7 @@ def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax
 def split_heads(proj: Linear, x_BTD: jax.Array, heads: int, head_dim: int) -> jax.Array:
     """``proj(x)`` as ``[B, T, heads, head_dim]``."""
     b, t, _ = x_BTD.shape
-    return proj(x_BTD).reshape(b, t, heads, head_dim)
+    return constrain(proj(x_BTD).reshape(b, t, heads, head_dim), ("batch", ..., "heads", None))
 
 
 def rotated_heads(proj: Linear, norm: RMSNorm | None, x_BTD: jax.Array, heads: int, head_dim: int,
@@ -123,7 +124,8 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+        gated_BTF = constrain(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD), ("batch", ..., "mlp"))
+        return self.down_proj(gated_BTF)
 
 
 class DecoderLayer(nnx.Module):
@@ -150,7 +152,7 @@ class Transformer(nnx.Module):
         self.lm_head = _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype) if untied else None
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens[...], tokens_BT, axis=0)
+        return constrain(jnp.take(self.embed_tokens[...], tokens_BT, axis=0), ("batch", ..., None))
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:
         """Final norm + LM head, float32 logits ``[B, T, V]``."""
@@ -159,9 +161,11 @@ class Transformer(nnx.Module):
     def unembed(self, x_BTD: jax.Array) -> jax.Array:
         """The LM head alone (drafters apply their own final norm first)."""
         if self.lm_head is None:
-            return jnp.einsum("...D,VD->...V", x_BTD, self.embed_tokens[...],
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...D,DV->...V", x_BTD, self.lm_head[...], preferred_element_type=jnp.float32)
+            logits = jnp.einsum("...D,VD->...V", x_BTD, self.embed_tokens[...],
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("...D,DV->...V", x_BTD, self.lm_head[...], preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", ..., "vocab"))
 
     def __call__(
         self,
@@ -194,6 +198,7 @@ class Transformer(nnx.Module):
         hidden: list[jax.Array | None] = [None] * len(hidden_layers)
         x_BTD = self.embed(tokens_BT)
         for i, layer in enumerate(self.layers):
+            x_BTD = constrain(x_BTD, ("batch", ..., None))  # layer boundary: batch over data x fsdp
             h = layer.input_layernorm(x_BTD)
             q, k, v = layer.self_attn.qkv(h, cos, sin)
             if cache is not None:

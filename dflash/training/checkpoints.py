@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 import yaml
 
@@ -50,13 +51,14 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_state: Any = None, *,
                 state: bool = True) -> tuple[Any, dict[str, Any]]:
-        """``(state, meta)`` of ``step``. Without ``abstract_state`` the state comes back as Orbax's
-        raw tree (dicts of arrays: for readers such as the exporter); ``state=False`` reads the
-        metadata only."""
+        """``(state, meta)`` of ``step``, onto the shardings of ``abstract_state`` (any mesh). Without
+        it the state comes back as Orbax's raw tree on this process's first device (dicts of
+        arrays: for readers such as the exporter); ``state=False`` reads the metadata only."""
         args = {"meta": ocp.args.JsonRestore()}
-        if state:
-            args["state"] = ocp.args.StandardRestore(abstract_state)
         try:
+            if state:
+                args["state"] = ocp.args.StandardRestore(abstract_state if abstract_state is not None
+                                                         else self.local_target(step))
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except CORRUPT_CHECKPOINT_ERRORS as err:
             raise self.unreadable(step, err) from err
@@ -71,13 +73,23 @@ class Checkpoints:
         """Only the part of the saved state that ``item`` (a raw tree of ``ShapeDtypeStruct``)
         names, e.g. the drafter's parameters without the optimizer moments an export never needs."""
         fresh = Checkpoints(self.directory, self.keep_last)  # a manager is bound to one restore kind
-        # Read onto the shardings of ``item``: the saved ones may name another process count's devices.
+        # Read onto the shardings of ``item`` (this process's first device where it names none): the
+        # saved ones may name another mesh's or process count's devices.
+        item = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
+                            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_first_device()), item)
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
         try:
             return fresh.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=item, partial_restore=True, restore_args=restore_args)))["state"]
         except CORRUPT_CHECKPOINT_ERRORS as err:  # as in ``restore``
             raise self.unreadable(step, err) from err
+
+    def local_target(self, step: int) -> Any:
+        """The saved state's shapes and dtypes on this process's first device: a raw restore that
+        works whatever mesh (however many devices) wrote the checkpoint."""
+        saved = ocp.StandardCheckpointer().metadata(self.directory.resolve() / str(step) / "state")
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_first_device()),
+                            saved.item_metadata.tree)
 
     def unreadable(self, step: int, err: BaseException) -> CheckpointError:
         """A few lines a user can act on: checkpoint, step, damaged file, the previous good step.
@@ -101,12 +113,17 @@ class Checkpoints:
         """The latest kept step before ``step`` whose state restores, if any."""
         for earlier in reversed([s for s in self.steps() if s < step]):
             try:
+                target = self.local_target(earlier)
                 Checkpoints(self.directory, self.keep_last).manager.restore(
-                    earlier, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+                    earlier, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
                 return earlier
             except CORRUPT_CHECKPOINT_ERRORS:  # unreadable too: look further back
                 continue
         return None
+
+
+def _first_device() -> jax.sharding.SingleDeviceSharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _root_cause(err: BaseException, limit: int = 400) -> str:
@@ -119,12 +136,13 @@ def _root_cause(err: BaseException, limit: int = 400) -> str:
     return line if len(line) <= limit else line[:limit] + " ..."
 
 
-# Keys a resumed run may change: they steer logging, checkpoint cadence, the device count (same
-# loss on 1 or N devices) and the final report, never the parameters. Any other change would
-# break "resume continues exactly" and is refused.
+# Keys a resumed run may change: they steer logging, checkpoint cadence, the mesh (same loss on
+# any mesh, within float rounding; checkpoints restore onto any mesh) and the final report, never
+# the parameters. Any other change would break "resume continues exactly" and is refused.
 RESUME_FREE_KEYS = frozenset({
     "run_dir", "train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
-    "train.num_devices", "eval.num_prompts", "eval.max_new_tokens", "eval.prompt_tokens"})
+    "train.num_devices", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.replicate_indivisible",
+    "eval.num_prompts", "eval.max_new_tokens", "eval.prompt_tokens"})
 
 
 def has_checkpoints(run_dir: Path) -> bool:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal
 
 from dflash.config import ConfigError
+from dflash.sharding import MeshConfig
 from dflash.training.data import DataConfig
 from dflash.training.selfdistill import RegenSection
 
@@ -83,7 +84,7 @@ class TrainSection:
     eval_every: int = 100
     save_every: int = 100
     keep_last: int = 3
-    num_devices: int = 0  # 0 = all local devices on the data axis
+    num_devices: int = 0  # removed (the mesh: section places the run); only 0 is accepted, for old runs
 
     def __post_init__(self) -> None:
         _positive("train", batch_size=self.batch_size, num_anchors=self.num_anchors,
@@ -95,9 +96,11 @@ class TrainSection:
             raise ConfigError("train.ce_weight / train.kl_weight must be >= 0 and not both 0")
         if self.gamma < 0:
             raise ConfigError(f"train.gamma must be > 0 (or 0: from the block size), got {self.gamma}")
-        if self.num_devices < 0:
-            raise ConfigError(f"train.num_devices must be >= 0 (0 = all local devices), "
-                              f"got {self.num_devices}")
+        if self.num_devices != 0:
+            raise ConfigError(f"train.num_devices={self.num_devices}: the device count is now set by the "
+                              "mesh: section (mesh.data / mesh.fsdp / mesh.tensor, one of them -1 for the "
+                              f"rest); e.g. mesh.data={self.num_devices} for {self.num_devices} "
+                              "data-parallel devices")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +132,7 @@ class ExperimentConfig:
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+    mesh: MeshConfig = MeshConfig()  # data x fsdp x tensor over all devices (docs/design.md §11)
 
     def __post_init__(self) -> None:
         if self.method == "orthrus":

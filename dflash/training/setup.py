@@ -1,4 +1,5 @@
-"""What a run starts from: the drafter (fresh, warm-started or ``init_from``), its config, the devices.
+"""What a run starts from: the mesh, the drafter (fresh, warm-started or ``init_from``) and its
+optimizer state, all created in their shards (``dflash.sharding``), and the drafter's config.
 
 ``build_drafter_config`` is also what the exporter uses to know a run's drafter architecture
 without loading any weights.
@@ -10,7 +11,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
 
+from dflash import sharding
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter, build_drafter
 from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
 from dflash.errors import TrainingError
@@ -36,20 +41,24 @@ def build_drafter_config(cfg: ExperimentConfig, target: Transformer,
 
 
 def build_method_drafter(cfg: ExperimentConfig, dcfg: DFlashConfig | OrthrusConfig,
-                         target: Transformer) -> DFlashDrafter | OrthrusDrafter:
+                         target: Transformer, mesh: Mesh | None = None) -> DFlashDrafter | OrthrusDrafter:
     """The drafter a run starts from: ``drafter.init_from``, else a fresh one (Orthrus: warm start).
 
     An Orthrus drafter starts as copies of the target's AR attentions; it holds only those
     (the target itself is never copied). ``init_from`` must agree with ``dcfg``
-    (``check_init_from``).
+    (``check_init_from``). With a ``mesh`` every parameter is created or read in its shards.
     """
+    place = dict(mesh=mesh, replicate_indivisible=cfg.mesh.replicate_indivisible)
     if cfg.method == "orthrus":
         if cfg.drafter.init_from:
-            drafter = load_orthrus(cfg.drafter.init_from, target, dtype=jnp.float32)
+            drafter = load_orthrus(cfg.drafter.init_from, target, dtype=jnp.float32, **place)
         else:
-            return OrthrusDrafter.from_target(target, dcfg)
+            return OrthrusDrafter.from_target(target, dcfg)  # copies keep the target's (same-rule) shards
     elif cfg.drafter.init_from:
-        drafter = load_drafter(cfg.drafter.init_from, target.cfg)
+        drafter = load_drafter(cfg.drafter.init_from, target.cfg, **place)
+    elif mesh is not None:
+        return sharding.init_sharded(lambda: DFlashDrafter(dcfg, rngs=nnx.Rngs(cfg.train.seed)), mesh,
+                                     replicate_indivisible=cfg.mesh.replicate_indivisible)
     else:
         return build_drafter(dcfg, seed=cfg.train.seed)
     check_init_from(cfg, dcfg, drafter.cfg)
@@ -69,13 +78,27 @@ def check_init_from(cfg: ExperimentConfig, wanted: DFlashConfig | OrthrusConfig,
                             f"({'; '.join(diffs)}); set these keys to the drafter's values")
 
 
-def data_devices(cfg: ExperimentConfig) -> list[jax.Device]:
-    """The devices of the ``data`` axis (``train.num_devices``, 0 = all); the batch must divide."""
-    devices = jax.devices()[: cfg.train.num_devices or None]
-    if cfg.train.num_devices > len(devices):
-        raise TrainingError(f"train.num_devices={cfg.train.num_devices}, but only {len(devices)} "
-                            f"{jax.default_backend()} devices are present")
-    if cfg.train.batch_size % len(devices):
-        raise TrainingError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
-                            f"{len(devices)} devices of the data axis")
-    return devices
+def build_mesh(cfg: ExperimentConfig, devices: list[jax.Device] | None = None) -> Mesh:
+    """The run's ``(data, fsdp, tensor)`` mesh over ``devices`` (all by default); the batch must divide."""
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    ways = sharding.batch_shards(mesh)
+    if cfg.train.batch_size % ways:
+        raise TrainingError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {ways} batch "
+                            f"shards of the mesh (mesh.data x mesh.fsdp = {dict(mesh.shape)})")
+    return mesh
+
+
+def train_state(drafter: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                replicate_indivisible: bool = False) -> tuple[Any, Any, Any]:
+    """``(graphdef, state, shardings)`` of (drafter, optimizer), the optimizer state made under
+    ``jit`` in the shards of its parameters (ZeRO-3 over fsdp)."""
+    dgraph, dstate = nnx.split(drafter)
+
+    def with_optimizer(dstate: Any) -> tuple[nnx.Module, nnx.Optimizer]:
+        d = nnx.merge(dgraph, dstate)
+        return d, nnx.Optimizer(d, tx, wrt=nnx.Param)
+
+    graphdef, shapes = nnx.split(nnx.eval_shape(lambda: with_optimizer(dstate)))
+    shardings = sharding.tree_shardings(shapes, mesh, replicate_indivisible=replicate_indivisible)
+    state = jax.jit(lambda s: nnx.state(with_optimizer(s)), out_shardings=shardings)(dstate)
+    return graphdef, state, shardings

@@ -12,18 +12,21 @@ Shape letters (docs/architecture.md): B rows, S sequence, A anchors per row, Q b
 
 from __future__ import annotations
 
-from functools import partial
+import contextlib
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dflash import cache as kvc
 from dflash.drafters.dflash import DFlashDrafter
 from dflash.drafters.orthrus import OrthrusDrafter
 from dflash.models.transformer import Transformer
+from dflash.sharding import batch_sharding, tree_shardings
 from dflash.training import objective as obj
 
 
@@ -145,15 +148,28 @@ def cast_module(module: nnx.Module, dtype: jnp.dtype) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
 
 
-def make_step_fns(graphdef: Any, tgraph: Any, step_kw: dict[str, Any], compute: jnp.dtype):
+def make_step_fns(graphdef: Any, tgraph: Any, step_kw: dict[str, Any], compute: jnp.dtype, *,
+                  mesh: Mesh | None = None, state_shardings: Any = None, tstate_shardings: Any = None):
     """Jitted ``train_step(state, tstate, batch, key)`` and ``eval_step(...)``.
 
     ``state`` is the (drafter, optimizer) state and is donated: it is replaced every step. The
     frozen target's ``tstate`` is an ordinary argument: never donated, never differentiated.
+    On a ``mesh`` the steps take and give their states in ``state_shardings`` /
+    ``tstate_shardings``, the batch split over ``data × fsdp``, and the activation constraints
+    of the models (``dflash.sharding.constrain``) are live while they trace.
     """
+    on_mesh = (lambda: jax.sharding.use_abstract_mesh(mesh.abstract_mesh)) if mesh else contextlib.nullcontext
 
-    @partial(jax.jit, donate_argnums=0)
     def train_step(state, tstate, batch, key):
+        with on_mesh():
+            return _train_step(state, tstate, batch, key)
+
+    def eval_step(state, tstate, batch, key):
+        with on_mesh():
+            drafter, _ = nnx.merge(graphdef, state)
+            return drafter_forward(drafter, nnx.merge(tgraph, tstate), batch, key, **step_kw)[1]
+
+    def _train_step(state, tstate, batch, key):
         drafter, optimizer = nnx.merge(graphdef, state)
         target = nnx.merge(tgraph, tstate)
 
@@ -163,13 +179,15 @@ def make_step_fns(graphdef: Any, tgraph: Any, step_kw: dict[str, Any], compute: 
             return drafter_forward(d, t, batch, key, **step_kw, target_metrics=False)
 
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(drafter)
+        if mesh is not None:  # gradients in their params' shards: FSDP reduces them with a reduce-scatter
+            grads = jax.lax.with_sharding_constraint(grads, tree_shardings(grads, mesh))
         metrics["grad_norm"] = optax.tree.norm(grads)
         optimizer.update(drafter, grads)
         return nnx.state((drafter, optimizer)), metrics
 
-    @jax.jit
-    def eval_step(state, tstate, batch, key):
-        drafter, _ = nnx.merge(graphdef, state)
-        return drafter_forward(drafter, nnx.merge(tgraph, tstate), batch, key, **step_kw)[1]
-
-    return train_step, eval_step
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+    rep = NamedSharding(mesh, P())
+    ins = (state_shardings, tstate_shardings, batch_sharding(mesh), rep)
+    return (jax.jit(train_step, donate_argnums=0, in_shardings=ins, out_shardings=(state_shardings, rep)),
+            jax.jit(eval_step, in_shardings=ins, out_shardings=rep))

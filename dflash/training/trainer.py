@@ -5,8 +5,10 @@ drafter fed with target features) and **Orthrus** (diffusion attentions inside e
 target layer; only they are trained). The pieces live beside this file, one job each:
 ``setup`` (drafter, devices), ``rundata`` (packed rows, prompts), ``optim``, ``step`` (the
 jitted train / eval steps), ``checkpoints`` (Orbax, resume policy) and ``evaluation``
-(simulated and real τ). The batch is sharded over a ``data`` mesh axis with parameters
-replicated, so the same config runs on 1 device or many with the same loss.
+(simulated and real τ). The run lives on a ``data × fsdp × tensor`` mesh (``mesh:``, docs/design.md
+§11): the target, the drafter and the optimizer state are created or loaded in their shards, the
+batch is split over ``data × fsdp``, so the same config runs on 1 device or many with the same loss,
+and a checkpoint restores onto any mesh.
 
 Resume is exact: the data stream and the anchor RNG are pure functions of (seed, step), and
 the checkpoint holds the drafter, the optimizer state and the step.
@@ -27,10 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from dflash import sharding
 from dflash.configio import to_dict
 from dflash.distributed import host_local, is_primary, show_progress, sync_processes
 from dflash.drafters.dflash import default_gamma
@@ -52,7 +53,7 @@ from dflash.training.progress import finished_result, log_line, tau_text
 from dflash.training.recovery import restore_latest
 from dflash.training.rundata import prepare_data
 from dflash.training.scalars import Listener, ScalarLog
-from dflash.training.setup import build_drafter_config, build_method_drafter, data_devices
+from dflash.training.setup import build_drafter_config, build_mesh, build_method_drafter, train_state
 from dflash.training.step import make_step_fns, mean_metrics
 
 __all__ = ["TrainingError", "run_training"]
@@ -62,8 +63,8 @@ LOGGED_METRICS = ("loss", "ce", "tau_sim", "grad_norm", "accuracy")  # per optim
 
 def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress: bool = True,
                  final_eval: bool = True, export: bool = True,
-                 stop_after: int | None = None, extend: bool = False,
-                 on_scalars: Listener | None = None) -> dict[str, Any]:
+                 stop_after: int | None = None, extend: bool = False, on_scalars: Listener | None = None,
+                 devices: list[jax.Device] | None = None) -> dict[str, Any]:
     """Trains a drafter (DFlash or Orthrus) per ``cfg``; returns the final metrics (also in ``metrics.json``).
 
     ``resume=None`` resumes when the run directory already holds checkpoints. ``stop_after``
@@ -72,7 +73,7 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     step count (the rest of the run follows the LR schedule of the new total); a run already at
     its final step returns its saved result with ``already_complete``. ``on_scalars(step, values)``
     sees every logged batch of scalars (a notebook's live plot); they also go to TensorBoard and
-    ``scalars.csv``.
+    ``scalars.csv``. ``devices`` (default: all) is what ``mesh:`` spans.
     """
     run_dir = Path(cfg.run_dir)
     if jax.process_count() > 1:  # the processes of one job run the same code, config and data
@@ -88,16 +89,14 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # ---- what the run starts from
+    mesh = build_mesh(cfg, devices)
+    rep = cfg.mesh.replicate_indivisible
     tokenizer = load_tokenizer(cfg.target.name)
-    target = load_target(cfg.target.name, dtype=DTYPES[cfg.target.dtype])
-    drafter = build_method_drafter(cfg, build_drafter_config(cfg, target, tokenizer), target)
+    target = load_target(cfg.target.name, dtype=DTYPES[cfg.target.dtype], mesh=mesh,
+                         replicate_indivisible=rep)
+    drafter = build_method_drafter(cfg, build_drafter_config(cfg, target, tokenizer), target, mesh)
     dcfg = drafter.cfg
-    devices = data_devices(cfg)
-    if jax.process_count() > 1 and len(devices) != jax.device_count():
-        raise TrainingError(f"train.num_devices={cfg.train.num_devices}: a {jax.process_count()}-process run "
-                            f"uses all {jax.device_count()} devices (set 0)")
-    mesh = Mesh(np.asarray(devices), ("data",))
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    batch_sharding = sharding.batch_sharding(mesh)
     # Each process reads only the data lanes its devices' batch rows hold (hostdata.py).
     lanes = process_lanes(batch_sharding, cfg.train.batch_size, cfg.data.seq_len, cfg.data.lanes)
     data = prepare_data(cfg, tokenizer, target, run_dir, show_progress(progress), lanes)
@@ -106,25 +105,26 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
         in_lanes = f"in data lanes of {sizes} rows " if cfg.data.lanes > 1 else ""
         raise TrainingError(f"{sum(sizes)} packed training rows of data.seq_len={cfg.data.seq_len} {in_lanes}"
                             f"cannot fill one batch of train.batch_size={cfg.train.batch_size}")
-    held = heldout_chunks(data.heldout.arrays(), cfg.eval.heldout_rows, cfg.train.batch_size, len(devices))
+    held = heldout_chunks(data.heldout.arrays(), cfg.eval.heldout_rows, cfg.train.batch_size,
+                          sharding.batch_shards(mesh))
     micro = LaneBatches(data.train, cfg.data.lanes, cfg.train.batch_size, cfg.train.seed, sizes)
     accum = cfg.optim.grad_accum
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * micro.steps_per_epoch / accum))
-    optimizer = nnx.Optimizer(drafter, make_optimizer(cfg, total), wrt=nnx.Param)
     schedule = lr_schedule(cfg, total)
 
-    # ---- placement and the jitted steps
-    graphdef, state = nnx.split((drafter, optimizer))
-    state = jax.device_put(state, replicated)
+    # ---- placement (every array in its shards) and the jitted steps
+    graphdef, state, state_shardings = train_state(drafter, make_optimizer(cfg, total), mesh, rep)
     tgraph, tstate = nnx.split(target)
-    tstate = jax.device_put(tstate, replicated)
+    tstate_shardings = sharding.tree_shardings(tstate, mesh, replicate_indivisible=rep)
     ce_weight, kl_weight = cfg.loss_weights
     step_kw = dict(num_anchors=min(cfg.train.num_anchors, cfg.data.seq_len - 1),
                    gamma=cfg.train.gamma or default_gamma(dcfg.block_size), ce_weight=ce_weight,
                    kl_weight=kl_weight, target_labels=cfg.train.labels == "target")
-    train_step, eval_step = make_step_fns(graphdef, tgraph, step_kw, DTYPES[cfg.train.compute_dtype])
+    train_step, eval_step = make_step_fns(graphdef, tgraph, step_kw, DTYPES[cfg.train.compute_dtype],
+                                          mesh=mesh, state_shardings=state_shardings,
+                                          tstate_shardings=tstate_shardings)
 
-    def put(local_rows):  # this process's rows of a global batch
+    def put(local_rows):  # this process's rows of a global batch, straight into their shards
         return global_batch(batch_sharding, local_rows, cfg.train.batch_size)
 
     evaluate = make_evaluate(eval_step, tstate, [full_batch(batch_sharding, b) for b in held])
@@ -133,8 +133,10 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.train.keep_last)
     start, best_tau, best_step, history = 0, -1.0, None, []
     if resume:  # the newest checkpoint that is whole (a damaged newer one is logged and set aside)
-        state, meta, _ = restore_latest(ckpts, state)
-        state = jax.device_put(state, replicated)
+        # Restored straight onto this run's mesh, whatever mesh wrote the checkpoint.
+        targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                               state_shardings)
+        state, meta, _ = restore_latest(ckpts, targets)
         start, best_tau, best_step = int(meta["step"]), float(meta["best_tau"]), meta.get("best_step")
         history = meta.get("history", [])
         if meta.get("total_steps") not in (None, total) and not (extend and total > start):
