@@ -25,6 +25,7 @@ class ForwardOutput(NamedTuple):
     logits: jax.Array | None  # [B, T, V] (float32)
     hidden: jax.Array | None  # [n_requested, B, T, D], outputs of the requested layers
     cache: kvc.KVCache | None  # lengths advanced by T
+    final: jax.Array | None = None  # [B, T, D] final-normed last hidden state (``final_hidden=True``)
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype, std: float = 0.02) -> nnx.Param:
@@ -169,6 +170,11 @@ class Transformer(nnx.Module):
         """Final norm + LM head, float32 logits ``[B, T, V]``."""
         return self.unembed(self.norm(h_BTD))
 
+    def head_weight(self) -> jax.Array:
+        """The LM head as ``[D, V]`` (the embedding, transposed, when tied): for loss heads that
+        apply it to row chunks (``dflash.training.loss_head``) instead of all rows at once."""
+        return self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+
     def unembed(self, x_BTD: jax.Array) -> jax.Array:
         """The LM head alone (drafters apply their own final norm first)."""
         if self.lm_head is None:
@@ -185,6 +191,7 @@ class Transformer(nnx.Module):
         block_mask: jax.Array | None = None,
         hidden_layers: tuple[int, ...] = (),
         compute_logits: bool = True,
+        final_hidden: bool = False,
     ) -> ForwardOutput:
         """Runs the decoder over a block of ``T`` new tokens.
 
@@ -192,6 +199,8 @@ class Transformer(nnx.Module):
         committed prefix plus the block under ``block_mask`` (``[T,T]`` or ``[B,T,T]``,
         default causal), and the returned cache has ``lengths + T``: roll back with
         ``cache.with_lengths``. Without a cache, attention is over the block alone.
+        ``final_hidden``: also return the final-normed last hidden state (``logits`` without the
+        LM head), so a chunked loss head never holds ``[B, T, V]`` logits.
         """
         b, t = tokens_BT.shape
         if block_mask is None:
@@ -225,9 +234,10 @@ class Transformer(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = kvc.KVCache(k=k_all, v=v_all, lengths=cache.lengths + t)
-        logits = self.logits(x_BTD) if compute_logits else None
+        final = self.norm(x_BTD) if compute_logits or final_hidden else None
+        logits = self.unembed(final) if compute_logits else None
         hidden_arr = jnp.stack(hidden) if hidden_layers else None
-        return ForwardOutput(logits, hidden_arr, new_cache)
+        return ForwardOutput(logits, hidden_arr, new_cache, final if final_hidden else None)
 
 
 def build(cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0) -> Transformer:
