@@ -7,11 +7,14 @@ jitted step retraces when it changes and never mixes implementations.
 
 * ``reference``: the pure-jnp path, bit-for-bit what the models computed before kernels.
 * ``pallas``: the Pallas kernels where they apply: the target's attention for blocks of
-  ``T <= 128`` new tokens (decode / verify; prefill keeps the reference), the DFlash
-  drafter's anchor-block attention always. On CPU they run in interpret mode (slow; for
+  ``T <= 128`` new tokens (decode / verify), the DFlash drafter's anchor-block attention
+  always, and the flash prefill kernel for packed training rows (``segment_ids``; TPU
+  layout). On CPU they run in interpret mode (slow; for
   tests). On a TPU/GPU, shapes the kernel cannot lower (see ``hardware_problem``) raise.
 * ``auto``: ``pallas`` on TPU/GPU where the shapes are supported, else ``reference``;
-  ``reference`` on CPU, so CPU defaults are unchanged.
+  ``reference`` on CPU, so CPU defaults are unchanged. Packed-row prefill (``segment_ids``)
+  never falls back to the dense ``[S, S]`` reference under ``auto``: without the kernel it
+  runs the chunked jnp form (memory O(S * chunk)).
 
 Under differentiation both kernels are the reference (custom VJP), so training is
 unaffected by the choice.
@@ -24,6 +27,11 @@ from flax import nnx
 
 from dflash.kernels.anchor_attention import anchor_block_attention, reference_anchor_block_attention
 from dflash.kernels.common import is_pow2, platform
+from dflash.kernels.prefill_attention import (
+    chunked_prefill_attention,
+    reference_prefill_attention,
+)
+from dflash.kernels.prefill_attention import prefill_attention as _prefill_kernel
 from dflash.kernels.verify_attention import MAX_BLOCK_LEN
 from dflash.kernels.verify_attention import verify_attention as _verify_kernel
 
@@ -96,6 +104,27 @@ def anchor_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, 
     if _wants_kernel(impl, problem):
         return anchor_block_attention(*args, interpret=platform() == "cpu")
     return reference_anchor_block_attention(*args)
+
+
+def prefill_problem(head_dim: int, kv_heads: int) -> str | None:
+    """Why the compiled prefill kernel cannot run here, or None (its layout is Mosaic's)."""
+    if platform() == "gpu":
+        return "the prefill kernel has a TPU (Mosaic) layout only; GPUs run the chunked form"
+    return hardware_problem(head_dim, kv_heads, 1)
+
+
+def prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, *, impl: str):
+    """Causal same-document attention of packed rows under ``impl``: ``[B,S,N,H]``.
+
+    ``reference``: the dense ``attend`` (``[S, S]`` scores); ``pallas``: the flash kernel;
+    ``auto``: the kernel where it compiles, else the chunked jnp form.
+    """
+    args = (q_BSNH, k_BSKH, v_BSKH, segment_ids_BS)
+    if check_impl(impl) == "reference":
+        return reference_prefill_attention(*args)
+    if _wants_kernel(impl, prefill_problem(q_BSNH.shape[3], k_BSKH.shape[2])):
+        return _prefill_kernel(*args, interpret=platform() == "cpu")
+    return chunked_prefill_attention(*args)
 
 
 def set_attention_impl(model: nnx.Module, impl: str) -> nnx.Module:

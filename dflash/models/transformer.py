@@ -192,6 +192,7 @@ class Transformer(nnx.Module):
         hidden_layers: tuple[int, ...] = (),
         compute_logits: bool = True,
         final_hidden: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> ForwardOutput:
         """Runs the decoder over a block of ``T`` new tokens.
 
@@ -201,8 +202,13 @@ class Transformer(nnx.Module):
         ``cache.with_lengths``. Without a cache, attention is over the block alone.
         ``final_hidden``: also return the final-normed last hidden state (``logits`` without the
         LM head), so a chunked loss head never holds ``[B, T, V]`` logits.
+        ``segment_ids`` ``[B, T]`` (packed training rows, instead of ``block_mask``): causal
+        attention within each document through ``dispatch.prefill_attention``, never a
+        ``[T, T]`` mask (memory O(T * chunk)); a cache, if any, must be empty with T slots.
         """
         b, t = tokens_BT.shape
+        if segment_ids is not None and (block_mask is not None or (cache is not None and cache.max_len != t)):
+            raise ValueError("segment_ids replaces block_mask, and needs no cache or an empty one of T slots")
         if block_mask is None:
             block_mask = kvc.causal_mask(t)
         cos, sin = rope_cos_sin(self.cfg, positions_BT)
@@ -210,7 +216,7 @@ class Transformer(nnx.Module):
             slots_BT = kvc.block_slots(cache.lengths, t)
             mask_BTS = kvc.visibility(cache.lengths, cache.max_len, block_mask)
             k_all, v_all = cache.k, cache.v
-        else:
+        elif segment_ids is None:
             mask_BTS = jnp.broadcast_to(block_mask, (b, t, t))
         want = {layer: i for i, layer in enumerate(hidden_layers)}
         hidden: list[jax.Array | None] = [None] * len(hidden_layers)
@@ -218,11 +224,15 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x_BTD)
             q, k, v = layer.self_attn.qkv(h, cos, sin)
+            k_new, v_new = k, v
             if cache is not None:
                 k_all = kvc.write_layer(k_all, i, k, slots_BT)
                 v_all = kvc.write_layer(v_all, i, v, slots_BT)
                 k, v = k_all[i], v_all[i]
-            if dispatch.use_verify_kernel(self.attention_impl, q, k):
+            if segment_ids is not None:
+                attn_BTD = dispatch.prefill_attention(q, k_new, v_new, segment_ids,
+                                                      impl=self.attention_impl).reshape(b, t, -1)
+            elif dispatch.use_verify_kernel(self.attention_impl, q, k):
                 lengths_B = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
                 attn_BTD = dispatch.verify_attention(q, k, v, lengths_B, block_mask).reshape(b, t, -1)
             else:

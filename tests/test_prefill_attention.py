@@ -1,0 +1,92 @@
+"""Memory-bounded prefill attention (chunked jnp and the Pallas kernel) equals dense ``attend``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dflash import cache as kvc
+from dflash.config import ModelConfig
+from dflash.kernels import dispatch
+from dflash.kernels import prefill_attention as pa
+from dflash.models import transformer as tr
+
+
+def make_qkv(seed=0, b=2, s=37, n=4, kh=2, h=16, dtype=jnp.float32, docs=4):
+    rng = np.random.default_rng(seed)
+    f = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
+    seg = np.sort(rng.integers(0, docs, (b, s)), axis=1)  # packed documents; 0 = padding runs too
+    return f(b, s, n, h), f(b, s, kh, h), f(b, s, kh, h), jnp.asarray(seg, jnp.int32)
+
+
+def dense(q, k, v, seg):
+    """The model's attention exactly as the trainer builds it: tril & same segment, then ``attend``."""
+    b, s = seg.shape
+    mask = jnp.tril(jnp.ones((s, s), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+    return tr.attend(q, k, v, mask).reshape(q.shape)
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 100])
+def test_chunked_equals_dense(chunk):
+    q, k, v, seg = make_qkv()
+    np.testing.assert_allclose(np.asarray(pa.chunked_prefill_attention(q, k, v, seg, chunk=chunk)),
+                               np.asarray(dense(q, k, v, seg)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pa.reference_prefill_attention(q, k, v, seg)),
+                                  np.asarray(dense(q, k, v, seg)))
+
+
+@pytest.mark.parametrize("shape,tiles", [
+    (dict(b=2, s=37, n=4, kh=2, h=16), (8, 16)),   # S not a multiple of either tile
+    (dict(b=1, s=64, n=6, kh=2, h=8), (16, 8)),    # kv tile smaller than the query tile; G = 3
+    (dict(b=3, s=20, n=2, kh=2, h=16), (32, 32)),  # one tile bigger than S; G = 1
+])
+def test_kernel_equals_dense_in_interpret_mode(shape, tiles):
+    q, k, v, seg = make_qkv(**shape)
+    got = pa.prefill_attention(q, k, v, seg, q_tile=tiles[0], kv_tile=tiles[1], interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(dense(q, k, v, seg)), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_bf16_and_gradient_is_the_chunked_form():
+    q, k, v, seg = make_qkv(seed=1, dtype=jnp.bfloat16)
+    got = pa.prefill_attention(q, k, v, seg, q_tile=8, kv_tile=8, interpret=True)
+    want = dense(q, k, v, seg)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2)
+    q, k, v, seg = make_qkv(seed=2)
+    loss = lambda fn: lambda q, k, v: (fn(q, k, v, seg) ** 2).sum()  # noqa: E731
+    g_kernel = jax.grad(loss(lambda *a: pa.prefill_attention(*a, q_tile=8, kv_tile=8, interpret=True)),
+                        argnums=(0, 1, 2))(q, k, v)
+    g_dense = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_kernel, g_dense, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_shapes_are_refused():
+    q, k, v, seg = make_qkv()
+    with pytest.raises(ValueError, match="k/v must be"):
+        pa.prefill_attention(q, k[:, :5], v[:, :5], seg)
+    with pytest.raises(ValueError, match="segment_ids"):
+        pa.prefill_attention(q, k, v, seg[:, :5])
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference", "pallas"])
+def test_model_segment_ids_equal_the_dense_doc_mask(impl):
+    """``Transformer(segment_ids=...)`` == the dense doc mask the trainer used, without and with a cache."""
+    cfg = ModelConfig(model_type="qwen3", vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+    model = dispatch.set_attention_impl(tr.build(cfg, seed=3), impl)
+    _, _, _, seg = make_qkv(b=2, s=23, docs=3)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 61, (2, 23)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(23), (2, 23))
+    mask = jnp.tril(jnp.ones((23, 23), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+    want = model(tokens, pos, block_mask=mask, final_hidden=True)
+    got = model(tokens, pos, segment_ids=seg, final_hidden=True)
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.final), np.asarray(want.final), rtol=1e-4, atol=1e-5)
+    want_c = model(tokens, pos, kvc.init_cache(cfg, 2, 23), block_mask=mask)
+    got_c = model(tokens, pos, kvc.init_cache(cfg, 2, 23), segment_ids=seg)
+    np.testing.assert_allclose(np.asarray(got_c.cache.k), np.asarray(want_c.cache.k), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_c.logits), np.asarray(want_c.logits), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="segment_ids replaces block_mask"):
+        model(tokens, pos, block_mask=mask, segment_ids=seg)
