@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from dflash.config import ConfigError
 from dflash.configio import load_yaml
@@ -26,9 +28,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue from the last checkpoint (default when the run dir has one)")
     resume.add_argument("--no-resume", dest="resume", action="store_false")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile the config's real train step for --topology on abstract sharded state and "
+                        "print the memory / FLOP plan (no weights, tokenizer or data; needs libtpu)")
+    p.add_argument("--topology", default=None, help="TPU slice for --compile-only (dflash.plan.TOPOLOGIES)")
+    p.add_argument("--json", default=None, metavar="OUT", help="--compile-only: also write the plan here")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     overrides += [f"drafter.init_from={args.init_from}"] if args.init_from else []
+    if args.compile_only:
+        return _compile_only(args, overrides)
     try:
         cfg = load_yaml(ExperimentConfig, args.config, overrides)
         result = run_training(cfg, resume=args.resume, progress=not args.no_progress)
@@ -46,6 +55,25 @@ def main(argv: list[str] | None = None) -> int:
               f"prompt-lookup (n-gram) {result['tau_ngram']:.2f}"
               + (f" | both in one tree (--ngram-branch) {result['tau_with_ngram']:.2f}"
                  if "tau_with_ngram" in result else ""))
+    return 0
+
+
+def _compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
+    from dflash.plan import TOPOLOGIES, summary, train_plan
+
+    if not args.topology:
+        print(f"dflash-train: error: --compile-only needs --topology (one of {', '.join(TOPOLOGIES)})",
+              file=sys.stderr)
+        return 2
+    try:
+        cfg = load_yaml(ExperimentConfig, args.config, overrides)
+        plan = train_plan(cfg, args.topology, config_name=args.config)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"dflash-train: error: {err}", file=sys.stderr)
+        return 2
+    print(summary(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan, indent=1))
     return 0
 
 

@@ -122,6 +122,7 @@ class DFlashDrafter(nnx.Module):
     """Parameters only; the context cache goes in and comes out."""
 
     attention_impl = "auto"  # auto | pallas | reference: dflash.kernels.dispatch.set_attention_impl
+    remat = False  # training: recompute each layer in the backward (``train.remat``; static, like the above)
 
     def __init__(self, cfg: DFlashConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -173,8 +174,10 @@ class DFlashDrafter(nnx.Module):
         cos_q, sin_q = self._rope(q_pos_BAK)
         cos_c, sin_c = rope_cos_sin(self.layer_cfg, ctx_pos_BS)
         for layer in self.layers:
-            k_ctx, v_ctx = layer.self_attn.kv(ctx_BSD, cos_c, sin_c)
-            x_BAKD = self._layer(layer, x_BAKD, cos_q, sin_q, k_ctx, v_ctx, ctx_mask_BAS)
+            def run(x_BAKD, ctx_BSD, layer=layer):
+                k_ctx, v_ctx = layer.self_attn.kv(ctx_BSD, cos_c, sin_c)
+                return self._layer(layer, x_BAKD, cos_q, sin_q, k_ctx, v_ctx, ctx_mask_BAS)
+            x_BAKD = (jax.checkpoint(run) if self.remat else run)(x_BAKD, ctx_BSD)
         return self.norm(x_BAKD)
 
     # ------------------------------------------------------------------ inference path

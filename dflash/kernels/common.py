@@ -7,6 +7,9 @@ program, C keys of one kv tile, H head dim.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 
@@ -92,8 +95,27 @@ def poison_outputs(poison: bool, in_specs: list, args: list, out_shapes, out_spe
     return aliases
 
 
+_COMPILING_FOR: list[str] = []  # innermost ``compiling_for`` platform, if any
+
+
+@contextlib.contextmanager
+def compiling_for(where: str) -> Iterator[None]:
+    """Traces inside it pick kernels for ``where`` (``tpu``/``gpu``) whatever the default backend:
+    ahead-of-time plans (dflash.plan) compile the real Mosaic kernels on a CPU-only host."""
+    if where not in ("tpu", "gpu", "cpu"):
+        raise ValueError(f"compiling_for: platform must be tpu, gpu or cpu, got {where!r}")
+    _COMPILING_FOR.append(where)
+    try:
+        yield
+    finally:
+        _COMPILING_FOR.pop()
+
+
 def platform() -> str:
-    """``tpu``, ``gpu`` or ``cpu`` (the default backend, where kernels would run)."""
+    """``tpu``, ``gpu`` or ``cpu`` (the default backend, where kernels would run, unless a
+    ``compiling_for`` block says otherwise)."""
+    if _COMPILING_FOR:
+        return _COMPILING_FOR[-1]
     backend = jax.default_backend()
     return backend if backend in ("tpu", "gpu") else "cpu"
 

@@ -12,12 +12,14 @@ jitted step retraces when it changes and never mixes implementations.
   layout). On CPU they run in interpret mode (slow; for
   tests). On a TPU/GPU, shapes the kernel cannot lower (see ``hardware_problem``) raise.
 * ``auto``: ``pallas`` on TPU/GPU where the shapes are supported, else ``reference``;
-  ``reference`` on CPU, so CPU defaults are unchanged. Packed-row prefill (``segment_ids``)
+  ``reference`` on CPU, except for the memory-bounded forms: the drafter's anchor attention
+  runs the reference in anchor chunks (``chunked_anchor_block_attention``: the same values,
+  rematerialised per chunk in the backward). Packed-row prefill (``segment_ids``)
   never falls back to the dense ``[S, S]`` reference under ``auto``: without the kernel it
   runs the chunked jnp form (memory O(S * chunk)).
 
-Under differentiation both kernels are the reference (custom VJP), so training is
-unaffected by the choice.
+Under differentiation the kernels are their jnp forms (custom VJP): verify the reference,
+anchor and prefill the chunked forms, so training gets the same values either way.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from dflash.kernels.anchor_attention import anchor_block_attention, reference_anchor_block_attention
+from dflash.kernels.anchor_attention import (
+    anchor_block_attention,
+    chunked_anchor_block_attention,
+    reference_anchor_block_attention,
+)
 from dflash.kernels.common import is_pow2, platform
 from dflash.kernels.prefill_attention import (
     chunked_prefill_attention,
@@ -103,6 +109,8 @@ def anchor_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, 
     args = (q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS)
     if _wants_kernel(impl, problem):
         return anchor_block_attention(*args, interpret=platform() == "cpu")
+    if impl == "auto":  # the memory-bounded form (equal to the reference when A <= its chunk)
+        return chunked_anchor_block_attention(*args)
     return reference_anchor_block_attention(*args)
 
 

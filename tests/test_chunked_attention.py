@@ -1,4 +1,5 @@
-"""Memory-bounded prefill attention (chunked jnp and the Pallas kernel) equals dense ``attend``."""
+"""Memory-bounded attention: prefill (chunked jnp, Pallas kernel) and the drafter's chunked anchor
+attention equal their dense references."""
 
 from __future__ import annotations
 
@@ -90,3 +91,26 @@ def test_model_segment_ids_equal_the_dense_doc_mask(impl):
     np.testing.assert_allclose(np.asarray(got_c.logits), np.asarray(want_c.logits), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="segment_ids replaces block_mask"):
         model(tokens, pos, block_mask=mask, segment_ids=seg)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16])  # A = 7: dividing, non-dividing, one chunk, bigger
+def test_chunked_anchor_attention_equals_the_reference_value_and_gradient(chunk):
+    from dflash.kernels import anchor_attention as aa
+
+    rng = np.random.default_rng(5)
+    b, a, qn, n, kh, h, s = 2, 7, 4, 4, 2, 8, 19
+    f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    args = (f(b, a, qn, n, h), f(b, s, kh, h), f(b, s, kh, h), f(b, a, qn, kh, h), f(b, a, qn, kh, h))
+    mask = jnp.asarray(rng.random((b, a, s)) < 0.6).at[0, 3].set(False)  # one block sees no context
+
+    def loss(fn):
+        return lambda *x: (fn(*x, mask) ** 2).sum()
+
+    want = jax.value_and_grad(loss(aa.reference_anchor_block_attention), argnums=range(5))(*args)
+    got = jax.jit(jax.value_and_grad(loss(lambda *x: aa.chunked_anchor_block_attention(*x, chunk=chunk)),
+                                     argnums=range(5)))(*args)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    for g, w in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+    kernel_grad = jax.grad(loss(lambda *x: aa.anchor_block_attention(*x, interpret=True)))(*args)
+    np.testing.assert_allclose(np.asarray(kernel_grad), np.asarray(want[1][0]), rtol=1e-4, atol=1e-5)
