@@ -16,10 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dflash.config import ModelConfig
-
-
-class CacheOverflowError(ValueError):
-    """A prompt or generation would not fit in the cache's ``max_len`` slots."""
+from dflash.errors import CacheOverflowError
 
 
 @jax.tree_util.register_dataclass

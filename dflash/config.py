@@ -11,11 +11,9 @@ import dataclasses
 import math
 from typing import Any
 
+from dflash.errors import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names it."""
 
 
 def check_block_drafter(name: str, *, block_size: int, num_layers: int, mask_token_id: int, vocab_size: int,

@@ -206,6 +206,7 @@ def _drafter_and_optimizer(cfg: Any, tcfg: ModelConfig, total_steps: int) -> tup
 
     def both():
         d = drafter()
+        d.remat = cfg.train.remat  # as setup.build_method_drafter does
         return d, nnx.Optimizer(d, make_optimizer(cfg, total_steps), wrt=nnx.Param)
 
     return dcfg, layer_cfg, both
@@ -216,10 +217,9 @@ def train_plan(cfg: Any, topology: str, mesh: Any = None, *, config_name: str = 
 
     ``mesh``: a MeshConfig / ``(data, fsdp, tensor)``; default the config's ``mesh:`` section.
     """
-    from dflash.drafters.dflash import default_gamma
     from dflash.flops import train_step_flops
     from dflash.training.setup import DTYPES
-    from dflash.training.step import make_step_fns
+    from dflash.training.step import make_step_fns, step_options
 
     shd = sharding_module()
     topo = get_topology(topology)
@@ -234,14 +234,11 @@ def train_plan(cfg: Any, topology: str, mesh: Any = None, *, config_name: str = 
     batch = {name: jax.ShapeDtypeStruct((b, s), dtype, sharding=batch_spec(m, 2))
              for name, dtype in (("tokens", jnp.int32), ("loss_mask", jnp.bool_),
                                  ("segment_ids", jnp.int32), ("positions", jnp.int32))}
-    ce_weight, kl_weight = cfg.loss_weights
-    step_kw = dict(num_anchors=min(cfg.train.num_anchors, s - 1), gamma=cfg.train.gamma
-                   or default_gamma(dcfg.block_size), ce_weight=ce_weight, kl_weight=kl_weight,
-                   target_labels=cfg.train.labels == "target")
+    step_kw = step_options(cfg, dcfg.block_size)
     train_step, _ = make_step_fns(graphdef, tgraph, step_kw, DTYPES[cfg.train.compute_dtype])
     compiled, seconds = compile_for_topology(train_step, (state, tstate, batch, abstract_key(m)), m)
     mem = memory(compiled)
-    needs_logits = kl_weight > 0 or step_kw["target_labels"] or cfg.method == "orthrus"
+    needs_logits = step_kw["kl_weight"] > 0 or step_kw["target_labels"] or cfg.method == "orthrus"
     flops = train_step_flops(cfg.method, tcfg, layer_cfg, batch=b, seq=s, anchors=step_kw["num_anchors"],
                              block=dcfg.block_size, feature_layers=getattr(dcfg, "target_layer_ids", ()),
                              target_logits=needs_logits, remat=cfg.train.remat)

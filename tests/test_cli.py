@@ -40,4 +40,4 @@ def test_generate_errors_are_clear(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["--prompt", "x", "--ngram-branch", "--verify", "block"])
     assert exit_info.value.code == 2
-    assert "--verify, --ngram-branch only apply to speculative decoding" in capsys.readouterr().err
+    assert "--verify, --ngram-branch apply only to speculative decoding" in capsys.readouterr().err

@@ -21,12 +21,13 @@ from safetensors.numpy import load_file, save_file
 from dflash.cli.export import main as export_main
 from dflash.config import PRESETS
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter, build_drafter
+from dflash.errors import TrainingError
 from dflash.export import load_drafter, save_drafter
 from dflash.export.dflash_hf import DRAFTER_TABLE, SHIPPED_DRAFTERS, config_from_hf
 from dflash.models import CheckpointError, load_target
 from dflash.models.loading import weight_pairs
 from dflash.models.tokenizer import load_tokenizer
-from dflash.training.trainer import TrainingError, run_training
+from dflash.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +158,7 @@ def test_published_qwen3_8b_layout_maps_onto_the_preset():
     v5 = {k: v for k, v in published.items() if k not in ("rope_theta", "rope_scaling")}
     v5["rope_parameters"] = {"rope_theta": 1000000.0, "rope_type": "default"}
     assert config_from_hf(v5) == cfg
-    # Every tensor name the exporter writes for this drafter is one of DESIGN.md §8.
+    # Every tensor name the exporter writes for this drafter is one of docs/design.md §8.
     model = nnx.eval_shape(lambda: DFlashDrafter(cfg, rngs=nnx.Rngs(0)))
     present = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))}
     names = {hf for hf, _, _ in weight_pairs(DRAFTER_TABLE, cfg.num_layers, present)}
@@ -252,3 +253,56 @@ def test_export_errors_are_clear(run, tmp_path, capsys):
     shutil.copytree(run / "checkpoints", bare / "checkpoints")
     assert _export("--run", bare, "--out", tmp_path / "o5") == 2
     assert "config.yaml is missing" in capsys.readouterr().err
+
+
+def test_exports_and_shipped_assets_are_world_readable(run, tmp_path, capsys):
+    """A serving container running as another user must be able to read an export."""
+    old = os.umask(0o022)
+    try:
+        assert _export("--run", run, "--out", tmp_path / "e", "--with-target") == 0
+    finally:
+        os.umask(old)
+    files = [f for f in (tmp_path / "e").rglob("*") if f.is_file()]
+    assert {f.name for f in files} >= {"model.safetensors", "config.json"} and len(files) > 2
+    assert {f.relative_to(tmp_path): oct(f.stat().st_mode & 0o777) for f in files} == {
+        f.relative_to(tmp_path): oct(0o644) for f in files}
+    shipped = [f for f in (ROOT / "dflash" / "assets").rglob("*") if f.is_file()]
+    assert shipped and all(f.stat().st_mode & 0o044 == 0o044 for f in shipped)
+    listed = subprocess.run(["git", "ls-files", "-s", "dflash/assets"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.splitlines()
+    assert listed and {line.split()[0] for line in listed} == {"100644"}  # what a clone checks out
+
+
+def test_a_truncated_checkpoint_is_a_short_message_naming_what_to_use(run, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    for f in (broken / "checkpoints" / "4" / "state").rglob("d/*"):  # every data file of step 4
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert _export("--run", broken, "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) < 20 and "TensorStore(" not in err, err
+    assert f"checkpoint step 4 in {broken / 'checkpoints'} could not be restored" in err
+    assert str(broken / "checkpoints" / "4" / "state") in err  # the damaged file's place
+    assert f"previous good step is 2: export it with `dflash-export --run {broken} --step 2" in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    assert _export("--run", broken, "--out", tmp_path / "o", "--verbose") == 2
+    assert len(capsys.readouterr().err.splitlines()) > 20  # the full detail, on request
+    assert _export("--run", broken, "--step", "2", "--out", tmp_path / "o2") == 0
+
+
+def test_export_reads_the_drafter_only_not_the_optimizer_moments(run, tmp_path, capsys):
+    """A damaged optimizer moment must not stop an export: it only needs the drafter's weights."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    meta_file = damaged / "checkpoints" / "4" / "state" / "_METADATA"
+    meta = json.loads(meta_file.read_text())
+    moments = [k for k in meta["tree_metadata"] if k.startswith("('1', 'opt_state'") and "'nu'" in k]
+    entry = meta["tree_metadata"].pop(moments[0])  # point one moment at an array that is not stored
+    entry["key_metadata"][-2]["key"] += "_gone"
+    meta["tree_metadata"][moments[0].replace("'value')", "'gone', 'value')")] = entry
+    meta_file.write_text(json.dumps(meta))
+    assert _export("--run", damaged, "--out", tmp_path / "e") == 0, capsys.readouterr().err
+    ours, final = _tensors(tmp_path / "e"), _tensors(run / "export")
+    assert set(ours) == set(final)
+    for name in final:
+        np.testing.assert_array_equal(ours[name], final[name], err_msg=name)

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dflash.attention import attend
 from dflash.config import ModelConfig
 from dflash.drafters.dflash import DFlashConfig, build_drafter, default_gamma, default_target_layer_ids
 from dflash.models import build
-from dflash.models.transformer import attend, rope_cos_sin
+from dflash.models.transformer import rope_cos_sin
 from dflash.training import objective as obj
 
 

@@ -18,6 +18,7 @@ from test_verify import VOCAB as EXACT_VOCAB
 from test_verify import assert_first_three_follow, exact  # noqa: F401  (exact: a fixture)
 
 from dflash import cache as kvc
+from dflash.attention import attend
 from dflash.config import ConfigError, ModelConfig
 from dflash.configio import load_yaml
 from dflash.decoding import generate
@@ -34,10 +35,12 @@ from dflash.export.orthrus_hf import (
 )
 from dflash.models import CheckpointError, build, load_target, save_target
 from dflash.models.loading import SHIPPED
-from dflash.models.transformer import attend, rope_cos_sin
+from dflash.models.transformer import rope_cos_sin
 from dflash.training import objective as obj
 from dflash.training.config import ExperimentConfig
-from dflash.training.trainer import make_optimizer, make_step_fns, run_training
+from dflash.training.optim import make_optimizer
+from dflash.training.step import make_step_fns
+from dflash.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +92,7 @@ def test_warm_start_holds_only_diff_params_copied_into_new_buffers(target):
 
 
 def _dense_reference(drafter, target, k_ar_LPKH, v_ar_LPKH, anchor, p: int, k: int):
-    """One block by the letter of DESIGN §6, with the plain ``attend`` over [AR prefix ; block]."""
+    """One block by the letter of docs/design.md §6, with the plain ``attend`` over [AR prefix ; block]."""
     block = jnp.asarray([[anchor] + [MASK] * (k - 1)])
     cos, sin = rope_cos_sin(CFG, p + jnp.arange(k)[None])
     x = target.embed(block)

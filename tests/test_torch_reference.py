@@ -1,4 +1,4 @@
-"""An independent PyTorch DFlash drafter, written from DESIGN.md §5 on `transformers`' Qwen3
+"""An independent PyTorch DFlash drafter, written from docs/design.md §5 on `transformers`' Qwen3
 building blocks, loads our exported directory and must agree with the JAX drafter; a greedy
 speculative loop written in PyTorch must reproduce our engine's tokens and acceptance lengths.
 
@@ -112,7 +112,7 @@ class RefDFlash(nn.Module):
 
 def ref_speculative_greedy(target, drafter: RefDFlash, prompt: list[int], max_new: int,
                            eos: set[int]) -> tuple[list[int], list[int]]:
-    """Greedy DFlash decoding, uncached and step by step (DESIGN.md §5/§7): tokens, accepted+1 per step."""
+    """Greedy DFlash decoding, uncached, step by step (docs/design.md §5/§7): tokens, accepted+1 per step."""
     gen = [int(target(torch.tensor([prompt])).logits[0, -1].argmax())]
     accs: list[int] = []
     while gen[-1] not in eos and len(gen) < max_new:

@@ -18,10 +18,13 @@ from safetensors.numpy import load_file
 from dflash.config import ConfigError, ModelConfig
 from dflash.configio import load_yaml
 from dflash.drafters.dflash import DFlashConfig, build_drafter
+from dflash.errors import TrainingError
 from dflash.export import load_drafter
 from dflash.models import build
 from dflash.training.config import ExperimentConfig
-from dflash.training.trainer import TrainingError, make_optimizer, make_step_fns, run_training
+from dflash.training.optim import make_optimizer
+from dflash.training.step import make_step_fns
+from dflash.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +170,7 @@ def test_train_step_without_target_logits_has_the_same_loss_and_gradient():
     loss needs no target logits; the loss and its gradient are unchanged, the simulated tau is
     then measured against the labels, and the KL term without target logits is refused."""
     from dflash.training import objective as obj
-    from dflash.training.trainer import block_forward
+    from dflash.training.step import block_forward
 
     cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
                       num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
@@ -254,7 +257,7 @@ def test_bf16_compute_keeps_fp32_master_weights_and_trains():
 def test_config_errors_name_the_key(override, match, tmp_path):
     from dflash.models import load_target
     from dflash.models.tokenizer import load_tokenizer
-    from dflash.training.trainer import build_drafter_config
+    from dflash.training.setup import build_drafter_config
 
     with pytest.raises(ConfigError, match=match):
         cfg = load_yaml(ExperimentConfig, ROOT / "configs/tiny_code.yaml", [override])
@@ -360,7 +363,7 @@ def test_regenerated_documents_are_the_targets_greedy_continuations(run_config, 
     # Data stored by other regen settings (e.g. a crashed run restarted with a new config) is
     # never reused: it is made again for the new settings, and again identically for the old.
     from dflash.models.tokenizer import load_tokenizer
-    from dflash.training.trainer import prepare_data
+    from dflash.training.rundata import prepare_data
 
     tok, stored = load_tokenizer(tiny_target), tmp_path / "run" / "regenerated.npz"
     first = load_documents_npz(stored)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
 from dflash.cache import CacheOverflowError
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.decoding import SamplingParams
 from dflash.decoding.drafters import resolve_method
@@ -21,10 +22,10 @@ from dflash.models.tokenizer import eos_ids, load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-bench", description=__doc__)
+    p = make_parser("dflash-bench", __doc__)
     p.add_argument("--target", default="tiny-code")
     p.add_argument("--drafter", default="tiny-code-dflash",
-                   help="exported drafter dir / hub id / shipped name")
+                   help="exported drafter dir / dflash-train run dir (its export/) / hub id / shipped name")
     p.add_argument("--also", action="append", default=[], metavar="DRAFTER",
                    help="another drafter to run side by side on the same prompts (repeatable; "
                         "method name 'also:DRAFTER' in the table and JSON)")

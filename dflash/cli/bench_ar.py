@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 from dflash.bench import ar_vs_transformers, write_json
+from dflash.cli.parser import make_parser
 from dflash.training.tiny_corpus import heldout_prompts
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-bench-ar", description=__doc__)
+    p = make_parser("dflash-bench-ar", __doc__)
     p.add_argument("--target", default="tiny-code")
     p.add_argument("--num-prompts", type=int, default=4, help="held-out stdlib code prompts")
     p.add_argument("--max-new-tokens", type=int, default=256)

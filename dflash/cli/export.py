@@ -6,18 +6,19 @@ layout (delta or full). See docs/export.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.export.from_run import EXPORT_DTYPES, export_checkpoint
 from dflash.models import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-export", description=__doc__)
+    p = make_parser("dflash-export", __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="run directory of dflash-train (uses --step)")
     src.add_argument("--checkpoint", type=Path, help="one checkpoint: RUN/checkpoints/<step>")
@@ -31,11 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--with-target", dest="with_target", action="store_true", default=None,
                         help="also copy the target to OUT/target (default: only for shipped targets)")
     target.add_argument("--no-target", dest="with_target", action="store_false")
+    p.add_argument("--verbose", action="store_true", help="on an error, also print its full detail")
     args = p.parse_args(argv)
     try:
         info = export_checkpoint(args.out, run_dir=args.run, checkpoint=args.checkpoint, step=args.step,
                                  dtype=args.dtype, with_target=args.with_target, form=args.form)
     except (CheckpointError, ConfigError, FileNotFoundError) as err:
+        if args.verbose:
+            traceback.print_exception(err)
         print(f"dflash-export: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(info))

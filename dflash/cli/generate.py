@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from dflash.cache import CacheOverflowError
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.decoding import SamplingParams, generate
 from dflash.decoding.drafters import resolve_method
@@ -25,13 +26,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dflash-generate", description=__doc__)
+    p = make_parser("dflash-generate", __doc__)
     p.add_argument("--target", default="tiny-code", help="HF directory, shipped name or hub id")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", type=Path, help="file whose whole content is the prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-len", type=int, default=None, help="KV cache slots (default: fit the request)")
+    p.add_argument("--allow-longer-than-context", action="store_true",
+                   help="run a prompt + new tokens longer than the target's context "
+                        "(max_position_embeddings; positions past it were never trained: expect wrong "
+                        "output) instead of refusing it")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -41,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--drafter", default=None,
-                   help="speculative decoding: an exported DFlash drafter (dir, hub id or shipped name such "
-                        "as tiny-code-dflash) or 'ngram' (prompt lookup); default: plain AR decoding")
+                   help="speculative decoding: an exported drafter (dir, a dflash-train run dir for its "
+                        "export/, hub id or shipped name such as tiny-code-dflash) or 'ngram' (prompt "
+                        "lookup); default: plain AR decoding")
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
     p.add_argument("--verify", choices=RULES, default=None,
                    help="verification rule (default: greedy at temperature 0, else token)")
@@ -65,18 +71,20 @@ def main(argv: list[str] | None = None) -> int:
                    ("--stochastic-drafts", args.stochastic_drafts))
         given = [flag for flag, value in options if value]
         if given:
-            parser.error(f"{', '.join(given)} only apply to speculative decoding: add --drafter")
+            verb = "applies" if len(given) == 1 else "apply"
+            parser.error(f"{', '.join(given)} {verb} only to speculative decoding: add --drafter")
     try:
         prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
         tokenizer = load_tokenizer(args.target)
         model = set_attention_impl(load_target(args.target, dtype=DTYPES[args.dtype]), args.attention_impl)
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # length: checked below
         if not ids:
             raise ValueError("the prompt encodes to zero tokens")
         common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
                       eos_ids=eos_ids(tokenizer, model.cfg.eos_token_id), max_len=args.max_len,
-                      pad_id=tokenizer.pad_token_id or 0)
+                      pad_id=tokenizer.pad_token_id or 0,
+                      allow_longer_than_context=args.allow_longer_than_context)
         if args.drafter is None:
             result = generate(model, [ids], **common)
         else:

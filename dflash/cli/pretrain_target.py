@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
+from dflash.cli.parser import make_parser
 from dflash.training.pretrain import PretrainConfig, pretrain
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = make_parser("dflash-pretrain-target", __doc__)
     parser.add_argument("--out", type=Path, required=True, help="HF-format output directory")
     for field in dataclasses.fields(PretrainConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import jax.numpy as jnp
 
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.decoding import SamplingParams
 from dflash.models import CheckpointError, load_target
@@ -15,7 +15,7 @@ from dflash.training.regenerate import regenerate_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-regenerate", description=__doc__)
+    p = make_parser("dflash-regenerate", __doc__)
     p.add_argument("--target", default="tiny-code")
     p.add_argument("--data", required=True, help="local jsonl/json/parquet file or dir, or a hub dataset id")
     p.add_argument("--split", default="train")
@@ -23,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output .jsonl (one {messages: [...]} per line)")
     p.add_argument("--max-examples", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="keep the last this-many prompt tokens (default: the target's context minus "
+                        "--max-new-tokens)")
+    p.add_argument("--allow-longer-than-context", action="store_true",
+                   help="allow prompt + new tokens past the target's context (expect wrong output)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -36,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             target, tokenizer, args.data, args.out, split=args.split, messages_field=args.messages_field,
             max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
             max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
-            sampling=SamplingParams(temperature=args.temperature), seed=args.seed)
+            sampling=SamplingParams(temperature=args.temperature), seed=args.seed,
+            allow_longer_than_context=args.allow_longer_than_context)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"dflash-regenerate: error: {err}", file=sys.stderr)
         return 2

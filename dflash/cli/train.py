@@ -5,18 +5,42 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
+from dflash.cli.parser import make_parser
 from dflash.config import ConfigError
 from dflash.configio import load_yaml
+from dflash.errors import TrainingError
 from dflash.models import CheckpointError
+from dflash.models.loading import ASSETS
 from dflash.training.config import ExperimentConfig
-from dflash.training.trainer import TrainingError, run_training
+from dflash.training.trainer import run_training
+
+SHIPPED_CONFIGS = {p.stem: p for p in sorted((ASSETS / "configs").glob("*.yaml"))}
+
+
+def config_file(name: str | None) -> Path:
+    """``--config``: an existing file, else a shipped config's name; None: the shipped tiny_code.
+
+    The default lives in the package, so ``dflash-train`` works from any directory.
+    """
+    if name is None:
+        return SHIPPED_CONFIGS["tiny_code"]
+    if not Path(name).exists() and name in SHIPPED_CONFIGS:
+        return SHIPPED_CONFIGS[name]
+    if not Path(name).exists():
+        raise ConfigError(f"config file {name} does not exist (from {Path.cwd()}); shipped configs, "
+                          f"usable by name from any directory: {', '.join(SHIPPED_CONFIGS)}")
+    return Path(name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-train", description=__doc__)
-    p.add_argument("--config", default="configs/tiny_code.yaml", help="YAML experiment config")
+    p = make_parser("dflash-train", __doc__)
+    p.add_argument("--config", default=None,
+                   help="YAML experiment config: a file, or a config shipped in the package by name "
+                        f"({', '.join(SHIPPED_CONFIGS)}); default: the shipped tiny_code, the README's main "
+                        "job (configs/ in the repository holds the same files to copy and edit)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--run-dir", default=None, help="shorthand for --set run_dir=DIR")
@@ -33,15 +57,18 @@ def main(argv: list[str] | None = None) -> int:
                         "print the memory / FLOP plan (no weights, tokenizer or data; needs libtpu)")
     p.add_argument("--topology", default=None, help="TPU slice for --compile-only (dflash.plan.TOPOLOGIES)")
     p.add_argument("--json", default=None, metavar="OUT", help="--compile-only: also write the plan here")
+    p.add_argument("--verbose", action="store_true", help="on an error, also print its full detail")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     overrides += [f"drafter.init_from={args.init_from}"] if args.init_from else []
     if args.compile_only:
         return _compile_only(args, overrides)
     try:
-        cfg = load_yaml(ExperimentConfig, args.config, overrides)
+        cfg = load_yaml(ExperimentConfig, config_file(args.config), overrides)
         result = run_training(cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as err:
+        if args.verbose:
+            traceback.print_exception(err)
         print(f"dflash-train: error: {err}", file=sys.stderr)
         return 2
     final = result.get("final_eval") or {}
@@ -66,8 +93,8 @@ def _compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
               file=sys.stderr)
         return 2
     try:
-        cfg = load_yaml(ExperimentConfig, args.config, overrides)
-        plan = train_plan(cfg, args.topology, config_name=args.config)
+        cfg = load_yaml(ExperimentConfig, config_file(args.config), overrides)
+        plan = train_plan(cfg, args.topology, config_name=str(args.config or "tiny_code"))
     except (ConfigError, FileNotFoundError) as err:
         print(f"dflash-train: error: {err}", file=sys.stderr)
         return 2

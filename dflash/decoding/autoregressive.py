@@ -20,6 +20,7 @@ from flax import nnx
 from dflash import cache as kvc
 from dflash.decoding.compiled import compiled
 from dflash.decoding.sampling import SamplingParams, sample
+from dflash.errors import ContextLengthError  # noqa: F401  (raised here; importable from here too)
 from dflash.models.transformer import Transformer
 
 
@@ -73,6 +74,21 @@ def prepare_batch(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequen
         kvc.check_fits(p + b + extra_slots, max_len, what)
     padded = pad_prompts(prompts, min(bucket(max(prompt_lens), 16), max_len), pad_id)
     return budgets, prompt_lens, max_len, padded
+
+
+def check_context(prompt_lens: Sequence[int], budgets: Sequence[int], context: int,
+                  allow: bool = False) -> None:
+    """Refuses prompt + new tokens longer than the model's context: past it RoPE positions were
+    never trained and the output is silently wrong. ``allow`` is the explicit opt-in."""
+    if allow:
+        return
+    for i, (p, b) in enumerate(zip(prompt_lens, budgets, strict=True)):
+        if p + b > context:
+            raise ContextLengthError(
+                f"prompt {i} ({p} tokens) + {b} new tokens = {p + b} positions, past the target's context "
+                f"of {context} (max_position_embeddings): the output would be wrong. Shorten the prompt "
+                "or the new tokens, or opt in with --allow-longer-than-context "
+                "(allow_longer_than_context=True)")
 
 
 def prefill(model: Transformer, tokens_BP: jax.Array, prompt_lens_B: jax.Array,
@@ -133,13 +149,16 @@ def generate(
     eos_ids: Sequence[int] | None = None,
     max_len: int | None = None,
     pad_id: int = 0,
+    allow_longer_than_context: bool = False,
 ) -> GenerationResult:
     """Batched AR generation; rows may have different prompt lengths and token budgets.
 
-    Raises ``CacheOverflowError`` when a prompt plus its budget exceeds ``max_len``.
+    Raises ``CacheOverflowError`` when a prompt plus its budget exceeds ``max_len``, and
+    ``ContextLengthError`` when it exceeds the model's context (unless allowed).
     """
     batch = len(prompts)
     budgets, prompt_lens, max_len, padded = prepare_batch(prompts, max_new_tokens, 0, max_len, pad_id)
+    check_context(prompt_lens, budgets, model.cfg.max_position_embeddings, allow_longer_than_context)
     eos = tuple(model.cfg.eos_token_id if eos_ids is None else eos_ids)
     key = jax.random.key(0) if key is None else key
     graphdef, params = nnx.split(model)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dflash import cache as kvc
-from dflash.decoding.autoregressive import GenerationResult, is_eos, prefill, prepare_batch
+from dflash.decoding.autoregressive import GenerationResult, check_context, is_eos, prefill, prepare_batch
 from dflash.decoding.compiled import compiled
 from dflash.decoding.drafters import NoDraft
 from dflash.decoding.sampling import SamplingParams, sample
@@ -220,6 +220,7 @@ def speculative_generate(
     rule: str | None = None,
     key: jax.Array | None = None,
     compact: bool = True,
+    allow_longer_than_context: bool = False,
 ) -> SpecResult:
     """Speculative decoding of a batch of prompts with ``method`` (and its ``drafter``).
 
@@ -228,6 +229,8 @@ def speculative_generate(
     finished rows are dropped from the device batch so they stop costing work (each smaller
     batch compiles once; compile time is reported apart, in ``compile_s``). Only batches of at
     least ``COMPACT_MIN_ROWS`` rows are compacted: below that a recompile costs more than it saves.
+    A prompt plus its budget past the target's context is a ``ContextLengthError`` unless
+    ``allow_longer_than_context``.
     """
     rule = rule or ("greedy" if sampling.greedy else "token")
     if rule not in RULES:
@@ -241,6 +244,7 @@ def speculative_generate(
     # A verify pass may write up to K (a tree: all its nodes) slots past the last committed token.
     slack = getattr(method, "verify_tokens", k)
     budgets, prompt_lens, max_len, padded = prepare_batch(prompts, max_new_tokens, slack, max_len, pad_id)
+    check_context(prompt_lens, budgets, target.cfg.max_position_embeddings, allow_longer_than_context)
     eos = tuple(target.cfg.eos_token_id if eos_ids is None else eos_ids)
     tgraph, tparams = nnx.split(target)
     dgraph, dparams = nnx.split(drafter) if drafter is not None else (None, None)

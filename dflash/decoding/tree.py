@@ -1,4 +1,4 @@
-"""Tree drafting and tree verification, greedy and sampled (DESIGN.md §7 "Trees").
+"""Tree drafting and tree verification, greedy and sampled (docs/design.md §7 "Trees").
 
 A DFlash block pass gives a distribution for every position ``p+1 .. p+D``. Instead of one
 chain of argmaxes, we keep the ``W`` best partial paths at every depth (beam search over the
@@ -17,7 +17,7 @@ chain had been verified.
 Sampling is lossless: siblings are distinct tokens (each beam's children are distinct top-k
 entries), so at most one child matches a node's sample and the emitted tokens are a chain of
 draws from p, each given the tokens before it. This is the recursive rejection over siblings of
-DESIGN.md §7 for deterministic candidates: rejecting sibling c (q one-hot) leaves p with c
+docs/design.md §7 for deterministic candidates: rejecting sibling c (q one-hot) leaves p with c
 removed and renormalised, so trying the siblings in turn and sampling the residual draws
 exactly one token from p.
 

@@ -1,4 +1,4 @@
-"""DFlash block-diffusion drafter (exact semantics: DESIGN.md §5).
+"""DFlash block-diffusion drafter (exact semantics: docs/design.md §5).
 
 N Qwen3-style decoder layers and a final norm; no embedding or LM head of its own (the
 target's frozen ones are used). Context = ``hidden_norm(fc(concat of target features))``,

@@ -1,4 +1,4 @@
-"""Orthrus dual-view drafting (exact semantics: DESIGN.md §6).
+"""Orthrus dual-view drafting (exact semantics: docs/design.md §6).
 
 Every target layer gets a second, full-rank attention (``q/k/v/o_proj_diff`` and
 ``q_norm_diff`` / ``k_norm_diff``), warm-started as copies of the AR attention; only these are

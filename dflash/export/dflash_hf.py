@@ -124,7 +124,25 @@ def save_drafter(drafter: DFlashDrafter, directory: str | os.PathLike, *, target
     return out
 
 
+def export_of_run(name_or_path: str | os.PathLike) -> str | os.PathLike:
+    """A ``dflash-train`` run directory stands for its final export (``RUN/export``).
+
+    Anything else is returned unchanged. A run without an export yet (still training, or
+    stopped early) is an error that says how to export one of its checkpoints.
+    """
+    run = Path(name_or_path)
+    if not ((run / "config.yaml").is_file() and not (run / "config.json").exists()):
+        return name_or_path
+    if (run / "export" / "config.json").is_file():
+        return run / "export"
+    raise CheckpointError(
+        f"{run} is a dflash-train run directory without a final export ({run / 'export'} is written "
+        f"when the run finishes); export one of its checkpoints with `dflash-export --run {run} "
+        f"--step latest --out DIR` (or --step best) and pass that DIR as the drafter")
+
+
 def resolve_drafter(name_or_path: str | os.PathLike) -> Path:
+    name_or_path = export_of_run(name_or_path)
     if str(name_or_path) in SHIPPED_DRAFTERS:
         path = SHIPPED_DRAFTERS[str(name_or_path)]
         if not (path / "config.json").exists():

@@ -19,10 +19,14 @@ from flax import nnx
 
 from dflash.configio import load_yaml
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter
+from dflash.errors import CheckpointError, TrainingError
 from dflash.export.dflash_hf import config_from_hf, resolve_drafter, save_drafter
-from dflash.models.loading import ASSETS, SHIPPED, CheckpointError, read_config, resolve
+from dflash.models.loading import ASSETS, SHIPPED, read_config, resolve
 from dflash.models.tokenizer import load_tokenizer
 from dflash.models.transformer import abstract
+from dflash.training.checkpoints import Checkpoints
+from dflash.training.config import ExperimentConfig
+from dflash.training.setup import build_drafter_config
 
 EXPORT_DTYPES = {"fp32": np.float32, "float32": np.float32, "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -56,8 +60,6 @@ def find_checkpoint(run_dir: Path | None, checkpoint: Path | None, step: str = "
 
 
 def _checkpoints(run_dir: Path) -> Any:
-    from dflash.training.trainer import Checkpoints
-
     return Checkpoints(run_dir / "checkpoints", keep_last=1)  # read only: nothing is saved or deleted
 
 
@@ -71,24 +73,28 @@ def _strip_values(tree: Any) -> Any:
     return tree
 
 
-def _restore_drafter_state(run_dir: Path, step: int) -> dict[str, Any]:
-    from dflash.training.trainer import TrainingError
+def _as_saved(pure: Any) -> Any:
+    """An NNX pure dict of abstract arrays -> the raw tree Orbax saved (string keys, ``{"value": x}``)."""
+    if isinstance(pure, dict):
+        return {str(k): _as_saved(v) for k, v in pure.items()}
+    return {"value": jax.ShapeDtypeStruct(pure.shape, pure.dtype)}
 
-    try:
-        state, _ = _checkpoints(run_dir).restore(step)
+
+def _restore_drafter_state(run_dir: Path, step: int, expected: dict[str, Any]) -> dict[str, Any]:
+    """The drafter's parameters of one checkpoint, read alone: the optimizer moments beside them
+    (twice the drafter's size) are never read, so a damaged moment cannot stop an export."""
+    try:  # the state is nnx.split((drafter, optimizer)): the drafter is item "0"
+        state = _checkpoints(run_dir).restore_subtree(step, {"0": _as_saved(expected)})
     except TrainingError as err:
         raise CheckpointError(str(err)) from err
-    if not isinstance(state, dict) or set(state) != {"0", "1"}:
+    if not isinstance(state, dict) or set(state) != {"0"}:
         raise CheckpointError(f"checkpoint step {step} of {run_dir} does not hold a "
                               "(drafter, optimizer) state")
-    return _strip_values(state)[0]  # the state is nnx.split((drafter, optimizer))
+    return _strip_values(state)[0]
 
 
 def run_drafter_config(run_dir: Path) -> tuple[Any, Any, Any]:
     """``(experiment config, drafter config, target config)`` of a run, without loading weights."""
-    from dflash.training.config import ExperimentConfig
-    from dflash.training.trainer import build_drafter_config
-
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise CheckpointError(f"{run_dir} is not a run directory: {cfg_path} is missing")
@@ -139,8 +145,8 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
     run_dir, step_n = find_checkpoint(run_dir, checkpoint, step)
     cfg, dcfg, target_cfg = run_drafter_config(run_dir)
     graphdef, abstract_state = nnx.split(_abstract_drafter(dcfg))
-    saved = _restore_drafter_state(run_dir, step_n)
     expected = nnx.to_pure_dict(abstract_state)
+    saved = _restore_drafter_state(run_dir, step_n, expected)
     exp_paths = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
     got_paths = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
     if exp_paths != got_paths:

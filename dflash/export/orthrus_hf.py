@@ -33,7 +33,7 @@ from flax import nnx
 
 from dflash.config import ConfigError, ModelConfig
 from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
-from dflash.export.dflash_hf import target_fingerprint
+from dflash.export.dflash_hf import export_of_run, target_fingerprint
 from dflash.models.loading import (
     ASSETS,
     WEIGHT_TABLE,
@@ -140,7 +140,11 @@ def _is_orthrus_config(hf: dict[str, Any]) -> bool:
 
 
 def find_orthrus(name_or_path: str | os.PathLike) -> Path | None:
-    """The directory of an Orthrus export (shipped name, directory or cached hub id), else None."""
+    """The directory of an Orthrus export (shipped name, directory, run or cached hub id), else None."""
+    try:
+        name_or_path = export_of_run(name_or_path)
+    except CheckpointError:
+        return None  # a run without an export: load_drafter says what to do
     name = str(name_or_path)
     if name in SHIPPED_ORTHRUS:
         if not (SHIPPED_ORTHRUS[name] / "config.json").exists():

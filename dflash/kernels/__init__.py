@@ -1,4 +1,4 @@
-"""Pallas kernels, each with a pure-jnp ``reference_<op>`` of the same signature (DESIGN.md §10.6).
+"""Pallas kernels, each with a pure-jnp ``reference_<op>`` of the same signature (docs/design.md §10.6).
 
 * ``verify_attention``: the target's attention for a block of new tokens over its KV cache.
 * ``anchor_block_attention``: the DFlash drafter's KV-injection attention (training and drafting).

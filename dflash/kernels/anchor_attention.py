@@ -1,4 +1,4 @@
-"""Anchor-block attention: the DFlash drafter's KV-injection attention (DESIGN.md §5).
+"""Anchor-block attention: the DFlash drafter's KV-injection attention (docs/design.md §5).
 
 ``A`` blocks of ``Q`` query rows per sequence; block ``a`` sees the context positions its
 ``ctx_mask[b, a]`` allows (training: ``s < anchor_a`` inside its document; inference:
@@ -24,9 +24,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from dflash.attention import NEG_INF
 from dflash.kernels.common import (
     LANES,
-    NEG_INF,
     finalize,
     init_carry,
     is_pow2,

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30  # == dflash.models.transformer.NEG_INF: finite masking, as the model does
+from dflash.attention import NEG_INF  # finite masking, as ``attend`` does
+
 LANES = 128  # TPU lane width: m / l scratch rows are lane-replicated (the Mosaic convention)
 
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # m [R,1], l [R,1], acc [R,H], all float32

@@ -1,6 +1,6 @@
 """Verify attention: ``T`` new queries against a KV cache that already holds their block.
 
-Semantics (DESIGN.md §4): the block's K/V were written at slots ``[len, len+T)``; query
+Semantics (docs/design.md §3): the block's K/V were written at slots ``[len, len+T)``; query
 ``t`` of row ``b`` sees every slot ``< len_b`` (the committed prefix) plus the block slots
 ``len_b + u`` with ``block_mask[b, t, u]`` (causal for AR chains, bidirectional for
 diffusion blocks, ancestor masks for trees). ``reference_verify_attention`` *is* the model's
@@ -33,6 +33,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from dflash import cache as kvc
+from dflash.attention import attend
 from dflash.kernels.common import (
     LANES,
     finalize,
@@ -58,8 +59,6 @@ def reference_verify_attention(q_BTNH, k_cache_BSKH, v_cache_BSKH, lengths_B, bl
     dtype. The kernel-only keywords are accepted (same signature) and ignored.
     """
     del kv_tile, backend, interpret, poison, num_splits
-    from dflash.models.transformer import attend  # deferred: the model imports the kernels
-
     b, t, n, h = q_BTNH.shape
     mask_BTS = kvc.visibility(lengths_B, k_cache_BSKH.shape[1], block_mask)
     return attend(q_BTNH, k_cache_BSKH, v_cache_BSKH, mask_BTS).reshape(b, t, n, h)

@@ -20,15 +20,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dflash.config import ModelConfig
+from dflash.errors import CheckpointError
 from dflash.models.transformer import Transformer, abstract
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Short names of checkpoints that ship inside the package.
 SHIPPED = {"tiny-code": ASSETS / "tiny-code"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or does not match its config; names the culprit."""
 
 
 # (HF key template, our state path template, transpose?) — ``{i}`` is the layer index.
@@ -84,8 +81,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if path.exists() or name.startswith((".", "/")) or name.count("/") != 1:
         raise CheckpointError(
-            f"{name!r} is not a checkpoint directory, a shipped name ({', '.join(SHIPPED)}), "
-            "or a hub id of the form 'owner/name'"
+            f"{name!r} is not a checkpoint directory (looked for {path.absolute()}), a shipped name "
+            f"({', '.join(SHIPPED)}), or a hub id of the form 'owner/name'"
         )
     from huggingface_hub import snapshot_download
 
@@ -94,16 +91,18 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
     except Exception:
         pass
+    # A local directory wins over a hub id; when neither exists, say where both were looked for.
+    local = f"{name!r} is not a local directory (looked for {path.absolute()})"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise CheckpointError(
-            f"hub id {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+            f"{local}, and as a hub id it is not in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
         )
     try:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as err:  # network errors, missing repos, gated repos
         raise CheckpointError(
-            f"hub id {name!r} is not in the local Hugging Face cache and could not be downloaded "
-            f"(offline or unreachable?): {type(err).__name__}: {err}"
+            f"{local}, and as a hub id it is not in the local Hugging Face cache and could not be "
+            f"downloaded (offline or unreachable?): {type(err).__name__}: {err}"
         ) from err
 
 
@@ -220,6 +219,18 @@ def save_params(model: nnx.Module, table: tuple[tuple[str, str, bool], ...], num
     if missing:
         raise CheckpointError(f"no table row names parameters {sorted(missing)}")
     save_file(tensors, str(path), metadata={"format": "pt"})
+    world_readable(path)
+
+
+def world_readable(path: str | os.PathLike) -> None:
+    """Gives ``path`` the mode ``open()`` would (0644 under the usual umask 022).
+
+    safetensors writes its files 0600, which a serving container running as another user
+    cannot read; ``save_pretrained`` outputs are world-readable and exports should be too.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_target(model: Transformer, directory: str | os.PathLike, *, dtype: Any = None,

@@ -15,10 +15,9 @@ import numpy as np
 from flax import nnx
 
 from dflash import cache as kvc
+from dflash.attention import attend
 from dflash.config import ModelConfig, llama3_inv_freq_scale
 from dflash.kernels import dispatch
-
-NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives no NaN
 
 
 class ForwardOutput(NamedTuple):
@@ -78,19 +77,6 @@ def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax
     rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
     cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
     return (x_BTNH * cos.astype(x_BTNH.dtype) + rotated * sin.astype(x_BTNH.dtype))
-
-
-def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-    """Grouped-query attention with a boolean visibility mask; softmax in float32."""
-    b, t, n, h = q_BTNH.shape
-    kh = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(b, t, kh, n // kh, h)
-    scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
-                              preferred_element_type=jnp.float32) * (h ** -0.5)
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, NEG_INF)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-    return out_BTKGH.reshape(b, t, n * h)
 
 
 def split_heads(proj: Linear, x_BTD: jax.Array, heads: int, head_dim: int) -> jax.Array:

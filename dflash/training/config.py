@@ -143,6 +143,19 @@ class ExperimentConfig:
         if self.loss_weights == (0.0, 0.0):
             raise ConfigError("train.ce_weight / train.kl_weight must be >= 0 and not both 0")
 
+    def check_context(self, context: int) -> None:
+        """Every position training, regeneration and evaluation use must lie inside the target's
+        context (``max_position_embeddings``): past it the target's features are wrong."""
+        ev, regen = self.eval, self.regen
+        needs = {"data.seq_len": self.data.seq_len,
+                 "eval.prompt_tokens + eval.max_new_tokens": ev.prompt_tokens + ev.max_new_tokens}
+        if regen.num_sequences:
+            needs["regen.prompt_tokens + regen.new_tokens"] = regen.prompt_tokens + regen.new_tokens
+        over = [f"{key} = {n}" for key, n in needs.items() if n > context]
+        if over:
+            raise ConfigError(f"{'; '.join(over)}: past the target's context of {context} positions "
+                              "(max_position_embeddings); lower them")
+
     @property
     def block_size(self) -> int:
         """The drafter's block size (the method's default when ``drafter.block_size`` is 0)."""

@@ -16,7 +16,11 @@ import jax
 from tqdm import tqdm
 
 from dflash.decoding import SamplingParams, generate
+from dflash.decoding.autoregressive import ContextLengthError
+from dflash.errors import ConfigError
 from dflash.models.transformer import Transformer
+from dflash.training.chat import clean_messages
+from dflash.training.sources import DataConfig, load_dataset
 
 
 def stop_ids(tokenizer: Any, config_eos: tuple[int, ...]) -> tuple[int, ...]:
@@ -37,14 +41,28 @@ def regenerate_conversations(
     conversations: list[list[dict[str, str]]],
     *,
     max_new_tokens: int = 512,
-    max_prompt_tokens: int = 2048,
+    max_prompt_tokens: int | None = None,
     batch_size: int = 16,
     sampling: SamplingParams = SamplingParams(),
     seed: int = 0,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    allow_longer_than_context: bool = False,
 ) -> list[list[dict[str, str]]]:
-    """Copies of ``conversations`` with every assistant turn replaced by the target's response."""
+    """Copies of ``conversations`` with every assistant turn replaced by the target's response.
+
+    Prompts keep their last ``max_prompt_tokens`` tokens (default: what the target's context
+    leaves after ``max_new_tokens``); settings that could pass the context are refused up front.
+    """
+    context = target.cfg.max_position_embeddings
+    if max_prompt_tokens is None:
+        max_prompt_tokens = context - max_new_tokens
+    too_long = max_prompt_tokens + max_new_tokens > context and not allow_longer_than_context
+    if max_prompt_tokens < 1 or too_long:
+        raise ContextLengthError(
+            f"max_prompt_tokens {max_prompt_tokens} + max_new_tokens {max_new_tokens} does not fit the "
+            f"target's context of {context} (max_position_embeddings); lower --max-prompt-tokens / "
+            "--max-new-tokens, or opt in with --allow-longer-than-context")
     out = [[dict(m) for m in conv] for conv in conversations]
     eos = stop_ids(tokenizer, target.cfg.eos_token_id)
     key = jax.random.key(seed)
@@ -67,11 +85,12 @@ def regenerate_conversations(
             for i in jobs:
                 text = tokenizer.apply_chat_template(out[i][: turn[i]], tokenize=False,
                                                      add_generation_prompt=True)
-                ids = tokenizer(text, add_special_tokens=False).input_ids[-max_prompt_tokens:]
+                ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids[-max_prompt_tokens:]
                 prompts.append(ids)
             key, sub = jax.random.split(key)
             result = generate(target, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=sub,
-                              eos_ids=eos, pad_id=tokenizer.pad_token_id or 0)
+                              eos_ids=eos, pad_id=tokenizer.pad_token_id or 0,
+                              allow_longer_than_context=allow_longer_than_context)
             for i, toks in zip(jobs, result.tokens, strict=True):
                 if toks and toks[-1] in eos:
                     toks = toks[:-1]
@@ -88,19 +107,15 @@ def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_pat
                        split: str = "train", messages_field: str = "messages", max_examples: int = 0,
                        **kwargs: Any) -> int:
     """Reads conversations through ``datasets``, writes a jsonl dataset with regenerated turns."""
-    import datasets
+    import datasets  # deferred: only writing the dataset needs it, and it is slow to import
 
-    from dflash.training.data import DataConfig, _clean_messages, _load_dataset
-
-    ds = _load_dataset(DataConfig(source=source, split=split, format="conversations",
+    ds = load_dataset(DataConfig(source=source, split=split, format="conversations",
                                   messages_field=messages_field))
     if messages_field not in ds.column_names:
-        from dflash.config import ConfigError
-
         raise ConfigError(f"dataset {source!r} has no {messages_field!r} column; columns: {ds.column_names}")
     if max_examples:
         ds = ds.select(range(min(max_examples, len(ds))))
-    convs = [[{"role": m["role"], "content": m["content"]} for m in _clean_messages(conv)]
+    convs = [[{"role": m["role"], "content": m["content"]} for m in clean_messages(conv)]
              for conv in ds[messages_field]]  # also ShareGPT's from/value turns, as training reads them
     new = regenerate_conversations(target, tokenizer, convs, **kwargs)
     out_path = Path(out_path)

@@ -17,7 +17,6 @@ script runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dflash import cache as kvc
+from dflash.cli.parser import make_parser
 from dflash.kernels.anchor_attention import anchor_block_attention, reference_anchor_block_attention
 from dflash.kernels.common import platform
 from dflash.kernels.verify_attention import reference_verify_attention, verify_attention
@@ -157,7 +157,7 @@ def _print(report: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dflash-bench-kernels", description=__doc__.splitlines()[0])
+    parser = make_parser("dflash-bench-kernels", __doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: proves the script runs (CPU)")
     parser.add_argument("--out", type=Path, default=Path("kernels_bench.json"))
     parser.add_argument("--batch", type=int, default=1)

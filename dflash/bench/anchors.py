@@ -1,0 +1,98 @@
+"""Per-anchor acceptance of a DFlash drafter and of prompt lookup along the target's own output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dflash.decoding import generate
+from dflash.decoding.drafters import NgramDraft
+from dflash.drafters.dflash import DFlashDrafter
+from dflash.training import objective as obj
+
+
+def _leading_matches(drafts_AK: np.ndarray, truth_AK: np.ndarray) -> np.ndarray:
+    """``[A]``: how many leading drafts of each row equal the truth (greedy acceptance)."""
+    return np.cumprod(drafts_AK == truth_AK, axis=1).sum(axis=1)
+
+
+def _walk(accepted_A: np.ndarray, max_new: int, eos_at: int) -> list[int]:
+    """The engine's verify steps over one trajectory, given the acceptance at every anchor.
+
+    Anchor ``i`` is the ``i``-th generated token (the prefill emits the first); a step there logs
+    ``accepted + 1`` and emits that many tokens, cut at the budget and at EOS (as the engine does).
+    """
+    steps, n_gen = [], 1
+    while n_gen < max_new and n_gen <= eos_at:
+        a = int(accepted_A[n_gen - 1])
+        steps.append(a + 1)
+        n_gen += a + 1
+    return steps
+
+
+def anchor_profile(target, drafter, prompts: list[list[int]], *, max_new_tokens: int = 128,
+                   eos_ids: tuple[int, ...] = (), block_size: int | None = None) -> dict[str, Any]:
+    """Greedy acceptance of a DFlash drafter and of prompt lookup at *every* anchor of the target's
+    own greedy continuations, and the verify steps the engine takes with each.
+
+    Per row, the target's greedy continuation (``max_new_tokens`` plus a block, so acceptance
+    near the budget is counted as the engine counts it) is computed once; the drafter drafts a
+    block at every generated position through its training path (the same math as its cache
+    path, ``test_drafter_cache_path_equals_training_path``), and prompt lookup proposes at every
+    position through ``NgramDraft.propose``. Walking the anchors as the engine would gives each
+    method's verify steps, and ``best`` (the longer of the two per anchor: what the tree with a
+    lookup branch verifies) the steps of an oracle choosing per step. Anchors where one method
+    wins are where the other fails: the per-anchor arrays say which, with the target's top-1
+    probability (how sure the target itself was of the token after the anchor).
+    """
+    if not isinstance(drafter, DFlashDrafter):
+        raise TypeError(f"anchor_profile profiles DFlash drafters, not {type(drafter).__name__}")
+    k = block_size or drafter.cfg.block_size
+    ar = generate(target, prompts, max_new_tokens=max_new_tokens + k, eos_ids=())
+    ngram = NgramDraft(block_size=k)
+    rows: list[dict[str, Any]] = []
+    for prompt, gen in zip(prompts, ar.tokens, strict=True):
+        seq = np.asarray(list(prompt) + list(gen), np.int32)
+        s, first = len(seq), len(prompt)
+        anchors = np.arange(first, first + max_new_tokens)  # [A] positions of the generated tokens
+        ids, pos = jnp.asarray(seq)[None], jnp.arange(s)[None]
+        out = target(ids, pos, hidden_layers=drafter.cfg.target_layer_ids)  # causal, whole trajectory
+        top1 = np.asarray(jnp.max(jax.nn.softmax(out.logits[0], axis=-1), axis=-1))  # [S]
+        feats = jnp.transpose(out.hidden, (1, 2, 0, 3)).reshape(1, s, -1)  # [1, S, n*D]
+        a = len(anchors)
+        block = np.concatenate([seq[anchors][:, None], np.full((a, k - 1), drafter.cfg.mask_token_id)], 1)
+        x = target.embed(jnp.asarray(block).reshape(1, a * k)).reshape(1, a, k, -1)
+        q_pos = jnp.asarray(anchors)[None, :, None] + jnp.arange(k)  # [1, A, K]
+        ctx_mask = obj.anchor_context_mask(jnp.asarray(anchors)[None], jnp.ones((1, a), bool),
+                                           jnp.ones((1, s), jnp.int32))
+        h = drafter(x, q_pos, drafter.project_context(feats), pos, ctx_mask)  # [1, A, K, D]
+        logits = target.unembed(h[0, :, 1:]).at[..., drafter.cfg.mask_token_id].set(-jnp.inf)
+        d_drafts = np.asarray(jnp.argmax(logits, axis=-1))  # [A, K-1]
+        n_drafts, _ = ngram.propose(None, None, (), jnp.asarray(seq[anchors]), None,
+                                    jnp.broadcast_to(jnp.asarray(seq), (a, s)), jnp.asarray(anchors + 1),
+                                    None, None)
+        truth = seq[anchors[:, None] + 1 + np.arange(k - 1)[None]]  # [A, K-1]
+        acc_d = _leading_matches(d_drafts, truth)
+        acc_n = _leading_matches(np.asarray(n_drafts), truth)
+        eos = [i for i, t in enumerate(gen[:max_new_tokens]) if t in eos_ids]
+        eos_at = eos[0] if eos else max_new_tokens
+        rows.append({"drafter": acc_d.tolist(), "ngram": acc_n.tolist(),
+                     "target_top1": top1[anchors].tolist(),
+                     "steps": {name: _walk(acc, max_new_tokens, eos_at) for name, acc in
+                               (("drafter", acc_d), ("ngram", acc_n), ("best", np.maximum(acc_d, acc_n)))}})
+    summary: dict[str, Any] = {}
+    for name in ("drafter", "ngram", "best"):
+        steps = [t for r in rows for t in r["steps"][name]]
+        summary[f"tau_{name}"] = float(np.mean(steps)) if steps else float("nan")
+    acc_d = np.concatenate([r["drafter"] for r in rows])
+    acc_n = np.concatenate([r["ngram"] for r in rows])
+    full = k - 1
+    summary["anchors"] = int(acc_d.size)
+    summary["ngram_full_blocks"] = int((acc_n == full).sum())
+    summary["drafter_full_blocks"] = int((acc_d == full).sum())
+    summary["drafter_accepted_where_ngram_full"] = np.bincount(acc_d[acc_n == full], minlength=k).tolist()
+    summary["ngram_accepted_where_drafter_full"] = np.bincount(acc_n[acc_d == full], minlength=k).tolist()
+    return {"summary": summary, "rows": rows, "block_size": k, "max_new_tokens": max_new_tokens}

@@ -1,0 +1,33 @@
+"""dflash's own exceptions: what a user can fix (bad config, bad checkpoint, too small a cache).
+
+Everything the CLIs turn into a one-line ``error:`` exit derives from ``DflashError``; any
+other exception is a bug or an environment problem and keeps its traceback. Each subclass
+also derives from the builtin it refines (``ValueError``, ``RuntimeError``), so code that
+catches those keeps working.
+"""
+
+from __future__ import annotations
+
+
+class DflashError(Exception):
+    """Base of every error dflash raises on purpose; the message says what to change."""
+
+
+class ConfigError(DflashError, ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+class CheckpointError(DflashError, ValueError):
+    """A checkpoint is missing, incomplete, corrupt or does not match its config; names the culprit."""
+
+
+class CacheOverflowError(DflashError, ValueError):
+    """A prompt or generation would not fit in the cache's ``max_len`` slots."""
+
+
+class ContextLengthError(DflashError, ValueError):
+    """A request reaches positions past the target's trained context (``max_position_embeddings``)."""
+
+
+class TrainingError(DflashError, RuntimeError):
+    """The run cannot proceed (e.g. an unreadable checkpoint); nothing was overwritten."""

@@ -1,0 +1,99 @@
+"""A run's data: packed training and held-out rows, and held-out prompts for the real τ.
+
+With ``regen.num_sequences`` the corpus responses are replaced by the target's own greedy
+continuations (docs/design.md §5), made once per run and cached in the run directory with
+the settings they were made with, so a resumed run trains on the very same data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dflash.configio import to_dict
+from dflash.errors import TrainingError
+from dflash.export.dflash_hf import target_fingerprint
+from dflash.models.transformer import Transformer
+from dflash.training.config import ExperimentConfig
+from dflash.training.data import DataConfig, Document, PackedRows, load_documents, pack
+from dflash.training.selfdistill import load_documents_npz, regenerate_documents, save_documents
+from dflash.training.tiny_corpus import heldout_prompts
+
+
+@dataclasses.dataclass
+class RunData:
+    train: PackedRows
+    heldout: PackedRows
+    prompts: list[list[int]]
+
+
+def prompts_from_docs(docs: list[Document], count: int, prompt_tokens: int) -> list[list[int]]:
+    """Held-out prompts: the unsupervised prefix (conversations) or a document's start (text)."""
+    out = []
+    for d in docs:
+        sup = np.flatnonzero(d.loss_mask)
+        cut = int(sup[0]) if len(sup) and sup[0] > 0 else min(len(d.ids) // 2, prompt_tokens)
+        if cut > 0:
+            out.append(d.ids[:cut][-prompt_tokens:].tolist())
+        if len(out) == count:
+            break
+    return out
+
+
+def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run_dir: Path,
+                 progress: bool = True) -> RunData:
+    train_docs, held_docs = load_documents(cfg.data, tokenizer)
+    if cfg.eval.eval_split:
+        eval_cfg = DataConfig(**{**to_dict(cfg.data), "split": cfg.eval.eval_split, "heldout_fraction": 0.0,
+                                 "max_examples": 0})
+        held_docs, _ = load_documents(eval_cfg, tokenizer)
+    if cfg.regen.num_sequences:
+        train_docs, held_docs = _regenerated(cfg, target, run_dir, train_docs, held_docs, progress)
+    if not train_docs:
+        raise TrainingError(f"data source {cfg.data.source!r} yielded no training documents")
+    if not held_docs:
+        raise TrainingError("no held-out documents: raise data.heldout_fraction or set eval.eval_split")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_rows = pack(train_docs, cfg.data.seq_len, pad)
+    held_rows = pack(held_docs, cfg.data.seq_len, pad)
+    if cfg.data.source == "tiny-code":
+        texts = heldout_prompts(cfg.eval.num_prompts)
+        prompts = [tokenizer(t, add_special_tokens=False).input_ids[-cfg.eval.prompt_tokens:] for t in texts]
+    else:
+        prompts = prompts_from_docs(held_docs, cfg.eval.num_prompts, cfg.eval.prompt_tokens)
+    return RunData(train_rows, held_rows, prompts)
+
+
+def _regenerated(cfg: ExperimentConfig, target: Transformer, run_dir: Path, train_docs: list[Document],
+                 held_docs: list[Document], progress: bool) -> tuple[list[Document], list[Document]]:
+    """Train and eval rows alike become (corpus prompt, target's greedy continuation), which is
+    what the drafter sees when decoding; read from the run directory when made with these settings."""
+    eos = tuple(target.cfg.eos_token_id)
+    cached = run_dir / "regenerated.npz"
+    cached_eval = run_dir / "regenerated_eval.npz"
+    made_with = run_dir / "regenerated.json"  # the settings the stored data was made with
+    settings = regen_settings(cfg, target)  # plain JSON values (to_dict turns tuples into lists)
+    if (cached.exists() and cached_eval.exists() and made_with.exists()
+            and json.loads(made_with.read_text()) == settings):
+        return load_documents_npz(cached), load_documents_npz(cached_eval)
+    # None yet, or made with other settings: regeneration is deterministic, so remake it.
+    train_docs = regenerate_documents(target, train_docs, cfg.regen, seed=cfg.data.seed, eos_ids=eos,
+                                      progress=progress)
+    eval_regen = dataclasses.replace(cfg.regen, num_sequences=cfg.eval.heldout_rows * 2)
+    held_docs = regenerate_documents(target, held_docs, eval_regen, seed=cfg.data.seed + 1,
+                                     eos_ids=eos, progress=progress)
+    save_documents(train_docs, cached)
+    save_documents(held_docs, cached_eval)
+    made_with.write_text(json.dumps(settings, indent=1))
+    return train_docs, held_docs
+
+
+def regen_settings(cfg: ExperimentConfig, target: Transformer) -> dict[str, Any]:
+    """Everything the regenerated documents depend on: data, regen and eval sections, the target."""
+    return {"data": to_dict(cfg.data), "regen": to_dict(cfg.regen), "eval_split": cfg.eval.eval_split,
+            "heldout_rows": cfg.eval.heldout_rows, "target": cfg.target.name,
+            "target_dtype": cfg.target.dtype, "target_fingerprint": target_fingerprint(target.cfg)}

@@ -1,0 +1,170 @@
+"""Where training text comes from: the builtin corpus, local files or a Hub dataset, and its format.
+
+``load_dataset`` gives every source as a ``datasets.Dataset`` (the builtin too, so it takes the
+same path); the environment's offline switches (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)
+are read at call time. ``DataConfig`` and ``Document`` are the types the rest of the pipeline
+(``chat``, ``packing``, ``data``) shares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dflash.errors import ConfigError
+from dflash.training.tiny_corpus import stdlib_files
+
+FORMATS = ("auto", "text", "conversations")
+BUILTIN_SOURCES = ("tiny-code",)
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the training text comes from and how it is cut into rows."""
+
+    source: str = "tiny-code"  # builtin name, local .jsonl/.json/.parquet file or directory, or hub id
+    split: str = "train"
+    format: str = "auto"  # "auto" | "text" | "conversations"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    seq_len: int = 512  # tokens per packed row
+    max_examples: int = 0  # 0 = all; otherwise the first N examples of the split
+    heldout_fraction: float = 0.02  # fraction of *documents* held out for eval (deterministic by seed)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("source", "split", "text_field", "messages_field"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"format={self.format!r} is not one of {FORMATS}")
+        if not isinstance(self.seq_len, int) or self.seq_len < 8:
+            raise ConfigError(f"seq_len must be an int >= 8, got {self.seq_len!r}")
+        if not isinstance(self.max_examples, int) or self.max_examples < 0:
+            raise ConfigError(f"max_examples must be an int >= 0 (0 = all), got {self.max_examples!r}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an int, got {self.seed!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Document:
+    """One tokenized document; ``loss_mask`` marks the tokens that are labels."""
+
+    ids: np.ndarray  # int32 [T]
+    loss_mask: np.ndarray  # bool [T]
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.loss_mask.shape or self.ids.ndim != 1:
+            raise ValueError(f"ids {self.ids.shape} and loss_mask {self.loss_mask.shape} must be equal 1-D")
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def _env_offline() -> bool:
+    # Read at call time: ``datasets`` / ``huggingface_hub`` snapshot these at import, so a
+    # caller (or test) that sets them later would otherwise still hit the network and sit
+    # through ~25 s of retries before failing.
+    return any(os.environ.get(k, "").upper() in _TRUE for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+@contextlib.contextmanager
+def _offline_mode(enabled: bool) -> Iterator[None]:
+    """Temporarily force the hub libraries offline when the environment asks for it."""
+    if not enabled:
+        yield
+        return
+    import datasets.config  # deferred, like every ``datasets`` import here: it is slow to import
+    import huggingface_hub.constants as hub_constants
+
+    saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+def _looks_like_path(source: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else path-like is a local source, so a typo
+    # in a path is reported as a missing file rather than as an unknown dataset id.
+    return (source.startswith(("/", "./", "../", "~")) or Path(source).suffix in LOCAL_SUFFIXES
+            or (os.sep in source and Path(source).parent.exists()))
+
+
+def _local_files(path: Path) -> tuple[str, list[str]]:
+    """(builder name, sorted data files) of a local file or directory."""
+    if path.is_file():
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise ConfigError(f"source {str(path)!r}: unsupported file type (use {sorted(LOCAL_SUFFIXES)})")
+        return LOCAL_SUFFIXES[path.suffix], [str(path)]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+    if not files:
+        raise ConfigError(f"source directory {str(path)!r} holds no {sorted(LOCAL_SUFFIXES)} files")
+    builders = {LOCAL_SUFFIXES[p.suffix] for p in files}
+    if len(builders) > 1:  # one builder per load; mixing json and parquet would mix schemas too
+        raise ConfigError(f"source directory {str(path)!r} mixes json and parquet files; keep one kind")
+    return builders.pop(), [str(p) for p in files]
+
+
+def load_dataset(cfg: DataConfig) -> Any:
+    """The examples of ``cfg.source`` / ``cfg.split`` as a ``datasets.Dataset``."""
+    import datasets  # deferred: only loading data needs it, and it is slow to import
+
+    if cfg.source == "tiny-code":
+        if cfg.split not in ("train", "heldout"):
+            raise ConfigError(f"split={cfg.split!r}: the builtin 'tiny-code' source has 'train', 'heldout'")
+        files = stdlib_files(cfg.split)
+        if cfg.max_examples:  # truncate before building the table: no point holding 30 MB of text
+            files = files[: cfg.max_examples]
+        # Through ``datasets`` like any other source, so the builtin exercises the same path.
+        return datasets.Dataset.from_dict({"text": [text for _, text in files]})
+
+    path = Path(cfg.source).expanduser()
+    if path.exists() or _looks_like_path(cfg.source):
+        if not path.exists():
+            raise FileNotFoundError(f"data source {cfg.source!r} does not exist ({path.resolve()})")
+        builder, files = _local_files(path)
+        # Local files form one split; name it after cfg.split so slices like "train[:100]" work.
+        split_name = cfg.split.split("[", 1)[0]
+        try:
+            return datasets.load_dataset(builder, data_files={split_name: files}, split=cfg.split)
+        except ValueError as e:  # e.g. a bad split slice
+            raise ConfigError(f"could not load {cfg.source!r} split {cfg.split!r}: {e}") from e
+
+    offline = _env_offline()
+    try:
+        with _offline_mode(offline):
+            return datasets.load_dataset(cfg.source, split=cfg.split)
+    except Exception as e:  # hub errors come as many types (ConnectionError, FileNotFoundError, ...)
+        why = ("is not available offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and is not cached"
+               if offline else "could not be loaded from the Hub (unknown id, network failure, not cached)")
+        raise ConfigError(f"dataset id {cfg.source!r} (split {cfg.split!r}) {why}: {e}") from e
+
+
+def resolve_format(cfg: DataConfig, columns: list[str]) -> str:
+    """The format of ``cfg``'s dataset: ``auto`` picks by the columns present."""
+    if cfg.format == "auto":
+        if cfg.messages_field in columns:
+            return "conversations"
+        if cfg.text_field in columns:
+            return "text"
+        raise ConfigError(f"format='auto': dataset {cfg.source!r} has neither messages_field="
+                          f"{cfg.messages_field!r} nor text_field={cfg.text_field!r}; columns: {columns}")
+    field = cfg.messages_field if cfg.format == "conversations" else cfg.text_field
+    name = "messages_field" if cfg.format == "conversations" else "text_field"
+    if field not in columns:
+        raise ConfigError(f"format={cfg.format!r}: {name}={field!r} is not a column of dataset "
+                          f"{cfg.source!r}; columns: {columns}")
+    return cfg.format

@@ -1,0 +1,74 @@
+"""The repository is self-contained: no file points at a path outside it, and every
+``docs/design.md §N`` reference names a section that exists."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".ipynb", ".txt", ".cfg", ""}
+# Relative links that climb out of the directory they are in, absolute home/work paths, and the
+# design brief that lived next to the repository while it was written.
+OUTSIDE = re.compile(r"\.\./\S+|(?<![\w.])/(?:work|home|Users|tmp/[\w-]+/)[\w./-]*|\bDESIGN(?:\.md)?\b")
+
+
+def _text_files() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    files = [ROOT / f for f in listed.splitlines()]
+    return [f for f in files if f.suffix in TEXT_SUFFIXES and f.is_file()
+            and not f.relative_to(ROOT).as_posix().startswith(("dflash/assets/", "docs/results/"))]
+
+
+def _outside(match: str, file: Path) -> bool:
+    if match.startswith("../"):  # a relative link is fine while it stays inside the repository
+        target = (file.parent / match.rstrip(").,;:`'\"")).resolve()
+        return ROOT.resolve() not in (target, *target.parents)
+    return True
+
+
+def test_no_reference_to_a_path_outside_the_repository():
+    found = []
+    for f in _text_files():
+        if f == Path(__file__).resolve():
+            continue
+        for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+            found += [f"{f.relative_to(ROOT)}:{n}: {m}" for m in OUTSIDE.findall(line) if _outside(m, f)]
+    assert not found, "references outside the repository:\n" + "\n".join(found)
+
+
+def test_design_section_references_exist():
+    design = (ROOT / "docs" / "design.md").read_text()
+    sections = {m.group(1) for m in re.finditer(r"^## (\d+)\.", design, re.M)}
+    assert sections == {str(i) for i in range(1, 13)}
+    bad = []
+    for f in _text_files():
+        for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+            for ref in re.findall(r"design\.md`? §([\d.]+(?:/§[\d.]+)*)", line):
+                for sec in ref.split("/§"):
+                    if sec.split(".")[0] not in sections:
+                        bad.append(f"{f.relative_to(ROOT)}:{n}: §{sec}")
+    assert not bad, "references to sections docs/design.md does not have:\n" + "\n".join(bad)
+
+
+def test_readme_outputs_are_ignored_by_git():
+    """What the README's commands write (run from the root) never shows up in ``git status``."""
+    flags = r"--(?:out|json|run-dir|anchor-profile)"
+    outputs = set()
+    for doc in ("README.md", "docs/export.md"):
+        outputs |= set(re.findall(flags + r"[ =]([\w./-]+)", (ROOT / doc).read_text()))
+    outputs = {o for o in outputs if not o.startswith("docs/") and o not in ("DIR", "OUT.json")}
+    assert {"exported/tiny", "bench.json", "runs/longer"} <= outputs  # the pattern still reads the README
+    listed = subprocess.run(["git", "check-ignore", "--no-index", *sorted(outputs)], cwd=ROOT,
+                            capture_output=True, text=True).stdout.split()
+    assert sorted(set(outputs) - set(listed)) == []
+
+
+def test_the_readme_says_how_to_install_and_run_tensorboard():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert re.fullmatch(r"tensorboard==[\d.]+", "".join(extras["tensorboard"]))  # pinned exactly
+    readme = (ROOT / "README.md").read_text()
+    assert 'pip install -e ".[tensorboard]"' in readme and "tensorboard --logdir" in readme

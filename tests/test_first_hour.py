@@ -1,0 +1,125 @@
+"""What a new user meets in the first hour: paths resolved as they mean them, clear errors
+where a silent wrong answer or a dead end used to be."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from dflash.decoding.autoregressive import ContextLengthError, check_context
+from dflash.models import CheckpointError, load_target
+from dflash.models.loading import SHIPPED
+from dflash.models.tokenizer import load_tokenizer
+
+
+def test_relative_local_directory_wins_and_a_missing_one_names_both_places(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as err:
+        load_target("models/qwen3")  # looks like a hub id 'owner/name', and is meant as a path
+    message = str(err.value)
+    assert str(tmp_path / "models" / "qwen3") in message and "hub id" in message
+    shutil.copytree(SHIPPED["tiny-code"], tmp_path / "models" / "qwen3")
+    assert load_target("models/qwen3").cfg == load_target("tiny-code").cfg
+    assert load_tokenizer("models/qwen3")("def f():").input_ids
+
+
+def test_a_run_directory_as_drafter_uses_its_export_or_says_how(tmp_path, capsys):
+    from dflash.cli.generate import main as generate_main
+    from dflash.export.dflash_hf import SHIPPED_DRAFTERS
+    from dflash.export.orthrus_hf import SHIPPED_ORTHRUS, find_orthrus
+
+    run = tmp_path / "try"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("method: dflash\n")
+    args = ["--prompt", "def fib(n):", "--max-new-tokens", "8", "--json"]
+    assert generate_main([*args, "--drafter", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} is a dflash-train run directory" in err and f"dflash-export --run {run}" in err
+    assert len(err.splitlines()) == 1
+    shutil.copytree(SHIPPED_DRAFTERS["tiny-code-dflash"], run / "export")
+    assert generate_main([*args, "--drafter", str(run)]) == 0
+    from_run = capsys.readouterr().out
+    assert generate_main([*args, "--drafter", "tiny-code-dflash"]) == 0
+    shipped = capsys.readouterr().out
+    assert from_run.split('"tokens_per_s"')[0] == shipped.split('"tokens_per_s"')[0]
+    orthrus_run = tmp_path / "orthrus"
+    shutil.copytree(SHIPPED_ORTHRUS["tiny-code-orthrus"], orthrus_run / "export")
+    (orthrus_run / "config.yaml").write_text("method: orthrus\n")
+    assert find_orthrus(orthrus_run) == orthrus_run / "export"
+
+
+def test_train_default_config_is_shipped_and_works_from_any_directory(tmp_path, monkeypatch, capsys):
+    import filecmp
+    from pathlib import Path
+
+    import dflash.cli.train as train_cli
+    from dflash.configio import load_yaml
+    from dflash.training.config import ExperimentConfig
+
+    root = Path(__file__).resolve().parents[1]
+    for name, shipped in train_cli.SHIPPED_CONFIGS.items():  # configs/ is the same file, to edit
+        assert filecmp.cmp(shipped, root / "configs" / f"{name}.yaml", shallow=False), name
+    seen = []
+    monkeypatch.setattr(train_cli, "run_training", lambda cfg, **kw: seen.append(cfg) or {})
+    monkeypatch.chdir(tmp_path)
+    assert train_cli.main(["--set", "train.steps=3"]) == 0
+    assert train_cli.main(["--config", "tiny_code_orthrus"]) == 0
+    assert seen == [load_yaml(ExperimentConfig, root / "configs" / "tiny_code.yaml", ["train.steps=3"]),
+                    load_yaml(ExperimentConfig, root / "configs" / "tiny_code_orthrus.yaml")]
+    capsys.readouterr()
+    assert train_cli.main(["--config", "configs/tiny_code.yaml"]) == 2  # a path that is not there
+    err = capsys.readouterr().err
+    assert "configs/tiny_code.yaml does not exist" in err and "tiny_code_orthrus" in err
+
+
+def test_a_prompt_longer_than_the_context_is_refused_unless_allowed(tmp_path, capsys):
+    """tiny-code's context is 2048 positions; a longer prompt used to run and return garbage."""
+    from dflash.cli.generate import main as generate_main
+
+    assert load_target("tiny-code").cfg.max_position_embeddings == 2048
+    long = tmp_path / "long.py"
+    long.write_text("x = 1\n" * 520)  # 2,080 tokens
+    for drafter in ([], ["--drafter", "ngram"]):
+        assert generate_main(["--prompt-file", str(long), "--max-new-tokens", "4", *drafter]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Token indices" not in err
+        assert "2084 positions, past the target's context of 2048" in err
+        assert "--allow-longer-than-context" in err
+    check_context([2044, 7], [4, 2041], 2048)  # the whole context, no more
+    with pytest.raises(ContextLengthError, match="prompt 1 .* 2049 positions"):
+        check_context([2044, 7], [4, 2042], 2048)
+    assert generate_main(["--prompt-file", str(long), "--max-new-tokens", "2", "--json",
+                          "--allow-longer-than-context"]) == 0
+    assert '"num_tokens": 2' in capsys.readouterr().out
+
+
+def test_regenerate_settings_past_the_context_are_refused_before_any_work(tmp_path, capsys):
+    import datasets
+
+    from dflash.cli.regenerate import main as regenerate_main
+
+    src, out = tmp_path / "chats.jsonl", tmp_path / "out.jsonl"
+    convs = [[{"role": "user", "content": "def f():"}, {"role": "assistant", "content": "ORIGINAL"}]]
+    datasets.Dataset.from_dict({"messages": convs}).to_json(str(src), lines=True)
+    args = ["--data", str(src), "--out", str(out), "--max-new-tokens", "100"]
+    assert regenerate_main([*args, "--max-prompt-tokens", "2000"]) == 2
+    err = capsys.readouterr().err
+    assert "max_prompt_tokens 2000 + max_new_tokens 100 does not fit the target's context of 2048" in err
+    assert "--allow-longer-than-context" in err and not out.exists()
+
+
+def test_training_settings_past_the_context_are_named():
+    from dflash.config import ConfigError
+    from dflash.configio import from_dict
+    from dflash.training.config import ExperimentConfig
+
+    fine = from_dict(ExperimentConfig, {"data": {"seq_len": 2048}, "regen": {"num_sequences": 4}})
+    fine.check_context(2048)
+    over = from_dict(ExperimentConfig, {"data": {"seq_len": 4096}, "regen": {"num_sequences": 4,
+                     "prompt_tokens": 2000, "new_tokens": 64}, "eval": {"prompt_tokens": 100}})
+    with pytest.raises(ConfigError) as err:
+        over.check_context(2048)
+    assert str(err.value).startswith("data.seq_len = 4096; regen.prompt_tokens + regen.new_tokens = 2064: "
+                                     "past the target's context of 2048")
