@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -130,16 +131,48 @@ def abstract_with(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+_OOM = re.compile(r"Ran out of memory.*?\(([\d.]+)([KMGT])\).*?\(([\d.]+)([KMGT])\)", re.S)
+_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+@dataclasses.dataclass
+class OutOfMemory:
+    """The TPU compiler refused the program: the temporaries it needed, and the HBM it had."""
+
+    temp_bytes: int
+    available_bytes: int
+    message: str
+
+
 def compile_for_topology(fn: Any, args: tuple, mesh: Any) -> tuple[Any, float]:
-    """Lowers and compiles jitted ``fn`` for abstract sharded ``args`` on TPU; (compiled, seconds)."""
+    """Lowers and compiles jitted ``fn`` for abstract sharded ``args`` on TPU: ``(compiled, seconds)``.
+
+    A program that does not fit is refused by the TPU compiler; it comes back as ``OutOfMemory``
+    (the temporaries it needed, parsed from the compiler's message) instead of an executable.
+    """
     start = time.perf_counter()
     with compiling_for("tpu"), jax.set_mesh(mesh):
-        compiled = fn.lower(*args).compile()
+        lowered = fn.lower(*args)
+        try:
+            compiled = lowered.compile()
+        except Exception as err:  # XlaRuntimeError: RESOURCE_EXHAUSTED
+            found = _OOM.search(str(err))
+            if not found:
+                raise
+            need, unit, have, unit2 = found.groups()
+            compiled = OutOfMemory(int(float(need) * _UNITS[unit]), int(float(have) * _UNITS[unit2]),
+                                   str(err).splitlines()[0][:300])
     return compiled, time.perf_counter() - start
 
 
-def memory(compiled: Any) -> dict[str, int]:
-    """Per-device bytes of a compiled executable: arguments, outputs, temporaries, peak total."""
+def memory(compiled: Any, argument_bytes: int = 0) -> dict[str, Any]:
+    """Per-device bytes of a compiled executable: arguments, outputs, temporaries, peak total.
+
+    For an ``OutOfMemory`` the total is ``argument_bytes`` plus the temporaries the compiler
+    asked for (a lower bound on what the step needs)."""
+    if isinstance(compiled, OutOfMemory):
+        return {"arguments": argument_bytes, "outputs": 0, "aliased": 0, "temp": compiled.temp_bytes,
+                "total": argument_bytes + compiled.temp_bytes, "compiler_refused": compiled.message}
     m = compiled.memory_analysis()
     total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
              + m.temp_size_in_bytes)
@@ -148,13 +181,16 @@ def memory(compiled: Any) -> dict[str, int]:
 
 
 def xla_flops(compiled: Any) -> float:
+    if isinstance(compiled, OutOfMemory):
+        return 0.0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def fit_fields(total: int, topo: Topology) -> dict[str, Any]:
-    return {"hbm_bytes": topo.hbm_bytes, "fits": total <= topo.hbm_bytes,
+def fit_fields(total: int, topo: Topology, compiled: Any = None) -> dict[str, Any]:
+    fits = total <= topo.hbm_bytes and not isinstance(compiled, OutOfMemory)
+    return {"hbm_bytes": topo.hbm_bytes, "fits": fits,
             "headroom": round(1.0 - total / topo.hbm_bytes, 4)}
 
 
@@ -237,7 +273,7 @@ def train_plan(cfg: Any, topology: str, mesh: Any = None, *, config_name: str = 
     step_kw = step_options(cfg, dcfg.block_size)
     train_step, _ = make_step_fns(graphdef, tgraph, step_kw, DTYPES[cfg.train.compute_dtype])
     compiled, seconds = compile_for_topology(train_step, (state, tstate, batch, abstract_key(m)), m)
-    mem = memory(compiled)
+    mem = memory(compiled, local_bytes((state, tstate, batch)))
     needs_logits = step_kw["kl_weight"] > 0 or step_kw["target_labels"] or cfg.method == "orthrus"
     flops = train_step_flops(cfg.method, tcfg, layer_cfg, batch=b, seq=s, anchors=step_kw["num_anchors"],
                              block=dcfg.block_size, feature_layers=getattr(dcfg, "target_layer_ids", ()),
@@ -245,7 +281,7 @@ def train_plan(cfg: Any, topology: str, mesh: Any = None, *, config_name: str = 
     per_device = {"target": local_bytes(tstate), "drafter": local_bytes(drafter_state),
                   "optimizer": local_bytes(opt_state), "temp": mem["temp"], "total": mem["total"]}
     return {"config": config_name, "method": cfg.method, "topology": topology, "chips": topo.chips,
-            "mesh": mesh_dict(m), "per_device_bytes": per_device, **fit_fields(mem["total"], topo),
+            "mesh": mesh_dict(m), "per_device_bytes": per_device, **fit_fields(mem["total"], topo, compiled),
             "flops_per_step": flops["total"], "flops_by_part": flops,
             "est_step_s": flops["total"] / (topo.chips * topo.peak_flops),
             "xla_flops_per_device": xla_flops(compiled), "memory_analysis": mem,
@@ -287,13 +323,13 @@ def decode_plan(target_config: str, topology: str, mesh: Any = None, *, dtype: s
     for name, t in (("verify", block_size), ("ar", 1)):
         ids = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=NamedSharding(m, P()))
         compiled, seconds = compile_for_topology(step, (tstate, cache, ids, ids), m)
-        mem = memory(compiled)
+        mem = memory(compiled, local_bytes((tstate, cache)))
         flops = decode_flops(tcfg, batch, t, context)
         read = weights + local_bytes(cache)  # every weight and the whole cache, once per pass
         passes[name] = {"new_tokens": t, "flops": flops, "memory_analysis": mem,
                         "est_s_compute": flops / (topo.chips * topo.peak_flops),
                         "est_s_memory": read / topo.hbm_bw, "compile_s": round(seconds, 1),
-                        **fit_fields(mem["total"], topo)}
+                        **fit_fields(mem["total"], topo, compiled)}
         passes[name]["est_s"] = max(passes[name]["est_s_compute"], passes[name]["est_s_memory"])
     return {"target": target_config, "topology": topology, "chips": topo.chips, "mesh": mesh_dict(m),
             "batch": batch, "context": context, "dtype": dtype,
@@ -301,6 +337,7 @@ def decode_plan(target_config: str, topology: str, mesh: Any = None, *, dtype: s
                                  "temp": passes["verify"]["memory_analysis"]["temp"],
                                  "total": passes["verify"]["memory_analysis"]["total"]},
             **fit_fields(passes["verify"]["memory_analysis"]["total"], topo), "passes": passes,
+            "all_fit": all(p["fits"] for p in passes.values()),
             "verify_over_ar": passes["verify"]["est_s"] / passes["ar"]["est_s"]}
 
 

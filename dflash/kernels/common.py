@@ -28,14 +28,23 @@ def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _precision(a: jax.Array) -> jax.lax.Precision | None:
+    """bf16 operands: the native MXU pass (exact products, fp32 accumulation). A global
+    ``jax_default_matmul_precision=highest`` would otherwise ask Mosaic for an fp32 contraction
+    of bf16 vectors, which it refuses ("Bad lhs type")."""
+    return jax.lax.Precision.DEFAULT if a.dtype == jnp.bfloat16 else None
+
+
 def matmul_t(a_MK: jax.Array, b_NK: jax.Array) -> jax.Array:
     """``a @ b.T`` accumulated in float32 (the QK^T product)."""
-    return jax.lax.dot_general(a_MK, b_NK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a_MK, b_NK, (((1,), (1,)), ((), ())), precision=_precision(a_MK),
+                               preferred_element_type=jnp.float32)
 
 
 def matmul(a_MK: jax.Array, b_KN: jax.Array) -> jax.Array:
     """``a @ b`` accumulated in float32."""
-    return jax.lax.dot_general(a_MK, b_KN, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a_MK, b_KN, (((1,), (0,)), ((), ())), precision=_precision(a_MK),
+                               preferred_element_type=jnp.float32)
 
 
 def init_carry(rows: int, head_dim: int) -> Carry:

@@ -38,6 +38,7 @@ from dflash.kernels.prefill_attention import (
     reference_prefill_attention,
 )
 from dflash.kernels.prefill_attention import prefill_attention as _prefill_kernel
+from dflash.kernels.spmd import per_shard
 from dflash.kernels.verify_attention import MAX_BLOCK_LEN
 from dflash.kernels.verify_attention import verify_attention as _verify_kernel
 
@@ -99,7 +100,11 @@ def use_verify_kernel(impl: str, q_BTNH: jax.Array, k_BSKH: jax.Array) -> bool:
 
 def verify_attention(q_BTNH, k_BSKH, v_BSKH, lengths_B, block_mask):
     """The verify kernel, compiled for this platform (interpret mode on CPU): ``[B,T,N,H]``."""
-    return _verify_kernel(q_BTNH, k_BSKH, v_BSKH, lengths_B, block_mask, interpret=platform() == "cpu")
+    interpret = platform() == "cpu"
+    mask_layout = "b.." if block_mask.ndim == 3 else ""
+    return per_shard(lambda *x: _verify_kernel(*x, interpret=interpret), (q_BTNH, k_BSKH, v_BSKH, lengths_B,
+                     block_mask), ("b.h.", "b.h.", "b.h.", "b", mask_layout), "b.h.", rows=q_BTNH.shape[0],
+                     heads=q_BTNH.shape[2], kv_heads=k_BSKH.shape[2])
 
 
 def anchor_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS, *, impl: str):
@@ -108,7 +113,10 @@ def anchor_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, 
     problem = hardware_problem(q_BAQNH.shape[4], kh, q_BAQNH.shape[3] // kh, q_rows)
     args = (q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS)
     if _wants_kernel(impl, problem):
-        return anchor_block_attention(*args, interpret=platform() == "cpu")
+        interpret = platform() == "cpu"
+        return per_shard(lambda *x: anchor_block_attention(*x, interpret=interpret), args,
+                         ("b..h.", "b.h.", "b.h.", "b..h.", "b..h.", "b.."), "b..h.", rows=q_BAQNH.shape[0],
+                         heads=q_BAQNH.shape[3], kv_heads=kh)
     if impl == "auto":  # the memory-bounded form (equal to the reference when A <= its chunk)
         return chunked_anchor_block_attention(*args)
     return reference_anchor_block_attention(*args)
@@ -131,7 +139,10 @@ def prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, *, impl: str):
     if check_impl(impl) == "reference":
         return reference_prefill_attention(*args)
     if _wants_kernel(impl, prefill_problem(q_BSNH.shape[3], k_BSKH.shape[2])):
-        return _prefill_kernel(*args, interpret=platform() == "cpu")
+        interpret = platform() == "cpu"
+        return per_shard(lambda *x: _prefill_kernel(*x, interpret=interpret), args,
+                         ("b.h.", "b.h.", "b.h.", "b."), "b.h.", rows=q_BSNH.shape[0], heads=q_BSNH.shape[2],
+                         kv_heads=k_BSKH.shape[2])
     return chunked_prefill_attention(*args)
 
 
