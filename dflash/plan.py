@@ -55,6 +55,7 @@ TOPOLOGIES: dict[str, Topology] = {t.name: t for t in (
     Topology("v5e-64", "v5e:8x8", 64, 16 * GiB, 197e12, 819e9),
     Topology("v4-8", "v4:2x2x1", 4, 32 * GiB, 275e12, 1228e9, (("chip_config_name", "megacore"),)),
     Topology("v5p-8", "v5p:2x2x1", 4, 95 * GiB, 459e12, 2765e9),
+    Topology("v5p-16", "v5p:2x2x2", 8, 95 * GiB, 459e12, 2765e9),
     Topology("v5p-32", "v5p:2x2x4", 16, 95 * GiB, 459e12, 2765e9),
     Topology("v6e-8", "v6e:2x4", 8, 32 * GiB, 918e12, 1640e9),
 )}
