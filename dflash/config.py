@@ -202,10 +202,6 @@ class ModelConfig:
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + h + emb
 
-    @property
-    def kv_groups(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
 
 def _llama3_rope() -> RopeConfig:
     return RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,

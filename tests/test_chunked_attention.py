@@ -76,7 +76,7 @@ def test_model_segment_ids_equal_the_dense_doc_mask(impl):
     """``Transformer(segment_ids=...)`` == the dense doc mask the trainer used, without and with a cache."""
     cfg = ModelConfig(model_type="qwen3", vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
-    model = dispatch.set_attention_impl(tr.build(cfg, seed=3), impl)
+    model = tr.build(cfg, seed=3, attention_impl=impl)
     _, _, _, seg = make_qkv(b=2, s=23, docs=3)
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 61, (2, 23)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(23), (2, 23))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from dflash.cli.bench import main as bench_main
@@ -46,7 +47,12 @@ def test_generate_with_drafters_is_lossless_and_reports_tau(capsys, drafter_dir)
         assert out["tokens"] == ar["tokens"] and out["text"] == ar["text"]
         assert out["block_size"] == 6
         assert len(out["acceptance_lengths"]) == out["target_forwards"] - 1  # + the prefill pass
-        assert out["tau"] == pytest.approx(sum(out["acceptance_lengths"]) / len(out["acceptance_lengths"]))
+        steps = out["acceptance_lengths"]
+        # tau counts the tokens the verify steps emitted (all but the prefill's first); the per-step
+        # list may claim more where EOS or the budget cut the last step, never less.
+        assert out["tau"] == pytest.approx((out["num_tokens"] - 1) / len(steps))
+        assert sum(steps[:-1]) < out["num_tokens"] - 1 <= sum(steps)
+        assert out["tau"] <= out["mean_acceptance_length"] == pytest.approx(np.mean(steps))
     sampled = _gen(capsys, "--drafter", str(drafter_dir), "--temperature", "0.9", "--verify", "block",
                    "--seed", "4")
     assert sampled["tokens"] and sampled["tau"] >= 1
@@ -74,8 +80,10 @@ def test_bench_writes_all_methods_from_jsonl_prompts(tmp_path, drafter_dir, caps
             {"prompt": "class Point:\n    def __init__(self, x, y):\n"}]
     prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     methods, tokens = run_bench(tmp_path, "--drafter", str(drafter_dir), "--prompts", str(prompts),
-                                "--max-new-tokens", "24", "--batch-size", "2")
+                                "--max-new-tokens", "24", "--batch-size", "2", "--plots", str(tmp_path / "f"))
     table = capsys.readouterr().out
+    figures = {"acceptance_histogram", "acceptance_by_position", "tau_per_prompt", "speedup_vs_block"}
+    assert {p.name for p in (tmp_path / "f").iterdir()} == {f"{n}.png" for n in figures}  # --plots
     assert "speedup" in table and "ngram" in table
     assert set(methods) == {"ar", "ngram", "drafter"}
     for name, r in methods.items():
@@ -102,8 +110,10 @@ def test_step_costs_measure_every_pass_of_the_loop():
                                                     target_layer_ids=(1, 2)), seed=1)
     costs = step_costs(build(cfg, seed=0), drafter, block_size=4, context=20, iters=3)
     assert set(costs) == {"ar_step_s", "verify_s", "draft_s", "draft_verify_s", "verify_over_ar"}
-    assert all(v > 0 for v in costs.values())
-    assert costs["verify_over_ar"] == costs["verify_s"] / costs["ar_step_s"]
+    # Ranges, not the formula restated: every pass takes time (a pass XLA had hoisted out of its
+    # loop would time as ~0), and none takes a second at this size.
+    assert all(0 < v < 1 for name, v in costs.items() if name.endswith("_s"))
+    assert np.isfinite(costs["verify_over_ar"]) and costs["verify_over_ar"] > 0
 
 
 def test_pass_costs_time_every_kind_of_step_and_refuse_a_too_small_cache():
@@ -166,7 +176,7 @@ def test_anchor_profile_reproduces_the_engines_steps(tmp_path, capsys):
     for name, method in (("drafter", "drafter"), ("ngram", "ngram"), ("best", "drafter+ngram")):
         engine = [p["acceptance_lengths"] for p in methods[method]["per_prompt"]]
         assert [row["steps"][name] for row in profile["rows"]] == engine, name
-        assert profile["summary"][f"tau_{name}"] == pytest.approx(methods[method]["tau"])
+        assert profile["summary"][f"tau_{name}"] == pytest.approx(methods[method]["mean_acceptance_length"])
     assert any(a > 1 for row in profile["rows"] for a in row["steps"]["drafter"])  # a real drafter accepts
     row = profile["rows"][0]
     assert len(row["drafter"]) == len(row["ngram"]) == len(row["target_top1"]) == 40

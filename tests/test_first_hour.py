@@ -123,3 +123,85 @@ def test_training_settings_past_the_context_are_named():
         over.check_context(2048)
     assert str(err.value).startswith("data.seq_len = 4096; regen.prompt_tokens + regen.new_tokens = 2064: "
                                      "past the target's context of 2048")
+
+
+def test_a_short_run_regenerates_only_what_it_will_consume(run_config, tiny_target, tmp_path):
+    import numpy as np
+
+    from dflash.training.data import load_documents
+    from dflash.training.rundata import prepare_data, regen_count
+    from dflash.training.selfdistill import load_documents_npz, regenerate_documents
+
+    regen = ["regen.num_sequences=64", "regen.prompt_tokens=16", "regen.new_tokens=16", "regen.batch_size=64"]
+    cfg = run_config(tiny_target, tmp_path / "r", *regen, "train.steps=2")  # 2 steps x 4 rows x 2 per row
+    assert regen_count(cfg) == 16
+    assert regen_count(run_config(tiny_target, tmp_path / "x", *regen, "train.steps=50")) == 64
+    assert regen_count(run_config(tiny_target, tmp_path / "x", *regen, "train.steps=0",
+                                  "train.epochs=1")) == 64
+    target, tok = load_target(tiny_target), load_tokenizer(tiny_target)
+    (tmp_path / "r").mkdir()
+    prepare_data(cfg, tok, target, tmp_path / "r", progress=False)
+    made = load_documents_npz(tmp_path / "r" / "regenerated.npz")
+    assert len(made) == 16
+    full = regenerate_documents(target, load_documents(cfg.data, tok)[0], cfg.regen, seed=cfg.data.seed,
+                                eos_ids=tuple(target.cfg.eos_token_id), progress=False)
+    assert len(full) == 64  # the short run's data is the start of the full set
+    for a, b in zip(made, full[:16], strict=True):
+        np.testing.assert_array_equal(a.ids, b.ids)
+
+
+@pytest.mark.slow
+def test_log_lines_a_finished_run_and_an_extended_run_that_continues_exactly(
+        run_config, tiny_target, tmp_path, capsys):
+    import re
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from dflash.cli.train import main as train_main
+    from dflash.training.trainer import run_training
+
+    constant_lr = ("optim.warmup_ratio=0", "optim.final_lr_ratio=1")  # the total steps do not matter
+    a = run_config(tiny_target, tmp_path / "a", *constant_lr)
+    run_training(a, progress=False, final_eval=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]  # log_every=1, no bar
+    assert "tau_sim —" in lines[0] and re.search(r"tau_sim \d\.\d\d", lines[2])  # eval at step 2
+    assert not any("nan" in line for line in lines)
+    events = sorted((tmp_path / "a" / "tb").iterdir())
+
+    # Re-running the finished run says so and stops: no training, no evaluation, no new events.
+    config = str(tmp_path / "a" / "config.yaml")
+    assert train_main(["--config", config, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "is already complete (4 of 4 steps); nothing was run" in out and "--extend" in out
+    assert sorted((tmp_path / "a" / "tb").iterdir()) == events
+    # A larger step count needs --extend (the message says so) ...
+    assert train_main(["--config", config, "--set", "train.steps=6", "--no-progress"]) == 2
+    assert "raise train.steps and pass --extend" in capsys.readouterr().err
+    # ... and with it the run continues from its checkpoint, optimizer state included: with a
+    # constant LR, 4 steps extended to 6 equal 6 steps from scratch, bit for bit.
+    run_training(run_config(tiny_target, tmp_path / "a", *constant_lr, "train.steps=6"), progress=False,
+                 final_eval=False, extend=True)
+    run_training(run_config(tiny_target, tmp_path / "b", *constant_lr, "train.steps=6"), progress=False,
+                 final_eval=False)
+    extended, scratch = load_file(tmp_path / "a" / "export" / "model.safetensors"), load_file(
+        tmp_path / "b" / "export" / "model.safetensors")
+    for name in scratch:
+        np.testing.assert_array_equal(extended[name], scratch[name], err_msg=name)
+    out = capsys.readouterr().out
+    assert "step 5/6" in out
+
+
+def test_quick_is_a_short_try_in_its_own_run_dir_and_explicit_settings_win(tmp_path, monkeypatch):
+    import dflash.cli.train as train_cli
+
+    seen = []
+    monkeypatch.setattr(train_cli, "run_training", lambda cfg, **kw: seen.append((cfg, kw)) or {})
+    monkeypatch.chdir(tmp_path)
+    assert train_cli.main(["--quick"]) == 0
+    assert train_cli.main(["--quick", "--set", "train.steps=7", "--run-dir", "runs/mine"]) == 0
+    (quick, kw), (mine, _) = seen
+    assert quick.run_dir == "runs/tiny_code-quick" and quick.train.steps == 20
+    assert quick.eval.num_prompts == 2 and quick.eval.max_new_tokens == 32 and kw["extend"] is False
+    assert mine.run_dir == "runs/mine" and mine.train.steps == 7 and mine.eval.num_prompts == 2

@@ -25,12 +25,12 @@ from dflash.bench import kernels as bench
 from dflash.config import ModelConfig
 from dflash.decoding.tree import ancestor_mask
 from dflash.drafters.dflash import DFlashConfig, build_drafter
+from dflash.errors import ConfigError
 from dflash.kernels import (
     anchor_block_attention,
     dispatch,
     reference_anchor_block_attention,
     reference_verify_attention,
-    set_attention_impl,
     verify_attention,
 )
 from dflash.models import build
@@ -254,38 +254,45 @@ CFG = ModelConfig(model_type="qwen3", vocab_size=61, hidden_size=32, intermediat
 
 @pytest.fixture(scope="module")
 def target():
-    """One tiny random target for the model tests (tests reset its attention_impl to auto)."""
+    """One tiny random target for the model tests (attention_impl auto; tests run copies under others)."""
     return build(CFG, seed=2)
 
 
-def test_dispatch_defaults_and_setter(target):
+def test_dispatch_defaults_and_the_constructor_field(target):
     assert dispatch.resolve_impl("reference") == "reference"
     assert dispatch.resolve_impl("pallas") == "pallas"
     if ON_CPU:
         assert dispatch.resolve_impl("auto") == "reference"  # CPU defaults are unchanged
-    with pytest.raises(ValueError, match="attention_impl"):
+    with pytest.raises(ConfigError, match="attention_impl"):
         dispatch.resolve_impl("flash")
+    with pytest.raises(ConfigError, match="unknown attention_impl 'flash'"):
+        build(CFG, attention_impl="flash")
     assert target.attention_impl == "auto"
-    graph_auto = nnx.graphdef(target)
-    assert set_attention_impl(target, "pallas") is target and target.attention_impl == "pallas"
-    assert nnx.graphdef(target) != graph_auto  # static: a jitted step retraces, never mixes impls
-    set_attention_impl(target, "auto")
-    drafter = build_drafter(DFlashConfig.for_target(CFG, mask_token_id=60, num_layers=1, block_size=4))
-    assert set_attention_impl(drafter, "reference").attention_impl == "reference"
-    with pytest.raises(ValueError, match="no attention_impl"):
-        set_attention_impl(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), "pallas")
+    pallas = build(CFG, seed=2, attention_impl="pallas")
+    assert pallas.attention_impl == "pallas"
+    assert nnx.graphdef(pallas) != nnx.graphdef(target)  # static: a jitted step never mixes impls
+    dcfg = DFlashConfig.for_target(CFG, mask_token_id=60, num_layers=1, block_size=4)
+    assert build_drafter(dcfg, attention_impl="reference").attention_impl == "reference"
     q = jnp.zeros((1, 129, 4, 8))
     assert not dispatch.use_verify_kernel("pallas", q, jnp.zeros((1, 200, 2, 8)))  # prefill: reference
     assert dispatch.use_verify_kernel("pallas", q[:, :16], jnp.zeros((1, 200, 2, 8)))
 
 
+def _with_impl(model, impl: str):
+    """The same parameters under another ``attention_impl`` (a fresh module: the field is static)."""
+    graphdef, state = nnx.split(model)
+    twin = nnx.merge(graphdef, state)
+    twin.attention_impl = dispatch.check_impl(impl)  # what the constructor sets
+    return twin
+
+
 def _both(model, fn):
-    out = {}
-    for impl in ("reference", "pallas"):
-        set_attention_impl(model, impl)
-        out[impl] = fn()
-    set_attention_impl(model, "auto")
-    return out["reference"], out["pallas"]
+    """``fn(module)`` under the reference and under the Pallas kernels. ``fn`` must take the module
+    as an argument of its jitted functions: a module captured in a closure would hit jit's cache
+    (a closure is not part of the cache key) and silently run the first implementation twice."""
+    out = [fn(_with_impl(model, impl)) for impl in ("reference", "pallas")]
+    assert model.attention_impl == "auto"  # the original is untouched
+    return out[0], out[1]
 
 
 def test_target_logits_equal_with_pallas_and_reference(target):
@@ -299,8 +306,7 @@ def test_target_logits_equal_with_pallas_and_reference(target):
     tree = ancestor_mask(jnp.asarray([[0, 0, 0, 1], [0, 0, 1, 2]], jnp.int32))
 
     @jax.jit
-    def run(params):
-        m = nnx.merge(graphdef, params)
+    def run(m):
         cache = kvc.init_cache(CFG, b, 24)
         pos = jnp.broadcast_to(jnp.arange(p), (b, p))
         pre = m(tokens, pos, cache)
@@ -311,13 +317,8 @@ def test_target_logits_equal_with_pallas_and_reference(target):
         plain = m(tokens, pos)
         return pre.logits, chain.logits, treed.logits, plain.logits
 
-    def forward():
-        nonlocal graphdef
-        graphdef, params = nnx.split(model)
-        return run(params)
-
-    graphdef = None
-    ref, pallas = _both(model, forward)
+    ref, pallas = _both(model, run)
+    assert run._cache_size() == 2  # one trace per implementation: both really ran
     for r, o in zip(ref, pallas, strict=True):
         np.testing.assert_allclose(o, r, atol=2e-5, rtol=2e-5)
 
@@ -339,10 +340,10 @@ def test_drafter_logits_equal_with_pallas_and_reference(target):
     cache = jax.jit(lambda m, *args: m.extend_context(*args))(
         drafter, cache, feats, jnp.broadcast_to(jnp.arange(6), (b, 6)), jnp.asarray([6, 2]))
 
-    def forward():
-        train = jax.jit(lambda m, *args: m(*args))(drafter, x, q_pos, ctx, ctx_pos, ctx_mask)
+    def forward(m):
+        train = jax.jit(lambda m, *args: m(*args))(m, x, q_pos, ctx, ctx_pos, ctx_mask)
         draft = jax.jit(lambda m, t, c, anchor: m.draft_logits(t, c, anchor))(
-            drafter, target, cache, jnp.asarray([5, 9], jnp.int32))
+            m, target, cache, jnp.asarray([5, 9], jnp.int32))
         return train, draft
 
     ref, pallas = _both(drafter, forward)

@@ -62,11 +62,29 @@ def test_save_target_round_trips_through_transformers(hf_checkpoint, tmp_path):
         np.testing.assert_array_equal(original[key], resaved[key])
 
 
-def test_weight_table_is_the_only_mapping():
+@pytest.mark.parametrize("family,overrides", [("qwen3", {}), ("qwen2", {}),
+                                              ("llama", {"tie_word_embeddings": True})])
+def test_weight_table_is_the_only_mapping(hf_checkpoint, tmp_path, family, overrides):
+    """Every tensor of a ``transformers`` checkpoint is read through ``WEIGHT_TABLE`` and written
+    back under the same name with the same values: loading and saving both go through the table,
+    and nothing else maps a name."""
+    from flax import nnx
+
+    from dflash.models.loading import weight_pairs
+
     hf_keys = [hf for hf, _, _ in WEIGHT_TABLE]
-    assert len(hf_keys) == len(set(hf_keys))
-    ours = [o for _, o, _ in WEIGHT_TABLE]
-    assert len(ours) == len(set(ours))
+    assert len(hf_keys) == len(set(hf_keys)) and len({o for _, o, _ in WEIGHT_TABLE}) == len(WEIGHT_TABLE)
+    _, directory = hf_checkpoint(family, **overrides)
+    original = load_file(str(directory / "model.safetensors"))
+    ours = load_target(directory)
+    paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    pairs = list(weight_pairs(WEIGHT_TABLE, ours.cfg.num_layers, paths))
+    assert {hf for hf, _, _ in pairs} == set(original)  # the table reads every tensor, and only those
+    assert {our for _, our, _ in pairs} == paths  # and fills every parameter
+    resaved = load_file(str(save_target(ours, tmp_path / "resaved") / "model.safetensors"))
+    assert set(resaved) == set(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(resaved[key], value, err_msg=key)
 
 
 def test_missing_config_file_is_named(tmp_path):

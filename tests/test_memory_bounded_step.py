@@ -13,7 +13,6 @@ from dflash import cache as kvc
 from dflash.config import ModelConfig
 from dflash.drafters.dflash import DFlashConfig, build_drafter
 from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
-from dflash.kernels.dispatch import set_attention_impl
 from dflash.models import build
 from dflash.training import objective as obj
 from dflash.training.step import anchor_blocks, block_forward, document_mask, orthrus_forward
@@ -59,13 +58,19 @@ def dense_orthrus(d, target, batch, key, *, num_anchors, loss_chunk, **loss_kw):
                             blocks.label_idx, jax.lax.stop_gradient(out.logits), **loss_kw)
 
 
+def set_attention_impl(model: nnx.Module, impl: str) -> None:
+    """Every module's static ``attention_impl`` (the constructor's argument) set to ``impl``."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and hasattr(node, "attention_impl"):
+            node.attention_impl = impl
+
+
 def compare(drafter, target, new, dense, kw):
     batch, key = packed_batch(), jax.random.key(3)
 
     def run(fn, impl):
         set_attention_impl(target, impl)
-        if hasattr(type(drafter), "attention_impl"):
-            set_attention_impl(drafter, impl)
+        set_attention_impl(drafter, impl)
         return jax.jit(nnx.value_and_grad(lambda d: fn(d, target, batch, key, **kw), has_aux=True))(drafter)
 
     (got, g_metrics), g_grad = run(new, "auto")

@@ -227,4 +227,9 @@ def test_chunked_metrics_combine_to_the_whole_batch():
     for name in ("loss", "tau_sim", "tau_sim_steps", "tau_sim_labels"):
         np.testing.assert_allclose(got[name], float(whole[name]), rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(got["accuracy"], np.asarray(whole["accuracy"]), rtol=1e-5)
+    # The acceptance histogram: counts of blocks by simulated length, whose mean is tau_sim.
+    counts = np.asarray(got["acceptance_counts"])
+    assert counts.tolist() == np.asarray(whole["acceptance_counts"]).tolist()
+    assert counts.sum() == int(mask[..., 0].sum()) and counts[1:].sum() > 0
+    np.testing.assert_allclose((counts * np.arange(1, k + 1)).sum() / counts.sum(), got["tau_sim"], rtol=1e-5)
     assert 1.0 < got["tau_sim"] < k  # the example is not degenerate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 from test_speculative import CFG, MASK, sharpened_target
 from test_verify import CFG as EXACT_CFG
 from test_verify import VOCAB as EXACT_VOCAB
@@ -30,12 +31,12 @@ from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter, ar_counterpar
 from dflash.export.orthrus_hf import (
     find_orthrus,
     load_orthrus,
-    load_orthrus_target,
+    read_orthrus_config,
     save_orthrus,
 )
 from dflash.models import CheckpointError, build, load_target, save_target
-from dflash.models.loading import SHIPPED
-from dflash.models.transformer import rope_cos_sin
+from dflash.models.loading import SHIPPED, WEIGHT_TABLE, load_params_into
+from dflash.models.transformer import abstract, rope_cos_sin
 from dflash.training import objective as obj
 from dflash.training.config import ExperimentConfig
 from dflash.training.optim import make_optimizer
@@ -307,6 +308,14 @@ def test_presets_validate_and_build_abstractly():
 
 
 # ----------------------------------------------------------------------------- export
+def _export_target(directory: Path):
+    """The target an Orthrus export runs on: its own tensors (full) or the target it names (delta)."""
+    _, tcfg, hf = read_orthrus_config(directory)
+    if hf["orthrus_config"]["form"] == "full":
+        return load_params_into(abstract(tcfg), directory, WEIGHT_TABLE, tcfg.num_layers, jnp.float32)
+    return load_target(hf["orthrus_config"]["target"]["name_or_path"])
+
+
 def _params(module) -> dict[str, np.ndarray]:
     flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
     return {".".join(map(str, p)): np.asarray(v[...]) for p, v in flat}
@@ -333,7 +342,7 @@ def test_export_round_trip_full_and_delta_and_wrong_targets(target, tmp_path):
         assert find_orthrus(form) == form
         for name, value in _params(load_orthrus(form, target)).items():
             np.testing.assert_array_equal(value, want[name], err_msg=f"{form.name}: {name}")
-        tgt = load_orthrus_target(form)  # full: its own tensors; delta: the referenced target
+        tgt = _export_target(form)  # full: its own tensors; delta: the referenced target
         for name, value in _params(tgt).items():
             np.testing.assert_array_equal(value, _params(target)[name], err_msg=f"{form.name}: {name}")
     # A target of another architecture, and one of the same architecture with other weights.
@@ -347,6 +356,14 @@ def test_export_round_trip_full_and_delta_and_wrong_targets(target, tmp_path):
     with pytest.raises(CheckpointError, match="is not an Orthrus drafter"):
         load_orthrus(target_dir, target)
     assert find_orthrus(target_dir) is None and find_orthrus("tiny-code-dflash") is None
+    # A foreign tensor is refused, as load_drafter refuses it (a full export's target tensors are not).
+    foreign = tmp_path / "foreign"
+    shutil.copytree(delta, foreign)
+    tensors = load_file(str(foreign / "model.safetensors"))
+    save_file({**tensors, "model.layers.0.self_attn.r_proj.weight": np.zeros((2, 2), np.float32)},
+              str(foreign / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"does not have: \['model.layers.0.self_attn.r_proj"):
+        load_orthrus(foreign, target)
 
 
 def test_drafter_memory_is_measured_from_the_arrays(target):

@@ -12,6 +12,7 @@ from dflash.config import ModelConfig
 from dflash.decoding import generate
 from dflash.decoding.compiled import COMPILES
 from dflash.decoding.drafters import DFlashDraft, NgramDraft, NoDraft
+from dflash.decoding.method import DraftMethod
 from dflash.decoding.speculative import speculative_generate
 from dflash.drafters.dflash import DFlashConfig, build_drafter
 from dflash.models import build
@@ -39,7 +40,7 @@ def _prompts(batch: int, seed: int) -> list[list[int]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class OracleDraft:
+class OracleDraft(DraftMethod):
     """Test-only: proposes the known greedy continuation, corrupting some positions.
 
     Exercises every acceptance count 0..K-1, which untrained drafters rarely reach.

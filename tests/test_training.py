@@ -18,11 +18,12 @@ from safetensors.numpy import load_file
 from dflash.config import ConfigError, ModelConfig
 from dflash.configio import load_yaml
 from dflash.drafters.dflash import DFlashConfig, build_drafter
-from dflash.errors import TrainingError
+from dflash.errors import CheckpointError, TrainingError
 from dflash.export import load_drafter
 from dflash.models import build
 from dflash.training.config import ExperimentConfig
 from dflash.training.optim import make_optimizer
+from dflash.training.scalars import histogram_counts, read_scalars
 from dflash.training.step import make_step_fns
 from dflash.training.trainer import run_training
 
@@ -44,6 +45,13 @@ def test_kill_and_resume_equals_uninterrupted(run_config, tiny_target, tmp_path)
     assert set(a) == set(b)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # scalars.csv: the killed run's rows are not repeated by the resumed one (timings aside, equal).
+    rows_a, rows_b = (read_scalars(tmp_path / r) for r in "ab")
+    assert rows_a.keys() == rows_b.keys() and "eval/acceptance/len_1" in rows_a
+    for tag, (steps, values) in rows_a.items():
+        assert rows_b[tag][0].tolist() == steps.tolist(), tag
+        if tag != "train/tokens_per_s":
+            np.testing.assert_allclose(rows_b[tag][1], values, rtol=1e-6, err_msg=tag)
     # Kept: the last 2 checkpoints (the best by eval tau is one of them or also kept).
     steps = sorted(int(p.name) for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-2:] == [2, 4] and len(steps) <= 3
@@ -68,7 +76,10 @@ def test_outputs_logs_metrics_and_export(run_config, tiny_target, tmp_path):
         tags |= {v.tag for v in event.summary.value}
         pos += 12 + length + 4
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/tau_sim",
-            "train_accuracy/pos_1", "eval/tau_real", "eval/tau_with_ngram"} <= tags
+            "train_accuracy/pos_1", "eval/tau_real", "eval/tau_with_ngram", "eval/acceptance",
+            "decode/acceptance"} <= tags  # the last two: histograms of acceptance lengths
+    decoded = histogram_counts(read_scalars(run), "decode/acceptance")
+    assert decoded.tolist() == metrics["acceptance_histogram"] and decoded.sum() > 0
     drafter = load_drafter(run / "export")
     assert drafter.cfg.block_size == 4
     assert (run / "config.yaml").exists()
@@ -82,7 +93,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_overwritten(run_conf
     for p in victims:
         p.write_bytes(b"\x00garbage")
     snapshot = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
-    with pytest.raises(TrainingError, match="could not be restored"):
+    with pytest.raises(CheckpointError, match="could not be restored"):
         run_training(cfg, progress=False)
     assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == snapshot
 
@@ -375,3 +386,21 @@ def test_regenerated_documents_are_the_targets_greedy_continuations(run_config, 
     assert max(len(d) for d in first) > 26
     prepare_data(cfg, tok, target, tmp_path / "run", progress=False)
     assert all(np.array_equal(a.ids, b.ids) for a, b in zip(first, load_documents_npz(stored), strict=True))
+
+
+def test_logged_metrics_are_means_over_the_accumulated_micro_batches():
+    """Under grad_accum the logged loss, tau, grad norm and accuracy are the step's means, not the
+    last micro-batch's (the loop logs ``mean_metrics`` of all of them)."""
+    from dflash.training.step import mean_metrics
+    from dflash.training.trainer import LOGGED_METRICS
+
+    micro = [{"loss": jnp.float32(1.0), "ce": jnp.float32(2.0), "tau_sim": jnp.float32(1.5),
+              "grad_norm": jnp.float32(4.0), "accuracy": jnp.asarray([0.5, 0.25]), "tokens": jnp.int32(7)},
+             {"loss": jnp.float32(3.0), "ce": jnp.float32(0.0), "tau_sim": jnp.float32(2.5),
+              "grad_norm": jnp.float32(2.0), "accuracy": jnp.asarray([1.0, 0.75]), "tokens": jnp.int32(9)}]
+    got = mean_metrics(micro, LOGGED_METRICS)
+    assert set(got) == {"loss", "ce", "tau_sim", "grad_norm", "accuracy"}
+    assert (float(got["loss"]), float(got["ce"]), float(got["tau_sim"]), float(got["grad_norm"])) == (
+        2.0, 1.0, 2.0, 3.0)
+    np.testing.assert_array_equal(np.asarray(got["accuracy"]), [0.75, 0.5])
+    assert float(mean_metrics(micro[:1], ("loss",))["loss"]) == 1.0  # grad_accum = 1: the step itself

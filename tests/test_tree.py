@@ -13,6 +13,7 @@ import pytest
 from test_verify import exact  # noqa: F401  (a fixture)
 
 from dflash import cache as kvc
+from dflash.decoding.method import DraftMethod
 from dflash.decoding.tree import (
     ancestor_mask,
     beam_tree,
@@ -278,7 +279,7 @@ def test_tree_sampling_preserves_the_target_distribution(exact, width, lookup): 
 
 
 @dataclasses.dataclass(frozen=True)
-class FixedTreeDraft:
+class FixedTreeDraft(DraftMethod):
     """Test-only: the fixed chain ``drafts`` as a width-1 tree with the fixed chain ``lookup`` grafted on."""
 
     drafts: tuple[int, ...]

@@ -13,6 +13,7 @@ from test_sampling import FALSE_ALARM, chi2_pvalue
 
 from dflash.config import ModelConfig
 from dflash.decoding.drafters import DFlashDraft
+from dflash.decoding.method import DraftMethod
 from dflash.decoding.sampling import SamplingParams
 from dflash.decoding.speculative import speculative_generate
 from dflash.decoding.verify import block_stop_probs, verify_block, verify_greedy, verify_token
@@ -93,7 +94,7 @@ def exact():
 
 
 @dataclasses.dataclass(frozen=True)
-class FixedDraft:
+class FixedDraft(DraftMethod):
     """Test-only deterministic drafter: always proposes the same tokens (q is one-hot)."""
 
     tokens: tuple[int, ...]

@@ -65,16 +65,16 @@ def anchor_profile(target, drafter, prompts: list[list[int]], *, max_new_tokens:
         a = len(anchors)
         block = np.concatenate([seq[anchors][:, None], np.full((a, k - 1), drafter.cfg.mask_token_id)], 1)
         x = target.embed(jnp.asarray(block).reshape(1, a * k)).reshape(1, a, k, -1)
-        q_pos = jnp.asarray(anchors)[None, :, None] + jnp.arange(k)  # [1, A, K]
+        q_pos = jnp.asarray(anchors)[None, :, None] + jnp.arange(k)  # [1, A, Q]
         ctx_mask = obj.anchor_context_mask(jnp.asarray(anchors)[None], jnp.ones((1, a), bool),
                                            jnp.ones((1, s), jnp.int32))
-        h = drafter(x, q_pos, drafter.project_context(feats), pos, ctx_mask)  # [1, A, K, D]
+        h = drafter(x, q_pos, drafter.project_context(feats), pos, ctx_mask)  # [1, A, Q, D]
         logits = target.unembed(h[0, :, 1:]).at[..., drafter.cfg.mask_token_id].set(-jnp.inf)
-        d_drafts = np.asarray(jnp.argmax(logits, axis=-1))  # [A, K-1]
+        d_drafts = np.asarray(jnp.argmax(logits, axis=-1))  # [A, Q-1]
         n_drafts, _ = ngram.propose(None, None, (), jnp.asarray(seq[anchors]), None,
                                     jnp.broadcast_to(jnp.asarray(seq), (a, s)), jnp.asarray(anchors + 1),
                                     None, None)
-        truth = seq[anchors[:, None] + 1 + np.arange(k - 1)[None]]  # [A, K-1]
+        truth = seq[anchors[:, None] + 1 + np.arange(k - 1)[None]]  # [A, Q-1]
         acc_d = _leading_matches(d_drafts, truth)
         acc_n = _leading_matches(np.asarray(n_drafts), truth)
         eos = [i for i, t in enumerate(gen[:max_new_tokens]) if t in eos_ids]
@@ -86,6 +86,7 @@ def anchor_profile(target, drafter, prompts: list[list[int]], *, max_new_tokens:
     summary: dict[str, Any] = {}
     for name in ("drafter", "ngram", "best"):
         steps = [t for r in rows for t in r["steps"][name]]
+        # The mean of the walked per-step list: the engine's ``mean_acceptance_length``.
         summary[f"tau_{name}"] = float(np.mean(steps)) if steps else float("nan")
     acc_d = np.concatenate([r["drafter"] for r in rows])
     acc_n = np.concatenate([r["ngram"] for r in rows])

@@ -14,7 +14,7 @@ from dflash.decoding.speculative import speculative_generate
 
 def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any, Any]], *,
                   max_new_tokens: int = 256, batch_size: int = 1, sampling=None, rule: str | None = None,
-                  eos_ids: tuple[int, ...] = (), mask_token_id: int = -1, seed: int = 0,
+                  eos_ids: tuple[int, ...] = (), mask_token_id: int | None = None, seed: int = 0,
                   warmup: bool = True, compact: bool = True, ceiling: bool = False) -> dict[str, Any]:
     """Runs every method on the same prompts in this process; speedups are vs ``methods['ar']``.
 
@@ -28,6 +28,7 @@ def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any
     sampling = sampling or SamplingParams()
     acc: dict[str, dict[str, Any]] = {
         name: {"per_prompt": [], "elapsed": 0.0, "compile_s": 0.0, "generated": 0, "forwards": 0, "acc": [],
+               "step_tokens": 0,
                "max_len": 0} for name in methods}
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
@@ -47,8 +48,12 @@ def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any
             for i, toks in enumerate(res.tokens):
                 row_acc = res.acceptance_lengths[i]
                 a["acc"].extend(row_acc)
+                step_tokens = len(toks) - 1 if row_acc else 0  # the first token is the prefill's
+                a["step_tokens"] += step_tokens
                 a["per_prompt"].append({"prompt_index": start + i, "generated_tokens": len(toks),
-                                        "tau": float(np.mean(row_acc)) if row_acc else float("nan"),
+                                        "tau": step_tokens / len(row_acc) if row_acc else float("nan"),
+                                        "mean_acceptance_length": float(np.mean(row_acc)) if row_acc
+                                        else float("nan"),
                                         "acceptance_lengths": row_acc,
                                         "target_forwards": res.target_forwards[i], "tokens": toks})
     results: dict[str, Any] = {}
@@ -58,7 +63,10 @@ def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any
         for n in a["acc"]:
             hist[n - 1] += 1
         results[name] = {
-            "tau": float(np.mean(a["acc"])) if a["acc"] else float("nan"),
+            # tau: tokens emitted by verify steps / steps; mean_acceptance_length: the mean of the
+            # per-step list (the PyTorch reference's number), higher where EOS or the budget cut a step.
+            "tau": a["step_tokens"] / len(a["acc"]) if a["acc"] else float("nan"),
+            "mean_acceptance_length": float(np.mean(a["acc"])) if a["acc"] else float("nan"),
             "tokens_per_s": a["generated"] / max(a["elapsed"], 1e-9),
             "time_per_output_token_ms": 1000 * a["elapsed"] / max(a["generated"], 1),
             "generated_tokens": a["generated"], "elapsed_s": a["elapsed"], "compile_s": a["compile_s"],

@@ -12,12 +12,12 @@ from flax import nnx
 
 from dflash import cache as kvc
 from dflash.decoding.sampling import SamplingParams
-from dflash.decoding.speculative import draft_and_verify
+from dflash.decoding.speculative import draft_and_verify, mask_id_for
 from dflash.drafters.orthrus import OrthrusDrafter
 
 
 def pass_costs(target, methods: dict[str, tuple[Any, Any, int]], *, batch: int = 1, context: int = 256,
-               sampling=None, rule: str | None = None, mask_token_id: int = -1, iters: int = 40,
+               sampling=None, rule: str | None = None, mask_token_id: int | None = None, iters: int = 40,
                repeats: int = 5) -> dict[str, float]:
     """Seconds per engine step of each method ``name -> (method, drafter, max_len)``, loop left out.
 
@@ -41,7 +41,7 @@ def pass_costs(target, methods: dict[str, tuple[Any, Any, int]], *, batch: int =
                             is_leaf=lambda x: isinstance(x, kvc.KVCache))
 
     def build(method, drafter, max_len: int):
-        kvc.check_fits(context + getattr(method, "verify_tokens", method.block_size), max_len, "a timed step")
+        kvc.check_fits(context + method.verify_tokens, max_len, "a timed step")
         dgraph, dparams = nnx.split(drafter) if drafter is not None else (None, None)
 
         def run(tp, dp):
@@ -56,8 +56,8 @@ def pass_costs(target, methods: dict[str, tuple[Any, Any, int]], *, batch: int =
                 anchor = jnp.full((batch,), 2 + i % 7, jnp.int32)  # varies, so no pass is hoisted
                 k_draft, k_verify = jax.random.split(jax.random.fold_in(key, i))
                 _, accepted, extra, cache_v, hidden = draft_and_verify(
-                    method, d, model, cache, dstate, anchor, lengths, tokens_BL, lengths + 1, mask_token_id,
-                    sampling, rule, k_draft, k_verify)
+                    method, d, model, cache, dstate, anchor, lengths, tokens_BL, lengths + 1,
+                    mask_id_for(method, mask_token_id), sampling, rule, k_draft, k_verify)
                 dstate = method.commit(d, dstate, hidden, lengths, accepted)
                 return cache_v.with_lengths(lengths), rolled_back(dstate), total + jnp.sum(accepted + extra)
 
@@ -147,7 +147,7 @@ def step_costs(target, drafter=None, *, block_size: int = 16, context: int = 256
             def body(i, carry):
                 tcache, acc = carry
                 anchor = jnp.full((batch,), i % 7, jnp.int32)
-                drafts = jnp.argmax(d.draft_logits(model, dcache, anchor, block_size), axis=-1)  # [B, K-1]
+                drafts = jnp.argmax(d.draft_logits(model, dcache, anchor, block_size), axis=-1)  # [B, Q-1]
                 out = model(jnp.concatenate([anchor[:, None], drafts], axis=1), positions, tcache)
                 return out.cache.with_lengths(lengths), acc + out.logits[0, -1, 0]
 

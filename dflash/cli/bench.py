@@ -5,20 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-import jax.numpy as jnp
-
 from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
-from dflash.cache import CacheOverflowError
 from dflash.cli.parser import make_parser
-from dflash.config import ConfigError
 from dflash.decoding import SamplingParams
 from dflash.decoding.drafters import resolve_method
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
 from dflash.drafters.dflash import DFlashDrafter
-from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
-from dflash.models import CheckpointError, load_target
+from dflash.errors import ConfigError, DflashError
+from dflash.kernels.dispatch import ATTENTION_IMPLS
+from dflash.models import load_target
+from dflash.models.loading import DTYPES
 from dflash.models.tokenizer import eos_ids, load_tokenizer
+from dflash.viz.figures import bench_figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
                    help="auto: Pallas kernels on TPU/GPU, jnp reference on CPU (see docs/kernels.md)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", default=None, help="write the full result here")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write the figures as PNGs here: acceptance histogram, by draft position, tau per "
+                        "prompt, speedup (docs/viz.md)")
     p.add_argument("--anchor-profile", default=None, metavar="JSON",
                    help="also write the greedy acceptance of the DFlash drafter and of prompt lookup at "
                         "every anchor of the target's own continuations, and the steps each takes "
@@ -77,17 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         tokenizer = load_tokenizer(args.target)
-        target = load_target(args.target, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-        set_attention_impl(target, args.attention_impl)
+        target = load_target(args.target, dtype=DTYPES[args.dtype],
+                             attention_impl=args.attention_impl)  # drafters resolved below take it too
         prompts = load_prompts(args.prompts, tokenizer, field=args.field, split=args.split,
                                limit=args.num_prompts)
         drafter_method, drafter = resolve_method(args.drafter, target, block_size=args.block_size,
                                                  stochastic=args.stochastic_drafts)
-        if hasattr(type(drafter), "attention_impl"):  # DFlash (Orthrus runs inside the target)
-            set_attention_impl(drafter, args.attention_impl)
         k = drafter_method.block_size
         if args.anchor_profile and not isinstance(drafter, DFlashDrafter):
-            raise ValueError(f"--anchor-profile profiles a DFlash drafter; {args.drafter!r} is not one")
+            raise ConfigError(f"--anchor-profile profiles a DFlash drafter; {args.drafter!r} is not one")
         stop = () if args.ignore_eos else eos_ids(tokenizer, target.cfg.eos_token_id)
         methods = {"ar": resolve_method("ar", target), "ngram": resolve_method("ngram", target, block_size=k),
                    "drafter": (drafter_method, drafter)}
@@ -100,11 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             also_method, also_drafter = resolve_method(other, target, block_size=args.block_size,
                                                        stochastic=args.stochastic_drafts)
             if drafter is None or also_drafter is None:
-                raise ValueError("--also compares exported drafters: give drafters, not ar/ngram")
+                raise ConfigError("--also compares exported drafters: give drafters, not ar/ngram")
             if also_drafter.cfg.mask_token_id != drafter.cfg.mask_token_id:
-                raise ValueError(f"--also {other}: its mask token differs from the drafter's")
-            if hasattr(type(also_drafter), "attention_impl"):
-                set_attention_impl(also_drafter, args.attention_impl)
+                raise ConfigError(f"--also {other}: its mask token differs from the drafter's")
             methods[f"also:{other}"] = (also_method, also_drafter)
         sampling = SamplingParams(temperature=args.temperature)
         result = bench_methods(
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.anchor_profile:
             profile = anchor_profile(target, drafter, prompts, max_new_tokens=args.max_new_tokens,
                                      block_size=k, eos_ids=stop)
-    except (CheckpointError, ConfigError, CacheOverflowError, ValueError, OSError) as err:
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-bench: error: {err}", file=sys.stderr)
         return 2
     result.update(target=args.target, drafter=args.drafter, prompts=args.prompts)
@@ -136,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
               "committed tokens; ceiling: tau * t_ar / t_step; achieved: speedup / ceiling")
     if args.json:
         write_json(result, args.json)
+    if args.plots:
+        print("figures:", ", ".join(str(p) for p in bench_figures(result, args.plots)))
     if profile is not None:
         write_json(profile, args.anchor_profile)
         sm = profile["summary"]

@@ -12,9 +12,8 @@ import traceback
 from pathlib import Path
 
 from dflash.cli.parser import make_parser
-from dflash.config import ConfigError
+from dflash.errors import DflashError
 from dflash.export.from_run import EXPORT_DTYPES, export_checkpoint
-from dflash.models import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,17 +31,29 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--with-target", dest="with_target", action="store_true", default=None,
                         help="also copy the target to OUT/target (default: only for shipped targets)")
     target.add_argument("--no-target", dest="with_target", action="store_false")
+    p.add_argument("--check-with", choices=["vllm"], default=None,
+                   help="then run the export in vLLM (own venv, built on first use) and compare tokens and "
+                        "acceptance with ours (docs/serving.md)")
     p.add_argument("--verbose", action="store_true", help="on an error, also print its full detail")
     args = p.parse_args(argv)
     try:
         info = export_checkpoint(args.out, run_dir=args.run, checkpoint=args.checkpoint, step=args.step,
                                  dtype=args.dtype, with_target=args.with_target, form=args.form)
-    except (CheckpointError, ConfigError, FileNotFoundError) as err:
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         if args.verbose:
             traceback.print_exception(err)
         print(f"dflash-export: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(info))
+    if args.check_with == "vllm":
+        from dflash.export.vllm_check import VllmCheckError, cli_check
+        from dflash.export.vllm_env import VllmSetupError
+
+        try:
+            return cli_check(info)
+        except (VllmCheckError, VllmSetupError) as err:
+            print(f"dflash-export: --check-with vllm: error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

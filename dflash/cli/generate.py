@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
-from dflash.cache import CacheOverflowError
 from dflash.cli.parser import make_parser
-from dflash.config import ConfigError
 from dflash.decoding import SamplingParams, generate
 from dflash.decoding.drafters import resolve_method
 from dflash.decoding.speculative import speculative_generate
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
-from dflash.kernels.dispatch import ATTENTION_IMPLS, set_attention_impl
-from dflash.models import CheckpointError, load_target
+from dflash.errors import ConfigError, DflashError
+from dflash.kernels.dispatch import ATTENTION_IMPLS
+from dflash.models import load_target
+from dflash.models.loading import DTYPES
 from dflash.models.tokenizer import eos_ids, load_tokenizer
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from dflash.viz.tokens import show_steps, split_steps
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(tree width 1 unless --tree-width)")
     p.add_argument("--stochastic-drafts", action="store_true",
                    help="when sampling, draw DFlash drafts from the drafter's distribution")
+    p.add_argument("--show-steps", action="store_true",
+                   help="colour what each verify step emitted: accepted drafts green, the target's own token "
+                        "bold yellow (with --json: a 'steps' list of {drafts, bonus})")
     return p
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.drafter is None:  # speculative-only options would be silently dropped
         options = (("--block-size", args.block_size), ("--verify", args.verify),
                    ("--tree-width", args.tree_width), ("--ngram-branch", args.ngram_branch),
-                   ("--stochastic-drafts", args.stochastic_drafts))
+                   ("--stochastic-drafts", args.stochastic_drafts), ("--show-steps", args.show_steps))
         given = [flag for flag, value in options if value]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
@@ -77,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
         tokenizer = load_tokenizer(args.target)
-        model = set_attention_impl(load_target(args.target, dtype=DTYPES[args.dtype]), args.attention_impl)
+        model = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl)
         ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # length: checked below
         if not ids:
-            raise ValueError("the prompt encodes to zero tokens")
+            raise ConfigError("the prompt encodes to zero tokens")
         common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
                       eos_ids=eos_ids(tokenizer, model.cfg.eos_token_id), max_len=args.max_len,
                       pad_id=tokenizer.pad_token_id or 0,
@@ -89,15 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             result = generate(model, [ids], **common)
         else:
             method, drafter = resolve_method(args.drafter, model, block_size=args.block_size,
-                                             stochastic=args.stochastic_drafts)
-            if hasattr(type(drafter), "attention_impl"):  # DFlash (Orthrus runs inside the target)
-                set_attention_impl(drafter, args.attention_impl)
+                                             stochastic=args.stochastic_drafts)  # the target's attention_impl
             if args.tree_width or args.ngram_branch:
                 method = DFlashTreeDraft.around(method, args.tree_width or 1, lookup=args.ngram_branch)
-            mask = drafter.cfg.mask_token_id if drafter is not None else -1
             result = speculative_generate(model, [ids], method=method, drafter=drafter, rule=args.verify,
-                                          mask_token_id=mask, **common)
-    except (CheckpointError, ConfigError, CacheOverflowError, ValueError, OSError) as err:
+                                          **common)
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-generate: error: {err}", file=sys.stderr)
         return 2
     tokens = result.tokens[0]
@@ -107,9 +106,14 @@ def main(argv: list[str] | None = None) -> int:
                "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s,
                "compile_s": result.compile_s}
         if args.drafter is not None:
-            out.update(tau=result.tau, acceptance_lengths=result.acceptance_lengths[0],
+            out.update(tau=result.tau, mean_acceptance_length=result.mean_acceptance_length,
+                       acceptance_lengths=result.acceptance_lengths[0],
                        target_forwards=result.target_forwards[0], block_size=result.block_size)
+        if args.show_steps:
+            out["steps"] = [dataclasses.asdict(s) for s in split_steps(tokens, result.acceptance_lengths[0])]
         print(json.dumps(out))
+    elif args.show_steps:
+        print(show_steps(tokenizer, prompt, tokens, result.acceptance_lengths[0]))
     else:
         print(prompt + text)
     return 0

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import sys
 
-import jax.numpy as jnp
-
 from dflash.cli.parser import make_parser
-from dflash.config import ConfigError
 from dflash.decoding import SamplingParams
-from dflash.models import CheckpointError, load_target
+from dflash.errors import DflashError
+from dflash.models import load_target
+from dflash.models.loading import DTYPES
 from dflash.models.tokenizer import load_tokenizer
 from dflash.training.regenerate import regenerate_dataset
 
@@ -31,18 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     args = p.parse_args(argv)
     try:
         tokenizer = load_tokenizer(args.target)
-        target = load_target(args.target, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+        target = load_target(args.target, dtype=DTYPES[args.dtype])
         n = regenerate_dataset(
             target, tokenizer, args.data, args.out, split=args.split, messages_field=args.messages_field,
             max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
             max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
             sampling=SamplingParams(temperature=args.temperature), seed=args.seed,
             allow_longer_than_context=args.allow_longer_than_context)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-regenerate: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {n} conversations to {args.out}")

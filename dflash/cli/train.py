@@ -9,13 +9,12 @@ import traceback
 from pathlib import Path
 
 from dflash.cli.parser import make_parser
-from dflash.config import ConfigError
 from dflash.configio import load_yaml
-from dflash.errors import TrainingError
-from dflash.models import CheckpointError
+from dflash.errors import ConfigError, DflashError
 from dflash.models.loading import ASSETS
 from dflash.training.config import ExperimentConfig
 from dflash.training.trainer import run_training
+from dflash.viz.report import write_report
 
 SHIPPED_CONFIGS = {p.stem: p for p in sorted((ASSETS / "configs").glob("*.yaml"))}
 
@@ -35,6 +34,12 @@ def config_file(name: str | None) -> Path:
     return Path(name)
 
 
+# --quick: a try of the whole pipeline in a few minutes on a laptop (a short schedule, fewer and
+# shorter real-tau prompts; regeneration follows the step count). Explicit --set values win.
+QUICK = ("train.steps=20", "train.log_every=5", "train.eval_every=10", "train.save_every=10",
+         "eval.num_prompts=2", "eval.max_new_tokens=32")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = make_parser("dflash-train", __doc__)
     p.add_argument("--config", default=None,
@@ -51,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     resume.add_argument("--resume", dest="resume", action="store_true", default=None,
                         help="continue from the last checkpoint (default when the run dir has one)")
     resume.add_argument("--no-resume", dest="resume", action="store_false")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: one plain line per train.log_every steps instead")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a short try: {' '.join(QUICK)}, in RUN_DIR-quick (--set / --run-dir still win)")
+    p.add_argument("--extend", action="store_true",
+                   help="continue a run with a larger train.steps (or epochs), optimizer state included; "
+                        "the remaining steps follow the LR schedule of a run planned for the new total")
     p.add_argument("--compile-only", action="store_true",
                    help="compile the config's real train step for --topology on abstract sharded state and "
                         "print the memory / FLOP plan (no weights, tokenizer or data; needs libtpu)")
@@ -64,14 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile_only:
         return _compile_only(args, overrides)
     try:
-        cfg = load_yaml(ExperimentConfig, config_file(args.config), overrides)
-        result = run_training(cfg, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as err:
+        path = config_file(args.config)
+        if args.quick:
+            run_dir = load_yaml(ExperimentConfig, path).run_dir.rstrip("/") + "-quick"
+            overrides = [*QUICK, f"run_dir={run_dir}", *overrides]
+        cfg = load_yaml(ExperimentConfig, path, overrides)
+        result = run_training(cfg, resume=args.resume, progress=not args.no_progress, extend=args.extend)
+    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         if args.verbose:
             traceback.print_exception(err)
         print(f"dflash-train: error: {err}", file=sys.stderr)
         return 2
     final = result.get("final_eval") or {}
+    if result.get("already_complete"):
+        print(f"{cfg.run_dir} is already complete ({result.get('steps')} of {result.get('steps')} steps); "
+              "nothing was run. Its results (metrics.json):")
     print(f"run dir: {cfg.run_dir}  (checkpoints, tb/, export/, metrics.json)")
     print(f"simulated tau on held-out rows: {final.get('tau_sim', float('nan')):.2f} per anchor, "
           f"{final.get('tau_sim_steps', float('nan')):.2f} per verify step")
@@ -82,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
               f"prompt-lookup (n-gram) {result['tau_ngram']:.2f}"
               + (f" | both in one tree (--ngram-branch) {result['tau_with_ngram']:.2f}"
                  if "tau_with_ngram" in result else ""))
+    print(f"report: {write_report(cfg.run_dir)}  (curves, tau vs lookup, acceptance; dflash-report RUN_DIR)")
+    if result.get("already_complete"):
+        print(f"To train longer: --set train.steps=N --extend (N > {result.get('steps')}); to start over: "
+              "a new --run-dir")
     return 0
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 from dflash import cache as kvc
 from dflash.decoding.compiled import compiled
 from dflash.decoding.sampling import SamplingParams, sample
-from dflash.errors import ContextLengthError  # noqa: F401  (raised here; importable from here too)
+from dflash.errors import ConfigError, ContextLengthError  # noqa: F401  (raised here; importable from here too)
 from dflash.models.transformer import Transformer
 
 
@@ -60,11 +60,11 @@ def prepare_batch(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequen
     ``extra_slots``: cache slots a step may write past the last committed token (a verify block).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise ConfigError("every prompt needs at least one token")
     batch = len(prompts)
     budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != batch or min(budgets) < 1:
-        raise ValueError("max_new_tokens must be >= 1 for every prompt")
+        raise ConfigError("max_new_tokens must be >= 1 for every prompt")
     prompt_lens = [len(p) for p in prompts]
     longest = max(p + b for p, b in zip(prompt_lens, budgets, strict=True)) + extra_slots
     max_len = bucket(longest) if max_len is None else max_len

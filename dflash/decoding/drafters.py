@@ -1,18 +1,8 @@
-"""Draft methods behind one interface, so every method runs in the same engine loop.
+"""The chain draft methods: AR (``NoDraft``), prompt lookup, DFlash and Orthrus.
 
-A method is a small frozen (hashable, static under jit) object; the drafter's parameters, if
-any, are passed separately as an nnx module. State is a pytree the engine carries through
-its ``lax.while_loop``.
-
-    init(drafter, batch, max_len, dtype)             -> state
-    prefill(drafter, state, hidden, prompt_lens)     -> state   (hidden of the prompt, [n,B,P,D])
-    propose(drafter, target, state, anchor, lengths, tokens, total, key, sampling[, target_cache=])
-        -> (drafts [B, K-1] int32, q [B, K-1, V] proposal probabilities or None if deterministic)
-    commit(drafter, state, hidden, lengths, accepted) -> state  (hidden of the verified block)
-
-A method whose class sets ``reads_target_cache = True`` (Orthrus) is also given the target's
-KV cache (committed prefix at slots ``< lengths``) as ``target_cache=``; it must not change it
-(propose returns no cache). Other methods are called exactly as before.
+Each implements ``DraftMethod`` (``method.py``, where every member is documented); the tree
+method is ``tree.DFlashTreeDraft``. ``method_for`` / ``resolve_method`` give the method that
+runs a loaded (or named) drafter.
 """
 
 from __future__ import annotations
@@ -23,25 +13,21 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from dflash.decoding.method import DraftMethod
 from dflash.decoding.sampling import probabilities
 from dflash.drafters.dflash import DFlashDrafter
 from dflash.drafters.orthrus import OrthrusDrafter
+from dflash.errors import ConfigError
+from dflash.export.dflash_hf import load_drafter
+from dflash.export.orthrus_hf import find_orthrus, load_orthrus
 from dflash.models.transformer import Transformer
 
 
-class _Stateless:
-    """Methods that keep no state of their own and need no target features."""
+class _Stateless(DraftMethod):
+    """Methods that keep no state of their own and need no target features (the protocol's
+    ``init`` / ``prefill`` / ``commit`` defaults)."""
 
-    hidden_layers: tuple[int, ...] = ()
-
-    def init(self, drafter, batch: int, max_len: int, dtype) -> Any:
-        return ()
-
-    def prefill(self, drafter, state, hidden, prompt_lens):
-        return state
-
-    def commit(self, drafter, state, hidden, lengths_B, accepted_B):
-        return state
+    hidden_layers: ClassVar[tuple[int, ...]] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +87,12 @@ def drafts_from_logits(logits_BkV: jax.Array, mask_token_id: int, stochastic: bo
 def _check_block(block_size: int | None, trained: int) -> int:
     k = block_size or trained
     if not 2 <= k <= trained:
-        raise ValueError(f"block size {k} must be in 2..{trained} (the trained block size)")
+        raise ConfigError(f"block size {k} must be in 2..{trained} (the trained block size)")
     return k
 
 
 @dataclasses.dataclass(frozen=True)
-class DFlashDraft:
+class DFlashDraft(DraftMethod):
     """The DFlash drafter: own context-only cache, fed by the target's verified hidden states.
 
     Drafts are the argmax of each block row (deterministic) unless ``stochastic``, where, when
@@ -116,12 +102,13 @@ class DFlashDraft:
     block_size: int
     hidden_layers: tuple[int, ...]
     stochastic: bool = False
+    mask_token_id: int = -1
 
     @classmethod
     def of(cls, drafter: DFlashDrafter, stochastic: bool = False,
            block_size: int | None = None) -> DFlashDraft:
         k = _check_block(block_size, drafter.cfg.block_size)
-        return cls(k, tuple(drafter.cfg.target_layer_ids), stochastic)
+        return cls(k, tuple(drafter.cfg.target_layer_ids), stochastic, drafter.cfg.mask_token_id)
 
     def init(self, drafter: DFlashDrafter, batch: int, max_len: int, dtype) -> Any:
         return drafter.init_context_cache(batch, max_len, dtype)
@@ -138,7 +125,7 @@ class DFlashDraft:
 
     def propose(self, drafter: DFlashDrafter, target: Transformer, state, anchor_B, lengths_B,
                 tokens_BL, total_B, key, sampling):
-        logits = drafter.draft_logits(target, state, anchor_B, self.block_size)  # [B, K-1, V]
+        logits = drafter.draft_logits(target, state, anchor_B, self.block_size)  # [B, Q-1, V]
         return drafts_from_logits(logits, drafter.cfg.mask_token_id, self.stochastic, key, sampling)
 
     def commit(self, drafter: DFlashDrafter, state, hidden, lengths_B, accepted_B):
@@ -152,7 +139,7 @@ class DFlashDraft:
 class OrthrusDraft(_Stateless):
     """Orthrus: the diffusion view drafts from the target's own KV cache; no state of its own.
 
-    Each step drafts ``[anchor, MASK x (K-1)]`` at positions ``len .. len+K-1`` through the
+    Each step drafts ``[anchor, MASK x (Q-1)]`` at positions ``len .. len+Q-1`` through the
     frozen target with the diffusion attentions swapped in; row j is the draft for ``len+j+1``.
     The cache is only read (prefix slots ``< len``), so verification sees it unchanged.
     Drafts are argmax unless ``stochastic`` (then drawn from q when sampling, as for DFlash).
@@ -160,16 +147,17 @@ class OrthrusDraft(_Stateless):
 
     block_size: int
     stochastic: bool = False
+    mask_token_id: int = -1
     reads_target_cache: ClassVar[bool] = True
 
     @classmethod
     def of(cls, drafter: OrthrusDrafter, stochastic: bool = False,
            block_size: int | None = None) -> OrthrusDraft:
-        return cls(_check_block(block_size, drafter.cfg.block_size), stochastic)
+        return cls(_check_block(block_size, drafter.cfg.block_size), stochastic, drafter.cfg.mask_token_id)
 
     def propose(self, drafter: OrthrusDrafter, target: Transformer, state, anchor_B, lengths_B,
                 tokens_BL, total_B, key, sampling, *, target_cache):
-        logits = drafter.draft_logits(target, target_cache, anchor_B, self.block_size)  # [B, K-1, V]
+        logits = drafter.draft_logits(target, target_cache, anchor_B, self.block_size)  # [B, Q-1, V]
         return drafts_from_logits(logits, drafter.cfg.mask_token_id, self.stochastic, key, sampling)
 
 
@@ -183,24 +171,22 @@ def method_for(drafter: Any, *, stochastic: bool = False, block_size: int | None
 
 
 def resolve_method(spec: str | None, target: Transformer, *, block_size: int | None = None,
-                   stochastic: bool = False) -> tuple[Any, Any]:
+                   stochastic: bool = False, attention_impl: str | None = None) -> tuple[Any, Any]:
     """``None``/``"ar"`` -> AR, ``"ngram"`` -> prompt lookup, else an exported drafter.
 
     An exported drafter is a DFlash directory or an Orthrus one (full or delta export, e.g. the
     shipped ``tiny-code-orthrus``), given as a directory, shipped name or hub id; an Orthrus
     drafter is checked against ``target`` (architecture and weights). Returns
-    ``(method, drafter_module_or_None)`` for ``speculative_generate``.
+    ``(method, drafter_module_or_None)`` for ``speculative_generate``. The drafter is built with
+    ``attention_impl`` (default: the target's ``attention_impl``), so one setting covers a run.
     """
+    impl = target.attention_impl if attention_impl is None else attention_impl
     if spec in (None, "", "ar", "none"):
         return NoDraft(), None
     if spec == "ngram":
         return NgramDraft(block_size=block_size or 16), None
-    from dflash.export.orthrus_hf import find_orthrus, load_orthrus
-
     if find_orthrus(spec) is not None:
-        drafter = load_orthrus(spec, target, dtype=target.dtype)
+        drafter = load_orthrus(spec, target, dtype=target.dtype, attention_impl=impl)
     else:
-        from dflash.export import load_drafter
-
-        drafter = load_drafter(spec, target.cfg, dtype=target.dtype)
+        drafter = load_drafter(spec, target.cfg, dtype=target.dtype, attention_impl=impl)
     return method_for(drafter, stochastic=stochastic, block_size=block_size), drafter

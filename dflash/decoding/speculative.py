@@ -2,7 +2,7 @@
 
 Verification is lossless: greedy output equals the target's own greedy decode token for token,
 and the token-wise and block rules preserve the target's sampling distribution (verify.py).
-The target verifies ``[anchor, d_1 .. d_{K-1}]`` (or a tree of candidates, tree.py) in one
+The target verifies ``[anchor, d_1 .. d_{Q-1}]`` (or a tree of candidates, tree.py) in one
 pass; the accepted prefix plus one more token (bonus or correction) are emitted; the cache
 rolls back by setting lengths; the bonus becomes the next anchor. No host round trip per
 step; caches are created on device inside the compiled program and shapes are static (bucketed).
@@ -25,9 +25,11 @@ from dflash import cache as kvc
 from dflash.decoding.autoregressive import GenerationResult, check_context, is_eos, prefill, prepare_batch
 from dflash.decoding.compiled import compiled
 from dflash.decoding.drafters import NoDraft
+from dflash.decoding.method import DraftMethod
 from dflash.decoding.sampling import SamplingParams, sample
 from dflash.decoding.tree import ancestor_mask, commit_path, gather_path, verify_tree
 from dflash.decoding.verify import RULES, verify
+from dflash.errors import ConfigError
 from dflash.models.transformer import Transformer
 
 
@@ -41,11 +43,24 @@ class SpecResult(GenerationResult):
 
     @property
     def tau(self) -> float:
+        """Headline τ: tokens emitted by verify steps / verify steps, over all rows (docs/design.md §7).
+
+        The first token of each row comes from the prefill, not a verify step, so it is not counted.
+        """
+        steps = sum(len(row) for row in self.acceptance_lengths)
+        rows = zip(self.tokens, self.acceptance_lengths, strict=True)
+        emitted = sum(len(toks) - 1 for toks, row in rows if row)
+        return emitted / steps if steps else float("nan")
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Mean of ``acceptance_lengths`` (accepted drafts + 1 per step), the PyTorch reference's
+        number. It exceeds ``tau`` only where EOS or the token budget cut a row's last step."""
         steps = [a for row in self.acceptance_lengths for a in row]
         return float(np.mean(steps)) if steps else float("nan")
 
     def histogram(self) -> list[int]:
-        """Counts of accepted drafts 0..K-1 over all verify steps."""
+        """Counts of accepted drafts 0..Q-1 over all verify steps."""
         hist = [0] * self.block_size
         for row in self.acceptance_lengths:
             for a in row:
@@ -123,15 +138,15 @@ def _spec_loop(tparams, dparams, carry: Carry, key, *, tgraph, dgraph, method, m
         drafts, accepted, extra, cache_v, hidden = draft_and_verify(
             method, drafter, target, cache, dstate, anchor, lengths, tokens_BL, total, mask_id, sampling,
             rule, k_draft, k_verify)
-        idx_K = jnp.arange(k)[None]
-        emitted = jnp.where(idx_K < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), extra[:, None])
+        idx_Q = jnp.arange(k)[None]
+        emitted = jnp.where(idx_Q < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), extra[:, None])
         count = accepted + 1
         # Stop at the first EOS among the emitted tokens and at the row's token budget.
-        eos_hit = is_eos(emitted, eos_ids) & (idx_K < count[:, None])
+        eos_hit = is_eos(emitted, eos_ids) & (idx_Q < count[:, None])
         first_eos = jnp.where(eos_hit.any(axis=1), jnp.argmax(eos_hit, axis=1) + 1, count)
         count = jnp.minimum(jnp.minimum(count, first_eos), max_new_B - n_gen)
         count = jnp.where(done, 0, count)
-        write_at = jnp.where(idx_K < count[:, None], total[:, None] + idx_K, buf_len)
+        write_at = jnp.where(idx_Q < count[:, None], total[:, None] + idx_Q, buf_len)
         tokens_BL = tokens_BL.at[rows[:, None], write_at].set(emitted, mode="drop")
         new_done = done | eos_hit.any(axis=1) & (first_eos <= count) | (n_gen + count >= max_new_B)
         acc_log = acc_log.at[rows, jnp.where(done, max_new, steps)].set(accepted + 1, mode="drop")
@@ -153,24 +168,35 @@ def draft_and_verify(method, drafter, target: Transformer, cache: kvc.KVCache, d
                      sampling: SamplingParams, rule: str, k_draft: jax.Array, k_verify: jax.Array):
     """One step's passes: the method drafts, the target scores the block (or tree), the rule accepts.
 
-    Returns drafts ``[B, K-1]`` (a tree: along the accepted path), accepted ``[B]``, the bonus or
+    Returns drafts ``[B, Q-1]`` (a tree: along the accepted path), accepted ``[B]``, the bonus or
     correction ``[B]``, the target cache holding the block's K/V (lengths not yet committed) and
     the hidden states the method asked for. The engine adds only bookkeeping around it;
     ``bench.pass_costs`` times it alone to measure what that bookkeeping costs.
     """
-    if getattr(method, "tree", False):  # a tree of candidates, one accepted path
+    if method.tree:  # a tree of candidates, one accepted path
         return _tree_step(method, drafter, target, cache, dstate, anchor_B, lengths_B, tokens_BL, total_B,
                           mask_id, sampling, k_verify)
     # Cache-reading drafters (Orthrus) draft from the committed prefix; it comes back unchanged.
-    kw = {"target_cache": cache} if getattr(method, "reads_target_cache", False) else {}
+    kw = {"target_cache": cache} if method.reads_target_cache else {}
     drafts, q = method.propose(drafter, target, dstate, anchor_B, lengths_B, tokens_BL, total_B, k_draft,
                                sampling, **kw)
-    block = jnp.concatenate([anchor_B[:, None], drafts], axis=1)  # [B, K]
+    block = jnp.concatenate([anchor_B[:, None], drafts], axis=1)  # [B, Q]
     positions = lengths_B[:, None] + jnp.arange(method.block_size)[None]
     out = target(jnp.maximum(block, 0), positions, cache, hidden_layers=method.hidden_layers)
     # out.logits[:, i] is the target's distribution for the token after block[:, :i+1].
     accepted, extra = verify(rule, out.logits, drafts, q, k_verify, sampling, mask_id)  # [B], [B]
     return drafts, accepted, extra, out.cache, out.hidden
+
+
+def mask_id_for(method: DraftMethod, given: int | None = None) -> int:
+    """The mask token the engine never emits: the method's; a caller's must agree with it."""
+    own = method.mask_token_id
+    if given is None or given == own:
+        return own
+    if own >= 0:
+        raise ConfigError(f"mask_token_id={given} conflicts with the drafter's mask token {own}; "
+                          "leave mask_token_id unset (it comes from the method)")
+    return given  # the method has none (AR, n-gram): the caller's is honoured
 
 
 def _take_rows(carry: Carry, keep: np.ndarray) -> Carry:
@@ -209,11 +235,11 @@ def speculative_generate(
     target: Transformer,
     prompts: Sequence[Sequence[int]],
     *,
-    method: Any = NoDraft(),
+    method: DraftMethod = NoDraft(),
     drafter: nnx.Module | None = None,
     max_new_tokens: int | Sequence[int] = 128,
     eos_ids: Sequence[int] | None = None,
-    mask_token_id: int = -1,
+    mask_token_id: int | None = None,
     max_len: int | None = None,
     pad_id: int = 0,
     sampling: SamplingParams = SamplingParams(),
@@ -229,20 +255,22 @@ def speculative_generate(
     finished rows are dropped from the device batch so they stop costing work (each smaller
     batch compiles once; compile time is reported apart, in ``compile_s``). Only batches of at
     least ``COMPACT_MIN_ROWS`` rows are compacted: below that a recompile costs more than it saves.
+    ``mask_token_id`` (never emitted) comes from the method; passing a different one is an error.
     A prompt plus its budget past the target's context is a ``ContextLengthError`` unless
     ``allow_longer_than_context``.
     """
+    mask_id = mask_id_for(method, mask_token_id)
     rule = rule or ("greedy" if sampling.greedy else "token")
     if rule not in RULES:
-        raise ValueError(f"unknown verification rule {rule!r}; choose from {RULES}")
+        raise ConfigError(f"unknown verification rule {rule!r}; choose from {RULES}")
     if rule == "greedy" and not sampling.greedy:
-        raise ValueError("greedy verification needs temperature 0; use rule 'token' or 'block'")
-    if getattr(method, "tree", False) and rule == "block":
-        raise ValueError("tree drafting verifies greedily or token-wise (sibling rejection), not 'block'")
+        raise ConfigError("greedy verification needs temperature 0; use rule 'token' or 'block'")
+    if method.tree and rule == "block":
+        raise ConfigError("tree drafting verifies greedily or token-wise (sibling rejection), not 'block'")
     batch = len(prompts)
     k = method.block_size
-    # A verify pass may write up to K (a tree: all its nodes) slots past the last committed token.
-    slack = getattr(method, "verify_tokens", k)
+    # A verify pass may write up to Q (a tree: all its nodes) slots past the last committed token.
+    slack = method.verify_tokens
     budgets, prompt_lens, max_len, padded = prepare_batch(prompts, max_new_tokens, slack, max_len, pad_id)
     check_context(prompt_lens, budgets, target.cfg.max_position_embeddings, allow_longer_than_context)
     eos = tuple(target.cfg.eos_token_id if eos_ids is None else eos_ids)
@@ -253,7 +281,7 @@ def speculative_generate(
                   jnp.asarray(budgets, jnp.int32), jax.random.key(0) if key is None else key)
     start, compile_s = compiled(_spec_start, start_args, dict(common, max_len=max_len, eos_ids=eos,
                                                                sampling=sampling))
-    loop_static = dict(common, eos_ids=eos, mask_id=mask_token_id, sampling=sampling, rule=rule)
+    loop_static = dict(common, eos_ids=eos, mask_id=mask_id, sampling=sampling, rule=rule)
     # Results per original row; rows leave the device batch as they finish (when compacting).
     tokens_out: list[list[int]] = [[] for _ in range(batch)]
     accs: list[list[int]] = [[] for _ in range(batch)]

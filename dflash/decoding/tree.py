@@ -40,6 +40,9 @@ import jax
 import jax.numpy as jnp
 
 from dflash import cache as kvc
+from dflash.decoding.drafters import DFlashDraft, NgramDraft
+from dflash.decoding.method import DraftMethod
+from dflash.errors import ConfigError
 
 
 class Tree(NamedTuple):
@@ -186,7 +189,7 @@ def gather_path(x_nBTD: jax.Array, path_BP: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class DFlashTreeDraft:
+class DFlashTreeDraft(DraftMethod):
     """DFlash drafting a beam tree instead of a chain (greedy, or sampling with sibling rejection).
 
     One drafter pass gives the block's ``depth`` distributions; the tree keeps ``width`` paths
@@ -197,34 +200,34 @@ class DFlashTreeDraft:
     (``chain``), fed with the hidden states of the accepted path.
     """
 
-    chain: Any  # DFlashDraft with block_size = depth + 1
+    chain: DFlashDraft  # block_size = depth + 1
     width: int
-    lookup: Any = None  # NgramDraft with the same block size, or None
+    lookup: NgramDraft | None = None  # with the same block size
     tree: ClassVar[bool] = True
 
     @classmethod
     def of(cls, drafter: Any, width: int, block_size: int | None = None,
            lookup: bool = False) -> DFlashTreeDraft:
-        from dflash.decoding.drafters import DFlashDraft
-
         return cls.around(DFlashDraft.of(drafter, block_size=block_size), width, lookup)
 
     @classmethod
     def around(cls, chain: Any, width: int, lookup: bool = False) -> DFlashTreeDraft:
         """The tree version of a chain method (only DFlash drafters give per-position distributions)."""
-        from dflash.decoding.drafters import DFlashDraft, NgramDraft
-
         if not isinstance(chain, DFlashDraft) or chain.stochastic:
             kind = "stochastic drafts" if isinstance(chain, DFlashDraft) else type(chain).__name__
-            raise ValueError(f"tree drafting (--tree-width, --ngram-branch) needs a DFlash drafter with "
+            raise ConfigError(f"tree drafting (--tree-width, --ngram-branch) needs a DFlash drafter with "
                              f"argmax drafts, not {kind}")
         if width < 1:
-            raise ValueError(f"tree width must be >= 1, got {width}")
+            raise ConfigError(f"tree width must be >= 1, got {width}")
         return cls(chain, width, NgramDraft(block_size=chain.block_size) if lookup else None)
 
     @property
     def block_size(self) -> int:
         return self.chain.block_size
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.chain.mask_token_id
 
     @property
     def depth(self) -> int:

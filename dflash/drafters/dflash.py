@@ -121,11 +121,13 @@ class DFlashConfig:
 class DFlashDrafter(nnx.Module):
     """Parameters only; the context cache goes in and comes out."""
 
-    attention_impl = "auto"  # auto | pallas | reference: dflash.kernels.dispatch.set_attention_impl
-    remat = False  # training: recompute each layer in the backward (``train.remat``; static, like the above)
+    remat = False  # training: recompute each layer in the backward (``train.remat``; static)
 
-    def __init__(self, cfg: DFlashConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: DFlashConfig, *, dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto",
+                 rngs: nnx.Rngs):
         self.cfg = cfg
+        # auto | pallas | reference (dflash.kernels.dispatch): a static attribute, part of the graphdef.
+        self.attention_impl = dispatch.check_impl(attention_impl)
         h = cfg.hidden_size
         self.fc = Linear(len(cfg.target_layer_ids) * h, h, bias=False, dtype=dtype, rngs=rngs)
         self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
@@ -140,45 +142,45 @@ class DFlashDrafter(nnx.Module):
         """``hidden_norm(fc(concat features))`` -> ``[B, S, D]``; applied once, not per layer."""
         return self.hidden_norm(self.fc(feats_BSnD))
 
-    def _layer(self, layer: DecoderLayer, x_BAKD, cos_q, sin_q, k_ctx_BSKH, v_ctx_BSKH, ctx_mask_BAS):
-        """One layer with KV injection over ``A`` blocks of ``K`` rows.
+    def _layer(self, layer: DecoderLayer, x_BAQD, cos_q, sin_q, k_ctx_BSKH, v_ctx_BSKH, ctx_mask_BAS):
+        """One layer with KV injection over ``A`` blocks of ``Q`` rows.
 
         Keys/values are the context's (shared by all blocks, masked per block) plus the block's
         own; queries come from the block only. Blocks never see each other, so attention is
-        computed blockwise: O(A*K*(S+K)) instead of a dense O(A*K*(S+A*K)).
+        computed blockwise: O(A*Q*(S+Q)) instead of a dense O(A*Q*(S+A*Q)).
         """
-        b, a, k, d = x_BAKD.shape
-        h = layer.input_layernorm(x_BAKD).reshape(b, a * k, d)
+        b, a, k, d = x_BAQD.shape
+        h = layer.input_layernorm(x_BAQD).reshape(b, a * k, d)
         attn = layer.self_attn
-        q = attn.q(h, cos_q, sin_q)  # [B, A*K, N, H]
-        k_blk, v_blk = attn.kv(h, cos_q, sin_q)  # [B, A*K, Kh, H]
+        q = attn.q(h, cos_q, sin_q)  # [B, A*Q, N, H]
+        k_blk, v_blk = attn.kv(h, cos_q, sin_q)  # [B, A*Q, K, H]
         n, hd, kh = q.shape[2], q.shape[3], k_blk.shape[2]
-        out = dispatch.anchor_attention(  # [B, A, K, N, H]
+        out = dispatch.anchor_attention(  # [B, A, Q, N, H]
             q.reshape(b, a, k, n, hd), k_ctx_BSKH, v_ctx_BSKH, k_blk.reshape(b, a, k, kh, hd),
             v_blk.reshape(b, a, k, kh, hd), ctx_mask_BAS, impl=self.attention_impl)
-        x_BAKD = x_BAKD + attn.o_proj(out.reshape(b, a, k, n * hd))
-        return x_BAKD + layer.mlp(layer.post_attention_layernorm(x_BAKD))
+        x_BAQD = x_BAQD + attn.o_proj(out.reshape(b, a, k, n * hd))
+        return x_BAQD + layer.mlp(layer.post_attention_layernorm(x_BAQD))
 
     def _rope(self, positions: jax.Array):
         flat = positions.reshape(positions.shape[0], -1)
         return rope_cos_sin(self.layer_cfg, flat)
 
     # ------------------------------------------------------------------ training path
-    def __call__(self, x_BAKD: jax.Array, q_pos_BAK: jax.Array, ctx_BSD: jax.Array,
+    def __call__(self, x_BAQD: jax.Array, q_pos_BAQ: jax.Array, ctx_BSD: jax.Array,
                  ctx_pos_BS: jax.Array, ctx_mask_BAS: jax.Array) -> jax.Array:
-        """Normed hidden states ``[B, A, K, D]`` of ``A`` blocks drafted over one context.
+        """Normed hidden states ``[B, A, Q, D]`` of ``A`` blocks drafted over one context.
 
         ``ctx_mask_BAS`` says which context positions block ``j`` sees (``s < anchor_j`` of its
         own document: the sparse anchor mask); each block sees all of itself and no other block.
         """
-        cos_q, sin_q = self._rope(q_pos_BAK)
+        cos_q, sin_q = self._rope(q_pos_BAQ)
         cos_c, sin_c = rope_cos_sin(self.layer_cfg, ctx_pos_BS)
         for layer in self.layers:
-            def run(x_BAKD, ctx_BSD, layer=layer):
+            def run(x_BAQD, ctx_BSD, layer=layer):
                 k_ctx, v_ctx = layer.self_attn.kv(ctx_BSD, cos_c, sin_c)
-                return self._layer(layer, x_BAKD, cos_q, sin_q, k_ctx, v_ctx, ctx_mask_BAS)
-            x_BAKD = (jax.checkpoint(run) if self.remat else run)(x_BAKD, ctx_BSD)
-        return self.norm(x_BAKD)
+                return self._layer(layer, x_BAQD, cos_q, sin_q, k_ctx, v_ctx, ctx_mask_BAS)
+            x_BAQD = (jax.checkpoint(run) if self.remat else run)(x_BAQD, ctx_BSD)
+        return self.norm(x_BAQD)
 
     # ------------------------------------------------------------------ inference path
     def init_context_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> kvc.KVCache:
@@ -204,7 +206,7 @@ class DFlashDrafter(nnx.Module):
 
     def draft_logits(self, target: Transformer, cache: kvc.KVCache, anchor_B: jax.Array,
                      block_size: int | None = None) -> jax.Array:
-        """Logits ``[B, K-1, V]`` for positions ``p+1 .. p+K-1``, ``p = cache.lengths``.
+        """Logits ``[B, Q-1, V]`` for positions ``p+1 .. p+Q-1``, ``p = cache.lengths``.
 
         The block's own K/V are used for this pass only and never kept. ``block_size`` may be
         smaller than the trained one (shorter blocks at inference).
@@ -212,7 +214,7 @@ class DFlashDrafter(nnx.Module):
         b, k = anchor_B.shape[0], block_size or self.cfg.block_size
         tokens = jnp.concatenate(
             [anchor_B[:, None], jnp.full((b, k - 1), self.cfg.mask_token_id, jnp.int32)], axis=1)
-        x = target.embed(tokens).astype(self.fc.kernel[...].dtype)[:, None]  # [B, 1, K, D]
+        x = target.embed(tokens).astype(self.fc.kernel[...].dtype)[:, None]  # [B, 1, Q, D]
         positions = cache.lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None]
         cos, sin = rope_cos_sin(self.layer_cfg, positions)
         ctx_mask = (jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None])[:, None]  # [B, 1, S]
@@ -221,5 +223,6 @@ class DFlashDrafter(nnx.Module):
         return target.unembed(self.norm(x[:, 0, 1:]))
 
 
-def build_drafter(cfg: DFlashConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0) -> DFlashDrafter:
-    return DFlashDrafter(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+def build_drafter(cfg: DFlashConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0,
+                  attention_impl: str = "auto") -> DFlashDrafter:
+    return DFlashDrafter(cfg, dtype=dtype, attention_impl=attention_impl, rngs=nnx.Rngs(seed))

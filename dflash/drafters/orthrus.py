@@ -106,8 +106,11 @@ class OrthrusDrafter(nnx.Module):
 
     remat = False  # training: recompute each layer in the backward (``train.remat``; static)
 
-    def __init__(self, cfg: OrthrusConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: OrthrusConfig, *, dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto",
+                 rngs: nnx.Rngs):
         self.cfg = cfg
+        # Its own setting for its block attention (not the target's): static, part of the graphdef.
+        self.attention_impl = dispatch.check_impl(attention_impl)
         self.layers = nnx.List([DiffAttention(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
 
     def __call__(self, target: Transformer, x_BAQD: jax.Array, pos_BAQ: jax.Array, k_ctx_LBSKH: jax.Array,
@@ -130,7 +133,7 @@ class OrthrusDrafter(nnx.Module):
                 # the same attention as the DFlash drafter's (Pallas kernel on TPU/GPU). The prefix
                 # (a KV cache) is only read.
                 attn_BAQNH = dispatch.anchor_attention(blk(q_BTNH), k_ctx_BSKH, v_ctx_BSKH, blk(k_BTKH),
-                                                       blk(v_BTKH), ctx_mask_BAS, impl=target.attention_impl)
+                                                       blk(v_BTKH), ctx_mask_BAS, impl=self.attention_impl)
                 x_BAQD = x_BAQD + diff.o_proj_diff(attn_BAQNH.reshape(b, a, q, -1))
                 return x_BAQD + layer.mlp(layer.post_attention_layernorm(x_BAQD))
             x_BAQD = (jax.checkpoint(run) if self.remat else run)(x_BAQD, k_ctx_LBSKH[i], v_ctx_LBSKH[i])
@@ -138,21 +141,22 @@ class OrthrusDrafter(nnx.Module):
 
     def draft_logits(self, target: Transformer, cache: kvc.KVCache, anchor_B: jax.Array,
                      block_size: int | None = None) -> jax.Array:
-        """Logits ``[B, K-1, V]`` for positions ``p+1 .. p+K-1``, ``p = cache.lengths`` (the anchor's).
+        """Logits ``[B, Q-1, V]`` for positions ``p+1 .. p+Q-1``, ``p = cache.lengths`` (the anchor's).
 
         Reads the committed prefix of the target's cache (slots ``< lengths``); writes nothing.
         """
         b, k = anchor_B.shape[0], block_size or self.cfg.block_size
         tokens = jnp.concatenate(
             [anchor_B[:, None], jnp.full((b, k - 1), self.cfg.mask_token_id, jnp.int32)], axis=1)
-        x = target.embed(tokens)[:, None]  # [B, 1, K, D]
-        positions = (cache.lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None])[:, None]  # [B, 1, K]
+        x = target.embed(tokens)[:, None]  # [B, 1, Q, D]
+        positions = (cache.lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None])[:, None]  # [B, 1, Q]
         ctx_mask = (jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None])[:, None]  # [B, 1, S]
         h = self(target, x, positions, cache.k, cache.v, ctx_mask)
         return target.logits(h[:, 0, : k - 1])  # row j predicts the token at p + j + 1
 
     @classmethod
-    def from_target(cls, target: Transformer, cfg: OrthrusConfig) -> OrthrusDrafter:
+    def from_target(cls, target: Transformer, cfg: OrthrusConfig, *,
+                    attention_impl: str = "auto") -> OrthrusDrafter:
         """Warm start: every ``*_diff`` parameter is a copy of the target's AR counterpart.
 
         Real copies (new buffers), so donating the drafter's state in a train step can never
@@ -160,7 +164,8 @@ class OrthrusDrafter(nnx.Module):
         """
         cfg.check_target(target.cfg)
         dtype = target.embed_tokens[...].dtype
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+        graphdef, state = nnx.split(nnx.eval_shape(
+            lambda: cls(cfg, dtype=dtype, attention_impl=attention_impl, rngs=nnx.Rngs(0))))
         source = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(target, nnx.Param))}
         filled = {}
         for path, var in nnx.to_flat_state(state):

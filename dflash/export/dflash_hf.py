@@ -152,7 +152,7 @@ def resolve_drafter(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_drafter(name_or_path: str | os.PathLike, target_cfg: ModelConfig | None = None, *,
-                 dtype: jnp.dtype = jnp.float32) -> DFlashDrafter:
+                 dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto") -> DFlashDrafter:
     """Loads an exported drafter; with ``target_cfg``, checks it fits that target."""
     directory = resolve_drafter(name_or_path)
     cfg_path = directory / "config.json"
@@ -172,7 +172,8 @@ def load_drafter(name_or_path: str | os.PathLike, target_cfg: ModelConfig | None
                           f"{hf['dflash_target'].get('name_or_path')!r} whose config differs from this "
                           "target's (fingerprint mismatch); shapes fit, but acceptance may be poor",
                           stacklevel=2)
-    abstract = nnx.eval_shape(lambda: DFlashDrafter(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: DFlashDrafter(cfg, dtype=dtype, attention_impl=attention_impl,
+                                                    rngs=nnx.Rngs(0)))
     # The drafter uses the target's embedding and LM head; a copy in the file is not an error.
     return load_params_into(abstract, directory, DRAFTER_TABLE, cfg.num_layers, dtype,
                             ignorable=("embed_tokens.weight", "lm_head.weight"))

@@ -19,9 +19,11 @@ from flax import nnx
 
 from dflash.configio import load_yaml
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter
-from dflash.errors import CheckpointError, TrainingError
+from dflash.drafters.orthrus import OrthrusDrafter
+from dflash.errors import CheckpointError
 from dflash.export.dflash_hf import config_from_hf, resolve_drafter, save_drafter
-from dflash.models.loading import ASSETS, SHIPPED, read_config, resolve
+from dflash.export.orthrus_hf import find_orthrus, read_orthrus_config, save_orthrus
+from dflash.models.loading import ASSETS, SHIPPED, load_target, read_config, resolve
 from dflash.models.tokenizer import load_tokenizer
 from dflash.models.transformer import abstract
 from dflash.training.checkpoints import Checkpoints
@@ -83,10 +85,8 @@ def _as_saved(pure: Any) -> Any:
 def _restore_drafter_state(run_dir: Path, step: int, expected: dict[str, Any]) -> dict[str, Any]:
     """The drafter's parameters of one checkpoint, read alone: the optimizer moments beside them
     (twice the drafter's size) are never read, so a damaged moment cannot stop an export."""
-    try:  # the state is nnx.split((drafter, optimizer)): the drafter is item "0"
-        state = _checkpoints(run_dir).restore_subtree(step, {"0": _as_saved(expected)})
-    except TrainingError as err:
-        raise CheckpointError(str(err)) from err
+    # The state is nnx.split((drafter, optimizer)): the drafter is item "0". CheckpointError if unreadable.
+    state = _checkpoints(run_dir).restore_subtree(step, {"0": _as_saved(expected)})
     if not isinstance(state, dict) or set(state) != {"0"}:
         raise CheckpointError(f"checkpoint step {step} of {run_dir} does not hold a "
                               "(drafter, optimizer) state")
@@ -101,8 +101,6 @@ def run_drafter_config(run_dir: Path) -> tuple[Any, Any, Any]:
     cfg = load_yaml(ExperimentConfig, cfg_path)
     target_cfg = read_config(resolve(cfg.target.name))
     if cfg.drafter.init_from and cfg.method == "orthrus":
-        from dflash.export.orthrus_hf import find_orthrus, read_orthrus_config
-
         dcfg = read_orthrus_config(find_orthrus(cfg.drafter.init_from) or resolve(cfg.drafter.init_from))[0]
     elif cfg.drafter.init_from:
         with open(resolve_drafter(cfg.drafter.init_from) / "config.json") as f:
@@ -115,8 +113,6 @@ def run_drafter_config(run_dir: Path) -> tuple[Any, Any, Any]:
 def _abstract_drafter(dcfg: Any) -> nnx.Module:
     if isinstance(dcfg, DFlashConfig):
         return nnx.eval_shape(lambda: DFlashDrafter(dcfg, rngs=nnx.Rngs(0)))
-    from dflash.drafters.orthrus import OrthrusDrafter
-
     return nnx.eval_shape(lambda: OrthrusDrafter(dcfg, rngs=nnx.Rngs(0)))
 
 
@@ -159,9 +155,6 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
         save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target_cfg,
                      dtype=EXPORT_DTYPES[dtype])
     else:  # Orthrus records a fingerprint of the target's weights: load them
-        from dflash.export.orthrus_hf import save_orthrus
-        from dflash.models.loading import load_target
-
         save_orthrus(drafter, load_target(cfg.target.name), out, form=form, target_name=cfg.target.name,
                      dtype=EXPORT_DTYPES[dtype])
     target_dir = resolve(cfg.target.name)

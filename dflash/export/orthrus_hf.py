@@ -41,6 +41,7 @@ from dflash.models.loading import (
     load_params_into,
     resolve,
     save_params,
+    weight_pairs,
 )
 from dflash.models.transformer import Transformer, abstract
 
@@ -101,7 +102,7 @@ def save_orthrus(drafter: OrthrusDrafter, target: Transformer, directory: str | 
                  form: Literal["full", "delta"] = "delta", target_name: str = "", dtype: Any = None) -> Path:
     """Writes the drafter (``delta``: diffusion tensors only; ``full``: target + diffusion)."""
     if form not in ("full", "delta"):
-        raise ValueError(f"form must be 'full' or 'delta', got {form!r}")
+        raise ConfigError(f"form must be 'full' or 'delta', got {form!r}")
     drafter.cfg.check_target(target.cfg)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +212,8 @@ def _check_target(directory: Path, hf: dict[str, Any], cfg: OrthrusConfig, targe
 
 
 def load_orthrus(name_or_path: str | os.PathLike, target: Transformer | None = None, *,
-                 target_cfg: ModelConfig | None = None, dtype: jnp.dtype = jnp.float32) -> OrthrusDrafter:
+                 target_cfg: ModelConfig | None = None, dtype: jnp.dtype = jnp.float32,
+                 attention_impl: str = "auto") -> OrthrusDrafter:
     """Loads the diffusion attentions of a full or delta export.
 
     With ``target`` (a loaded model) the recorded architecture *and* weights fingerprints are
@@ -222,27 +224,19 @@ def load_orthrus(name_or_path: str | os.PathLike, target: Transformer | None = N
         raise CheckpointError(f"{str(name_or_path)!r} is not an Orthrus drafter (a directory whose "
                               f"config.json names {list(ARCHITECTURES)}, or a shipped name: "
                               f"{', '.join(SHIPPED_ORTHRUS)})")
-    cfg, recorded_cfg, hf = read_orthrus_config(directory)
+    cfg, tcfg, hf = read_orthrus_config(directory)
     if target is not None or target_cfg is not None:
         _check_target(directory, hf, cfg, target.cfg if target is not None else target_cfg, target)
-    shapes = nnx.eval_shape(lambda: OrthrusDrafter(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    return load_params_into(shapes, directory, DIFF_TABLE, cfg.num_layers, dtype)
+    shapes = nnx.eval_shape(lambda: OrthrusDrafter(cfg, dtype=dtype, attention_impl=attention_impl,
+                                                   rngs=nnx.Rngs(0)))
+    # Like load_drafter, a tensor that is neither ours nor expected is refused: a full export also
+    # holds its target's tensors, a delta export nothing else.
+    target_keys = [hf_key for hf_key, _, _ in weight_pairs(WEIGHT_TABLE, tcfg.num_layers, _all_paths(tcfg))]
+    ignorable = tuple(target_keys) if hf["orthrus_config"]["form"] == "full" else ()
+    return load_params_into(shapes, directory, DIFF_TABLE, cfg.num_layers, dtype, ignorable=ignorable)
 
 
-def load_orthrus_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> Transformer:
-    """The target an export runs on: its own tensors (full) or the referenced target (delta), checked."""
-    from dflash.models import load_target
-
-    directory = find_orthrus(name_or_path)
-    if directory is None:
-        raise CheckpointError(f"{str(name_or_path)!r} is not an Orthrus drafter")
-    cfg, tcfg, hf = read_orthrus_config(directory)
-    if hf["orthrus_config"]["form"] == "full":
-        return load_params_into(abstract(tcfg, dtype=dtype), directory, WEIGHT_TABLE, tcfg.num_layers, dtype)
-    ref = (hf["orthrus_config"].get("target") or {}).get("name_or_path")
-    if not ref:
-        raise CheckpointError(f"delta Orthrus export {directory} does not name its target; load the target "
-                              "yourself and pass it to load_orthrus")
-    target = load_target(ref, dtype=dtype)
-    _check_target(directory, hf, cfg, target.cfg, target)
-    return target
+def _all_paths(tcfg: ModelConfig) -> set[str]:
+    """Every parameter path of a target of this architecture (abstract: nothing is allocated)."""
+    graphdef, state = nnx.split(abstract(tcfg))
+    return {".".join(str(k) for k in path) for path, _ in nnx.to_flat_state(state)}

@@ -11,7 +11,7 @@ docs/kernels.md has the signatures, the GPU path choice, tests and the benchmark
 """
 
 from dflash.kernels.anchor_attention import anchor_block_attention, reference_anchor_block_attention
-from dflash.kernels.dispatch import ATTENTION_IMPLS, resolve_impl, set_attention_impl
+from dflash.kernels.dispatch import ATTENTION_IMPLS, resolve_impl
 from dflash.kernels.verify_attention import reference_verify_attention, verify_attention
 
 __all__ = [
@@ -20,6 +20,5 @@ __all__ = [
     "reference_anchor_block_attention",
     "reference_verify_attention",
     "resolve_impl",
-    "set_attention_impl",
     "verify_attention",
 ]

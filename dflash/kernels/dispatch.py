@@ -1,9 +1,10 @@
 """Attention backend dispatch: ``attention_impl`` = ``auto`` | ``pallas`` | ``reference``.
 
-The models carry ``attention_impl`` as a plain (static) attribute, default ``auto``; it is
-not architecture config (``ModelConfig`` round-trips to HF ``config.json``). Set it with
-``set_attention_impl(model, impl)``; being static, it is part of the NNX graphdef, so a
-jitted step retraces when it changes and never mixes implementations.
+Every model (``Transformer``, ``DFlashDrafter``, ``OrthrusDrafter``) takes ``attention_impl``
+as a constructor argument (default ``auto``) and keeps it as a plain static attribute: it is
+not architecture config (``ModelConfig`` round-trips to HF ``config.json``), and being static
+it is part of the NNX graphdef, so a jitted step never mixes implementations. For a run, pass
+it to ``load_target``; ``resolve_method`` builds the drafter with the target's setting.
 
 * ``reference``: the pure-jnp path, bit-for-bit what the models computed before kernels.
 * ``pallas``: the Pallas kernels where they apply: the target's attention for blocks of
@@ -25,8 +26,8 @@ anchor and prefill the chunked forms, so training gets the same values either wa
 from __future__ import annotations
 
 import jax
-from flax import nnx
 
+from dflash.errors import ConfigError
 from dflash.kernels.anchor_attention import (
     anchor_block_attention,
     chunked_anchor_block_attention,
@@ -47,7 +48,7 @@ ATTENTION_IMPLS = ("auto", "pallas", "reference")
 
 def check_impl(impl: str) -> str:
     if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention_impl {impl!r}; choose from {ATTENTION_IMPLS}")
+        raise ConfigError(f"unknown attention_impl {impl!r}; choose from {ATTENTION_IMPLS}")
     return impl
 
 
@@ -85,7 +86,7 @@ def _wants_kernel(impl: str, problem: str | None) -> bool:
         return False
     if problem is not None:
         if impl == "pallas":
-            raise ValueError(f"attention_impl='pallas' cannot run here: {problem}")
+            raise ConfigError(f"attention_impl='pallas' cannot run here: {problem}")
         return False
     return True
 
@@ -145,15 +146,3 @@ def prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, *, impl: str):
                          kv_heads=k_BSKH.shape[2])
     return chunked_prefill_attention(*args)
 
-
-def set_attention_impl(model: nnx.Module, impl: str) -> nnx.Module:
-    """Sets ``attention_impl`` on every module in ``model`` that has one; returns ``model``."""
-    check_impl(impl)
-    found = False
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module) and hasattr(type(node), "attention_impl"):
-            node.attention_impl = impl
-            found = True
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no attention_impl to set")
-    return model

@@ -84,13 +84,14 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             f"{name!r} is not a checkpoint directory (looked for {path.absolute()}), a shipped name "
             f"({', '.join(SHIPPED)}), or a hub id of the form 'owner/name'"
         )
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: only hub ids need the hub client
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
     try:
         return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
+    except (LocalEntryNotFoundError, HFValidationError):
+        pass  # not cached (or not a valid id): the download below tries, and reports why it cannot
     # A local directory wins over a hub id; when neither exists, say where both were looked for.
     local = f"{name!r} is not a local directory (looked for {path.absolute()})"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
@@ -151,6 +152,8 @@ class _TensorSource:
 
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+# Names of the dtypes a model can be loaded or computed in (configs and CLIs take these names).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _check_dtype(hf_key: str, array: np.ndarray) -> None:
@@ -197,11 +200,13 @@ def load_params_into(model: nnx.Module, directory: Path, table: tuple[tuple[str,
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> Transformer:
+def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
+                attention_impl: str = "auto") -> Transformer:
     """Loads a target from a HF directory / shipped name / hub id (single or sharded safetensors)."""
     directory = resolve(name_or_path)
     cfg = read_config(directory)
-    return load_params_into(abstract(cfg, dtype=dtype), directory, WEIGHT_TABLE, cfg.num_layers, dtype)
+    model = abstract(cfg, dtype=dtype, attention_impl=attention_impl)
+    return load_params_into(model, directory, WEIGHT_TABLE, cfg.num_layers, dtype)
 
 
 def save_params(model: nnx.Module, table: tuple[tuple[str, str, bool], ...], num_layers: int,

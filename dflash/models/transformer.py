@@ -138,11 +138,12 @@ class DecoderLayer(nnx.Module):
 class Transformer(nnx.Module):
     """Decoder-only target LM. Holds parameters only; the cache goes in and comes out."""
 
-    attention_impl = "auto"  # auto | pallas | reference: dflash.kernels.dispatch.set_attention_impl
-
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto",
+                 rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
+        # auto | pallas | reference (dflash.kernels.dispatch): a static attribute, part of the graphdef.
+        self.attention_impl = dispatch.check_impl(attention_impl)
         self.embed_tokens = _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -236,14 +237,17 @@ class Transformer(nnx.Module):
         return ForwardOutput(logits, hidden_arr, new_cache, final if final_hidden else None)
 
 
-def build(cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0) -> Transformer:
+def build(cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0,
+          attention_impl: str = "auto") -> Transformer:
     """A randomly initialised target (std 0.02 normal, unit norms)."""
-    return Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+    return Transformer(cfg, dtype=dtype, attention_impl=attention_impl, rngs=nnx.Rngs(seed))
 
 
-def abstract(cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32) -> Transformer:
+def abstract(cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
+             attention_impl: str = "auto") -> Transformer:
     """The model's structure with ``ShapeDtypeStruct`` leaves: nothing is allocated."""
-    return nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, attention_impl=attention_impl,
+                                              rngs=nnx.Rngs(0)))
 
 
 def count_params(model: nnx.Module) -> int:

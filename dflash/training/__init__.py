@@ -1,1 +1,1 @@
-"""Training pipelines: tiny-target pretraining (and, later, drafter training)."""
+"""Training: the tiny target's pretraining, and drafter training (DFlash, Orthrus) in one-job modules."""

@@ -35,7 +35,7 @@ def text_documents(texts: list[str], tokenizer: Any) -> list[Document]:
 def clean_messages(messages: Any) -> list[dict[str, Any]]:
     """Plain dicts with ``role`` / ``content``; drops the None keys Arrow adds for ragged schemas."""
     if not isinstance(messages, list):
-        raise ValueError(f"messages must be a list of role/content dicts, got {type(messages).__name__}")
+        raise ConfigError(f"messages must be a list of role/content dicts, got {type(messages).__name__}")
     out = []
     for m in messages:
         m = {k: v for k, v in dict(m).items() if v is not None}
@@ -44,7 +44,7 @@ def clean_messages(messages: Any) -> list[dict[str, Any]]:
             m["role"] = {"human": "user", "gpt": "assistant"}.get(speaker, speaker)
             m["content"] = m.pop("value", "")
         if not isinstance(m.get("role"), str) or not isinstance(m.setdefault("content", ""), str):
-            raise ValueError(f"each message needs a string 'role' and 'content', got {m!r}")
+            raise ConfigError(f"each message needs a string 'role' and 'content', got {m!r}")
         out.append(m)
     return out
 
@@ -112,7 +112,7 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], full: str) 
             # content verbatim after the previous span. Turn end unknown -> no end-of-turn label.
             start = full.find(m["content"], cursor)
             if start < 0:
-                raise ValueError(f"assistant message {i} does not appear verbatim in the chat template's "
+                raise ConfigError(f"assistant message {i} does not appear verbatim in the chat template's "
                                  f"rendering; cannot locate its tokens for the loss mask")
             span = (start, start + len(m["content"]), -1)
         spans.append(span)

@@ -15,8 +15,14 @@ import orbax.checkpoint as ocp
 import yaml
 
 from dflash.configio import flatten, from_dict, to_dict
-from dflash.errors import TrainingError
+from dflash.errors import CheckpointError, ConfigError, TrainingError
 from dflash.training.config import ExperimentConfig
+
+# What Orbax raises for a checkpoint it cannot read (measured on orbax-checkpoint 0.12.8: garbage
+# or truncated JSON / OCDBT files -> JSONDecodeError or tensorstore's ValueError, a missing item
+# -> KeyError, missing array files -> FileNotFoundError). Anything else (out of memory, sharding,
+# a bug) keeps its own type and traceback.
+CORRUPT_CHECKPOINT_ERRORS = (ValueError, KeyError, OSError)
 
 
 class Checkpoints:
@@ -52,9 +58,14 @@ class Checkpoints:
             args["state"] = ocp.args.StandardRestore(abstract_state)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        except Exception as err:  # orbax raises many types for truncated / foreign files
+        except CORRUPT_CHECKPOINT_ERRORS as err:
             raise self.unreadable(step, err) from err
         return (restored["state"] if state else None), restored["meta"]
+
+    def latest_meta(self) -> dict[str, Any]:
+        """The metadata of the latest checkpoint ({} when there is none); no arrays are read."""
+        steps = self.steps()
+        return self.restore(steps[-1], state=False)[1] if steps else {}
 
     def restore_subtree(self, step: int, item: dict[str, Any]) -> dict[str, Any]:
         """Only the part of the saved state that ``item`` (a raw tree of ``ShapeDtypeStruct``)
@@ -63,10 +74,10 @@ class Checkpoints:
         try:
             return fresh.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(item=item, partial_restore=True)))["state"]
-        except Exception as err:  # as in ``restore``
+        except CORRUPT_CHECKPOINT_ERRORS as err:  # as in ``restore``
             raise self.unreadable(step, err) from err
 
-    def unreadable(self, step: int, err: BaseException) -> TrainingError:
+    def unreadable(self, step: int, err: BaseException) -> CheckpointError:
         """A few lines a user can act on: checkpoint, step, damaged file, the previous good step.
 
         Orbax's own message holds the whole TensorStore spec (hundreds of lines); it stays in the
@@ -80,7 +91,7 @@ class Checkpoints:
         advice = (f"the previous good step is {good}: export it with `dflash-export --run {run} --step "
                   f"{good} --out DIR`, or move {self.directory / str(step)} out of the run to resume from it"
                   if good is not None else "no earlier checkpoint is readable: start a new run directory")
-        return TrainingError(f"checkpoint step {step} in {self.directory} could not be restored: {cause}\n"
+        return CheckpointError(f"checkpoint step {step} in {self.directory} could not be restored: {cause}\n"
                              f"  damaged or missing file: {file}\n  {advice}; nothing was changed "
                              "(the full error: --verbose)")
 
@@ -91,7 +102,7 @@ class Checkpoints:
                 Checkpoints(self.directory, self.keep_last).manager.restore(
                     earlier, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
                 return earlier
-            except Exception:  # unreadable too: look further back
+            except CORRUPT_CHECKPOINT_ERRORS:  # unreadable too: look further back
                 continue
         return None
 
@@ -119,7 +130,7 @@ def has_checkpoints(run_dir: Path) -> bool:
     return ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
 
 
-def decide_resume(run_dir: Path, cfg: ExperimentConfig, resume: bool | None) -> bool:
+def decide_resume(run_dir: Path, cfg: ExperimentConfig, resume: bool | None, *, extend: bool = False) -> bool:
     """Whether the run resumes: ``resume=None`` does when ``run_dir`` holds checkpoints.
 
     Refuses to resume without checkpoints, to start over existing ones, and to resume with a
@@ -133,23 +144,33 @@ def decide_resume(run_dir: Path, cfg: ExperimentConfig, resume: bool | None) -> 
     if not resume and has_ckpt:
         raise TrainingError(f"{run_dir} already holds checkpoints; resume it or choose a new run_dir "
                             "(refusing to overwrite them)")
+    if extend and not resume:
+        raise TrainingError(f"--extend continues a run, and {run_dir} holds no checkpoint to continue")
     if resume:
-        check_resume_config(run_dir, cfg)
+        check_resume_config(run_dir, cfg, extend=extend)
     return resume
 
 
-def check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
-    """A resumed run must use the config it was started with (up to ``RESUME_FREE_KEYS``)."""
+# Keys ``--extend`` may change as well: the length of the run.
+EXTEND_KEYS = frozenset({"train.steps", "train.epochs"})
+
+
+def check_resume_config(run_dir: Path, cfg: ExperimentConfig, *, extend: bool = False) -> None:
+    """A resumed run must use the config it was started with (up to ``RESUME_FREE_KEYS``, and
+    ``EXTEND_KEYS`` when extending)."""
     path = run_dir / "config.yaml"
     if not path.exists():
         raise TrainingError(f"cannot resume {run_dir}: its config.yaml is missing")
     try:
         saved = flatten(to_dict(from_dict(ExperimentConfig, yaml.safe_load(path.read_text()) or {})))
-    except Exception as err:
+    except (yaml.YAMLError, ConfigError) as err:  # unparsable, or keys / values from_dict refuses
         raise TrainingError(f"cannot resume {run_dir}: its config.yaml is unreadable ({err})") from err
     new = flatten(to_dict(cfg))
+    free = RESUME_FREE_KEYS | (EXTEND_KEYS if extend else frozenset())
     diffs = [f"{key}: {saved.get(key)!r} -> {new.get(key)!r}" for key in sorted(saved.keys() | new.keys())
-             if key not in RESUME_FREE_KEYS and saved.get(key) != new.get(key)]
+             if key not in free and saved.get(key) != new.get(key)]
     if diffs:
+        longer = ("; to train longer on the same run, raise train.steps and pass --extend"
+                  if not extend and {d.split(":")[0] for d in diffs} <= EXTEND_KEYS else "")
         raise TrainingError(f"cannot resume {run_dir} with a different config ({'; '.join(diffs)}); "
-                            "resume with the settings it was started with, or start a new run_dir")
+                            f"resume with the settings it was started with, or start a new run_dir{longer}")

@@ -69,7 +69,8 @@ def measure_tau(target: Transformer, drafter: DFlashDrafter | OrthrusDrafter, pr
     ngram = NgramDraft(block_size=drafter.cfg.block_size)
     nres = speculative_generate(target, prompts, method=ngram, **common)
     differ = ["drafter vs n-gram"] if dres.tokens != nres.tokens else []
-    out = {"tau": dres.tau, "tau_ngram": nres.tau, "acceptance_histogram": dres.histogram(),
+    out = {"tau": dres.tau, "mean_acceptance_length": dres.mean_acceptance_length, "tau_ngram": nres.tau,
+           "acceptance_histogram": dres.histogram(), "acceptance_histogram_ngram": nres.histogram(),
            "eval_prompts": len(prompts), "eval_new_tokens": dres.num_generated}
     if isinstance(drafter, DFlashDrafter):
         hres = speculative_generate(target, prompts, method=DFlashTreeDraft.of(drafter, 1, lookup=True),

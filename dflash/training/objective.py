@@ -1,10 +1,11 @@
 """Drafter training objective: anchors, the sparse anchor-block mask, labels, decayed loss.
 
-Shared by DFlash and Orthrus: both draft blocks at sampled anchors and produce ``K-1`` logits
-per block for the tokens at ``a+1 .. a+K-1`` (DFlash from rows 1..K-1, Orthrus from rows
-0..K-2 with the one-position shift); ``score_blocks`` turns those into loss and metrics.
+Shared by DFlash and Orthrus: both draft blocks at sampled anchors and produce ``Q-1`` logits
+per block for the tokens at ``a+1 .. a+Q-1`` (DFlash from rows 1..Q-1, Orthrus from rows
+0..Q-2 with the one-position shift); ``score_blocks`` turns those into loss and metrics.
 Pure functions of arrays (no state), so the train step, eval and the tests share them.
-Shape letters: B batch rows, S sequence, A anchors per row, K = block_size, V vocab.
+Shape letters (docs/architecture.md): B batch rows, S sequence, A anchors per row, Q = block_size,
+k = Q - 1 drafted rows, V vocab.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def anchor_context_mask(anchors_BA: jax.Array, valid_BA: jax.Array, segment_ids_
 
 def anchor_block_mask(anchors_BA: jax.Array, valid_BA: jax.Array, segment_ids_BS: jax.Array,
                       block_size: int) -> jax.Array:
-    """Dense ``[B, A*K, S + A*K]`` form of the sparse anchor mask (the reference semantics).
+    """Dense ``[B, A*Q, S + A*Q]`` form of the sparse anchor mask (the reference semantics).
 
     Row (j, k) sees context ``s < a_j`` of its own document and all of block j; blocks never
     see each other; an invalid anchor's rows see only their own block. The drafter computes
@@ -67,7 +68,7 @@ def anchor_block_mask(anchors_BA: jax.Array, valid_BA: jax.Array, segment_ids_BS
 
 def block_labels(tokens_BS: jax.Array, loss_mask_BS: jax.Array, segment_ids_BS: jax.Array,
                  anchors_BA: jax.Array, valid_BA: jax.Array, block_size: int):
-    """Labels ``[B, A, K-1]``: the token at ``a + k`` (k = 1..K-1), and where it counts.
+    """Labels ``[B, A, Q-1]``: the token at ``a + k`` (k = 1..Q-1), and where it counts.
 
     A label counts when it lies inside the sequence, in the anchor's document, is supervised
     by the loss mask, and its anchor is valid.
@@ -84,7 +85,7 @@ def block_labels(tokens_BS: jax.Array, loss_mask_BS: jax.Array, segment_ids_BS: 
 
 
 def loss_weights(block_size: int, gamma: float) -> jax.Array:
-    """``w_k = exp(-(k-1)/gamma)`` for k = 1..K-1: early block positions matter most."""
+    """``w_k = exp(-(k-1)/gamma)`` for k = 1..Q-1: early block positions matter most."""
     k = jnp.arange(1, block_size, dtype=jnp.float32)
     return jnp.exp(-(k - 1.0) / gamma)
 
@@ -173,7 +174,7 @@ def reference_decayed_loss(logits_BAkV: jax.Array, labels_BAk: jax.Array, mask_B
 
 
 def block_accuracy(pred_BAk: jax.Array, ref_BAk: jax.Array, mask_BAk: jax.Array):
-    """Per-position accuracy ``[K-1]`` and the simulated acceptance length tau.
+    """Per-position accuracy ``[Q-1]`` and the simulated acceptance length tau.
 
     tau of a block = 1 + length of the leading run of correct predictions (a masked label
     ends the run), the quantity greedy verification would accept; averaged over blocks whose
@@ -203,10 +204,19 @@ def step_weighted_tau(pred_BAk: jax.Array, ref_BAk: jax.Array, mask_BAk: jax.Arr
     return counted.sum() / jnp.maximum((counted / tau_BA).sum(), 1e-9)
 
 
+def acceptance_counts(pred_BAk: jax.Array, ref_BAk: jax.Array, mask_BAk: jax.Array) -> jax.Array:
+    """``[K]`` counts of counted blocks whose simulated acceptance length is 1 .. K: the
+    histogram whose mean is ``block_accuracy``'s tau (TensorBoard's acceptance histogram)."""
+    correct = (pred_BAk == ref_BAk) & mask_BAk
+    tau_BA = 1 + jnp.cumprod(correct.astype(jnp.int32), axis=-1).sum(-1)  # [B, A]
+    counted = mask_BAk[..., 0].astype(jnp.int32)
+    return jnp.zeros(mask_BAk.shape[-1] + 1, jnp.int32).at[(tau_BA - 1).reshape(-1)].add(counted.reshape(-1))
+
+
 def score_blocks(logits_BAkV: jax.Array, labels_BAk: jax.Array, label_mask_BAk: jax.Array,
                  label_idx_BAk: jax.Array, target_logits_BSV: jax.Array | None, *, gamma: float,
                  ce_weight: float, kl_weight: float, target_labels: bool = False) -> tuple[jax.Array, dict]:
-    """Loss and metrics of drafted blocks whose ``K-1`` rows predict the tokens at ``label_idx``.
+    """Loss and metrics of drafted blocks whose ``Q-1`` rows predict the tokens at ``label_idx``.
 
     The target's distribution for the token at position ``i`` sits at ``i - 1`` of its clean
     (teacher-forced) pass: argmax ids are gathered for the simulated tau, full distributions
@@ -216,7 +226,7 @@ def score_blocks(logits_BAkV: jax.Array, labels_BAk: jax.Array, label_mask_BAk: 
     """
     b = logits_BAkV.shape[0]
     k = labels_BAk.shape[-1] + 1
-    prev = (label_idx_BAk - 1).reshape(b, -1)  # [B, A*(K-1)]
+    prev = (label_idx_BAk - 1).reshape(b, -1)  # [B, A*(Q-1)]
     if target_logits_BSV is None:
         if kl_weight > 0 or target_labels:
             raise ValueError("the KL term and target labels need the target's logits")
@@ -243,6 +253,7 @@ def block_metrics(metrics: dict, loss: jax.Array, pred_BAk: jax.Array, labels_BA
     _, tau_target = block_accuracy(pred_BAk, t_argmax_BAk, label_mask_BAk)
     metrics.update(loss=loss, accuracy=per_pos, tau_sim=tau_target, tau_sim_labels=tau_labels,
                    tau_sim_steps=step_weighted_tau(pred_BAk, t_argmax_BAk, label_mask_BAk),
+                   acceptance_counts=acceptance_counts(pred_BAk, t_argmax_BAk, label_mask_BAk),
                    # the denominators of those means: chunked evaluation combines them exactly
                    blocks_counted=label_mask_BAk[..., 0].sum(), position_count=label_mask_BAk.sum((0, 1)))
     return metrics
@@ -255,7 +266,7 @@ def combine_chunk_metrics(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     weights, counted blocks, labels per position) gives the mean over all of them. The per-step
     tau is a harmonic mean, so its reciprocals are what add up.
     """
-    def values(name: str) -> np.ndarray:  # [C] or [C, K-1]
+    def values(name: str) -> np.ndarray:  # [C] or [C, Q-1]
         return np.stack([np.asarray(c[name], np.float64) for c in chunks])
 
     w, n, pos = values("weight_sum"), values("blocks_counted"), values("position_count")
@@ -267,4 +278,5 @@ def combine_chunk_metrics(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     steps = float(n[has].sum() / (n[has] / values("tau_sim_steps")[has]).sum()) if has.any() else 0.0
     return {"loss": mean("loss", w, 0.0), "tau_sim": mean("tau_sim", n, 1.0), "tau_sim_steps": steps,
             "tau_sim_labels": mean("tau_sim_labels", n, 1.0),
-            "accuracy": ((values("accuracy") * pos).sum(0) / np.maximum(pos.sum(0), 1)).tolist()}
+            "accuracy": ((values("accuracy") * pos).sum(0) / np.maximum(pos.sum(0), 1)).tolist(),
+            "acceptance_counts": values("acceptance_counts").sum(0).astype(int).tolist()}

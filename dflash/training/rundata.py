@@ -82,7 +82,7 @@ def _regenerated(cfg: ExperimentConfig, target: Transformer, run_dir: Path, trai
         return load_documents_npz(cached), load_documents_npz(cached_eval)
     # None yet, or made with other settings: regeneration is deterministic, so remake it.
     train_docs = regenerate_documents(target, train_docs, cfg.regen, seed=cfg.data.seed, eos_ids=eos,
-                                      progress=progress)
+                                      progress=progress, limit=regen_count(cfg))
     eval_regen = dataclasses.replace(cfg.regen, num_sequences=cfg.eval.heldout_rows * 2)
     held_docs = regenerate_documents(target, held_docs, eval_regen, seed=cfg.data.seed + 1,
                                      eos_ids=eos, progress=progress)
@@ -94,6 +94,20 @@ def _regenerated(cfg: ExperimentConfig, target: Transformer, run_dir: Path, trai
 
 def regen_settings(cfg: ExperimentConfig, target: Transformer) -> dict[str, Any]:
     """Everything the regenerated documents depend on: data, regen and eval sections, the target."""
-    return {"data": to_dict(cfg.data), "regen": to_dict(cfg.regen), "eval_split": cfg.eval.eval_split,
-            "heldout_rows": cfg.eval.heldout_rows, "target": cfg.target.name,
-            "target_dtype": cfg.target.dtype, "target_fingerprint": target_fingerprint(target.cfg)}
+    settings = {"data": to_dict(cfg.data), "regen": to_dict(cfg.regen), "eval_split": cfg.eval.eval_split,
+                "heldout_rows": cfg.eval.heldout_rows, "target": cfg.target.name,
+                "target_dtype": cfg.target.dtype, "target_fingerprint": target_fingerprint(target.cfg)}
+    if regen_count(cfg) < cfg.regen.num_sequences:  # (only then: older runs' stored data stays valid)
+        settings["regen_sequences_made"] = regen_count(cfg)
+    return settings
+
+
+def regen_count(cfg: ExperimentConfig) -> int:
+    """How many of the ``regen.num_sequences`` continuations a run regenerates: no more than its
+    ``train.steps`` can consume (rows of ``data.seq_len`` holding whole prompt + continuation
+    documents), so a short try does not wait for data it never reads. Epoch-based runs make all."""
+    r, t = cfg.regen, cfg.train
+    if not t.steps:
+        return r.num_sequences
+    per_row = max(1, cfg.data.seq_len // (r.prompt_tokens + r.new_tokens))
+    return min(r.num_sequences, t.steps * cfg.optim.grad_accum * t.batch_size * per_row)

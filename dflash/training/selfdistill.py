@@ -36,8 +36,13 @@ class RegenSection:
 
 
 def regenerate_documents(target: Transformer, docs: list[Document], cfg: RegenSection, *, seed: int,
-                         eos_ids: tuple[int, ...], progress: bool = True) -> list[Document]:
-    """``cfg.num_sequences`` documents of (corpus prompt window, target's greedy continuation)."""
+                         eos_ids: tuple[int, ...], progress: bool = True,
+                         limit: int | None = None) -> list[Document]:
+    """``cfg.num_sequences`` documents of (corpus prompt window, target's greedy continuation).
+
+    ``limit`` regenerates only the first that-many of them (the same prompts, so a short run's
+    data is the start of a long one's).
+    """
     rng = np.random.default_rng(seed)
     long_enough = [d for d in docs if len(d) > cfg.prompt_tokens]
     if not long_enough:
@@ -47,6 +52,7 @@ def regenerate_documents(target: Transformer, docs: list[Document], cfg: RegenSe
         d = long_enough[i]
         start = int(rng.integers(0, len(d) - cfg.prompt_tokens))
         prompts.append(d.ids[start:start + cfg.prompt_tokens].tolist())
+    prompts = prompts[:limit]
     out = []
     for b in tqdm(range(0, len(prompts), cfg.batch_size), desc="regenerate (target greedy)",
                   disable=not progress, dynamic_ncols=True):

@@ -19,8 +19,6 @@ from dflash.export.orthrus_hf import load_orthrus
 from dflash.models.transformer import Transformer
 from dflash.training.config import ExperimentConfig
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def build_drafter_config(cfg: ExperimentConfig, target: Transformer,
                          tokenizer: Any) -> DFlashConfig | OrthrusConfig:

@@ -147,6 +147,12 @@ def drafter_forward(drafter: nnx.Module, target: Transformer, batch: dict[str, j
     return forward(drafter, target, batch, key, **step_kw)
 
 
+def mean_metrics(micro: list[dict[str, jax.Array]], names: tuple[str, ...]) -> dict[str, jax.Array]:
+    """The mean of ``names`` over the micro-batches of one optimizer step (``grad_accum`` of them),
+    on device: what the step as a whole saw, not only its last micro-batch."""
+    return {name: sum(m[name] for m in micro) / len(micro) for name in names}
+
+
 def cast_module(module: nnx.Module, dtype: jnp.dtype) -> nnx.Module:
     """A compute-dtype copy; gradients flow back to the fp32 master weights through the cast."""
     graphdef, state = nnx.split(module)

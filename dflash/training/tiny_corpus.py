@@ -11,6 +11,8 @@ import json
 import sysconfig
 from pathlib import Path
 
+from dflash.errors import ConfigError
+
 HELD_OUT_EVERY = 20  # ~5% of files are held out
 EOT = "<|endoftext|>"
 MASK = "<|mask|>"
@@ -34,7 +36,7 @@ def is_held_out(relpath: str) -> bool:
 def stdlib_files(split: str) -> list[tuple[str, str]]:
     """Sorted ``(relative path, source text)`` of the stdlib's ``.py`` files in ``split``."""
     if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        raise ConfigError(f"split must be 'train' or 'heldout', got {split!r}")
     root = stdlib_root()
     out = []
     for path in sorted(root.rglob("*.py")):
@@ -113,5 +115,5 @@ def heldout_prompts(count: int, max_chars: int = 400, seed: int = 0) -> list[str
                 candidates.append(text[start:end])
     random.Random(seed).shuffle(candidates)
     if len(candidates) < count:
-        raise ValueError(f"only {len(candidates)} held-out prompts available, asked for {count}")
+        raise ConfigError(f"only {len(candidates)} held-out prompts available, asked for {count}")
     return candidates[:count]

@@ -29,7 +29,6 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from dflash.configio import to_dict
@@ -38,6 +37,7 @@ from dflash.errors import TrainingError
 from dflash.export.dflash_hf import save_drafter
 from dflash.export.orthrus_hf import save_orthrus
 from dflash.models import load_target
+from dflash.models.loading import DTYPES, read_config, resolve
 from dflash.models.tokenizer import load_tokenizer
 from dflash.models.transformer import Transformer
 from dflash.training.checkpoints import Checkpoints, decide_resume
@@ -45,24 +45,37 @@ from dflash.training.config import ExperimentConfig
 from dflash.training.data import Batches
 from dflash.training.evaluation import heldout_chunks, make_evaluate, measure_tau
 from dflash.training.optim import lr_schedule, make_optimizer
+from dflash.training.progress import finished_result, log_line, tau_text
 from dflash.training.rundata import prepare_data
-from dflash.training.setup import DTYPES, build_drafter_config, build_method_drafter, data_devices
-from dflash.training.step import make_step_fns, step_options
+from dflash.training.scalars import Listener, ScalarLog
+from dflash.training.setup import build_drafter_config, build_method_drafter, data_devices
+from dflash.training.step import make_step_fns, mean_metrics, step_options
 
 __all__ = ["TrainingError", "run_training"]
+
+LOGGED_METRICS = ("loss", "ce", "tau_sim", "grad_norm", "accuracy")  # per optimizer step, as means
 
 
 def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress: bool = True,
                  final_eval: bool = True, export: bool = True,
-                 stop_after: int | None = None) -> dict[str, Any]:
+                 stop_after: int | None = None, extend: bool = False,
+                 on_scalars: Listener | None = None) -> dict[str, Any]:
     """Trains a drafter (DFlash or Orthrus) per ``cfg``; returns the final metrics (also in ``metrics.json``).
 
     ``resume=None`` resumes when the run directory already holds checkpoints. ``stop_after``
     ends the process-level run after that step's checkpoint, exactly as a kill right after it
-    would (tests use it; ``--resume`` continues).
+    would (tests use it; ``--resume`` continues). ``extend`` lets a resumed run take a larger
+    step count (the rest of the run follows the LR schedule of the new total); a run already at
+    its final step returns its saved result with ``already_complete``. ``on_scalars(step, values)``
+    sees every logged batch of scalars (a notebook's live plot); they also go to TensorBoard and
+    ``scalars.csv``.
     """
     run_dir = Path(cfg.run_dir)
-    resume = decide_resume(run_dir, cfg, resume)
+    cfg.check_context(read_config(resolve(cfg.target.name)).max_position_embeddings)
+    resume = decide_resume(run_dir, cfg, resume, extend=extend)
+    if resume and (done := finished_result(run_dir, Checkpoints(run_dir / "checkpoints", 1).latest_meta())):
+        if not extend or done.get("steps") == (cfg.train.steps or None):
+            return done
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
@@ -106,34 +119,39 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
         state = jax.device_put(state, replicated)
         start, best_tau, best_step = int(meta["step"]), float(meta["best_tau"]), meta.get("best_step")
         history = meta.get("history", [])
-        if meta.get("total_steps") not in (None, total):
-            raise TrainingError(f"checkpoint was made for {meta['total_steps']} steps, config says {total}")
+        if meta.get("total_steps") not in (None, total) and not (extend and total > start):
+            raise TrainingError(f"checkpoint was made for {meta['total_steps']} steps, config says {total}"
+                                + ("; --extend needs more steps than the run has done" if extend else ""))
 
     # ---- the loop
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = ScalarLog(run_dir, start, on_write=on_scalars)  # tb/ and scalars.csv (rows past start dropped)
     base_key = jax.random.key(cfg.train.seed)
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"train {cfg.method}",
                disable=not progress, dynamic_ncols=True)
-    last_log, tau_now = time.perf_counter(), float("nan")
+    last_log, tau_now = time.perf_counter(), (history[-1]["tau_sim_steps"] if history else float("nan"))
     tokens_since = 0
-    metrics: dict[str, Any] = {}
     for step in bar:
+        micro_metrics = []
         for i in range(accum):
             m_idx = step * accum + i  # data position and anchor RNG are pure functions of this
             key = jax.random.fold_in(base_key, m_idx)
             state, metrics = train_step(state, tstate, put(micro.batch(m_idx)), key)
+            micro_metrics.append(metrics)
             tokens_since = tokens_since + metrics["tokens"]  # a device scalar: no host sync per step
         done = step + 1
         if done % cfg.train.log_every == 0 or done == total:
             tokens = float(tokens_since)  # waits for the steps so far: the rate covers finished work
             now = time.perf_counter()
+            metrics = mean_metrics(micro_metrics, LOGGED_METRICS)  # the step's micro-batches, all of them
             scalars = {name: float(metrics[name]) for name in ("loss", "ce", "tau_sim", "grad_norm")}
             scalars["lr"] = float(schedule(done))
             scalars["tokens_per_s"] = tokens / max(now - last_log, 1e-9)
             _log_train(writer, scalars, metrics["accuracy"], done)
             last_log, tokens_since = now, 0
-            bar.set_postfix(loss=f"{scalars['loss']:.3f}", tau=f"{tau_now:.2f}",
+            bar.set_postfix(loss=f"{scalars['loss']:.3f}", tau=tau_text(tau_now),
                             tok_s=f"{scalars['tokens_per_s']:.0f}")
+            if not progress:  # no bar: one plain line per log_every
+                print(log_line(done, total, scalars, tau_now), flush=True)
         if done % cfg.train.eval_every == 0 or done == total:
             ev = evaluate(state)
             tau_now = ev["tau_sim_steps"]
@@ -162,10 +180,9 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
         result["export_dir"] = str(_export(cfg, drafter, target, run_dir / "export"))
     if final_eval:
         result.update(measure_tau(target, drafter, data.prompts, cfg.eval.max_new_tokens))
-        for name in ("tau", "tau_ngram", "tau_with_ngram"):
-            if name in result:
-                writer.add_scalar("eval/tau_real" if name == "tau" else f"eval/{name}", result[name], total)
-        writer.flush()
+        writer.scalars(total, {"eval/tau_real" if name == "tau" else f"eval/{name}": result[name]
+                               for name in ("tau", "tau_ngram", "tau_with_ngram") if name in result})
+        writer.histogram("decode/acceptance", result["acceptance_histogram"], total)
     writer.close()
     with open(run_dir / "metrics.json", "w") as f:
         json.dump(result, f, indent=2)
@@ -173,18 +190,16 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     return result
 
 
-def _log_train(writer: SummaryWriter, scalars: dict[str, float], accuracy: Any, step: int) -> None:
-    for name, value in scalars.items():
-        writer.add_scalar(f"train/{name}", value, step)
-    for j, acc in enumerate(np.asarray(accuracy)):
-        writer.add_scalar(f"train_accuracy/pos_{j + 1}", float(acc), step)
+def _log_train(writer: ScalarLog, scalars: dict[str, float], accuracy: Any, step: int) -> None:
+    accuracy = {f"train_accuracy/pos_{j + 1}": float(acc) for j, acc in enumerate(np.asarray(accuracy))}
+    writer.scalars(step, {f"train/{name}": value for name, value in scalars.items()} | accuracy)
 
 
-def _log_eval(writer: SummaryWriter, ev: dict[str, Any], step: int) -> None:
-    for name in ("tau_sim", "tau_sim_steps", "tau_sim_labels", "loss"):
-        writer.add_scalar(f"eval/{name}", ev[name], step)
-    for j, acc in enumerate(ev["accuracy"]):
-        writer.add_scalar(f"eval_accuracy/pos_{j + 1}", acc, step)
+def _log_eval(writer: ScalarLog, ev: dict[str, Any], step: int) -> None:
+    names = ("tau_sim", "tau_sim_steps", "tau_sim_labels", "loss")
+    writer.scalars(step, {f"eval/{name}": ev[name] for name in names}
+                   | {f"eval_accuracy/pos_{j + 1}": acc for j, acc in enumerate(ev["accuracy"])})
+    writer.histogram("eval/acceptance", ev["acceptance_counts"], step)  # held-out blocks' simulated lengths
 
 
 def _export(cfg: ExperimentConfig, drafter: Any, target: Transformer, out: Path) -> Path:
