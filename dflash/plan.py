@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import os
 import re
@@ -29,6 +30,7 @@ from dflash.config import ConfigError, ModelConfig, preset, preset_for_hub_id
 from dflash.kernels.common import compiling_for
 
 GiB = 2 ** 30
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the configs' dtype names
 
 
 class PlanError(ConfigError):
@@ -222,7 +224,6 @@ def _drafter_and_optimizer(cfg: Any, tcfg: ModelConfig, total_steps: int) -> tup
     from dflash.drafters.dflash import DFlashConfig, build_drafter
     from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
     from dflash.training.optim import make_optimizer
-    from dflash.training.setup import DTYPES
 
     mask = cfg.drafter.mask_token_id if cfg.drafter.mask_token_id >= 0 else tcfg.vocab_size - 1  # any id
     if cfg.method == "orthrus":
@@ -255,7 +256,6 @@ def train_plan(cfg: Any, topology: str, mesh: Any = None, *, config_name: str = 
     ``mesh``: a MeshConfig / ``(data, fsdp, tensor)``; default the config's ``mesh:`` section.
     """
     from dflash.flops import train_step_flops
-    from dflash.training.setup import DTYPES
     from dflash.training.step import make_step_fns, step_options
 
     shd = sharding_module()
@@ -272,7 +272,11 @@ def train_plan(cfg: Any, topology: str, mesh: Any = None, *, config_name: str = 
              for name, dtype in (("tokens", jnp.int32), ("loss_mask", jnp.bool_),
                                  ("segment_ids", jnp.int32), ("positions", jnp.int32))}
     step_kw = step_options(cfg, dcfg.block_size)
-    train_step, _ = make_step_fns(graphdef, tgraph, step_kw, DTYPES[cfg.train.compute_dtype])
+    mesh_kw = {}  # TODO(merge): always, once make_step_fns takes the mesh (the `shard` helper)
+    if "mesh" in inspect.signature(make_step_fns).parameters:
+        mesh_kw = dict(mesh=m, state_shardings=shd.tree_shardings(state, m),
+                       tstate_shardings=shd.tree_shardings(tstate, m))
+    train_step, _ = make_step_fns(graphdef, tgraph, step_kw, DTYPES[cfg.train.compute_dtype], **mesh_kw)
     compiled, seconds = compile_for_topology(train_step, (state, tstate, batch, abstract_key(m)), m)
     mem = memory(compiled, local_bytes((state, tstate, batch)))
     needs_logits = step_kw["kl_weight"] > 0 or step_kw["target_labels"] or cfg.method == "orthrus"
