@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dflash.attention import attend
 from dflash.kernels.common import LANES, finalize, online_update
 
 DEFAULT_CHUNK = 512  # query rows per step of the chunked jnp form
@@ -41,8 +42,6 @@ def doc_causal_mask(seg_q_BT: jax.Array, seg_k_BS: jax.Array, q0: jax.Array | in
 
 def reference_prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS):
     """Dense reference: ``attend`` under the causal same-document mask. ``[B, S, N, H]``."""
-    from dflash.models.transformer import attend  # deferred: the model imports the kernels
-
     b, s, n, h = q_BSNH.shape
     mask_BSS = doc_causal_mask(segment_ids_BS, segment_ids_BS)
     return attend(q_BSNH, k_BSKH, v_BSKH, mask_BSS).reshape(b, s, n, h)
@@ -50,8 +49,6 @@ def reference_prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS):
 
 def chunked_prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, *, chunk: int = DEFAULT_CHUNK):
     """``reference_prefill_attention`` ``chunk`` query rows at a time (row-for-row the same ops)."""
-    from dflash.models.transformer import attend
-
     b, s, n, h = q_BSNH.shape
     c = min(chunk, s)
     nc = -(-s // c)
