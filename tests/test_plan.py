@@ -56,7 +56,10 @@ def test_compile_only_tiny_config_for_v5e(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_real_qwen3_8b_preset_fits_v5p_8():
-    """The real Qwen3-8B DFlash preset's train step compiles for a v5p-8 and fits (docs/scaling.md)."""
+    """The real Qwen3-8B DFlash preset's train step compiles for a v5p-8 and fits (docs/scaling.md).
+
+    Slow: a compile that fits runs the TPU back end to the end (the v5e-8 plan of the same
+    preset took 505 s on a loaded 2-core host; one that does not fit stops after ~150 s)."""
     from dflash.configio import load_yaml
     from dflash.training.config import ExperimentConfig
 
