@@ -31,3 +31,8 @@ class ContextLengthError(DflashError, ValueError):
 
 class TrainingError(DflashError, RuntimeError):
     """The run cannot proceed (e.g. an unreadable checkpoint); nothing was overwritten."""
+
+
+class DistributedError(DflashError, RuntimeError):
+    """A multi-process job that cannot work (bad flags, unreachable coordinator, processes that
+    disagree); raised on every process, so the whole job stops instead of hanging."""

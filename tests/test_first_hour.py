@@ -164,10 +164,15 @@ def test_log_lines_a_finished_run_and_an_extended_run_that_continues_exactly(
     constant_lr = ("optim.warmup_ratio=0", "optim.final_lr_ratio=1")  # the total steps do not matter
     a = run_config(tiny_target, tmp_path / "a", *constant_lr)
     run_training(a, progress=False, final_eval=False)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    capsys_out_a = capsys.readouterr().out
+    lines = [line for line in capsys_out_a.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]  # log_every=1, no bar
     assert "tau_sim —" in lines[0] and re.search(r"tau_sim \d\.\d\d", lines[2])  # eval at step 2
     assert not any("nan" in line for line in lines)
+    out_lines = capsys_out_a.splitlines()
+    assert [line for line in out_lines if line.startswith("eval at step")] == [
+        line for line in out_lines if re.match(r"eval at step [24]: tau_sim \d\.\d\d per verify step", line)]
+    assert sum(line.startswith("eval at step") for line in out_lines) == 2
     events = sorted((tmp_path / "a" / "tb").iterdir())
 
     # Re-running the finished run says so and stops: no training, no evaluation, no new events.
@@ -205,3 +210,44 @@ def test_quick_is_a_short_try_in_its_own_run_dir_and_explicit_settings_win(tmp_p
     assert quick.run_dir == "runs/tiny_code-quick" and quick.train.steps == 20
     assert quick.eval.num_prompts == 2 and quick.eval.max_new_tokens == 32 and kw["extend"] is False
     assert mine.run_dir == "runs/mine" and mine.train.steps == 7 and mine.eval.num_prompts == 2
+
+
+def test_generate_json_tau_counts_only_tokens_within_the_budget(capsys):
+    """With --max-new-tokens 48 the last steps accept full blocks past the budget: tau used to
+    read 6.56 (the mean of acceptance_lengths, 59 / 9) against 47 emitted tokens in 9 steps."""
+    import json
+
+    from dflash.cli.generate import main as generate_main
+
+    assert generate_main(["--drafter", "tiny-code-dflash", "--prompt", "def fib(n):",
+                          "--max-new-tokens", "48", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    steps = out["acceptance_lengths"]
+    assert out["num_tokens"] == 48 and sum(steps) > out["num_tokens"] - 1  # the budget cut a step
+    assert out["tau"] == pytest.approx((out["num_tokens"] - 1) / len(steps))
+    assert out["mean_acceptance_length"] == pytest.approx(sum(steps) / len(steps))
+    assert out["target_forwards"] == len(steps) + 1
+
+
+def test_bench_refuses_a_prompt_past_the_context_before_running_anything(tmp_path, capsys):
+    import json
+
+    from dflash.cli.bench import main as bench_main
+
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"prompt": "def f():\n    return 1\n"}, {"prompt": "x = 1\n" * 520}]  # 2,080 tokens
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench_main(["--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 1 (2080 tokens) + 8 new tokens = 2088 positions, past the target's context of 2048" in err
+    assert "--allow-longer-than-context" in err and "Token indices" not in err
+
+
+def test_train_refuses_rows_longer_than_the_context_before_touching_the_run_dir(tmp_path, capsys):
+    from dflash.cli.train import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main(["--set", "data.seq_len=4096", "--run-dir", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "data.seq_len = 4096: past the target's context of 2048 positions" in err
+    assert not run.exists()

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from dflash.bench.timing import pass_costs
+from dflash.decoding.autoregressive import check_context
 from dflash.decoding.sampling import SamplingParams
 from dflash.decoding.speculative import speculative_generate
 
@@ -15,7 +16,8 @@ from dflash.decoding.speculative import speculative_generate
 def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any, Any]], *,
                   max_new_tokens: int = 256, batch_size: int = 1, sampling=None, rule: str | None = None,
                   eos_ids: tuple[int, ...] = (), mask_token_id: int | None = None, seed: int = 0,
-                  warmup: bool = True, compact: bool = True, ceiling: bool = False) -> dict[str, Any]:
+                  warmup: bool = True, compact: bool = True, ceiling: bool = False,
+                  allow_longer_than_context: bool = False) -> dict[str, Any]:
     """Runs every method on the same prompts in this process; speedups are vs ``methods['ar']``.
 
     The methods take turns batch by batch (AR, then each drafter, on the same batch), so a drift
@@ -23,8 +25,11 @@ def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any
     once before it is timed (compile time is reported separately), so every method is measured
     in the steady state a server sees. ``ceiling``: also time each method's bare step
     (``pass_costs``) and report the speedup the engine would reach if its loop cost nothing
-    (``ceiling = tau * t_ar / t_method``) and the share of it achieved (``efficiency``).
+    (``ceiling = tau * t_ar / t_method``) and the share of it achieved (``efficiency``). Every
+    prompt is checked against the target's context before anything runs.
     """
+    check_context([len(p) for p in prompts], [max_new_tokens] * len(prompts),
+                  target.cfg.max_position_embeddings, allow_longer_than_context)
     sampling = sampling or SamplingParams()
     acc: dict[str, dict[str, Any]] = {
         name: {"per_prompt": [], "elapsed": 0.0, "compile_s": 0.0, "generated": 0, "forwards": 0, "acc": [],
@@ -36,7 +41,7 @@ def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any
             a = acc[name]
             kw = dict(method=method, drafter=drafter, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                       mask_token_id=mask_token_id, sampling=sampling, key=jax.random.key(seed + start),
-                      rule=rule, compact=compact)
+                      rule=rule, compact=compact, allow_longer_than_context=allow_longer_than_context)
             if warmup:  # every batch once untimed: first-touch allocations and cold caches stay out
                 speculative_generate(target, batch, **kw)
             res = speculative_generate(target, batch, **kw)

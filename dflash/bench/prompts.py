@@ -23,7 +23,7 @@ def load_prompts(source: str, tokenizer: Any, *, field: str = "prompt", split: s
     ``tiny-code-heldout`` (function headers from stdlib files the tiny target never saw)."""
     if source == "tiny-code-heldout":
         texts = heldout_prompts(limit or 16)
-        return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        return [tokenizer(t, add_special_tokens=False, verbose=False).input_ids for t in texts]
     ds = load_dataset(DataConfig(source=source, split=split))
     out = []
     for row in ds:
@@ -37,7 +37,7 @@ def load_prompts(source: str, tokenizer: Any, *, field: str = "prompt", split: s
         else:
             raise ConfigError(f"prompt source {source!r}: a row has neither {field!r} nor 'messages' "
                               f"(columns: {list(row)})")
-        out.append(tokenizer(text, add_special_tokens=False).input_ids)
+        out.append(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
         if limit and len(out) == limit:
             break
     return out

@@ -11,6 +11,7 @@ from dflash.decoding import SamplingParams
 from dflash.decoding.drafters import resolve_method
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
+from dflash.distributed import add_distributed_args, initialize_from_args, is_primary
 from dflash.drafters.dflash import DFlashDrafter
 from dflash.errors import ConfigError, DflashError
 from dflash.kernels.dispatch import ATTENTION_IMPLS
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: Pallas kernels on TPU/GPU, jnp reference on CPU (see docs/kernels.md)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", default=None, help="write the full result here")
+    p.add_argument("--allow-longer-than-context", action="store_true",
+                   help="run prompts + new tokens longer than the target's context (expect wrong output)")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write the figures as PNGs here: acceptance histogram, by draft position, tau per "
                         "prompt, speedup (docs/viz.md)")
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-config", default=None,
                    help="--compile-only: architecture preset, known hub id or checkpoint directory")
     p.add_argument("--context", type=int, default=2048, help="--compile-only: cached positions")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     if args.compile_only:
         return _compile_only(args)
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
+        initialize_from_args(args)
         tokenizer = load_tokenizer(args.target)
         target = load_target(args.target, dtype=DTYPES[args.dtype],
                              attention_impl=args.attention_impl)  # drafters resolved below take it too
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_methods(
             target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             sampling=sampling, rule=args.verify, seed=args.seed, compact=not args.no_compact,
-            ceiling=args.ceiling,
+            ceiling=args.ceiling, allow_longer_than_context=args.allow_longer_than_context,
             eos_ids=stop, mask_token_id=drafter.cfg.mask_token_id if drafter is not None else -1)
         profile = None
         if args.anchor_profile:
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-bench: error: {err}", file=sys.stderr)
         return 2
+    if not is_primary():  # every process ran the same benchmark; process 0 reports it
+        return 0
     result.update(target=args.target, drafter=args.drafter, prompts=args.prompts)
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
           f"T={args.temperature}, B={k}, backend {result['backend']}")

@@ -16,6 +16,7 @@ from dflash.decoding.drafters import resolve_method
 from dflash.decoding.speculative import speculative_generate
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
+from dflash.distributed import add_distributed_args, initialize_from_args, is_primary
 from dflash.errors import ConfigError, DflashError
 from dflash.kernels.dispatch import ATTENTION_IMPLS
 from dflash.models import load_target
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-steps", action="store_true",
                    help="colour what each verify step emitted: accepted drafts green, the target's own token "
                         "bold yellow (with --json: a 'steps' list of {drafts, bonus})")
+    add_distributed_args(p)
     return p
 
 
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             verb = "applies" if len(given) == 1 else "apply"
             parser.error(f"{', '.join(given)} {verb} only to speculative decoding: add --drafter")
     try:
+        initialize_from_args(args)
         prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
         tokenizer = load_tokenizer(args.target)
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-generate: error: {err}", file=sys.stderr)
         return 2
+    if not is_primary():
+        return 0
     tokens = result.tokens[0]
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if args.json:

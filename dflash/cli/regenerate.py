@@ -6,6 +6,7 @@ import sys
 
 from dflash.cli.parser import make_parser
 from dflash.decoding import SamplingParams
+from dflash.distributed import add_distributed_args, initialize_from_args, is_primary
 from dflash.errors import DflashError
 from dflash.models import load_target
 from dflash.models.loading import DTYPES
@@ -28,23 +29,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-longer-than-context", action="store_true",
                    help="allow prompt + new tokens past the target's context (expect wrong output)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=256,
+                   help="conversations per output shard (OUT.shards/): the unit of resuming and of the "
+                        "split over processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     try:
+        initialize_from_args(args)
         tokenizer = load_tokenizer(args.target)
         target = load_target(args.target, dtype=DTYPES[args.dtype])
         n = regenerate_dataset(
             target, tokenizer, args.data, args.out, split=args.split, messages_field=args.messages_field,
             max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
-            max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
-            sampling=SamplingParams(temperature=args.temperature), seed=args.seed,
-            allow_longer_than_context=args.allow_longer_than_context)
+            max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
+            progress=not args.no_progress, sampling=SamplingParams(temperature=args.temperature),
+            seed=args.seed, allow_longer_than_context=args.allow_longer_than_context)
     except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-regenerate: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {n} conversations to {args.out}")
+    if is_primary():
+        print(f"wrote {n} conversations to {args.out}")
     return 0
 
 

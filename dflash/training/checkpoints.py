@@ -71,9 +71,11 @@ class Checkpoints:
         """Only the part of the saved state that ``item`` (a raw tree of ``ShapeDtypeStruct``)
         names, e.g. the drafter's parameters without the optimizer moments an export never needs."""
         fresh = Checkpoints(self.directory, self.keep_last)  # a manager is bound to one restore kind
+        # Read onto the shardings of ``item``: the saved ones may name another process count's devices.
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
         try:
-            return fresh.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=item, partial_restore=True)))["state"]
+            return fresh.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, partial_restore=True, restore_args=restore_args)))["state"]
         except CORRUPT_CHECKPOINT_ERRORS as err:  # as in ``restore``
             raise self.unreadable(step, err) from err
 

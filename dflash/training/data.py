@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,8 @@ from dflash.training.chat import conversation_documents, text_documents
 from dflash.training.packing import Batches, PackedRows, pack
 from dflash.training.sources import DataConfig, Document, load_dataset, resolve_format
 
-__all__ = ["Batches", "DataConfig", "Document", "PackedRows", "load_dataset", "load_documents", "pack"]
+__all__ = ["Batches", "DataConfig", "Document", "PackedRows", "load_dataset", "load_documents",
+           "load_lane_documents", "pack"]
 
 
 def _heldout_flags(keys: list[str], fraction: float, seed: int) -> np.ndarray:
@@ -38,19 +40,40 @@ def _heldout_flags(keys: list[str], fraction: float, seed: int) -> np.ndarray:
 
 def load_documents(cfg: DataConfig, tokenizer: Any) -> tuple[list[Document], list[Document]]:
     """(train, heldout) tokenized documents of ``cfg``; held out by document, seeded."""
+    lanes, heldout = load_lane_documents(cfg, tokenizer, None)
+    return [d for _, d in sorted((t for docs in lanes.values() for t in docs), key=lambda t: t[0])], heldout
+
+
+def load_lane_documents(cfg: DataConfig, tokenizer: Any, lanes: Collection[int] | None
+                        ) -> tuple[dict[int, list[tuple[int, Document]]], list[Document]]:
+    """({lane: [(document index, training document)]}, held-out documents) of ``cfg``.
+
+    Document ``i`` (in dataset order) is in data lane ``i % cfg.lanes``. Only the training
+    documents of ``lanes`` (None: all) are tokenized, so a process that feeds some lanes of the
+    global batch reads them alone (``hostdata.py``); held-out documents are always all tokenized
+    (every process evaluates the same rows).
+    """
     ds = load_dataset(cfg)
     fmt = resolve_format(cfg, list(ds.column_names))
     if cfg.max_examples and len(ds) > cfg.max_examples:
         ds = ds.select(range(cfg.max_examples))
     if fmt == "text":
         texts = ["" if t is None else str(t) for t in ds[cfg.text_field]]
-        keep = [t for t in texts if t]  # an empty text would be a lone EOS: nothing to learn
-        docs, keys = text_documents(keep, tokenizer), keep
+        items: list[Any] = [t for t in texts if t]  # an empty text would be a lone EOS: nothing to learn
+        keys = items
     else:
-        conversations = list(ds[cfg.messages_field])
-        docs = conversation_documents(conversations, tokenizer)
-        keys = [json.dumps(c, sort_keys=True, default=str) for c in conversations]
+        items = list(ds[cfg.messages_field])
+        keys = [json.dumps(c, sort_keys=True, default=str) for c in items]
     held = _heldout_flags(keys, cfg.heldout_fraction, cfg.seed)
-    train = [d for d, h in zip(docs, held, strict=True) if not h and len(d)]
-    heldout = [d for d, h in zip(docs, held, strict=True) if h and len(d)]
-    return train, heldout
+    wanted = [i for i in range(len(items)) if held[i] or lanes is None or i % cfg.lanes in lanes]
+    tokenize = text_documents if fmt == "text" else conversation_documents
+    docs = tokenize([items[i] for i in wanted], tokenizer)
+    by_lane: dict[int, list[tuple[int, Document]]] = {
+        j: [] for j in (range(cfg.lanes) if lanes is None else sorted(lanes))}
+    heldout = []
+    for i, d in zip(wanted, docs, strict=True):
+        if len(d) and held[i]:
+            heldout.append(d)
+        elif len(d) and i % cfg.lanes in by_lane:
+            by_lane[i % cfg.lanes].append((i, d))
+    return by_lane, heldout

@@ -1,5 +1,5 @@
-"""What a run tells its user as it goes: one plain line per ``train.log_every`` steps when there
-is no progress bar, and the τ shown before the first evaluation as "—" rather than ``nan``."""
+"""What a run tells its user: one plain line per ``train.log_every`` steps when there is no
+progress bar, "—" rather than ``nan`` before the first evaluation, and that a run is complete."""
 
 from __future__ import annotations
 

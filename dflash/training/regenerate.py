@@ -20,6 +20,7 @@ from dflash.decoding.autoregressive import ContextLengthError
 from dflash.errors import ConfigError
 from dflash.models.transformer import Transformer
 from dflash.training.chat import clean_messages
+from dflash.training.regen_shards import ShardPlan
 from dflash.training.sources import DataConfig, load_dataset
 
 
@@ -48,11 +49,13 @@ def regenerate_conversations(
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
     allow_longer_than_context: bool = False,
+    key: jax.Array | None = None,
 ) -> list[list[dict[str, str]]]:
     """Copies of ``conversations`` with every assistant turn replaced by the target's response.
 
     Prompts keep their last ``max_prompt_tokens`` tokens (default: what the target's context
     leaves after ``max_new_tokens``); settings that could pass the context are refused up front.
+    ``key`` (default ``jax.random.key(seed)``) drives sampling.
     """
     context = target.cfg.max_position_embeddings
     if max_prompt_tokens is None:
@@ -65,7 +68,7 @@ def regenerate_conversations(
             "--max-new-tokens, or opt in with --allow-longer-than-context")
     out = [[dict(m) for m in conv] for conv in conversations]
     eos = stop_ids(tokenizer, target.cfg.eos_token_id)
-    key = jax.random.key(seed)
+    key = jax.random.key(seed) if key is None else key
     bar = tqdm(total=sum(m["role"] == "assistant" for c in out for m in c), desc="regenerate",
                disable=not progress, dynamic_ncols=True)
     for start in range(0, len(out), batch_size):
@@ -105,8 +108,14 @@ def regenerate_conversations(
 
 def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_path: str | Path, *,
                        split: str = "train", messages_field: str = "messages", max_examples: int = 0,
-                       **kwargs: Any) -> int:
-    """Reads conversations through ``datasets``, writes a jsonl dataset with regenerated turns."""
+                       shard_size: int = 256, progress: bool = True, **kwargs: Any) -> int:
+    """Reads conversations through ``datasets``, writes a jsonl dataset with regenerated turns.
+
+    The work is cut into shards of ``shard_size`` conversations (``regen_shards``): each process
+    regenerates shards ``process_index, process_index + process_count, ...`` and skips the ones
+    already written, so a killed job resumes without redoing finished shards and the result does
+    not depend on the process count. Process 0 then joins the shards into ``out_path``.
+    """
     import datasets  # deferred: only writing the dataset needs it, and it is slow to import
 
     ds = load_dataset(DataConfig(source=source, split=split, format="conversations",
@@ -115,10 +124,19 @@ def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_pat
         raise ConfigError(f"dataset {source!r} has no {messages_field!r} column; columns: {ds.column_names}")
     if max_examples:
         ds = ds.select(range(min(max_examples, len(ds))))
-    convs = [[{"role": m["role"], "content": m["content"]} for m in clean_messages(conv)]
-             for conv in ds[messages_field]]  # also ShareGPT's from/value turns, as training reads them
-    new = regenerate_conversations(target, tokenizer, convs, **kwargs)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset.from_dict({messages_field: new}).to_json(str(out_path), lines=True)
-    return len(new)
+    settings = {"source": source, "split": split, "messages_field": messages_field,
+                "max_examples": max_examples,
+                "target": repr(target.cfg), "dtype": str(target.dtype),
+                **{k: repr(v) for k, v in sorted(kwargs.items())}}
+    plan = ShardPlan.open(Path(out_path), len(ds), shard_size, settings)
+    seed = int(kwargs.pop("seed", 0))
+    with plan.progress(progress) as advance:
+        for shard in plan.todo():
+            lo, hi = plan.bounds(shard)
+            convs = [[{"role": m["role"], "content": m["content"]} for m in clean_messages(conv)]
+                     for conv in ds.select(range(lo, hi))[messages_field]]  # also ShareGPT's from/value turns
+            new = regenerate_conversations(target, tokenizer, convs, progress=False,
+                                           key=jax.random.fold_in(jax.random.key(seed), shard), **kwargs)
+            plan.write(shard, datasets.Dataset.from_dict({messages_field: new}))
+            advance()
+    return plan.finish()

@@ -9,24 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dflash.configio import to_dict
+from dflash.distributed import is_primary, sync_processes
 from dflash.errors import TrainingError
 from dflash.export.dflash_hf import target_fingerprint
 from dflash.models.transformer import Transformer
 from dflash.training.config import ExperimentConfig
-from dflash.training.data import DataConfig, Document, PackedRows, load_documents, pack
+from dflash.training.data import DataConfig, Document, PackedRows, load_documents, load_lane_documents, pack
 from dflash.training.selfdistill import load_documents_npz, regenerate_documents, save_documents
 from dflash.training.tiny_corpus import heldout_prompts
 
 
 @dataclasses.dataclass
 class RunData:
-    train: PackedRows
+    train: dict[int, PackedRows]  # the packed rows of each data lane this process feeds (hostdata.py)
     heldout: PackedRows
     prompts: list[list[int]]
 
@@ -45,20 +47,31 @@ def prompts_from_docs(docs: list[Document], count: int, prompt_tokens: int) -> l
 
 
 def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run_dir: Path,
-                 progress: bool = True) -> RunData:
-    train_docs, held_docs = load_documents(cfg.data, tokenizer)
+                 progress: bool = True, lanes: Sequence[int] | None = None) -> RunData:
+    """The rows of data ``lanes`` (default: all ``data.lanes``), held-out rows and prompts.
+
+    Only the lanes' training documents are tokenized, except with in-run regeneration, which
+    samples prompts from all documents: then every process makes (or reads) the same
+    regenerated documents and keeps its lanes' share (document ``i`` in lane ``i % lanes``).
+    """
+    lanes = list(range(cfg.data.lanes)) if lanes is None else list(lanes)
+    if cfg.regen.num_sequences:
+        train_docs, held_docs = load_documents(cfg.data, tokenizer)
+    else:
+        by_lane, held_docs = load_lane_documents(cfg.data, tokenizer, lanes)
     if cfg.eval.eval_split:
         eval_cfg = DataConfig(**{**to_dict(cfg.data), "split": cfg.eval.eval_split, "heldout_fraction": 0.0,
                                  "max_examples": 0})
         held_docs, _ = load_documents(eval_cfg, tokenizer)
     if cfg.regen.num_sequences:
         train_docs, held_docs = _regenerated(cfg, target, run_dir, train_docs, held_docs, progress)
-    if not train_docs:
+        by_lane = {j: [(i, d) for i, d in enumerate(train_docs) if i % cfg.data.lanes == j] for j in lanes}
+    if not any(by_lane.values()):
         raise TrainingError(f"data source {cfg.data.source!r} yielded no training documents")
     if not held_docs:
         raise TrainingError("no held-out documents: raise data.heldout_fraction or set eval.eval_split")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_rows = pack(train_docs, cfg.data.seq_len, pad)
+    train_rows = {j: pack([d for _, d in docs], cfg.data.seq_len, pad) for j, docs in by_lane.items()}
     held_rows = pack(held_docs, cfg.data.seq_len, pad)
     if cfg.data.source == "tiny-code":
         texts = heldout_prompts(cfg.eval.num_prompts)
@@ -77,18 +90,25 @@ def _regenerated(cfg: ExperimentConfig, target: Transformer, run_dir: Path, trai
     cached_eval = run_dir / "regenerated_eval.npz"
     made_with = run_dir / "regenerated.json"  # the settings the stored data was made with
     settings = regen_settings(cfg, target)  # plain JSON values (to_dict turns tuples into lists)
-    if (cached.exists() and cached_eval.exists() and made_with.exists()
-            and json.loads(made_with.read_text()) == settings):
+    sync_processes("dflash regen cache check")  # every process sees the same cache state
+    reuse = (cached.exists() and cached_eval.exists() and made_with.exists()
+             and json.loads(made_with.read_text()) == settings)
+    sync_processes("dflash regen cache checked")  # before process 0 may replace it
+    if reuse:
         return load_documents_npz(cached), load_documents_npz(cached_eval)
     # None yet, or made with other settings: regeneration is deterministic, so remake it.
+    if not progress:  # (with a bar, the bar says it)
+        print(f"regenerating {regen_count(cfg)} + {cfg.eval.heldout_rows * 2} target continuations "
+              f"(once per run, kept in {cached.name})", flush=True)
     train_docs = regenerate_documents(target, train_docs, cfg.regen, seed=cfg.data.seed, eos_ids=eos,
                                       progress=progress, limit=regen_count(cfg))
     eval_regen = dataclasses.replace(cfg.regen, num_sequences=cfg.eval.heldout_rows * 2)
     held_docs = regenerate_documents(target, held_docs, eval_regen, seed=cfg.data.seed + 1,
                                      eos_ids=eos, progress=progress)
-    save_documents(train_docs, cached)
-    save_documents(held_docs, cached_eval)
-    made_with.write_text(json.dumps(settings, indent=1))
+    if is_primary():  # every process made the same documents; one writes them
+        save_documents(train_docs, cached)
+        save_documents(held_docs, cached_eval)
+        made_with.write_text(json.dumps(settings, indent=1))
     return train_docs, held_docs
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,8 @@ FORMATS = ("auto", "text", "conversations")
 BUILTIN_SOURCES = ("tiny-code",)
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _TRUE = ("1", "ON", "YES", "TRUE")
+FSSPEC_BACKENDS = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs", "az": "adlfs", "abfs": "adlfs",
+                   "hf": "huggingface_hub"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,10 @@ class DataConfig:
     max_examples: int = 0  # 0 = all; otherwise the first N examples of the split
     heldout_fraction: float = 0.02  # fraction of *documents* held out for eval (deterministic by seed)
     seed: int = 0
+    # Data lanes (multi-host): the global batch is ``lanes`` equal slices, lane j drawing from its own
+    # documents (index % lanes == j), so a process reads and tokenizes only its lanes' documents and
+    # the global batches depend on ``lanes``, never on the process count (dflash.training.hostdata).
+    lanes: int = 1
 
     def __post_init__(self) -> None:
         for name in ("source", "split", "text_field", "messages_field"):
@@ -55,6 +62,8 @@ class DataConfig:
             raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.lanes, int) or self.lanes < 1:
+            raise ConfigError(f"lanes must be an int >= 1, got {self.lanes!r}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -118,6 +127,49 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
+def _remote_files(url: str) -> tuple[str, list[str]]:
+    """(builder name, local copies of the sorted data files) of a remote file or directory.
+
+    Copied with fsspec into ``$DFLASH_CACHE`` (default ``~/.cache/dflash/remote``), kept while the
+    remote size is unchanged; ``datasets`` then reads local files (its own remote reads refuse to
+    run under ``HF_HUB_OFFLINE``, which pods often set).
+    """
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as err:  # fsspec knows the protocol; its backend package is missing
+        package = FSSPEC_BACKENDS.get(protocol, "its fsspec backend")
+        raise ConfigError(f"data source {url!r}: reading {protocol}:// paths needs the fsspec backend "
+                          f"package {package!r} (pip install {package}); {err}") from err
+    except ValueError as err:
+        raise ConfigError(f"data source {url!r}: fsspec knows no protocol {protocol!r}") from err
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"data source {url!r} does not exist")
+    found = [path] if fs.isfile(path) else sorted(p for p in fs.find(path)
+                                                  if Path(p).suffix in LOCAL_SUFFIXES)
+    if not found:
+        raise ConfigError(f"source {url!r} holds no {sorted(LOCAL_SUFFIXES)} files")
+    builders = {LOCAL_SUFFIXES.get(Path(p).suffix) for p in found}
+    if len(builders) != 1 or None in builders:
+        raise ConfigError(f"source {url!r}: use one kind of {sorted(LOCAL_SUFFIXES)} files")
+    cache = Path(os.environ.get("DFLASH_CACHE", "~/.cache/dflash")).expanduser() / "remote"
+    local = []
+    for p in found:
+        remote = fs.unstrip_protocol(p)
+        size = fs.size(p)
+        dest = cache / hashlib.sha256(remote.encode()).hexdigest()[:16] / Path(p).name
+        if not dest.exists() or dest.stat().st_size != size:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            partial = dest.with_name(f"{dest.name}.{os.getpid()}.partial")  # hosts sharing a cache
+            fs.get(p, str(partial))
+            partial.replace(dest)
+        local.append(str(dest))
+    return builders.pop(), local
+
+
 def load_dataset(cfg: DataConfig) -> Any:
     """The examples of ``cfg.source`` / ``cfg.split`` as a ``datasets.Dataset``."""
     import datasets  # deferred: only loading data needs it, and it is slow to import
@@ -130,6 +182,11 @@ def load_dataset(cfg: DataConfig) -> Any:
             files = files[: cfg.max_examples]
         # Through ``datasets`` like any other source, so the builtin exercises the same path.
         return datasets.Dataset.from_dict({"text": [text for _, text in files]})
+
+    if "://" in cfg.source:  # gs://, s3://, ... through fsspec, copied to a local cache first
+        builder, files = _remote_files(cfg.source)
+        split_name = cfg.split.split("[", 1)[0]
+        return datasets.load_dataset(builder, data_files={split_name: files}, split=cfg.split)
 
     path = Path(cfg.source).expanduser()
     if path.exists() or _looks_like_path(cfg.source):

@@ -32,20 +32,23 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from dflash.configio import to_dict
+from dflash.distributed import host_local, is_primary, show_progress, sync_processes
 from dflash.drafters.orthrus import OrthrusDrafter
 from dflash.errors import TrainingError
 from dflash.export.dflash_hf import save_drafter
 from dflash.export.orthrus_hf import save_orthrus
+from dflash.fingerprint import check_consistent, fingerprint
 from dflash.models import load_target
 from dflash.models.loading import DTYPES, read_config, resolve
 from dflash.models.tokenizer import load_tokenizer
 from dflash.models.transformer import Transformer
 from dflash.training.checkpoints import Checkpoints, decide_resume
 from dflash.training.config import ExperimentConfig
-from dflash.training.data import Batches
 from dflash.training.evaluation import heldout_chunks, make_evaluate, measure_tau
+from dflash.training.hostdata import LaneBatches, full_batch, gather_lane_sizes, global_batch, process_lanes
 from dflash.training.optim import lr_schedule, make_optimizer
 from dflash.training.progress import finished_result, log_line, tau_text
+from dflash.training.recovery import restore_latest
 from dflash.training.rundata import prepare_data
 from dflash.training.scalars import Listener, ScalarLog
 from dflash.training.setup import build_drafter_config, build_method_drafter, data_devices
@@ -71,13 +74,16 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     ``scalars.csv``.
     """
     run_dir = Path(cfg.run_dir)
+    check_consistent(fingerprint(to_dict(cfg), [cfg.data.source]))  # processes of one job agree
     cfg.check_context(read_config(resolve(cfg.target.name)).max_position_embeddings)
     resume = decide_resume(run_dir, cfg, resume, extend=extend)
     if resume and (done := finished_result(run_dir, Checkpoints(run_dir / "checkpoints", 1).latest_meta())):
         if not extend or done.get("steps") == (cfg.train.steps or None):
             return done
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    sync_processes("dflash run start")  # all have read the run directory before process 0 writes to it
+    if is_primary():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # ---- what the run starts from
     tokenizer = load_tokenizer(cfg.target.name)
@@ -85,20 +91,27 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     drafter = build_method_drafter(cfg, build_drafter_config(cfg, target, tokenizer), target)
     dcfg = drafter.cfg
     devices = data_devices(cfg)
-    data = prepare_data(cfg, tokenizer, target, run_dir, progress)
-    if len(data.train) < cfg.train.batch_size:
-        raise TrainingError(f"{len(data.train)} packed training rows of data.seq_len={cfg.data.seq_len} "
+    if jax.process_count() > 1 and len(devices) != jax.device_count():
+        raise TrainingError(f"train.num_devices={cfg.train.num_devices}: a {jax.process_count()}-process run "
+                            f"uses all {jax.device_count()} devices (set 0)")
+    mesh = Mesh(np.asarray(devices), ("data",))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    # Each process reads only the data lanes its devices' batch rows hold (hostdata.py).
+    lanes = process_lanes(batch_sharding, cfg.train.batch_size, cfg.data.seq_len, cfg.data.lanes)
+    data = prepare_data(cfg, tokenizer, target, run_dir, show_progress(progress), lanes)
+    sizes = gather_lane_sizes(data.train, cfg.data.lanes)
+    if min(sizes) < cfg.train.batch_size // cfg.data.lanes:
+        in_lanes = f"in data lanes of {sizes} rows " if cfg.data.lanes > 1 else ""
+        raise TrainingError(f"{sum(sizes)} packed training rows of data.seq_len={cfg.data.seq_len} {in_lanes}"
                             f"cannot fill one batch of train.batch_size={cfg.train.batch_size}")
     held = heldout_chunks(data.heldout.arrays(), cfg.eval.heldout_rows, cfg.train.batch_size, len(devices))
-    micro = Batches(data.train, cfg.train.batch_size, seed=cfg.train.seed)
+    micro = LaneBatches(data.train, cfg.data.lanes, cfg.train.batch_size, cfg.train.seed, sizes)
     accum = cfg.optim.grad_accum
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * micro.steps_per_epoch / accum))
     optimizer = nnx.Optimizer(drafter, make_optimizer(cfg, total), wrt=nnx.Param)
     schedule = lr_schedule(cfg, total)
 
     # ---- placement and the jitted steps
-    mesh = Mesh(np.asarray(devices), ("data",))
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, state = nnx.split((drafter, optimizer))
     state = jax.device_put(state, replicated)
     tgraph, tstate = nnx.split(target)
@@ -106,16 +119,16 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     train_step, eval_step = make_step_fns(graphdef, tgraph, step_options(cfg, dcfg.block_size),
                                           DTYPES[cfg.train.compute_dtype])
 
-    def put(batch):
-        return {k: jax.device_put(jnp.asarray(v), batch_sharding) for k, v in batch.items()}
+    def put(local_rows):  # this process's rows of a global batch
+        return global_batch(batch_sharding, local_rows, cfg.train.batch_size)
 
-    evaluate = make_evaluate(eval_step, tstate, [put(b) for b in held])
+    evaluate = make_evaluate(eval_step, tstate, [full_batch(batch_sharding, b) for b in held])
 
     # ---- resume
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.train.keep_last)
     start, best_tau, best_step, history = 0, -1.0, None, []
-    if resume:
-        state, meta = ckpts.restore(ckpts.steps()[-1], state)
+    if resume:  # the newest checkpoint that is whole (a damaged newer one is logged and set aside)
+        state, meta, _ = restore_latest(ckpts, state)
         state = jax.device_put(state, replicated)
         start, best_tau, best_step = int(meta["step"]), float(meta["best_tau"]), meta.get("best_step")
         history = meta.get("history", [])
@@ -124,10 +137,11 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
                                 + ("; --extend needs more steps than the run has done" if extend else ""))
 
     # ---- the loop
-    writer = ScalarLog(run_dir, start, on_write=on_scalars)  # tb/ and scalars.csv (rows past start dropped)
+    # tb/ and scalars.csv (rows past start dropped), written by process 0 alone
+    writer = ScalarLog(run_dir, start, on_write=on_scalars) if is_primary() else _NoLog()
     base_key = jax.random.key(cfg.train.seed)
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"train {cfg.method}",
-               disable=not progress, dynamic_ncols=True)
+               disable=not show_progress(progress), dynamic_ncols=True)
     last_log, tau_now = time.perf_counter(), (history[-1]["tau_sim_steps"] if history else float("nan"))
     tokens_since = 0
     for step in bar:
@@ -135,7 +149,7 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
         for i in range(accum):
             m_idx = step * accum + i  # data position and anchor RNG are pure functions of this
             key = jax.random.fold_in(base_key, m_idx)
-            state, metrics = train_step(state, tstate, put(micro.batch(m_idx)), key)
+            state, metrics = train_step(state, tstate, put(micro.local_batch(m_idx)), key)
             micro_metrics.append(metrics)
             tokens_since = tokens_since + metrics["tokens"]  # a device scalar: no host sync per step
         done = step + 1
@@ -150,13 +164,15 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
             last_log, tokens_since = now, 0
             bar.set_postfix(loss=f"{scalars['loss']:.3f}", tau=tau_text(tau_now),
                             tok_s=f"{scalars['tokens_per_s']:.0f}")
-            if not progress:  # no bar: one plain line per log_every
+            if not progress and is_primary():  # no bar: one plain line per log_every
                 print(log_line(done, total, scalars, tau_now), flush=True)
         if done % cfg.train.eval_every == 0 or done == total:
             ev = evaluate(state)
             tau_now = ev["tau_sim_steps"]
             history.append({"step": done, **ev})
             _log_eval(writer, ev, done)
+            if not progress:
+                print(f"eval at step {done}: tau_sim {tau_now:.2f} per verify step", flush=True)
             if ev["tau_sim_steps"] > best_tau:  # the per-step estimate tracks decoding tau best
                 best_tau, best_step = ev["tau_sim_steps"], done
         # A new best is saved at once (kept beside the last k), even between save_every steps.
@@ -171,11 +187,13 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     writer.flush()
     bar.close()
 
-    # ---- the result: export, real tau, metrics.json
-    drafter, _ = nnx.merge(graphdef, state)
+    # ---- the result: export, real tau, metrics.json (process 0, on its own copy of the drafter)
+    drafter, _ = nnx.merge(graphdef, host_local(state))
     result: dict[str, Any] = {"method": cfg.method, "block_size": dcfg.block_size, "steps": total,
                               "final_eval": history[-1] if history else None,
                               "best_step": best_step, "best_tau_sim": best_tau}
+    if not is_primary():
+        return result
     if export:
         result["export_dir"] = str(_export(cfg, drafter, target, run_dir / "export"))
     if final_eval:
@@ -188,6 +206,13 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
         json.dump(result, f, indent=2)
     _check_outputs_agree(result, target, cfg, run_dir)
     return result
+
+
+class _NoLog:
+    """The scalar log of the processes other than 0: they log nothing (process 0 logs for the job)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
 
 def _log_train(writer: ScalarLog, scalars: dict[str, float], accuracy: Any, step: int) -> None:

@@ -1,0 +1,210 @@
+"""Multi-process runs on ``jax.distributed``: start-up, who is primary, quiet logs.
+
+One Python process per host (TPU pod slice, multi-node GPU cluster, or several local
+processes for tests) joins JAX's multi-controller runtime here, before any JAX computation.
+Auto-detected launches are the ones ``jax.distributed`` bootstraps itself (Cloud TPU VMs,
+SLURM, Open MPI); anywhere else the coordinator is given explicitly (flags or environment).
+Detection reads only the environment, so a single-process run never starts a coordinator.
+
+The start-up consistency check lives in :mod:`dflash.fingerprint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from dflash.errors import DistributedError
+
+__all__ = ["DistributedError", "Launch", "add_distributed_args", "detect_launch", "initialize",
+           "host_local", "initialize_from_args", "is_primary", "quiet_logging", "show_progress",
+           "sync_processes"]
+
+ENV_COORDINATOR = "DFLASH_COORDINATOR"
+ENV_NUM_PROCESSES = "DFLASH_NUM_PROCESSES"
+ENV_PROCESS_ID = "DFLASH_PROCESS_ID"
+ENV_MODE = "DFLASH_DISTRIBUTED"  # auto (default) | off (never initialize) | on (always, auto-detected)
+ENV_VERBOSE = "DFLASH_VERBOSE"
+MODES = ("auto", "off", "on")
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")  # what a Cloud TPU VM's chips appear as
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process was started. ``how`` is ``single`` (no jax.distributed), ``explicit``
+    (coordinator given), or the cluster jax auto-detects: ``slurm``, ``mpi``, ``cloud-tpu``."""
+
+    how: str
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    @property
+    def multi(self) -> bool:
+        return self.how != "single"
+
+
+def _int(value: object, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DistributedError(f"{name} must be an integer, got {value!r}") from None
+
+
+def detect_launch(coordinator: str | None = None, num_processes: int | None = None,
+                  process_id: int | None = None, environ: Mapping[str, str] | None = None) -> Launch:
+    """The launch this process is part of; arguments win over ``DFLASH_*`` variables, which win
+    over auto-detection. Pure: reads ``environ`` (default ``os.environ``) and device files only."""
+    env = os.environ if environ is None else environ
+    coordinator = coordinator or env.get(ENV_COORDINATOR) or None
+    n = _int(num_processes if num_processes is not None else env.get(ENV_NUM_PROCESSES), "--num-processes")
+    pid = _int(process_id if process_id is not None else env.get(ENV_PROCESS_ID), "--process-id")
+    given = {"--coordinator": coordinator, "--num-processes": n, "--process-id": pid}
+    if any(v is not None for v in given.values()):
+        if n == 1 and coordinator is None and pid in (None, 0):
+            return Launch("single")
+        missing = [flag for flag, v in given.items() if v is None]
+        if missing:
+            raise DistributedError(f"an explicit multi-process launch needs --coordinator HOST:PORT, "
+                                   f"--num-processes N and --process-id I (or {ENV_COORDINATOR}, "
+                                   f"{ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); missing: {', '.join(missing)}")
+        if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", coordinator):  # type: ignore[arg-type]
+            raise DistributedError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+        if n < 1 or not 0 <= pid < n:  # type: ignore[operator]
+            raise DistributedError(f"--process-id must be in [0, {n}) for --num-processes {n}, got {pid}")
+        return Launch("explicit", coordinator, n, pid)
+    mode = env.get(ENV_MODE, "auto").lower()
+    if mode not in MODES:
+        raise DistributedError(f"{ENV_MODE}={mode!r} is not one of {MODES}")
+    if mode == "off":
+        return Launch("single")
+    if all(v in env for v in _SLURM_VARS) and (_int(env["SLURM_NTASKS"], "SLURM_NTASKS") or 1) > 1:
+        return Launch("slurm")
+    ompi_size = _int(env.get("OMPI_COMM_WORLD_SIZE"), "OMPI_COMM_WORLD_SIZE") or 1
+    if "OMPI_MCA_orte_hnp_uri" in env and ompi_size > 1:
+        return Launch("mpi")
+    if any(Path(f).exists() for f in _TPU_DEVICE_FILES) and "TPU_SKIP_MDS_QUERY" not in env:
+        hosts = env.get("TPU_WORKER_HOSTNAMES")
+        if hosts is None or "," in hosts:  # GKE lists the hosts; a GCE TPU VM asks its metadata server
+            return Launch("cloud-tpu")
+    return Launch("auto-forced") if mode == "on" else Launch("single")
+
+
+def is_initialized() -> bool:
+    from jax._src import distributed as jdist  # the public API has no query; pinned jax version
+
+    return jdist.global_state.client is not None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, timeout_s: int = 120, verbose: bool | None = None) -> Launch:
+    """Joins ``jax.distributed`` when this process is one of several; a no-op otherwise.
+
+    Must run before any JAX computation (the backends are created on first use). Idempotent.
+    On CPU, cross-process collectives go through gloo. Non-primary processes log warnings only
+    unless ``verbose`` (or ``DFLASH_VERBOSE=1``).
+    """
+    launch = detect_launch(coordinator, num_processes, process_id)
+    if launch.multi and not is_initialized():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        kwargs = dict(initialization_timeout=timeout_s)
+        if launch.how == "explicit":
+            kwargs.update(coordinator_address=launch.coordinator, num_processes=launch.num_processes,
+                          process_id=launch.process_id)
+        try:
+            jax.distributed.initialize(**kwargs)
+        except Exception as err:  # XlaRuntimeError / RuntimeError / ValueError by the failure
+            where = f" at {launch.coordinator}" if launch.coordinator else ""
+            raise DistributedError(
+                f"jax.distributed.initialize ({launch.how} launch) failed{where}: {err}. Every process "
+                "must be started with the same coordinator and process count, and process 0 (which "
+                "hosts the coordinator) must be reachable from all of them") from err
+    quiet_logging(verbose)
+    return launch
+
+
+def add_distributed_args(parser: argparse.ArgumentParser, verbose_flag: bool = True) -> None:
+    """The multi-process flags every long-running CLI takes (see ``docs/multihost.md``).
+    ``verbose_flag=False`` when the CLI has its own ``--verbose`` (it then also means full logs on
+    every process)."""
+    g = parser.add_argument_group("multi-process (jax.distributed; auto-detected on Cloud TPU VMs, SLURM)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help=f"address of process 0's coordinator (or {ENV_COORDINATOR})")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help=f"processes in the job (or {ENV_NUM_PROCESSES})")
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help=f"this process's index, 0..N-1 (or {ENV_PROCESS_ID})")
+    if verbose_flag:
+        g.add_argument("--verbose", action="store_true", default=None,
+                       help=f"full logs on every process, not only process 0 (or {ENV_VERBOSE}=1)")
+
+
+def initialize_from_args(args: argparse.Namespace) -> Launch:
+    """``initialize`` with the flags of :func:`add_distributed_args`."""
+    return initialize(args.coordinator, args.num_processes, args.process_id,
+                      verbose=getattr(args, "verbose", None) or None)
+
+
+def process_index() -> int:
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def is_primary() -> bool:
+    """True on process 0, the one that writes configs, logs, metrics and exports."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Barrier across the job's processes (no-op in a single process); ``name`` must match."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def host_local(tree: Any) -> Any:
+    """``tree`` with every array that spans several processes replaced by a copy on this process's
+    first device (replicated arrays: the local replica; sharded ones: gathered, which is a
+    collective, so every process must call this at the same point)."""
+    def local(a: Any) -> Any:
+        if not isinstance(a, jax.Array) or a.is_fully_addressable:
+            return a
+        if a.is_fully_replicated:
+            return a.addressable_data(0)
+        from jax.experimental import multihost_utils
+
+        return jax.device_put(multihost_utils.process_allgather(a, tiled=True), jax.local_devices()[0])
+
+    return jax.tree.map(local, tree)
+
+
+def show_progress(requested: bool) -> bool:
+    """Progress bars on process 0 only: N bars over the same global count say nothing more."""
+    return requested and is_primary()
+
+
+def quiet_logging(verbose: bool | None = None) -> None:
+    """Non-primary processes log warnings and errors only, unless verbose."""
+    if verbose is None:
+        verbose = os.environ.get(ENV_VERBOSE, "").lower() in ("1", "true", "yes", "on")
+    if verbose or not is_initialized() or is_primary():
+        return
+    for name in ("", "dflash", "absl", "jax", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")  # library warnings repeat process 0's

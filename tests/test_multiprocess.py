@@ -1,0 +1,196 @@
+"""Multi-process runs (jax.distributed on 127.0.0.1, gloo): N processes == one process.
+
+Each test starts real processes through ``dflash.cli.launch.run_local`` and bounds their wall time,
+so a hang is a failure within the bound, never a stuck suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dflash.cli.launch import run_local
+from dflash.distributed import DistributedError, Launch, detect_launch
+
+WORKER = Path(__file__).with_name("mp_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _launch(scenario: str, directory: Path, processes: int, devices: int, timeout_s: float = 240.0):
+    env = {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    start = time.monotonic()
+    results = run_local([sys.executable, str(WORKER), scenario, str(directory)], processes,
+                        devices_per_process=devices, timeout_s=timeout_s, env={**os.environ, **env},
+                        grace_s=20)
+    return results, time.monotonic() - start
+
+
+def _ok(results) -> None:
+    for r in results:
+        assert r.returncode == 0, f"process {r.process_id} exited {r.returncode}:\n{r.stderr[-3000:]}"
+
+
+def _docs(directory: Path, n: int = 40) -> None:
+    lines = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {'y' * (i % 7)}\n" * (1 + i % 3)})
+             for i in range(n)]
+    (directory / "docs.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_two_processes_build_the_same_global_batches_as_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        d.mkdir()
+        _docs(d)
+    results, _ = _launch("data_order", one, processes=1, devices=8)
+    _ok(results)
+    results, _ = _launch("data_order", two, processes=2, devices=4)
+    _ok(results)
+    a, b = (json.loads((d / "result.json").read_text()) for d in (one, two))
+    assert (a["processes"], a["devices"], b["processes"], b["devices"]) == (1, 8, 2, 8)
+    assert a["lanes_here"] == [0, 1, 2, 3] and b["lanes_here"] == [0, 1]  # process 0 read half the lanes
+    assert a["one_lane_error"] == "no error"
+    assert "set data.lanes to a multiple of 2" in b["one_lane_error"]
+    assert a["rows_by_step"] == b["rows_by_step"]
+    assert a["sums"] == b["sums"]  # the sharded computation, bit for bit
+    assert len({tuple(s) for s in a["rows_by_step"]}) == len(a["rows_by_step"])  # the batches do move on
+
+
+def test_training_on_two_processes_equals_one_and_resumes_on_another_process_count(tiny_target, tmp_path):
+    from safetensors.numpy import load_file
+
+    def run(name: str, processes: int, devices: int, **args) -> dict:
+        d = tmp_path / name
+        d.mkdir(exist_ok=True)
+        (d / "args.json").write_text(json.dumps({"target": str(tiny_target), **args}))
+        results, _ = _launch("train", d, processes=processes, devices=devices, timeout_s=500)
+        _ok(results)
+        return json.loads((d / "result.json").read_text())
+
+    def params(name: str) -> dict:
+        return load_file(str(tmp_path / name / "run" / "export" / "model.safetensors"))
+
+    one, two = run("one", 1, 8), run("two", 2, 4)
+    assert one["final_eval"] == two["final_eval"]  # held-out loss, tau, accuracies: bit for bit
+    a, b = params("one"), params("two")
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # Process 0 alone wrote TensorBoard events (one file) and the export.
+    assert len(list((tmp_path / "two" / "run" / "tb").glob("events.out.tfevents.*"))) == 1
+    # The 2-process checkpoint restores in this one process: dflash-export gives the run's own export.
+    from dflash.cli.export import main as export_main
+
+    assert export_main(["--run", str(tmp_path / "two" / "run"), "--out", str(tmp_path / "exported")]) == 0
+    e = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    for name in a:
+        np.testing.assert_array_equal(a[name], e[name], err_msg=name)
+    # Killed after step 2 on 2 processes, resumed on 1 process: the same global batches follow.
+    assert run("kill", 2, 4, stop_after=2) == {"stopped_at": 2}
+    resumed = run("kill", 1, 8)
+    assert resumed["final_eval"] == one["final_eval"]
+    c = params("kill")
+    for name in a:
+        np.testing.assert_array_equal(a[name], c[name], err_msg=name)
+
+
+def test_a_config_mismatch_is_a_clear_error_on_every_process_within_seconds(tmp_path):
+    results, took = _launch("mismatch", tmp_path, processes=2, devices=1, timeout_s=120)
+    assert [r.returncode for r in results] == [3, 3], [r.stderr[-2000:] for r in results]
+    for r in results:
+        assert "process 1 differs from process 0 in config (train.steps: 10 vs 11)" in r.stderr
+    assert took < 90
+
+
+def test_a_two_process_checkpoint_survives_a_damaged_step_and_restores_on_other_process_counts(tmp_path):
+    results, _ = _launch("ckpt_save", tmp_path, processes=2, devices=4)
+    _ok(results)
+    assert json.loads((tmp_path / "result.json").read_text())["steps"] == [1, 2]
+    for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):  # step 2 half-written
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    w = (np.arange(48, dtype=np.float32).reshape(8, 6) / 7.0).tolist()
+    for processes, devices in ((2, 4), (1, 8), (1, 1)):
+        results, _ = _launch("ckpt_restore", tmp_path, processes=processes, devices=devices)
+        _ok(results)
+        got = json.loads((tmp_path / "result.json").read_text())
+        assert (got["step"], got["meta"], got["steps_after"]) == (1, {"step": 1}, [1]), (processes, devices)
+        assert got["state"] == {"w": w, "b": [0.0, 1.0, 2.0, 3.0, 4.0]}
+        assert got["w_sharding"] == "P('data',)"
+        if processes == 2:  # the run that found the damaged step logged it (process 0)
+            assert "resumed from checkpoint step 1" in results[0].stderr and "step 2" in results[0].stderr
+    damaged = [p.name.split("-")[0] for p in (tmp_path / "checkpoints-damaged").iterdir()]
+    assert damaged == ["2"]  # moved once, by the 2-process resume
+
+
+def test_regeneration_over_two_processes_equals_one_and_resumes_without_redoing_shards(tmp_path):
+    import datasets
+
+    convs = [[{"role": "user", "content": f"def f{i}(x):"}, {"role": "assistant", "content": "OLD"}]
+             for i in range(5)]
+    outs = []
+    for processes, name in ((1, "one"), (2, "two")):
+        d = tmp_path / name
+        d.mkdir()
+        datasets.Dataset.from_dict({"messages": convs}).to_json(str(d / "chats.jsonl"), lines=True)
+        results, _ = _launch("regen", d, processes=processes, devices=1)
+        _ok(results)
+        assert json.loads((d / "result.json").read_text())["code"] == 0
+        outs.append((d / "regen.jsonl").read_text())
+    assert outs[0] == outs[1] and outs[0].count("\n") == 5 and "OLD" not in outs[0]
+    # Killed after some shards: only the missing ones are made again.
+    shards = tmp_path / "two" / "regen.jsonl.shards"
+    assert sorted(p.name for p in shards.glob("shard-*")) == [f"shard-0000{k}.jsonl" for k in range(3)]
+    (shards / "shard-00001.jsonl").unlink()
+    (tmp_path / "two" / "regen.jsonl").unlink()
+    kept = {k: (shards / f"shard-0000{k}.jsonl").stat().st_mtime_ns for k in (0, 2)}
+    results, _ = _launch("regen", tmp_path / "two", processes=2, devices=1)
+    _ok(results)
+    assert (tmp_path / "two" / "regen.jsonl").read_text() == outs[0]
+    assert {k: (shards / f"shard-0000{k}.jsonl").stat().st_mtime_ns for k in (0, 2)} == kept
+
+
+@pytest.mark.parametrize("env, how", [
+    ({}, "single"),
+    ({"DFLASH_COORDINATOR": "10.0.0.1:1234", "DFLASH_NUM_PROCESSES": "4", "DFLASH_PROCESS_ID": "3"},
+     "explicit"),
+    ({"DFLASH_NUM_PROCESSES": "1"}, "single"),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+      "SLURM_LOCALID": "0"}, "slurm"),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+      "SLURM_LOCALID": "0"}, "single"),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+      "SLURM_LOCALID": "0", "DFLASH_DISTRIBUTED": "off"}, "single"),
+])
+def test_detect_launch_reads_the_environment(env, how):
+    assert detect_launch(environ=env).how == how
+
+
+def test_detect_launch_flags_win_and_bad_ones_are_named():
+    env = {"DFLASH_COORDINATOR": "10.0.0.1:1234", "DFLASH_NUM_PROCESSES": "4", "DFLASH_PROCESS_ID": "3"}
+    assert detect_launch("127.0.0.1:5", 2, 0, environ=env) == Launch("explicit", "127.0.0.1:5", 2, 0)
+    with pytest.raises(DistributedError, match="missing: --process-id"):
+        detect_launch("127.0.0.1:5", 2, environ={})
+    with pytest.raises(DistributedError, match="HOST:PORT"):
+        detect_launch("127.0.0.1", 2, 0, environ={})
+    with pytest.raises(DistributedError, match=r"\[0, 2\)"):
+        detect_launch("127.0.0.1:5", 2, 2, environ={})
+    with pytest.raises(DistributedError, match="integer"):
+        detect_launch(environ={"DFLASH_NUM_PROCESSES": "two"})
+
+
+def test_launcher_sets_each_process_and_stops_the_rest_when_one_fails(capsys):
+    from dflash.cli.launch import main
+
+    show = "import os; print(os.environ['DFLASH_PROCESS_ID'], os.environ['DFLASH_NUM_PROCESSES'])"
+    assert main(["--local-processes", "2", "--", sys.executable, "-c", show]) == 0
+    assert "[process 1] 1 2" in capsys.readouterr().err
+    fail = "import os, sys, time; sys.exit(3) if os.environ['DFLASH_PROCESS_ID'] == '1' else time.sleep(120)"
+    start = time.monotonic()
+    results = run_local([sys.executable, "-c", fail], 2, timeout_s=100, grace_s=1)
+    assert [r.returncode for r in results] == [-9, 3] and time.monotonic() - start < 30
