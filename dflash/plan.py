@@ -258,8 +258,8 @@ def train_plan(cfg: Any, topology: str, mesh: Any = None, *, config_name: str = 
     from dflash.flops import train_step_flops
     from dflash.training.step import make_step_fns, step_options
 
+    topo = get_topology(topology)  # an unknown slice is the first thing said
     shd = sharding_module()
-    topo = get_topology(topology)
     m = make_mesh(mesh if mesh is not None else cfg.mesh, topology_devices(topology))
     tcfg = model_config(cfg.target.name)
     tgraph, tstate = abstract_target(tcfg, DTYPES[cfg.target.dtype], m)
