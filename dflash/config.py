@@ -227,6 +227,12 @@ PRESETS: dict[str, ModelConfig] = {
         rope=_llama3_rope(), max_position_embeddings=131072, tie_word_embeddings=False,
         bos_token_id=128000, eos_token_id=(128001, 128008, 128009),
     ),
+    "llama3_3_70b": ModelConfig(
+        model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+        num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        rope=_llama3_rope(), max_position_embeddings=131072, tie_word_embeddings=False,
+        bos_token_id=128000, eos_token_id=(128001, 128008, 128009),
+    ),
 }
 
 
@@ -259,6 +265,7 @@ HUB_PRESETS = {
     "Qwen/Qwen3-8B": "qwen3_8b",
     "meta-llama/Llama-3.1-8B-Instruct": "llama3_1_8b",
     "meta-llama/Llama-3.1-8B": "llama3_1_8b",
+    "meta-llama/Llama-3.3-70B-Instruct": "llama3_3_70b",
 }
 
 

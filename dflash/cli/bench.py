@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
@@ -64,8 +65,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write the greedy acceptance of the DFlash drafter and of prompt lookup at "
                         "every anchor of the target's own continuations, and the steps each takes "
                         "(dflash.bench.anchor_profile), and print its summary")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile one verify pass (--block-size, default 16) and one AR step of "
+                        "--target-config for --topology and print memory / time estimates (no weights; "
+                        "needs libtpu)")
+    p.add_argument("--topology", default=None, help="TPU slice for --compile-only (dflash.plan.TOPOLOGIES)")
+    p.add_argument("--target-config", default=None,
+                   help="--compile-only: architecture preset, known hub id or checkpoint directory")
+    p.add_argument("--context", type=int, default=2048, help="--compile-only: cached positions")
     add_distributed_args(p)
     args = p.parse_args(argv)
+    if args.compile_only:
+        return _compile_only(args)
     if args.anchor_profile and args.temperature > 0:
         print("dflash-bench: error: --anchor-profile measures greedy acceptance; use --temperature 0",
               file=sys.stderr)
@@ -143,6 +154,25 @@ def main(argv: list[str] | None = None) -> int:
               f"{sm['drafter_accepted_where_ngram_full']}")
         print(f"  n-gram's accepted drafts where the drafter's block is full: "
               f"{sm['ngram_accepted_where_drafter_full']}")
+    return 0
+
+
+def _compile_only(args: argparse.Namespace) -> int:
+    from dflash.plan import TOPOLOGIES, decode_plan, summary
+
+    if not args.topology or not args.target_config:
+        print(f"dflash-bench: error: --compile-only needs --target-config and --topology (one of "
+              f"{', '.join(TOPOLOGIES)})", file=sys.stderr)
+        return 2
+    try:
+        plan = decode_plan(args.target_config, args.topology, dtype=args.dtype, batch=args.batch_size,
+                           block_size=args.block_size or 16, context=args.context)
+    except (ConfigError, ValueError) as err:
+        print(f"dflash-bench: error: {err}", file=sys.stderr)
+        return 2
+    print(summary(plan))
+    if args.json:
+        write_json(plan, args.json)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -62,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extend", action="store_true",
                    help="continue a run with a larger train.steps (or epochs), optimizer state included; "
                         "the remaining steps follow the LR schedule of a run planned for the new total")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile the config's real train step for --topology on abstract sharded state and "
+                        "print the memory / FLOP plan (no weights, tokenizer or data; needs libtpu)")
+    p.add_argument("--topology", default=None, help="TPU slice for --compile-only (dflash.plan.TOPOLOGIES)")
+    p.add_argument("--json", default=None, metavar="OUT", help="--compile-only: also write the plan here")
     p.add_argument("--verbose", action="store_true",
                    help="on an error, also print its full detail; full logs on every process, not only "
                         "process 0")
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     overrides += [f"drafter.init_from={args.init_from}"] if args.init_from else []
+    if args.compile_only:
+        return _compile_only(args, overrides)
     try:
         initialize_from_args(args)
         path = config_file(args.config)
@@ -102,6 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     if result.get("already_complete"):
         print(f"To train longer: --set train.steps=N --extend (N > {result.get('steps')}); to start over: "
               "a new --run-dir")
+    return 0
+
+
+def _compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
+    from dflash.plan import TOPOLOGIES, summary, train_plan
+
+    if not args.topology:
+        print(f"dflash-train: error: --compile-only needs --topology (one of {', '.join(TOPOLOGIES)})",
+              file=sys.stderr)
+        return 2
+    try:
+        cfg = load_yaml(ExperimentConfig, config_file(args.config), overrides)
+        plan = train_plan(cfg, args.topology, config_name=str(args.config or "tiny_code"))
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"dflash-train: error: {err}", file=sys.stderr)
+        return 2
+    print(summary(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan, indent=1))
     return 0
 
 

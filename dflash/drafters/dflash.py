@@ -122,6 +122,8 @@ class DFlashConfig:
 class DFlashDrafter(nnx.Module):
     """Parameters only; the context cache goes in and comes out."""
 
+    remat = False  # training: recompute each layer in the backward (``train.remat``; static)
+
     def __init__(self, cfg: DFlashConfig, *, dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto",
                  rngs: nnx.Rngs):
         self.cfg = cfg
@@ -176,8 +178,10 @@ class DFlashDrafter(nnx.Module):
         cos_q, sin_q = self._rope(q_pos_BAQ)
         cos_c, sin_c = rope_cos_sin(self.layer_cfg, ctx_pos_BS)
         for layer in self.layers:
-            k_ctx, v_ctx = layer.self_attn.kv(ctx_BSD, cos_c, sin_c)
-            x_BAQD = self._layer(layer, x_BAQD, cos_q, sin_q, k_ctx, v_ctx, ctx_mask_BAS)
+            def run(x_BAQD, ctx_BSD, layer=layer):
+                k_ctx, v_ctx = layer.self_attn.kv(ctx_BSD, cos_c, sin_c)
+                return self._layer(layer, x_BAQD, cos_q, sin_q, k_ctx, v_ctx, ctx_mask_BAS)
+            x_BAQD = (jax.checkpoint(run) if self.remat else run)(x_BAQD, ctx_BSD)
         return self.norm(x_BAQD)
 
     # ------------------------------------------------------------------ inference path

@@ -105,6 +105,8 @@ class DiffAttention(nnx.Module):
 class OrthrusDrafter(nnx.Module):
     """The per-layer diffusion attentions only; the frozen target is an argument."""
 
+    remat = False  # training: recompute each layer in the backward (``train.remat``; static)
+
     def __init__(self, cfg: OrthrusConfig, *, dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto",
                  rngs: nnx.Rngs):
         self.cfg = cfg
@@ -122,20 +124,21 @@ class OrthrusDrafter(nnx.Module):
         """
         b, a, q, d = x_BAQD.shape
         cos, sin = rope_cos_sin(target.cfg, pos_BAQ.reshape(b, a * q))
+        blk = lambda t: t.reshape(b, a, q, *t.shape[2:])  # noqa: E731  [B, A*Q, ...] -> [B, A, Q, ...]
         for i, (layer, diff) in enumerate(zip(target.layers, self.layers, strict=True)):
-            x_BAQD = constrain(x_BAQD, ("batch", ..., None))  # layer boundary: batch over data x fsdp
-            h_BTD = layer.input_layernorm(x_BAQD).reshape(b, a * q, d)
-            q_BTNH = diff.q(h_BTD, cos, sin)
-            k_BTKH, v_BTKH = diff.kv(h_BTD, cos, sin)
-            blk = lambda t: t.reshape(b, a, q, *t.shape[2:])  # noqa: E731  [B, A*Q, ...] -> [B, A, Q, ...]
-            # Each block sees the prefix its mask allows plus all of itself, never another block:
-            # the same attention as the DFlash drafter's (Pallas kernel on TPU/GPU). The prefix
-            # (a KV cache) is only read.
-            attn_BAQNH = dispatch.anchor_attention(blk(q_BTNH), k_ctx_LBSKH[i], v_ctx_LBSKH[i],
-                                                   blk(k_BTKH), blk(v_BTKH), ctx_mask_BAS,
-                                                   impl=self.attention_impl)
-            x_BAQD = x_BAQD + diff.o_proj_diff(attn_BAQNH.reshape(b, a, q, -1))
-            x_BAQD = x_BAQD + layer.mlp(layer.post_attention_layernorm(x_BAQD))
+            def run(x_BAQD, k_ctx_BSKH, v_ctx_BSKH, layer=layer, diff=diff):
+                x_BAQD = constrain(x_BAQD, ("batch", ..., None))  # layer boundary: batch over data x fsdp
+                h_BTD = layer.input_layernorm(x_BAQD).reshape(b, a * q, d)
+                q_BTNH = diff.q(h_BTD, cos, sin)
+                k_BTKH, v_BTKH = diff.kv(h_BTD, cos, sin)
+                # Each block sees the prefix its mask allows plus all of itself, never another block:
+                # the same attention as the DFlash drafter's (Pallas kernel on TPU/GPU). The prefix
+                # (a KV cache) is only read.
+                attn_BAQNH = dispatch.anchor_attention(blk(q_BTNH), k_ctx_BSKH, v_ctx_BSKH, blk(k_BTKH),
+                                                       blk(v_BTKH), ctx_mask_BAS, impl=self.attention_impl)
+                x_BAQD = x_BAQD + diff.o_proj_diff(attn_BAQNH.reshape(b, a, q, -1))
+                return x_BAQD + layer.mlp(layer.post_attention_layernorm(x_BAQD))
+            x_BAQD = (jax.checkpoint(run) if self.remat else run)(x_BAQD, k_ctx_LBSKH[i], v_ctx_LBSKH[i])
         return x_BAQD
 
     def draft_logits(self, target: Transformer, cache: kvc.KVCache, anchor_B: jax.Array,

@@ -7,6 +7,9 @@ program, C keys of one kv tile, H head dim.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 
@@ -25,14 +28,23 @@ def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _precision(a: jax.Array) -> jax.lax.Precision | None:
+    """bf16 operands: the native MXU pass (exact products, fp32 accumulation). A global
+    ``jax_default_matmul_precision=highest`` would otherwise ask Mosaic for an fp32 contraction
+    of bf16 vectors, which it refuses ("Bad lhs type")."""
+    return jax.lax.Precision.DEFAULT if a.dtype == jnp.bfloat16 else None
+
+
 def matmul_t(a_MK: jax.Array, b_NK: jax.Array) -> jax.Array:
     """``a @ b.T`` accumulated in float32 (the QK^T product)."""
-    return jax.lax.dot_general(a_MK, b_NK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a_MK, b_NK, (((1,), (1,)), ((), ())), precision=_precision(a_MK),
+                               preferred_element_type=jnp.float32)
 
 
 def matmul(a_MK: jax.Array, b_KN: jax.Array) -> jax.Array:
     """``a @ b`` accumulated in float32."""
-    return jax.lax.dot_general(a_MK, b_KN, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a_MK, b_KN, (((1,), (0,)), ((), ())), precision=_precision(a_MK),
+                               preferred_element_type=jnp.float32)
 
 
 def init_carry(rows: int, head_dim: int) -> Carry:
@@ -93,8 +105,27 @@ def poison_outputs(poison: bool, in_specs: list, args: list, out_shapes, out_spe
     return aliases
 
 
+_COMPILING_FOR: list[str] = []  # innermost ``compiling_for`` platform, if any
+
+
+@contextlib.contextmanager
+def compiling_for(where: str) -> Iterator[None]:
+    """Traces inside it pick kernels for ``where`` (``tpu``/``gpu``) whatever the default backend:
+    ahead-of-time plans (dflash.plan) compile the real Mosaic kernels on a CPU-only host."""
+    if where not in ("tpu", "gpu", "cpu"):
+        raise ValueError(f"compiling_for: platform must be tpu, gpu or cpu, got {where!r}")
+    _COMPILING_FOR.append(where)
+    try:
+        yield
+    finally:
+        _COMPILING_FOR.pop()
+
+
 def platform() -> str:
-    """``tpu``, ``gpu`` or ``cpu`` (the default backend, where kernels would run)."""
+    """``tpu``, ``gpu`` or ``cpu`` (the default backend, where kernels would run, unless a
+    ``compiling_for`` block says otherwise)."""
+    if _COMPILING_FOR:
+        return _COMPILING_FOR[-1]
     backend = jax.default_backend()
     return backend if backend in ("tpu", "gpu") else "cpu"
 

@@ -8,14 +8,19 @@ it to ``load_target``; ``resolve_method`` builds the drafter with the target's s
 
 * ``reference``: the pure-jnp path, bit-for-bit what the models computed before kernels.
 * ``pallas``: the Pallas kernels where they apply: the target's attention for blocks of
-  ``T <= 128`` new tokens (decode / verify; prefill keeps the reference), the DFlash
-  drafter's anchor-block attention always. On CPU they run in interpret mode (slow; for
+  ``T <= 128`` new tokens (decode / verify), the DFlash drafter's anchor-block attention
+  always, and the flash prefill kernel for packed training rows (``segment_ids``; TPU
+  layout). On CPU they run in interpret mode (slow; for
   tests). On a TPU/GPU, shapes the kernel cannot lower (see ``hardware_problem``) raise.
 * ``auto``: ``pallas`` on TPU/GPU where the shapes are supported, else ``reference``;
-  ``reference`` on CPU, so CPU defaults are unchanged.
+  ``reference`` on CPU, except for the memory-bounded forms: the drafter's anchor attention
+  runs the reference in anchor chunks (``chunked_anchor_block_attention``: the same values,
+  rematerialised per chunk in the backward). Packed-row prefill (``segment_ids``)
+  never falls back to the dense ``[S, S]`` reference under ``auto``: without the kernel it
+  runs the chunked jnp form (memory O(S * chunk)).
 
-Under differentiation both kernels are the reference (custom VJP), so training is
-unaffected by the choice.
+Under differentiation the kernels are their jnp forms (custom VJP): verify the reference,
+anchor and prefill the chunked forms, so training gets the same values either way.
 """
 
 from __future__ import annotations
@@ -23,8 +28,18 @@ from __future__ import annotations
 import jax
 
 from dflash.errors import ConfigError
-from dflash.kernels.anchor_attention import anchor_block_attention, reference_anchor_block_attention
+from dflash.kernels.anchor_attention import (
+    anchor_block_attention,
+    chunked_anchor_block_attention,
+    reference_anchor_block_attention,
+)
 from dflash.kernels.common import is_pow2, platform
+from dflash.kernels.prefill_attention import (
+    chunked_prefill_attention,
+    reference_prefill_attention,
+)
+from dflash.kernels.prefill_attention import prefill_attention as _prefill_kernel
+from dflash.kernels.spmd import per_shard
 from dflash.kernels.verify_attention import MAX_BLOCK_LEN
 from dflash.kernels.verify_attention import verify_attention as _verify_kernel
 
@@ -86,7 +101,11 @@ def use_verify_kernel(impl: str, q_BTNH: jax.Array, k_BSKH: jax.Array) -> bool:
 
 def verify_attention(q_BTNH, k_BSKH, v_BSKH, lengths_B, block_mask):
     """The verify kernel, compiled for this platform (interpret mode on CPU): ``[B,T,N,H]``."""
-    return _verify_kernel(q_BTNH, k_BSKH, v_BSKH, lengths_B, block_mask, interpret=platform() == "cpu")
+    interpret = platform() == "cpu"
+    mask_layout = "b.." if block_mask.ndim == 3 else ""
+    return per_shard(lambda *x: _verify_kernel(*x, interpret=interpret), (q_BTNH, k_BSKH, v_BSKH, lengths_B,
+                     block_mask), ("b.h.", "b.h.", "b.h.", "b", mask_layout), "b.h.", rows=q_BTNH.shape[0],
+                     heads=q_BTNH.shape[2], kv_heads=k_BSKH.shape[2])
 
 
 def anchor_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS, *, impl: str):
@@ -95,5 +114,35 @@ def anchor_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, 
     problem = hardware_problem(q_BAQNH.shape[4], kh, q_BAQNH.shape[3] // kh, q_rows)
     args = (q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS)
     if _wants_kernel(impl, problem):
-        return anchor_block_attention(*args, interpret=platform() == "cpu")
+        interpret = platform() == "cpu"
+        return per_shard(lambda *x: anchor_block_attention(*x, interpret=interpret), args,
+                         ("b..h.", "b.h.", "b.h.", "b..h.", "b..h.", "b.."), "b..h.", rows=q_BAQNH.shape[0],
+                         heads=q_BAQNH.shape[3], kv_heads=kh)
+    if impl == "auto":  # the memory-bounded form (equal to the reference when A <= its chunk)
+        return chunked_anchor_block_attention(*args)
     return reference_anchor_block_attention(*args)
+
+
+def prefill_problem(head_dim: int, kv_heads: int) -> str | None:
+    """Why the compiled prefill kernel cannot run here, or None (its layout is Mosaic's)."""
+    if platform() == "gpu":
+        return "the prefill kernel has a TPU (Mosaic) layout only; GPUs run the chunked form"
+    return hardware_problem(head_dim, kv_heads, 1)
+
+
+def prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, *, impl: str):
+    """Causal same-document attention of packed rows under ``impl``: ``[B,S,N,H]``.
+
+    ``reference``: the dense ``attend`` (``[S, S]`` scores); ``pallas``: the flash kernel;
+    ``auto``: the kernel where it compiles, else the chunked jnp form.
+    """
+    args = (q_BSNH, k_BSKH, v_BSKH, segment_ids_BS)
+    if check_impl(impl) == "reference":
+        return reference_prefill_attention(*args)
+    if _wants_kernel(impl, prefill_problem(q_BSNH.shape[3], k_BSKH.shape[2])):
+        interpret = platform() == "cpu"
+        return per_shard(lambda *x: _prefill_kernel(*x, interpret=interpret), args,
+                         ("b.h.", "b.h.", "b.h.", "b."), "b.h.", rows=q_BSNH.shape[0], heads=q_BSNH.shape[2],
+                         kv_heads=k_BSKH.shape[2])
+    return chunked_prefill_attention(*args)
+

@@ -25,6 +25,7 @@ class ForwardOutput(NamedTuple):
     logits: jax.Array | None  # [B, T, V] (float32)
     hidden: jax.Array | None  # [n_requested, B, T, D], outputs of the requested layers
     cache: kvc.KVCache | None  # lengths advanced by T
+    final: jax.Array | None = None  # [B, T, D] final-normed last hidden state (``final_hidden=True``)
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype, std: float = 0.02) -> nnx.Param:
@@ -158,6 +159,11 @@ class Transformer(nnx.Module):
         """Final norm + LM head, float32 logits ``[B, T, V]``."""
         return self.unembed(self.norm(h_BTD))
 
+    def head_weight(self) -> jax.Array:
+        """The LM head as ``[D, V]`` (the embedding, transposed, when tied): for loss heads that
+        apply it to row chunks (``dflash.training.loss_head``) instead of all rows at once."""
+        return self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+
     def unembed(self, x_BTD: jax.Array) -> jax.Array:
         """The LM head alone (drafters apply their own final norm first)."""
         if self.lm_head is None:
@@ -176,6 +182,8 @@ class Transformer(nnx.Module):
         block_mask: jax.Array | None = None,
         hidden_layers: tuple[int, ...] = (),
         compute_logits: bool = True,
+        final_hidden: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> ForwardOutput:
         """Runs the decoder over a block of ``T`` new tokens.
 
@@ -183,8 +191,15 @@ class Transformer(nnx.Module):
         committed prefix plus the block under ``block_mask`` (``[T,T]`` or ``[B,T,T]``,
         default causal), and the returned cache has ``lengths + T``: roll back with
         ``cache.with_lengths``. Without a cache, attention is over the block alone.
+        ``final_hidden``: also return the final-normed last hidden state (``logits`` without the
+        LM head), so a chunked loss head never holds ``[B, T, V]`` logits.
+        ``segment_ids`` ``[B, T]`` (packed training rows, instead of ``block_mask``): causal
+        attention within each document through ``dispatch.prefill_attention``, never a
+        ``[T, T]`` mask (memory O(T * chunk)); a cache, if any, must be empty with T slots.
         """
         b, t = tokens_BT.shape
+        if segment_ids is not None and (block_mask is not None or (cache is not None and cache.max_len != t)):
+            raise ValueError("segment_ids replaces block_mask, and needs no cache or an empty one of T slots")
         if block_mask is None:
             block_mask = kvc.causal_mask(t)
         cos, sin = rope_cos_sin(self.cfg, positions_BT)
@@ -192,7 +207,7 @@ class Transformer(nnx.Module):
             slots_BT = kvc.block_slots(cache.lengths, t)
             mask_BTS = kvc.visibility(cache.lengths, cache.max_len, block_mask)
             k_all, v_all = cache.k, cache.v
-        else:
+        elif segment_ids is None:
             mask_BTS = jnp.broadcast_to(block_mask, (b, t, t))
         want = {layer: i for i, layer in enumerate(hidden_layers)}
         hidden: list[jax.Array | None] = [None] * len(hidden_layers)
@@ -201,11 +216,15 @@ class Transformer(nnx.Module):
             x_BTD = constrain(x_BTD, ("batch", ..., None))  # layer boundary: batch over data x fsdp
             h = layer.input_layernorm(x_BTD)
             q, k, v = layer.self_attn.qkv(h, cos, sin)
+            k_new, v_new = k, v
             if cache is not None:
                 k_all = kvc.write_layer(k_all, i, k, slots_BT)
                 v_all = kvc.write_layer(v_all, i, v, slots_BT)
                 k, v = k_all[i], v_all[i]
-            if dispatch.use_verify_kernel(self.attention_impl, q, k):
+            if segment_ids is not None:
+                attn_BTD = dispatch.prefill_attention(q, k_new, v_new, segment_ids,
+                                                      impl=self.attention_impl).reshape(b, t, -1)
+            elif dispatch.use_verify_kernel(self.attention_impl, q, k):
                 lengths_B = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
                 attn_BTD = dispatch.verify_attention(q, k, v, lengths_B, block_mask).reshape(b, t, -1)
             else:
@@ -217,9 +236,10 @@ class Transformer(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = kvc.KVCache(k=k_all, v=v_all, lengths=cache.lengths + t)
-        logits = self.logits(x_BTD) if compute_logits else None
+        final = self.norm(x_BTD) if compute_logits or final_hidden else None
+        logits = self.unembed(final) if compute_logits else None
         hidden_arr = jnp.stack(hidden) if hidden_layers else None
-        return ForwardOutput(logits, hidden_arr, new_cache)
+        return ForwardOutput(logits, hidden_arr, new_cache, final if final_hidden else None)
 
 
 def build(cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0,

@@ -79,6 +79,10 @@ class TrainSection:
     kl_weight: float | None = None  # forward KL to the target's distribution
     labels: Literal["data", "target"] = "data"  # CE on the data tokens or on the target's argmax
     compute_dtype: Dtype = "float32"  # bf16 compute keeps fp32 master weights
+    # Loss head: rows of each sequence's drafted blocks whose [rows, V] logits exist at once
+    # (dflash.training.loss_head); peak logits memory = local batch * loss_chunk * V (/ tensor).
+    loss_chunk: int = 256
+    remat: bool = False  # recompute each drafter layer in the backward (less activation memory)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -89,7 +93,7 @@ class TrainSection:
     def __post_init__(self) -> None:
         _positive("train", batch_size=self.batch_size, num_anchors=self.num_anchors,
                   log_every=self.log_every, eval_every=self.eval_every, save_every=self.save_every,
-                  keep_last=self.keep_last)
+                  keep_last=self.keep_last, loss_chunk=self.loss_chunk)
         if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
             raise ConfigError("train.steps or train.epochs must be positive")
         if any(w is not None and w < 0 for w in (self.ce_weight, self.kl_weight)):

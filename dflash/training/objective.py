@@ -106,7 +106,10 @@ def ce_kl_rows(logits_NV: jax.Array, labels_N: jax.Array,
 
 def _ce_kl_rows_fwd(logits_NV, labels_N, target_logits_NV):
     lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
-    ce_N = lse_N - jnp.take_along_axis(logits_NV, labels_N[..., None], axis=-1)[..., 0]
+    # The label's logit as a masked sum, not a gather: a vocabulary split over devices then
+    # reduces like the logsumexp (an all-reduce) instead of being gathered whole.
+    onehot_NV = labels_N[..., None] == jnp.arange(logits_NV.shape[-1])
+    ce_N = lse_N - jnp.where(onehot_NV, logits_NV, 0.0).sum(-1)
     kl_N = None
     if target_logits_NV is not None:
         logp_t = jax.nn.log_softmax(target_logits_NV, axis=-1)
@@ -136,13 +139,19 @@ def decayed_loss(logits_BAkV: jax.Array, labels_BAk: jax.Array, mask_BAk: jax.Ar
                  ce_weight: float = 1.0, kl_weight: float = 0.0) -> tuple[jax.Array, dict]:
     """Weighted CE (+ optional forward KL to the target), normalised by the sum of used weights."""
     w_BAk = weights_k[None, None, :] * mask_BAk
-    denom = jnp.maximum(w_BAk.sum(), 1e-9)
     use_kl = target_logits_BAkV is not None and kl_weight > 0
     t_logits = jax.lax.stop_gradient(target_logits_BAkV.astype(jnp.float32)) if use_kl else None
     ce_BAk, kl_BAk = ce_kl_rows(logits_BAkV.astype(jnp.float32), labels_BAk, t_logits)
+    return weighted_terms(ce_BAk, kl_BAk, w_BAk, ce_weight, kl_weight)
+
+
+def weighted_terms(ce_BAk: jax.Array, kl_BAk: jax.Array | None, w_BAk: jax.Array, ce_weight: float,
+                   kl_weight: float) -> tuple[jax.Array, dict]:
+    """Loss and metrics from per-row CE / KL and their weights (``w_k`` times the label mask)."""
+    denom = jnp.maximum(w_BAk.sum(), 1e-9)
     metrics = {"ce": (ce_BAk * w_BAk).sum() / denom, "weight_sum": denom}
     loss = ce_weight * metrics["ce"]
-    if use_kl:
+    if kl_BAk is not None:
         metrics["kl"] = (kl_BAk * w_BAk).sum() / denom
         loss = loss + kl_weight * metrics["kl"]
     return loss, metrics
@@ -232,15 +241,22 @@ def score_blocks(logits_BAkV: jax.Array, labels_BAk: jax.Array, label_mask_BAk: 
         labels_BAk = t_argmax
     loss, metrics = decayed_loss(logits_BAkV, labels_BAk, label_mask_BAk, loss_weights(k, gamma), t_at,
                                  ce_weight, kl_weight)
-    pred = jnp.argmax(logits_BAkV, axis=-1)
-    per_pos, tau_labels = block_accuracy(pred, labels_BAk, label_mask_BAk)
-    _, tau_target = block_accuracy(pred, t_argmax, label_mask_BAk)
+    return loss, block_metrics(metrics, loss, jnp.argmax(logits_BAkV, axis=-1), labels_BAk, t_argmax,
+                               label_mask_BAk)
+
+
+def block_metrics(metrics: dict, loss: jax.Array, pred_BAk: jax.Array, labels_BAk: jax.Array,
+                  t_argmax_BAk: jax.Array, label_mask_BAk: jax.Array) -> dict:
+    """``metrics`` (the loss terms) plus the accuracies and simulated taus of ``score_blocks``;
+    shared with the chunked loss head (``dflash.training.loss_head``)."""
+    per_pos, tau_labels = block_accuracy(pred_BAk, labels_BAk, label_mask_BAk)
+    _, tau_target = block_accuracy(pred_BAk, t_argmax_BAk, label_mask_BAk)
     metrics.update(loss=loss, accuracy=per_pos, tau_sim=tau_target, tau_sim_labels=tau_labels,
-                   tau_sim_steps=step_weighted_tau(pred, t_argmax, label_mask_BAk),
-                   acceptance_counts=acceptance_counts(pred, t_argmax, label_mask_BAk),
+                   tau_sim_steps=step_weighted_tau(pred_BAk, t_argmax_BAk, label_mask_BAk),
+                   acceptance_counts=acceptance_counts(pred_BAk, t_argmax_BAk, label_mask_BAk),
                    # the denominators of those means: chunked evaluation combines them exactly
                    blocks_counted=label_mask_BAk[..., 0].sum(), position_count=label_mask_BAk.sum((0, 1)))
-    return loss, metrics
+    return metrics
 
 
 def combine_chunk_metrics(chunks: list[dict[str, Any]]) -> dict[str, Any]:

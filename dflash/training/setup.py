@@ -53,15 +53,17 @@ def build_method_drafter(cfg: ExperimentConfig, dcfg: DFlashConfig | OrthrusConf
         if cfg.drafter.init_from:
             drafter = load_orthrus(cfg.drafter.init_from, target, dtype=jnp.float32, **place)
         else:
-            return OrthrusDrafter.from_target(target, dcfg)  # copies keep the target's (same-rule) shards
+            drafter = OrthrusDrafter.from_target(target, dcfg)  # copies keep the target's (same-rule) shards
     elif cfg.drafter.init_from:
         drafter = load_drafter(cfg.drafter.init_from, target.cfg, **place)
     elif mesh is not None:
-        return sharding.init_sharded(lambda: DFlashDrafter(dcfg, rngs=nnx.Rngs(cfg.train.seed)), mesh,
-                                     replicate_indivisible=cfg.mesh.replicate_indivisible)
+        drafter = sharding.init_sharded(lambda: DFlashDrafter(dcfg, rngs=nnx.Rngs(cfg.train.seed)), mesh,
+                                       replicate_indivisible=cfg.mesh.replicate_indivisible)
     else:
-        return build_drafter(dcfg, seed=cfg.train.seed)
-    check_init_from(cfg, dcfg, drafter.cfg)
+        drafter = build_drafter(dcfg, seed=cfg.train.seed)
+    if cfg.drafter.init_from:
+        check_init_from(cfg, dcfg, drafter.cfg)
+    drafter.remat = cfg.train.remat  # static: part of the graphdef the train step is traced with
     return drafter
 
 

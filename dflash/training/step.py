@@ -1,6 +1,7 @@
 """The jitted train and eval steps: the frozen target inside, the method's loss, one optimizer update.
 
-Both methods score blocks the same way (``objective.score_blocks``); they differ in how a
+Both methods score blocks the same way (``loss_head.score_hidden``: ``objective.score_blocks``
+from hidden states, the logits made in row chunks); they differ in how a
 block is drafted: **DFlash** (``block_forward``) projects the target's hidden states into a
 context for a separate drafter; **Orthrus** (``orthrus_forward``) runs diffusion attentions
 over the target's own AR K/V. No gradient reaches the target and its parameters are never
@@ -23,11 +24,21 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dflash import cache as kvc
-from dflash.drafters.dflash import DFlashDrafter
+from dflash.drafters.dflash import DFlashDrafter, default_gamma
 from dflash.drafters.orthrus import OrthrusDrafter
 from dflash.models.transformer import Transformer
 from dflash.sharding import batch_sharding, tree_shardings
+from dflash.training import loss_head
 from dflash.training import objective as obj
+from dflash.training.config import ExperimentConfig
+
+
+def step_options(cfg: ExperimentConfig, block_size: int) -> dict[str, Any]:
+    """The loss settings of ``make_step_fns`` from a config (the trainer and ``dflash.plan``)."""
+    ce_weight, kl_weight = cfg.loss_weights
+    return dict(num_anchors=min(cfg.train.num_anchors, cfg.data.seq_len - 1),
+                gamma=cfg.train.gamma or default_gamma(block_size), ce_weight=ce_weight, kl_weight=kl_weight,
+                target_labels=cfg.train.labels == "target", loss_chunk=cfg.train.loss_chunk)
 
 
 def document_mask(seg_BS: jax.Array) -> jax.Array:
@@ -38,8 +49,8 @@ def document_mask(seg_BS: jax.Array) -> jax.Array:
 
 def block_forward(drafter: DFlashDrafter, target: Transformer, batch: dict[str, jax.Array],
                   key: jax.Array, *, num_anchors: int, gamma: float, ce_weight: float,
-                  kl_weight: float, target_labels: bool = False,
-                  target_metrics: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  kl_weight: float, target_labels: bool = False, target_metrics: bool = True,
+                  loss_chunk: int = loss_head.DEFAULT_CHUNK) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss and metrics of one packed batch (tokens / loss_mask / segment_ids / positions [B, S]).
 
     ``target_metrics=False`` (train steps): when the loss needs no target logits (CE on the data,
@@ -52,20 +63,21 @@ def block_forward(drafter: DFlashDrafter, target: Transformer, batch: dict[str, 
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     b, s = tokens.shape
     need_logits = target_metrics or kl_weight > 0 or target_labels
-    # Frozen target over the clean sequence: causal within each packed document.
-    out = target(tokens, pos, block_mask=document_mask(seg), hidden_layers=cfg.target_layer_ids,
-                 compute_logits=need_logits)
+    # Frozen target over the clean sequence: causal within each packed document (memory-bounded
+    # prefill attention); its final hidden state, not its [B, S, V] logits, feeds the loss head.
+    out = target(tokens, pos, segment_ids=seg, hidden_layers=cfg.target_layer_ids, compute_logits=False,
+                 final_hidden=need_logits)
     hidden = jax.lax.stop_gradient(out.hidden)  # [n, B, S, D]
-    t_logits = jax.lax.stop_gradient(out.logits) if need_logits else None  # [B, S, V]
+    t_final = jax.lax.stop_gradient(out.final) if need_logits else None  # [B, S, D]
     feats = jnp.transpose(hidden, (1, 2, 0, 3)).reshape(b, s, -1)
 
     blocks = anchor_blocks(target, batch, key, num_anchors, q, cfg.mask_token_id)
     ctx = drafter.project_context(feats.astype(blocks.x.dtype))
     h = drafter(blocks.x.astype(ctx.dtype), blocks.q_pos, ctx, pos, blocks.ctx_mask)  # [B, A, Q, D]
     # The LM head in the compute dtype (``target.dtype`` is the loaded one, fp32 under bf16 compute).
-    logits = target.unembed(h[:, :, 1:].astype(target.embed_tokens.dtype))  # [B, A, Q-1, V]: row k -> a+k
-    return _score(logits, blocks, t_logits, batch, gamma=gamma, ce_weight=ce_weight, kl_weight=kl_weight,
-                  target_labels=target_labels)
+    h_head = h[:, :, 1:].astype(target.embed_tokens.dtype)  # [B, A, Q-1, D]: row k -> a+k
+    return _score(h_head, target, blocks, t_final, batch, gamma=gamma, ce_weight=ce_weight,
+                  kl_weight=kl_weight, target_labels=target_labels, chunk=loss_chunk)
 
 
 class AnchorBlocks(NamedTuple):
@@ -95,18 +107,19 @@ def anchor_blocks(target: Transformer, batch: dict[str, jax.Array], key: jax.Arr
     return AnchorBlocks(x, q_pos, ctx_mask, labels, label_mask, idx, valid)
 
 
-def _score(logits: jax.Array, blocks: AnchorBlocks, t_logits: jax.Array | None, batch: dict[str, jax.Array],
-           **loss_kw: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-    loss, metrics = obj.score_blocks(logits, blocks.labels, blocks.label_mask, blocks.label_idx, t_logits,
-                                     **loss_kw)
+def _score(h_BAkD: jax.Array, target: Transformer, blocks: AnchorBlocks, t_final_BSD: jax.Array | None,
+           batch: dict[str, jax.Array], **loss_kw: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``score_blocks`` of the rows whose logits are ``h @ head``, in row chunks (``loss_head``)."""
+    loss, metrics = loss_head.score_hidden(h_BAkD, target.head_weight(), blocks.labels, blocks.label_mask,
+                                           blocks.label_idx, t_final_BSD, **loss_kw)
     metrics.update(tokens=(batch["loss_mask"] & (batch["segment_ids"] > 0)).sum(), blocks=blocks.valid.sum())
     return loss, metrics
 
 
 def orthrus_forward(drafter: OrthrusDrafter, target: Transformer, batch: dict[str, jax.Array],
                     key: jax.Array, *, num_anchors: int, gamma: float, ce_weight: float, kl_weight: float,
-                    target_labels: bool = False,
-                    target_metrics: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    target_labels: bool = False, target_metrics: bool = True,
+                    loss_chunk: int = loss_head.DEFAULT_CHUNK) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Orthrus loss of one packed batch (docs/design.md §6); ``target_metrics`` is accepted for the
     shared step signature (the AR pass that feeds the diffusion attentions yields the logits).
 
@@ -119,14 +132,15 @@ def orthrus_forward(drafter: OrthrusDrafter, target: Transformer, batch: dict[st
     q = drafter.cfg.block_size
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     b, s = tokens.shape
-    out = target(tokens, pos, kvc.init_cache(target.cfg, b, s, target.dtype), block_mask=document_mask(seg))
+    out = target(tokens, pos, kvc.init_cache(target.cfg, b, s, target.dtype), segment_ids=seg,
+                 compute_logits=False, final_hidden=True)
     k_ar, v_ar = jax.lax.stop_gradient(out.cache.k), jax.lax.stop_gradient(out.cache.v)  # [L, B, S, K, H]
-    t_logits = jax.lax.stop_gradient(out.logits)  # [B, S, V]
+    t_final = jax.lax.stop_gradient(out.final)  # [B, S, D]
     blocks = anchor_blocks(target, batch, key, num_anchors, q, drafter.cfg.mask_token_id)
     h = drafter(target, blocks.x, blocks.q_pos, k_ar, v_ar, blocks.ctx_mask)  # [B, A, Q, D]
-    logits = target.logits(h[:, :, : q - 1])  # [B, A, Q-1, V]: row r -> token a+r+1
-    return _score(logits, blocks, t_logits, batch, gamma=gamma, ce_weight=ce_weight, kl_weight=kl_weight,
-                  target_labels=target_labels)
+    h_head = target.norm(h[:, :, : q - 1])  # [B, A, Q-1, D]: row r -> token a+r+1
+    return _score(h_head, target, blocks, t_final, batch, gamma=gamma, ce_weight=ce_weight,
+                  kl_weight=kl_weight, target_labels=target_labels, chunk=loss_chunk)
 
 
 def drafter_forward(drafter: nnx.Module, target: Transformer, batch: dict[str, jax.Array], key: jax.Array,

@@ -34,7 +34,6 @@ from tqdm import tqdm
 from dflash import sharding
 from dflash.configio import to_dict
 from dflash.distributed import host_local, is_primary, show_progress, sync_processes
-from dflash.drafters.dflash import default_gamma
 from dflash.drafters.orthrus import OrthrusDrafter
 from dflash.errors import TrainingError
 from dflash.export.dflash_hf import save_drafter
@@ -54,7 +53,7 @@ from dflash.training.recovery import restore_latest
 from dflash.training.rundata import prepare_data
 from dflash.training.scalars import Listener, ScalarLog
 from dflash.training.setup import build_drafter_config, build_mesh, build_method_drafter, train_state
-from dflash.training.step import make_step_fns, mean_metrics
+from dflash.training.step import make_step_fns, mean_metrics, step_options
 
 __all__ = ["TrainingError", "run_training"]
 
@@ -116,13 +115,9 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     graphdef, state, state_shardings = train_state(drafter, make_optimizer(cfg, total), mesh, rep)
     tgraph, tstate = nnx.split(target)
     tstate_shardings = sharding.tree_shardings(tstate, mesh, replicate_indivisible=rep)
-    ce_weight, kl_weight = cfg.loss_weights
-    step_kw = dict(num_anchors=min(cfg.train.num_anchors, cfg.data.seq_len - 1),
-                   gamma=cfg.train.gamma or default_gamma(dcfg.block_size), ce_weight=ce_weight,
-                   kl_weight=kl_weight, target_labels=cfg.train.labels == "target")
-    train_step, eval_step = make_step_fns(graphdef, tgraph, step_kw, DTYPES[cfg.train.compute_dtype],
-                                          mesh=mesh, state_shardings=state_shardings,
-                                          tstate_shardings=tstate_shardings)
+    train_step, eval_step = make_step_fns(graphdef, tgraph, step_options(cfg, dcfg.block_size),
+                                          DTYPES[cfg.train.compute_dtype], mesh=mesh,
+                                          state_shardings=state_shardings, tstate_shardings=tstate_shardings)
 
     def put(local_rows):  # this process's rows of a global batch, straight into their shards
         return global_batch(batch_sharding, local_rows, cfg.train.batch_size)
