@@ -138,16 +138,16 @@ def test_pass_costs_time_every_kind_of_step_and_refuse_a_too_small_cache():
 
 
 def test_bench_takes_turns_and_reports_the_ceiling(tmp_path, capsys, monkeypatch):
-    import dflash.bench.methods as spec  # the bench calls the engine through its own import
+    import dflash.bench.methods as bench_methods  # where bench_methods looks the engine up
 
     calls = []
-    real = spec.speculative_generate
+    real = bench_methods.speculative_generate
 
     def recording(target, batch, **kw):
         calls.append((len(batch[0]), type(kw["method"]).__name__))
         return real(target, batch, **kw)
 
-    monkeypatch.setattr(spec, "speculative_generate", recording)
+    monkeypatch.setattr(bench_methods, "speculative_generate", recording)
     methods, tokens = run_bench(tmp_path, "--drafter", "tiny-code-dflash", "--num-prompts", "2",
                                 "--max-new-tokens", "8", "--block-size", "4", "--ceiling")
     # Batch by batch, every method in turn (run once untimed, then timed), not method by method.
