@@ -119,7 +119,7 @@ def regen(out: Path) -> dict:
 
 def train(out: Path) -> dict:
     """The tiny config for 4 steps over this job's processes in ``out/run``; ``out/args.json`` names
-    the target and an optional ``stop_after``."""
+    the target, an optional ``stop_after`` and ``mesh`` axis sizes."""
     from dflash.configio import load_yaml
     from dflash.training.config import ExperimentConfig
     from dflash.training.trainer import run_training
@@ -130,7 +130,8 @@ def train(out: Path) -> dict:
         f"target.name={args['target']}", f"run_dir={out / 'run'}", "data.max_examples=40", "data.seq_len=64",
         "data.lanes=2", "train.batch_size=8", "train.num_anchors=8", "train.steps=4", "train.save_every=2",
         "train.eval_every=2", "train.log_every=1", "train.keep_last=2", "drafter.block_size=4",
-        "eval.heldout_rows=8", "eval.num_prompts=2", "eval.max_new_tokens=8", "regen.num_sequences=0"])
+        "eval.heldout_rows=8", "eval.num_prompts=2", "eval.max_new_tokens=8", "regen.num_sequences=0",
+        *[f"mesh.{axis}={size}" for axis, size in args.get("mesh", {}).items()]])
     return run_training(cfg, progress=False, final_eval=args.get("final_eval", False),
                         stop_after=args.get("stop_after"))
 

@@ -101,6 +101,28 @@ def test_training_on_two_processes_equals_one_and_resumes_on_another_process_cou
         np.testing.assert_array_equal(a[name], c[name], err_msg=name)
 
 
+def test_training_on_a_data_fsdp_tensor_mesh_across_two_processes_equals_one_process(tiny_target, tmp_path):
+    """Mesh (2, 2, 2): parameters and optimizer state split over fsdp and tensor, data across the
+    processes; the same mesh in one process gives the same bits, export included (gathered)."""
+    from safetensors.numpy import load_file
+
+    mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+    out = {}
+    for name, processes, devices in (("one", 1, 8), ("two", 2, 4)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "args.json").write_text(json.dumps({"target": str(tiny_target), "mesh": mesh}))
+        results, _ = _launch("train", d, processes=processes, devices=devices, timeout_s=500)
+        _ok(results)
+        out[name] = (json.loads((d / "result.json").read_text()),
+                     load_file(str(d / "run" / "export" / "model.safetensors")))
+    assert out["one"][0]["final_eval"] == out["two"][0]["final_eval"]
+    a, b = out["one"][1], out["two"][1]
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 def test_a_config_mismatch_is_a_clear_error_on_every_process_within_seconds(tmp_path):
     results, took = _launch("mismatch", tmp_path, processes=2, devices=1, timeout_s=120)
     assert [r.returncode for r in results] == [3, 3], [r.stderr[-2000:] for r in results]
