@@ -6,7 +6,8 @@ Auto-detected launches are the ones ``jax.distributed`` bootstraps itself (Cloud
 SLURM, Open MPI); anywhere else the coordinator is given explicitly (flags or environment).
 Detection reads only the environment, so a single-process run never starts a coordinator.
 
-The start-up consistency check lives in :mod:`dflash.fingerprint`.
+The start-up consistency check, and ``initialize_from_args`` (start-up + check, for the CLIs),
+live in :mod:`dflash.fingerprint`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax
 from dflash.errors import DistributedError
 
 __all__ = ["DistributedError", "Launch", "add_distributed_args", "detect_launch", "initialize",
-           "host_local", "initialize_from_args", "is_primary", "quiet_logging", "show_progress",
+           "host_local", "is_primary", "quiet_logging", "show_progress",
            "sync_processes"]
 
 ENV_COORDINATOR = "DFLASH_COORDINATOR"
@@ -149,19 +150,6 @@ def add_distributed_args(parser: argparse.ArgumentParser, verbose_flag: bool = T
     if verbose_flag:
         g.add_argument("--verbose", action="store_true", default=None,
                        help=f"full logs on every process, not only process 0 (or {ENV_VERBOSE}=1)")
-
-
-def initialize_from_args(args: argparse.Namespace) -> Launch:
-    """``initialize`` with the flags of :func:`add_distributed_args`; in a multi-process job, then
-    checks that every process got the same command line (but its ``--process-id``) and code."""
-    launch = initialize(args.coordinator, args.num_processes, args.process_id,
-                        verbose=getattr(args, "verbose", None) or None)
-    if launch.multi:
-        from dflash.fingerprint import check_consistent, fingerprint
-
-        flags = {k: v for k, v in vars(args).items() if k != "process_id"}
-        check_consistent(fingerprint({"command line": flags}))
-    return launch
 
 
 def process_index() -> int:

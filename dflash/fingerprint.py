@@ -9,6 +9,7 @@ reach the same verdict within seconds and stop with an error naming what differs
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import itertools
 import json
@@ -20,7 +21,7 @@ from typing import Any
 import jax
 
 import dflash
-from dflash.distributed import DistributedError, is_initialized
+from dflash.distributed import DistributedError, Launch, initialize, is_initialized
 
 _HEAD_TAIL = 1 << 20  # bytes hashed at each end of a data file: cheap on TB datasets, catches copies
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".npz", ".txt")
@@ -130,3 +131,14 @@ def check_consistent(fp: Mapping[str, Any], *, timeout_s: float = 60.0) -> None:
     if problems:
         raise DistributedError("the processes of this job disagree; start every process with the same code, "
                                "config and data: " + " | ".join(problems))
+
+
+def initialize_from_args(args: argparse.Namespace) -> Launch:
+    """``initialize`` with the flags of :func:`add_distributed_args`; in a multi-process job, then
+    checks that every process got the same command line (but its ``--process-id``) and code."""
+    launch = initialize(args.coordinator, args.num_processes, args.process_id,
+                        verbose=getattr(args, "verbose", None) or None)
+    if launch.multi:
+        flags = {k: v for k, v in vars(args).items() if k != "process_id"}
+        check_consistent(fingerprint({"command line": flags}))
+    return launch

@@ -16,8 +16,9 @@ from dflash.decoding.drafters import resolve_method
 from dflash.decoding.speculative import speculative_generate
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
-from dflash.distributed import add_distributed_args, initialize_from_args, is_primary
+from dflash.distributed import add_distributed_args, is_primary
 from dflash.errors import ConfigError, DflashError
+from dflash.fingerprint import initialize_from_args
 from dflash.kernels.dispatch import ATTENTION_IMPLS
 from dflash.models import load_target
 from dflash.models.loading import DTYPES

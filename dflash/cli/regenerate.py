@@ -6,8 +6,9 @@ import sys
 
 from dflash.cli.parser import make_parser
 from dflash.decoding import SamplingParams
-from dflash.distributed import add_distributed_args, initialize_from_args, is_primary
+from dflash.distributed import add_distributed_args, is_primary
 from dflash.errors import DflashError
+from dflash.fingerprint import initialize_from_args
 from dflash.models import load_target
 from dflash.models.loading import DTYPES
 from dflash.models.tokenizer import load_tokenizer

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from dflash.cli.parser import make_parser
 from dflash.configio import load_yaml
-from dflash.distributed import add_distributed_args, initialize_from_args, is_primary
+from dflash.distributed import add_distributed_args, is_primary
 from dflash.errors import ConfigError, DflashError
+from dflash.fingerprint import initialize_from_args
 from dflash.models.loading import ASSETS
 from dflash.training.config import ExperimentConfig
 from dflash.training.trainer import run_training
