@@ -34,6 +34,7 @@ from dflash.kernels.common import (
     next_pow2,
     online_update,
     poison_outputs,
+    reset_state,
     zero_rows_past,
 )
 
@@ -244,9 +245,7 @@ def _tpu_kernel(lo_ref, hi_ref, q_ref, kc_ref, vc_ref, mask_ref, kb_ref, vb_ref,
 
     @pl.when(j == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        reset_state(m_ref, l_ref, acc_ref)
 
     @pl.when((j >= lo) & (j < hi))  # outside [lo, hi): no compute, and (index map) no DMA
     def _context():

@@ -75,6 +75,13 @@ def online_update(carry: Carry, q_RH: jax.Array, k_CH: jax.Array, v_CH: jax.Arra
     return m_new, l_new, acc_new
 
 
+def reset_state(m_ref, l_ref, acc_ref) -> None:
+    """Empties a kernel's running (max, sum, accumulator) scratch before its first kv tile."""
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+
 def finalize(l_R1: jax.Array, acc_RH: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """``acc / l``; rows that saw no visible key (``l = 0``) become exact zeros, never NaN."""
     return (acc_RH / jnp.where(l_R1 > 0, l_R1, 1.0)).astype(dtype)

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from dflash.attention import attend
-from dflash.kernels.common import LANES, finalize, online_update
+from dflash.kernels.common import LANES, finalize, online_update, reset_state
 
 DEFAULT_CHUNK = 512  # query rows per step of the chunked jnp form
 DEFAULT_TILES = (256, 512)  # (q_tile, kv_tile) of the kernel
@@ -107,9 +107,7 @@ def _kernel(q_ref, qpos_ref, qseg_ref, k_ref, v_ref, kseg_ref, o_ref, m_ref, l_r
 
     @pl.when(j == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        reset_state(m_ref, l_ref, acc_ref)
 
     @pl.when(j * kv_tile < (i + 1) * q_tile)  # tiles wholly above the diagonal: skipped
     def _step():

@@ -44,6 +44,7 @@ from dflash.kernels.common import (
     next_pow2,
     online_update,
     poison_outputs,
+    reset_state,
     zero_rows_past,
 )
 
@@ -158,9 +159,7 @@ def _tpu_kernel(lens_ref, q_ref, k_ref, v_ref, bm_ref, *refs, scale, tile, n_slo
 
     @pl.when(j == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        reset_state(m_ref, l_ref, acc_ref)
 
     def step(masked: bool):
         # m / l are lane-replicated [R, 128]; max over lanes recovers the [R, 1] column.
