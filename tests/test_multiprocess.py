@@ -218,3 +218,15 @@ def test_launcher_sets_each_process_and_stops_the_rest_when_one_fails(capsys):
     start = time.monotonic()
     results = run_local([sys.executable, "-c", fail], 2, timeout_s=100, grace_s=1)
     assert [r.returncode for r in results] == [-9, 3] and time.monotonic() - start < 30
+
+
+def test_local_env_simulates_cpu_devices_and_keeps_explicit_settings():
+    from dflash.cli.launch import local_env
+
+    env = local_env(1, 2, 1234, 4, base={"XLA_FLAGS": "--foo"})
+    assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=4"
+    assert env["JAX_PLATFORMS"] == "cpu"  # an installed libtpu must not probe for a TPU
+    assert (env["DFLASH_COORDINATOR"], env["DFLASH_NUM_PROCESSES"], env["DFLASH_PROCESS_ID"]) == (
+        "127.0.0.1:1234", "2", "1")
+    assert local_env(0, 2, 1, 4, base={"JAX_PLATFORMS": "cuda"})["JAX_PLATFORMS"] == "cuda"
+    assert "JAX_PLATFORMS" not in local_env(0, 2, 1, 0, base={})  # real devices: left to JAX

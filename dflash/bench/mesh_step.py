@@ -3,7 +3,8 @@
 ``python -m dflash.bench.mesh_step --config configs/tiny_code.yaml --mesh 1,1,1 --mesh 2,2,2``
 (with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` for simulated CPU devices). Each
 mesh spans the first ``data*fsdp*tensor`` devices; the target is the config's, loaded into its
-shards, the drafter and optimizer state are made as ``run_training`` makes them.
+shards, the drafter and optimizer state are made as ``run_training`` makes them. It runs as one
+of several processes too (``dflash.bench.processes`` launches it so, process 0 reports).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flax import nnx
 
 from dflash import sharding
 from dflash.configio import load_yaml
+from dflash.distributed import add_distributed_args, initialize, is_primary
 from dflash.drafters.dflash import default_gamma
 from dflash.models import load_target
 from dflash.models.loading import DTYPES
@@ -57,8 +59,9 @@ def step_seconds(cfg: ExperimentConfig, shape: tuple[int, int, int], steps: int 
                                   state_shardings=shardings,
                                   tstate_shardings=sharding.tree_shardings(tstate, mesh))
     put = sharding.batch_sharding(mesh)
-    batch = {k: jax.make_array_from_process_local_data(put, v)
-             for k, v in random_rows(cfg, target.cfg.vocab_size).items()}
+    # Every process makes the same global rows and contributes the slices its devices hold.
+    rows = random_rows(cfg, target.cfg.vocab_size)
+    batch = {k: jax.make_array_from_callback(v.shape, put, lambda idx, v=v: v[idx]) for k, v in rows.items()}
     start = time.perf_counter()
     state, metrics = train_step(state, tstate, batch, jax.random.key(0))
     jax.block_until_ready(metrics["loss"])
@@ -81,13 +84,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mesh", action="append", default=[], help="data,fsdp,tensor (repeatable)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_distributed_args(p)
     args = p.parse_args(argv)
+    initialize(args.coordinator, args.num_processes, args.process_id, verbose=args.verbose)
     cfg = load_yaml(ExperimentConfig, args.config, args.overrides)
     for text in args.mesh or ["1,1,1"]:
         shape = tuple(int(x) for x in text.split(","))
         if len(shape) != 3:
             raise SystemExit(f"--mesh {text!r}: expected data,fsdp,tensor")
-        print(json.dumps(step_seconds(cfg, shape, args.steps)), flush=True)  # type: ignore[arg-type]
+        result = step_seconds(cfg, shape, args.steps)  # type: ignore[arg-type]
+        if is_primary():
+            print(json.dumps(dict(result, processes=jax.process_count())), flush=True)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ def local_env(process_id: int, num_processes: int, port: int, devices_per_proces
     flags = env.get("XLA_FLAGS", "")
     if devices_per_process and "xla_force_host_platform_device_count" not in flags:
         flags = f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip()
+    if devices_per_process:  # simulated devices are CPU ones: keep an installed libtpu from probing for a TPU
+        env.setdefault("JAX_PLATFORMS", "cpu")
     env.update({"XLA_FLAGS": flags, ENV_COORDINATOR: f"127.0.0.1:{port}",
                 ENV_NUM_PROCESSES: str(num_processes), ENV_PROCESS_ID: str(process_id)})
     return env
