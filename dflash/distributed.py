@@ -65,9 +65,11 @@ def _int(value: object, name: str) -> int | None:
 
 
 def detect_launch(coordinator: str | None = None, num_processes: int | None = None,
-                  process_id: int | None = None, environ: Mapping[str, str] | None = None) -> Launch:
+                  process_id: int | None = None, environ: Mapping[str, str] | None = None, *,
+                  on_tpu_vm: bool | None = None) -> Launch:
     """The launch this process is part of; arguments win over ``DFLASH_*`` variables, which win
-    over auto-detection. Pure: reads ``environ`` (default ``os.environ``) and device files only."""
+    over auto-detection. Pure: reads ``environ`` (default ``os.environ``) and, unless
+    ``on_tpu_vm`` is given, whether TPU chips' device files exist."""
     env = os.environ if environ is None else environ
     coordinator = coordinator or env.get(ENV_COORDINATOR) or None
     n = _int(num_processes if num_processes is not None else env.get(ENV_NUM_PROCESSES), "--num-processes")
@@ -96,9 +98,14 @@ def detect_launch(coordinator: str | None = None, num_processes: int | None = No
     ompi_size = _int(env.get("OMPI_COMM_WORLD_SIZE"), "OMPI_COMM_WORLD_SIZE") or 1
     if "OMPI_MCA_orte_hnp_uri" in env and ompi_size > 1:
         return Launch("mpi")
-    if any(Path(f).exists() for f in _TPU_DEVICE_FILES) and "TPU_SKIP_MDS_QUERY" not in env:
-        hosts = env.get("TPU_WORKER_HOSTNAMES")
-        if hosts is None or "," in hosts:  # GKE lists the hosts; a GCE TPU VM asks its metadata server
+    if on_tpu_vm is None:
+        on_tpu_vm = any(Path(f).exists() for f in _TPU_DEVICE_FILES)
+    if on_tpu_vm:
+        hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
+        if hosts is not None:  # GKE (JobSet) lists the slice's hosts; one name: a single-host slice
+            if "," in hosts:
+                return Launch("cloud-tpu")
+        elif "TPU_SKIP_MDS_QUERY" not in env:  # a GCE TPU VM: jax asks its metadata server
             return Launch("cloud-tpu")
     return Launch("auto-forced") if mode == "on" else Launch("single")
 

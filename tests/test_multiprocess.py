@@ -195,6 +195,19 @@ def test_detect_launch_reads_the_environment(env, how):
     assert detect_launch(environ=env).how == how
 
 
+@pytest.mark.parametrize("env, on_tpu_vm, how", [
+    ({}, True, "cloud-tpu"),  # a GCE TPU VM: jax reads the slice from the metadata server
+    ({}, False, "single"),
+    ({"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3", "TPU_WORKER_ID": "2", "TPU_SKIP_MDS_QUERY": "true"}, True,
+     "cloud-tpu"),  # GKE JobSet on a v5e-16: 4 hosts listed, no metadata server
+    ({"TPU_PROCESS_ADDRESSES": "a:8476,b:8476", "TPU_SKIP_MDS_QUERY": "true"}, True, "cloud-tpu"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost", "TPU_SKIP_MDS_QUERY": "true"}, True, "single"),  # one host
+    ({"TPU_SKIP_MDS_QUERY": "true"}, True, "single"),
+])
+def test_detect_launch_on_cloud_tpu(env, on_tpu_vm, how):
+    assert detect_launch(environ=env, on_tpu_vm=on_tpu_vm).how == how
+
+
 def test_detect_launch_flags_win_and_bad_ones_are_named():
     env = {"DFLASH_COORDINATOR": "10.0.0.1:1234", "DFLASH_NUM_PROCESSES": "4", "DFLASH_PROCESS_ID": "3"}
     assert detect_launch("127.0.0.1:5", 2, 0, environ=env) == Launch("explicit", "127.0.0.1:5", 2, 0)
