@@ -123,3 +123,61 @@ def test_speculative_sampling_on_a_mesh_preserves_the_target_distribution():
     assert len(out.tokens) == n and all(len(t) == 3 for t in out.tokens)
     assert sum(a > 1 for row in out.acceptance_lengths for a in row) > n // 20  # drafts were accepted
     assert_first_three_follow(out.tokens, joint)
+
+
+def test_mesh_flag_parses_any_subset_and_refuses_bad_text():
+    from dflash.cli.generate import build_parser
+    from dflash.cli.parser import parse_mesh
+
+    assert parse_mesh("data=2,tensor=4") == sh.MeshConfig(2, 1, 4)
+    assert parse_mesh("tensor=2") == sh.MeshConfig(-1, 1, 2)  # data: the rest of the devices
+    assert parse_mesh(" fsdp=2, tensor=-1") == sh.MeshConfig(1, 2, -1)
+    args = build_parser().parse_args(["--prompt", "x", "--mesh", "data=-1,fsdp=2"])
+    assert args.mesh == sh.MeshConfig(-1, 2, 1)
+    for bad, says in (("data=2,data=2", "each at most once"), ("model=2", "AXIS one of data, fsdp, tensor"),
+                      ("tensor", "AXIS=SIZE"), ("tensor=two", "'two' is not an integer"),
+                      ("tensor=0", "positive int or -1"), ("data=-1,tensor=-1", "at most one mesh axis")):
+        with pytest.raises(ConfigError, match=says):
+            parse_mesh(bad)
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--prompt", "x", "--mesh", bad])
+
+
+@on_cpu_devices(4)
+def test_generate_and_regenerate_clis_on_a_mesh_equal_unsharded():
+    import contextlib
+    import io
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import datasets
+
+    from dflash.cli.generate import main as generate_main
+    from dflash.cli.regenerate import main as regenerate_main
+
+    def gen(*args: str) -> dict:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert generate_main(["--prompt", "def area(r):\n", "--max-new-tokens", "24", "--json",
+                                  *args]) == 0
+        return json.loads(out.getvalue())
+
+    for extra in ([], ["--drafter", "tiny-code-dflash", "--block-size", "8"]):
+        ref, got = gen(*extra), gen(*extra, "--mesh", "data=2,tensor=2")
+        assert got["tokens"] == ref["tokens"]
+        assert got.get("acceptance_lengths") == ref.get("acceptance_lengths")
+    with tempfile.TemporaryDirectory() as tmp:
+        convs = [[{"role": "user", "content": f"def f{i}(x):"}, {"role": "assistant", "content": "OLD"}]
+                 for i in range(5)]
+        src = Path(tmp) / "chats.jsonl"
+        datasets.Dataset.from_dict({"messages": convs}).to_json(str(src), lines=True)
+        outs = []
+        for name, extra in (("plain", []), ("mesh", ["--mesh", "data=2,tensor=2"])):
+            out = Path(tmp) / f"{name}.jsonl"
+            assert regenerate_main(["--data", str(src), "--out", str(out), "--max-new-tokens", "10",
+                                    "--batch-size", "3", "--dtype", "float32", "--no-progress", *extra]) == 0
+            outs.append(out.read_text())
+        assert outs[0] == outs[1] and "OLD" not in outs[0]
+        bad = ["--data", str(src), "--out", str(Path(tmp) / "x.jsonl"), "--mesh", "data=3"]
+        assert regenerate_main(bad) == 2  # 3 devices of 4: a clear error
