@@ -28,7 +28,7 @@ from dflash.models import build
 MESHES = ((2, 1, 4), (4, 1, 2), (2, 2, 2))  # (data, fsdp, tensor)
 # Vocabulary and widths divide every mesh axis; 2 kv heads are too few for tensor=4 (the cache
 # keeps its heads whole there).
-CFG = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+CFG = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, eos_token_id=())
 MASK = 63
 BUDGETS = [4, 30, 8, 26, 12, 22, 16, 18, 6]  # 9 rows: padded to 10 or 12, compacted as rows finish
@@ -37,8 +37,8 @@ BUDGETS = [4, 30, 8, 26, 12, 22, 16, 18, 6]  # 9 rows: padded to 10 or 12, compa
 def _models():
     target = build(CFG, seed=1)
     target.embed_tokens[...] = target.embed_tokens[...] * 8.0  # sharpened: real acceptances
-    dflash = build_drafter(DFlashConfig.for_target(CFG, mask_token_id=MASK, num_layers=2, block_size=4,
-                                                   target_layer_ids=(0, 2)), seed=2)
+    dflash = build_drafter(DFlashConfig.for_target(CFG, mask_token_id=MASK, num_layers=1, block_size=4,
+                                                   target_layer_ids=(0, 1)), seed=2)
     orthrus = OrthrusDrafter.from_target(target, OrthrusConfig.for_target(CFG, mask_token_id=MASK,
                                                                           block_size=4))
     methods = {"dflash": (DFlashDraft.of(dflash), dflash), "tree": (DFlashTreeDraft.of(dflash, 2), dflash),
