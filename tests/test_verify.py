@@ -79,6 +79,10 @@ CFG = ModelConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=32, intermed
 
 @pytest.fixture(scope="module")
 def exact():
+    return exact_joint()
+
+
+def exact_joint():
     """The target and the exact joint distribution of its first three sampled tokens."""
     target = build(CFG, seed=3)
     target.embed_tokens[...] = target.embed_tokens[...] * 30.0  # far from uniform, not degenerate

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from dflash.bench.timing import pass_costs
 from dflash.decoding.autoregressive import check_context
@@ -17,7 +18,7 @@ def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any
                   max_new_tokens: int = 256, batch_size: int = 1, sampling=None, rule: str | None = None,
                   eos_ids: tuple[int, ...] = (), mask_token_id: int | None = None, seed: int = 0,
                   warmup: bool = True, compact: bool = True, ceiling: bool = False,
-                  allow_longer_than_context: bool = False) -> dict[str, Any]:
+                  allow_longer_than_context: bool = False, mesh: Mesh | None = None) -> dict[str, Any]:
     """Runs every method on the same prompts in this process; speedups are vs ``methods['ar']``.
 
     The methods take turns batch by batch (AR, then each drafter, on the same batch), so a drift
@@ -26,7 +27,8 @@ def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any
     in the steady state a server sees. ``ceiling``: also time each method's bare step
     (``pass_costs``) and report the speedup the engine would reach if its loop cost nothing
     (``ceiling = tau * t_ar / t_method``) and the share of it achieved (``efficiency``). Every
-    prompt is checked against the target's context before anything runs.
+    prompt is checked against the target's context before anything runs. ``mesh``: decode
+    there (target and drafters on it already).
     """
     check_context([len(p) for p in prompts], [max_new_tokens] * len(prompts),
                   target.cfg.max_position_embeddings, allow_longer_than_context)
@@ -41,7 +43,8 @@ def bench_methods(target, prompts: list[list[int]], methods: dict[str, tuple[Any
             a = acc[name]
             kw = dict(method=method, drafter=drafter, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                       mask_token_id=mask_token_id, sampling=sampling, key=jax.random.key(seed + start),
-                      rule=rule, compact=compact, allow_longer_than_context=allow_longer_than_context)
+                      rule=rule, compact=compact, allow_longer_than_context=allow_longer_than_context,
+                      mesh=mesh)
             if warmup:  # every batch once untimed: first-touch allocations and cold caches stay out
                 speculative_generate(target, batch, **kw)
             res = speculative_generate(target, batch, **kw)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
-from dflash.cli.parser import make_parser
+from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
 from dflash.decoding import SamplingParams
 from dflash.decoding.drafters import resolve_method
 from dflash.decoding.tree import DFlashTreeDraft
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-config", default=None,
                    help="--compile-only: architecture preset, known hub id or checkpoint directory")
     p.add_argument("--context", type=int, default=2048, help="--compile-only: cached positions")
+    add_mesh_arg(p, help="decode on a device mesh: data=D,fsdp=F,tensor=T, any subset, -1 for the rest of "
+                         "the devices (batch over data x fsdp, the models over tensor; docs/multihost.md); "
+                         "with --compile-only, the mesh over the topology's chips (default tensor=all)")
     add_distributed_args(p)
     args = p.parse_args(argv)
     if args.compile_only:
@@ -82,15 +85,20 @@ def main(argv: list[str] | None = None) -> int:
         print("dflash-bench: error: --anchor-profile measures greedy acceptance; use --temperature 0",
               file=sys.stderr)
         return 2
+    if args.mesh is not None and (args.ceiling or args.anchor_profile):
+        print("dflash-bench: error: --ceiling and --anchor-profile run unsharded; drop --mesh for them",
+              file=sys.stderr)
+        return 2
     try:
         initialize_from_args(args)
         tokenizer = load_tokenizer(args.target)
-        target = load_target(args.target, dtype=DTYPES[args.dtype],
-                             attention_impl=args.attention_impl)  # drafters resolved below take it too
+        mesh = mesh_from_args(args.mesh)
+        target = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl,
+                             mesh=mesh)  # drafters resolved below take its attention_impl and mesh
         prompts = load_prompts(args.prompts, tokenizer, field=args.field, split=args.split,
                                limit=args.num_prompts)
         drafter_method, drafter = resolve_method(args.drafter, target, block_size=args.block_size,
-                                                 stochastic=args.stochastic_drafts)
+                                                 stochastic=args.stochastic_drafts, mesh=mesh)
         k = drafter_method.block_size
         if args.anchor_profile and not isinstance(drafter, DFlashDrafter):
             raise ConfigError(f"--anchor-profile profiles a DFlash drafter; {args.drafter!r} is not one")
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             methods["drafter+ngram"] = (hybrid, drafter)
         for other in args.also:
             also_method, also_drafter = resolve_method(other, target, block_size=args.block_size,
-                                                       stochastic=args.stochastic_drafts)
+                                                       stochastic=args.stochastic_drafts, mesh=mesh)
             if drafter is None or also_drafter is None:
                 raise ConfigError("--also compares exported drafters: give drafters, not ar/ngram")
             if also_drafter.cfg.mask_token_id != drafter.cfg.mask_token_id:
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             sampling=sampling, rule=args.verify, seed=args.seed, compact=not args.no_compact,
             ceiling=args.ceiling, allow_longer_than_context=args.allow_longer_than_context,
-            eos_ids=stop, mask_token_id=drafter.cfg.mask_token_id if drafter is not None else -1)
+            eos_ids=stop, mask_token_id=drafter.cfg.mask_token_id if drafter is not None else -1, mesh=mesh)
         profile = None
         if args.anchor_profile:
             profile = anchor_profile(target, drafter, prompts, max_new_tokens=args.max_new_tokens,
@@ -166,8 +174,8 @@ def _compile_only(args: argparse.Namespace) -> int:
               f"{', '.join(TOPOLOGIES)})", file=sys.stderr)
         return 2
     try:
-        plan = decode_plan(args.target_config, args.topology, dtype=args.dtype, batch=args.batch_size,
-                           block_size=args.block_size or 16, context=args.context)
+        plan = decode_plan(args.target_config, args.topology, args.mesh, dtype=args.dtype,
+                           batch=args.batch_size, block_size=args.block_size or 16, context=args.context)
     except (ConfigError, ValueError) as err:
         print(f"dflash-bench: error: {err}", file=sys.stderr)
         return 2

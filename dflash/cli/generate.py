@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 
-from dflash.cli.parser import make_parser
+from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
 from dflash.decoding import SamplingParams, generate
 from dflash.decoding.drafters import resolve_method
 from dflash.decoding.speculative import speculative_generate
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-steps", action="store_true",
                    help="colour what each verify step emitted: accepted drafts green, the target's own token "
                         "bold yellow (with --json: a 'steps' list of {drafts, bonus})")
+    add_mesh_arg(p)
     add_distributed_args(p)
     return p
 
@@ -83,19 +84,21 @@ def main(argv: list[str] | None = None) -> int:
         prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
         tokenizer = load_tokenizer(args.target)
-        model = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl)
+        mesh = mesh_from_args(args.mesh)
+        model = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl,
+                            mesh=mesh)
         ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # length: checked below
         if not ids:
             raise ConfigError("the prompt encodes to zero tokens")
         common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
                       eos_ids=eos_ids(tokenizer, model.cfg.eos_token_id), max_len=args.max_len,
                       pad_id=tokenizer.pad_token_id or 0,
-                      allow_longer_than_context=args.allow_longer_than_context)
+                      allow_longer_than_context=args.allow_longer_than_context, mesh=mesh)
         if args.drafter is None:
             result = generate(model, [ids], **common)
         else:
             method, drafter = resolve_method(args.drafter, model, block_size=args.block_size,
-                                             stochastic=args.stochastic_drafts)  # the target's attention_impl
+                                             stochastic=args.stochastic_drafts, mesh=mesh)  # target's impl
             if args.tree_width or args.ngram_branch:
                 method = DFlashTreeDraft.around(method, args.tree_width or 1, lookup=args.ngram_branch)
             result = speculative_generate(model, [ids], method=method, drafter=drafter, rule=args.verify,

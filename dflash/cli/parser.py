@@ -6,6 +6,12 @@ from __future__ import annotations
 import argparse
 import copy
 
+import jax
+from jax.sharding import Mesh
+
+from dflash.errors import ConfigError
+from dflash.sharding import AXES, MeshConfig, make_mesh
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Appends ``(default: X)`` to every option with a real default, even one without help text.
@@ -31,3 +37,44 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def make_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` for a dflash command, with defaults shown in ``--help``."""
     return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+
+
+MESH_HELP = ("decode on a device mesh: data=D,fsdp=F,tensor=T, any subset (the rest 1, data the rest of the "
+             "devices unless another axis is -1); -1 for 'the rest of the devices'. The batch goes over "
+             "data x fsdp, heads / MLP / vocabulary over tensor (docs/multihost.md)")
+
+
+def parse_mesh(text: str) -> MeshConfig:
+    """``data=D,fsdp=F,tensor=T`` as a ``MeshConfig``: any subset of the axes in any order, one of
+    them -1 at most; ``data`` defaults to -1 (the rest of the devices) unless another axis is -1."""
+    sizes: dict[str, int] = {}
+    for part in text.split(","):
+        name, eq, value = part.strip().partition("=")
+        if not eq or name not in AXES or name in sizes:
+            raise ConfigError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS one of "
+                              f"{', '.join(AXES)} (each at most once), e.g. data=2,tensor=4")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ConfigError(f"--mesh {text!r}: {name}={value!r} is not an integer (a size or -1)") from None
+    defaults = {"data": 1 if -1 in sizes.values() else -1, "fsdp": 1, "tensor": 1}
+    return MeshConfig(**{**defaults, **sizes})
+
+
+def _mesh_type(text: str) -> MeshConfig:
+    try:
+        return parse_mesh(text)
+    except ConfigError as err:  # ShardingError too: argparse prints it as a usage error
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--mesh {text!r}: ")) from None
+
+
+def add_mesh_arg(parser: argparse.ArgumentParser, help: str = MESH_HELP) -> None:
+    """``--mesh data=D,fsdp=F,tensor=T`` (parsed to a ``MeshConfig``; default: no mesh)."""
+    parser.add_argument("--mesh", type=_mesh_type, default=None, metavar="data=D,fsdp=F,tensor=T", help=help)
+
+
+def mesh_from_args(config: MeshConfig | None, *, local: bool = False) -> Mesh | None:
+    """The mesh of ``--mesh`` over all devices of the job (``local``: this process's own), or None."""
+    if config is None:
+        return None
+    return make_mesh(config, jax.local_devices() if local else jax.devices())

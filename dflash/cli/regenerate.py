@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from dflash.cli.parser import make_parser
+from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
 from dflash.decoding import SamplingParams
 from dflash.distributed import add_distributed_args, is_primary
 from dflash.errors import DflashError
@@ -37,18 +37,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    add_mesh_arg(p, help="run the target on a mesh of this process's devices: data=D,fsdp=F,tensor=T, any "
+                         "subset, -1 for the rest (tensor-parallel when it does not fit one device; every "
+                         "process decodes its own shards of the dataset on its own mesh)")
     add_distributed_args(p)
     args = p.parse_args(argv)
     try:
         initialize_from_args(args)
         tokenizer = load_tokenizer(args.target)
-        target = load_target(args.target, dtype=DTYPES[args.dtype])
+        mesh = mesh_from_args(args.mesh, local=True)
+        target = load_target(args.target, dtype=DTYPES[args.dtype], mesh=mesh)
         n = regenerate_dataset(
             target, tokenizer, args.data, args.out, split=args.split, messages_field=args.messages_field,
             max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
             max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
             progress=not args.no_progress, sampling=SamplingParams(temperature=args.temperature),
-            seed=args.seed, allow_longer_than_context=args.allow_longer_than_context)
+            seed=args.seed, allow_longer_than_context=args.allow_longer_than_context, mesh=mesh)
     except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-regenerate: error: {err}", file=sys.stderr)
         return 2

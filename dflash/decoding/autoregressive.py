@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from dflash import cache as kvc
 from dflash.decoding.compiled import compiled
+from dflash.decoding.mesh import check_on_mesh, on_mesh, pad_request, place, to_host
 from dflash.decoding.sampling import SamplingParams, sample
 from dflash.errors import ConfigError, ContextLengthError  # noqa: F401  (raised here; importable from here too)
 from dflash.models.transformer import Transformer
@@ -150,26 +152,34 @@ def generate(
     max_len: int | None = None,
     pad_id: int = 0,
     allow_longer_than_context: bool = False,
+    mesh: Mesh | None = None,
 ) -> GenerationResult:
     """Batched AR generation; rows may have different prompt lengths and token budgets.
 
     Raises ``CacheOverflowError`` when a prompt plus its budget exceeds ``max_len``, and
     ``ContextLengthError`` when it exceeds the model's context (unless allowed).
+    ``mesh``: decode on it (batch over ``data × fsdp``, the model's own split over ``tensor``);
+    the model must already be on it (``load_target(..., mesh=)`` or ``sharding.shard_model``).
+    The batch is padded to a multiple of the batch split with dummy rows, dropped from the result.
     """
     batch = len(prompts)
-    budgets, prompt_lens, max_len, padded = prepare_batch(prompts, max_new_tokens, 0, max_len, pad_id)
+    rows, budgets = pad_request(prompts, max_new_tokens, mesh)  # dummy rows: budget 1, dropped below
+    budgets, prompt_lens, max_len, padded = prepare_batch(rows, budgets, 0, max_len, pad_id)
     check_context(prompt_lens, budgets, model.cfg.max_position_embeddings, allow_longer_than_context)
     eos = tuple(model.cfg.eos_token_id if eos_ids is None else eos_ids)
     key = jax.random.key(0) if key is None else key
     graphdef, params = nnx.split(model)
+    check_on_mesh(params, mesh, "target")
     max_new = max(budgets)
-    args = (params, kvc.init_cache(model.cfg, batch, max_len, model.dtype), jnp.asarray(padded),
-            jnp.asarray(prompt_lens, jnp.int32), jnp.asarray(budgets, jnp.int32), key)
-    static = dict(graphdef=graphdef, max_new=max_new, sampling=sampling, eos_ids=eos)
-    program, compile_s = compiled(_generate, args, static)
-    t0 = time.perf_counter()
-    out, n, _ = jax.block_until_ready(program(*args))
-    elapsed = time.perf_counter() - t0
-    out, n = np.asarray(out), np.asarray(n)
+    with on_mesh(mesh):
+        args = (params, kvc.init_cache(model.cfg, len(budgets), max_len, model.dtype), place(padded, mesh),
+                place(np.asarray(prompt_lens, np.int32), mesh),
+                place(np.asarray(budgets, np.int32), mesh), place(key, mesh))
+        static = dict(graphdef=graphdef, max_new=max_new, sampling=sampling, eos_ids=eos)
+        program, compile_s = compiled(_generate, args, static)
+        t0 = time.perf_counter()
+        out, n, _ = jax.block_until_ready(program(*args))
+        elapsed = time.perf_counter() - t0
+    out, n = to_host(out), to_host(n)
     tokens = [out[i, : n[i]].tolist() for i in range(batch)]
-    return GenerationResult(tokens, prompt_lens, elapsed, compile_s)
+    return GenerationResult(tokens, prompt_lens[:batch], elapsed, compile_s)

@@ -4,6 +4,10 @@ The decoding loops are compiled before they are run so that compile time is repo
 from decoding time. ``jit(f).lower(...).compile()`` does not go through jit's own cache, so
 without this cache every call would compile again; with it, a loop compiles once per shape
 bucket and ``COMPILES`` (a process-wide counter) lets tests check exactly that.
+
+The key holds each argument leaf's sharding and the mesh set with ``jax.set_mesh``: an
+executable takes its inputs in the layout it was compiled for, so the same shapes on another
+mesh (or unsharded) are another program.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ _MAX_ENTRIES = 32
 
 def _signature(args: Any) -> tuple[Any, ...]:
     leaves, treedef = jax.tree.flatten(args)
-    return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+    return treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
 
 
 def compiled(fn: Any, args: tuple[Any, ...], static: dict[str, Any]) -> tuple[Callable[..., Any], float]:
     """``(executable, seconds spent compiling now)`` for ``fn(*args, **static)``; 0 s when cached."""
-    key = (fn, tuple(sorted(static.items())), _signature(args))
+    key = (fn, tuple(sorted(static.items())), _signature(args), jax.sharding.get_abstract_mesh())
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key], 0.0

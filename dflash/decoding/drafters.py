@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from dflash.decoding.method import DraftMethod
 from dflash.decoding.sampling import probabilities
@@ -171,14 +172,16 @@ def method_for(drafter: Any, *, stochastic: bool = False, block_size: int | None
 
 
 def resolve_method(spec: str | None, target: Transformer, *, block_size: int | None = None,
-                   stochastic: bool = False, attention_impl: str | None = None) -> tuple[Any, Any]:
+                   stochastic: bool = False, attention_impl: str | None = None,
+                   mesh: Mesh | None = None) -> tuple[Any, Any]:
     """``None``/``"ar"`` -> AR, ``"ngram"`` -> prompt lookup, else an exported drafter.
 
     An exported drafter is a DFlash directory or an Orthrus one (full or delta export, e.g. the
     shipped ``tiny-code-orthrus``), given as a directory, shipped name or hub id; an Orthrus
     drafter is checked against ``target`` (architecture and weights). Returns
     ``(method, drafter_module_or_None)`` for ``speculative_generate``. The drafter is built with
-    ``attention_impl`` (default: the target's ``attention_impl``), so one setting covers a run.
+    ``attention_impl`` (default: the target's ``attention_impl``), so one setting covers a run,
+    and read into its shards on ``mesh`` (decoding on a mesh: the target is on it too).
     """
     impl = target.attention_impl if attention_impl is None else attention_impl
     if spec in (None, "", "ar", "none"):
@@ -186,7 +189,7 @@ def resolve_method(spec: str | None, target: Transformer, *, block_size: int | N
     if spec == "ngram":
         return NgramDraft(block_size=block_size or 16), None
     if find_orthrus(spec) is not None:
-        drafter = load_orthrus(spec, target, dtype=target.dtype, attention_impl=impl)
+        drafter = load_orthrus(spec, target, dtype=target.dtype, attention_impl=impl, mesh=mesh)
     else:
-        drafter = load_drafter(spec, target.cfg, dtype=target.dtype, attention_impl=impl)
+        drafter = load_drafter(spec, target.cfg, dtype=target.dtype, attention_impl=impl, mesh=mesh)
     return method_for(drafter, stochastic=stochastic, block_size=block_size), drafter

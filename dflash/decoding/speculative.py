@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from dflash import cache as kvc
+from dflash.decoding import mesh as md
 from dflash.decoding.autoregressive import GenerationResult, check_context, is_eos, prefill, prepare_batch
 from dflash.decoding.compiled import compiled
 from dflash.decoding.drafters import NoDraft
@@ -247,6 +249,7 @@ def speculative_generate(
     key: jax.Array | None = None,
     compact: bool = True,
     allow_longer_than_context: bool = False,
+    mesh: Mesh | None = None,
 ) -> SpecResult:
     """Speculative decoding of a batch of prompts with ``method`` (and its ``drafter``).
 
@@ -257,7 +260,10 @@ def speculative_generate(
     least ``COMPACT_MIN_ROWS`` rows are compacted: below that a recompile costs more than it saves.
     ``mask_token_id`` (never emitted) comes from the method; passing a different one is an error.
     A prompt plus its budget past the target's context is a ``ContextLengthError`` unless
-    ``allow_longer_than_context``.
+    ``allow_longer_than_context``. ``mesh``: decode on it (batch over ``data × fsdp``, the models'
+    own split over ``tensor``); target and drafter must already be on it (``load_target(...,
+    mesh=)``, ``sharding.shard_model``). The batch is padded to a multiple of the batch split with
+    dummy rows (dropped), and compaction keeps finished rows as padding to stay a multiple of it.
     """
     mask_id = mask_id_for(method, mask_token_id)
     rule = rule or ("greedy" if sampling.greedy else "token")
@@ -267,57 +273,64 @@ def speculative_generate(
         raise ConfigError("greedy verification needs temperature 0; use rule 'token' or 'block'")
     if method.tree and rule == "block":
         raise ConfigError("tree drafting verifies greedily or token-wise (sibling rejection), not 'block'")
-    batch = len(prompts)
-    k = method.block_size
+    batch, k, split = len(prompts), method.block_size, md.batch_split(mesh)
     # A verify pass may write up to Q (a tree: all its nodes) slots past the last committed token.
+    rows, budgets = md.pad_request(prompts, max_new_tokens, mesh)  # dummy rows: budget 1, dropped
     slack = method.verify_tokens
-    budgets, prompt_lens, max_len, padded = prepare_batch(prompts, max_new_tokens, slack, max_len, pad_id)
+    budgets, prompt_lens, max_len, padded = prepare_batch(rows, budgets, slack, max_len, pad_id)
     check_context(prompt_lens, budgets, target.cfg.max_position_embeddings, allow_longer_than_context)
     eos = tuple(target.cfg.eos_token_id if eos_ids is None else eos_ids)
     tgraph, tparams = nnx.split(target)
     dgraph, dparams = nnx.split(drafter) if drafter is not None else (None, None)
+    md.check_on_mesh(tparams, mesh, "target")
+    md.check_on_mesh(dparams, mesh, "drafter")
     common = dict(tgraph=tgraph, dgraph=dgraph, method=method, max_new=max(budgets))
-    start_args = (tparams, dparams, jnp.asarray(padded), jnp.asarray(prompt_lens, jnp.int32),
-                  jnp.asarray(budgets, jnp.int32), jax.random.key(0) if key is None else key)
-    start, compile_s = compiled(_spec_start, start_args, dict(common, max_len=max_len, eos_ids=eos,
-                                                               sampling=sampling))
     loop_static = dict(common, eos_ids=eos, mask_id=mask_id, sampling=sampling, rule=rule)
     # Results per original row; rows leave the device batch as they finish (when compacting).
     tokens_out: list[list[int]] = [[] for _ in range(batch)]
     accs: list[list[int]] = [[] for _ in range(batch)]
     forwards = [0] * batch
-    elapsed = 0.0
-    t0 = time.perf_counter()
-    carry, key = jax.block_until_ready(start(*start_args))
-    elapsed += time.perf_counter() - t0
-    row_ids = np.arange(batch)  # original index of each device row
     sizes: list[int] = []
-    while True:
-        # Run until all rows are done or, on a large batch, until at most half remain active.
-        keep_above = len(row_ids) // 2 if compact and len(row_ids) >= COMPACT_MIN_ROWS else 0
-        sizes.append(len(row_ids))
-        loop, seconds = compiled(_spec_loop, (tparams, dparams, carry, key), dict(loop_static,
-                                                                                  keep_above=keep_above))
-        compile_s += seconds
+    elapsed = 0.0
+    with md.on_mesh(mesh):
+        inputs = (padded, np.asarray(prompt_lens, np.int32), np.asarray(budgets, np.int32),
+                  jax.random.key(0) if key is None else key)
+        start_args = (tparams, dparams, *(md.place(x, mesh) for x in inputs))
+        start, compile_s = compiled(_spec_start, start_args, dict(common, max_len=max_len, eos_ids=eos,
+                                                                   sampling=sampling))
         t0 = time.perf_counter()
-        carry, key = jax.block_until_ready(loop(tparams, dparams, carry, key))
-        done = np.asarray(carry.done)
+        carry, key = jax.block_until_ready(start(*start_args))
         elapsed += time.perf_counter() - t0
-        finished = np.flatnonzero(done)
-        if finished.size:
-            tokens_BL, n_gen, acc_log, steps = (np.asarray(x) for x in (
-                carry.tokens_BL, carry.n_gen, carry.acc_log, carry.steps))
-            for r in finished:
-                i = row_ids[r]
-                p = prompt_lens[i]
-                tokens_out[i] = tokens_BL[r, p: p + n_gen[r]].tolist()
-                accs[i] = acc_log[r, : steps[r]].tolist()
-                forwards[i] = int(steps[r]) + 1  # + the prefill pass
-        if done.all():
-            break
-        t0 = time.perf_counter()
-        keep = np.flatnonzero(~done)
-        carry, row_ids = jax.block_until_ready(_take_rows(carry, keep)), row_ids[keep]
-        elapsed += time.perf_counter() - t0
-    return SpecResult(tokens_out, prompt_lens, elapsed, compile_s, accs, forwards, k, sizes, max_len)
-
+        row_ids = np.where(np.arange(len(budgets)) < batch, np.arange(len(budgets)), -1)  # -1: no result
+        while True:
+            # Run until all rows are done or, on a large batch, until at most half remain active.
+            shrinks = compact and len(row_ids) >= COMPACT_MIN_ROWS and md.can_compact(len(row_ids), split)
+            keep_above = len(row_ids) // 2 if shrinks else 0
+            sizes.append(len(row_ids))
+            loop, seconds = compiled(_spec_loop, (tparams, dparams, carry, key), dict(loop_static,
+                                                                                      keep_above=keep_above))
+            compile_s += seconds
+            t0 = time.perf_counter()
+            carry, key = jax.block_until_ready(loop(tparams, dparams, carry, key))
+            done = md.to_host(carry.done)
+            elapsed += time.perf_counter() - t0
+            finished = np.flatnonzero(done & (row_ids >= 0))
+            if finished.size:
+                tokens_BL, n_gen, acc_log, steps = (md.to_host(x) for x in (
+                    carry.tokens_BL, carry.n_gen, carry.acc_log, carry.steps))
+                for r in finished:
+                    i = row_ids[r]
+                    p = prompt_lens[i]
+                    tokens_out[i] = tokens_BL[r, p: p + n_gen[r]].tolist()
+                    accs[i] = acc_log[r, : steps[r]].tolist()
+                    forwards[i] = int(steps[r]) + 1  # + the prefill pass
+                row_ids[finished] = -1  # collected: may stay on as padding
+            if done.all():
+                break
+            t0 = time.perf_counter()
+            keep = md.compact_rows(done, split)  # the active rows (and, on a mesh, finished ones as padding)
+            taken = _take_rows(carry, keep)
+            carry = jax.block_until_ready(taken if mesh is None else md.reshard_like(taken, carry))
+            row_ids = row_ids[keep]
+            elapsed += time.perf_counter() - t0
+    return SpecResult(tokens_out, prompt_lens[:batch], elapsed, compile_s, accs, forwards, k, sizes, max_len)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from dflash.decoding import SamplingParams, generate
@@ -51,12 +52,14 @@ def regenerate_conversations(
     on_batch: Callable[[int], None] | None = None,
     allow_longer_than_context: bool = False,
     key: jax.Array | None = None,
+    mesh: Mesh | None = None,
 ) -> list[list[dict[str, str]]]:
     """Copies of ``conversations`` with every assistant turn replaced by the target's response.
 
     Prompts keep their last ``max_prompt_tokens`` tokens (default: what the target's context
     leaves after ``max_new_tokens``); settings that could pass the context are refused up front.
-    ``key`` (default ``jax.random.key(seed)``) drives sampling.
+    ``key`` (default ``jax.random.key(seed)``) drives sampling. ``mesh``: decode there (the
+    target must be on it); greedy output is the same as without.
     """
     context = target.cfg.max_position_embeddings
     if max_prompt_tokens is None:
@@ -94,7 +97,7 @@ def regenerate_conversations(
             key, sub = jax.random.split(key)
             result = generate(target, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=sub,
                               eos_ids=eos, pad_id=tokenizer.pad_token_id or 0,
-                              allow_longer_than_context=allow_longer_than_context)
+                              allow_longer_than_context=allow_longer_than_context, mesh=mesh)
             for i, toks in zip(jobs, result.tokens, strict=True):
                 if toks and toks[-1] in eos:
                     toks = toks[:-1]
@@ -109,13 +112,16 @@ def regenerate_conversations(
 
 def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_path: str | Path, *,
                        split: str = "train", messages_field: str = "messages", max_examples: int = 0,
-                       shard_size: int = 256, progress: bool = True, **kwargs: Any) -> int:
+                       shard_size: int = 256, progress: bool = True, mesh: Mesh | None = None,
+                       **kwargs: Any) -> int:
     """Reads conversations through ``datasets``, writes a jsonl dataset with regenerated turns.
 
     The work is cut into shards of ``shard_size`` conversations (``regen_shards``): each process
     regenerates shards ``process_index, process_index + process_count, ...`` and skips the ones
     already written, so a killed job resumes without redoing finished shards and the result does
     not depend on the process count. Process 0 then joins the shards into ``out_path``.
+    ``mesh`` (this process's devices) is where the target decodes; it is not a setting of the
+    output (a job may resume on another mesh).
     """
     import datasets  # deferred: only writing the dataset needs it, and it is slow to import
 
@@ -139,7 +145,8 @@ def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_pat
             convs = [[{"role": m["role"], "content": m["content"]} for m in clean_messages(conv)]
                      for conv in ds.select(range(lo, hi))[messages_field]]  # also ShareGPT's from/value turns
             new = regenerate_conversations(target, tokenizer, convs, progress=False,
-                                           key=jax.random.fold_in(jax.random.key(seed), shard), **kwargs)
+                                           key=jax.random.fold_in(jax.random.key(seed), shard), mesh=mesh,
+                                           **kwargs)
             plan.write(shard, datasets.Dataset.from_dict({messages_field: new}))
             advance()
     return plan.finish()
