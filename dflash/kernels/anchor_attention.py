@@ -81,22 +81,34 @@ def chunked_anchor_block_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH,
     the backward recomputes one chunk's scores at a time: ``[B, N, chunk, Q, S]``. Same ops
     per anchor as the reference (blocks never see each other), so the same values.
     """
-    b, a = q_BAQNH.shape[:2]
-    c = min(chunk, a)
-    n = -(-a // c)
-
-    def split(x):  # [B, A, ...] -> [n, B, c, ...]; padded anchors see only their (zero) block
-        x = jnp.pad(x, [(0, 0), (0, n * c - a)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.swapaxes(x.reshape(b, n, c, *x.shape[2:]), 0, 1)
+    c = min(chunk, q_BAQNH.shape[1])
 
     @jax.checkpoint
     def one(carry, xs):
         q, kb, vb, mask = xs
         return carry, reference_anchor_block_attention(q, k_ctx_BSKH, v_ctx_BSKH, kb, vb, mask)
 
-    _, out = jax.lax.scan(one, None, (split(q_BAQNH), split(k_blk_BAQKH), split(v_blk_BAQKH),
-                                      split(ctx_mask_BAS)))
-    return jnp.swapaxes(out, 0, 1).reshape(b, n * c, *out.shape[3:])[:, :a]
+    xs = tuple(split_anchor_chunks(x, c) for x in (q_BAQNH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS))
+    _, out = jax.lax.scan(one, None, xs)
+    return merge_anchor_chunks(out, q_BAQNH.shape[1])
+
+
+def split_anchor_chunks(x_BA: jax.Array, chunk: int) -> jax.Array:
+    """``[B, A, ...]`` -> ``[n, B, chunk, ...]``, A zero-padded up to ``n * chunk``.
+
+    Blocks never see each other, so a padded anchor (zero inputs, empty context mask) sees
+    only its own zero block and changes no real anchor's value or gradient.
+    """
+    b, a = x_BA.shape[:2]
+    n = -(-a // chunk)
+    x_BA = jnp.pad(x_BA, [(0, 0), (0, n * chunk - a)] + [(0, 0)] * (x_BA.ndim - 2))
+    return jnp.swapaxes(x_BA.reshape(b, n, chunk, *x_BA.shape[2:]), 0, 1)
+
+
+def merge_anchor_chunks(x_nBc: jax.Array, anchors: int) -> jax.Array:
+    """Inverse of ``split_anchor_chunks``: ``[n, B, chunk, ...]`` -> ``[B, anchors, ...]``."""
+    n, b, c = x_nBc.shape[:3]
+    return jnp.swapaxes(x_nBc, 0, 1).reshape(b, n * c, *x_nBc.shape[3:])[:, :anchors]
 
 
 class _Config(NamedTuple):
