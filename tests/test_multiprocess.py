@@ -111,12 +111,18 @@ def test_training_on_a_data_fsdp_tensor_mesh_across_two_processes_equals_one_pro
     for name, processes, devices in (("one", 1, 8), ("two", 2, 4)):
         d = tmp_path / name
         d.mkdir()
-        (d / "args.json").write_text(json.dumps({"target": str(tiny_target), "mesh": mesh}))
+        args = {"target": str(tiny_target), "mesh": mesh, "final_eval": True}
+        (d / "args.json").write_text(json.dumps(args))
         results, _ = _launch("train", d, processes=processes, devices=devices, timeout_s=500)
         _ok(results)
         out[name] = (json.loads((d / "result.json").read_text()),
                      load_file(str(d / "run" / "export" / "model.safetensors")))
     assert out["one"][0]["final_eval"] == out["two"][0]["final_eval"]
+    # The real-τ decoding ran on the (2, 2, 2) mesh on both processes (no gathered target): the
+    # same tokens, so the same acceptance, as in one process.
+    for key in ("tau", "tau_ngram", "tau_with_ngram", "acceptance_histogram", "eval_new_tokens"):
+        assert out["one"][0][key] == out["two"][0][key], key
+    assert "outputs_differ" not in out["two"][0] and out["two"][0]["tau"] >= 1.0
     a, b = out["one"][1], out["two"][1]
     assert set(a) == set(b)
     for name in a:

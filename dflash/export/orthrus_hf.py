@@ -26,13 +26,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from dflash.config import ConfigError, ModelConfig
+from dflash.decoding.mesh import to_host
 from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
 from dflash.export.dflash_hf import export_of_run, target_fingerprint
 from dflash.models.loading import (
@@ -67,6 +66,8 @@ _SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors
 def target_weights_fingerprint(target: Transformer, samples: int = 256) -> str:
     """Short hash of a strided sample of every target tensor (cheap even for 8B targets).
 
+    On a target sharded over several processes every process must call it (the sample is gathered).
+
     Values are rounded to bfloat16 first, so a bf16 checkpoint loaded in fp32 or bf16 gives
     the same fingerprint; a different checkpoint of the same architecture does not.
     """
@@ -74,7 +75,7 @@ def target_weights_fingerprint(target: Transformer, samples: int = 256) -> str:
     for path, var in sorted(nnx.to_flat_state(nnx.state(target, nnx.Param)), key=lambda pv: str(pv[0])):
         flat = jnp.ravel(var[...])
         sample = flat[:: max(1, flat.shape[0] // samples)][:samples]
-        values = np.asarray(jax.device_get(sample.astype(jnp.bfloat16).astype(jnp.float32)))
+        values = to_host(sample.astype(jnp.bfloat16).astype(jnp.float32))  # gathered if sharded over hosts
         digest.update(".".join(map(str, path)).encode())
         digest.update(str(tuple(var.shape)).encode())
         digest.update(values.tobytes())
@@ -82,7 +83,8 @@ def target_weights_fingerprint(target: Transformer, samples: int = 256) -> str:
 
 
 def orthrus_hf_config(cfg: OrthrusConfig, target: Transformer, form: Literal["full", "delta"],
-                      target_name: str = "", dtype: str = "float32") -> dict[str, Any]:
+                      target_name: str = "", dtype: str = "float32",
+                      weights_fingerprint: str | None = None) -> dict[str, Any]:
     out = target.cfg.to_hf()
     out.update({
         "architectures": [FULL_ARCH if form == "full" else DELTA_ARCH],
@@ -93,15 +95,19 @@ def orthrus_hf_config(cfg: OrthrusConfig, target: Transformer, form: Literal["fu
             "form": form, "block_size": cfg.block_size, "mask_token_id": cfg.mask_token_id,
             "target_architectures": target.cfg.to_hf()["architectures"],
             "target": {"name_or_path": str(target_name), "fingerprint": target_fingerprint(target.cfg),
-                       "weights_fingerprint": target_weights_fingerprint(target)},
+                       "weights_fingerprint": weights_fingerprint or target_weights_fingerprint(target)},
         },
     })
     return out
 
 
 def save_orthrus(drafter: OrthrusDrafter, target: Transformer, directory: str | os.PathLike, *,
-                 form: Literal["full", "delta"] = "delta", target_name: str = "", dtype: Any = None) -> Path:
-    """Writes the drafter (``delta``: diffusion tensors only; ``full``: target + diffusion)."""
+                 form: Literal["full", "delta"] = "delta", target_name: str = "", dtype: Any = None,
+                 weights_fingerprint: str | None = None) -> Path:
+    """Writes the drafter (``delta``: diffusion tensors only; ``full``: target + diffusion).
+
+    ``weights_fingerprint``: the target's, computed beforehand (a multi-process trainer computes it
+    on every process, then process 0 exports with a target whose shards it does not all hold)."""
     if form not in ("full", "delta"):
         raise ConfigError(f"form must be 'full' or 'delta', got {form!r}")
     drafter.cfg.check_target(target.cfg)
@@ -124,7 +130,8 @@ def save_orthrus(drafter: OrthrusDrafter, target: Transformer, directory: str | 
     name = jnp.dtype(dtype).name if dtype is not None else jnp.dtype(
         drafter.layers[0].q_proj_diff.kernel[...].dtype).name
     with open(out / "config.json", "w") as f:
-        json.dump(orthrus_hf_config(drafter.cfg, target, form, target_name, name), f, indent=2)
+        json.dump(orthrus_hf_config(drafter.cfg, target, form, target_name, name, weights_fingerprint), f,
+                  indent=2)
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from dflash.decoding.drafters import NgramDraft, method_for
 from dflash.decoding.speculative import speculative_generate
@@ -57,14 +58,15 @@ def make_evaluate(eval_step: Callable, tstate: Any, batches: list[Any]) -> Calla
 
 
 def measure_tau(target: Transformer, drafter: DFlashDrafter | OrthrusDrafter, prompts: list[list[int]],
-                max_new_tokens: int) -> dict[str, Any]:
+                max_new_tokens: int, mesh: Mesh | None = None) -> dict[str, Any]:
     """Real greedy speculative decoding on held-out prompts: the drafter's tau next to n-gram's,
     and for DFlash also both in one tree (``tau_with_ngram``: the lookup chain as a branch).
 
-    All are lossless, so their outputs must agree; ``outputs_differ`` lists the pairs that don't."""
+    All are lossless, so their outputs must agree; ``outputs_differ`` lists the pairs that don't.
+    ``mesh``: decode there (models already on it; every process of a multi-host run calls this)."""
     eos = tuple(target.cfg.eos_token_id)
     mask = drafter.cfg.mask_token_id
-    common = dict(max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=mask)
+    common = dict(max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=mask, mesh=mesh)
     dres = speculative_generate(target, prompts, method=method_for(drafter), drafter=drafter, **common)
     ngram = NgramDraft(block_size=drafter.cfg.block_size)
     nres = speculative_generate(target, prompts, method=ngram, **common)

@@ -37,7 +37,7 @@ from dflash.distributed import host_local, is_primary, show_progress, sync_proce
 from dflash.drafters.orthrus import OrthrusDrafter
 from dflash.errors import TrainingError
 from dflash.export.dflash_hf import save_drafter
-from dflash.export.orthrus_hf import save_orthrus
+from dflash.export.orthrus_hf import save_orthrus, target_weights_fingerprint
 from dflash.fingerprint import check_consistent, fingerprint
 from dflash.models import load_target
 from dflash.models.loading import DTYPES, read_config, resolve
@@ -189,19 +189,24 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     writer.flush()
     bar.close()
 
-    # ---- the result: export, real tau, metrics.json (process 0, on its own copy of the drafter)
-    drafter, _ = nnx.merge(graphdef, host_local(state))
-    if final_eval and jax.process_count() > 1:  # process 0 decodes alone: on its own copy of the target
-        target = nnx.merge(tgraph, host_local(tstate))
+    # ---- the result: real tau decoded on the training mesh by every process (target and drafter
+    # stay in their shards), then the export and metrics.json on process 0
+    trained, _ = nnx.merge(graphdef, state)  # the drafter in its shards
     result: dict[str, Any] = {"method": cfg.method, "block_size": dcfg.block_size, "steps": total,
                               "final_eval": history[-1] if history else None,
                               "best_step": best_step, "best_tau_sim": best_tau}
+    if final_eval:
+        result.update(measure_tau(target, trained, data.prompts, cfg.eval.max_new_tokens, mesh=mesh))
+    # Process 0 writes the export from its own copy of the drafter's parameters (small); an
+    # Orthrus export's target fingerprint is sampled from the sharded target by every process.
+    dgraph, dparams = nnx.split(trained)
+    drafter = nnx.merge(dgraph, host_local(dparams))
+    weights_fp = target_weights_fingerprint(target) if export and cfg.method == "orthrus" else None
     if not is_primary():
         return result
     if export:
-        result["export_dir"] = str(_export(cfg, drafter, target, run_dir / "export"))
+        result["export_dir"] = str(_export(cfg, drafter, target, run_dir / "export", weights_fp))
     if final_eval:
-        result.update(measure_tau(target, drafter, data.prompts, cfg.eval.max_new_tokens))
         writer.scalars(total, {"eval/tau_real" if name == "tau" else f"eval/{name}": result[name]
                                for name in ("tau", "tau_ngram", "tau_with_ngram") if name in result})
         writer.histogram("decode/acceptance", result["acceptance_histogram"], total)
@@ -231,12 +236,14 @@ def _log_eval(writer: ScalarLog, ev: dict[str, Any], step: int) -> None:
     writer.histogram("eval/acceptance", ev["acceptance_counts"], step)  # held-out blocks' simulated lengths
 
 
-def _export(cfg: ExperimentConfig, drafter: Any, target: Transformer, out: Path) -> Path:
+def _export(cfg: ExperimentConfig, drafter: Any, target: Transformer, out: Path,
+            weights_fingerprint: str | None = None) -> Path:
     """The trained drafter in its HF layout (Orthrus: a delta export referencing the target)."""
     if out.exists():
         shutil.rmtree(out)
     if isinstance(drafter, OrthrusDrafter):
-        save_orthrus(drafter, target, out, form="delta", target_name=cfg.target.name)
+        save_orthrus(drafter, target, out, form="delta", target_name=cfg.target.name,
+                     weights_fingerprint=weights_fingerprint)
     else:
         save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target.cfg)
     return out
