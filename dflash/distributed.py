@@ -28,7 +28,7 @@ from dflash.errors import DistributedError
 
 __all__ = ["DistributedError", "Launch", "add_distributed_args", "detect_launch", "initialize",
            "host_local", "is_primary", "quiet_logging", "show_progress",
-           "sync_processes"]
+           "skip_absent_tpu", "sync_processes"]
 
 ENV_COORDINATOR = "DFLASH_COORDINATOR"
 ENV_NUM_PROCESSES = "DFLASH_NUM_PROCESSES"
@@ -108,6 +108,26 @@ def detect_launch(coordinator: str | None = None, num_processes: int | None = No
         elif "TPU_SKIP_MDS_QUERY" not in env:  # a GCE TPU VM: jax asks its metadata server
             return Launch("cloud-tpu")
     return Launch("auto-forced") if mode == "on" else Launch("single")
+
+
+def skip_absent_tpu(environ: Mapping[str, str] | None = None, *, on_tpu_vm: bool | None = None) -> bool:
+    """On a host with neither TPU chips nor a GPU plugin, sets JAX's platforms to ``cpu`` (unless
+    ``JAX_PLATFORMS`` is set). Why: with ``libtpu`` installed (the test extra, for TPU plans)
+    JAX otherwise probes for a TPU at start-up and prints a page of libtpu errors before
+    falling back to the CPU. Compiling for a virtual TPU slice (``dflash.plan``) does not need
+    the TPU platform. Returns whether it did so."""
+    env = os.environ if environ is None else environ
+    if env.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+        return False
+    if on_tpu_vm is None:
+        on_tpu_vm = any(Path(f).exists() for f in _TPU_DEVICE_FILES)
+    from importlib.metadata import entry_points
+    from importlib.util import find_spec
+
+    if on_tpu_vm or list(entry_points(group="jax_plugins")) or find_spec("jax_plugins") is not None:
+        return False  # TPU chips, or a CUDA / ROCm plugin: leave the choice to JAX
+    jax.config.update("jax_platforms", "cpu")
+    return True
 
 
 def is_initialized() -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -249,3 +250,21 @@ def test_local_env_simulates_cpu_devices_and_keeps_explicit_settings():
         "127.0.0.1:1234", "2", "1")
     assert local_env(0, 2, 1, 4, base={"JAX_PLATFORMS": "cuda"})["JAX_PLATFORMS"] == "cuda"
     assert "JAX_PLATFORMS" not in local_env(0, 2, 1, 0, base={})  # real devices: left to JAX
+
+
+def test_a_cpu_only_host_with_libtpu_installed_starts_quietly_on_the_cpu():
+    """libtpu (the test extra, for TPU plans) made every command print a page of TPU-probe errors
+    on a CPU-only host; importing dflash now pins JAX to the CPU there, and only there."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = "import dflash, jax; print(jax.config.jax_platforms, jax.devices()[0].platform)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cpu", "cpu"]
+    assert "libtpu" not in out.stderr and "TPU" not in out.stderr, out.stderr
+    code = "import dflash, jax; print(jax.config.jax_platforms)"  # (no backend started: tpu is absent)
+    explicit = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_PLATFORMS="cpu,tpu"),
+                              capture_output=True, text=True, timeout=120)
+    assert explicit.stdout.split() == ["cpu,tpu"], explicit.stderr  # the user's choice stands
+    from dflash.distributed import skip_absent_tpu
+
+    assert not skip_absent_tpu({}, on_tpu_vm=True)  # TPU chips: JAX chooses
