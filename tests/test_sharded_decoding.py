@@ -181,3 +181,57 @@ def test_generate_and_regenerate_clis_on_a_mesh_equal_unsharded():
         assert outs[0] == outs[1] and "OLD" not in outs[0]
         bad = ["--data", str(src), "--out", str(Path(tmp) / "x.jsonl"), "--mesh", "data=3"]
         assert regenerate_main(bad) == 2  # 3 devices of 4: a clear error
+
+
+def _shipped_request():
+    prompts = [[int(t) for t in np.random.default_rng(i).integers(5, 4000, size=3 + 2 * i)] for i in range(9)]
+    return prompts, [6, 24, 10, 20, 4, 16, 8, 12, 2]
+
+
+def two_process_worker(out: str) -> None:
+    """One of two processes (4 CPU devices each): tiny-code + tiny-code-dflash on a mesh that spans
+    both (``data`` across the processes), 9 rows; process 0 writes what it decoded."""
+    import json
+
+    from dflash.decoding.drafters import resolve_method
+    from dflash.distributed import initialize
+    from dflash.models import load_target
+
+    initialize()
+    mesh = sh.make_mesh(sh.MeshConfig(2, 1, 4))
+    target = load_target("tiny-code", mesh=mesh)
+    method, drafter = resolve_method("tiny-code-dflash", target, block_size=8, mesh=mesh)
+    prompts, budgets = _shipped_request()
+    got = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=budgets,
+                               eos_ids=(), mesh=mesh)
+    if jax.process_index() == 0:
+        with open(out, "w") as f:
+            json.dump({"tokens": got.tokens, "acc": got.acceptance_lengths, "batches": got.device_batches}, f)
+
+
+def test_decoding_on_a_mesh_across_two_processes_equals_one_unsharded_process(tmp_path):
+    import json
+    import os
+    import sys
+
+    from devices import ROOT, TESTS
+
+    from dflash.cli.launch import run_local
+    from dflash.decoding.drafters import resolve_method
+    from dflash.models import load_target
+
+    out = tmp_path / "decoded.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+    code = f"import conftest, test_sharded_decoding as t; t.two_process_worker({str(out)!r})"
+    results = run_local([sys.executable, "-c", code], 2, devices_per_process=4, timeout_s=300, env=env,
+                        cwd=str(ROOT))
+    for r in results:
+        assert r.returncode == 0, f"process {r.process_id} exited {r.returncode}:\n{r.stderr[-3000:]}"
+    got = json.loads(out.read_text())
+    target = load_target("tiny-code")
+    method, drafter = resolve_method("tiny-code-dflash", target, block_size=8)
+    prompts, budgets = _shipped_request()
+    ref = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=budgets,
+                               eos_ids=())
+    assert got["tokens"] == ref.tokens and got["acc"] == ref.acceptance_lengths
+    assert len(got["batches"]) > 1 and all(b % 2 == 0 for b in got["batches"])  # compacted across processes

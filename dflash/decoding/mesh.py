@@ -63,8 +63,9 @@ def place(x: Any, mesh: Mesh | None, *, batch: bool = True) -> jax.Array:
     """
     if mesh is None:
         return x if isinstance(x, jax.Array) else jax.numpy.asarray(x)
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return jax.device_put(x, NamedSharding(mesh, P()))  # a key: replicated
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # replicated
+        return jax.random.wrap_key_data(place(jax.random.key_data(x), mesh, batch=False),
+                                        impl=jax.random.key_impl(x))
     x = np.asarray(x)
     sharding = batch_sharding(mesh) if batch else NamedSharding(mesh, P())
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
