@@ -64,3 +64,31 @@ def test_regenerate_reads_sharegpt_turns_as_training_does(tmp_path):
         outs.append([json.loads(line) for line in out.read_text().splitlines()])
     assert outs[1] == outs[0]
     assert outs[0][0]["messages"][0] == roles[0][0] and outs[0][0]["messages"][1]["content"] != "ORIGINAL"
+
+
+def test_process_0_bar_follows_the_other_hosts_shards_and_never_hangs(tmp_path):
+    """Done with its own shards, process 0 keeps its bar moving while other hosts write theirs,
+    and gives up watching after a stall (a dead peer must not hang it here)."""
+    import threading
+    import time
+    import types
+
+    from dflash.training.regen_shards import ShardPlan
+
+    plan = ShardPlan.open(tmp_path / "out.jsonl", num_items=8, shard_size=2, settings={"x": 1})
+    bar = types.SimpleNamespace(n=0, refresh=lambda: None)
+
+    def peer():  # another host finishing shards 1..3, one every 0.1 s
+        for k in (1, 2, 3, 0):
+            time.sleep(0.1)
+            plan.shard_path(k).write_text("{}\n")
+
+    writer = threading.Thread(target=peer)
+    writer.start()
+    plan._follow_peers(bar, stall_s=5.0, poll_s=0.02)
+    writer.join()
+    assert bar.n == plan.num_shards == 4
+    plan.shard_path(3).unlink()
+    bar.n, t0 = 3, time.monotonic()
+    plan._follow_peers(bar, stall_s=0.3, poll_s=0.02)  # shard 3's host died: stop watching
+    assert bar.n == 3 and 0.3 <= time.monotonic() - t0 < 3.0

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,8 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from dflash.distributed import is_primary
+from dflash.distributed import is_primary, sync_processes
 from dflash.errors import ConfigError
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 @dataclasses.dataclass
@@ -52,7 +46,7 @@ class ShardPlan:
             tmp = path.with_name(f"manifest.json.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
             tmp.replace(path)
-        _barrier("dflash regen manifest")
+        sync_processes("dflash regen manifest")
         saved = json.loads(path.read_text())
         if saved != json.loads(json.dumps(manifest, sort_keys=True)):
             diff = sorted(k for k in saved["settings"].keys() | settings.keys()
@@ -92,19 +86,36 @@ class ShardPlan:
         """A bar on process 0 over all processes' shards (counted on the shared output directory)."""
         bar = tqdm(total=self.num_shards, initial=len(self.done()), desc="regenerate (shards)", unit="shard",
                    disable=not (enabled and is_primary()), dynamic_ncols=True)
+        started, longest = time.monotonic(), 0.0
 
         def advance() -> None:
+            nonlocal started, longest
+            longest, started = max(longest, time.monotonic() - started), time.monotonic()
             bar.n = len(self.done())
             bar.refresh()
 
         try:
             yield advance
+            if not bar.disable and jax.process_count() > 1:
+                self._follow_peers(bar, stall_s=max(600.0, 3 * longest))
         finally:
             bar.close()
 
+    def _follow_peers(self, bar: Any, stall_s: float, poll_s: float = 2.0) -> None:
+        """Process 0, done with its own shards, keeps its bar moving with the other hosts' until
+        all are written; it stops watching (and goes on to the barrier) after ``stall_s`` without
+        a new shard, so a failed peer costs a bounded wait, never a hang of its own."""
+        last_change = time.monotonic()
+        while bar.n < self.num_shards and time.monotonic() - last_change < stall_s:
+            time.sleep(poll_s)
+            n = len(self.done())
+            if n != bar.n:
+                bar.n, last_change = n, time.monotonic()
+                bar.refresh()
+
     def finish(self) -> int:
         """After every process: process 0 joins the shards in order into the output file."""
-        _barrier("dflash regen shards done")
+        sync_processes("dflash regen shards done")
         if is_primary():
             missing = [k for k in range(self.num_shards) if not self.shard_path(k).exists()]
             if missing:
@@ -115,5 +126,5 @@ class ShardPlan:
                 for k in range(self.num_shards):
                     f.write(self.shard_path(k).read_bytes())
             tmp.replace(self.out)
-        _barrier("dflash regen joined")
+        sync_processes("dflash regen joined")
         return self.num_items
