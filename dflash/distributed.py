@@ -64,6 +64,11 @@ def _int(value: object, name: str) -> int | None:
         raise DistributedError(f"{name} must be an integer, got {value!r}") from None
 
 
+def _on_tpu_vm() -> bool:
+    """Whether this host has TPU chips (their device files)."""
+    return any(Path(f).exists() for f in _TPU_DEVICE_FILES)
+
+
 def detect_launch(coordinator: str | None = None, num_processes: int | None = None,
                   process_id: int | None = None, environ: Mapping[str, str] | None = None, *,
                   on_tpu_vm: bool | None = None) -> Launch:
@@ -99,7 +104,7 @@ def detect_launch(coordinator: str | None = None, num_processes: int | None = No
     if "OMPI_MCA_orte_hnp_uri" in env and ompi_size > 1:
         return Launch("mpi")
     if on_tpu_vm is None:
-        on_tpu_vm = any(Path(f).exists() for f in _TPU_DEVICE_FILES)
+        on_tpu_vm = _on_tpu_vm()
     if on_tpu_vm:
         hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
         if hosts is not None:  # GKE (JobSet) lists the slice's hosts; one name: a single-host slice
@@ -120,7 +125,7 @@ def skip_absent_tpu(environ: Mapping[str, str] | None = None, *, on_tpu_vm: bool
     if env.get("JAX_PLATFORMS") or jax.config.jax_platforms:
         return False
     if on_tpu_vm is None:
-        on_tpu_vm = any(Path(f).exists() for f in _TPU_DEVICE_FILES)
+        on_tpu_vm = _on_tpu_vm()
     from importlib.metadata import entry_points
     from importlib.util import find_spec
 

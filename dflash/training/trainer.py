@@ -197,11 +197,12 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
                               "best_step": best_step, "best_tau_sim": best_tau}
     if final_eval:
         result.update(measure_tau(target, trained, data.prompts, cfg.eval.max_new_tokens, mesh=mesh))
-    # Process 0 writes the export from its own copy of the drafter's parameters (small); an
-    # Orthrus export's target fingerprint is sampled from the sharded target by every process.
-    dgraph, dparams = nnx.split(trained)
-    drafter = nnx.merge(dgraph, host_local(dparams))
-    weights_fp = target_weights_fingerprint(target) if export and cfg.method == "orthrus" else None
+    if export:  # collectives, on every process: process 0 writes the export from its own copy of the
+        # drafter's parameters (small); an Orthrus export's target fingerprint is sampled from the
+        # sharded target
+        dgraph, dparams = nnx.split(trained)
+        drafter = nnx.merge(dgraph, host_local(dparams))
+        weights_fp = target_weights_fingerprint(target) if isinstance(drafter, OrthrusDrafter) else None
     if not is_primary():
         return result
     if export:
