@@ -21,6 +21,18 @@ class CheckpointError(DflashError, ValueError):
     """A checkpoint is missing, incomplete, corrupt or does not match its config; names the culprit."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file is missing, truncated or garbled (a host died mid-save, a disk fault).
+
+    ``step`` and ``file`` (the damaged file or the array read from it) let the caller fall back to
+    an earlier step, or say which one to use.
+    """
+
+    def __init__(self, message: str, *, step: int, file: str):
+        super().__init__(message)
+        self.step, self.file = step, file
+
+
 class CacheOverflowError(DflashError, ValueError):
     """A prompt or generation would not fit in the cache's ``max_len`` slots."""
 

@@ -6,13 +6,13 @@ layout (delta or full). See docs/export.md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-import traceback
 from pathlib import Path
 
+from dflash.cli.failures import run_command
 from dflash.cli.parser import make_parser
-from dflash.errors import DflashError
 from dflash.export.from_run import EXPORT_DTYPES, export_checkpoint
 
 
@@ -36,14 +36,16 @@ def main(argv: list[str] | None = None) -> int:
                         "acceptance with ours (docs/serving.md)")
     p.add_argument("--verbose", action="store_true", help="on an error, also print its full detail")
     args = p.parse_args(argv)
-    try:
-        info = export_checkpoint(args.out, run_dir=args.run, checkpoint=args.checkpoint, step=args.step,
-                                 dtype=args.dtype, with_target=args.with_target, form=args.form)
-    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
-        if args.verbose:
-            traceback.print_exception(err)
-        print(f"dflash-export: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("dflash-export", lambda: _export(args), verbose=args.verbose)
+
+
+def _export(args: argparse.Namespace) -> int:
+    info = export_checkpoint(args.out, run_dir=args.run, checkpoint=args.checkpoint, step=args.step,
+                             dtype=args.dtype, with_target=args.with_target, form=args.form)
+    for line in info["damaged_steps"]:  # the newest steps were damaged: say so, and what was exported
+        print(f"dflash-export: {line}; skipped", file=sys.stderr)
+    if info["damaged_steps"]:
+        print(f"dflash-export: exported step {info['step']}, the newest that restores", file=sys.stderr)
     print(json.dumps(info))
     if args.check_with == "vllm":
         from dflash.export.vllm_check import VllmCheckError, cli_check

@@ -20,7 +20,7 @@ from flax import nnx
 from dflash.configio import load_yaml
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter
 from dflash.drafters.orthrus import OrthrusDrafter
-from dflash.errors import CheckpointError
+from dflash.errors import CheckpointError, DamagedCheckpointError
 from dflash.export.dflash_hf import config_from_hf, resolve_drafter, save_drafter
 from dflash.export.orthrus_hf import find_orthrus, read_orthrus_config, save_orthrus
 from dflash.models.loading import ASSETS, SHIPPED, load_target, read_config, resolve
@@ -28,6 +28,7 @@ from dflash.models.tokenizer import load_tokenizer
 from dflash.models.transformer import abstract
 from dflash.training.checkpoints import Checkpoints
 from dflash.training.config import ExperimentConfig
+from dflash.training.recovery import explain_damage, newest_readable
 from dflash.training.setup import build_drafter_config
 
 EXPORT_DTYPES = {"fp32": np.float32, "float32": np.float32, "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -51,7 +52,7 @@ def find_checkpoint(run_dir: Path | None, checkpoint: Path | None, step: str = "
     if step == "latest":
         return run_dir, steps[-1]
     if step == "best":
-        best = _checkpoints(run_dir).restore(steps[-1], state=False)[1].get("best_step")
+        best = _checkpoints(run_dir).latest_meta().get("best_step")
         if best is None or int(best) not in steps:
             raise CheckpointError(f"{run_dir}: the best step {best} is not among the kept "
                                   f"checkpoints {steps}")
@@ -94,6 +95,19 @@ def _restore_drafter_state(run_dir: Path, step: int, expected: dict[str, Any]) -
         raise CheckpointError(f"checkpoint step {step} of {run_dir} does not hold a "
                               "(drafter, optimizer) state")
     return _strip_values(state)[0]
+
+
+def _restore_with_fallback(run_dir: Path, step: int, expected: dict[str, Any], *,
+                           latest: bool) -> tuple[dict[str, Any], int, list[str]]:
+    """The drafter state of ``step``; for ``latest``, of the newest step that restores (with a line
+    per damaged newer step); a damaged explicit step is an error naming the previous good one."""
+    ckpts = _checkpoints(run_dir)
+    if latest:
+        return newest_readable(ckpts, lambda s: _restore_drafter_state(run_dir, s, expected))
+    try:
+        return _restore_drafter_state(run_dir, step, expected), step, []
+    except DamagedCheckpointError as err:
+        raise explain_damage(ckpts, err, run_dir) from err
 
 
 def run_drafter_config(run_dir: Path) -> tuple[Any, Any, Any]:
@@ -145,7 +159,8 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
     cfg, dcfg, target_cfg = run_drafter_config(run_dir)
     graphdef, abstract_state = nnx.split(_abstract_drafter(dcfg))
     expected = nnx.to_pure_dict(abstract_state)
-    saved = _restore_drafter_state(run_dir, step_n, expected)
+    saved, step_n, damaged = _restore_with_fallback(run_dir, step_n, expected, latest=step == "latest"
+                                                    and checkpoint is None)
     exp_paths = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
     got_paths = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
     if exp_paths != got_paths:
@@ -166,4 +181,4 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
     if bundled:
         shutil.copytree(target_dir, out / "target")
     return {"out": str(out), "run_dir": str(run_dir), "step": step_n, "method": cfg.method, "dtype": dtype,
-            "target": str(cfg.target.name), "target_bundled": bool(bundled)}
+            "target": str(cfg.target.name), "target_bundled": bool(bundled), "damaged_steps": damaged}

@@ -7,38 +7,69 @@ imports nothing of the training loop.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
+import json
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
 from dflash.configio import flatten, from_dict, to_dict
-from dflash.errors import CheckpointError, ConfigError, TrainingError
+from dflash.distributed import host_local
+from dflash.errors import CheckpointError, ConfigError, DamagedCheckpointError, TrainingError
 from dflash.training.config import ExperimentConfig
 
-# What Orbax raises for a checkpoint it cannot read (measured on orbax-checkpoint 0.12.8: garbage
-# or truncated JSON / OCDBT files -> JSONDecodeError or tensorstore's ValueError, a missing item
-# -> KeyError, missing array files -> FileNotFoundError). Anything else (out of memory, sharding,
-# a bug) keeps its own type and traceback.
+# What Orbax raises for a checkpoint it cannot read, measured on orbax-checkpoint 0.12.8 by damaging
+# every file of a single-process and of an 8-device checkpoint in turn (truncated, zeroed, deleted,
+# garbled; tests/test_checkpoint_damage.py): garbage or truncated JSON metadata -> JSONDecodeError (a
+# ValueError); a damaged OCDBT manifest or top-level data file -> tensorstore's ValueError; a missing
+# item -> KeyError; missing files -> FileNotFoundError; a missing, truncated or zeroed array-data file ->
+# a bare ``Exception`` (``_ORBAX_READ_FAILURE``) whose cause is tensorstore's ValueError. Garbled array
+# bytes read back without any error (the data files carry no checksum): ``checksums`` catches those.
+# Anything else (out of memory, sharding, a bug) keeps its own type and traceback.
 CORRUPT_CHECKPOINT_ERRORS = (ValueError, KeyError, OSError)
+_ORBAX_READ_FAILURE = "Encountered error while reading array index"
+
+
+def is_damage(err: BaseException) -> bool:
+    """Whether ``err``, raised by an Orbax restore, says a checkpoint file is damaged or missing."""
+    if isinstance(err, CORRUPT_CHECKPOINT_ERRORS):
+        return True
+    return (type(err) is Exception and str(err).startswith(_ORBAX_READ_FAILURE)
+            and err.__cause__ is not None and is_damage(err.__cause__))
 
 
 class Checkpoints:
-    """Orbax manager keeping the last ``keep_last`` steps plus the best by eval tau."""
+    """Orbax manager keeping the last ``keep_last`` steps plus the best by eval tau.
 
-    def __init__(self, directory: Path, keep_last: int):
+    ``owner``: the run's own writer, which removes the temporary directories a killed save left
+    behind (a reader such as the exporter must not: the run may be saving right now).
+    """
+
+    def __init__(self, directory: Path, keep_last: int, *, owner: bool = False):
         self.directory = directory
         self.keep_last = keep_last
-        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=owner)
         self.manager = ocp.CheckpointManager(directory.resolve(), options=options)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Saves ``step`` with ``meta`` plus the checksums of ``state`` and of ``meta`` itself (both
+        verified on restore)."""
+        meta = {**meta, "checksums": checksums(state)}
+        meta["digest"] = _digest(meta)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
@@ -53,21 +84,31 @@ class Checkpoints:
                 state: bool = True) -> tuple[Any, dict[str, Any]]:
         """``(state, meta)`` of ``step``, onto the shardings of ``abstract_state`` (any mesh). Without
         it the state comes back as Orbax's raw tree on this process's first device (dicts of
-        arrays: for readers such as the exporter); ``state=False`` reads the metadata only."""
+        arrays: for readers such as the exporter); ``state=False`` reads the metadata only.
+        A damaged step is a ``DamagedCheckpointError``."""
         args = {"meta": ocp.args.JsonRestore()}
-        try:
+        with self._reading(step):
             if state:
                 args["state"] = ocp.args.StandardRestore(abstract_state if abstract_state is not None
                                                          else self.local_target(step))
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        except CORRUPT_CHECKPOINT_ERRORS as err:
-            raise self.unreadable(step, err) from err
-        return (restored["state"] if state else None), restored["meta"]
+        meta = restored["meta"]
+        if ("digest" in meta or "checksums" in meta) and meta.get("digest") != _digest(meta):
+            raise self.unreadable(step, CheckpointError("its metadata does not match the digest saved with it"),
+                                  file=str(self.directory / str(step) / "meta" / "metadata"))
+        if state:
+            self._verify(step, restored["state"], meta)
+        return (restored["state"] if state else None), meta
 
     def latest_meta(self) -> dict[str, Any]:
-        """The metadata of the latest checkpoint ({} when there is none); no arrays are read."""
-        steps = self.steps()
-        return self.restore(steps[-1], state=False)[1] if steps else {}
+        """The metadata of the newest checkpoint whose metadata reads ({} when there is none); no
+        arrays are read. A damaged newer step is left to ``restore_latest`` to report."""
+        for step in reversed(self.steps()):
+            try:
+                return self.restore(step, state=False)[1]
+            except DamagedCheckpointError:
+                continue
+        return {}
 
     def restore_subtree(self, step: int, item: dict[str, Any]) -> dict[str, Any]:
         """Only the part of the saved state that ``item`` (a raw tree of ``ShapeDtypeStruct``)
@@ -78,11 +119,15 @@ class Checkpoints:
         item = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
                             jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_first_device()), item)
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-        try:
-            return fresh.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        with self._reading(step):
+            restored = fresh.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=item, partial_restore=True, restore_args=restore_args)))["state"]
-        except CORRUPT_CHECKPOINT_ERRORS as err:  # as in ``restore``
-            raise self.unreadable(step, err) from err
+        try:  # the checksums are in the metadata: without it the arrays cannot be checked, only read
+            meta = self.restore(step, state=False)[1]
+        except DamagedCheckpointError:
+            meta = {}
+        self._verify(step, restored, meta)
+        return restored
 
     def local_target(self, step: int) -> Any:
         """The saved state's shapes and dtypes on this process's first device: a raw restore that
@@ -91,49 +136,148 @@ class Checkpoints:
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_first_device()),
                             saved.item_metadata.tree)
 
-    def unreadable(self, step: int, err: BaseException) -> CheckpointError:
-        """A few lines a user can act on: checkpoint, step, damaged file, the previous good step.
+    @contextlib.contextmanager
+    def _reading(self, step: int) -> Iterator[None]:
+        """Orbax's errors for damaged files (``is_damage``) become a ``DamagedCheckpointError``.
+
+        A failed read leaves Orbax's other read coroutines of that step unawaited; collected later,
+        each would print the same damage again as an "Exception ignored" traceback, so they are
+        collected here, quietly.
+        """
+        try:
+            yield
+        except Exception as err:
+            if not is_damage(err):
+                raise
+            with _quiet_unraisable():
+                gc.collect()
+            raise self.unreadable(step, err) from err
+
+    def _verify(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """The restored arrays against the checksums saved with them (checkpoints older than the
+        checksums have none; only the arrays read are checked)."""
+        saved = meta.get("checksums") or {}
+        got = checksums(state)
+        bad = sorted(name for name in got.keys() & saved.keys() if got[name] != saved[name])
+        if bad:
+            raise self.unreadable(step, CheckpointError(
+                f"array {bad[0]} does not match the checksum saved with it"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")), file=f"array {bad[0]}")
+
+    def unreadable(self, step: int, err: BaseException, *, file: str | None = None) -> DamagedCheckpointError:
+        """A line a user can act on: the step, the damaged file and Orbax's root cause.
 
         Orbax's own message holds the whole TensorStore spec (hundreds of lines); it stays in the
         exception chain (``--verbose``), and only its root cause is quoted here.
         """
         cause = _root_cause(err)
-        where = re.search(r'"([^"]+)" in OCDBT database at local file "([^"]+)"', cause)
-        file = f"{where.group(2)} (array {where.group(1)})" if where else str(self.directory / str(step))
-        good = self.previous_good_step(step)
-        run = self.directory.parent
-        advice = (f"the previous good step is {good}: export it with `dflash-export --run {run} --step "
-                  f"{good} --out DIR`, or move {self.directory / str(step)} out of the run to resume from it"
-                  if good is not None else "no earlier checkpoint is readable: start a new run directory")
-        return CheckpointError(f"checkpoint step {step} in {self.directory} could not be restored: {cause}\n"
-                             f"  damaged or missing file: {file}\n  {advice}; nothing was changed "
-                             "(the full error: --verbose)")
+        file = file or _damaged_file(self.directory / str(step), cause)
+        cause = re.sub(r'Error reading "[^"]+" in OCDBT database at local file "[^"]+": ', "", cause)
+        return DamagedCheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {file}: {cause}",
+                                      step=step, file=file)
 
     def previous_good_step(self, step: int) -> int | None:
         """The latest kept step before ``step`` whose state restores, if any."""
         for earlier in reversed([s for s in self.steps() if s < step]):
             try:
-                target = self.local_target(earlier)
-                Checkpoints(self.directory, self.keep_last).manager.restore(
-                    earlier, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+                self.restore(earlier)
                 return earlier
-            except CORRUPT_CHECKPOINT_ERRORS:  # unreadable too: look further back
+            except DamagedCheckpointError:  # unreadable too: look further back
                 continue
         return None
+
+
+def checksums(state: Any) -> dict[str, int]:
+    """One number per array of ``state``, by its Orbax name (``0.fc.kernel.value``): garbled bytes in
+    an array-data file read back without an error, and only this tells."""
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    sums = host_local(_checksum_arrays([x for _, x in leaves]))
+    return {_orbax_name(path): int(np.asarray(s)) for (path, _), s in zip(leaves, sums, strict=True)}
+
+
+def _digest(meta: dict[str, Any]) -> str:
+    """Of the metadata but its ``digest``: a garbled byte can leave JSON that still parses."""
+    body = json.dumps({k: v for k, v in meta.items() if k != "digest"}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+@jax.jit
+def _checksum_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
+    return [_checksum(x) for x in arrays]
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """Sum of (bits of element i) * (2i + 1) mod 2^32: any changed element changes it (odd weights),
+    so do moved ones, and an integer sum does not depend on how a sharded reduction is split."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32))
+    bits = bits.astype(jnp.uint32)  # 8-byte elements: a trailing axis of 2 words
+    strides = np.cumprod((1, *bits.shape[::-1]))[-2::-1] if bits.ndim else ()
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    for axis, stride in enumerate(strides):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+
+
+def _orbax_name(path: tuple[Any, ...]) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+@contextlib.contextmanager
+def _quiet_unraisable() -> Iterator[None]:
+    """Drops the "Exception ignored" reports of damaged reads (anything else is still reported)."""
+    default = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_value is None or not is_damage(unraisable.exc_value):
+            default(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = default
 
 
 def _first_device() -> jax.sharding.SingleDeviceSharding:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def _root_cause(err: BaseException, limit: int = 400) -> str:
+def _root_cause(err: BaseException, limit: int = 300) -> str:
     """The innermost message of an exception chain, on one line, at most ``limit`` characters."""
     chain = [err]
-    while chain[-1].__cause__ or chain[-1].__context__:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    while (nxt := chain[-1].__cause__ or (None if chain[-1].__suppress_context__ else chain[-1].__context__)):
+        chain.append(nxt)
     text = next((str(e) for e in reversed(chain) if str(e).strip()), type(err).__name__)
     line = " ".join(text.split("[tensorstore_spec=")[0].split())
     return line if len(line) <= limit else line[:limit] + " ..."
+
+
+# Orbax's JSON files of a step: a garbled one gives a JSONDecodeError that names no file.
+_JSON_FILES = ("state/_METADATA", "state/array_metadatas", "meta/metadata", "_CHECKPOINT_METADATA")
+
+
+def _damaged_file(step_dir: Path, cause: str) -> str:
+    """The file ``cause`` is about: the OCDBT database and array tensorstore names, else the first of
+    the step's JSON files that does not parse, else the step directory."""
+    where = re.search(r'"([^"]+)" in OCDBT database at local file "([^"]+)"', cause)
+    if where:
+        return f"{where.group(2)} (array {where.group(1)})"
+    named = re.search(re.escape(str(step_dir.resolve())) + r"""[^\s"':]*""", cause)
+    if named:
+        return named.group(0)
+    for name in _JSON_FILES:
+        for path in sorted((step_dir / name).rglob("*")) if (step_dir / name).is_dir() else [step_dir / name]:
+            if not path.is_file():
+                continue
+            try:
+                json.loads(path.read_bytes())
+            except (ValueError, UnicodeDecodeError):
+                return str(path)
+    return str(step_dir)
 
 
 # Keys a resumed run may change: they steer logging, checkpoint cadence, the mesh (same loss on

@@ -13,16 +13,18 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import jax
 import numpy as np
 
 from dflash.distributed import is_primary
-from dflash.errors import CheckpointError
+from dflash.errors import CheckpointError, DamagedCheckpointError
 
 logger = logging.getLogger("dflash")
+T = TypeVar("T")
 
 
 class CheckpointStore(Protocol):
@@ -35,6 +37,8 @@ class CheckpointStore(Protocol):
 
     def restore(self, step: int, abstract_state: Any = None, *,
                 state: bool = True) -> tuple[Any, dict[str, Any]]: ...
+
+    def previous_good_step(self, step: int) -> int | None: ...
 
 
 def _everywhere(ok: bool) -> bool:
@@ -49,9 +53,10 @@ def _everywhere(ok: bool) -> bool:
 def restore_latest(ckpts: CheckpointStore, abstract_state: Any = None) -> tuple[Any, dict[str, Any], int]:
     """``(state, meta, step)`` of the newest step that restores on every process.
 
-    Damaged newer steps are logged and, once an older step restored, moved to
-    ``checkpoints-damaged/`` next to the checkpoint directory. When no step restores, nothing is
-    moved and the error lists every step's failure.
+    Each damaged newer step is logged in one line (step, file, cause; the full error at DEBUG level,
+    which ``--verbose`` shows) and, once an older step restored, moved to ``checkpoints-damaged/``
+    next to the checkpoint directory. When no step restores, nothing is moved and the error lists
+    every step's failure.
     """
     errors: list[str] = []
     damaged: list[int] = []
@@ -62,28 +67,64 @@ def restore_latest(ckpts: CheckpointStore, abstract_state: Any = None) -> tuple[
             ok = True
         except CheckpointError as err:  # Checkpoints.restore's verdict on a damaged step
             ok, first_err = False, first_err or err
-            errors.append(f"step {step}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            errors.append(str(err).splitlines()[0] if str(err) else f"step {step}: {type(err).__name__}")
+            logger.warning("%s", errors[-1])
+            logger.debug("the full error of checkpoint step %d", step, exc_info=err)
         if _everywhere(ok):
-            for bad in damaged:
-                quarantine(ckpts, bad)
+            moved = [quarantine(ckpts, bad) for bad in damaged]
             if damaged:
-                logger.warning("resumed from checkpoint step %d: the newer steps %s could not be restored "
-                               "and were moved to %s (%s)", step, damaged, _damaged_dir(ckpts),
-                               "; ".join(errors))
+                logger.warning("resumed from checkpoint step %d, the newest that restores; the damaged %s "
+                               "moved to %s", step, _steps_text(damaged), _where(moved, ckpts))
             return state, meta, step
-        logger.warning("checkpoint step %d in %s is incomplete or damaged; trying the previous one", step,
-                       ckpts.directory)
+        if ok:
+            logger.warning("checkpoint step %d could not be restored on another process", step)
         damaged.append(step)
     raise CheckpointError(f"no checkpoint in {ckpts.directory} could be restored, nothing was changed "
                         f"({'; '.join(errors) or 'none saved'})") from first_err
+
+
+def newest_readable(ckpts: CheckpointStore, read: Callable[[int], T]) -> tuple[T, int, list[str]]:
+    """``(read(step), step, damaged)`` for the newest step that ``read`` reads, in one process (a
+    reader such as the exporter: nothing is moved); ``damaged`` holds one line per newer step skipped."""
+    damaged: list[str] = []
+    for step in reversed(ckpts.steps()):
+        try:
+            return read(step), step, damaged
+        except DamagedCheckpointError as err:
+            damaged.append(str(err))
+            logger.debug("the full error of checkpoint step %d", step, exc_info=err)
+    raise CheckpointError(f"no checkpoint in {ckpts.directory} could be read "
+                          f"({'; '.join(damaged) or 'none saved'})")
+
+
+def explain_damage(ckpts: CheckpointStore, err: DamagedCheckpointError, run_dir: Path) -> DamagedCheckpointError:
+    """``err`` with what to do instead: export the previous step that restores, if there is one."""
+    good = ckpts.previous_good_step(err.step)
+    advice = (f"the previous good step is {good}: export it with `dflash-export --run {run_dir} --step {good} "
+              "--out DIR`; resuming the run falls back to it by itself" if good is not None
+              else "no earlier checkpoint restores")
+    explained = DamagedCheckpointError(f"{err}\n  {advice} (nothing was changed; the full error: --verbose)",
+                                       step=err.step, file=err.file)
+    explained.__cause__ = err.__cause__
+    return explained
+
+
+def _steps_text(steps: list[int]) -> str:
+    return f"step {steps[0]}" if len(steps) == 1 else f"steps {', '.join(map(str, steps))}"
+
+
+def _where(moved: list[Path | None], ckpts: CheckpointStore) -> str:
+    return str(moved[0]) if len(moved) == 1 and moved[0] is not None else str(_damaged_dir(ckpts))
 
 
 def _damaged_dir(ckpts: CheckpointStore) -> Path:
     return Path(ckpts.directory).parent / "checkpoints-damaged"
 
 
-def quarantine(ckpts: CheckpointStore, step: int) -> None:
-    """Moves step ``step`` out of the checkpoint directory (process 0; the others wait for it)."""
+def quarantine(ckpts: CheckpointStore, step: int) -> Path | None:
+    """Moves step ``step`` out of the checkpoint directory (process 0; the others wait for it); where
+    to (process 0), else None."""
+    dest = None
     if is_primary():
         source = Path(ckpts.directory) / str(step)
         if source.exists():
@@ -95,3 +136,4 @@ def quarantine(ckpts: CheckpointStore, step: int) -> None:
 
         multihost_utils.sync_global_devices(f"dflash quarantine {step}")
     ckpts.manager.reload()  # the manager caches the step list
+    return dest

@@ -1,0 +1,106 @@
+"""How every dflash command ends on a user's mistake or an accident, and how it does not on a bug.
+
+A mistake (a bad flag, config or file) or an accident (a damaged checkpoint, a full or read-only
+disk, Ctrl-C) is one line on stderr that names the file, the line or the step and says what to
+do; ``--verbose`` adds the full chain. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+
+from dflash.errors import DflashError
+
+# File-system errors that are the environment's, never dflash's: what to do about each.
+DISK_ERRORS = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (the disk quota is used up)",
+    errno.EROFS: "the file system is read-only: choose a writable directory",
+    errno.EACCES: "check its permissions or choose another directory",
+    errno.EPERM: "check its permissions or choose another directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EEXIST: "a part of the path exists and is not a directory (a dangling link?)",
+    errno.ENOENT: "check the path",
+    errno.EISDIR: "it is a directory, not a file",
+    errno.EIO: "the disk reported an I/O error",
+}
+
+
+def disk_error(err: BaseException) -> bool:
+    """Whether ``err`` is a file-system error of the environment (``DISK_ERRORS``)."""
+    return isinstance(err, OSError) and (err.errno in DISK_ERRORS or isinstance(err, FileNotFoundError))
+
+
+def describe_os_error(err: OSError) -> str:
+    """``PATH: reason; what to do`` for a file-system error."""
+    if err.errno is None:  # raised by dflash with its own message
+        return str(err)
+    path = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "") if err.filename else ""
+    reason = (err.strerror or str(err)).lower()
+    return f"{path}: {reason}; {DISK_ERRORS.get(err.errno, 'check the path')}" if path else \
+        f"{reason}; {DISK_ERRORS.get(err.errno, 'check the path')}"
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one-line message of an error a user can act on; None for a bug."""
+    if isinstance(err, DflashError):
+        return str(err)
+    if disk_error(err):
+        return describe_os_error(err)  # type: ignore[arg-type]
+    return None
+
+
+def run_command(prog: str, body: Callable[[], int], *, verbose: bool = False) -> int:
+    """``body()``'s exit status; a user's error -> one ``PROG: error: ...`` line and 2, Ctrl-C -> one
+    line and 130 (the conventional status of SIGINT); a bug propagates with its traceback.
+
+    dflash's own log lines (e.g. a damaged checkpoint skipped on resume) print as ``PROG: ...``;
+    ``verbose`` also shows their full errors.
+    """
+    with _log_to_stderr(prog, verbose):
+        return _run(prog, body, verbose)
+
+
+def _run(prog: str, body: Callable[[], int], verbose: bool) -> int:
+    try:
+        return body()
+    except KeyboardInterrupt as err:
+        if verbose:
+            traceback.print_exception(err)
+        print(f"{prog}: {str(err) or 'interrupted; nothing was written after the last completed step'}",
+              file=sys.stderr)
+        return 130
+    except Exception as err:
+        message = user_message(err)
+        if message is None:
+            raise
+        if verbose:
+            traceback.print_exception(err)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+@contextlib.contextmanager
+def _log_to_stderr(prog: str, verbose: bool) -> Iterator[None]:
+    """dflash's log records as plain ``PROG: message`` lines while the command runs (not also through
+    the root logger, which absl configures with its own format), and Orbax's warnings (absl) only with
+    ``verbose``; restored afterwards."""
+    logger, absl = logging.getLogger("dflash"), logging.getLogger("absl")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    saved = logger.propagate, logger.level, absl.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        absl.setLevel(max(absl.getEffectiveLevel(), logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate, logger.level, absl.level = saved
