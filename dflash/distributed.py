@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from dflash.errors import DistributedError
 
 __all__ = ["DistributedError", "Launch", "add_distributed_args", "detect_launch", "initialize",
-           "host_local", "is_primary", "quiet_logging", "show_progress",
+           "everywhere", "host_local", "is_primary", "quiet_logging", "show_progress",
            "skip_absent_tpu", "sync_processes"]
 
 ENV_COORDINATOR = "DFLASH_COORDINATOR"
@@ -203,6 +204,15 @@ def sync_processes(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def everywhere(ok: bool) -> bool:
+    """True when ``ok`` on every process (a collective: all processes call this at the same point)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))).all())
 
 
 def host_local(tree: Any) -> Any:

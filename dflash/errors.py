@@ -8,6 +8,8 @@ catches those keeps working.
 
 from __future__ import annotations
 
+import errno
+
 
 class DflashError(Exception):
     """Base of every error dflash raises on purpose; the message says what to change."""
@@ -48,3 +50,40 @@ class TrainingError(DflashError, RuntimeError):
 class DistributedError(DflashError, RuntimeError):
     """A multi-process job that cannot work (bad flags, unreachable coordinator, processes that
     disagree); raised on every process, so the whole job stops instead of hanging."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what was kept and how to go on (``str``: one line). A ``KeyboardInterrupt``, not a
+    ``DflashError``: an ``except Exception`` must not stop it."""
+
+
+# File-system errors that are the environment's, never dflash's, and what to do about each.
+DISK_ERRORS = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (the disk quota is used up)",
+    errno.EROFS: "the file system is read-only: choose a writable directory",
+    errno.EACCES: "check its permissions or choose another directory",
+    errno.EPERM: "check its permissions or choose another directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EEXIST: "a part of the path exists and is not a directory (a dangling link?)",
+    errno.ENOENT: "check the path",
+    errno.EISDIR: "it is a directory, not a file",
+    errno.EIO: "the disk reported an I/O error",
+}
+
+
+def is_disk_error(err: BaseException) -> bool:
+    """Whether ``err`` is a file-system error of the environment (``DISK_ERRORS``): a user's to fix."""
+    return isinstance(err, OSError) and (err.errno in DISK_ERRORS or isinstance(err, FileNotFoundError))
+
+
+def describe_disk_error(err: OSError) -> str:
+    """``PATH: reason; what to do``, on one line."""
+    if err.errno is None:  # raised by dflash with its own message
+        return str(err)
+    advice = DISK_ERRORS.get(err.errno, "check the path")
+    reason = (err.strerror or str(err)).lower()
+    if not err.filename:
+        return f"{reason}; {advice}"
+    path = f"{err.filename} -> {err.filename2}" if err.filename2 else f"{err.filename}"
+    return f"{path}: {reason}; {advice}"

@@ -8,50 +8,19 @@ do; ``--verbose`` adds the full chain. Anything else is a bug and keeps its trac
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import sys
 import traceback
 from collections.abc import Callable, Iterator
 
-from dflash.errors import DflashError
-
-# File-system errors that are the environment's, never dflash's: what to do about each.
-DISK_ERRORS = {
-    errno.ENOSPC: "free some space",
-    errno.EDQUOT: "free some space (the disk quota is used up)",
-    errno.EROFS: "the file system is read-only: choose a writable directory",
-    errno.EACCES: "check its permissions or choose another directory",
-    errno.EPERM: "check its permissions or choose another directory",
-    errno.ENOTDIR: "a part of the path is a file, not a directory",
-    errno.EEXIST: "a part of the path exists and is not a directory (a dangling link?)",
-    errno.ENOENT: "check the path",
-    errno.EISDIR: "it is a directory, not a file",
-    errno.EIO: "the disk reported an I/O error",
-}
-
-
-def disk_error(err: BaseException) -> bool:
-    """Whether ``err`` is a file-system error of the environment (``DISK_ERRORS``)."""
-    return isinstance(err, OSError) and (err.errno in DISK_ERRORS or isinstance(err, FileNotFoundError))
-
-
-def describe_os_error(err: OSError) -> str:
-    """``PATH: reason; what to do`` for a file-system error."""
-    if err.errno is None:  # raised by dflash with its own message
-        return str(err)
-    path = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "") if err.filename else ""
-    reason = (err.strerror or str(err)).lower()
-    return f"{path}: {reason}; {DISK_ERRORS.get(err.errno, 'check the path')}" if path else \
-        f"{reason}; {DISK_ERRORS.get(err.errno, 'check the path')}"
-
+from dflash.errors import DflashError, describe_disk_error, is_disk_error
 
 def user_message(err: BaseException) -> str | None:
     """The one-line message of an error a user can act on; None for a bug."""
     if isinstance(err, DflashError):
         return str(err)
-    if disk_error(err):
-        return describe_os_error(err)  # type: ignore[arg-type]
+    if is_disk_error(err):
+        return describe_disk_error(err)  # type: ignore[arg-type]
     return None
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 from pathlib import Path
 
+from dflash.cli.failures import run_command
 from dflash.cli.parser import make_parser
 from dflash.configio import load_yaml
 from dflash.distributed import add_distributed_args, is_primary
-from dflash.errors import ConfigError, DflashError
+from dflash.errors import ConfigError
 from dflash.fingerprint import initialize_from_args
 from dflash.models.loading import ASSETS
 from dflash.training.config import ExperimentConfig
@@ -79,19 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     overrides += [f"drafter.init_from={args.init_from}"] if args.init_from else []
     if args.compile_only:
         return _compile_only(args, overrides)
-    try:
-        initialize_from_args(args)
-        path = config_file(args.config)
-        if args.quick:
-            run_dir = load_yaml(ExperimentConfig, path).run_dir.rstrip("/") + "-quick"
-            overrides = [*QUICK, f"run_dir={run_dir}", *overrides]
-        cfg = load_yaml(ExperimentConfig, path, overrides)
-        result = run_training(cfg, resume=args.resume, progress=not args.no_progress, extend=args.extend)
-    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
-        if args.verbose:
-            traceback.print_exception(err)
-        print(f"dflash-train: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("dflash-train", lambda: _train(args, overrides), verbose=args.verbose)
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    initialize_from_args(args)
+    path = config_file(args.config)
+    if args.quick:
+        run_dir = load_yaml(ExperimentConfig, path).run_dir.rstrip("/") + "-quick"
+        overrides = [*QUICK, f"run_dir={run_dir}", *overrides]
+    cfg = load_yaml(ExperimentConfig, path, overrides)
+    result = run_training(cfg, resume=args.resume, progress=not args.no_progress, extend=args.extend)
     if not is_primary():  # process 0 reports for the job
         return 0
     final = result.get("final_eval") or {}

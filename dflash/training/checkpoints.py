@@ -8,10 +8,13 @@ imports nothing of the training loop.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib
 import json
+import os
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +27,8 @@ import orbax.checkpoint as ocp
 import yaml
 
 from dflash.configio import flatten, from_dict, to_dict
-from dflash.distributed import host_local
-from dflash.errors import CheckpointError, ConfigError, DamagedCheckpointError, TrainingError
+from dflash.distributed import everywhere, host_local, is_primary
+from dflash.errors import DISK_ERRORS, CheckpointError, ConfigError, DamagedCheckpointError, TrainingError
 from dflash.training.config import ExperimentConfig
 
 # What Orbax raises for a checkpoint it cannot read, measured on orbax-checkpoint 0.12.8 by damaging
@@ -70,15 +73,36 @@ class Checkpoints:
         verified on restore)."""
         meta = {**meta, "checksums": checksums(state)}
         meta["digest"] = _digest(meta)
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+        self._check_space(step, state)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.wait_until_finished()
+        except Exception as err:  # a full disk is the environment's: the half-written step goes
+            code = _disk_errno(err)
+            if code is None:
+                raise
+            if is_primary():
+                for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            raise OSError(code, os.strerror(code), str(self.directory / str(step))) from err
         keep = set(self.steps()[-self.keep_last:])
         if meta.get("best_step") is not None:
             keep.add(int(meta["best_step"]))
         for old in self.steps():
             if old not in keep:
                 self.manager.delete(old)
+
+    def _check_space(self, step: int, state: Any) -> None:
+        """Refuses a save the disk cannot hold (the size of the newest step, or of the arrays for a
+        first one), before Orbax's writer threads fail one by one; on every process alike."""
+        steps = self.steps()
+        need = (sum(f.stat().st_size for f in (self.directory / str(steps[-1])).rglob("*") if f.is_file())
+                if steps else sum(x.nbytes for x in jax.tree.leaves(state)))
+        free = shutil.disk_usage(self.directory).free
+        if not everywhere(free >= 1.1 * need + 2**20):
+            raise OSError(errno.ENOSPC, f"no space left for checkpoint step {step} (about {need / 1e6:.1f} MB; "
+                          f"{free / 1e6:.1f} MB free)", str(self.directory))
 
     def restore(self, step: int, abstract_state: Any = None, *,
                 state: bool = True) -> tuple[Any, dict[str, Any]]:
@@ -195,6 +219,19 @@ def checksums(state: Any) -> dict[str, int]:
     return {_orbax_name(path): int(np.asarray(s)) for (path, _), s in zip(leaves, sums, strict=True)}
 
 
+def _disk_errno(err: BaseException) -> int | None:
+    """The file-system error (``DISK_ERRORS``) behind a failed save, if that is what it is: an
+    ``OSError``, or tensorstore's ValueError ``... [os_error_code='28']``."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in DISK_ERRORS:
+            return err.errno
+        code = re.search(r"os_error_code='(\d+)'", str(err)) if isinstance(err, ValueError) else None
+        if code and int(code.group(1)) in DISK_ERRORS:
+            return int(code.group(1))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _digest(meta: dict[str, Any]) -> str:
     """Of the metadata but its ``digest``: a garbled byte can leave JSON that still parses."""
     body = json.dumps({k: v for k, v in meta.items() if k != "digest"}, sort_keys=True)
@@ -252,7 +289,7 @@ def _root_cause(err: BaseException, limit: int = 300) -> str:
     while (nxt := chain[-1].__cause__ or (None if chain[-1].__suppress_context__ else chain[-1].__context__)):
         chain.append(nxt)
     text = next((str(e) for e in reversed(chain) if str(e).strip()), type(err).__name__)
-    line = " ".join(text.split("[tensorstore_spec=")[0].split())
+    line = " ".join(re.split(r"\[tensorstore_spec", text)[0].split())
     return line if len(line) <= limit else line[:limit] + " ..."
 
 

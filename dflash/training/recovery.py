@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import jax
-import numpy as np
 
-from dflash.distributed import is_primary
+from dflash.distributed import everywhere, is_primary
 from dflash.errors import CheckpointError, DamagedCheckpointError
 
 logger = logging.getLogger("dflash")
@@ -39,15 +38,6 @@ class CheckpointStore(Protocol):
                 state: bool = True) -> tuple[Any, dict[str, Any]]: ...
 
     def previous_good_step(self, step: int) -> int | None: ...
-
-
-def _everywhere(ok: bool) -> bool:
-    """True when ``ok`` on every process (all processes call this the same number of times)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))).all())
 
 
 def restore_latest(ckpts: CheckpointStore, abstract_state: Any = None) -> tuple[Any, dict[str, Any], int]:
@@ -70,7 +60,7 @@ def restore_latest(ckpts: CheckpointStore, abstract_state: Any = None) -> tuple[
             errors.append(str(err).splitlines()[0] if str(err) else f"step {step}: {type(err).__name__}")
             logger.warning("%s", errors[-1])
             logger.debug("the full error of checkpoint step %d", step, exc_info=err)
-        if _everywhere(ok):
+        if everywhere(ok):
             moved = [quarantine(ckpts, bad) for bad in damaged]
             if damaged:
                 logger.warning("resumed from checkpoint step %d, the newest that restores; the damaged %s "

@@ -35,7 +35,7 @@ from dflash import sharding
 from dflash.configio import to_dict
 from dflash.distributed import host_local, is_primary, show_progress, sync_processes
 from dflash.drafters.orthrus import OrthrusDrafter
-from dflash.errors import TrainingError
+from dflash.errors import Interrupted, TrainingError
 from dflash.export.dflash_hf import save_drafter
 from dflash.export.orthrus_hf import save_orthrus, target_weights_fingerprint
 from dflash.fingerprint import check_consistent, fingerprint
@@ -43,6 +43,7 @@ from dflash.models import load_target
 from dflash.models.loading import DTYPES, read_config, resolve
 from dflash.models.tokenizer import load_tokenizer
 from dflash.models.transformer import Transformer
+from dflash.training.accidents import StopRequest, explain_accidents, make_run_dir, replace_dir, write_text
 from dflash.training.checkpoints import Checkpoints, decide_resume
 from dflash.training.config import ExperimentConfig
 from dflash.training.evaluation import heldout_chunks, make_evaluate, measure_tau
@@ -60,6 +61,7 @@ __all__ = ["TrainingError", "run_training"]
 LOGGED_METRICS = ("loss", "ce", "tau_sim", "grad_norm", "accuracy")  # per optimizer step, as means
 
 
+@explain_accidents  # Ctrl-C, a full or read-only disk: one line, checkpoints intact
 def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress: bool = True,
                  final_eval: bool = True, export: bool = True,
                  stop_after: int | None = None, extend: bool = False, on_scalars: Listener | None = None,
@@ -84,8 +86,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
             return done
     sync_processes("dflash run start")  # all have read the run directory before process 0 writes to it
     if is_primary():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        make_run_dir(run_dir)
+        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # ---- what the run starts from
     mesh = build_mesh(cfg, devices)
@@ -125,7 +127,7 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     evaluate = make_evaluate(eval_step, tstate, [full_batch(batch_sharding, b) for b in held])
 
     # ---- resume
-    ckpts = Checkpoints(run_dir / "checkpoints", cfg.train.keep_last)
+    ckpts = Checkpoints(run_dir / "checkpoints", cfg.train.keep_last, owner=True)
     start, best_tau, best_step, history = 0, -1.0, None, []
     if resume:  # the newest checkpoint that is whole (a damaged newer one is logged and set aside)
         # Restored straight onto this run's mesh, whatever mesh wrote the checkpoint.
@@ -137,6 +139,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
         if meta.get("total_steps") not in (None, total) and not (extend and total > start):
             raise TrainingError(f"checkpoint was made for {meta['total_steps']} steps, config says {total}"
                                 + ("; --extend needs more steps than the run has done" if extend else ""))
+        if is_primary():
+            print(f"resuming {run_dir} from step {start} of {total}", flush=True)
 
     # ---- the loop
     # tb/ and scalars.csv (rows past start dropped), written by process 0 alone
@@ -146,7 +150,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
                disable=not show_progress(progress), dynamic_ncols=True)
     last_log, tau_now = time.perf_counter(), (history[-1]["tau_sim_steps"] if history else float("nan"))
     tokens_since = 0
-    for step in bar:
+    stop = StopRequest()  # Ctrl-C: the loop ends after the step, saved (accidents.py)
+    for step in stop.steps(bar):
         micro_metrics = []
         for i in range(accum):
             m_idx = step * accum + i  # data position and anchor RNG are pure functions of this
@@ -178,10 +183,15 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
             if ev["tau_sim_steps"] > best_tau:  # the per-step estimate tracks decoding tau best
                 best_tau, best_step = ev["tau_sim_steps"], done
         # A new best is saved at once (kept beside the last k), even between save_every steps.
-        if done % cfg.train.save_every == 0 or done == total or best_step == done:
+        if done % cfg.train.save_every == 0 or done == total or best_step == done or stop.requested:
             meta = {"step": done, "best_tau": best_tau, "best_step": best_step, "total_steps": total,
                     "seed": cfg.train.seed, "data_position": done * accum, "history": history}
             ckpts.save(done, state, meta)
+        if stop.requested:
+            writer.close()
+            bar.close()
+            raise Interrupted(f"interrupted at step {done} of {total}, saved as a checkpoint: rerun the same "
+                              "command to resume from it")
         if stop_after is not None and done >= stop_after:
             writer.close()
             bar.close()
@@ -212,8 +222,7 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
                                for name in ("tau", "tau_ngram", "tau_with_ngram") if name in result})
         writer.histogram("decode/acceptance", result["acceptance_histogram"], total)
     writer.close()
-    with open(run_dir / "metrics.json", "w") as f:
-        json.dump(result, f, indent=2)
+    write_text(run_dir / "metrics.json", json.dumps(result, indent=2))
     _check_outputs_agree(result, target, cfg, run_dir)
     return result
 
@@ -239,14 +248,16 @@ def _log_eval(writer: ScalarLog, ev: dict[str, Any], step: int) -> None:
 
 def _export(cfg: ExperimentConfig, drafter: Any, target: Transformer, out: Path,
             weights_fingerprint: str | None = None) -> Path:
-    """The trained drafter in its HF layout (Orthrus: a delta export referencing the target)."""
-    if out.exists():
-        shutil.rmtree(out)
+    """The trained drafter in its HF layout (Orthrus: a delta export referencing the target); an
+    earlier export is replaced only once the new one is complete."""
+    new = out.with_name(out.name + ".partial")
+    shutil.rmtree(new, ignore_errors=True)
     if isinstance(drafter, OrthrusDrafter):
-        save_orthrus(drafter, target, out, form="delta", target_name=cfg.target.name,
+        save_orthrus(drafter, target, new, form="delta", target_name=cfg.target.name,
                      weights_fingerprint=weights_fingerprint)
     else:
-        save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target.cfg)
+        save_drafter(drafter, new, target_name=cfg.target.name, target_cfg=target.cfg)
+    replace_dir(new, out)
     return out
 
 
