@@ -61,7 +61,7 @@ class Interrupted(KeyboardInterrupt):
 DISK_ERRORS = {
     errno.ENOSPC: "free some space",
     errno.EDQUOT: "free some space (the disk quota is used up)",
-    errno.EROFS: "the file system is read-only: choose a writable directory",
+    errno.EROFS: "the file system is read-only: remount it writable or use a writable directory",
     errno.EACCES: "check its permissions or choose another directory",
     errno.EPERM: "check its permissions or choose another directory",
     errno.ENOTDIR: "a part of the path is a file, not a directory",

@@ -77,7 +77,7 @@ def replace_dir(new: Path, dest: Path) -> None:
 def write_text(path: Path, text: str) -> None:
     """``path`` holds ``text`` or what it held before, never a part of it (a full disk mid-write)."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
+    partial.write_text(text, newline="")  # as given: no newline translation
     partial.replace(path)
 
 

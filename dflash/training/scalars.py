@@ -10,10 +10,13 @@ histograms and to the CSV as one count per length (``<tag>/len_<k>``).
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from dflash.training.accidents import write_text
 
 FIELDS = ("step", "tag", "value")
 Listener = Callable[[int, Mapping[str, float]], None]
@@ -27,10 +30,11 @@ class ScalarLog:
         self.path = Path(run_dir) / "scalars.csv"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in _rows(self.path) if int(r["step"]) <= start_step] if start_step else []
-        with open(self.path, "w", newline="") as f:  # rewritten: rows past start_step are dropped
-            writer = csv.DictWriter(f, FIELDS)
-            writer.writeheader()
-            writer.writerows(kept)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, FIELDS)
+        writer.writeheader()
+        writer.writerows(kept)
+        write_text(self.path, text.getvalue())  # rows past start_step dropped; the old file until then
         self._file = open(self.path, "a", newline="")  # noqa: SIM115 (closed by close())
         self._csv = csv.writer(self._file)
         self.on_write = on_write
@@ -78,8 +82,8 @@ class ScalarLog:
 def _rows(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    with open(path, newline="") as f:  # a row cut by a crash or a full disk is left out
+        return [r for r in csv.DictReader(f) if r.get("value") not in (None, "")]
 
 
 def read_scalars(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
