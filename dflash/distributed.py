@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dflash.checks import COUNT, COUNT_OR_ZERO, flag
 from dflash.errors import DistributedError
 
 __all__ = ["DistributedError", "Launch", "add_distributed_args", "detect_launch", "initialize",
@@ -176,9 +177,9 @@ def add_distributed_args(parser: argparse.ArgumentParser, verbose_flag: bool = T
     g = parser.add_argument_group("multi-process (jax.distributed; auto-detected on Cloud TPU VMs, SLURM)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help=f"address of process 0's coordinator (or {ENV_COORDINATOR})")
-    g.add_argument("--num-processes", type=int, default=None, metavar="N",
+    g.add_argument("--num-processes", type=flag(COUNT), default=None, metavar="N",
                    help=f"processes in the job (or {ENV_NUM_PROCESSES})")
-    g.add_argument("--process-id", type=int, default=None, metavar="I",
+    g.add_argument("--process-id", type=flag(COUNT_OR_ZERO), default=None, metavar="I",
                    help=f"this process's index, 0..N-1 (or {ENV_PROCESS_ID})")
     if verbose_flag:
         g.add_argument("--verbose", action="store_true", default=None,

@@ -82,7 +82,8 @@ def describe_disk_error(err: OSError) -> str:
     if err.errno is None:  # raised by dflash with its own message
         return str(err)
     advice = DISK_ERRORS.get(err.errno, "check the path")
-    reason = (err.strerror or str(err)).lower()
+    reason = err.strerror or str(err)
+    reason = reason[:1].lower() + reason[1:]  # "No space left on device" -> "no space left on device"
     if not err.filename:
         return f"{reason}; {advice}"
     path = f"{err.filename} -> {err.filename2}" if err.filename2 else f"{err.filename}"

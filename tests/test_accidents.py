@@ -326,6 +326,6 @@ def test_read_only_and_uncreatable_run_directories_are_one_line(good_run, tmp_pa
         "file system is read-only: remount it writable or use a writable directory; or choose another run_dir "
         "(--run-dir)"]
     assert cli(read_only / "done") == [
-        f"dflash-train: error: {read_only / 'done' / 'config.yaml.partial'}: read-only file system; the file system "
+        f"dflash-train: error: {read_only / 'done' / 'config.yaml'}: read-only file system; the file system "
         "is read-only: remount it writable or use a writable directory; nothing was lost: rerun the same command "
         "to resume from step 4 (its last checkpoint, intact)"]

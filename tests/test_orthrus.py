@@ -278,7 +278,7 @@ def test_dflash_train_method_orthrus_end_to_end(tiny_target, tmp_path):
 
 @pytest.mark.parametrize("override,match", [
     ("drafter.num_layers=2", "are DFlash options"),
-    ("drafter.block_size=1", "block_size must be >= 2"),
+    ("drafter.block_size=1", "block_size must be an integer >= 2"),
     ("train.kl_weight=0", "not both 0"),
 ])
 def test_orthrus_config_errors(override, match):

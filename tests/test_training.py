@@ -255,7 +255,7 @@ def test_bf16_compute_keeps_fp32_master_weights_and_trains():
 @pytest.mark.parametrize("override,match", [
     ("train.stepz=3", "unknown config key 'train.stepz'"),
     ("optim.lr=fast", "optim.lr: expected a number"),
-    ("drafter.block_size=1", "block_size must be >= 2"),
+    ("drafter.block_size=1", "block_size must be an integer >= 2"),
     ("drafter.target_layer_ids=[1, 99]", "layer 99 is out of range"),
     ("drafter.mask_token_id=100000", "mask_token_id=100000 is outside the vocabulary"),
     ("target.dtype=float16", "target.dtype: 'float16' is not one of"),
@@ -265,7 +265,7 @@ def test_bf16_compute_keeps_fp32_master_weights_and_trains():
     ("train.num_devices=2", "train.num_devices=2: the device count is now set by the mesh: section"),
     ("mesh.fsdp=0", "mesh.fsdp must be a positive int or -1"),
     ("mesh.fsdp=-1", "at most one mesh axis may be -1"),
-    ("drafter.mask_token_id=-5", "drafter.mask_token_id must be a token id or -1"),
+    ("drafter.mask_token_id=-5", r"drafter.mask_token_id must be an integer >= 0 \(or -1: the tokenizer's mask"),
 ])
 def test_config_errors_name_the_key(override, match, tmp_path):
     from dflash.models import load_target

@@ -3,4 +3,4 @@
 from dflash.cli.pretrain_target import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

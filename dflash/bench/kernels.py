@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dflash import cache as kvc
+from dflash.checks import COUNT, COUNT_OR_ZERO, flag
 from dflash.cli.parser import make_parser
 from dflash.kernels.anchor_attention import anchor_block_attention, reference_anchor_block_attention
 from dflash.kernels.common import platform
@@ -160,14 +161,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = make_parser("dflash-bench-kernels", __doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: proves the script runs (CPU)")
     parser.add_argument("--out", type=Path, default=Path("kernels_bench.json"))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--prefix", type=int, nargs="+", default=[1024, 8192, 32768])
-    parser.add_argument("--block", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--slack", type=int, default=512, help="cache slots beyond prefix + block")
+    parser.add_argument("--batch", type=flag(COUNT), default=1)
+    parser.add_argument("--prefix", type=flag(COUNT), nargs="+", default=[1024, 8192, 32768])
+    parser.add_argument("--block", type=flag(COUNT), nargs="+", default=[16, 64])
+    parser.add_argument("--slack", type=flag(COUNT_OR_ZERO), default=512,
+                        help="cache slots beyond prefix + block")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--anchors", type=int, default=512, help="training shape: anchor blocks per sequence")
-    parser.add_argument("--train-context", type=int, default=3072, help="training shape: context length")
+    parser.add_argument("--iters", type=flag(COUNT), default=20)
+    parser.add_argument("--anchors", type=flag(COUNT), default=512,
+                        help="training shape: anchor blocks per sequence")
+    parser.add_argument("--train-context", type=flag(COUNT), default=3072,
+                        help="training shape: context length")
     args = parser.parse_args(argv)
     if args.smoke:
         args.prefix, args.block, args.slack, args.iters = [13], [4], 5, 2

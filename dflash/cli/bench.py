@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
+from dflash.checks import BLOCK, COUNT, INTEGER, NON_NEGATIVE, flag
+from dflash.cli.failures import run_command
 from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
 from dflash.decoding import SamplingParams
 from dflash.decoding.drafters import resolve_method
@@ -13,7 +15,7 @@ from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
 from dflash.distributed import add_distributed_args, is_primary
 from dflash.drafters.dflash import DFlashDrafter
-from dflash.errors import ConfigError, DflashError
+from dflash.errors import ConfigError
 from dflash.fingerprint import initialize_from_args
 from dflash.kernels.dispatch import ATTENTION_IMPLS
 from dflash.models import load_target
@@ -34,14 +36,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="jsonl file ({'prompt'} or {'messages'} rows), a datasets id, or tiny-code-heldout")
     p.add_argument("--split", default="train", help="split when --prompts is a datasets id")
     p.add_argument("--field", default="prompt", help="prompt column when --prompts is a dataset")
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--block-size", type=int, default=None, help="draft block (default: the drafter's)")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--num-prompts", type=flag(COUNT), default=16)
+    p.add_argument("--max-new-tokens", type=flag(COUNT), default=256)
+    p.add_argument("--batch-size", type=flag(COUNT), default=1)
+    p.add_argument("--block-size", type=flag(BLOCK), default=None,
+                   help="draft block (default: the drafter's)")
+    p.add_argument("--temperature", type=flag(NON_NEGATIVE), default=0.0)
     p.add_argument("--verify", choices=RULES, default=None)
     p.add_argument("--stochastic-drafts", action="store_true")
-    p.add_argument("--tree-width", type=int, default=0,
+    p.add_argument("--tree-width", type=flag(COUNT.with_special(0, "no tree")), default=0,
                    help="also run the drafter as a beam tree of this width per depth (method 'tree')")
     p.add_argument("--ngram-branch", action="store_true",
                    help="also run the drafter with the prompt-lookup chain as one more tree branch, verified "
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time each method's bare step (draft + verify + commit, no loop) and report the "
                         "speedup ceiling tau * t_ar / t_step and the share of it achieved")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=flag(INTEGER), default=0)
     p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
                    help="auto: Pallas kernels on TPU/GPU, jnp reference on CPU (see docs/kernels.md)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology", default=None, help="TPU slice for --compile-only (dflash.plan.TOPOLOGIES)")
     p.add_argument("--target-config", default=None,
                    help="--compile-only: architecture preset, known hub id or checkpoint directory")
-    p.add_argument("--context", type=int, default=2048, help="--compile-only: cached positions")
+    p.add_argument("--context", type=flag(COUNT), default=2048, help="--compile-only: cached positions")
     add_mesh_arg(p, help="decode on a device mesh: data=D,fsdp=F,tensor=T, any subset, -1 for the rest of "
                          "the devices (batch over data x fsdp, the models over tensor; docs/multihost.md); "
                          "with --compile-only, the mesh over the topology's chips (default tensor=all)")
@@ -89,48 +92,48 @@ def main(argv: list[str] | None = None) -> int:
         print("dflash-bench: error: --ceiling and --anchor-profile run unsharded; drop --mesh for them",
               file=sys.stderr)
         return 2
-    try:
-        initialize_from_args(args)
-        tokenizer = load_tokenizer(args.target)
-        mesh = mesh_from_args(args.mesh)
-        target = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl,
-                             mesh=mesh)  # drafters resolved below take its attention_impl and mesh
-        prompts = load_prompts(args.prompts, tokenizer, field=args.field, split=args.split,
-                               limit=args.num_prompts)
-        drafter_method, drafter = resolve_method(args.drafter, target, block_size=args.block_size,
-                                                 stochastic=args.stochastic_drafts, mesh=mesh)
-        k = drafter_method.block_size
-        if args.anchor_profile and not isinstance(drafter, DFlashDrafter):
-            raise ConfigError(f"--anchor-profile profiles a DFlash drafter; {args.drafter!r} is not one")
-        stop = () if args.ignore_eos else eos_ids(tokenizer, target.cfg.eos_token_id)
-        methods = {"ar": resolve_method("ar", target), "ngram": resolve_method("ngram", target, block_size=k),
-                   "drafter": (drafter_method, drafter)}
-        if args.tree_width:
-            methods["tree"] = (DFlashTreeDraft.around(drafter_method, args.tree_width), drafter)
-        if args.ngram_branch:
-            hybrid = DFlashTreeDraft.around(drafter_method, args.tree_width or 1, lookup=True)
-            methods["drafter+ngram"] = (hybrid, drafter)
-        for other in args.also:
-            also_method, also_drafter = resolve_method(other, target, block_size=args.block_size,
-                                                       stochastic=args.stochastic_drafts, mesh=mesh)
-            if drafter is None or also_drafter is None:
-                raise ConfigError("--also compares exported drafters: give drafters, not ar/ngram")
-            if also_drafter.cfg.mask_token_id != drafter.cfg.mask_token_id:
-                raise ConfigError(f"--also {other}: its mask token differs from the drafter's")
-            methods[f"also:{other}"] = (also_method, also_drafter)
-        sampling = SamplingParams(temperature=args.temperature)
-        result = bench_methods(
-            target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            sampling=sampling, rule=args.verify, seed=args.seed, compact=not args.no_compact,
-            ceiling=args.ceiling, allow_longer_than_context=args.allow_longer_than_context,
-            eos_ids=stop, mask_token_id=drafter.cfg.mask_token_id if drafter is not None else -1, mesh=mesh)
-        profile = None
-        if args.anchor_profile:
-            profile = anchor_profile(target, drafter, prompts, max_new_tokens=args.max_new_tokens,
-                                     block_size=k, eos_ids=stop)
-    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
-        print(f"dflash-bench: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("dflash-bench", lambda: _bench(args), verbose=bool(args.verbose))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    initialize_from_args(args)
+    tokenizer = load_tokenizer(args.target)
+    mesh = mesh_from_args(args.mesh)
+    target = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl,
+                         mesh=mesh)  # drafters resolved below take its attention_impl and mesh
+    prompts = load_prompts(args.prompts, tokenizer, field=args.field, split=args.split,
+                           limit=args.num_prompts)
+    drafter_method, drafter = resolve_method(args.drafter, target, block_size=args.block_size,
+                                             stochastic=args.stochastic_drafts, mesh=mesh)
+    k = drafter_method.block_size
+    if args.anchor_profile and not isinstance(drafter, DFlashDrafter):
+        raise ConfigError(f"--anchor-profile profiles a DFlash drafter; {args.drafter!r} is not one")
+    stop = () if args.ignore_eos else eos_ids(tokenizer, target.cfg.eos_token_id)
+    methods = {"ar": resolve_method("ar", target), "ngram": resolve_method("ngram", target, block_size=k),
+               "drafter": (drafter_method, drafter)}
+    if args.tree_width:
+        methods["tree"] = (DFlashTreeDraft.around(drafter_method, args.tree_width), drafter)
+    if args.ngram_branch:
+        hybrid = DFlashTreeDraft.around(drafter_method, args.tree_width or 1, lookup=True)
+        methods["drafter+ngram"] = (hybrid, drafter)
+    for other in args.also:
+        also_method, also_drafter = resolve_method(other, target, block_size=args.block_size,
+                                                   stochastic=args.stochastic_drafts, mesh=mesh)
+        if drafter is None or also_drafter is None:
+            raise ConfigError("--also compares exported drafters: give drafters, not ar/ngram")
+        if also_drafter.cfg.mask_token_id != drafter.cfg.mask_token_id:
+            raise ConfigError(f"--also {other}: its mask token differs from the drafter's")
+        methods[f"also:{other}"] = (also_method, also_drafter)
+    sampling = SamplingParams(temperature=args.temperature)
+    result = bench_methods(
+        target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        sampling=sampling, rule=args.verify, seed=args.seed, compact=not args.no_compact,
+        ceiling=args.ceiling, allow_longer_than_context=args.allow_longer_than_context,
+        eos_ids=stop, mask_token_id=drafter.cfg.mask_token_id if drafter is not None else -1, mesh=mesh)
+    profile = None
+    if args.anchor_profile:
+        profile = anchor_profile(target, drafter, prompts, max_new_tokens=args.max_new_tokens,
+                                 block_size=k, eos_ids=stop)
     if not is_primary():  # every process ran the same benchmark; process 0 reports it
         return 0
     result.update(target=args.target, drafter=args.drafter, prompts=args.prompts)

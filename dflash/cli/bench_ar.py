@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+
 from dflash.bench import ar_vs_transformers, write_json
+from dflash.checks import COUNT, flag
+from dflash.cli.failures import run_command
 from dflash.cli.parser import make_parser
 from dflash.training.tiny_corpus import heldout_prompts
 
@@ -10,11 +14,15 @@ from dflash.training.tiny_corpus import heldout_prompts
 def main(argv: list[str] | None = None) -> int:
     p = make_parser("dflash-bench-ar", __doc__)
     p.add_argument("--target", default="tiny-code")
-    p.add_argument("--num-prompts", type=int, default=4, help="held-out stdlib code prompts")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--num-prompts", type=flag(COUNT), default=4, help="held-out stdlib code prompts")
+    p.add_argument("--max-new-tokens", type=flag(COUNT), default=256)
+    p.add_argument("--repeats", type=flag(COUNT), default=3)
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
+    return run_command("dflash-bench-ar", lambda: _bench_ar(args))
+
+
+def _bench_ar(args: argparse.Namespace) -> int:
     result = ar_vs_transformers(args.target, heldout_prompts(args.num_prompts),
                                 max_new_tokens=args.max_new_tokens, repeats=args.repeats)
     print(f"{'prompt':>6} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} same")

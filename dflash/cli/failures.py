@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 from dflash.errors import DflashError, describe_disk_error, is_disk_error
 
+
 def user_message(err: BaseException) -> str | None:
     """The one-line message of an error a user can act on; None for a bug."""
     if isinstance(err, DflashError):

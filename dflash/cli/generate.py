@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import jax
 
+from dflash.checks import BLOCK, COUNT, INTEGER, NON_NEGATIVE, PROBABILITY, flag
+from dflash.cli.failures import run_command
 from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
 from dflash.decoding import SamplingParams, generate
 from dflash.decoding.drafters import resolve_method
@@ -17,7 +18,7 @@ from dflash.decoding.speculative import speculative_generate
 from dflash.decoding.tree import DFlashTreeDraft
 from dflash.decoding.verify import RULES
 from dflash.distributed import add_distributed_args, is_primary
-from dflash.errors import ConfigError, DflashError
+from dflash.errors import ConfigError
 from dflash.fingerprint import initialize_from_args
 from dflash.kernels.dispatch import ATTENTION_IMPLS
 from dflash.models import load_target
@@ -32,16 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", type=Path, help="file whose whole content is the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-len", type=int, default=None, help="KV cache slots (default: fit the request)")
+    p.add_argument("--max-new-tokens", type=flag(COUNT), default=128)
+    p.add_argument("--max-len", type=flag(COUNT), default=None,
+                   help="KV cache slots (default: fit the request)")
     p.add_argument("--allow-longer-than-context", action="store_true",
                    help="run a prompt + new tokens longer than the target's context "
                         "(max_position_embeddings; positions past it were never trained: expect wrong "
                         "output) instead of refusing it")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=flag(NON_NEGATIVE), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=flag(COUNT.with_special(0, "off")), default=0)
+    p.add_argument("--top-p", type=flag(PROBABILITY), default=1.0, help="1 = off")
+    p.add_argument("--seed", type=flag(INTEGER), default=0)
     p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
                    help="auto: Pallas kernels on TPU/GPU, jnp reference on CPU (see docs/kernels.md)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -50,10 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding: an exported drafter (dir, a dflash-train run dir for its "
                         "export/, hub id or shipped name such as tiny-code-dflash) or 'ngram' (prompt "
                         "lookup); default: plain AR decoding")
-    p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
+    p.add_argument("--block-size", type=flag(BLOCK), default=None,
+                   help="draft block size (default: the drafter's)")
     p.add_argument("--verify", choices=RULES, default=None,
                    help="verification rule (default: greedy at temperature 0, else token)")
-    p.add_argument("--tree-width", type=int, default=0,
+    p.add_argument("--tree-width", type=flag(COUNT.with_special(0, "no tree")), default=0,
                    help="draft a beam tree with this many paths per depth (DFlash; greedy or token rule)")
     p.add_argument("--ngram-branch", action="store_true",
                    help="verify the prompt-lookup chain beside the DFlash draft, as one more tree branch "
@@ -79,33 +82,33 @@ def main(argv: list[str] | None = None) -> int:
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             parser.error(f"{', '.join(given)} {verb} only to speculative decoding: add --drafter")
-    try:
-        initialize_from_args(args)
-        prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
-        sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-        tokenizer = load_tokenizer(args.target)
-        mesh = mesh_from_args(args.mesh)
-        model = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl,
-                            mesh=mesh)
-        ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # length: checked below
-        if not ids:
-            raise ConfigError("the prompt encodes to zero tokens")
-        common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
-                      eos_ids=eos_ids(tokenizer, model.cfg.eos_token_id), max_len=args.max_len,
-                      pad_id=tokenizer.pad_token_id or 0,
-                      allow_longer_than_context=args.allow_longer_than_context, mesh=mesh)
-        if args.drafter is None:
-            result = generate(model, [ids], **common)
-        else:
-            method, drafter = resolve_method(args.drafter, model, block_size=args.block_size,
-                                             stochastic=args.stochastic_drafts, mesh=mesh)  # target's impl
-            if args.tree_width or args.ngram_branch:
-                method = DFlashTreeDraft.around(method, args.tree_width or 1, lookup=args.ngram_branch)
-            result = speculative_generate(model, [ids], method=method, drafter=drafter, rule=args.verify,
-                                          **common)
-    except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
-        print(f"dflash-generate: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("dflash-generate", lambda: _generate(args), verbose=bool(args.verbose))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    initialize_from_args(args)
+    prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    tokenizer = load_tokenizer(args.target)
+    mesh = mesh_from_args(args.mesh)
+    model = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl,
+                        mesh=mesh)
+    ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # length: checked below
+    if not ids:
+        raise ConfigError("the prompt encodes to zero tokens")
+    common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
+                  eos_ids=eos_ids(tokenizer, model.cfg.eos_token_id), max_len=args.max_len,
+                  pad_id=tokenizer.pad_token_id or 0,
+                  allow_longer_than_context=args.allow_longer_than_context, mesh=mesh)
+    if args.drafter is None:
+        result = generate(model, [ids], **common)
+    else:
+        method, drafter = resolve_method(args.drafter, model, block_size=args.block_size,
+                                         stochastic=args.stochastic_drafts, mesh=mesh)  # target's impl
+        if args.tree_width or args.ngram_branch:
+            method = DFlashTreeDraft.around(method, args.tree_width or 1, lookup=args.ngram_branch)
+        result = speculative_generate(model, [ids], method=method, drafter=drafter, rule=args.verify,
+                                      **common)
     if not is_primary():
         return 0
     tokens = result.tokens[0]

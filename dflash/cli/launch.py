@@ -23,6 +23,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from dflash.checks import COUNT, POSITIVE, flag
+from dflash.cli.parser import make_parser
 from dflash.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
 
@@ -99,12 +101,13 @@ def run_local(command: Sequence[str], num_processes: int, *, devices_per_process
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-launch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--local-processes", type=int, required=True, help="processes to start on this machine")
-    p.add_argument("--devices-per-process", type=int, default=0,
+    p = make_parser("dflash-launch", __doc__)
+    p.add_argument("--local-processes", type=flag(COUNT), required=True,
+                   help="processes to start on this machine")
+    p.add_argument("--devices-per-process", type=flag(COUNT.with_special(0, "leave as is")), default=0,
                    help="simulated CPU devices per process (XLA_FLAGS); 0 = leave as is")
-    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="stop every process after this many s")
+    p.add_argument("--timeout", type=flag(POSITIVE), default=24 * 3600.0,
+                   help="stop every process after this many s")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command, e.g. dflash-train ...")
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

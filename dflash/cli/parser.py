@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from typing import NoReturn
 
 import jax
 from jax.sharding import Mesh
@@ -34,9 +35,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 and "default" not in (action.help or "") and action.help is not argparse.SUPPRESS)
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line naming the flag, like every other error of a dflash command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def make_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` for a dflash command, with defaults shown in ``--help``."""
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    return Parser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
 MESH_HELP = ("decode on a device mesh: data=D,fsdp=F,tensor=T, any subset (the rest 1, data the rest of the "

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
+from dflash.cli.failures import run_command
 from dflash.cli.parser import make_parser
-from dflash.viz.errors import VizError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,14 +14,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path, help="a dflash-train run directory")
     p.add_argument("--out", type=Path, default=None, help="where to write it (default: RUN_DIR/report)")
     args = p.parse_args(argv)
+    return run_command("dflash-report", lambda: _report(args))
+
+
+def _report(args: argparse.Namespace) -> int:
     from dflash.viz.report import write_report
 
-    try:
-        path = write_report(args.run_dir, args.out)
-    except (VizError, OSError) as err:
-        print(f"dflash-report: error: {err}", file=sys.stderr)
-        return 2
-    print(f"report: {path}")
+    print(f"report: {write_report(args.run_dir, args.out)}")
     return 0
 
 

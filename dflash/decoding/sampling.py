@@ -11,7 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dflash.config import ConfigError
+from dflash.checks import COUNT_OR_ZERO, NON_NEGATIVE, PROBABILITY, check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,12 +23,9 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        check("temperature", self.temperature, NON_NEGATIVE)
+        check("top_k", self.top_k, COUNT_OR_ZERO)
+        check("top_p", self.top_p, PROBABILITY)
 
     @property
     def greedy(self) -> bool:

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dflash.config import ModelConfig
 from dflash.errors import CheckpointError
+from dflash.files import open_safetensors
 from dflash.models.transformer import Transformer, abstract
 from dflash.sharding import param_spec
 
@@ -132,7 +132,7 @@ class _TensorSource:
                     raise CheckpointError(f"missing shard {directory / name} listed in {index}")
             self.key_to_file = {k: directory / v for k, v in weight_map.items()}
         elif single.exists():
-            with safe_open(single, framework="numpy") as f:
+            with open_safetensors(single) as f:
                 self.key_to_file = {k: single for k in f.keys()}
         else:
             raise CheckpointError(
@@ -143,7 +143,7 @@ class _TensorSource:
     def _handle(self, key: str) -> Any:
         file = self.key_to_file[key]
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="numpy")
+            self._handles[file] = open_safetensors(file)
         return self._handles[file]
 
     def get(self, key: str) -> np.ndarray:

@@ -10,6 +10,7 @@ the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shutil
@@ -77,8 +78,13 @@ def replace_dir(new: Path, dest: Path) -> None:
 def write_text(path: Path, text: str) -> None:
     """``path`` holds ``text`` or what it held before, never a part of it (a full disk mid-write)."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, newline="")  # as given: no newline translation
-    partial.replace(path)
+    try:
+        partial.write_text(text, newline="")  # as given: no newline translation
+        partial.replace(path)
+    except OSError as err:  # named by the file meant, not the temporary one
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def explain_accidents(run: F) -> F:

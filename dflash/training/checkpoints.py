@@ -101,8 +101,8 @@ class Checkpoints:
                 if steps else sum(x.nbytes for x in jax.tree.leaves(state)))
         free = shutil.disk_usage(self.directory).free
         if not everywhere(free >= 1.1 * need + 2**20):
-            raise OSError(errno.ENOSPC, f"no space left for checkpoint step {step} (about {need / 1e6:.1f} MB; "
-                          f"{free / 1e6:.1f} MB free)", str(self.directory))
+            raise OSError(errno.ENOSPC, f"no space left for checkpoint step {step} (about "
+                          f"{need / 1e6:.1f} MB; {free / 1e6:.1f} MB free)", str(self.directory))
 
     def restore(self, step: int, abstract_state: Any = None, *,
                 state: bool = True) -> tuple[Any, dict[str, Any]]:
@@ -118,8 +118,8 @@ class Checkpoints:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         meta = restored["meta"]
         if ("digest" in meta or "checksums" in meta) and meta.get("digest") != _digest(meta):
-            raise self.unreadable(step, CheckpointError("its metadata does not match the digest saved with it"),
-                                  file=str(self.directory / str(step) / "meta" / "metadata"))
+            mismatch = CheckpointError("its metadata does not match the digest saved with it")
+            raise self.unreadable(step, mismatch, file=str(self.directory / str(step) / "meta" / "metadata"))
         if state:
             self._verify(step, restored["state"], meta)
         return (restored["state"] if state else None), meta
@@ -197,8 +197,8 @@ class Checkpoints:
         cause = _root_cause(err)
         file = file or _damaged_file(self.directory / str(step), cause)
         cause = re.sub(r'Error reading "[^"]+" in OCDBT database at local file "[^"]+": ', "", cause)
-        return DamagedCheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {file}: {cause}",
-                                      step=step, file=file)
+        return DamagedCheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {file}: "
+                                      f"{cause}", step=step, file=file)
 
     def previous_good_step(self, step: int) -> int | None:
         """The latest kept step before ``step`` whose state restores, if any."""

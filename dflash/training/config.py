@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from dflash.checks import BLOCK, COUNT, COUNT_OR_ZERO, FRACTION, INTEGER, NON_NEGATIVE, POSITIVE, Range, check
 from dflash.config import ConfigError
 from dflash.sharding import MeshConfig
 from dflash.training.data import DataConfig
@@ -13,10 +14,11 @@ from dflash.training.selfdistill import RegenSection
 Dtype = Literal["float32", "bfloat16"]
 
 
-def _positive(section: str, **values: float) -> None:
+def _check(section: str, kind: Range, **values: float | None) -> None:
+    """Each of ``values`` (None: unset) is ``kind`` (dflash.checks, where every number is checked)."""
     for name, value in values.items():
-        if value <= 0:
-            raise ConfigError(f"{section}.{name} must be > 0, got {value}")
+        if value is not None:
+            check(f"{section}.{name}", value, kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +37,12 @@ class DrafterSection:
     init_from: str = ""  # an exported drafter directory to continue from
 
     def __post_init__(self) -> None:
-        if self.block_size != 0 and self.block_size < 2:
-            raise ConfigError(f"drafter.block_size must be >= 2 (or 0: the method's default), "
-                              f"got {self.block_size}")
-        _positive("drafter", num_layers=self.num_layers, num_target_features=self.num_target_features)
-        if self.mask_token_id < -1:
-            raise ConfigError(f"drafter.mask_token_id must be a token id or -1 (the tokenizer's mask "
-                              f"token), got {self.mask_token_id}")
+        _check("drafter", BLOCK.with_special(0, "the method's default"), block_size=self.block_size)
+        _check("drafter", COUNT, num_layers=self.num_layers, num_target_features=self.num_target_features)
+        _check("drafter", COUNT_OR_ZERO.with_special(-1, "the tokenizer's mask token"),
+               mask_token_id=self.mask_token_id)
+        for i, layer in enumerate(self.target_layer_ids):
+            check(f"drafter.target_layer_ids[{i}]", layer, COUNT_OR_ZERO)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +59,10 @@ class OptimSection:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
-        _positive("optim", lr=self.lr, clip_norm=self.clip_norm, grad_accum=self.grad_accum)
-        for name in ("warmup_ratio", "b1", "b2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("weight_decay", "final_lr_ratio"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        _check("optim", POSITIVE, lr=self.lr, clip_norm=self.clip_norm)
+        _check("optim", COUNT, grad_accum=self.grad_accum)
+        _check("optim", FRACTION, warmup_ratio=self.warmup_ratio, b1=self.b1, b2=self.b2)
+        _check("optim", NON_NEGATIVE, weight_decay=self.weight_decay, final_lr_ratio=self.final_lr_ratio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,15 +89,15 @@ class TrainSection:
     num_devices: int = 0  # removed (the mesh: section places the run); only 0 is accepted, for old runs
 
     def __post_init__(self) -> None:
-        _positive("train", batch_size=self.batch_size, num_anchors=self.num_anchors,
-                  log_every=self.log_every, eval_every=self.eval_every, save_every=self.save_every,
-                  keep_last=self.keep_last, loss_chunk=self.loss_chunk)
-        if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
+        _check("train", COUNT, batch_size=self.batch_size, num_anchors=self.num_anchors,
+               log_every=self.log_every, eval_every=self.eval_every, save_every=self.save_every,
+               keep_last=self.keep_last, loss_chunk=self.loss_chunk)
+        _check("train", COUNT.with_special(0, "from train.epochs"), steps=self.steps)
+        _check("train", NON_NEGATIVE, epochs=self.epochs, ce_weight=self.ce_weight, kl_weight=self.kl_weight)
+        _check("train", POSITIVE.with_special(0, "from the block size"), gamma=self.gamma)
+        _check("train", INTEGER, seed=self.seed)
+        if self.steps == 0 and self.epochs == 0:
             raise ConfigError("train.steps or train.epochs must be positive")
-        if any(w is not None and w < 0 for w in (self.ce_weight, self.kl_weight)):
-            raise ConfigError("train.ce_weight / train.kl_weight must be >= 0 and not both 0")
-        if self.gamma < 0:
-            raise ConfigError(f"train.gamma must be > 0 (or 0: from the block size), got {self.gamma}")
         if self.num_devices != 0:
             raise ConfigError(f"train.num_devices={self.num_devices}: the device count is now set by the "
                               "mesh: section (mesh.data / mesh.fsdp / mesh.tensor, one of them -1 for the "
@@ -116,8 +114,8 @@ class EvalSection:
     prompt_tokens: int = 128  # prompts are cut to their last this-many tokens
 
     def __post_init__(self) -> None:
-        _positive("eval", heldout_rows=self.heldout_rows, num_prompts=self.num_prompts,
-                  max_new_tokens=self.max_new_tokens, prompt_tokens=self.prompt_tokens)
+        _check("eval", COUNT, heldout_rows=self.heldout_rows, num_prompts=self.num_prompts,
+               max_new_tokens=self.max_new_tokens, prompt_tokens=self.prompt_tokens)
 
 
 METHODS = ("dflash", "orthrus")

@@ -15,14 +15,24 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from dflash.checks import COUNT, COUNT_OR_ZERO, INTEGER, NON_NEGATIVE, POSITIVE, check
 from dflash.config import ModelConfig, RopeConfig
 from dflash.models.loading import save_target
 from dflash.models.transformer import Transformer, build
 from dflash.training import tiny_corpus as corpus
 
+# Each field's range (dflash.checks): the config and dflash-pretrain-target's flags check the same.
+RANGES = {name: COUNT for name in (
+    "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+    "seq_len", "batch_size", "steps", "eval_every", "eval_windows")} | {
+    "lr": POSITIVE, "warmup": COUNT_OR_ZERO, "weight_decay": NON_NEGATIVE, "seed": INTEGER,
+    "minutes": NON_NEGATIVE}
+
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
+    """The tiny target's shape and its pretraining run; every field in its range (``RANGES``)."""
+
     vocab_size: int = 4096
     hidden_size: int = 256
     intermediate_size: int = 768
@@ -40,6 +50,10 @@ class PretrainConfig:
     eval_every: int = 200
     eval_windows: int = 64
     minutes: float = 0.0  # > 0: stop (and save) when this wall-clock budget is spent
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            check(field.name, getattr(self, field.name), RANGES[field.name])
 
     def model_config(self, eos_id: int) -> ModelConfig:
         return ModelConfig(

@@ -87,15 +87,15 @@ def newest_readable(ckpts: CheckpointStore, read: Callable[[int], T]) -> tuple[T
                           f"({'; '.join(damaged) or 'none saved'})")
 
 
-def explain_damage(ckpts: CheckpointStore, err: DamagedCheckpointError, run_dir: Path) -> DamagedCheckpointError:
+def explain_damage(ckpts: CheckpointStore, err: DamagedCheckpointError,
+                   run_dir: Path) -> DamagedCheckpointError:
     """``err`` with what to do instead: export the previous step that restores, if there is one."""
     good = ckpts.previous_good_step(err.step)
-    advice = (f"the previous good step is {good}: export it with `dflash-export --run {run_dir} --step {good} "
-              "--out DIR`; resuming the run falls back to it by itself" if good is not None
+    advice = (f"the previous good step is {good}: export it with `dflash-export --run {run_dir} --step "
+              f"{good} --out DIR`; resuming the run falls back to it by itself" if good is not None
               else "no earlier checkpoint restores")
     explained = DamagedCheckpointError(f"{err}\n  {advice} (nothing was changed; the full error: --verbose)",
                                        step=err.step, file=err.file)
-    explained.__cause__ = err.__cause__
     return explained
 
 

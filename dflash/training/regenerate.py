@@ -16,6 +16,7 @@ import jax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from dflash.checks import COUNT, check
 from dflash.decoding import SamplingParams, generate
 from dflash.decoding.autoregressive import ContextLengthError
 from dflash.errors import ConfigError
@@ -61,6 +62,8 @@ def regenerate_conversations(
     ``key`` (default ``jax.random.key(seed)``) drives sampling. ``mesh``: decode there (the
     target must be on it); greedy output is the same as without.
     """
+    check("batch_size", batch_size, COUNT)  # a batch of <= 0 rows would regenerate nothing, silently
+    check("max_new_tokens", max_new_tokens, COUNT)
     context = target.cfg.max_position_embeddings
     if max_prompt_tokens is None:
         max_prompt_tokens = context - max_new_tokens
@@ -124,6 +127,9 @@ def regenerate_dataset(target: Transformer, tokenizer: Any, source: str, out_pat
     output (a job may resume on another mesh).
     """
     import datasets  # deferred: only writing the dataset needs it, and it is slow to import
+
+    check("shard_size", shard_size, COUNT)
+    check("max_examples", max_examples, COUNT.with_special(0, "all"))
 
     ds = load_dataset(DataConfig(source=source, split=split, format="conversations",
                                   messages_field=messages_field))

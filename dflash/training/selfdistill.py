@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from dflash.checks import COUNT, check
 from dflash.config import ConfigError
 from dflash.decoding.autoregressive import generate
 from dflash.models.transformer import Transformer
@@ -30,9 +31,9 @@ class RegenSection:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("num_sequences", "prompt_tokens", "new_tokens", "batch_size"):
-            if getattr(self, name) < 0 or (name != "num_sequences" and getattr(self, name) == 0):
-                raise ConfigError(f"regen.{name} must be positive, got {getattr(self, name)}")
+        check("regen.num_sequences", self.num_sequences, COUNT.with_special(0, "no regeneration"))
+        for name in ("prompt_tokens", "new_tokens", "batch_size"):
+            check(f"regen.{name}", getattr(self, name), COUNT)
 
 
 def regenerate_documents(target: Transformer, docs: list[Document], cfg: RegenSection, *, seed: int,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from dflash.checks import COUNT, FRACTION, INTEGER, Range, check
 from dflash.errors import ConfigError
+from dflash.files import first_bad_json_line
 from dflash.training.tiny_corpus import stdlib_files
 
 FORMATS = ("auto", "text", "conversations")
@@ -54,16 +57,11 @@ class DataConfig:
                 raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
         if self.format not in FORMATS:
             raise ConfigError(f"format={self.format!r} is not one of {FORMATS}")
-        if not isinstance(self.seq_len, int) or self.seq_len < 8:
-            raise ConfigError(f"seq_len must be an int >= 8, got {self.seq_len!r}")
-        if not isinstance(self.max_examples, int) or self.max_examples < 0:
-            raise ConfigError(f"max_examples must be an int >= 0 (0 = all), got {self.max_examples!r}")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
-        if not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an int, got {self.seed!r}")
-        if not isinstance(self.lanes, int) or self.lanes < 1:
-            raise ConfigError(f"lanes must be an int >= 1, got {self.lanes!r}")
+        check("seq_len", self.seq_len, Range(low=8, integer=True))
+        check("max_examples", self.max_examples, COUNT.with_special(0, "all"))
+        check("heldout_fraction", self.heldout_fraction, FRACTION)
+        check("seed", self.seed, INTEGER)
+        check("lanes", self.lanes, COUNT)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -185,18 +183,17 @@ def load_dataset(cfg: DataConfig) -> Any:
 
     if "://" in cfg.source:  # gs://, s3://, ... through fsspec, copied to a local cache first
         builder, files = _remote_files(cfg.source)
-        split_name = cfg.split.split("[", 1)[0]
-        return datasets.load_dataset(builder, data_files={split_name: files}, split=cfg.split)
+        return _load_files(builder, files, cfg)
 
     path = Path(cfg.source).expanduser()
     if path.exists() or _looks_like_path(cfg.source):
         if not path.exists():
             raise FileNotFoundError(f"data source {cfg.source!r} does not exist ({path.resolve()})")
         builder, files = _local_files(path)
-        # Local files form one split; name it after cfg.split so slices like "train[:100]" work.
-        split_name = cfg.split.split("[", 1)[0]
         try:
-            return datasets.load_dataset(builder, data_files={split_name: files}, split=cfg.split)
+            return _load_files(builder, files, cfg)
+        except ConfigError:
+            raise
         except ValueError as e:  # e.g. a bad split slice
             raise ConfigError(f"could not load {cfg.source!r} split {cfg.split!r}: {e}") from e
 
@@ -208,6 +205,24 @@ def load_dataset(cfg: DataConfig) -> Any:
         why = ("is not available offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and is not cached"
                if offline else "could not be loaded from the Hub (unknown id, network failure, not cached)")
         raise ConfigError(f"dataset id {cfg.source!r} (split {cfg.split!r}) {why}: {e}") from e
+
+
+def _load_files(builder: str, files: list[str], cfg: DataConfig) -> Any:
+    """The data files as one split named after ``cfg.split`` (so slices like "train[:100]" work). A
+    file ``datasets`` cannot read is a ``ConfigError`` naming it, and the line for malformed JSON."""
+    import datasets
+
+    quiet = logging.getLogger("datasets")  # its builder logs the error we report below, in its words
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        return datasets.load_dataset(builder, data_files={cfg.split.split("[", 1)[0]: files}, split=cfg.split)
+    except datasets.exceptions.DatasetGenerationError as err:  # what the builder raises on bad data
+        bad = first_bad_json_line(files)
+        where = (f"{bad[0]}, line {bad[1]}: not valid JSON ({bad[2]}); fix or remove that line" if bad else
+                 f"{', '.join(files)}: {err.__cause__ or err}; fix the data file")
+        raise ConfigError(f"data source {cfg.source!r}: {where}") from err
+    finally:
+        quiet.level = level
 
 
 def resolve_format(cfg: DataConfig, columns: list[str]) -> str:
