@@ -91,7 +91,7 @@ def flag(kind: Range) -> Any:
         try:
             value: int | float = int(text) if kind.integer else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {kind.describe()}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be {kind.describe()}, got {text}") from None
         if not kind.contains(value):
             raise argparse.ArgumentTypeError(f"must be {_what(kind, value)}, got {text}")
         return value

@@ -117,7 +117,8 @@ def check_fallback(good: Path, work: Path, mode: str, abstract) -> None:
         assert (info["step"], info["damaged_steps"]) == (4, [])
     else:
         assert info["step"] == 2 and len(info["damaged_steps"]) == 1, info
-        assert info["damaged_steps"][0].startswith("checkpoint step 4 in ") and named in info["damaged_steps"][0]
+        line = info["damaged_steps"][0]
+        assert line.startswith("checkpoint step 4 in ") and named in line
 
 
 @pytest.mark.parametrize("mode", list(DAMAGES))
@@ -155,9 +156,10 @@ def test_train_extend_and_export_on_a_truncated_array_file(good_run, tmp_path, c
     with dflash_warnings() as messages:
         run_training(run_config(tiny_target, run, "train.steps=6"), extend=True, progress=False,
                      final_eval=False, export=False)
-    assert len(messages) == 2 and messages[0].startswith("checkpoint step 4 in ") and "state/ (array " in messages[0]
-    assert messages[1].startswith("resumed from checkpoint step 2, the newest that restores; the damaged step 4 "
-                                  "moved to ")
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("checkpoint step 4 in ") and "state/ (array " in messages[0]
+    assert messages[1].startswith("resumed from checkpoint step 2, the newest that restores; the damaged "
+                                  "step 4 moved to ")
     assert f"resuming {run} from step 2 of 6" in capsys.readouterr().out.splitlines()
     assert Checkpoints(run / "checkpoints", 2).steps()[-1] == 6
 
@@ -205,7 +207,8 @@ def test_ctrl_c_during_a_step_and_during_a_save_loses_nothing(good_run, tmp_path
     from dflash.training import trainer
 
     run = tmp_path / "run"
-    argv = ["--config", str(tiny_config_file(run_config, tiny_target, run, tmp_path / "c.yaml")), "--no-progress"]
+    config = tiny_config_file(run_config, tiny_target, run, tmp_path / "c.yaml")
+    argv = ["--config", str(config), "--no-progress"]
     log_line = trainer.log_line
 
     def ctrl_c_at_step_1(step, *args):  # the loop is between the step's update and its save
@@ -234,8 +237,8 @@ def test_ctrl_c_during_a_step_and_during_a_save_loses_nothing(good_run, tmp_path
     monkeypatch.undo()
     out, err = capsys.readouterr()
     assert f"resuming {run} from step 1 of 4" in out.splitlines()
-    assert err.splitlines()[-1] == ("dflash-train: interrupted at step 2 of 4, saved as a checkpoint: rerun the "
-                                    "same command to resume from it")
+    assert err.splitlines()[-1] == ("dflash-train: interrupted at step 2 of 4, saved as a checkpoint: rerun "
+                                    "the same command to resume from it")
     assert Checkpoints(run / "checkpoints", 2).steps() == [1, 2]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     # Resumed from step 1, the run reached the uninterrupted run's step 2 bit for bit.
@@ -264,8 +267,8 @@ def test_a_full_disk_at_a_save_is_one_line_and_nothing_is_lost(good_run, tmp_pat
                      final_eval=False, export=False)
     message = str(err.value)
     assert message.startswith(f"{run / 'checkpoints'}: no space left for checkpoint step 5 (about ")
-    assert message.endswith("; free some space; nothing was lost: rerun the same command to resume from step 4 "
-                            "(its last checkpoint, intact)") and "\n" not in message
+    assert message.endswith("; free some space; nothing was lost: rerun the same command to resume from "
+                            "step 4 (its last checkpoint, intact)") and "\n" not in message
     assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == before
 
 
@@ -282,8 +285,8 @@ def test_a_save_that_fills_the_disk_leaves_no_half_written_step(tmp_path, monkey
 
     def disk_full_midway(self, step, *args, **kwargs):
         (Path(self.directory) / f"{step}.orbax-checkpoint-tmp").mkdir()
-        raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": Failed to write 735 bytes: No space '
-                         "left on device [os_error_code='28']")
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": Failed to write 735 bytes: No '
+                         "space left on device [os_error_code='28']")
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full_midway)
     with pytest.raises(OSError) as err:
@@ -305,8 +308,8 @@ def test_read_only_and_uncreatable_run_directories_are_one_line(good_run, tmp_pa
 
     (tmp_path / "a-file").write_text("")
     assert cli(tmp_path / "a-file" / "run") == [
-        f"dflash-train: error: cannot create the run directory: {tmp_path / 'a-file' / 'run'}: not a directory; "
-        "a part of the path is a file, not a directory; or choose another run_dir (--run-dir)"]
+        f"dflash-train: error: cannot create the run directory: {tmp_path / 'a-file' / 'run'}: not a "
+        "directory; a part of the path is a file, not a directory; or choose another run_dir (--run-dir)"]
 
     read_only = tmp_path / "ro"  # a read-only mount (root writes through file modes): its writes fail
     mkdir, write_text = Path.mkdir, Path.write_text
@@ -322,10 +325,10 @@ def test_read_only_and_uncreatable_run_directories_are_one_line(good_run, tmp_pa
     monkeypatch.setattr(Path, "mkdir", refuse(mkdir))
     monkeypatch.setattr(Path, "write_text", refuse(write_text))
     assert cli(read_only / "new") == [
-        f"dflash-train: error: cannot create the run directory: {read_only / 'new'}: read-only file system; the "
-        "file system is read-only: remount it writable or use a writable directory; or choose another run_dir "
-        "(--run-dir)"]
+        f"dflash-train: error: cannot create the run directory: {read_only / 'new'}: read-only file system; "
+        "the file system is read-only: remount it writable or use a writable directory; or choose another "
+        "run_dir (--run-dir)"]
     assert cli(read_only / "done") == [
         f"dflash-train: error: {read_only / 'done' / 'config.yaml'}: read-only file system; the file system "
-        "is read-only: remount it writable or use a writable directory; nothing was lost: rerun the same command "
-        "to resume from step 4 (its last checkpoint, intact)"]
+        "is read-only: remount it writable or use a writable directory; nothing was lost: rerun the same "
+        "command to resume from step 4 (its last checkpoint, intact)"]

@@ -265,7 +265,7 @@ def test_bf16_compute_keeps_fp32_master_weights_and_trains():
     ("train.num_devices=2", "train.num_devices=2: the device count is now set by the mesh: section"),
     ("mesh.fsdp=0", "mesh.fsdp must be a positive int or -1"),
     ("mesh.fsdp=-1", "at most one mesh axis may be -1"),
-    ("drafter.mask_token_id=-5", r"drafter.mask_token_id must be an integer >= 0 \(or -1: the tokenizer's mask"),
+    ("drafter.mask_token_id=-5", r"drafter.mask_token_id must be an integer >= 0 \(or -1: the tokenizer"),
 ])
 def test_config_errors_name_the_key(override, match, tmp_path):
     from dflash.models import load_target

@@ -42,8 +42,7 @@ def _run(prog: str, body: Callable[[], int], verbose: bool) -> int:
     except KeyboardInterrupt as err:
         if verbose:
             traceback.print_exception(err)
-        print(f"{prog}: {str(err) or 'interrupted; nothing was written after the last completed step'}",
-              file=sys.stderr)
+        print(f"{prog}: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as err:
         message = user_message(err)
