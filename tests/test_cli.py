@@ -34,8 +34,11 @@ def test_generate_errors_are_clear(capsys, tmp_path):
     assert "config.json" in capsys.readouterr().err
     assert main(["--prompt", "x" * 50, "--max-len", "16", "--max-new-tokens", "8"]) == 2
     assert "max_len=16" in capsys.readouterr().err
-    assert main(["--prompt", "x", "--temperature", "-1"]) == 2
-    assert "temperature" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a number out of range: refused by the parser
+        main(["--prompt", "x", "--temperature", "-1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("dflash-generate: error: argument --temperature: must be >= 0, got -1 "
+                                       "(see --help)\n")
     # Speculative-only options without a drafter are refused (argparse: exit status 2), not dropped.
     with pytest.raises(SystemExit) as exit_info:
         main(["--prompt", "x", "--ngram-branch", "--verify", "block"])

@@ -278,16 +278,17 @@ def test_a_truncated_checkpoint_is_a_short_message_naming_what_to_use(run, tmp_p
     shutil.copytree(run, broken)
     for f in (broken / "checkpoints" / "4" / "state").rglob("d/*"):  # every data file of step 4
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    assert _export("--run", broken, "--out", tmp_path / "o") == 2
+    assert _export("--run", broken, "--step", "4", "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) < 20 and "TensorStore(" not in err, err
-    assert f"checkpoint step 4 in {broken / 'checkpoints'} could not be restored" in err
+    assert len(err.splitlines()) == 2 and "TensorStore(" not in err, err
+    assert f"checkpoint step 4 in {broken / 'checkpoints'} is damaged" in err
     assert str(broken / "checkpoints" / "4" / "state") in err  # the damaged file's place
     assert f"previous good step is 2: export it with `dflash-export --run {broken} --step 2" in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
-    assert _export("--run", broken, "--out", tmp_path / "o", "--verbose") == 2
+    assert _export("--run", broken, "--step", "4", "--out", tmp_path / "o", "--verbose") == 2
     assert len(capsys.readouterr().err.splitlines()) > 20  # the full detail, on request
-    assert _export("--run", broken, "--step", "2", "--out", tmp_path / "o2") == 0
+    assert _export("--run", broken, "--out", tmp_path / "o2") == 0  # latest: the newest step that restores
+    assert json.loads(capsys.readouterr().out)["step"] == 2
 
 
 def test_export_reads_the_drafter_only_not_the_optimizer_moments(run, tmp_path, capsys):

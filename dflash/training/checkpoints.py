@@ -122,7 +122,7 @@ class Checkpoints:
             raise self.unreadable(step, mismatch, file=str(self.directory / str(step) / "meta" / "metadata"))
         if state:
             self._verify(step, restored["state"], meta)
-        return (restored["state"] if state else None), meta
+        return (restored["state"] if state else None), {k: v for k, v in meta.items() if k not in _INTEGRITY}
 
     def latest_meta(self) -> dict[str, Any]:
         """The metadata of the newest checkpoint whose metadata reads ({} when there is none); no
@@ -230,6 +230,9 @@ def _disk_errno(err: BaseException) -> int | None:
             return int(code.group(1))
         err = err.__cause__ or err.__context__
     return None
+
+
+_INTEGRITY = ("checksums", "digest")  # saved beside a step's metadata, never handed back with it
 
 
 def _digest(meta: dict[str, Any]) -> str:
