@@ -7,12 +7,12 @@ import argparse
 from dflash.checks import COUNT, INTEGER, NON_NEGATIVE, flag
 from dflash.cli.failures import run_command
 from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
+from dflash.config import DTYPES
 from dflash.decoding import SamplingParams
 from dflash.distributed import add_distributed_args, is_primary
 from dflash.fingerprint import initialize_from_args
-from dflash.models import load_target
-from dflash.models.loading import DTYPES
-from dflash.models.tokenizer import load_tokenizer
+from dflash.io.loading import load_target
+from dflash.io.tokenizer import load_tokenizer
 from dflash.training.regenerate import regenerate_dataset
 
 

@@ -18,11 +18,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from dflash import cache as kvc
 from dflash.decoding.compiled import compiled
 from dflash.decoding.mesh import check_on_mesh, on_mesh, pad_request, place, to_host
 from dflash.decoding.sampling import SamplingParams, sample
 from dflash.errors import ConfigError, ContextLengthError  # noqa: F401  (raised here; importable from here too)
+from dflash.models.cache import Cache, check_fits
 from dflash.models.transformer import Transformer
 
 
@@ -73,7 +73,7 @@ def prepare_batch(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequen
     for i, (p, b) in enumerate(zip(prompt_lens, budgets, strict=True)):
         block = f" + block {extra_slots}" if extra_slots else ""
         what = f"prompt {i} ({p} tokens) + {b} new tokens{block}"
-        kvc.check_fits(p + b + extra_slots, max_len, what)
+        check_fits(p + b + extra_slots, max_len, what)
     padded = pad_prompts(prompts, min(bucket(max(prompt_lens), 16), max_len), pad_id)
     return budgets, prompt_lens, max_len, padded
 
@@ -94,12 +94,12 @@ def check_context(prompt_lens: Sequence[int], budgets: Sequence[int], context: i
 
 
 def prefill(model: Transformer, tokens_BP: jax.Array, prompt_lens_B: jax.Array,
-            cache: kvc.KVCache, hidden_layers: tuple[int, ...] = ()):
+            cache: Cache, hidden_layers: tuple[int, ...] = ()):
     """Runs right-padded prompts; returns last-position logits ``[B,V]``, hidden, cache at prompt length."""
     positions = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1]), tokens_BP.shape)
     out = model(tokens_BP, positions, cache, hidden_layers=hidden_layers)
     last = jnp.take_along_axis(out.logits, (prompt_lens_B - 1)[:, None, None], axis=1)[:, 0]
-    return last, out.hidden, out.cache.with_lengths(prompt_lens_B)
+    return last, out.hidden, out.cache.keep(prompt_lens_B, tokens_BP.shape[1])
 
 
 def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -129,7 +129,7 @@ def _generate(params, cache, tokens_BP, prompt_lens_B, max_new_B, key, *, graphd
         cache, tok, out, n, done, key = state
         step = model(tok[:, None], cache.lengths[:, None], cache)
         # Finished rows do not advance: their slot is rewritten harmlessly next step.
-        cache = step.cache.with_lengths(jnp.where(done, cache.lengths, step.cache.lengths))
+        cache = step.cache.keep(jnp.where(done, 0, 1), 1)
         key, sub = jax.random.split(key)
         new = sample(step.logits[:, -1], sampling, sub)
         out = out.at[rows, jnp.where(done, max_new, n)].set(new, mode="drop")
@@ -172,7 +172,7 @@ def generate(
     check_on_mesh(params, mesh, "target")
     max_new = max(budgets)
     with on_mesh(mesh):
-        args = (params, kvc.init_cache(model.cfg, len(budgets), max_len, model.dtype), place(padded, mesh),
+        args = (params, model.init_cache(len(budgets), max_len), place(padded, mesh),
                 place(np.asarray(prompt_lens, np.int32), mesh),
                 place(np.asarray(budgets, np.int32), mesh), place(key, mesh))
         static = dict(graphdef=graphdef, max_new=max_new, sampling=sampling, eos_ids=eos)

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dflash.errors import ConfigError
+from dflash.io.host import to_host  # noqa: F401  (re-exported: the engine's host transfers)
 from dflash.sharding import batch_sharding, batch_shards, dotted
 
 
@@ -69,15 +70,6 @@ def place(x: Any, mesh: Mesh | None, *, batch: bool = True) -> jax.Array:
     x = np.asarray(x)
     sharding = batch_sharding(mesh) if batch else NamedSharding(mesh, P())
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """The whole array on the host, also when other processes hold some of its shards."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def check_on_mesh(params: Any, mesh: Mesh | None, what: str) -> None:

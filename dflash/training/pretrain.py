@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from dflash.checks import COUNT, COUNT_OR_ZERO, INTEGER, NON_NEGATIVE, POSITIVE, check
 from dflash.config import ModelConfig, RopeConfig
-from dflash.models.loading import save_target
+from dflash.io.loading import save_target
 from dflash.models.transformer import Transformer, build
 from dflash.training import tiny_corpus as corpus
 
