@@ -12,9 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from dflash.bench import kernels as kernels_bench
 from dflash.checks import Range
-from dflash.cli import bench, bench_ar, export, generate, launch, pretrain_target, regenerate, report, train
+from dflash.cli import (
+    bench,
+    bench_ar,
+    bench_kernels,
+    export,
+    generate,
+    launch,
+    pretrain_target,
+    regenerate,
+    report,
+    train,
+)
 from dflash.cli.parser import Parser
 from dflash.configio import load_yaml
 from dflash.errors import ConfigError
@@ -24,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"dflash-generate": generate.main, "dflash-bench": bench.main, "dflash-bench-ar": bench_ar.main,
             "dflash-regenerate": regenerate.main, "dflash-export": export.main, "dflash-report": report.main,
             "dflash-launch": launch.main, "dflash-pretrain-target": pretrain_target.main,
-            "dflash-train": train.main, "dflash-bench-kernels": kernels_bench.main}
+            "dflash-train": train.main, "dflash-bench-kernels": bench_kernels.main}
 
 
 class _Parsed(Exception):
@@ -172,7 +182,7 @@ def _truncated(source: Path, dest: Path) -> Path:
 @pytest.mark.parametrize("where", ["generate --drafter", "generate --target", "bench --drafter",
                                    "train --init-from"])
 def test_a_truncated_safetensors_file_names_itself(where, tmp_path, capsys, tiny_target):
-    from dflash.models.loading import ASSETS
+    from dflash.io.loading import ASSETS
 
     command, flag = where.split()
     damaged = _truncated(tiny_target if flag == "--target" else ASSETS / "tiny-code-dflash", tmp_path / "bad")
