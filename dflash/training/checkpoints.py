@@ -110,6 +110,12 @@ class Checkpoints:
         it the state comes back as Orbax's raw tree on this process's first device (dicts of
         arrays: for readers such as the exporter); ``state=False`` reads the metadata only.
         A damaged step is a ``DamagedCheckpointError``."""
+        restored, meta = self._restore(step, abstract_state, state=state)
+        return restored, {k: v for k, v in meta.items() if k not in _INTEGRITY}
+
+    def _restore(self, step: int, abstract_state: Any = None, *,
+                 state: bool = True) -> tuple[Any, dict[str, Any]]:
+        """``restore`` with the metadata as saved, checksums included."""
         args = {"meta": ocp.args.JsonRestore()}
         with self._reading(step):
             if state:
@@ -122,7 +128,7 @@ class Checkpoints:
             raise self.unreadable(step, mismatch, file=str(self.directory / str(step) / "meta" / "metadata"))
         if state:
             self._verify(step, restored["state"], meta)
-        return (restored["state"] if state else None), {k: v for k, v in meta.items() if k not in _INTEGRITY}
+        return (restored["state"] if state else None), meta
 
     def latest_meta(self) -> dict[str, Any]:
         """The metadata of the newest checkpoint whose metadata reads ({} when there is none); no
@@ -147,7 +153,7 @@ class Checkpoints:
             restored = fresh.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=item, partial_restore=True, restore_args=restore_args)))["state"]
         try:  # the checksums are in the metadata: without it the arrays cannot be checked, only read
-            meta = self.restore(step, state=False)[1]
+            meta = self._restore(step, state=False)[1]
         except DamagedCheckpointError:
             meta = {}
         self._verify(step, restored, meta)
