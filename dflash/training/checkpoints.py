@@ -170,17 +170,18 @@ class Checkpoints:
     def _reading(self, step: int) -> Iterator[None]:
         """Orbax's errors for damaged files (``is_damage``) become a ``DamagedCheckpointError``.
 
-        A failed read leaves Orbax's other read coroutines of that step unawaited; collected later,
-        each would print the same damage again as an "Exception ignored" traceback, so they are
-        collected here, quietly.
+        A failed read abandons Orbax's other reads of that step: collected, their coroutines report
+        the same damage again, and reads still running in tensorstore's threads report "Event loop
+        is closed" when they finish; each as a traceback on stderr. ``_quiet_abandoned_reads``
+        drops those two reports (only those), and the coroutines are collected here at once.
         """
         try:
             yield
         except Exception as err:
             if not is_damage(err):
                 raise
-            with _quiet_unraisable():
-                gc.collect()
+            _quiet_abandoned_reads()
+            gc.collect()
             raise self.unreadable(step, err) from err
 
     def _verify(self, step: int, state: Any, meta: dict[str, Any]) -> None:
@@ -272,20 +273,22 @@ def _orbax_name(path: tuple[Any, ...]) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-@contextlib.contextmanager
-def _quiet_unraisable() -> Iterator[None]:
-    """Drops the "Exception ignored" reports of damaged reads (anything else is still reported)."""
+def _quiet_abandoned_reads() -> None:
+    """From now on, drop the unraisable-exception reports of reads a damaged restore abandoned: the
+    damage itself (reported once, by the restore) and "Event loop is closed" from reads finishing
+    after Orbax closed its event loop. Anything else is still reported. Installed once."""
     default = sys.unraisablehook
+    if getattr(default, "dflash_abandoned_reads", False):
+        return
 
     def hook(unraisable: Any) -> None:
-        if unraisable.exc_value is None or not is_damage(unraisable.exc_value):
+        err = unraisable.exc_value
+        closed = isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
+        if err is None or not (closed or is_damage(err)):
             default(unraisable)
 
+    hook.dflash_abandoned_reads = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
-    try:
-        yield
-    finally:
-        sys.unraisablehook = default
 
 
 def _first_device() -> jax.sharding.SingleDeviceSharding:
