@@ -30,7 +30,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class StopRequest:
-    """Ctrl-C at a step boundary: while ``steps`` runs (single process, main thread), the first SIGINT
+    """Ctrl-C at a step boundary: while ``steps`` runs (single process, main thread, SIGINT handled the
+    default way: not ignored as in a shell's background job, not taken by a caller), the first SIGINT
     sets ``requested`` for the loop to save the step and stop; the second raises ``KeyboardInterrupt``."""
 
     def __init__(self) -> None:
@@ -40,7 +41,8 @@ class StopRequest:
     def steps(self, steps: Iterable[int]) -> Iterator[int]:
         """``steps``, with the handler installed until the loop ends (``explain_accidents`` restores
         the previous one when the loop ends by an exception)."""
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        if (jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
             self._previous = signal.signal(signal.SIGINT, self._handle)
         try:
             yield from steps
