@@ -166,6 +166,7 @@ def test_train_extend_and_export_on_a_truncated_array_file(good_run, tmp_path, c
 
 @on_cpu_devices(8)
 def test_a_damaged_sharded_checkpoint_falls_back_on_resume_and_export():
+    import io
     import tempfile
 
     from conftest import make_tiny_target, tiny_run_config
@@ -180,9 +181,12 @@ def test_a_damaged_sharded_checkpoint_falls_back_on_resume_and_export():
         raw = Checkpoints(good / "checkpoints", 2).local_target(2)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
             mesh8, PartitionSpec("fsdp") if x.ndim and x.shape[0] % 4 == 0 else PartitionSpec())), raw)
-        for mode in ("array data truncated", "array metadata garbled", "array bytes changed"):
-            (tmp / mode).mkdir()
-            check_fallback(good, tmp / mode, mode, abstract)
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):  # a damaged restore's abandoned reads print nothing
+            for mode in ("array data truncated", "array metadata garbled", "array bytes changed"):
+                (tmp / mode).mkdir()
+                check_fallback(good, tmp / mode, mode, abstract)
+        assert "Traceback" not in stderr.getvalue(), stderr.getvalue()[-3000:]
 
 
 def tiny_config_file(run_config, target, run: Path, path: Path, *extra: str) -> Path:

@@ -33,7 +33,7 @@ from dflash.training.config import ExperimentConfig
 
 # What Orbax raises for a checkpoint it cannot read, measured on orbax-checkpoint 0.12.8 by damaging
 # every file of a single-process and of an 8-device checkpoint in turn (truncated, zeroed, deleted,
-# garbled; tests/test_checkpoint_damage.py): garbage or truncated JSON metadata -> JSONDecodeError (a
+# garbled; tests/test_accidents.py): garbage or truncated JSON metadata -> JSONDecodeError (a
 # ValueError); a damaged OCDBT manifest or top-level data file -> tensorstore's ValueError; a missing
 # item -> KeyError; missing files -> FileNotFoundError; a missing, truncated or zeroed array-data file ->
 # a bare ``Exception`` (``_ORBAX_READ_FAILURE``) whose cause is tensorstore's ValueError. Garbled array
@@ -284,7 +284,8 @@ def _quiet_abandoned_reads() -> None:
     def hook(unraisable: Any) -> None:
         err = unraisable.exc_value
         closed = isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
-        if err is None or not (closed or is_damage(err)):
+        damage = type(err) is Exception and str(err).startswith(_ORBAX_READ_FAILURE)
+        if not (closed or damage):
             default(unraisable)
 
     hook.dflash_abandoned_reads = True  # type: ignore[attr-defined]
