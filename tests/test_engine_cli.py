@@ -58,7 +58,8 @@ def test_generate_with_drafters_is_lossless_and_reports_tau(capsys, drafter_dir)
                    "--seed", "4")
     assert sampled["tokens"] and sampled["tau"] >= 1
     assert generate_main(["--prompt", "x", "--drafter", "ngram", "--ngram-branch"]) == 2  # needs DFlash
-    assert "needs a DFlash drafter with argmax drafts, not NgramDraft" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs a drafter with argmax drafts of per-position distributions, not NgramDraft" in err
     assert generate_main(["--prompt", "x", "--drafter", str(drafter_dir), "--stochastic-drafts",
                           "--temperature", "1", "--tree-width", "2"]) == 2
     assert "not stochastic drafts" in capsys.readouterr().err
@@ -118,12 +119,11 @@ def test_step_costs_measure_every_pass_of_the_loop():
 
 
 def test_pass_costs_time_every_kind_of_step_and_refuse_a_too_small_cache():
-    from dflash.cache import CacheOverflowError
-
     from dflash.bench import pass_costs
     from dflash.decoding.methods import NgramDraft, NoDraft
     from dflash.decoding.tree import BeamTreeDraft
     from dflash.drafters.dflash import DFlashDraft
+    from dflash.errors import CacheOverflowError
     from dflash.models import build
 
     cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
