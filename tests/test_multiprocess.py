@@ -104,7 +104,8 @@ def test_training_on_two_processes_equals_one_and_resumes_on_another_process_cou
 
 def test_training_on_a_data_fsdp_tensor_mesh_across_two_processes_equals_one_process(tiny_target, tmp_path):
     """Mesh (2, 2, 2): parameters and optimizer state split over fsdp and tensor, data across the
-    processes; the same mesh in one process gives the same bits, export included (gathered)."""
+    processes; the same mesh in one process gives the same bits, export included (gathered). In-run
+    regeneration decodes on that mesh (each row once in the job) and makes the same data."""
     from safetensors.numpy import load_file
 
     mesh = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -112,12 +113,22 @@ def test_training_on_a_data_fsdp_tensor_mesh_across_two_processes_equals_one_pro
     for name, processes, devices in (("one", 1, 8), ("two", 2, 4)):
         d = tmp_path / name
         d.mkdir()
-        args = {"target": str(tiny_target), "mesh": mesh, "final_eval": True}
+        args = {"target": str(tiny_target), "mesh": mesh, "final_eval": True, "regen": 32}
         (d / "args.json").write_text(json.dumps(args))
         results, _ = _launch("train", d, processes=processes, devices=devices, timeout_s=500)
         _ok(results)
         out[name] = (json.loads((d / "result.json").read_text()),
                      load_file(str(d / "run" / "export" / "model.safetensors")))
+    # Regeneration ran on the training mesh (8 devices, across both processes in "two"): train and
+    # held-out continuations, byte for byte the same documents.
+    for name in out:
+        assert out[name][0]["regen_meshes"] == [mesh] * 6, out[name][0]["regen_meshes"]
+    for stored in ("regenerated.npz", "regenerated_eval.npz"):
+        with np.load(tmp_path / "one" / "run" / stored) as a, np.load(tmp_path / "two" / "run" / stored) as b:
+            assert set(a.files) == set(b.files) == {"ids", "mask", "lengths"}
+            for key in a.files:
+                assert a[key].tobytes() == b[key].tobytes(), (stored, key)
+            assert len(a["lengths"]) == (32 if stored == "regenerated.npz" else 16)
     assert out["one"][0]["final_eval"] == out["two"][0]["final_eval"]
     # The real-τ decoding ran on the (2, 2, 2) mesh on both processes (no gathered target): the
     # same tokens, so the same acceptance, as in one process.
