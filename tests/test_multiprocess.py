@@ -171,6 +171,8 @@ def test_a_two_process_checkpoint_survives_a_damaged_step_and_restores_on_other_
 
 
 def test_regeneration_over_two_processes_equals_one_and_resumes_without_redoing_shards(tmp_path):
+    """2 devices per process: without --mesh each process decodes on the mesh it picks over its own
+    (data=2: CPU memory is unknown, so no tensor split), and says so."""
     import datasets
 
     convs = [[{"role": "user", "content": f"def f{i}(x):"}, {"role": "assistant", "content": "OLD"}]
@@ -180,9 +182,10 @@ def test_regeneration_over_two_processes_equals_one_and_resumes_without_redoing_
         d = tmp_path / name
         d.mkdir()
         datasets.Dataset.from_dict({"messages": convs}).to_json(str(d / "chats.jsonl"), lines=True)
-        results, _ = _launch("regen", d, processes=processes, devices=1)
+        results, _ = _launch("regen", d, processes=processes, devices=2)
         _ok(results)
         assert json.loads((d / "result.json").read_text())["code"] == 0
+        assert "dflash-regenerate: mesh data=2,tensor=1 over 2 devices" in results[0].stdout
         outs.append((d / "regen.jsonl").read_text())
     assert outs[0] == outs[1] and outs[0].count("\n") == 5 and "OLD" not in outs[0]
     # Killed after some shards: only the missing ones are made again.
@@ -191,7 +194,7 @@ def test_regeneration_over_two_processes_equals_one_and_resumes_without_redoing_
     (shards / "shard-00001.jsonl").unlink()
     (tmp_path / "two" / "regen.jsonl").unlink()
     kept = {k: (shards / f"shard-0000{k}.jsonl").stat().st_mtime_ns for k in (0, 2)}
-    results, _ = _launch("regen", tmp_path / "two", processes=2, devices=1)
+    results, _ = _launch("regen", tmp_path / "two", processes=2, devices=2)
     _ok(results)
     assert (tmp_path / "two" / "regen.jsonl").read_text() == outs[0]
     assert {k: (shards / f"shard-0000{k}.jsonl").stat().st_mtime_ns for k in (0, 2)} == kept
