@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
+
+import jax.numpy as jnp
 
 from dflash.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
-
+# Names of the dtypes a model can be loaded or computed in (configs and CLIs take these names).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def check_block_drafter(name: str, *, block_size: int, num_layers: int, mask_token_id: int, vocab_size: int,
                         num_heads: int, num_kv_heads: int) -> None:
@@ -67,9 +70,74 @@ class RopeConfig:
         )
 
 
+Option = tuple[str, bool | int | float | str]
+
+
+def _options(value: Any, where: str) -> tuple[Option, ...]:
+    """Kind options as a sorted tuple of ``(name, value)`` pairs: hashable, so a config stays static."""
+    items = value.items() if isinstance(value, Mapping) else value
+    out = []
+    for name, v in items:
+        if not isinstance(name, str) or not isinstance(v, bool | int | float | str):
+            raise ConfigError(f"{where}: option {name!r}={v!r} must be a name and a bool, number or string")
+        out.append((name, v))
+    return tuple(sorted(out))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """What one decoder layer is: a *mixer* kind and an *MLP* kind, each with its options.
+
+    The kinds are keys of ``dflash.models.kinds`` (``attention``; ``dense``), which also say which
+    options each accepts and their defaults (attention: ``qk_norm``, ``qkv_bias``, ``o_bias``,
+    ``window``, ``sinks``, ``output_gate``, ``rotary_dim``; dense: ``bias``). Options are stored as
+    sorted ``(name, value)`` pairs; pass a dict.
+    """
+
+    mixer: str = "attention"
+    mlp: str = "dense"
+    mixer_options: Any = ()
+    mlp_options: Any = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mixer_options", _options(self.mixer_options, f"mixer {self.mixer!r}"))
+        object.__setattr__(self, "mlp_options", _options(self.mlp_options, f"mlp {self.mlp!r}"))
+
+    def mixer_option(self, name: str, default: Any = None) -> Any:
+        return dict(self.mixer_options).get(name, default)
+
+    def mlp_option(self, name: str, default: Any = None) -> Any:
+        return dict(self.mlp_options).get(name, default)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mixer": self.mixer, "mlp": self.mlp, "mixer_options": dict(self.mixer_options),
+                "mlp_options": dict(self.mlp_options)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A ``model_type`` we read: its HF architecture name and the layer every model of it has by
+    default (Qwen3: q/k norm; Qwen2: q/k/v biases; Llama: biases as its config says)."""
+
+    architecture: str
+    layer: LayerSpec
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen3": Family("Qwen3ForCausalLM", LayerSpec(mixer_options={"qk_norm": True})),
+    "qwen2": Family("Qwen2ForCausalLM", LayerSpec(mixer_options={"qkv_bias": True})),
+    "llama": Family("LlamaForCausalLM", LayerSpec()),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a decoder-only target (Qwen3 / Qwen2 / Llama-3.x as config)."""
+    """Architecture of a decoder-only target: sizes, RoPE, and one ``LayerSpec`` per layer.
+
+    ``layers=()`` means every layer is the family's default (``FAMILIES[model_type].layer``);
+    ``with_layers`` changes the depth of a uniform config.
+    """
 
     model_type: str
     vocab_size: int
@@ -83,15 +151,12 @@ class ModelConfig:
     rope: RopeConfig = RopeConfig()
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
-    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
-    qkv_bias: bool = False  # Qwen2: bias on q/k/v projections
-    o_bias: bool = False  # Llama attention_bias=True also biases o_proj
-    mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
+    layers: tuple[LayerSpec, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
+        if self.model_type not in FAMILIES:
             raise ConfigError(
                 f"unsupported model_type {self.model_type!r}; supported: "
                 + ", ".join(SUPPORTED_MODEL_TYPES)
@@ -105,13 +170,32 @@ class ModelConfig:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if not self.layers:
+            object.__setattr__(self, "layers", (FAMILIES[self.model_type].layer,) * self.num_layers)
+        if len(self.layers) != self.num_layers:
+            raise ConfigError(f"{len(self.layers)} layer specs for num_layers={self.num_layers}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+    def layer(self, i: int) -> LayerSpec:
+        return self.layers[i]
+
+    @property
+    def uniform(self) -> bool:
+        """Every layer is the family's default layer (what a plain HF config of the family describes)."""
+        return all(spec == FAMILIES[self.model_type].layer for spec in self.layers)
+
+    def with_layers(self, num_layers: int) -> ModelConfig:
+        """The same architecture ``num_layers`` deep (a uniform config only)."""
+        if len(set(self.layers)) != 1:
+            raise ConfigError("with_layers needs a config whose layers are all alike")
+        return dataclasses.replace(self, num_layers=num_layers, layers=(self.layers[0],) * num_layers)
 
     # ------------------------------------------------------------------ HF I/O
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Reads a Hugging Face ``config.json`` dict (old and new rope formats)."""
         model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in FAMILIES:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; supported: "
                 + ", ".join(SUPPORTED_MODEL_TYPES)
@@ -127,8 +211,6 @@ class ModelConfig:
                 raise ConfigError(f"config.json lacks required key {key!r}")
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-        rope = RopeConfig.from_hf(hf)
-        attention_bias = bool(hf.get("attention_bias", False))
         eos = hf.get("eos_token_id")
         eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
         return cls(
@@ -141,19 +223,20 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope=rope,
+            rope=RopeConfig.from_hf(hf),
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qk_norm=model_type == "qwen3",
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=model_type != "qwen2" and attention_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos_ids,
+            layers=_layers_from_hf(hf, model_type),
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """The ``config.json`` dict that ``transformers`` reads back into this model."""
+        """The ``config.json`` dict that ``transformers`` reads back into this model.
+
+        Layers other than the family's default are written as ``dflash_layers`` (one spec each),
+        which ``from_hf`` reads back; ``transformers`` ignores the key.
+        """
         rope: dict[str, Any] = {"rope_theta": self.rope.theta, "rope_type": self.rope.rope_type}
         if self.rope.rope_type == "llama3":
             rope.update(
@@ -162,11 +245,10 @@ class ModelConfig:
                 high_freq_factor=self.rope.high_freq_factor,
                 original_max_position_embeddings=self.rope.original_max_position_embeddings,
             )
-        arch = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "llama": "LlamaForCausalLM"}[self.model_type]
         eos: Any = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
+        first = self.layers[0]
         out: dict[str, Any] = {
-            "architectures": [arch],
+            "architectures": [FAMILIES[self.model_type].architecture],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -186,21 +268,50 @@ class ModelConfig:
             "torch_dtype": "float32",
         }
         if self.model_type != "qwen2":
-            out["attention_bias"] = self.qkv_bias
+            out["attention_bias"] = bool(first.mixer_option("qkv_bias", False))
         if self.model_type == "llama":
-            out["mlp_bias"] = self.mlp_bias
+            out["mlp_bias"] = bool(first.mlp_option("bias", False))
+        if self.layers != _layers_from_hf(out, self.model_type):
+            out["dflash_layers"] = [spec.to_json() for spec in self.layers]
         return out
 
     # ------------------------------------------------------------------ sizes
     def num_params(self) -> int:
-        """Exact parameter count (embeddings counted once when tied)."""
+        """Exact parameter count (embeddings counted once when tied), for standard attention + dense
+        MLP layers (``dflash.models.count_params`` counts any model)."""
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h
-        attn += (q + 2 * kv) * self.qkv_bias + h * self.o_bias + 2 * self.head_dim * self.qk_norm
-        mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * self.mlp_bias
-        layer = attn + mlp + 2 * h
+        total = 0
+        for spec in self.layers:
+            opt = spec.mixer_option
+            attn = h * q * (2 if opt("output_gate", False) else 1) + 2 * h * kv + q * h
+            attn += (q + 2 * kv) * bool(opt("qkv_bias", False)) + h * bool(opt("o_bias", False))
+            attn += 2 * self.head_dim * bool(opt("qk_norm", False)) + self.num_heads * bool(opt("sinks", False))
+            mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * bool(
+                spec.mlp_option("bias", False))
+            total += attn + mlp + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + h + emb
+        return total + h + emb
+
+
+def _layers_from_hf(hf: dict[str, Any], model_type: str) -> tuple[LayerSpec, ...]:
+    """One spec per layer: ``dflash_layers`` when written by ``to_hf``, else the family's default
+    with the biases the config asks for (Llama's ``attention_bias`` / ``mlp_bias``)."""
+    n = hf["num_hidden_layers"]
+    if hf.get("dflash_layers") is not None:
+        specs = hf["dflash_layers"]
+        if not isinstance(specs, list) or len(specs) != n:
+            raise ConfigError(f"config.json dflash_layers must list {n} layer specs")
+        try:
+            return tuple(LayerSpec(**spec) for spec in specs)
+        except TypeError as err:
+            raise ConfigError(f"config.json dflash_layers: {err}") from err
+    spec = FAMILIES[model_type].layer
+    attention_bias = bool(hf.get("attention_bias", False))
+    mixer = dict(spec.mixer_options)
+    if model_type != "qwen2" and attention_bias:
+        mixer.update(qkv_bias=True, o_bias=True)
+    mlp = {"bias": True} if hf.get("mlp_bias") else {}
+    return (LayerSpec(spec.mixer, spec.mlp, mixer, mlp),) * n
 
 
 def _llama3_rope() -> RopeConfig:
@@ -213,13 +324,13 @@ PRESETS: dict[str, ModelConfig] = {
         model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
         num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
         rope=RopeConfig(theta=1000000.0), max_position_embeddings=40960,
-        tie_word_embeddings=True, qk_norm=True, eos_token_id=(151645,),
+        tie_word_embeddings=True, eos_token_id=(151645,),
     ),
     "qwen3_8b": ModelConfig(
         model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
         num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
         rope=RopeConfig(theta=1000000.0), max_position_embeddings=40960,
-        tie_word_embeddings=False, qk_norm=True, eos_token_id=(151645,),
+        tie_word_embeddings=False, eos_token_id=(151645,),
     ),
     "llama3_1_8b": ModelConfig(
         model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,

@@ -1,4 +1,5 @@
-"""Multi-process runs on ``jax.distributed``: start-up, who is primary, quiet logs.
+"""Multi-process runs on ``jax.distributed``: start-up, who is primary, quiet logs, and N local
+processes of one job (``run_local``: ``dflash-launch``, the multi-process tests and benchmarks).
 
 One Python process per host (TPU pod slice, multi-node GPU cluster, or several local
 processes for tests) joins JAX's multi-controller runtime here, before any JAX computation.
@@ -17,8 +18,13 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +241,76 @@ def quiet_logging(verbose: bool | None = None) -> None:
     for name in ("", "dflash", "absl", "jax", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")  # library warnings repeat process 0's
+
+
+# ----------------------------------------------------------------------------- local processes
+@dataclasses.dataclass
+class ProcessResult:
+    process_id: int
+    returncode: int  # -9 when stopped by the launcher (a peer failed or the time ran out)
+    stdout: str
+    stderr: str
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def local_env(process_id: int, num_processes: int, port: int, devices_per_process: int,
+              base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of local process ``process_id``: coordinator variables and CPU devices."""
+    env = dict(os.environ if base is None else base)
+    flags = env.get("XLA_FLAGS", "")
+    if devices_per_process and "xla_force_host_platform_device_count" not in flags:
+        flags = f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip()
+    if devices_per_process:  # simulated devices are CPU ones: keep an installed libtpu from probing for a TPU
+        env.setdefault("JAX_PLATFORMS", "cpu")
+    env.update({"XLA_FLAGS": flags, ENV_COORDINATOR: f"127.0.0.1:{port}",
+                ENV_NUM_PROCESSES: str(num_processes), ENV_PROCESS_ID: str(process_id)})
+    return env
+
+
+def run_local(command: Sequence[str], num_processes: int, *, devices_per_process: int = 0,
+              timeout_s: float = 600.0, env: Mapping[str, str] | None = None, grace_s: float = 15.0,
+              cwd: str | None = None, echo: bool = False) -> list[ProcessResult]:
+    """Runs ``command`` as ``num_processes`` local processes; returns each one's exit code and output.
+
+    Every process is stopped by ``timeout_s``; once one fails, the rest get ``grace_s`` to fail
+    too (they see the same error at the same check) before they are stopped.
+    """
+    port = free_port()
+    logs = Path(tempfile.mkdtemp(prefix="dflash-launch-"))
+    procs, files = [], []
+    try:
+        for pid in range(num_processes):
+            out, err = open(logs / f"{pid}.out", "w+"), open(logs / f"{pid}.err", "w+")
+            files.append((out, err))
+            penv = local_env(pid, num_processes, port, devices_per_process, env)
+            procs.append(subprocess.Popen(list(command), env=penv,
+                                          stdout=None if echo and pid == 0 else out,
+                                          stderr=None if echo and pid == 0 else err, cwd=cwd))
+        deadline = time.monotonic() + timeout_s
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                deadline = min(deadline, time.monotonic() + grace_s)
+            time.sleep(0.1)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        results = []
+        for pid, (p, (out, err)) in enumerate(zip(procs, files, strict=True)):
+            out.seek(0)
+            err.seek(0)
+            results.append(ProcessResult(pid, p.returncode, out.read(), err.read()))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for out, err in files:
+            out.close()
+            err.close()
+        shutil.rmtree(logs, ignore_errors=True)

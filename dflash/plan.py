@@ -26,11 +26,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dflash import sharding
-from dflash.config import ConfigError, ModelConfig, preset, preset_for_hub_id
+from dflash.config import DTYPES, ConfigError, ModelConfig, preset, preset_for_hub_id
 from dflash.kernels.common import compiling_for
 
 GiB = 2 ** 30
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the configs' dtype names
 
 
 class PlanError(ConfigError):
@@ -96,7 +95,7 @@ def make_mesh(mesh: Any, devices: tuple[Any, ...]) -> Any:
 
 def model_config(name: str) -> ModelConfig:
     """An architecture by preset name, hub id, or checkpoint directory (its config.json only)."""
-    from dflash.models.loading import read_config, resolve
+    from dflash.io.loading import read_config, resolve
 
     try:
         return preset(name)
@@ -211,35 +210,20 @@ def abstract_target(tcfg: ModelConfig, dtype: jnp.dtype, mesh: Any) -> tuple[Any
 
 
 # ----------------------------------------------------------------------------- train step
-def _drafter_and_optimizer(cfg: Any, tcfg: ModelConfig, total_steps: int) -> tuple[Any, Any, Any]:
-    """(drafter config, its layer config, a constructor of (drafter, optimizer)) for ``cfg``."""
-    from dflash.drafters.dflash import DFlashConfig, build_drafter
-    from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
+def _drafter_and_optimizer(cfg: Any, tcfg: ModelConfig, total_steps: int) -> tuple[Any, Any]:
+    """(drafter config, a constructor of (drafter, optimizer)) for ``cfg``, by its drafter kind."""
     from dflash.training.optim import make_optimizer
 
-    mask = cfg.drafter.mask_token_id if cfg.drafter.mask_token_id >= 0 else tcfg.vocab_size - 1  # any id
-    if cfg.method == "orthrus":
-        dcfg = OrthrusConfig.for_target(tcfg, mask_token_id=mask, block_size=cfg.block_size)
+    mask = cfg.drafter.mask_token_id if cfg.drafter.mask_token_id is not None else tcfg.vocab_size - 1  # any id
+    kind = cfg.kind
+    dcfg = kind.config(cfg.drafter, tcfg, mask_token_id=mask, block_size=cfg.block_size)
 
-        def drafter():  # from_target copies the target's weights, in the target's dtype
-            return OrthrusDrafter(dcfg, dtype=DTYPES[cfg.target.dtype], rngs=nnx.Rngs(0))
-        layer_cfg = None
-    else:
-        dcfg = DFlashConfig.for_target(tcfg, mask_token_id=mask, num_layers=cfg.drafter.num_layers,
-                                       block_size=cfg.block_size,
-                                       target_layer_ids=cfg.drafter.target_layer_ids or None,
-                                       num_target_features=cfg.drafter.num_target_features)
-
-        def drafter():
-            return build_drafter(dcfg, seed=cfg.train.seed)
-        layer_cfg = dcfg.layer_config()
-
-    def both():
-        d = drafter()
+    def both():  # a fresh drafter, in the dtype the run holds it in (traced under eval_shape)
+        d = kind.construct(dcfg, dtype=kind.param_dtype(DTYPES[cfg.target.dtype]), seed=cfg.train.seed)
         d.remat = cfg.train.remat  # as setup.build_method_drafter does
         return d, nnx.Optimizer(d, make_optimizer(cfg, total_steps), wrt=nnx.Param)
 
-    return dcfg, layer_cfg, both
+    return dcfg, both
 
 
 def train_plan(cfg: Any, topology: str, mesh: Any = None, *, config_name: str = "") -> dict[str, Any]:
@@ -247,14 +231,13 @@ def train_plan(cfg: Any, topology: str, mesh: Any = None, *, config_name: str = 
 
     ``mesh``: a MeshConfig / ``(data, fsdp, tensor)``; default the config's ``mesh:`` section.
     """
-    from dflash.flops import train_step_flops
     from dflash.training.step import make_step_fns, step_options
 
     topo = get_topology(topology)  # an unknown slice is the first thing said
     m = make_mesh(mesh if mesh is not None else cfg.mesh, topology_devices(topology))
     tcfg = model_config(cfg.target.name)
     tgraph, tstate = abstract_target(tcfg, DTYPES[cfg.target.dtype], m)
-    dcfg, layer_cfg, both = _drafter_and_optimizer(cfg, tcfg, total_steps=1000)
+    dcfg, both = _drafter_and_optimizer(cfg, tcfg, total_steps=1000)
     graphdef, state = nnx.split(nnx.eval_shape(both))
     state = abstract_with(state, sharding.tree_shardings(state, m))
     drafter_state, opt_state = state[0], state[1]
@@ -268,10 +251,8 @@ def train_plan(cfg: Any, topology: str, mesh: Any = None, *, config_name: str = 
                                   tstate_shardings=sharding.tree_shardings(tstate, m))
     compiled, seconds = compile_for_topology(train_step, (state, tstate, batch, abstract_key(m)), m)
     mem = memory(compiled, local_bytes((state, tstate, batch)))
-    needs_logits = step_kw["kl_weight"] > 0 or step_kw["target_labels"] or cfg.method == "orthrus"
-    flops = train_step_flops(cfg.method, tcfg, layer_cfg, batch=b, seq=s, anchors=step_kw["num_anchors"],
-                             block=dcfg.block_size, feature_layers=getattr(dcfg, "target_layer_ids", ()),
-                             target_logits=needs_logits, remat=cfg.train.remat)
+    flops = cfg.kind.flops(tcfg, dcfg, batch=b, seq=s, anchors=step_kw["num_anchors"], block=dcfg.block_size,
+                           target_logits=cfg.kind.needs_target_logits(step_kw), remat=cfg.train.remat)
     per_device = {"target": local_bytes(tstate), "drafter": local_bytes(drafter_state),
                   "optimizer": local_bytes(opt_state), "temp": mem["temp"], "total": mem["total"]}
     return {"config": config_name, "method": cfg.method, "topology": topology, "chips": topo.chips,
@@ -289,8 +270,8 @@ def decode_plan(target_config: str, topology: str, mesh: Any = None, *, dtype: s
     ``topology`` against a KV cache of ``context`` positions: memory per chip, FLOPs and the
     time at peak FLOP/s or HBM bandwidth, whichever binds; ``verify_over_ar`` is the cost of a
     speculative step in AR steps, the ceiling's denominator (speedup <= tau / verify_over_ar)."""
-    from dflash import cache as kvc
     from dflash.flops import decode_flops
+    from dflash.models.kinds import init_cache
 
     topo = get_topology(topology)
     devices = topology_devices(topology)
@@ -298,14 +279,9 @@ def decode_plan(target_config: str, topology: str, mesh: Any = None, *, dtype: s
     tcfg = model_config(target_config)
     jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     tgraph, tstate = abstract_target(tcfg, jdtype, m)
-    kv_axis = "tensor" if tcfg.num_kv_heads % m.shape["tensor"] == 0 else None
-    rows = sharding.batch_sharding(m).spec[0] if batch % (m.shape["data"] * m.shape["fsdp"]) == 0 \
-        else None
-    kv_sharding = NamedSharding(m, P(None, rows, None, kv_axis, None))
-    cache = jax.eval_shape(lambda: kvc.init_cache(tcfg, batch, context + block_size, jdtype))
-    cache = kvc.KVCache(k=jax.ShapeDtypeStruct(cache.k.shape, jdtype, sharding=kv_sharding),
-                        v=jax.ShapeDtypeStruct(cache.v.shape, jdtype, sharding=kv_sharding),
-                        lengths=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(m, P())))
+    # The cache in the shards the rule table gives its states (dflash.sharding.LAYOUTS).
+    shapes = jax.eval_shape(lambda: init_cache(tcfg, batch, context + block_size, jdtype))
+    cache = abstract_with(shapes, sharding.state_shardings(shapes, m))
 
     @functools.partial(jax.jit, donate_argnums=1)
     def step(tstate, cache, tokens, positions):
@@ -342,7 +318,7 @@ def regen_plan(target_config: str, topology: str, mesh: Any = None, *, dtype: st
     chips on the mesh ``dflash-regenerate`` would pick there from the chip's HBM (or ``mesh``):
     memory per chip, and the AR step's time at peak FLOP/s or HBM bandwidth (an estimate)."""
     from dflash.decoding.autoregressive import _generate, bucket
-    from dflash.decoding.mesh import kv_cache_bytes
+    from dflash.decoding.mesh import cache_bytes
     from dflash.decoding.sampling import SamplingParams
     from dflash.flops import decode_flops
     from dflash.training.regenerate import pick_regen_mesh
@@ -369,7 +345,7 @@ def regen_plan(target_config: str, topology: str, mesh: Any = None, *, dtype: st
     compiled, seconds = compile_for_topology(program, (tstate, ids, per_row, per_row, abstract_key(m)), m)
     weights = local_bytes(tstate)
     mem = memory(compiled, weights)
-    cache = kv_cache_bytes(tcfg, rows // split, max_len, jdtype, m.shape["tensor"])
+    cache = cache_bytes(tcfg, rows // split, max_len, jdtype, m.shape["tensor"])
     flops = decode_flops(tcfg, rows, 1, max_len)  # one AR step against a full cache (the slowest)
     step = {"flops": flops, "est_s_compute": flops / (topo.chips * topo.peak_flops),
             "est_s_memory": (weights + cache) / topo.hbm_bw}

@@ -40,21 +40,32 @@ LOGICAL: dict[str, tuple[str, ...]] = {
 
 # Parameter path (dotted, searched) -> logical axes of each dimension. Kernels are
 # ``[in, out]``: column-parallel layers split ``out`` over tensor, row-parallel ones ``in``.
-RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"(^|\.)q_proj(_diff)?\.kernel$", ("embed", "heads")),
-    (r"(^|\.)[kv]_proj(_diff)?\.kernel$", ("embed", "kv_heads")),
-    (r"(^|\.)q_proj(_diff)?\.bias$", ("heads",)),
-    (r"(^|\.)[kv]_proj(_diff)?\.bias$", ("kv_heads",)),
-    (r"(^|\.)o_proj(_diff)?\.kernel$", ("heads", "embed")),
-    (r"(^|\.)(gate|up)_proj\.kernel$", ("embed", "mlp")),
-    (r"(^|\.)(gate|up)_proj\.bias$", ("mlp",)),
-    (r"(^|\.)down_proj\.kernel$", ("mlp", "embed")),
-    (r"(^|\.)(o|down)_proj(_diff)?\.bias$", (None,)),
+# These rows cover what every model has (embedding, LM head, norms); each layer kind and each
+# drafter kind adds the rows of its own parameters when it is registered (``register_rules``,
+# called by ``dflash.models.kinds`` and ``dflash.drafters.registry``), so the table is one list.
+RULES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"(^|\.)embed_tokens$", ("vocab", "embed")),
     (r"(^|\.)lm_head$", ("embed", "vocab")),
-    (r"(^|\.)fc\.kernel$", ("embed", None)),  # DFlash context projection [n*D, D]
     (r"(^|\.)\w*norm(_diff)?\.weight$", (None,)),  # every RMSNorm: replicated
-)
+]
+
+# Activations and cache states: logical axes of each dimension (``...`` fills the middle), the
+# same logical names as the parameters', so one ``LOGICAL`` map places everything.
+LAYOUTS: dict[str, tuple[Any, ...]] = {
+    "hidden": ("batch", ..., None),  # [B, ..., D] at layer boundaries: batch over data x fsdp
+    "heads": ("batch", ..., "heads", None),  # [B, T, N, H] projected heads
+    "mlp": ("batch", ..., "mlp"),  # [B, ..., F] MLP width
+    "vocab": ("batch", ..., "vocab"),  # [B, ..., V] logits
+    "kv_cache": ("batch", None, "kv_heads", None),  # [B, S, K, H] one attention layer's cache
+    "chunks": (None, "batch", ..., None),  # [n, B, ..., D] scanned chunks of hidden states
+}
+
+
+def register_rules(rows: Sequence[tuple[str, tuple[str | None, ...]]]) -> None:
+    """Adds a layer kind's parameter rows to ``RULES`` (a row already there is not added twice)."""
+    for row in rows:
+        if row not in RULES:
+            RULES.append(row)
 
 
 class ShardingError(ConfigError):
@@ -280,24 +291,44 @@ def _active_mesh() -> Any:
     return mesh
 
 
-def constrain(x: jax.Array, logical: tuple[Any, ...]) -> jax.Array:
-    """Pins activation ``x`` to logical axes (``...`` fills unnamed middle dims) when a mesh is set.
-
-    A mesh axis that does not divide its dimension is dropped (the longest dividing prefix
-    of e.g. ``data × fsdp`` is kept): activations never fail, they only shard less.
-    """
-    mesh = _active_mesh()
-    if mesh is None:
-        return x
+def activation_spec(shape: Sequence[int], logical: str | tuple[Any, ...], mesh: Any) -> P:
+    """PartitionSpec of an activation or cache array of ``shape`` (a ``LAYOUTS`` name or logical
+    axes, ``...`` filling unnamed middle dims). A mesh axis that does not divide its dimension is
+    dropped (the longest dividing prefix of e.g. ``data × fsdp`` is kept): never an error."""
+    if isinstance(logical, str):
+        logical = LAYOUTS[logical]
     if ... in logical:
         i = logical.index(...)
-        logical = logical[:i] + (None,) * (x.ndim - len(logical) + 1) + logical[i + 1:]
-    if len(logical) != x.ndim:
-        raise ShardingError(f"constrain: {len(logical)} logical axes for an array of rank {x.ndim}")
+        logical = logical[:i] + (None,) * (len(shape) - len(logical) + 1) + logical[i + 1:]
+    if len(logical) != len(shape):
+        raise ShardingError(f"{len(logical)} logical axes for an array of rank {len(shape)}")
     entries = []
-    for size, name in zip(x.shape, logical, strict=True):
+    for size, name in zip(shape, logical, strict=True):
         axes = _mesh_axes(name, mesh)
         while axes and size % math.prod(mesh.shape[a] for a in axes):
             axes = axes[:-1]
         entries.append(_entry(axes))
-    return jax.lax.with_sharding_constraint(x, P(*entries))
+    return P(*entries)
+
+
+def constrain(x: jax.Array, logical: str | tuple[Any, ...]) -> jax.Array:
+    """Pins activation ``x`` to its layout (``activation_spec``) when a mesh is set; else ``x``."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, activation_spec(x.shape, logical, mesh))
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+    """``NamedSharding`` of every array of a cache (``dflash.models.cache``) or of any tree of
+    cache states: each state names its arrays' layouts (``AXES``); plain arrays are per-row."""
+
+    def one(node: Any) -> Any:
+        axes = getattr(node, "AXES", None)
+        if axes:
+            return dataclasses.replace(node, **{name: NamedSharding(mesh, activation_spec(
+                getattr(node, name).shape, layout, mesh)) for name, layout in axes.items()})
+        shape = np.shape(node)
+        return NamedSharding(mesh, activation_spec(shape, ("batch", ...), mesh) if shape else P())
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: bool(getattr(x, "AXES", None)))

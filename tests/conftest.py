@@ -70,11 +70,12 @@ def make_tiny_target(directory):
     import shutil
 
     from dflash.config import ModelConfig
-    from dflash.models import build, save_target
-    from dflash.models.loading import SHIPPED
+    from dflash.io import save_target
+    from dflash.io.loading import SHIPPED
+    from dflash.models import build
 
     cfg = ModelConfig(model_type="qwen3", vocab_size=4096, hidden_size=32, intermediate_size=64,
-                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
+                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
                       tie_word_embeddings=True, eos_token_id=(0,))
     save_target(build(cfg, seed=0), directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):

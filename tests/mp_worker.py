@@ -30,7 +30,7 @@ BATCH, SEQ, LANES, STEPS = 8, 16, 4, 5
 
 def data_order(out: Path) -> dict:
     """Per-host lanes -> global batches; a sharded computation over them; row digests per step."""
-    from dflash.models.tokenizer import load_tokenizer
+    from dflash.io.tokenizer import load_tokenizer
     from dflash.training.data import DataConfig
     from dflash.training.hostdata import (
         LaneBatches,

@@ -19,7 +19,7 @@ from dflash.drafters.dflash import DFlashConfig, build_drafter
 from dflash.kernels.anchor_attention import merge_anchor_chunks, split_anchor_chunks
 
 CFG = ModelConfig(model_type="qwen3", vocab_size=53, hidden_size=32, intermediate_size=40, num_layers=4,
-                  num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+                  num_heads=4, num_kv_heads=2, head_dim=8)
 K, S = 4, 13  # block rows, context positions
 
 

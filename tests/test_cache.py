@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dflash import cache as kvc
+from dflash.attention import visibility
 from dflash.config import ModelConfig
 from dflash.decoding import generate
-from dflash.models import build
+from dflash.errors import CacheOverflowError
+from dflash.models import build, init_cache
 
 CFG = ModelConfig(model_type="qwen3", vocab_size=67, hidden_size=32, intermediate_size=48, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, eos_token_id=())
+                  num_heads=4, num_kv_heads=2, head_dim=8, eos_token_id=())
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_cached_chunks_equal_uncached_forward(model):
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 67, size=(2, 29)).astype(np.int32)
     full = np.asarray(model(jnp.asarray(ids), jnp.broadcast_to(jnp.arange(29), (2, 29))).logits)
-    cache = kvc.init_cache(CFG, 2, 40)
+    cache = init_cache(CFG, 2, 40)
     got = []
     for start, stop in [(0, 7), (7, 8), (8, 20), (20, 29)]:  # prefill, 1 token, blocks
         pos = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))
@@ -46,12 +47,12 @@ def test_rollback_then_rewrite_equals_clean_run(model):
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 67, size=(1, 20)).astype(np.int32)
     full = np.asarray(model(jnp.asarray(ids), jnp.arange(20)[None]).logits)
-    cache = model(jnp.asarray(ids[:, :10]), jnp.arange(10)[None], kvc.init_cache(CFG, 1, 32)).cache
+    cache = model(jnp.asarray(ids[:, :10]), jnp.arange(10)[None], init_cache(CFG, 1, 32)).cache
     # A block of 8 whose first 2 "drafts" are right: keep them (length 12), roll back the rest.
     block = rng.integers(0, 67, size=(1, 8)).astype(np.int32)
     block[:, :2] = ids[:, 10:12]
     cache = model(jnp.asarray(block), jnp.arange(10, 18)[None], cache).cache
-    cache = cache.with_lengths(jnp.array([12]))
+    cache = cache.at_lengths(jnp.array([12]))
     # Short blocks next, while stale K/V still sits in slots 14..17: it must be invisible.
     for lo, hi in ((12, 14), (14, 15), (15, 20)):
         out = model(jnp.asarray(ids[:, lo:hi]), jnp.arange(lo, hi)[None], cache)
@@ -76,7 +77,7 @@ def test_block_mask_visibility_matches_loop_reference():
     lengths = np.array([0, 4, 8], dtype=np.int32)
     tree = rng.random((batch, block, block)) < 0.5  # arbitrary per-row masks
     for bm in (np.ones((block, block), bool), np.tril(np.ones((block, block), bool)), tree):
-        got = np.asarray(kvc.visibility(jnp.asarray(lengths), max_len, jnp.asarray(bm)))
+        got = np.asarray(visibility(jnp.asarray(lengths), max_len, jnp.asarray(bm)))
         bm3 = np.broadcast_to(bm, (batch, block, block))
         want = np.zeros((batch, block, max_len), bool)
         for b in range(batch):
@@ -99,7 +100,7 @@ def test_masked_block_over_cache_equals_uncached_dense_mask(model, kind):
         bm = np.ones((t, t), bool)
     else:  # random ancestor-style mask: each node sees itself and a random subset of others
         bm = (rng.random((t, t)) < 0.4) | np.eye(t, dtype=bool)
-    cache = model(ids[:, :p], jnp.broadcast_to(jnp.arange(p), (2, p)), kvc.init_cache(CFG, 2, 16)).cache
+    cache = model(ids[:, :p], jnp.broadcast_to(jnp.arange(p), (2, p)), init_cache(CFG, 2, 16)).cache
     got = model(ids[:, p:], jnp.broadcast_to(jnp.arange(p, p + t), (2, t)), cache,
                 block_mask=jnp.asarray(bm)).logits
     dense = np.tril(np.ones((p + t, p + t), bool))
@@ -111,9 +112,9 @@ def test_masked_block_over_cache_equals_uncached_dense_mask(model, kind):
 
 
 def test_overlong_prompt_is_an_error(model):
-    with pytest.raises(kvc.CacheOverflowError, match="max_len=16"):
+    with pytest.raises(CacheOverflowError, match="max_len=16"):
         generate(model, [[1] * 10], max_new_tokens=7, max_len=16)
-    with pytest.raises(kvc.CacheOverflowError):
+    with pytest.raises(CacheOverflowError):
         generate(model, [[1] * 20], max_new_tokens=1, max_len=16)
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from devices import on_cpu_devices
 
-from dflash import cache as kvc
 from dflash.config import ModelConfig
 from dflash.kernels import dispatch
 from dflash.kernels import prefill_attention as pa
+from dflash.models import init_cache
 from dflash.models import transformer as tr
 
 
@@ -76,7 +76,7 @@ def test_bad_shapes_are_refused():
 def test_model_segment_ids_equal_the_dense_doc_mask(impl):
     """``Transformer(segment_ids=...)`` == the dense doc mask the trainer used, without and with a cache."""
     cfg = ModelConfig(model_type="qwen3", vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+                      num_heads=4, num_kv_heads=2, head_dim=8)
     model = tr.build(cfg, seed=3, attention_impl=impl)
     _, _, _, seg = make_qkv(b=2, s=23, docs=3)
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 61, (2, 23)), jnp.int32)
@@ -86,8 +86,8 @@ def test_model_segment_ids_equal_the_dense_doc_mask(impl):
     got = model(tokens, pos, segment_ids=seg, final_hidden=True)
     np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got.final), np.asarray(want.final), rtol=1e-4, atol=1e-5)
-    want_c = model(tokens, pos, kvc.init_cache(cfg, 2, 23), block_mask=mask)
-    got_c = model(tokens, pos, kvc.init_cache(cfg, 2, 23), segment_ids=seg)
+    want_c = model(tokens, pos, init_cache(cfg, 2, 23), block_mask=mask)
+    got_c = model(tokens, pos, init_cache(cfg, 2, 23), segment_ids=seg)
     np.testing.assert_allclose(np.asarray(got_c.cache.k), np.asarray(want_c.cache.k), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(got_c.logits), np.asarray(want_c.logits), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="segment_ids replaces block_mask"):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dflash.cli.generate import main
-from dflash.models.tokenizer import load_tokenizer
+from dflash.io.tokenizer import load_tokenizer
 
 
 def test_generate_json_on_tiny_code(capsys):

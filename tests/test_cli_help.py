@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from dflash.bench import kernels as kernels_bench
+from dflash.cli import bench_kernels as kernels_bench
 from dflash.cli import bench, bench_ar, export, generate, pretrain_target, regenerate, train
 
 # (command, a few "option ... (default: value)" pairs its help must show)

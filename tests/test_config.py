@@ -29,9 +29,13 @@ def test_family_flags_from_hf_config():
     base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                 num_attention_heads=2)
     q3 = ModelConfig.from_hf({**base, "model_type": "qwen3"})
-    assert q3.qk_norm and not q3.qkv_bias
+    assert dict(q3.layer(0).mixer_options) == {"qk_norm": True} and q3.uniform
     q2 = ModelConfig.from_hf({**base, "model_type": "qwen2"})
-    assert q2.qkv_bias and not q2.qk_norm and not q2.o_bias
+    assert dict(q2.layer(0).mixer_options) == {"qkv_bias": True}
+    llama = ModelConfig.from_hf({**base, "model_type": "llama", "attention_bias": True, "mlp_bias": True})
+    assert dict(llama.layer(0).mixer_options) == {"qkv_bias": True, "o_bias": True}
+    assert dict(llama.layer(0).mlp_options) == {"bias": True}
+    assert ModelConfig.from_hf(llama.to_hf()) == llama
     old_style = ModelConfig.from_hf({**base, "model_type": "llama", "rope_theta": 5e5,
                                      "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
                                                       "original_max_position_embeddings": 8192}})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dflash.config import ConfigError
-from dflash.models.tokenizer import load_tokenizer
+from dflash.io.tokenizer import load_tokenizer
 from dflash.training.data import (
     Batches,
     DataConfig,

@@ -11,9 +11,10 @@ from dflash.cli.bench import main as bench_main
 from dflash.cli.generate import main as generate_main
 from dflash.config import ModelConfig
 from dflash.drafters.dflash import DFlashConfig, build_drafter
-from dflash.export import save_drafter
-from dflash.models import CheckpointError, load_target
-from dflash.models.tokenizer import load_tokenizer
+from dflash.drafters.dflash.hf import save_drafter
+from dflash.errors import CheckpointError
+from dflash.io import load_target
+from dflash.io.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +66,9 @@ def test_generate_with_drafters_is_lossless_and_reports_tau(capsys, drafter_dir)
 
 def test_drafter_for_another_target_is_refused(tmp_path):
     other = ModelConfig(model_type="qwen3", vocab_size=4096, hidden_size=64, intermediate_size=96,
-                        num_layers=8, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True)
+                        num_layers=8, num_heads=4, num_kv_heads=2, head_dim=16)
     d = save_drafter(build_drafter(DFlashConfig.for_target(other, mask_token_id=1, block_size=4)), tmp_path)
-    from dflash.export import load_drafter
+    from dflash.drafters import load_drafter
 
     with pytest.raises(CheckpointError, match="hidden_size=64"):
         load_drafter(d, load_target("tiny-code").cfg)
@@ -105,7 +106,7 @@ def test_step_costs_measure_every_pass_of_the_loop():
     from dflash.models import build
 
     cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
-                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+                      num_heads=4, num_kv_heads=2, head_dim=8)
     drafter = build_drafter(DFlashConfig.for_target(cfg, mask_token_id=63, block_size=4,
                                                     target_layer_ids=(1, 2)), seed=1)
     costs = step_costs(build(cfg, seed=0), drafter, block_size=4, context=20, iters=3)
@@ -117,20 +118,22 @@ def test_step_costs_measure_every_pass_of_the_loop():
 
 
 def test_pass_costs_time_every_kind_of_step_and_refuse_a_too_small_cache():
-    from dflash.bench import pass_costs
     from dflash.cache import CacheOverflowError
-    from dflash.decoding.drafters import DFlashDraft, NgramDraft, NoDraft
-    from dflash.decoding.tree import DFlashTreeDraft
+
+    from dflash.bench import pass_costs
+    from dflash.decoding.methods import NgramDraft, NoDraft
+    from dflash.decoding.tree import BeamTreeDraft
+    from dflash.drafters.dflash import DFlashDraft
     from dflash.models import build
 
     cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
-                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+                      num_heads=4, num_kv_heads=2, head_dim=8)
     drafter = build_drafter(DFlashConfig.for_target(cfg, mask_token_id=63, block_size=4,
                                                     target_layer_ids=(1, 2)), seed=1)
     chain = DFlashDraft.of(drafter)
     methods = {"ar": (NoDraft(), None, 64), "ngram": (NgramDraft(block_size=4), None, 64),
                "drafter": (chain, drafter, 64),
-               "hybrid": (DFlashTreeDraft.around(chain, 2, lookup=True), drafter, 64)}
+               "hybrid": (BeamTreeDraft.around(chain, 2, lookup=True), drafter, 64)}
     costs = pass_costs(build(cfg, seed=0), methods, batch=2, context=30, iters=2, repeats=2, mask_token_id=63)
     assert set(costs) == set(methods) and all(0 < c < 10 for c in costs.values())
     with pytest.raises(CacheOverflowError, match="a timed step needs 40 cache slots"):  # 30 + 1 + 3 * 3

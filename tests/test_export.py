@@ -20,13 +20,12 @@ from safetensors.numpy import load_file, save_file
 
 from dflash.cli.export import main as export_main
 from dflash.config import PRESETS
+from dflash.drafters import load_drafter
 from dflash.drafters.dflash import DFlashConfig, DFlashDrafter, build_drafter
-from dflash.errors import TrainingError
-from dflash.export import load_drafter, save_drafter
-from dflash.export.dflash_hf import DRAFTER_TABLE, SHIPPED_DRAFTERS, config_from_hf
-from dflash.models import CheckpointError, load_target
-from dflash.models.loading import weight_pairs
-from dflash.models.tokenizer import load_tokenizer
+from dflash.drafters.dflash.hf import SHIPPED_DRAFTERS, config_from_hf, drafter_rows, save_drafter
+from dflash.errors import CheckpointError, TrainingError
+from dflash.io import load_target
+from dflash.io.tokenizer import load_tokenizer
 from dflash.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +160,9 @@ def test_published_qwen3_8b_layout_maps_onto_the_preset():
     # Every tensor name the exporter writes for this drafter is one of docs/design.md §8.
     model = nnx.eval_shape(lambda: DFlashDrafter(cfg, rngs=nnx.Rngs(0)))
     present = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))}
-    names = {hf for hf, _, _ in weight_pairs(DRAFTER_TABLE, cfg.num_layers, present)}
+    rows = drafter_rows(cfg)
+    assert {row.ours for row in rows} == present  # the rows fill every parameter
+    names = {row.hf for row in rows}
     per_layer = {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
                  "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
                  "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate_proj.weight",

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from dflash.decoding.autoregressive import ContextLengthError, check_context
-from dflash.models import CheckpointError, load_target
-from dflash.models.loading import SHIPPED
-from dflash.models.tokenizer import load_tokenizer
+from dflash.errors import CheckpointError
+from dflash.io import load_target
+from dflash.io.loading import SHIPPED
+from dflash.io.tokenizer import load_tokenizer
 
 
 def test_relative_local_directory_wins_and_a_missing_one_names_both_places(tmp_path, monkeypatch):
@@ -28,8 +29,9 @@ def test_relative_local_directory_wins_and_a_missing_one_names_both_places(tmp_p
 
 def test_a_run_directory_as_drafter_uses_its_export_or_says_how(tmp_path, capsys):
     from dflash.cli.generate import main as generate_main
-    from dflash.export.dflash_hf import SHIPPED_DRAFTERS
-    from dflash.export.orthrus_hf import SHIPPED_ORTHRUS, find_orthrus
+    from dflash.drafters import find_export
+    from dflash.drafters.dflash.hf import SHIPPED_DRAFTERS
+    from dflash.drafters.orthrus.hf import SHIPPED_ORTHRUS
 
     run = tmp_path / "try"
     (run / "checkpoints").mkdir(parents=True)
@@ -48,7 +50,7 @@ def test_a_run_directory_as_drafter_uses_its_export_or_says_how(tmp_path, capsys
     orthrus_run = tmp_path / "orthrus"
     shutil.copytree(SHIPPED_ORTHRUS["tiny-code-orthrus"], orthrus_run / "export")
     (orthrus_run / "config.yaml").write_text("method: orthrus\n")
-    assert find_orthrus(orthrus_run) == orthrus_run / "export"
+    assert find_export(orthrus_run)[1] == orthrus_run / "export"
 
 
 def test_train_default_config_is_shipped_and_works_from_any_directory(tmp_path, monkeypatch, capsys):

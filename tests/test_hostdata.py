@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dflash.config import ConfigError
-from dflash.models.tokenizer import load_tokenizer
+from dflash.io.tokenizer import load_tokenizer
 from dflash.training.data import Batches, DataConfig, load_documents, load_lane_documents, pack
 from dflash.training.hostdata import LaneBatches, gather_lane_sizes, load_lane_rows, process_lanes
 

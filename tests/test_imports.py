@@ -74,3 +74,50 @@ def test_the_cycle_finder_finds_cycles():
     graph = _graph()
     assert "dflash.attention" in graph["dflash.models.transformer"]  # the walk sees real imports
     assert "dflash.models.transformer" in graph["dflash.training.step"]
+
+
+# ----------------------------------------------------------------------------- package layers
+ARCHITECTURE = PKG.parent / "docs" / "architecture.md"
+
+
+def _declared_layers() -> dict[str, int]:
+    """``docs/architecture.md``'s "Package layers" table: package (or top-level module) -> layer."""
+    text = ARCHITECTURE.read_text()
+    section = text.split("## Package layers", 1)[1].split("\n## ", 1)[0]
+    layers: dict[str, int] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].isdigit():
+            for name in cells[1].replace("`", "").split(","):
+                layers[name.strip()] = int(cells[0])
+    return layers
+
+
+def _package_graph() -> dict[str, set[str]]:
+    """Edges between the top-level packages / modules of ``dflash`` (the root package left out)."""
+    top = lambda module: module.split(".")[1]  # noqa: E731
+    graph: dict[str, set[str]] = {}
+    for module, deps in _graph().items():
+        if module == "dflash":
+            continue
+        graph.setdefault(top(module), set()).update(top(d) for d in deps if d != "dflash" and top(d) != top(module))
+    return graph
+
+
+def test_packages_import_only_their_own_layer_and_those_below():
+    """The order of docs/architecture.md holds: no package imports one of a higher layer, packages
+    of one layer do not import each other in a cycle, and every package has a declared layer."""
+    layers, graph = _declared_layers(), _package_graph()
+    assert set(graph) <= set(layers), f"packages without a layer in docs/architecture.md: {set(graph) - set(layers)}"
+    upward = [f"{a} (layer {layers[a]}) -> {b} (layer {layers[b]})"
+              for a, deps in graph.items() for b in deps if layers[b] > layers[a]]
+    assert not upward, "imports against the declared layering: " + "; ".join(sorted(upward))
+    cycle = _cycle(graph)
+    assert cycle is None, "package import cycle: " + " -> ".join(cycle)
+
+
+def test_the_layer_check_finds_an_upward_import():
+    layers = _declared_layers()
+    assert layers["errors"] == 0 and layers["cli"] == max(layers.values())
+    assert layers["decoding"] < layers["drafters"] < layers["training"]
+    assert _cycle({"decoding": {"export"}, "export": {"decoding"}}) == ["decoding", "export", "decoding"]

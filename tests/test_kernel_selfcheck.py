@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dflash import cache as kvc
 from dflash.config import ModelConfig
 from dflash.kernels import dispatch, selfcheck
 from dflash.kernels.anchor_attention import anchor_block_attention
@@ -20,7 +19,7 @@ from dflash.models.transformer import build
 
 # head_dim 16, 2 query heads per kv head: shapes the GPU (Triton) kernels take
 CFG = ModelConfig(model_type="qwen3", vocab_size=61, hidden_size=64, intermediate_size=64, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True, eos_token_id=())
+                  num_heads=4, num_kv_heads=2, head_dim=16, eos_token_id=())
 LAYOUT = selfcheck.Layout(heads=4, kv_heads=2, head_dim=16, rows=0, q_dtype="float32", kv_dtype="float32")
 
 
@@ -42,7 +41,7 @@ def _decode_step(model) -> jax.Array:
 
     @jax.jit
     def run(m):
-        cache = kvc.init_cache(CFG, 2, 24)
+        cache = m.init_cache(2, 24)
         pre = m(tokens, jnp.broadcast_to(jnp.arange(9), (2, 9)), cache)
         return m(block, 9 + jnp.broadcast_to(jnp.arange(4), (2, 4)), pre.cache).logits
 

@@ -20,8 +20,9 @@ import pytest
 from flax import nnx
 from jax.experimental.pallas import tpu as pltpu
 
-from dflash import cache as kvc
+from dflash.attention import causal_mask, visibility
 from dflash.bench import kernels as bench
+from dflash.cli import bench_kernels
 from dflash.config import ModelConfig
 from dflash.decoding.tree import ancestor_mask
 from dflash.drafters.dflash import DFlashConfig, build_drafter
@@ -33,7 +34,7 @@ from dflash.kernels import (
     reference_verify_attention,
     verify_attention,
 )
-from dflash.models import build
+from dflash.models import build, init_cache
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 ON_CPU = jax.default_backend() == "cpu"
@@ -59,7 +60,7 @@ def _random_parents(rng, b, n):
 
 def _block_mask(kind, rng, b, t):
     if kind == "causal":
-        return jnp.broadcast_to(kvc.causal_mask(t), (b, t, t))
+        return jnp.broadcast_to(causal_mask(t), (b, t, t))
     if kind == "bidirectional":
         return jnp.ones((b, t, t), bool)
     if kind == "tree":
@@ -138,7 +139,7 @@ def test_verify_attention_fully_masked_rows_are_zero(backend):
     bm = jnp.asarray(rng.random((b, t, t)) < 0.5).at[0, 1].set(False).at[0, 3].set(False)
     bm = bm.at[0, 0, 0].set(True)
     out = verify_attention(q, k, v, lengths, bm, kv_tile=16, backend=backend, interpret=True, poison=True)
-    visible = np.asarray(kvc.visibility(lengths, s, bm).any(-1))  # [B, T]
+    visible = np.asarray(visibility(lengths, s, bm).any(-1))  # [B, T]
     assert not visible.all()
     np.testing.assert_array_equal(np.asarray(out)[~visible], 0.0)
     _close(out, reference_verify_attention(q, k, v, lengths, bm), jnp.float32, rows=visible)
@@ -167,7 +168,7 @@ def test_verify_attention_rejects_long_blocks():
     q = jnp.zeros((1, 129, 2, 16))
     kv = jnp.zeros((1, 200, 2, 16))
     with pytest.raises(ValueError, match="prefill"):
-        verify_attention(q, kv, kv, jnp.zeros((1,), jnp.int32), kvc.causal_mask(129), interpret=True)
+        verify_attention(q, kv, kv, jnp.zeros((1,), jnp.int32), causal_mask(129), interpret=True)
 
 
 # ------------------------------------------------------------------------- anchor-block attention
@@ -241,7 +242,7 @@ def test_kernels_differentiate_as_their_references():
     for g, r in zip(grads, ref, strict=True):
         np.testing.assert_allclose(g, r, atol=1e-6)
     q, k, v = args[0][:, 0], args[1], args[2]  # a verify block of T = 3 queries over 10 slots
-    lengths, bm = jnp.asarray([4], jnp.int32), kvc.causal_mask(qn)
+    lengths, bm = jnp.asarray([4], jnp.int32), causal_mask(qn)
     vfn = lambda fn: jax.jit(jax.grad(lambda q: jnp.sum(fn(q, k, v, lengths, bm) ** 2)))(q)  # noqa: E731
     np.testing.assert_allclose(vfn(lambda *x: verify_attention(*x, interpret=True)),
                                vfn(reference_verify_attention), atol=1e-6)
@@ -249,7 +250,7 @@ def test_kernels_differentiate_as_their_references():
 
 # ---------------------------------------------------------------------------- dispatch and models
 CFG = ModelConfig(model_type="qwen3", vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, eos_token_id=())
+                  num_heads=4, num_kv_heads=2, head_dim=8, eos_token_id=())
 
 
 @pytest.fixture(scope="module")
@@ -307,10 +308,10 @@ def test_target_logits_equal_with_pallas_and_reference(target):
 
     @jax.jit
     def run(m):
-        cache = kvc.init_cache(CFG, b, 24)
+        cache = init_cache(CFG, b, 24)
         pos = jnp.broadcast_to(jnp.arange(p), (b, p))
         pre = m(tokens, pos, cache)
-        cache = pre.cache.with_lengths(prompt_lens)
+        cache = pre.cache.at_lengths(prompt_lens)
         bpos = prompt_lens[:, None] + jnp.arange(t)[None]
         chain = m(block, bpos, cache)
         treed = m(block, bpos, cache, block_mask=tree)
@@ -354,7 +355,7 @@ def test_drafter_logits_equal_with_pallas_and_reference(target):
 # -------------------------------------------------------------------------------------- benchmark
 def test_bench_smoke_writes_json(tmp_path):
     out = tmp_path / "kernels.json"
-    bench.main(["--smoke", "--out", str(out)])
+    bench_kernels.main(["--smoke", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["smoke"] and report["copy_bandwidth_gbs"] > 0
     ops = {row["op"] for row in report["results"]}

@@ -11,8 +11,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from dflash.config import ConfigError
-from dflash.models import CheckpointError, load_target, save_target
-from dflash.models.loading import WEIGHT_TABLE, resolve
+from dflash.errors import CheckpointError
+from dflash.io import load_target, save_target
+from dflash.io.loading import resolve, target_rows
 
 
 def _logits(model, ids):
@@ -65,22 +66,19 @@ def test_save_target_round_trips_through_transformers(hf_checkpoint, tmp_path):
 @pytest.mark.parametrize("family,overrides", [("qwen3", {}), ("qwen2", {}),
                                               ("llama", {"tie_word_embeddings": True})])
 def test_weight_table_is_the_only_mapping(hf_checkpoint, tmp_path, family, overrides):
-    """Every tensor of a ``transformers`` checkpoint is read through ``WEIGHT_TABLE`` and written
-    back under the same name with the same values: loading and saving both go through the table,
-    and nothing else maps a name."""
+    """Every tensor of a ``transformers`` checkpoint is read through the weight rows the layer kinds
+    give (``target_rows``) and written back under the same name with the same values: loading and
+    saving both go through the rows, and nothing else maps a name."""
     from flax import nnx
 
-    from dflash.models.loading import weight_pairs
-
-    hf_keys = [hf for hf, _, _ in WEIGHT_TABLE]
-    assert len(hf_keys) == len(set(hf_keys)) and len({o for _, o, _ in WEIGHT_TABLE}) == len(WEIGHT_TABLE)
     _, directory = hf_checkpoint(family, **overrides)
     original = load_file(str(directory / "model.safetensors"))
     ours = load_target(directory)
+    rows = target_rows(ours.cfg)
+    assert len({r.hf for r in rows}) == len(rows) and len({r.ours for r in rows}) == len(rows)
     paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
-    pairs = list(weight_pairs(WEIGHT_TABLE, ours.cfg.num_layers, paths))
-    assert {hf for hf, _, _ in pairs} == set(original)  # the table reads every tensor, and only those
-    assert {our for _, our, _ in pairs} == paths  # and fills every parameter
+    assert {r.hf for r in rows} == set(original)  # the rows read every tensor, and only those
+    assert {r.ours for r in rows} == paths  # and fill every parameter
     resaved = load_file(str(save_target(ours, tmp_path / "resaved") / "model.safetensors"))
     assert set(resaved) == set(original)
     for key, value in original.items():

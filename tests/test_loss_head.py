@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from devices import on_cpu_devices
 
-from dflash.training import loss_head as lh
-from dflash.training import objective as obj
+from dflash.drafters import loss_head as lh
+from dflash.drafters import objective as obj
 
 # (ce_weight, kl_weight, target_labels): CE only, CE + KL, KL only, self-distillation CE
 CASES = [(1.0, 0.0, False), (0.7, 0.3, False), (0.0, 1.0, False), (1.0, 0.0, True)]

@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dflash import cache as kvc
 from dflash.config import ModelConfig
-from dflash.drafters.dflash import DFlashConfig, build_drafter
-from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
-from dflash.models import build
-from dflash.training import objective as obj
-from dflash.training.step import anchor_blocks, block_forward, document_mask, orthrus_forward
+from dflash.drafters import objective as obj
+from dflash.drafters.blocks import anchor_blocks, document_mask
+from dflash.drafters.dflash import DFLASH, DFlashConfig, build_drafter
+from dflash.drafters.orthrus import ORTHRUS, OrthrusConfig, OrthrusDrafter
+from dflash.models import build, init_cache
 
 CFG = ModelConfig(model_type="qwen3", vocab_size=67, hidden_size=32, intermediate_size=48, num_layers=4,
-                  num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+                  num_heads=4, num_kv_heads=2, head_dim=8)
 
 
 def packed_batch(seed: int = 0, rows: int = 2, length: int = 29) -> dict[str, jax.Array]:
@@ -51,9 +50,9 @@ def dense_dflash(d, target, batch, key, *, num_anchors, loss_chunk, **loss_kw):
 def dense_orthrus(d, target, batch, key, *, num_anchors, loss_chunk, **loss_kw):
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     b, s = tokens.shape
-    out = target(tokens, pos, kvc.init_cache(target.cfg, b, s), block_mask=document_mask(seg))
+    out = target(tokens, pos, init_cache(target.cfg, b, s), block_mask=document_mask(seg))
     blocks = anchor_blocks(target, batch, key, num_anchors, d.cfg.block_size, d.cfg.mask_token_id)
-    h = d(target, blocks.x, blocks.q_pos, out.cache.k, out.cache.v, blocks.ctx_mask)
+    h = d(target, blocks.x, blocks.q_pos, out.cache.layers, blocks.ctx_mask)
     return obj.score_blocks(target.logits(h[:, :, : d.cfg.block_size - 1]), blocks.labels, blocks.label_mask,
                             blocks.label_idx, jax.lax.stop_gradient(out.logits), **loss_kw)
 
@@ -89,7 +88,7 @@ def test_dflash_step_equals_the_dense_pipeline(ce_w, kl_w, labels):
     drafter = build_drafter(DFlashConfig.for_target(CFG, mask_token_id=66, num_layers=2, block_size=4,
                                                     target_layer_ids=(1, 2)), seed=1)
     kw = dict(num_anchors=18, gamma=2.0, ce_weight=ce_w, kl_weight=kl_w, target_labels=labels, loss_chunk=5)
-    compare(drafter, target, block_forward, dense_dflash, kw)
+    compare(drafter, target, DFLASH.loss, dense_dflash, kw)
 
 
 def test_orthrus_step_equals_the_dense_pipeline():
@@ -97,4 +96,4 @@ def test_orthrus_step_equals_the_dense_pipeline():
     dcfg = OrthrusConfig.for_target(CFG, mask_token_id=66, block_size=5)
     drafter = OrthrusDrafter.from_target(target, dcfg)
     kw = dict(num_anchors=17, gamma=2.0, ce_weight=0.3, kl_weight=1.0, target_labels=False, loss_chunk=7)
-    compare(drafter, target, orthrus_forward, dense_orthrus, kw)
+    compare(drafter, target, ORTHRUS.loss, dense_orthrus, kw)

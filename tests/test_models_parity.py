@@ -9,7 +9,7 @@ import torch
 from conftest import LLAMA3_ROPE
 
 from dflash.decoding import generate
-from dflash.models import load_target
+from dflash.io import load_target
 
 CASES = {
     "qwen3-gqa-untied": ("qwen3", {}),

@@ -9,10 +9,11 @@ import pytest
 
 from dflash.attention import attend
 from dflash.config import ModelConfig
-from dflash.drafters.dflash import DFlashConfig, build_drafter, default_gamma, default_target_layer_ids
+from dflash.drafters import objective as obj
+from dflash.drafters.dflash import DFlashConfig, build_drafter, default_target_layer_ids
+from dflash.drafters.objective import default_gamma
 from dflash.models import build
 from dflash.models.transformer import rope_cos_sin
-from dflash.training import objective as obj
 
 
 def _random_batch(rng, b=2, s=24, docs=2):
@@ -146,7 +147,7 @@ def test_simulated_tau_counts_the_leading_run():
 def test_blockwise_drafter_attention_equals_dense_anchor_mask():
     """The drafter's blockwise pass == dense attention under ``anchor_block_mask``."""
     cfg = ModelConfig(model_type="qwen3", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=4,
-                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+                      num_heads=4, num_kv_heads=2, head_dim=8)
     dcfg = DFlashConfig.for_target(cfg, mask_token_id=49, num_layers=1, block_size=4, target_layer_ids=(1,))
     drafter = build_drafter(dcfg, seed=5)
     rng = np.random.default_rng(6)
@@ -187,7 +188,7 @@ def test_default_target_layer_ids():
 ])
 def test_drafter_config_errors(kw, match):
     cfg = ModelConfig(model_type="qwen3", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=8,
-                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+                      num_heads=4, num_kv_heads=2, head_dim=8)
     from dflash.config import ConfigError
 
     base = {"mask_token_id": 49, "block_size": 4, "target_layer_ids": (1, 2)}

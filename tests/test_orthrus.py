@@ -18,26 +18,26 @@ from test_verify import CFG as EXACT_CFG
 from test_verify import VOCAB as EXACT_VOCAB
 from test_verify import assert_first_three_follow, exact  # noqa: F401  (exact: a fixture)
 
-from dflash import cache as kvc
 from dflash.attention import attend
 from dflash.config import ConfigError, ModelConfig
 from dflash.configio import load_yaml
 from dflash.decoding import generate
 from dflash.decoding.autoregressive import prefill
-from dflash.decoding.drafters import OrthrusDraft, resolve_method
 from dflash.decoding.sampling import SamplingParams
 from dflash.decoding.speculative import speculative_generate
-from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter, ar_counterpart
-from dflash.export.orthrus_hf import (
-    find_orthrus,
-    load_orthrus,
+from dflash.drafters import find_export, load_drafter, resolve_method
+from dflash.drafters import objective as obj
+from dflash.drafters.dflash import DFLASH
+from dflash.drafters.orthrus import OrthrusConfig, OrthrusDraft, OrthrusDrafter, ar_counterpart
+from dflash.drafters.orthrus.hf import (
     read_orthrus_config,
     save_orthrus,
 )
-from dflash.models import CheckpointError, build, load_target, save_target
-from dflash.models.loading import SHIPPED, WEIGHT_TABLE, load_params_into
+from dflash.errors import CheckpointError
+from dflash.io import load_target, save_target
+from dflash.io.loading import SHIPPED, load_params_into, target_rows
+from dflash.models import build, init_cache
 from dflash.models.transformer import abstract, rope_cos_sin
-from dflash.training import objective as obj
 from dflash.training.config import ExperimentConfig
 from dflash.training.optim import make_optimizer
 from dflash.training.step import make_step_fns
@@ -130,7 +130,7 @@ def test_cache_path_equals_packed_training_path_and_dense_reference(target):
     def packed_fn(tokens, seg, pos, anchors, valid):
         s = tokens.shape[1]
         doc_mask = jnp.tril(jnp.ones((s, s), bool))[None] & (seg[:, :, None] == seg[:, None, :])
-        ar = target(tokens, pos, kvc.init_cache(CFG, 1, s), block_mask=doc_mask)
+        ar = target(tokens, pos, init_cache(CFG, 1, s), block_mask=doc_mask)
         block = jnp.concatenate([tokens[:, anchors[0]][..., None], jnp.full((1, 3, k - 1), MASK)], axis=-1)
         x = target.embed(block.reshape(1, -1)).reshape(1, 3, k, -1)
         q_pos = jnp.take_along_axis(pos, anchors, axis=1)[..., None] + jnp.arange(k)
@@ -139,7 +139,7 @@ def test_cache_path_equals_packed_training_path_and_dense_reference(target):
 
     @jax.jit
     def fill(ids):  # two chunks: a 3-token prefill, then the rest of the document
-        cache = kvc.init_cache(CFG, 1, 40)
+        cache = init_cache(CFG, 1, 40)
         _, _, cache = prefill(target, ids[:, :3], jnp.asarray([3]), cache)
         return target(ids[:, 3:], 3 + jnp.arange(ids.shape[1] - 3)[None], cache).cache
 
@@ -148,7 +148,7 @@ def test_cache_path_equals_packed_training_path_and_dense_reference(target):
     packed = packed_fn(tokens, seg, pos, anchors, valid)
     for j, (doc, a) in enumerate([(0, 6), (1, 4), (1, 12)]):
         ids = docs[doc]
-        cache = fill(jnp.asarray([ids])).with_lengths(jnp.asarray([a]))  # slots >= a are stale
+        cache = fill(jnp.asarray([ids])).at_lengths(jnp.asarray([a]))  # slots >= a are stale
         before = (np.asarray(cache.k), np.asarray(cache.v), np.asarray(cache.lengths))
         got = draft(cache, jnp.asarray([ids[a]]))[0]
         for was, now in zip(before, (cache.k, cache.v, cache.lengths), strict=True):
@@ -288,7 +288,7 @@ def test_orthrus_config_errors(override, match):
 
 def test_presets_validate_and_build_abstractly():
     from dflash.config import preset_for_hub_id
-    from dflash.models.loading import read_config
+    from dflash.io.loading import read_config
 
     cfg = load_yaml(ExperimentConfig, ROOT / "configs/qwen3_8b_orthrus.yaml")
     assert cfg.method == "orthrus" and cfg.block_size == 32 and cfg.loss_weights == (0.0, 1.0)
@@ -312,7 +312,7 @@ def _export_target(directory: Path):
     """The target an Orthrus export runs on: its own tensors (full) or the target it names (delta)."""
     _, tcfg, hf = read_orthrus_config(directory)
     if hf["orthrus_config"]["form"] == "full":
-        return load_params_into(abstract(tcfg), directory, WEIGHT_TABLE, tcfg.num_layers, jnp.float32)
+        return load_params_into(abstract(tcfg), directory, target_rows(tcfg), jnp.float32)
     return load_target(hf["orthrus_config"]["target"]["name_or_path"])
 
 
@@ -339,8 +339,8 @@ def test_export_round_trip_full_and_delta_and_wrong_targets(target, tmp_path):
     assert json.loads((delta / "config.json").read_text())["architectures"] == ["OrthrusDeltaModel"]
     want = _params(drafter)
     for form in (full, delta):
-        assert find_orthrus(form) == form
-        for name, value in _params(load_orthrus(form, target)).items():
+        assert find_export(form) == (ORTHRUS, form)
+        for name, value in _params(load_drafter(form, target)).items():
             np.testing.assert_array_equal(value, want[name], err_msg=f"{form.name}: {name}")
         tgt = _export_target(form)  # full: its own tensors; delta: the referenced target
         for name, value in _params(tgt).items():
@@ -348,14 +348,14 @@ def test_export_round_trip_full_and_delta_and_wrong_targets(target, tmp_path):
     # A target of another architecture, and one of the same architecture with other weights.
     other_arch = build(ModelConfig(**{**CFG.__dict__, "hidden_size": 48}), seed=1)
     with pytest.raises(CheckpointError, match="hidden_size=32, but this target has hidden_size=48"):
-        load_orthrus(delta, other_arch)
+        load_drafter(delta, other_arch)
     with pytest.raises(CheckpointError, match="weights fingerprint"):
-        load_orthrus(full, build(CFG, seed=2))
+        load_drafter(full, build(CFG, seed=2))
     with pytest.raises(CheckpointError, match="weights fingerprint"):
         resolve_method(str(delta), build(CFG, seed=2))
-    with pytest.raises(CheckpointError, match="is not an Orthrus drafter"):
-        load_orthrus(target_dir, target)
-    assert find_orthrus(target_dir) is None and find_orthrus("tiny-code-dflash") is None
+    with pytest.raises(CheckpointError, match="is not a drafter of a known kind.*Qwen3ForCausalLM"):
+        load_drafter(target_dir, target)
+    assert find_export("tiny-code-dflash")[0] is DFLASH
     # A foreign tensor is refused, as load_drafter refuses it (a full export's target tensors are not).
     foreign = tmp_path / "foreign"
     shutil.copytree(delta, foreign)
@@ -363,13 +363,12 @@ def test_export_round_trip_full_and_delta_and_wrong_targets(target, tmp_path):
     save_file({**tensors, "model.layers.0.self_attn.r_proj.weight": np.zeros((2, 2), np.float32)},
               str(foreign / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"does not have: \['model.layers.0.self_attn.r_proj"):
-        load_orthrus(foreign, target)
+        load_drafter(foreign, target)
 
 
 def test_drafter_memory_is_measured_from_the_arrays(target):
     from dflash.bench import drafter_memory
-    from dflash.decoding.drafters import DFlashDraft
-    from dflash.drafters.dflash import DFlashConfig, build_drafter
+    from dflash.drafters.dflash import DFlashConfig, DFlashDraft, build_drafter
 
     orthrus = OrthrusDrafter.from_target(target, OrthrusConfig.for_target(CFG, mask_token_id=MASK))
     mem = drafter_memory(target, OrthrusDraft.of(orthrus), orthrus, batch=2, max_len=64)
@@ -387,10 +386,10 @@ def test_drafter_memory_is_measured_from_the_arrays(target):
 @pytest.mark.parametrize("batch,block", [(1, 32), (4, 8)])
 def test_shipped_drafter_is_lossless_and_drafts(batch, block):
     """The shipped tiny-code-orthrus (a delta export) on the shipped target: speculative == AR greedy."""
-    from dflash.models.tokenizer import load_tokenizer
+    from dflash.io.tokenizer import load_tokenizer
     from dflash.training.tiny_corpus import heldout_prompts
 
-    assert find_orthrus("tiny-code-orthrus") is not None
+    assert find_export("tiny-code-orthrus")[0] is ORTHRUS
     target, tok = load_target("tiny-code"), load_tokenizer("tiny-code")
     prompts = [tok(p).input_ids[-64:] for p in heldout_prompts(batch, seed=1)]
     ref = generate(target, prompts, max_new_tokens=64, eos_ids=target.cfg.eos_token_id)

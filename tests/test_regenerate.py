@@ -9,8 +9,8 @@ import pytest
 
 from dflash.cli.regenerate import main
 from dflash.decoding import generate
-from dflash.models import load_target
-from dflash.models.tokenizer import load_tokenizer
+from dflash.io import load_target
+from dflash.io.tokenizer import load_tokenizer
 from dflash.training.regenerate import stop_ids
 
 

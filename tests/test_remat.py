@@ -13,7 +13,7 @@ from dflash.drafters.orthrus import OrthrusConfig, build_orthrus
 from dflash.models import transformer as tr
 
 CFG = ModelConfig(model_type="qwen3", vocab_size=53, hidden_size=32, intermediate_size=40, num_layers=4,
-                  num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+                  num_heads=4, num_kv_heads=2, head_dim=8)
 B, A, K, S = 2, 3, 4, 11
 
 

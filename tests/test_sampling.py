@@ -69,7 +69,7 @@ def test_bad_sampling_params_are_errors():
 
 
 CFG = ModelConfig(model_type="qwen3", vocab_size=16, hidden_size=32, intermediate_size=48, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, eos_token_id=())
+                  num_heads=4, num_kv_heads=2, head_dim=8, eos_token_id=())
 
 
 def test_generated_tokens_follow_the_target_distribution():

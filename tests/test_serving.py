@@ -8,13 +8,13 @@ import shutil
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from dflash.export.dflash_hf import resolve_drafter
+from dflash.drafters.registry import export_dir
+from dflash.errors import CheckpointError
 from dflash.export.serving import check_torch_layout, serving_commands, transformers_config
-from dflash.models import CheckpointError
 
 
 def test_shipped_drafter_has_the_reference_layout_and_a_broken_one_is_named(tmp_path):
-    shipped = resolve_drafter("tiny-code-dflash")
+    shipped = export_dir("tiny-code-dflash")
     hf = json.loads((shipped / "config.json").read_text())
     layout = check_torch_layout(shipped)
     d = hf["hidden_size"]

@@ -16,12 +16,11 @@ from dflash import sharding as sh
 from dflash.config import ModelConfig
 from dflash.decoding import SamplingParams, generate
 from dflash.decoding.compiled import COMPILES
-from dflash.decoding.drafters import DFlashDraft, OrthrusDraft
 from dflash.decoding.mesh import can_compact, compact_rows, pad_request
 from dflash.decoding.speculative import speculative_generate
-from dflash.decoding.tree import DFlashTreeDraft
-from dflash.drafters.dflash import DFlashConfig, build_drafter
-from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
+from dflash.drafters import tree_method_for
+from dflash.drafters.dflash import DFlashConfig, DFlashDraft, build_drafter
+from dflash.drafters.orthrus import OrthrusConfig, OrthrusDraft, OrthrusDrafter
 from dflash.errors import ConfigError
 from dflash.models import build
 
@@ -29,7 +28,7 @@ MESHES = ((2, 1, 4), (4, 1, 2), (2, 2, 2))  # (data, fsdp, tensor)
 # Vocabulary and widths divide every mesh axis; 2 kv heads are too few for tensor=4 (the cache
 # keeps its heads whole there).
 CFG = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, eos_token_id=())
+                  num_heads=4, num_kv_heads=2, head_dim=8, eos_token_id=())
 MASK = 63
 BUDGETS = [4, 30, 8, 26, 12, 22, 16, 18, 6]  # 9 rows: padded to 10 or 12, compacted as rows finish
 
@@ -41,7 +40,7 @@ def _models():
                                                    target_layer_ids=(0, 1)), seed=2)
     orthrus = OrthrusDrafter.from_target(target, OrthrusConfig.for_target(CFG, mask_token_id=MASK,
                                                                           block_size=4))
-    methods = {"dflash": (DFlashDraft.of(dflash), dflash), "tree": (DFlashTreeDraft.of(dflash, 2), dflash),
+    methods = {"dflash": (DFlashDraft.of(dflash), dflash), "tree": (tree_method_for(dflash, 2), dflash),
                "orthrus": (OrthrusDraft.of(orthrus), orthrus)}
     return target, methods
 
@@ -155,8 +154,8 @@ def test_generate_and_regenerate_clis_on_a_mesh_equal_unsharded():
 
     from dflash.cli.generate import main as generate_main
     from dflash.cli.regenerate import main as regenerate_main
-    from dflash.models import load_target
-    from dflash.models.tokenizer import load_tokenizer
+    from dflash.io.loading import load_target
+    from dflash.io.tokenizer import load_tokenizer
     from dflash.training.regenerate import regenerate_dataset
 
     def gen(*args: str) -> dict:
@@ -203,9 +202,9 @@ def two_process_worker(out: str) -> None:
     both (``data`` across the processes), 9 rows; process 0 writes what it decoded."""
     import json
 
-    from dflash.decoding.drafters import resolve_method
     from dflash.distributed import initialize
-    from dflash.models import load_target
+    from dflash.drafters import resolve_method
+    from dflash.io import load_target
 
     initialize()
     mesh = sh.make_mesh(sh.MeshConfig(2, 1, 4))
@@ -227,8 +226,8 @@ def test_decoding_on_a_mesh_across_two_processes_equals_one_unsharded_process(tm
     from devices import ROOT, TESTS
 
     from dflash.cli.launch import run_local
-    from dflash.decoding.drafters import resolve_method
-    from dflash.models import load_target
+    from dflash.drafters import resolve_method
+    from dflash.io import load_target
 
     out = tmp_path / "decoded.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}

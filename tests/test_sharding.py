@@ -25,7 +25,7 @@ MESHES = ((8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 2, 4), (1, 1, 1))
 # Every sharded dimension divisible by 4; kv heads (2) too few for tensor=4 (the cache then
 # keeps its heads whole); awkward sequence / block sizes.
 CFG = ModelConfig(model_type="qwen3", vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=3,
-                  num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+                  num_heads=4, num_kv_heads=2, head_dim=8)
 
 
 def _abstract_mesh(shape: tuple[int, int, int]) -> AbstractMesh:
@@ -153,7 +153,7 @@ def test_params_are_born_in_their_shards_with_the_rule_tables_bytes():
 
 def _forwards(target, dflash, orthrus):
     """Logits / hidden states of every model path the trainer and the engine use (jit, on a mesh)."""
-    from dflash import cache as kvc
+    from dflash.models import init_cache
 
     rng = np.random.default_rng(0)
     b, s, a, q = 8, 13, 3, 4
@@ -168,7 +168,7 @@ def _forwards(target, dflash, orthrus):
     @jax.jit
     def run(target, dflash, orthrus):
         out = target(tokens, pos, hidden_layers=(0, 2))
-        cache = target(tokens[:, :9], pos[:, :9], kvc.init_cache(CFG, b, 16)).cache
+        cache = target(tokens[:, :9], pos[:, :9], init_cache(CFG, b, 16)).cache
         verify = target(tokens[:, 9:], pos[:, 9:], cache)
         feats = jnp.moveaxis(out.hidden, 0, 2).reshape(b, s, -1)  # [B, S, n*D]
         ctx = dflash.project_context(feats)
@@ -176,7 +176,7 @@ def _forwards(target, dflash, orthrus):
         dcache = dflash.extend_context(dflash.init_context_cache(b, 16), feats[:, :9], pos[:, :9],
                                        jnp.full((b,), 9, jnp.int32))
         d_draft = dflash.draft_logits(target, dcache, tokens[:, 9])
-        full = target(tokens, pos, kvc.init_cache(CFG, b, 16)).cache
+        full = target(tokens, pos, init_cache(CFG, b, 16)).cache
         o_train = orthrus(target, x_blk, q_pos, full.k, full.v, slot_mask)
         o_draft = orthrus.draft_logits(target, cache, tokens[:, 9])
         return dict(logits=out.logits, hidden=out.hidden, verify=verify.logits, cache_k=verify.cache.k,
@@ -211,9 +211,9 @@ def test_forward_on_every_mesh_equals_unsharded():
 
 @on_cpu_devices(8)
 def test_sharded_load_reads_slices_into_shards_and_equals_unsharded_load():
-    from dflash.export.dflash_hf import load_drafter, save_drafter
-    from dflash.export.orthrus_hf import load_orthrus, save_orthrus
-    from dflash.models import load_target, loading, save_target
+    from dflash.drafters.dflash.hf import load_drafter, save_drafter
+    from dflash.drafters.orthrus.hf import load_orthrus, save_orthrus
+    from dflash.io import load_target, loading, save_target
 
     target, dflash, orthrus = (make() for make in _models())
     reads: list[tuple[str, int, int]] = []  # (key, bytes read, bytes of the whole tensor)

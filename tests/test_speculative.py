@@ -11,14 +11,14 @@ import pytest
 from dflash.config import ModelConfig
 from dflash.decoding import generate
 from dflash.decoding.compiled import COMPILES
-from dflash.decoding.drafters import DFlashDraft, NgramDraft, NoDraft
 from dflash.decoding.method import DraftMethod
+from dflash.decoding.methods import NgramDraft, NoDraft
 from dflash.decoding.speculative import speculative_generate
-from dflash.drafters.dflash import DFlashConfig, build_drafter
+from dflash.drafters.dflash import DFlashConfig, DFlashDraft, build_drafter
 from dflash.models import build
 
 CFG = ModelConfig(model_type="qwen3", vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=4,
-                  num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, eos_token_id=())
+                  num_heads=4, num_kv_heads=2, head_dim=8, eos_token_id=())
 MASK = 60
 
 
@@ -186,9 +186,9 @@ def test_finished_rows_leave_the_device_batch(target):
 @pytest.mark.parametrize("batch,block", [(1, 16), (4, 4)])
 def test_trained_shipped_drafter_is_lossless(batch, block):
     """The shipped tiny-code-dflash drafter on the shipped target: speculative == AR greedy."""
-    from dflash.decoding.drafters import resolve_method
-    from dflash.models import load_target
-    from dflash.models.tokenizer import load_tokenizer
+    from dflash.drafters import resolve_method
+    from dflash.io import load_target
+    from dflash.io.tokenizer import load_tokenizer
     from dflash.training.tiny_corpus import heldout_prompts
 
     target, tok = load_target("tiny-code"), load_tokenizer("tiny-code")

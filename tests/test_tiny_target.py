@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from dflash.models import load_target, resolve
-from dflash.models.loading import SHIPPED
-from dflash.models.tokenizer import load_tokenizer
+from dflash.io import load_target, resolve
+from dflash.io.loading import SHIPPED
+from dflash.io.tokenizer import load_tokenizer
 from dflash.training import tiny_corpus
 
 

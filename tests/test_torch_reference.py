@@ -28,11 +28,12 @@ from transformers.models.qwen3.modeling_qwen3 import (
     repeat_kv,
 )
 
-from dflash.decoding.drafters import DFlashDraft
 from dflash.decoding.speculative import speculative_generate
-from dflash.export import load_drafter, save_drafter
-from dflash.models import load_target, save_target
-from dflash.models.tokenizer import load_tokenizer
+from dflash.drafters import load_drafter
+from dflash.drafters.dflash import DFlashDraft
+from dflash.drafters.dflash.hf import save_drafter
+from dflash.io import load_target, save_target
+from dflash.io.tokenizer import load_tokenizer
 from dflash.training.tiny_corpus import heldout_prompts
 
 

@@ -17,9 +17,9 @@ from safetensors.numpy import load_file
 
 from dflash.config import ConfigError, ModelConfig
 from dflash.configio import load_yaml
+from dflash.drafters import load_drafter
 from dflash.drafters.dflash import DFlashConfig, build_drafter
 from dflash.errors import CheckpointError, TrainingError
-from dflash.export import load_drafter
 from dflash.models import build
 from dflash.training.config import ExperimentConfig
 from dflash.training.optim import make_optimizer
@@ -136,7 +136,7 @@ def test_resume_without_checkpoint_and_overwrite_are_refused(run_config, tiny_ta
 def _tiny_step_setup(compute=jnp.float32, num_anchors=6, *overrides: str, kl_weight: float = 0.0):
     """A random tiny target + DFlash drafter, their optimizer state and jitted step functions."""
     cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
-                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+                      num_heads=4, num_kv_heads=2, head_dim=8)
     target = build(cfg, seed=0)
     drafter = build_drafter(DFlashConfig.for_target(cfg, mask_token_id=63, block_size=4,
                                                     target_layer_ids=(1, 2)), seed=1)
@@ -180,11 +180,11 @@ def test_train_step_without_target_logits_has_the_same_loss_and_gradient():
     """Train steps skip the target's layers above the deepest feature and its LM head when the
     loss needs no target logits; the loss and its gradient are unchanged, the simulated tau is
     then measured against the labels, and the KL term without target logits is refused."""
-    from dflash.training import objective as obj
-    from dflash.training.step import block_forward
+    from dflash.drafters import objective as obj
+    from dflash.drafters.dflash import DFLASH
 
     cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
-                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+                      num_heads=4, num_kv_heads=2, head_dim=8)
     target = build(cfg, seed=0)
     drafter = build_drafter(DFlashConfig.for_target(cfg, mask_token_id=63, block_size=4,
                                                     target_layer_ids=(1, 2)))
@@ -192,7 +192,7 @@ def test_train_step_without_target_logits_has_the_same_loss_and_gradient():
     kw = dict(num_anchors=6, gamma=2.0, ce_weight=1.0, kl_weight=0.0)
 
     def run(target_metrics):
-        fn = lambda d: block_forward(d, target, batch, key, **kw, target_metrics=target_metrics)  # noqa: E731
+        fn = lambda d: DFLASH.loss(d, target, batch, key, **kw, target_metrics=target_metrics)  # noqa: E731
         return nnx.value_and_grad(fn, has_aux=True)(drafter)
 
     (loss_t, m_t), g_t = run(True)
@@ -268,8 +268,8 @@ def test_bf16_compute_keeps_fp32_master_weights_and_trains():
     ("drafter.mask_token_id=-5", "drafter.mask_token_id must be a token id or -1"),
 ])
 def test_config_errors_name_the_key(override, match, tmp_path):
-    from dflash.models import load_target
-    from dflash.models.tokenizer import load_tokenizer
+    from dflash.io import load_target
+    from dflash.io.tokenizer import load_tokenizer
     from dflash.training.setup import build_drafter_config
 
     with pytest.raises(ConfigError, match=match):
@@ -342,7 +342,7 @@ np.testing.assert_allclose(out[1], out[8], rtol=1e-5)
 
 def test_regenerated_documents_are_the_targets_greedy_continuations(run_config, tiny_target, tmp_path):
     from dflash.decoding import generate
-    from dflash.models import load_target
+    from dflash.io import load_target
     from dflash.training.data import Document
     from dflash.training.selfdistill import (
         RegenSection,
@@ -375,7 +375,7 @@ def test_regenerated_documents_are_the_targets_greedy_continuations(run_config, 
     assert (tmp_path / "run" / "regenerated.npz").stat().st_mtime_ns == stamp
     # Data stored by other regen settings (e.g. a crashed run restarted with a new config) is
     # never reused: it is made again for the new settings, and again identically for the old.
-    from dflash.models.tokenizer import load_tokenizer
+    from dflash.io.tokenizer import load_tokenizer
     from dflash.training.rundata import prepare_data
 
     tok, stored = load_tokenizer(tiny_target), tmp_path / "run" / "regenerated.npz"

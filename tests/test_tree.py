@@ -12,17 +12,16 @@ import numpy as np
 import pytest
 from test_verify import exact  # noqa: F401  (a fixture)
 
-from dflash import cache as kvc
 from dflash.decoding.method import DraftMethod
 from dflash.decoding.tree import (
     ancestor_mask,
     beam_tree,
-    commit_path,
     gather_path,
     graft_chain,
     top_few,
     verify_tree,
 )
+from dflash.models.cache import Cache, KVState
 
 
 def _random_logp(seed: int, b: int, d: int, v: int) -> jax.Array:
@@ -176,17 +175,19 @@ def test_width_one_tree_is_the_chain():
 def test_commit_path_compacts_the_cache_like_a_chain():
     # K/V of the path nodes move from len + block index to len + depth; the prefix is untouched.
     layers, b, s, k, h = 2, 2, 24, 1, 3
-    cache = kvc.KVCache(k=jax.random.normal(jax.random.key(0), (layers, b, s, k, h)),
-                        v=jax.random.normal(jax.random.key(1), (layers, b, s, k, h)),
-                        lengths=jnp.array([5, 9]))
+    states = tuple(KVState(k=jax.random.normal(jax.random.key(2 * i), (b, s, k, h)),
+                           v=jax.random.normal(jax.random.key(2 * i + 1), (b, s, k, h))) for i in range(layers))
+    cache = Cache(layers=states, lengths=jnp.array([5, 9]), max_len=s)
     path = jnp.array([[0, 2, 6, 6], [0, 1, 4, 10]])
-    out = commit_path(cache, cache.lengths, path)
-    for kv_in, kv_out in ((cache.k, out.k), (cache.v, out.v)):
-        for row in range(b):
-            n = int(cache.lengths[row])
-            np.testing.assert_array_equal(kv_out[:, row, :n], kv_in[:, row, :n])
-            for d in range(path.shape[1]):
-                np.testing.assert_array_equal(kv_out[:, row, n + d], kv_in[:, row, n + int(path[row, d])])
+    out = cache.commit_path(cache.lengths, path)
+    assert np.asarray(out.lengths).tolist() == [5, 9]  # the caller keeps what was accepted
+    for st_in, st_out in zip(cache.layers, out.layers, strict=True):
+        for kv_in, kv_out in ((st_in.k, st_out.k), (st_in.v, st_out.v)):
+            for row in range(b):
+                n = int(cache.lengths[row])
+                np.testing.assert_array_equal(kv_out[row, :n], kv_in[row, :n])
+                for d in range(path.shape[1]):
+                    np.testing.assert_array_equal(kv_out[row, n + d], kv_in[row, n + int(path[row, d])])
     hidden = jax.random.normal(jax.random.key(2), (3, b, 11, 4))
     np.testing.assert_array_equal(gather_path(hidden, path)[:, 1, 3], hidden[:, 1, 10])
 
@@ -194,9 +195,9 @@ def test_commit_path_compacts_the_cache_like_a_chain():
 # ----------------------------------------------------------------------------- in the engine
 @pytest.fixture(scope="module")
 def shipped():
-    from dflash.export import load_drafter
-    from dflash.models import load_target
-    from dflash.models.tokenizer import load_tokenizer
+    from dflash.drafters import load_drafter
+    from dflash.io import load_target
+    from dflash.io.tokenizer import load_tokenizer
     from dflash.training.tiny_corpus import heldout_prompts
 
     target = load_target("tiny-code")
@@ -209,15 +210,16 @@ def shipped():
                                                       (1, 1, 16, True), (4, 2, 6, True)])
 def test_tree_speculation_is_lossless_and_never_shorter_than_the_chain(shipped, batch, width, block, lookup):
     from dflash.decoding.autoregressive import generate
-    from dflash.decoding.drafters import DFlashDraft, NgramDraft
+    from dflash.decoding.methods import NgramDraft
     from dflash.decoding.speculative import speculative_generate
-    from dflash.decoding.tree import DFlashTreeDraft
+    from dflash.drafters import tree_method_for
+    from dflash.drafters.dflash import DFlashDraft
 
     target, drafter, prompts = shipped
     prompts = prompts[:batch]
     common = dict(drafter=drafter, max_new_tokens=48, mask_token_id=drafter.cfg.mask_token_id)
     ar = generate(target, prompts, max_new_tokens=48)
-    tree = speculative_generate(target, prompts, method=DFlashTreeDraft.of(drafter, width, block, lookup),
+    tree = speculative_generate(target, prompts, method=tree_method_for(drafter, width, block, lookup),
                                 **common)
     chain = speculative_generate(target, prompts, method=DFlashDraft.of(drafter, block_size=block), **common)
     assert tree.tokens == ar.tokens == chain.tokens
@@ -235,11 +237,11 @@ def test_tree_speculation_is_lossless_and_never_shorter_than_the_chain(shipped, 
 def test_tree_refuses_block_verification(shipped):
     from dflash.decoding.sampling import SamplingParams
     from dflash.decoding.speculative import speculative_generate
-    from dflash.decoding.tree import DFlashTreeDraft
+    from dflash.drafters import tree_method_for
 
     target, drafter, prompts = shipped
     with pytest.raises(ValueError, match="not 'block'"):
-        speculative_generate(target, prompts[:1], method=DFlashTreeDraft.of(drafter, 2), drafter=drafter,
+        speculative_generate(target, prompts[:1], method=tree_method_for(drafter, 2), drafter=drafter,
                              sampling=SamplingParams(temperature=1.0), rule="block")
 
 
@@ -251,7 +253,7 @@ def test_tree_sampling_preserves_the_target_distribution(exact, width, lookup): 
 
     from dflash.decoding.sampling import SamplingParams
     from dflash.decoding.speculative import speculative_generate
-    from dflash.decoding.tree import DFlashTreeDraft
+    from dflash.drafters import tree_method_for
     from dflash.drafters.dflash import DFlashConfig, build_drafter
 
     target, prompt, joint = exact
@@ -260,7 +262,7 @@ def test_tree_sampling_preserves_the_target_distribution(exact, width, lookup): 
     n = 6000
 
     def run(lookup: bool):
-        method = DFlashTreeDraft.of(drafter, width, lookup=lookup)
+        method = tree_method_for(drafter, width, lookup=lookup)
         return speculative_generate(target, [prompt] * n, method=method, drafter=drafter, max_new_tokens=3,
                                     eos_ids=(), mask_token_id=VOCAB - 1,
                                     sampling=SamplingParams(temperature=1.0), key=jax.random.key(7))

@@ -12,12 +12,11 @@ import pytest
 from test_sampling import FALSE_ALARM, chi2_pvalue
 
 from dflash.config import ModelConfig
-from dflash.decoding.drafters import DFlashDraft
 from dflash.decoding.method import DraftMethod
 from dflash.decoding.sampling import SamplingParams
 from dflash.decoding.speculative import speculative_generate
 from dflash.decoding.verify import block_stop_probs, verify_block, verify_greedy, verify_token
-from dflash.drafters.dflash import DFlashConfig, build_drafter
+from dflash.drafters.dflash import DFlashConfig, DFlashDraft, build_drafter
 from dflash.models import build
 
 
@@ -74,7 +73,7 @@ def test_rules_at_temperature_zero_equal_greedy():
 
 VOCAB = 6
 CFG = ModelConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=3,
-                  num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, eos_token_id=())
+                  num_heads=4, num_kv_heads=2, head_dim=8, eos_token_id=())
 
 
 @pytest.fixture(scope="module")

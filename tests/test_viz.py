@@ -141,7 +141,7 @@ def test_scalars_log_is_resume_safe_and_feeds_the_training_curves(tmp_path):
 
 
 def test_steps_split_and_render_round_trip_to_the_token_ids():
-    from dflash.models.tokenizer import load_tokenizer
+    from dflash.io.tokenizer import load_tokenizer
 
     tokens = [5, 6, 7, 8, 9, 10, 11, 12]
     steps = T.split_steps(tokens, [3, 1, 4])  # the last step was cut after 3 of its 4 tokens
@@ -168,7 +168,7 @@ def test_steps_split_and_render_round_trip_to_the_token_ids():
 
 def test_generate_show_steps_round_trips_to_the_same_token_ids(capsys):
     from dflash.cli.generate import main
-    from dflash.models.tokenizer import load_tokenizer
+    from dflash.io.tokenizer import load_tokenizer
 
     args = ["--drafter", "tiny-code-dflash", "--block-size", "8", "--prompt", "def area(r):\n",
             "--max-new-tokens", "40"]

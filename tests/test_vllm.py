@@ -50,8 +50,8 @@ def _fresh_drafter(work: Path) -> Path:
 
 
 def _compute(work: Path) -> dict:
-    from dflash.export.dflash_hf import SHIPPED_DRAFTERS
-    from dflash.models.tokenizer import load_tokenizer
+    from dflash.drafters.dflash.hf import SHIPPED_DRAFTERS
+    from dflash.io.tokenizer import load_tokenizer
     from dflash.training.tiny_corpus import heldout_prompts
 
     vllm_env.ensure_vllm_python()  # first: a setup failure is known before any training
@@ -153,8 +153,8 @@ def test_env_cache_follows_the_pins_and_the_override(tmp_path, monkeypatch):
 def test_check_cli_exit_code_follows_the_comparison(monkeypatch, capsys, layers, steps_identical, tokens,
                                                      code):
     """``dflash-export --check-with vllm``'s verdict on a report (vLLM itself runs in the round trip)."""
+    from dflash.drafters.dflash.hf import SHIPPED_DRAFTERS
     from dflash.export import vllm_check
-    from dflash.export.dflash_hf import SHIPPED_DRAFTERS
 
     asked = {}
 

@@ -1,4 +1,4 @@
-"""Per-anchor acceptance of a DFlash drafter and of prompt lookup along the target's own output."""
+"""Per-anchor acceptance of a drafter and of prompt lookup along the target's own output."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dflash.decoding import generate
-from dflash.decoding.drafters import NgramDraft
-from dflash.drafters.dflash import DFlashDrafter
-from dflash.training import objective as obj
+from dflash.decoding.methods import NgramDraft
+from dflash.drafters import kind_of
 
 
 def _leading_matches(drafts_AK: np.ndarray, truth_AK: np.ndarray) -> np.ndarray:
@@ -35,7 +34,7 @@ def _walk(accepted_A: np.ndarray, max_new: int, eos_at: int) -> list[int]:
 
 def anchor_profile(target, drafter, prompts: list[list[int]], *, max_new_tokens: int = 128,
                    eos_ids: tuple[int, ...] = (), block_size: int | None = None) -> dict[str, Any]:
-    """Greedy acceptance of a DFlash drafter and of prompt lookup at *every* anchor of the target's
+    """Greedy acceptance of a drafter (any kind with a per-anchor path: DFlash, Orthrus) and of prompt lookup at *every* anchor of the target's
     own greedy continuations, and the verify steps the engine takes with each.
 
     Per row, the target's greedy continuation (``max_new_tokens`` plus a block, so acceptance
@@ -48,8 +47,7 @@ def anchor_profile(target, drafter, prompts: list[list[int]], *, max_new_tokens:
     wins are where the other fails: the per-anchor arrays say which, with the target's top-1
     probability (how sure the target itself was of the token after the anchor).
     """
-    if not isinstance(drafter, DFlashDrafter):
-        raise TypeError(f"anchor_profile profiles DFlash drafters, not {type(drafter).__name__}")
+    kind = kind_of(drafter)
     k = block_size or drafter.cfg.block_size
     ar = generate(target, prompts, max_new_tokens=max_new_tokens + k, eos_ids=())
     ngram = NgramDraft(block_size=k)
@@ -58,22 +56,12 @@ def anchor_profile(target, drafter, prompts: list[list[int]], *, max_new_tokens:
         seq = np.asarray(list(prompt) + list(gen), np.int32)
         s, first = len(seq), len(prompt)
         anchors = np.arange(first, first + max_new_tokens)  # [A] positions of the generated tokens
-        ids, pos = jnp.asarray(seq)[None], jnp.arange(s)[None]
-        out = target(ids, pos, hidden_layers=drafter.cfg.target_layer_ids)  # causal, whole trajectory
+        ids = jnp.asarray(seq)[None]
+        out = target(ids, jnp.arange(s)[None])  # causal, whole trajectory
         top1 = np.asarray(jnp.max(jax.nn.softmax(out.logits[0], axis=-1), axis=-1))  # [S]
-        feats = jnp.transpose(out.hidden, (1, 2, 0, 3)).reshape(1, s, -1)  # [1, S, n*D]
-        a = len(anchors)
-        block = np.concatenate([seq[anchors][:, None], np.full((a, k - 1), drafter.cfg.mask_token_id)], 1)
-        x = target.embed(jnp.asarray(block).reshape(1, a * k)).reshape(1, a, k, -1)
-        q_pos = jnp.asarray(anchors)[None, :, None] + jnp.arange(k)  # [1, A, Q]
-        ctx_mask = obj.anchor_context_mask(jnp.asarray(anchors)[None], jnp.ones((1, a), bool),
-                                           jnp.ones((1, s), jnp.int32))
-        h = drafter(x, q_pos, drafter.project_context(feats), pos, ctx_mask)  # [1, A, Q, D]
-        logits = target.unembed(h[0, :, 1:]).at[..., drafter.cfg.mask_token_id].set(-jnp.inf)
-        d_drafts = np.asarray(jnp.argmax(logits, axis=-1))  # [A, Q-1]
-        n_drafts, _ = ngram.propose(None, None, (), jnp.asarray(seq[anchors]), None,
-                                    jnp.broadcast_to(jnp.asarray(seq), (a, s)), jnp.asarray(anchors + 1),
-                                    None, None)
+        logits = kind.anchor_logits(drafter, target, ids, jnp.asarray(anchors), k)  # [A, Q-1, V]
+        d_drafts = np.asarray(jnp.argmax(logits.at[..., drafter.cfg.mask_token_id].set(-jnp.inf), axis=-1))
+        n_drafts = ngram.lookup(jnp.broadcast_to(jnp.asarray(seq), (len(anchors), s)), jnp.asarray(anchors + 1))
         truth = seq[anchors[:, None] + 1 + np.arange(k - 1)[None]]  # [A, Q-1]
         acc_d = _leading_matches(d_drafts, truth)
         acc_n = _leading_matches(np.asarray(n_drafts), truth)

@@ -24,10 +24,10 @@ BF16 = jnp.bfloat16
 
 
 def _cases() -> dict[str, tuple[Any, list[tuple[tuple[int, ...], Any]]]]:
+    from dflash.drafters import loss_head as lh
+    from dflash.drafters import objective as obj
     from dflash.kernels import anchor_attention as aa
     from dflash.kernels import prefill_attention as pa
-    from dflash.training import loss_head as lh
-    from dflash.training import objective as obj
 
     k = Q - 1
     idx = lambda *s: (s, jnp.int32)  # noqa: E731

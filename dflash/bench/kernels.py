@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dflash import cache as kvc
-from dflash.cli.parser import make_parser
+from dflash.attention import causal_mask, visibility
 from dflash.kernels.anchor_attention import anchor_block_attention, reference_anchor_block_attention
 from dflash.kernels.common import platform
 from dflash.kernels.verify_attention import reference_verify_attention, verify_attention
@@ -77,11 +76,11 @@ def bench_verify(batch, prefix, block, slack, heads, dtype, interpret, copy_gbs,
     k = jnp.asarray(rng.standard_normal((batch, s, kh, h)), dtype)
     v = jnp.asarray(rng.standard_normal((batch, s, kh, h)), dtype)
     lengths = jnp.full((batch,), prefix, jnp.int32)
-    bm = kvc.causal_mask(block)
+    bm = causal_mask(block)
     item = jnp.dtype(dtype).itemsize
     needed = 2 * batch * (prefix + block) * kh * h * item + 2 * q.size * item  # visible K/V, q, out
     shape = dict(batch=batch, prefix=prefix, block=block, slots=s, dtype=jnp.dtype(dtype).name)
-    mask_B1TS = kvc.visibility(lengths, s, bm)[:, None]
+    mask_B1TS = visibility(lengths, s, bm)[:, None]
 
     def dpa(q, k, v, mask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
@@ -154,31 +153,3 @@ def _print(report: dict) -> None:
         else:
             frac = 100 * r["frac_of_copy"]
             print(f"{what}  {r['time_ms']:9.3f} ms  {r['gbs']:8.1f} GB/s  {frac:5.1f}% of copy")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = make_parser("dflash-bench-kernels", __doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes: proves the script runs (CPU)")
-    parser.add_argument("--out", type=Path, default=Path("kernels_bench.json"))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--prefix", type=int, nargs="+", default=[1024, 8192, 32768])
-    parser.add_argument("--block", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--slack", type=int, default=512, help="cache slots beyond prefix + block")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--anchors", type=int, default=512, help="training shape: anchor blocks per sequence")
-    parser.add_argument("--train-context", type=int, default=3072, help="training shape: context length")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.prefix, args.block, args.slack, args.iters = [13], [4], 5, 2
-        args.anchors, args.train_context = 3, 24
-    report = run(args.smoke, args.batch, args.prefix, args.block, args.slack, jnp.dtype(args.dtype),
-                 args.iters, args.anchors, args.train_context)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    _print(report)
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dflash.bench.timing import median_in_turns
-from dflash.training import objective as obj
+from dflash.drafters import objective as obj
 
 
 def loss_head_costs(*, batch: int = 8, anchors: int = 64, block_size: int = 16, hidden: int = 256,

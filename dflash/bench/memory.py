@@ -7,8 +7,6 @@ from typing import Any
 import jax
 from flax import nnx
 
-from dflash import cache as kvc
-
 
 def _nbytes(tree: Any) -> int:
     return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
@@ -24,7 +22,7 @@ def drafter_memory(target, method, drafter=None, *, batch: int = 1, max_len: int
     """
     state = method.init(drafter, batch, max_len, target.dtype)
     params = _nbytes(nnx.state(drafter, nnx.Param)) if drafter is not None else 0
-    kv = kvc.init_cache(target.cfg, batch, max_len, target.dtype)
+    kv = target.init_cache(batch, max_len)
     out = {"batch": batch, "max_len": max_len, "drafter_params_bytes": params,
            "drafter_state_bytes": _nbytes(state),
            "target_params_bytes": _nbytes(nnx.state(target, nnx.Param)), "target_kv_cache_bytes": _nbytes(kv)}

@@ -21,12 +21,12 @@ import numpy as np
 from flax import nnx
 
 from dflash import sharding
+from dflash.config import DTYPES
 from dflash.configio import load_yaml
 from dflash.distributed import add_distributed_args, initialize, is_primary
-from dflash.drafters.dflash import default_gamma
-from dflash.models import load_target
-from dflash.models.loading import DTYPES
-from dflash.models.tokenizer import load_tokenizer
+from dflash.drafters.objective import default_gamma
+from dflash.io.loading import load_target
+from dflash.io.tokenizer import load_tokenizer
 from dflash.training.config import ExperimentConfig
 from dflash.training.optim import make_optimizer
 from dflash.training.setup import build_drafter_config, build_method_drafter, train_state
@@ -47,7 +47,7 @@ def step_seconds(cfg: ExperimentConfig, shape: tuple[int, int, int], steps: int 
     """Median seconds of ``steps`` train steps on mesh ``shape`` (after one compiling step)."""
     mesh = sharding.make_mesh(sharding.MeshConfig(*shape), jax.devices()[: math.prod(shape)])
     target = load_target(cfg.target.name, dtype=DTYPES[cfg.target.dtype], mesh=mesh)
-    drafter = build_method_drafter(cfg, build_drafter_config(cfg, target, load_tokenizer(cfg.target.name)),
+    drafter = build_method_drafter(cfg, build_drafter_config(cfg, target.cfg, load_tokenizer(cfg.target.name)),
                                    target, mesh)
     graphdef, state, shardings = train_state(drafter, make_optimizer(cfg, 1000), mesh)
     tgraph, tstate = nnx.split(target)

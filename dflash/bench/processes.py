@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dflash.cli.launch import run_local
+from dflash.distributed import run_local
 
 
 def parse_layout(text: str) -> tuple[int, int]:

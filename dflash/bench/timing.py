@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dflash import cache as kvc
+from dflash.decoding.method import StepInputs
 from dflash.decoding.sampling import SamplingParams
 from dflash.decoding.speculative import draft_and_verify, mask_id_for
-from dflash.drafters.orthrus import OrthrusDrafter
+from dflash.drafters import method_for
+from dflash.models.cache import Cache, check_fits
 
 
 def pass_costs(target, methods: dict[str, tuple[Any, Any, int]], *, batch: int = 1, context: int = 256,
@@ -37,17 +38,17 @@ def pass_costs(target, methods: dict[str, tuple[Any, Any, int]], *, batch: int =
     key = jax.random.key(0)
 
     def rolled_back(state):
-        return jax.tree.map(lambda x: x.with_lengths(lengths) if isinstance(x, kvc.KVCache) else x, state,
-                            is_leaf=lambda x: isinstance(x, kvc.KVCache))
+        return jax.tree.map(lambda x: x.at_lengths(lengths) if isinstance(x, Cache) else x, state,
+                            is_leaf=lambda x: isinstance(x, Cache))
 
     def build(method, drafter, max_len: int):
-        kvc.check_fits(context + method.verify_tokens, max_len, "a timed step")
+        check_fits(context + method.verify_tokens, max_len, "a timed step")
         dgraph, dparams = nnx.split(drafter) if drafter is not None else (None, None)
 
         def run(tp, dp):
             model = nnx.merge(tgraph, tp)
             d = nnx.merge(dgraph, dp) if dgraph is not None else None
-            cache = kvc.init_cache(model.cfg, batch, max_len, model.dtype).with_lengths(lengths)
+            cache = model.init_cache(batch, max_len).at_lengths(lengths)
             dstate = rolled_back(method.init(d, batch, max_len, model.dtype))
             tokens_BL = jax.random.randint(key, (batch, max_len + method.block_size), 2, model.cfg.vocab_size)
 
@@ -55,11 +56,13 @@ def pass_costs(target, methods: dict[str, tuple[Any, Any, int]], *, batch: int =
                 cache, dstate, total = carry
                 anchor = jnp.full((batch,), 2 + i % 7, jnp.int32)  # varies, so no pass is hoisted
                 k_draft, k_verify = jax.random.split(jax.random.fold_in(key, i))
+                step = StepInputs(anchor, lengths, tokens_BL, lengths + 1, cache)
                 _, accepted, extra, cache_v, hidden = draft_and_verify(
-                    method, d, model, cache, dstate, anchor, lengths, tokens_BL, lengths + 1,
-                    mask_id_for(method, mask_token_id), sampling, rule, k_draft, k_verify)
+                    method, d, model, dstate, step, mask_id_for(method, mask_token_id), sampling, rule,
+                    k_draft, k_verify)
                 dstate = method.commit(d, dstate, hidden, lengths, accepted)
-                return cache_v.with_lengths(lengths), rolled_back(dstate), total + jnp.sum(accepted + extra)
+                kept = cache_v.keep(jnp.zeros_like(lengths), method.verify_tokens)  # back to ``context``
+                return kept, rolled_back(dstate), total + jnp.sum(accepted + extra)
 
             return jax.lax.fori_loop(0, iters, body, (cache, dstate, jnp.int32(0)))[2]
 
@@ -106,15 +109,14 @@ def step_costs(target, drafter=None, *, block_size: int = 16, context: int = 256
 
     def target_loop(params, t):
         model = nnx.merge(tgraph, params)
-        cache = kvc.init_cache(model.cfg, batch, max_len, model.dtype).with_lengths(
-            jnp.full((batch,), context, jnp.int32))
+        cache = model.init_cache(batch, max_len).at_lengths(jnp.full((batch,), context, jnp.int32))
         tokens = jnp.ones((batch, t), jnp.int32)
         positions = context + jnp.broadcast_to(jnp.arange(t), (batch, t))
 
         def body(i, carry):
             cache, acc = carry
             out = model(tokens + i % 7, positions, cache)
-            return out.cache.with_lengths(cache.lengths), acc + out.logits[0, -1, 0]
+            return out.cache.keep(jnp.zeros_like(cache.lengths), t), acc + out.logits[0, -1, 0]
 
         return jax.lax.fori_loop(0, iters, body, (cache, 0.0))[1]
 
@@ -122,39 +124,38 @@ def step_costs(target, drafter=None, *, block_size: int = 16, context: int = 256
            "verify_s": timed(lambda p: target_loop(p, block_size), tparams)}
     if drafter is not None:
         dgraph, dparams = nnx.split(drafter)
+        method = method_for(drafter, block_size=block_size)
+        lengths = jnp.full((batch,), context, jnp.int32)
+
+        def start(dp, tp):  # the drafter's state and the target's cache, each holding ``context`` tokens
+            d, model = nnx.merge(dgraph, dp), nnx.merge(tgraph, tp)
+            dstate = jax.tree.map(lambda x: x.at_lengths(lengths) if isinstance(x, Cache) else x,
+                                  method.init(d, batch, max_len, model.dtype), is_leaf=lambda x: isinstance(x, Cache))
+            return d, model, dstate, model.init_cache(batch, max_len).at_lengths(lengths)
+
+        def draft(d, model, dstate, tcache, i):  # the anchor depends on i so XLA cannot hoist the pass
+            anchor = jnp.full((batch,), i % 7, jnp.int32)
+            step = StepInputs(anchor, lengths, jnp.zeros((batch, max_len), jnp.int32), lengths + 1, tcache)
+            return anchor, method.propose(d, model, dstate, step, jax.random.key(0), SamplingParams())[0]
 
         def draft_loop(dp, tp):
-            d, model = nnx.merge(dgraph, dp), nnx.merge(tgraph, tp)
-            if isinstance(d, OrthrusDrafter):  # Orthrus drafts from the target's own cache
-                cache = kvc.init_cache(model.cfg, batch, max_len, model.dtype)
-            else:
-                cache = d.init_context_cache(batch, max_len, model.dtype)
-            cache = cache.with_lengths(jnp.full((batch,), context, jnp.int32))
+            d, model, dstate, tcache = start(dp, tp)
+            return jax.lax.fori_loop(0, iters, lambda i, acc: acc + draft(d, model, dstate, tcache, i)[1][0, -1],
+                                     jnp.int32(0))
 
-            def body(i, acc):  # the anchor depends on i so XLA cannot hoist the pass out of the loop
-                anchor = jnp.full((batch,), i % 7, jnp.int32)
-                return acc + d.draft_logits(model, cache, anchor, block_size)[0, -1, 0]
-
-            return jax.lax.fori_loop(0, iters, body, 0.0)
-
-        def draft_verify_loop(dp, tp):  # a DFlash draft pass, then the target's pass over its block
-            d, model = nnx.merge(dgraph, dp), nnx.merge(tgraph, tp)
-            lengths = jnp.full((batch,), context, jnp.int32)
-            dcache = d.init_context_cache(batch, max_len, model.dtype).with_lengths(lengths)
-            tcache = kvc.init_cache(model.cfg, batch, max_len, model.dtype).with_lengths(lengths)
+        def draft_verify_loop(dp, tp):  # a draft pass, then the target's pass over its block
+            d, model, dstate, tcache = start(dp, tp)
             positions = context + jnp.broadcast_to(jnp.arange(block_size), (batch, block_size))
 
             def body(i, carry):
                 tcache, acc = carry
-                anchor = jnp.full((batch,), i % 7, jnp.int32)
-                drafts = jnp.argmax(d.draft_logits(model, dcache, anchor, block_size), axis=-1)  # [B, Q-1]
-                out = model(jnp.concatenate([anchor[:, None], drafts], axis=1), positions, tcache)
-                return out.cache.with_lengths(lengths), acc + out.logits[0, -1, 0]
+                anchor, drafts = draft(d, model, dstate, tcache, i)  # [B], [B, Q-1]
+                out = model(jnp.concatenate([anchor[:, None], jnp.maximum(drafts, 0)], axis=1), positions, tcache)
+                return out.cache.keep(jnp.zeros_like(lengths), block_size), acc + out.logits[0, -1, 0]
 
             return jax.lax.fori_loop(0, iters, body, (tcache, 0.0))[1]
 
         out["draft_s"] = timed(draft_loop, dparams, tparams)
-        if not isinstance(drafter, OrthrusDrafter):
-            out["draft_verify_s"] = timed(draft_verify_loop, dparams, tparams)
+        out["draft_verify_s"] = timed(draft_verify_loop, dparams, tparams)
     out["verify_over_ar"] = out["verify_s"] / out["ar_step_s"]
     return out

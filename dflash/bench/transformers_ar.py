@@ -14,8 +14,8 @@ import jax
 import numpy as np
 
 from dflash.decoding import SamplingParams, generate
-from dflash.models import load_target, resolve
-from dflash.models.tokenizer import load_tokenizer
+from dflash.io.loading import load_target, resolve
+from dflash.io.tokenizer import load_tokenizer
 
 
 def ar_vs_transformers(target: str, prompts: list[str], *, max_new_tokens: int = 256,

@@ -7,18 +7,17 @@ import sys
 
 from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
 from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
+from dflash.config import DTYPES
 from dflash.decoding import SamplingParams
-from dflash.decoding.drafters import resolve_method
-from dflash.decoding.tree import DFlashTreeDraft
+from dflash.decoding.tree import BeamTreeDraft
 from dflash.decoding.verify import RULES
 from dflash.distributed import add_distributed_args, is_primary
-from dflash.drafters.dflash import DFlashDrafter
+from dflash.drafters import resolve_method
 from dflash.errors import ConfigError, DflashError
 from dflash.fingerprint import initialize_from_args
+from dflash.io.loading import load_target
+from dflash.io.tokenizer import eos_ids, load_tokenizer
 from dflash.kernels.dispatch import ATTENTION_IMPLS
-from dflash.models import load_target
-from dflash.models.loading import DTYPES
-from dflash.models.tokenizer import eos_ids, load_tokenizer
 from dflash.viz.figures import bench_figures
 
 
@@ -100,15 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         drafter_method, drafter = resolve_method(args.drafter, target, block_size=args.block_size,
                                                  stochastic=args.stochastic_drafts, mesh=mesh)
         k = drafter_method.block_size
-        if args.anchor_profile and not isinstance(drafter, DFlashDrafter):
-            raise ConfigError(f"--anchor-profile profiles a DFlash drafter; {args.drafter!r} is not one")
+        if args.anchor_profile and drafter is None:
+            raise ConfigError(f"--anchor-profile profiles a drafter; {args.drafter!r} is not one")
         stop = () if args.ignore_eos else eos_ids(tokenizer, target.cfg.eos_token_id)
         methods = {"ar": resolve_method("ar", target), "ngram": resolve_method("ngram", target, block_size=k),
                    "drafter": (drafter_method, drafter)}
         if args.tree_width:
-            methods["tree"] = (DFlashTreeDraft.around(drafter_method, args.tree_width), drafter)
+            methods["tree"] = (BeamTreeDraft.around(drafter_method, args.tree_width), drafter)
         if args.ngram_branch:
-            hybrid = DFlashTreeDraft.around(drafter_method, args.tree_width or 1, lookup=True)
+            hybrid = BeamTreeDraft.around(drafter_method, args.tree_width or 1, lookup=True)
             methods["drafter+ngram"] = (hybrid, drafter)
         for other in args.also:
             also_method, also_drafter = resolve_method(other, target, block_size=args.block_size,
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             sampling=sampling, rule=args.verify, seed=args.seed, compact=not args.no_compact,
             ceiling=args.ceiling, allow_longer_than_context=args.allow_longer_than_context,
-            eos_ids=stop, mask_token_id=drafter.cfg.mask_token_id if drafter is not None else -1, mesh=mesh)
+            eos_ids=stop, mask_token_id=drafter.cfg.mask_token_id if drafter is not None else None, mesh=mesh)
         profile = None
         if args.anchor_profile:
             profile = anchor_profile(target, drafter, prompts, max_new_tokens=args.max_new_tokens,

@@ -11,18 +11,18 @@ from pathlib import Path
 import jax
 
 from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
+from dflash.config import DTYPES
 from dflash.decoding import SamplingParams, generate
-from dflash.decoding.drafters import resolve_method
 from dflash.decoding.speculative import speculative_generate
-from dflash.decoding.tree import DFlashTreeDraft
+from dflash.decoding.tree import BeamTreeDraft
 from dflash.decoding.verify import RULES
 from dflash.distributed import add_distributed_args, is_primary
+from dflash.drafters import resolve_method
 from dflash.errors import ConfigError, DflashError
 from dflash.fingerprint import initialize_from_args
+from dflash.io.loading import load_target
+from dflash.io.tokenizer import eos_ids, load_tokenizer
 from dflash.kernels.dispatch import ATTENTION_IMPLS
-from dflash.models import load_target
-from dflash.models.loading import DTYPES
-from dflash.models.tokenizer import eos_ids, load_tokenizer
 from dflash.viz.tokens import show_steps, split_steps
 
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             method, drafter = resolve_method(args.drafter, model, block_size=args.block_size,
                                              stochastic=args.stochastic_drafts, mesh=mesh)  # target's impl
             if args.tree_width or args.ngram_branch:
-                method = DFlashTreeDraft.around(method, args.tree_width or 1, lookup=args.ngram_branch)
+                method = BeamTreeDraft.around(method, args.tree_width or 1, lookup=args.ngram_branch)
             result = speculative_generate(model, [ids], method=method, drafter=drafter, rule=args.verify,
                                           **common)
     except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback

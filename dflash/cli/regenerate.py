@@ -9,13 +9,13 @@ import jax
 from jax.sharding import Mesh
 
 from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
+from dflash.config import DTYPES
 from dflash.decoding import SamplingParams
 from dflash.distributed import add_distributed_args, is_primary
 from dflash.errors import DflashError
 from dflash.fingerprint import initialize_from_args
-from dflash.models import load_target
-from dflash.models.loading import DTYPES, read_config, resolve
-from dflash.models.tokenizer import load_tokenizer
+from dflash.io.loading import load_target, read_config, resolve
+from dflash.io.tokenizer import load_tokenizer
 from dflash.training.regenerate import SIZING_PROMPT_TOKENS, pick_regen_mesh, regenerate_dataset
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from dflash.cli.parser import make_parser
 from dflash.configio import load_yaml
 from dflash.distributed import add_distributed_args, is_primary
+from dflash.drafters import drafter_kind
 from dflash.errors import ConfigError, DflashError
 from dflash.fingerprint import initialize_from_args
-from dflash.models.loading import ASSETS
+from dflash.io.loading import ASSETS
 from dflash.training.config import ExperimentConfig
 from dflash.training.trainer import run_training
 from dflash.viz.report import write_report
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"simulated tau on held-out rows: {final.get('tau_sim', float('nan')):.2f} per anchor, "
           f"{final.get('tau_sim_steps', float('nan')):.2f} per verify step")
     if "tau" in result:
-        name = {"dflash": "DFlash", "orthrus": "Orthrus"}.get(result.get("method", cfg.method), cfg.method)
+        name = drafter_kind(result.get("method", cfg.method)).label
         print(f"held-out tau, greedy, B={result.get('block_size', cfg.block_size)}, {result['eval_prompts']} "
               f"prompts: {name} drafter {result['tau']:.2f} | "
               f"prompt-lookup (n-gram) {result['tau_ngram']:.2f}"

@@ -18,11 +18,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from dflash import cache as kvc
 from dflash.decoding.compiled import compiled
 from dflash.decoding.mesh import check_on_mesh, on_mesh, pad_request, place, to_host
 from dflash.decoding.sampling import SamplingParams, sample
 from dflash.errors import ConfigError, ContextLengthError  # noqa: F401  (raised here; importable from here too)
+from dflash.models.cache import Cache, check_fits
 from dflash.models.transformer import Transformer
 
 
@@ -73,7 +73,7 @@ def prepare_batch(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequen
     for i, (p, b) in enumerate(zip(prompt_lens, budgets, strict=True)):
         block = f" + block {extra_slots}" if extra_slots else ""
         what = f"prompt {i} ({p} tokens) + {b} new tokens{block}"
-        kvc.check_fits(p + b + extra_slots, max_len, what)
+        check_fits(p + b + extra_slots, max_len, what)
     padded = pad_prompts(prompts, min(bucket(max(prompt_lens), 16), max_len), pad_id)
     return budgets, prompt_lens, max_len, padded
 
@@ -94,17 +94,17 @@ def check_context(prompt_lens: Sequence[int], budgets: Sequence[int], context: i
 
 
 def prefill(model: Transformer, tokens_BP: jax.Array, prompt_lens_B: jax.Array,
-            cache: kvc.KVCache, hidden_layers: tuple[int, ...] = ()):
+            cache: Cache, hidden_layers: tuple[int, ...] = ()):
     """Runs right-padded prompts; returns last-position logits ``[B,V]``, hidden, cache at prompt length.
 
     Only the last position of each row goes through the LM head: ``[B, P, V]`` float32 logits
-    would be the largest temporary of a long prefill (2.5 GB per chip for Qwen3-8B at 4 rows x
-    2048 tokens x half the vocabulary)."""
+    would be the largest temporary of a long prefill (1.9 GB per chip for Qwen3-8B at 4 rows x
+    2048 tokens x half the vocabulary, docs/scaling.md)."""
     positions = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1]), tokens_BP.shape)
     out = model(tokens_BP, positions, cache, hidden_layers=hidden_layers, compute_logits=False,
                 final_hidden=True)
     last_B1D = jnp.take_along_axis(out.final, (prompt_lens_B - 1)[:, None, None], axis=1)
-    return model.unembed(last_B1D)[:, 0], out.hidden, out.cache.with_lengths(prompt_lens_B)
+    return model.unembed(last_B1D)[:, 0], out.hidden, out.cache.keep(prompt_lens_B, tokens_BP.shape[1])
 
 
 def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -121,7 +121,7 @@ def _generate(params, tokens_BP, prompt_lens_B, max_new_B, key, *, graphdef, max
     model = nnx.merge(graphdef, params)
     batch = tokens_BP.shape[0]
     rows = jnp.arange(batch)
-    cache = kvc.init_cache(model.cfg, batch, max_len, model.dtype)
+    cache = model.init_cache(batch, max_len)
     logits, _, cache = prefill(model, tokens_BP, prompt_lens_B, cache)
     key, sub = jax.random.split(key)
     tok = sample(logits, sampling, sub)
@@ -137,7 +137,7 @@ def _generate(params, tokens_BP, prompt_lens_B, max_new_B, key, *, graphdef, max
         cache, tok, out, n, done, key = state
         step = model(tok[:, None], cache.lengths[:, None], cache)
         # Finished rows do not advance: their slot is rewritten harmlessly next step.
-        cache = step.cache.with_lengths(jnp.where(done, cache.lengths, step.cache.lengths))
+        cache = step.cache.keep(jnp.where(done, 0, 1), 1)
         key, sub = jax.random.split(key)
         new = sample(step.logits[:, -1], sampling, sub)
         out = out.at[rows, jnp.where(done, max_new, n)].set(new, mode="drop")

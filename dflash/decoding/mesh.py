@@ -19,12 +19,15 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dflash.config import ModelConfig
 from dflash.errors import ConfigError
+from dflash.io.host import to_host  # noqa: F401  (re-exported: the engine's host transfers)
 from dflash.sharding import (
+    LOGICAL,
     MeshConfig,
     ShardingError,
     batch_sharding,
@@ -82,15 +85,6 @@ def place(x: Any, mesh: Mesh | None, *, batch: bool = True) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """The whole array on the host, also when other processes hold some of its shards."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def check_on_mesh(params: Any, mesh: Mesh | None, what: str) -> None:
     """Refuses a model whose parameters are not on ``mesh``'s devices (the compiled program
     would fail later with an opaque device-assignment error)."""
@@ -139,20 +133,29 @@ def device_memory(device: Any) -> int | None:
     return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
-def kv_cache_bytes(cfg: ModelConfig, rows: int, slots: int, dtype: Any, tensor: int = 1) -> int:
-    """Bytes of a ``[L, rows, slots, K, H]`` K and V cache on one device, kv heads split over
-    ``tensor`` where they divide (as ``cache.KV_AXES`` constrains them)."""
-    heads = cfg.num_kv_heads // tensor if cfg.num_kv_heads % tensor == 0 else cfg.num_kv_heads
-    return 2 * cfg.num_layers * rows * slots * heads * cfg.head_dim * np.dtype(dtype).itemsize
+def cache_bytes(cfg: ModelConfig, rows: int, slots: int, dtype: Any, tensor: int = 1) -> int:
+    """Bytes of a cache of ``rows`` rows (one device's share) x ``slots`` on one device: each layer
+    state's arrays with their ``tensor`` dimensions (kv heads, ...) split where they divide, as
+    ``constrain`` places them (``LayerState.AXES``)."""
+    from dflash.models.kinds import init_cache
+
+    total = 0
+    for state in jax.eval_shape(lambda: init_cache(cfg, rows, slots, dtype)).layers:
+        for name, axes in ({} if state is None else type(state).AXES).items():
+            x = getattr(state, name)
+            named = axes if len(axes) == x.ndim else (None,) * x.ndim  # (a "..." layout: left whole)
+            split = [tensor if a is not None and "tensor" in LOGICAL.get(a, ()) and d % tensor == 0 else 1
+                     for d, a in zip(x.shape, named, strict=True)]
+            shard = [d // k for d, k in zip(x.shape, split, strict=True)]
+            total += math.prod(shard) * np.dtype(x.dtype).itemsize
+    return total
 
 
 def abstract_target_state(cfg: ModelConfig, dtype: Any) -> Any:
     """The target's parameter shapes and dtypes (nothing allocated)."""
-    from flax import nnx
+    from dflash.models.transformer import abstract
 
-    from dflash.models.transformer import Transformer
-
-    return nnx.state(nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+    return nnx.state(abstract(cfg, dtype=dtype))
 
 
 def weight_bytes(state: Any, mesh: Mesh) -> int:
@@ -191,7 +194,7 @@ def pick_decode_mesh(cfg: ModelConfig, dtype: Any, devices: Sequence[Any], *, ro
             weights = weight_bytes(state, mesh)
         except ShardingError:
             continue
-        cache = kv_cache_bytes(cfg, -(-rows // (n // t)), slots, dtype, t)
+        cache = cache_bytes(cfg, -(-rows // (n // t)), slots, dtype, t)
         last = (t, weights, cache)
         if memory is None or weights + cache <= FIT_FRACTION * memory:
             break

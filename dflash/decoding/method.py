@@ -2,10 +2,12 @@
 
 A method is a small frozen dataclass: hashable, so it is a static argument of the jitted
 engine. The drafter's parameters, if any, travel separately as an nnx module (``drafter``),
-and the method's own state is a pytree the engine carries through its ``lax.while_loop``.
-``NoDraft``, ``NgramDraft``, ``DFlashDraft``, ``OrthrusDraft`` (``drafters.py``) and
-``DFlashTreeDraft`` (``tree.py``) all derive from ``DraftMethod``; the engine
-(``speculative.py``) reads only the members below.
+and the method's own state is a pytree the engine carries through its ``lax.while_loop``
+(every array with the batch row on axis 0, so compaction can drop rows). A chain method
+(``ChainDraft``) proposes ``Q - 1`` drafts per step; a tree method (``TreeDraft``) a tree of
+candidates verified in one pass. Both are abstract: a method that does not implement its
+``propose`` / ``propose_tree`` cannot be constructed. ``NoDraft`` and ``NgramDraft`` are in
+``methods.py``; the drafters' own methods live with their kinds (``dflash.drafters``).
 
 Shape letters (docs/architecture.md): B rows, Q the block (anchor + k = Q-1 drafts), L token
 buffer, V vocabulary, n feature layers, P prompt, T block rows, D model width.
@@ -13,38 +15,43 @@ buffer, V vocabulary, n feature layers, P prompt, T block rows, D model width.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol, runtime_checkable
+import abc
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 
-from dflash import cache as kvc
 from dflash.decoding.sampling import SamplingParams
+from dflash.models.cache import Cache
 
 
-@runtime_checkable
-class DraftMethod(Protocol):
-    """What the speculative engine needs from a draft method.
+class StepInputs(NamedTuple):
+    """What a method may read when it proposes, besides its own state."""
 
-    A tree method (``tree = True``, ``tree.DFlashTreeDraft``) also has ``depth`` (drafts along a
-    path) and ``propose_tree(drafter, target, state, anchor_B, tokens_BL, total_B) -> Tree``,
-    which the engine calls instead of ``propose``.
+    anchor_B: jax.Array  # the last emitted token (the block's first row)
+    lengths_B: jax.Array  # committed tokens per row; the anchor sits at this position
+    tokens_BL: jax.Array  # prompt + emitted tokens per row (the n-gram drafter reads it)
+    total_B: jax.Array  # tokens in ``tokens_BL`` per row (the anchor is the last of them)
+    target_cache: Cache  # the target's cache, committed prefix only (Orthrus drafts from it)
+
+
+class DraftMethod(abc.ABC):
+    """What the speculative engine needs from any draft method.
+
+    ``block_size``, ``hidden_layers`` and ``mask_token_id`` are plain attributes (dataclass fields
+    or properties of the method): the engine reads them as static values.
     """
-
-    block_size: int
-    """Anchor + drafts per verify step: a step accepts at most ``block_size - 1`` drafts."""
 
     tree: ClassVar[bool] = False
     """True for tree methods: the engine calls ``propose_tree`` and verifies under an ancestor mask."""
 
-    reads_target_cache: ClassVar[bool] = False
-    """True if ``propose`` needs the target's KV cache (Orthrus); it is then passed as ``target_cache=``."""
+    block_size: int
+    """Anchor + drafts per verify step: a step accepts at most ``block_size - 1`` drafts."""
 
-    hidden_layers: tuple[int, ...]
-    """Target layers whose hidden states ``prefill`` and ``commit`` receive (``()``: none). Declared
-    here, set by each method (a dataclass field or a class attribute)."""
+    hidden_layers: tuple[int, ...] = ()
+    """Target layers whose hidden states ``prefill`` and ``commit`` receive (``()``: none)."""
 
-    mask_token_id: int = -1
-    """The drafter's mask token, never emitted by verification; -1 if the method has none."""
+    mask_token_id: int | None = None
+    """The drafter's mask token, never emitted by verification; None if the method has none."""
 
     @property
     def verify_tokens(self) -> int:
@@ -59,16 +66,33 @@ class DraftMethod(Protocol):
         """State after the prompt; ``hidden``: ``[n, B, P, D]`` target features of the prompt (or None)."""
         return state
 
-    def propose(self, drafter: Any, target: Any, state: Any, anchor_B: jax.Array, lengths_B: jax.Array,
-                tokens_BL: jax.Array, total_B: jax.Array, key: jax.Array, sampling: SamplingParams,
-                **target_cache: kvc.KVCache) -> tuple[jax.Array, jax.Array | None]:
-        """Drafts ``[B, Q-1]`` int32 after ``anchor_B`` (committed tokens: ``lengths_B``; buffer
-        ``tokens_BL`` holds ``total_B`` tokens), and their proposal probabilities ``[B, Q-1, V]``,
-        or None when the drafts are deterministic. Chain methods only."""
-        ...
-
     def commit(self, drafter: Any, state: Any, hidden: jax.Array | None, lengths_B: jax.Array,
                accepted_B: jax.Array) -> Any:
         """State after a verify step that accepted ``accepted_B`` drafts; ``hidden``: features of the
         verified block (a tree: along the accepted path), ``[n, B, T, D]``."""
         return state
+
+
+class ChainDraft(DraftMethod):
+    """A method that drafts one chain of ``Q - 1`` tokens per step."""
+
+    @abc.abstractmethod
+    def propose(self, drafter: Any, target: Any, state: Any, step: StepInputs, key: jax.Array,
+                sampling: SamplingParams) -> tuple[jax.Array, jax.Array | None]:
+        """Drafts ``[B, Q-1]`` int32 after ``step.anchor_B`` and their proposal probabilities
+        ``[B, Q-1, V]``, or None when the drafts are deterministic."""
+
+
+class TreeDraft(DraftMethod):
+    """A method that drafts a tree of candidates (``decoding.tree.Tree``) per step."""
+
+    tree: ClassVar[bool] = True
+
+    @property
+    @abc.abstractmethod
+    def depth(self) -> int:
+        """Drafts along a path (``block_size - 1``)."""
+
+    @abc.abstractmethod
+    def propose_tree(self, drafter: Any, target: Any, state: Any, step: StepInputs) -> Any:
+        """The tree to verify: anchor first, every node after its parent."""

@@ -22,16 +22,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from dflash import cache as kvc
 from dflash.decoding import mesh as md
 from dflash.decoding.autoregressive import GenerationResult, check_context, is_eos, prefill, prepare_batch
 from dflash.decoding.compiled import compiled
-from dflash.decoding.drafters import NoDraft
-from dflash.decoding.method import DraftMethod
+from dflash.decoding.method import DraftMethod, StepInputs
+from dflash.decoding.methods import NoDraft
 from dflash.decoding.sampling import SamplingParams, sample
-from dflash.decoding.tree import ancestor_mask, commit_path, gather_path, verify_tree
+from dflash.decoding.tree import ancestor_mask, gather_path, verify_tree
 from dflash.decoding.verify import RULES, verify
 from dflash.errors import ConfigError
+from dflash.models.cache import Cache
 from dflash.models.transformer import Transformer
 
 
@@ -74,9 +74,9 @@ COMPACT_MIN_ROWS = 8
 
 
 class Carry(NamedTuple):
-    """The loop state; every array's leading axis is the row (caches: axis 1)."""
+    """The loop state; every array's leading axis is the row (caches and method states too)."""
 
-    cache: kvc.KVCache
+    cache: Cache
     dstate: Any  # the method's own state (DFlash: its context cache)
     tokens_BL: jax.Array  # prompt + emitted tokens per row
     n_gen: jax.Array  # [B] emitted so far
@@ -95,7 +95,7 @@ def _spec_start(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, key, *, t
     drafter = nnx.merge(dgraph, dparams) if dgraph is not None else None
     batch, prompt_pad = tokens_BP.shape
     rows = jnp.arange(batch)
-    cache = kvc.init_cache(target.cfg, batch, max_len, target.dtype)
+    cache = target.init_cache(batch, max_len)
     logits, hidden, cache = prefill(target, tokens_BP, prompt_lens_B, cache, method.hidden_layers)
     dstate = method.init(drafter, batch, max_len, target.dtype)
     dstate = method.prefill(drafter, dstate, hidden, prompt_lens_B)
@@ -137,9 +137,9 @@ def _spec_loop(tparams, dparams, carry: Carry, key, *, tgraph, dgraph, method, m
         lengths = cache.lengths  # committed tokens; the anchor sits at this position
         total = prompt_lens_B + n_gen  # prompt + emitted (the anchor is the last of them)
         anchor = jnp.take_along_axis(tokens_BL, (total - 1)[:, None], axis=1)[:, 0]
+        step = StepInputs(anchor, lengths, tokens_BL, total, cache)
         drafts, accepted, extra, cache_v, hidden = draft_and_verify(
-            method, drafter, target, cache, dstate, anchor, lengths, tokens_BL, total, mask_id, sampling,
-            rule, k_draft, k_verify)
+            method, drafter, target, dstate, step, mask_id, sampling, rule, k_draft, k_verify)
         idx_Q = jnp.arange(k)[None]
         emitted = jnp.where(idx_Q < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), extra[:, None])
         count = accepted + 1
@@ -154,8 +154,7 @@ def _spec_loop(tparams, dparams, carry: Carry, key, *, tgraph, dgraph, method, m
         acc_log = acc_log.at[rows, jnp.where(done, max_new, steps)].set(accepted + 1, mode="drop")
         steps = steps + (~done).astype(jnp.int32)
         # Commit anchor + accepted drafts; finished rows keep their state.
-        new_lengths = jnp.where(done, lengths, lengths + accepted + 1)
-        cache = cache_v.with_lengths(new_lengths)
+        cache = cache_v.keep(jnp.where(done, 0, accepted + 1), method.verify_tokens)
         # A finished row's drafter state may drift: it never emits again, and writes past the
         # cache are dropped, so no per-row select over the drafter's pytree is needed.
         dstate = method.commit(drafter, dstate, hidden, lengths, accepted)
@@ -165,70 +164,62 @@ def _spec_loop(tparams, dparams, carry: Carry, key, *, tgraph, dgraph, method, m
     return jax.lax.while_loop(cond, body, (carry, key))
 
 
-def draft_and_verify(method, drafter, target: Transformer, cache: kvc.KVCache, dstate, anchor_B: jax.Array,
-                     lengths_B: jax.Array, tokens_BL: jax.Array, total_B: jax.Array, mask_id: int,
+def draft_and_verify(method, drafter, target: Transformer, dstate, step: StepInputs, mask_id: int,
                      sampling: SamplingParams, rule: str, k_draft: jax.Array, k_verify: jax.Array):
     """One step's passes: the method drafts, the target scores the block (or tree), the rule accepts.
 
     Returns drafts ``[B, Q-1]`` (a tree: along the accepted path), accepted ``[B]``, the bonus or
-    correction ``[B]``, the target cache holding the block's K/V (lengths not yet committed) and
-    the hidden states the method asked for. The engine adds only bookkeeping around it;
-    ``bench.pass_costs`` times it alone to measure what that bookkeeping costs.
+    correction ``[B]``, the target cache holding the block (lengths advanced by the verified
+    tokens; the caller keeps the accepted part with ``Cache.keep``) and the hidden states the
+    method asked for. The engine adds only bookkeeping around it; ``bench.pass_costs`` times it
+    alone to measure what that bookkeeping costs.
     """
     if method.tree:  # a tree of candidates, one accepted path
-        return _tree_step(method, drafter, target, cache, dstate, anchor_B, lengths_B, tokens_BL, total_B,
-                          mask_id, sampling, k_verify)
-    # Cache-reading drafters (Orthrus) draft from the committed prefix; it comes back unchanged.
-    kw = {"target_cache": cache} if method.reads_target_cache else {}
-    drafts, q = method.propose(drafter, target, dstate, anchor_B, lengths_B, tokens_BL, total_B, k_draft,
-                               sampling, **kw)
-    block = jnp.concatenate([anchor_B[:, None], drafts], axis=1)  # [B, Q]
-    positions = lengths_B[:, None] + jnp.arange(method.block_size)[None]
-    out = target(jnp.maximum(block, 0), positions, cache, hidden_layers=method.hidden_layers)
+        return _tree_step(method, drafter, target, dstate, step, mask_id, sampling, k_verify)
+    # The method sees the committed prefix of the target's cache (Orthrus drafts from it).
+    drafts, q = method.propose(drafter, target, dstate, step, k_draft, sampling)
+    block = jnp.concatenate([step.anchor_B[:, None], drafts], axis=1)  # [B, Q]
+    positions = step.lengths_B[:, None] + jnp.arange(method.block_size)[None]
+    out = target(jnp.maximum(block, 0), positions, step.target_cache, hidden_layers=method.hidden_layers)
     # out.logits[:, i] is the target's distribution for the token after block[:, :i+1].
     accepted, extra = verify(rule, out.logits, drafts, q, k_verify, sampling, mask_id)  # [B], [B]
     return drafts, accepted, extra, out.cache, out.hidden
 
 
 def mask_id_for(method: DraftMethod, given: int | None = None) -> int:
-    """The mask token the engine never emits: the method's; a caller's must agree with it."""
+    """The mask token the engine never emits: the method's; a caller's must agree with it. Inside
+    the engine "none" is -1 (never a token: also what prompt lookup proposes where it has nothing)."""
     own = method.mask_token_id
     if given is None or given == own:
-        return own
-    if own >= 0:
+        return -1 if own is None else own
+    if own is not None:
         raise ConfigError(f"mask_token_id={given} conflicts with the drafter's mask token {own}; "
                           "leave mask_token_id unset (it comes from the method)")
     return given  # the method has none (AR, n-gram): the caller's is honoured
 
 
 def _take_rows(carry: Carry, keep: np.ndarray) -> Carry:
-    """The carry restricted to rows ``keep`` (KV caches keep rows on axis 1, the rest on axis 0)."""
+    """The carry restricted to rows ``keep`` (every array, caches included, has its rows on axis 0)."""
     idx = jnp.asarray(keep)
-
-    def take(x):
-        if isinstance(x, kvc.KVCache):
-            return kvc.KVCache(k=x.k[:, idx], v=x.v[:, idx], lengths=x.lengths[idx])
-        return x[idx]
-
-    return jax.tree.map(take, carry, is_leaf=lambda x: isinstance(x, kvc.KVCache))
+    return jax.tree.map(lambda x: x[idx], carry)
 
 
-def _tree_step(method, drafter, target: Transformer, cache, dstate, anchor_B, lengths_B, tokens_BL, total_B,
-               mask_id: int, sampling: SamplingParams, key: jax.Array):
+def _tree_step(method, drafter, target: Transformer, dstate, step: StepInputs, mask_id: int,
+               sampling: SamplingParams, key: jax.Array):
     """Drafts a tree, verifies all its nodes in one target pass, keeps the longest accepted path.
 
     Returns the path's drafts ``[B, D]``, accepted ``[B]``, the bonus ``[B]``, the cache with the
-    path's K/V moved to contiguous slots, and the hidden states along the path ``[n, B, D+1, H]``
-    (what a verified chain of the same tokens would have given).
+    path's entries where a verified chain would have put them, and the hidden states along the
+    path ``[n, B, D+1, H]`` (what a verified chain of the same tokens would have given).
     """
-    tree = method.propose_tree(drafter, target, dstate, anchor_B, tokens_BL, total_B)
-    positions = lengths_B[:, None] + tree.depth  # a node sits at its depth
+    tree = method.propose_tree(drafter, target, dstate, step)
+    positions = step.lengths_B[:, None] + tree.depth  # a node sits at its depth
     # Blank nodes (-1: a grafted chain's shared or unknown candidates) are scored as token 0, never accepted.
-    out = target(jnp.maximum(tree.tokens, 0), positions, cache, block_mask=ancestor_mask(tree.parents),
+    out = target(jnp.maximum(tree.tokens, 0), positions, step.target_cache, block_mask=ancestor_mask(tree.parents),
                  hidden_layers=method.hidden_layers)
     verdict = verify_tree(sample(out.logits, sampling, key), tree, method.depth, mask_id)  # a choice per node
     drafts = jnp.take_along_axis(tree.tokens, verdict.path[:, 1:], axis=1)
-    cache = commit_path(out.cache, lengths_B, verdict.path)
+    cache = out.cache.commit_path(step.lengths_B, verdict.path)
     hidden = None if out.hidden is None else gather_path(out.hidden, verdict.path)  # None: no features asked
     return drafts, verdict.accepted, verdict.extra, cache, hidden
 

@@ -1,6 +1,6 @@
 """Tree drafting and tree verification, greedy and sampled (docs/design.md §7 "Trees").
 
-A DFlash block pass gives a distribution for every position ``p+1 .. p+D``. Instead of one
+A drafter's block pass (DFlash, Orthrus) gives a distribution for every position ``p+1 .. p+D``. Instead of one
 chain of argmaxes, we keep the ``W`` best partial paths at every depth (beam search over the
 per-position log-probabilities): ``W * D`` nodes, laid out level by level, so every node's parent
 comes before it and the tree is prefix-closed by construction. The argmax chain is always beam 0,
@@ -11,8 +11,8 @@ node sees the committed prefix plus its ancestors (the ancestor mask). Each node
 choice of the token after it: the argmax (greedy) or one independent sample from the processed
 target distribution there (sampling). A node is accepted when its token is its parent's choice
 and its parent is accepted; the deepest accepted node wins and its own choice is the bonus token.
-Its path's K/V are then moved to contiguous cache slots so the cache looks exactly as if the
-chain had been verified.
+Its path's entries are then moved so the cache looks exactly as if the chain had been verified
+(``Cache.commit_path``).
 
 Sampling is lossless: siblings are distinct tokens (each beam's children are distinct top-k
 entries), so at most one child matches a node's sample and the emitted tokens are a chain of
@@ -34,14 +34,13 @@ Shapes: ``B`` rows, ``W`` beam width, ``D`` depth, ``T = 1 + W*D`` tree tokens (
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dflash import cache as kvc
-from dflash.decoding.drafters import DFlashDraft, NgramDraft
-from dflash.decoding.method import DraftMethod
+from dflash.decoding.method import StepInputs, TreeDraft
+from dflash.decoding.methods import LogitsDraft, NgramDraft
 from dflash.errors import ConfigError
 
 
@@ -165,58 +164,36 @@ def verify_tree(choice_BT: jax.Array, tree: Tree, max_depth: int, mask_id: int) 
     return TreeVerdict(accepted, path, jnp.take_along_axis(choice_BT, best_B[:, None], axis=1)[:, 0])
 
 
-def commit_path(cache: kvc.KVCache, lengths_B: jax.Array, path_BP: jax.Array) -> kvc.KVCache:
-    """Moves the K/V of the path's nodes (written at ``len + block index``) to ``len + depth``.
-
-    Afterwards slots ``[len, len + accepted]`` hold exactly what a verified chain would have
-    written; the caller then sets ``lengths = len + accepted + 1``.
-    """
-    b, p = path_BP.shape
-    src_BP = lengths_B[:, None] + path_BP
-    dst_BP = lengths_B[:, None] + jnp.arange(p, dtype=jnp.int32)[None]
-    rows_BP = jnp.broadcast_to(jnp.arange(b)[:, None], (b, p))
-
-    def move(kv):  # [L, B, S, K, H]; gather everything first, then write (paths may overlap)
-        moved = kv[:, rows_BP, jnp.minimum(src_BP, kv.shape[2] - 1)]
-        return kv.at[:, rows_BP, dst_BP].set(moved, mode="drop")
-
-    return kvc.KVCache(k=move(cache.k), v=move(cache.v), lengths=cache.lengths)
-
-
 def gather_path(x_nBTD: jax.Array, path_BP: jax.Array) -> jax.Array:
     """``[n, B, P, D]``: per-node activations (e.g. target hidden states) along the path."""
     return jnp.take_along_axis(x_nBTD, path_BP[None, :, :, None], axis=2)
 
 
 @dataclasses.dataclass(frozen=True)
-class DFlashTreeDraft(DraftMethod):
-    """DFlash drafting a beam tree instead of a chain (greedy, or sampling with sibling rejection).
+class BeamTreeDraft(TreeDraft):
+    """A chain method's per-position distributions drafted as a beam tree instead of a chain
+    (greedy, or sampling with sibling rejection).
 
-    One drafter pass gives the block's ``depth`` distributions; the tree keeps ``width`` paths
-    per depth. With ``lookup`` (an ``NgramDraft``), the prompt-lookup chain is grafted on as one
-    more branch (``graft_chain``). ``block_size`` is the chain-equivalent block (anchor +
-    ``depth``), so acceptance lengths compare with chain drafting; ``verify_tokens`` is what the
-    target scores per step. The drafter's own cache is handled exactly as for a chain
-    (``chain``), fed with the hidden states of the accepted path.
+    One pass of the chain's drafter gives the block's ``depth`` distributions
+    (``chain.draft_logits``); the tree keeps ``width`` paths per depth. With ``lookup`` (an
+    ``NgramDraft``), the prompt-lookup chain is grafted on as one more branch (``graft_chain``).
+    ``block_size`` is the chain-equivalent block (anchor + ``depth``), so acceptance lengths
+    compare with chain drafting; ``verify_tokens`` is what the target scores per step. The
+    chain's own state is handled exactly as for a chain, fed with the hidden states of the
+    accepted path.
     """
 
-    chain: DFlashDraft  # block_size = depth + 1
+    chain: LogitsDraft  # block_size = depth + 1
     width: int
     lookup: NgramDraft | None = None  # with the same block size
-    tree: ClassVar[bool] = True
 
     @classmethod
-    def of(cls, drafter: Any, width: int, block_size: int | None = None,
-           lookup: bool = False) -> DFlashTreeDraft:
-        return cls.around(DFlashDraft.of(drafter, block_size=block_size), width, lookup)
-
-    @classmethod
-    def around(cls, chain: Any, width: int, lookup: bool = False) -> DFlashTreeDraft:
-        """The tree version of a chain method (only DFlash drafters give per-position distributions)."""
-        if not isinstance(chain, DFlashDraft) or chain.stochastic:
-            kind = "stochastic drafts" if isinstance(chain, DFlashDraft) else type(chain).__name__
-            raise ConfigError(f"tree drafting (--tree-width, --ngram-branch) needs a DFlash drafter with "
-                             f"argmax drafts, not {kind}")
+    def around(cls, chain: Any, width: int, lookup: bool = False) -> BeamTreeDraft:
+        """The tree version of a chain method (one whose drafts are the argmax of per-position logits)."""
+        if not isinstance(chain, LogitsDraft) or chain.stochastic:
+            kind = "stochastic drafts" if isinstance(chain, LogitsDraft) else type(chain).__name__
+            raise ConfigError(f"tree drafting (--tree-width, --ngram-branch) needs a drafter with "
+                              f"argmax drafts of per-position distributions, not {kind}")
         if width < 1:
             raise ConfigError(f"tree width must be >= 1, got {width}")
         return cls(chain, width, NgramDraft(block_size=chain.block_size) if lookup else None)
@@ -226,7 +203,7 @@ class DFlashTreeDraft(DraftMethod):
         return self.chain.block_size
 
     @property
-    def mask_token_id(self) -> int:
+    def mask_token_id(self) -> int | None:
         return self.chain.mask_token_id
 
     @property
@@ -247,16 +224,14 @@ class DFlashTreeDraft(DraftMethod):
     def prefill(self, drafter, state, hidden, prompt_lens_B):
         return self.chain.prefill(drafter, state, hidden, prompt_lens_B)
 
-    def propose_tree(self, drafter, target, state, anchor_B: jax.Array, tokens_BL: jax.Array,
-                     total_B: jax.Array) -> Tree:
-        """``tokens_BL``/``total_B``: the committed + emitted text, read by the lookup branch."""
-        logits = drafter.draft_logits(target, state, anchor_B, self.block_size)  # [B, D, V]
-        logits = logits.at[..., drafter.cfg.mask_token_id].set(-jnp.inf)  # never proposed
-        tree = beam_tree(anchor_B, jax.nn.log_softmax(logits, axis=-1), self.width)
+    def propose_tree(self, drafter, target, state, step: StepInputs) -> Tree:
+        logits = self.chain.draft_logits(drafter, target, state, step)  # [B, D, V]
+        if self.chain.mask_token_id is not None:
+            logits = logits.at[..., self.chain.mask_token_id].set(-jnp.inf)  # never proposed
+        tree = beam_tree(step.anchor_B, jax.nn.log_softmax(logits, axis=-1), self.width)
         if self.lookup is None:
             return tree
-        chain_BD, _ = self.lookup.propose(None, target, (), anchor_B, None, tokens_BL, total_B, None, None)
-        return graft_chain(tree, chain_BD)
+        return graft_chain(tree, self.lookup.lookup(step.tokens_BL, step.total_B))
 
     def commit(self, drafter, state, hidden_path, lengths_B, accepted_B):
         return self.chain.commit(drafter, state, hidden_path, lengths_B, accepted_B)

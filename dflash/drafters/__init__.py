@@ -1,1 +1,20 @@
-"""Drafters: DFlash (block diffusion conditioned on target features) and baselines."""
+"""Drafters: one registry of drafter kinds (``registry``) and the built-in kinds, DFlash (block
+diffusion conditioned on target features) and Orthrus (diffusion attention inside the target),
+with what their training shares (``blocks``, ``objective``, ``loss_head``)."""
+
+from dflash.drafters import dflash, orthrus  # noqa: F401  (the built-in kinds register themselves)
+from dflash.drafters.registry import (
+    KINDS,
+    DrafterKind,
+    drafter_kind,
+    find_export,
+    kind_of,
+    load_drafter,
+    method_for,
+    register,
+    resolve_method,
+    tree_method_for,
+)
+
+__all__ = ["KINDS", "DrafterKind", "drafter_kind", "find_export", "kind_of", "load_drafter", "method_for",
+           "register", "resolve_method", "tree_method_for"]

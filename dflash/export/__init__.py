@@ -1,5 +1,6 @@
-"""HF-format export / import of drafters (the "DFlashDraftModel" layout of docs/design.md §8)."""
+"""Exports of training runs and the serving engines' view of them.
 
-from dflash.export.dflash_hf import load_drafter, save_drafter, target_fingerprint
-
-__all__ = ["load_drafter", "save_drafter", "target_fingerprint"]
+``from_run`` writes any checkpoint of a run in its drafter kind's serving layout (the layouts
+themselves belong to the kinds: ``dflash.drafters.dflash.hf``, ``dflash.drafters.orthrus.hf``);
+``serving`` / ``vllm_*`` run an export in PyTorch, ``transformers`` and vLLM for comparison.
+"""

@@ -8,7 +8,6 @@ config and the target's ``config.json``, so no target weights are loaded.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,10 @@ import numpy as np
 from flax import nnx
 
 from dflash.configio import load_yaml
-from dflash.drafters.dflash import DFlashConfig, DFlashDrafter
-from dflash.drafters.orthrus import OrthrusDrafter
+from dflash.drafters import find_export
 from dflash.errors import CheckpointError
-from dflash.export.dflash_hf import config_from_hf, resolve_drafter, save_drafter
-from dflash.export.orthrus_hf import find_orthrus, read_orthrus_config, save_orthrus
-from dflash.models.loading import ASSETS, SHIPPED, load_target, read_config, resolve
-from dflash.models.tokenizer import load_tokenizer
-from dflash.models.transformer import abstract
+from dflash.io.loading import ASSETS, SHIPPED, load_target, read_config, resolve
+from dflash.io.tokenizer import load_tokenizer
 from dflash.training.checkpoints import Checkpoints
 from dflash.training.config import ExperimentConfig
 from dflash.training.setup import build_drafter_config
@@ -103,20 +98,12 @@ def run_drafter_config(run_dir: Path) -> tuple[Any, Any, Any]:
         raise CheckpointError(f"{run_dir} is not a run directory: {cfg_path} is missing")
     cfg = load_yaml(ExperimentConfig, cfg_path)
     target_cfg = read_config(resolve(cfg.target.name))
-    if cfg.drafter.init_from and cfg.method == "orthrus":
-        dcfg = read_orthrus_config(find_orthrus(cfg.drafter.init_from) or resolve(cfg.drafter.init_from))[0]
-    elif cfg.drafter.init_from:
-        with open(resolve_drafter(cfg.drafter.init_from) / "config.json") as f:
-            dcfg = config_from_hf(json.load(f))
+    if cfg.drafter.init_from:  # the drafter it continued: its architecture is the run's
+        kind, directory = find_export(cfg.drafter.init_from)
+        dcfg = kind.read_config(directory)
     else:
-        dcfg = build_drafter_config(cfg, abstract(target_cfg), load_tokenizer(cfg.target.name))
+        dcfg = build_drafter_config(cfg, target_cfg, load_tokenizer(cfg.target.name))
     return cfg, dcfg, target_cfg
-
-
-def _abstract_drafter(dcfg: Any) -> nnx.Module:
-    if isinstance(dcfg, DFlashConfig):
-        return nnx.eval_shape(lambda: DFlashDrafter(dcfg, rngs=nnx.Rngs(0)))
-    return nnx.eval_shape(lambda: OrthrusDrafter(dcfg, rngs=nnx.Rngs(0)))
 
 
 def _check_output_dir(out: Path) -> None:
@@ -132,7 +119,7 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
                       form: str = "delta") -> dict[str, Any]:
     """Writes the drafter of one checkpoint to ``out`` (and the target to ``out/target`` if asked).
 
-    DFlash runs give a "DFlashDraftModel" directory. Orthrus runs give the Orthrus layout:
+    Each kind writes its own layout: DFlash runs give a "DFlashDraftModel" directory; Orthrus runs:
     ``form="delta"`` holds the diffusion tensors plus a reference to the target, ``"full"``
     the target's tensors too (one directory that loads as the target and as the drafter).
     ``with_target=None`` bundles the target only when it is a checkpoint shipped with dflash
@@ -143,7 +130,7 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
     _check_output_dir(out)  # before the (slow) restore
     run_dir, step_n = find_checkpoint(run_dir, checkpoint, step)
     cfg, dcfg, target_cfg = run_drafter_config(run_dir)
-    graphdef, abstract_state = nnx.split(_abstract_drafter(dcfg))
+    graphdef, abstract_state = nnx.split(cfg.kind.abstract(dcfg))
     expected = nnx.to_pure_dict(abstract_state)
     saved = _restore_drafter_state(run_dir, step_n, expected)
     exp_paths = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
@@ -154,12 +141,10 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
                               f"drafter config (first differences: {diff})")
     nnx.replace_by_pure_dict(abstract_state, jax.tree.map(np.asarray, saved))
     drafter = nnx.merge(graphdef, abstract_state)
-    if isinstance(dcfg, DFlashConfig):
-        save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target_cfg,
-                     dtype=EXPORT_DTYPES[dtype])
-    else:  # Orthrus records a fingerprint of the target's weights: load them
-        save_orthrus(drafter, load_target(cfg.target.name), out, form=form, target_name=cfg.target.name,
-                     dtype=EXPORT_DTYPES[dtype])
+    # A kind whose export records the target's weights (Orthrus: a fingerprint) reads them.
+    target = load_target(cfg.target.name) if cfg.kind.needs_target_weights else None
+    cfg.kind.save(drafter, target, target_cfg, out, target_name=cfg.target.name, dtype=EXPORT_DTYPES[dtype],
+                  form=form)
     target_dir = resolve(cfg.target.name)
     shipped = str(cfg.target.name) in SHIPPED or ASSETS in target_dir.resolve().parents
     bundled = shipped if with_target is None else with_target

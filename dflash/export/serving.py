@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dflash.models.loading import CheckpointError
+from dflash.io.loading import CheckpointError
 
 
 def reference_layout(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -61,10 +61,10 @@ def _our_runs(target_name: str, cases: Sequence[Case], prompts: list[list[int]],
     import jax.numpy as jnp
 
     from dflash.decoding import generate
-    from dflash.decoding.drafters import resolve_method
     from dflash.decoding.speculative import speculative_generate
-    from dflash.models import load_target
-    from dflash.models.tokenizer import eos_ids, load_tokenizer
+    from dflash.drafters import resolve_method
+    from dflash.io.loading import load_target
+    from dflash.io.tokenizer import eos_ids, load_tokenizer
 
     target = load_target(target_name, dtype=jnp.float32)
     eos = eos_ids(load_tokenizer(target_name), target.cfg.eos_token_id)
@@ -159,7 +159,7 @@ def check_with_vllm(target: str, cases: Sequence[Case], prompts: list[list[int]]
     ``target``: a shipped name, directory or hub id (vLLM is given the resolved directory).
     Raises ``VllmSetupError`` / ``VllmCheckError`` when vLLM cannot be set up or run.
     """
-    from dflash.models.loading import resolve
+    from dflash.io.loading import resolve
 
     t0 = time.perf_counter()
     python, env_info = ensure_vllm_python()
@@ -200,8 +200,8 @@ def cli_check(info: dict, num_prompts: int = 4, max_new_tokens: int = 48) -> int
     Exit code 0 when tokens are identical everywhere (and acceptance on every step for a 1-layer
     drafter; deeper drafters are reported, docs/serving.md), 1 on a mismatch.
     """
-    from dflash.export.dflash_hf import config_from_hf
-    from dflash.models.tokenizer import load_tokenizer
+    from dflash.drafters.dflash.hf import config_from_hf
+    from dflash.io.tokenizer import load_tokenizer
     from dflash.training.tiny_corpus import heldout_prompts
 
     if info.get("method") != "dflash":

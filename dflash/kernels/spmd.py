@@ -1,10 +1,10 @@
 """Running the Pallas kernels inside a sharded (GSPMD) program.
 
 XLA cannot partition a Mosaic custom call, so under a mesh (``jax.set_mesh``, as the sharded
-train step and the plans trace) each kernel runs per shard in a ``shard_map``: the batch split
-over ``data × fsdp`` and the heads over ``tensor``, each as far as the sizes divide (GQA
-groups stay whole: query head ``n`` belongs to kv head ``n // G``, so splitting both head
-axes by the same factor keeps every group on one device). Attention never mixes rows or kv
+train step and the plans trace) each kernel runs per shard in a ``shard_map``: rows and heads
+split as ``dflash.sharding`` places them (the ``batch`` and ``heads`` logical axes, each as far
+as the sizes divide). GQA groups stay whole: query head ``n`` belongs to kv head ``n // G``, so
+both head axes are split by the same factor or not at all. Attention never mixes rows or kv
 heads, so every shard computes exactly its slice of the whole. Without a mesh the kernel runs
 as it is.
 """
@@ -18,25 +18,12 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+from dflash.sharding import activation_spec
 
 
 def _mesh() -> Any:
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty or math.prod(mesh.shape.values()) == 1 else mesh
-
-
-def _batch_entry(mesh: Any, rows: int) -> Any:
-    axes = tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1)
-    while axes and rows % math.prod(mesh.shape[a] for a in axes):
-        axes = axes[:-1]
-    return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
-def _head_entry(mesh: Any, heads: int, kv_heads: int) -> Any:
-    size = mesh.shape.get(HEAD_AXIS, 1)
-    return HEAD_AXIS if size > 1 and heads % size == 0 and kv_heads % size == 0 else None
 
 
 def per_shard(kernel: Callable[..., jax.Array], args: tuple, layouts: tuple[str, ...], out_layout: str, *,
@@ -49,7 +36,9 @@ def per_shard(kernel: Callable[..., jax.Array], args: tuple, layouts: tuple[str,
     mesh = _mesh()
     if mesh is None:
         return kernel(*args)
-    b, h = _batch_entry(mesh, rows), _head_entry(mesh, heads, kv_heads)
+    b = activation_spec((rows,), ("batch",), mesh)[0]
+    h_q, h_kv = activation_spec((heads, kv_heads), ("heads", "kv_heads"), mesh)
+    h = h_q if h_q == h_kv else None  # both head axes split alike, or neither (GQA groups whole)
 
     def spec(layout: str) -> P:
         return P(*[b if c == "b" else h if c == "h" else None for c in layout])

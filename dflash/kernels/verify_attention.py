@@ -32,8 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from dflash import cache as kvc
-from dflash.attention import attend
+from dflash.attention import attend, visibility
 from dflash.kernels.common import (
     LANES,
     finalize,
@@ -61,7 +60,7 @@ def reference_verify_attention(q_BTNH, k_cache_BSKH, v_cache_BSKH, lengths_B, bl
     """
     del kv_tile, backend, interpret, poison, num_splits
     b, t, n, h = q_BTNH.shape
-    mask_BTS = kvc.visibility(lengths_B, k_cache_BSKH.shape[1], block_mask)
+    mask_BTS = visibility(lengths_B, k_cache_BSKH.shape[1], block_mask)
     return attend(q_BTNH, k_cache_BSKH, v_cache_BSKH, mask_BTS).reshape(b, t, n, h)
 
 

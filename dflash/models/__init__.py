@@ -1,9 +1,11 @@
-"""Target models: one decoder for Qwen3 / Qwen2 / Llama-3.x, and HF-format loading."""
+"""Target models: one decoder whose layers are registered kinds (attention, dense MLP, ...).
 
-from dflash.models.loading import CheckpointError, load_target, resolve, save_target
+Loading and saving in the Hugging Face layout is ``dflash.io``.
+"""
+
+from dflash.models.cache import Cache, KVState
+from dflash.models.kinds import init_cache
 from dflash.models.transformer import ForwardOutput, Transformer, abstract, build, count_params
 
-__all__ = [
-    "CheckpointError", "ForwardOutput", "Transformer", "abstract", "build", "count_params",
-    "load_target", "resolve", "save_target",
-]
+__all__ = ["Cache", "ForwardOutput", "KVState", "Transformer", "abstract", "build", "count_params",
+           "init_cache"]

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal
 
 from dflash.config import ConfigError
+from dflash.drafters import DrafterKind, drafter_kind
 from dflash.sharding import MeshConfig
 from dflash.training.data import DataConfig
 from dflash.training.selfdistill import RegenSection
@@ -27,11 +28,14 @@ class TargetSection:
 
 @dataclasses.dataclass(frozen=True)
 class DrafterSection:
-    num_layers: int = 1  # DFlash only (Orthrus adds one diffusion attention to every target layer)
-    block_size: int = 0  # 0 = the method's default: DFlash 16, Orthrus 32
-    target_layer_ids: tuple[int, ...] = ()  # DFlash only; () = spread evenly over 1..L-3
-    num_target_features: int = 5  # DFlash only: how many ids when target_layer_ids is ()
-    mask_token_id: int = -1  # -1 = the tokenizer's mask token
+    """The ``drafter:`` section. Which keys a method reads is its kind's (``dflash.drafters``):
+    every kind reads ``block_size``, ``mask_token_id`` and ``init_from``; DFlash also the others."""
+
+    num_layers: int = 1  # DFlash: drafter layers
+    block_size: int = 0  # 0 = the method's default (its kind's: DFlash 16, Orthrus 32)
+    target_layer_ids: tuple[int, ...] = ()  # DFlash: () = spread evenly over 1..L-3
+    num_target_features: int = 5  # DFlash: how many ids when target_layer_ids is ()
+    mask_token_id: int | None = None  # None = the tokenizer's mask token
     init_from: str = ""  # an exported drafter directory to continue from
 
     def __post_init__(self) -> None:
@@ -39,8 +43,10 @@ class DrafterSection:
             raise ConfigError(f"drafter.block_size must be >= 2 (or 0: the method's default), "
                               f"got {self.block_size}")
         _positive("drafter", num_layers=self.num_layers, num_target_features=self.num_target_features)
-        if self.mask_token_id < -1:
-            raise ConfigError(f"drafter.mask_token_id must be a token id or -1 (the tokenizer's mask "
+        if self.mask_token_id == -1:  # runs written before None meant "the tokenizer's" said -1
+            object.__setattr__(self, "mask_token_id", None)
+        if self.mask_token_id is not None and self.mask_token_id < 0:
+            raise ConfigError(f"drafter.mask_token_id must be a token id or null (the tokenizer's mask "
                               f"token), got {self.mask_token_id}")
 
 
@@ -80,7 +86,7 @@ class TrainSection:
     labels: Literal["data", "target"] = "data"  # CE on the data tokens or on the target's argmax
     compute_dtype: Dtype = "float32"  # bf16 compute keeps fp32 master weights
     # Loss head: rows of each sequence's drafted blocks whose [rows, V] logits exist at once
-    # (dflash.training.loss_head); peak logits memory = local batch * loss_chunk * V (/ tensor).
+    # (dflash.drafters.loss_head); peak logits memory = local batch * loss_chunk * V (/ tensor).
     loss_chunk: int = 256
     remat: bool = False  # recompute each drafter layer in the backward (less activation memory)
     seed: int = 0
@@ -120,14 +126,9 @@ class EvalSection:
                   max_new_tokens=self.max_new_tokens, prompt_tokens=self.prompt_tokens)
 
 
-METHODS = ("dflash", "orthrus")
-DEFAULT_BLOCK_SIZE = {"dflash": 16, "orthrus": 32}
-DEFAULT_LOSS_WEIGHTS = {"dflash": (1.0, 0.0), "orthrus": (0.0, 1.0)}  # (ce, kl)
-
-
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    method: Literal["dflash", "orthrus"] = "dflash"
+    method: str = "dflash"  # a drafter kind (dflash.drafters.KINDS: dflash, orthrus, ...)
     run_dir: str = "runs/dflash"
     target: TargetSection = TargetSection()
     drafter: DrafterSection = DrafterSection()
@@ -139,11 +140,7 @@ class ExperimentConfig:
     mesh: MeshConfig = MeshConfig()  # data x fsdp x tensor over all devices (docs/design.md §11)
 
     def __post_init__(self) -> None:
-        if self.method == "orthrus":
-            d = self.drafter
-            if d.num_layers != 1 or d.target_layer_ids:
-                raise ConfigError("drafter.num_layers / drafter.target_layer_ids are DFlash options; Orthrus "
-                                  "adds one diffusion attention to every target layer and reads no features")
+        self.kind.check_section(self.drafter)
         if self.loss_weights == (0.0, 0.0):
             raise ConfigError("train.ce_weight / train.kl_weight must be >= 0 and not both 0")
 
@@ -161,13 +158,18 @@ class ExperimentConfig:
                               "(max_position_embeddings); lower them")
 
     @property
+    def kind(self) -> DrafterKind:
+        """The drafter kind ``method`` names (an unknown one is a ConfigError listing the known)."""
+        return drafter_kind(self.method)
+
+    @property
     def block_size(self) -> int:
         """The drafter's block size (the method's default when ``drafter.block_size`` is 0)."""
-        return self.drafter.block_size or DEFAULT_BLOCK_SIZE[self.method]
+        return self.drafter.block_size or self.kind.default_block_size
 
     @property
     def loss_weights(self) -> tuple[float, float]:
         """(ce_weight, kl_weight); an unset weight takes the method's default."""
-        ce, kl = DEFAULT_LOSS_WEIGHTS[self.method]
+        ce, kl = self.kind.default_loss_weights
         t = self.train
         return (ce if t.ce_weight is None else t.ce_weight, kl if t.kl_weight is None else t.kl_weight)

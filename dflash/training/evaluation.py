@@ -14,14 +14,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from dflash.decoding.drafters import NgramDraft, method_for
+from dflash.decoding.methods import NgramDraft
 from dflash.decoding.speculative import speculative_generate
-from dflash.decoding.tree import DFlashTreeDraft
-from dflash.drafters.dflash import DFlashDrafter
-from dflash.drafters.orthrus import OrthrusDrafter
+from dflash.drafters import kind_of
+from dflash.drafters import objective as obj
 from dflash.errors import TrainingError
 from dflash.models.transformer import Transformer
-from dflash.training import objective as obj
 
 EVAL_SEED = 12345  # fixed anchors: evaluations are comparable across steps
 
@@ -57,28 +55,29 @@ def make_evaluate(eval_step: Callable, tstate: Any, batches: list[Any]) -> Calla
     return evaluate
 
 
-def measure_tau(target: Transformer, drafter: DFlashDrafter | OrthrusDrafter, prompts: list[list[int]],
+def measure_tau(target: Transformer, drafter: Any, prompts: list[list[int]],
                 max_new_tokens: int, mesh: Mesh | None = None) -> dict[str, Any]:
     """Real greedy speculative decoding on held-out prompts: the drafter's tau next to n-gram's,
-    and for DFlash also both in one tree (``tau_with_ngram``: the lookup chain as a branch).
+    and the extra methods its kind names (DFlash: both in one tree, ``tau_with_ngram``: the lookup
+    chain as a branch).
 
     All are lossless, so their outputs must agree; ``outputs_differ`` lists the pairs that don't.
     ``mesh``: decode there (models already on it; every process of a multi-host run calls this)."""
     eos = tuple(target.cfg.eos_token_id)
-    mask = drafter.cfg.mask_token_id
-    common = dict(max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=mask, mesh=mesh)
-    dres = speculative_generate(target, prompts, method=method_for(drafter), drafter=drafter, **common)
+    kind = kind_of(drafter)
+    # The n-gram run never emits the drafter's mask token either, so all runs verify alike.
+    common = dict(max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=drafter.cfg.mask_token_id, mesh=mesh)
+    dres = speculative_generate(target, prompts, method=kind.method(drafter), drafter=drafter, **common)
     ngram = NgramDraft(block_size=drafter.cfg.block_size)
     nres = speculative_generate(target, prompts, method=ngram, **common)
     differ = ["drafter vs n-gram"] if dres.tokens != nres.tokens else []
     out = {"tau": dres.tau, "mean_acceptance_length": dres.mean_acceptance_length, "tau_ngram": nres.tau,
            "acceptance_histogram": dres.histogram(), "acceptance_histogram_ngram": nres.histogram(),
            "eval_prompts": len(prompts), "eval_new_tokens": dres.num_generated}
-    if isinstance(drafter, DFlashDrafter):
-        hres = speculative_generate(target, prompts, method=DFlashTreeDraft.of(drafter, 1, lookup=True),
-                                    drafter=drafter, **common)
-        differ += ["with vs without the n-gram branch"] if hres.tokens != dres.tokens else []
-        out["tau_with_ngram"] = hres.tau
+    for name, method in kind.eval_methods(drafter).items():
+        res = speculative_generate(target, prompts, method=method, drafter=drafter, **common)
+        differ += [f"drafter vs {name.replace('_', ' ')}"] if res.tokens != dres.tokens else []
+        out[f"tau_{name}"] = res.tau
     if differ:
         out["outputs_differ"] = differ
     return out

@@ -16,7 +16,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from dflash.config import ModelConfig, RopeConfig
-from dflash.models.loading import save_target
+from dflash.io.loading import save_target
 from dflash.models.transformer import Transformer, build
 from dflash.training import tiny_corpus as corpus
 

@@ -18,8 +18,8 @@ from jax.sharding import Mesh
 
 from dflash.configio import to_dict
 from dflash.distributed import is_primary, sync_processes
+from dflash.drafters.dflash.hf import target_fingerprint
 from dflash.errors import TrainingError
-from dflash.export.dflash_hf import target_fingerprint
 from dflash.models.transformer import Transformer
 from dflash.training.config import ExperimentConfig
 from dflash.training.data import DataConfig, Document, PackedRows, load_documents, load_lane_documents, pack

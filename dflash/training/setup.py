@@ -1,6 +1,7 @@
 """What a run starts from: the mesh, the drafter (fresh, warm-started or ``init_from``) and its
 optimizer state, all created in their shards (``dflash.sharding``), and the drafter's config.
 
+Everything kind-specific is asked of the run's drafter kind (``cfg.kind``, ``dflash.drafters``).
 ``build_drafter_config`` is also what the exporter uses to know a run's drafter architecture
 without loading any weights.
 """
@@ -16,65 +17,51 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dflash import sharding
-from dflash.drafters.dflash import DFlashConfig, DFlashDrafter, build_drafter
-from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
+from dflash.config import ModelConfig
+from dflash.drafters import find_export
 from dflash.errors import TrainingError
-from dflash.export.dflash_hf import load_drafter
-from dflash.export.orthrus_hf import load_orthrus
 from dflash.models.transformer import Transformer
 from dflash.training.config import ExperimentConfig
 
 
-def build_drafter_config(cfg: ExperimentConfig, target: Transformer,
-                         tokenizer: Any) -> DFlashConfig | OrthrusConfig:
-    mask = cfg.drafter.mask_token_id
-    if mask < 0:
-        mask = tokenizer.mask_token_id
-        if mask is None:
-            raise TrainingError("the tokenizer has no mask token: set drafter.mask_token_id")
-    if cfg.method == "orthrus":
-        return OrthrusConfig.for_target(target.cfg, mask_token_id=mask, block_size=cfg.block_size)
-    return DFlashConfig.for_target(
-        target.cfg, mask_token_id=mask, num_layers=cfg.drafter.num_layers, block_size=cfg.block_size,
-        target_layer_ids=cfg.drafter.target_layer_ids or None,
-        num_target_features=cfg.drafter.num_target_features)
+def mask_token(cfg: ExperimentConfig, tokenizer: Any) -> int:
+    """``drafter.mask_token_id``, or the tokenizer's mask token when it is unset."""
+    if cfg.drafter.mask_token_id is not None:
+        return cfg.drafter.mask_token_id
+    if tokenizer.mask_token_id is None:
+        raise TrainingError("the tokenizer has no mask token: set drafter.mask_token_id")
+    return tokenizer.mask_token_id
 
 
-def build_method_drafter(cfg: ExperimentConfig, dcfg: DFlashConfig | OrthrusConfig,
-                         target: Transformer, mesh: Mesh | None = None) -> DFlashDrafter | OrthrusDrafter:
-    """The drafter a run starts from: ``drafter.init_from``, else a fresh one (Orthrus: warm start).
+def build_drafter_config(cfg: ExperimentConfig, target: ModelConfig, tokenizer: Any) -> Any:
+    """The drafter architecture the config asks for, for ``target`` (its kind's ``config``)."""
+    return cfg.kind.config(cfg.drafter, target, mask_token_id=mask_token(cfg, tokenizer),
+                           block_size=cfg.block_size)
 
-    An Orthrus drafter starts as copies of the target's AR attentions; it holds only those
-    (the target itself is never copied). ``init_from`` must agree with ``dcfg``
+
+def build_method_drafter(cfg: ExperimentConfig, dcfg: Any, target: Transformer, mesh: Mesh | None = None) -> Any:
+    """The drafter a run starts from: ``drafter.init_from``, else a fresh one (its kind's ``build``:
+    Orthrus warm-starts from the target's attentions). ``init_from`` must agree with ``dcfg``
     (``check_init_from``). With a ``mesh`` every parameter is created or read in its shards.
     """
     place = dict(mesh=mesh, replicate_indivisible=cfg.mesh.replicate_indivisible)
-    if cfg.method == "orthrus":
-        if cfg.drafter.init_from:
-            drafter = load_orthrus(cfg.drafter.init_from, target, dtype=jnp.float32, **place)
-        else:
-            drafter = OrthrusDrafter.from_target(target, dcfg)  # copies keep the target's (same-rule) shards
-    elif cfg.drafter.init_from:
-        drafter = load_drafter(cfg.drafter.init_from, target.cfg, **place)
-    elif mesh is not None:
-        drafter = sharding.init_sharded(lambda: DFlashDrafter(dcfg, rngs=nnx.Rngs(cfg.train.seed)), mesh,
-                                       replicate_indivisible=cfg.mesh.replicate_indivisible)
-    else:
-        drafter = build_drafter(dcfg, seed=cfg.train.seed)
     if cfg.drafter.init_from:
+        kind, directory = find_export(cfg.drafter.init_from)
+        if kind is not cfg.kind:
+            raise TrainingError(f"drafter.init_from={cfg.drafter.init_from!r} is a {kind.label} drafter, but "
+                                f"method is {cfg.method!r}")
+        drafter = kind.load(directory, target, dtype=jnp.float32, **place)
         check_init_from(cfg, dcfg, drafter.cfg)
+    else:
+        drafter = cfg.kind.build(dcfg, target, seed=cfg.train.seed, **place)
     drafter.remat = cfg.train.remat  # static: part of the graphdef the train step is traced with
     return drafter
 
 
-def check_init_from(cfg: ExperimentConfig, wanted: DFlashConfig | OrthrusConfig,
-                    loaded: DFlashConfig | OrthrusConfig) -> None:
+def check_init_from(cfg: ExperimentConfig, wanted: Any, loaded: Any) -> None:
     """``drafter.init_from`` must agree with the config's drafter section, rather than silently
     replace it (a 1-layer config continuing a 2-layer drafter would train and export 2 layers)."""
-    names = ("block_size", "mask_token_id") if cfg.method == "orthrus" else (
-        "num_layers", "block_size", "target_layer_ids", "mask_token_id")
-    diffs = [f"drafter.{n}: config {getattr(wanted, n)!r}, drafter {getattr(loaded, n)!r}" for n in names
-             if getattr(wanted, n) != getattr(loaded, n)]
+    diffs = cfg.kind.init_from_diffs(wanted, loaded)
     if diffs:
         raise TrainingError(f"drafter.init_from={cfg.drafter.init_from!r} does not match the config "
                             f"({'; '.join(diffs)}); set these keys to the drafter's values")

@@ -1,8 +1,8 @@
 """Drafter training against a frozen target: the run, top to bottom.
 
-Two methods share the machinery (``method:`` in the config): **DFlash** (a small separate
-drafter fed with target features) and **Orthrus** (diffusion attentions inside every frozen
-target layer; only they are trained). The pieces live beside this file, one job each:
+Every drafter kind shares the machinery (``method:`` in the config names one, ``dflash.drafters``):
+**DFlash** (a small separate drafter fed with target features), **Orthrus** (diffusion attentions
+inside every frozen target layer; only they are trained), and any kind registered beside them. The pieces live beside this file, one job each:
 ``setup`` (drafter, devices), ``rundata`` (packed rows, prompts), ``optim``, ``step`` (the
 jitted train / eval steps), ``checkpoints`` (Orbax, resume policy) and ``evaluation``
 (simulated and real τ). The run lives on a ``data × fsdp × tensor`` mesh (``mesh:``, docs/design.md
@@ -32,16 +32,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from dflash import sharding
+from dflash.config import DTYPES
 from dflash.configio import to_dict
 from dflash.distributed import host_local, is_primary, show_progress, sync_processes
-from dflash.drafters.orthrus import OrthrusDrafter
 from dflash.errors import TrainingError
-from dflash.export.dflash_hf import save_drafter
-from dflash.export.orthrus_hf import save_orthrus, target_weights_fingerprint
 from dflash.fingerprint import check_consistent, fingerprint
-from dflash.models import load_target
-from dflash.models.loading import DTYPES, read_config, resolve
-from dflash.models.tokenizer import load_tokenizer
+from dflash.io.loading import load_target, read_config, resolve
+from dflash.io.tokenizer import load_tokenizer
 from dflash.models.transformer import Transformer
 from dflash.training.checkpoints import Checkpoints, decide_resume
 from dflash.training.config import ExperimentConfig
@@ -93,7 +90,7 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     tokenizer = load_tokenizer(cfg.target.name)
     target = load_target(cfg.target.name, dtype=DTYPES[cfg.target.dtype], mesh=mesh,
                          replicate_indivisible=rep)
-    drafter = build_method_drafter(cfg, build_drafter_config(cfg, target, tokenizer), target, mesh)
+    drafter = build_method_drafter(cfg, build_drafter_config(cfg, target.cfg, tokenizer), target, mesh)
     dcfg = drafter.cfg
     batch_sharding = sharding.batch_sharding(mesh)
     # Each process reads only the data lanes its devices' batch rows hold (hostdata.py).
@@ -198,15 +195,15 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     if final_eval:
         result.update(measure_tau(target, trained, data.prompts, cfg.eval.max_new_tokens, mesh=mesh))
     if export:  # collectives, on every process: process 0 writes the export from its own copy of the
-        # drafter's parameters (small); an Orthrus export's target fingerprint is sampled from the
-        # sharded target
+        # drafter's parameters (small); what the kind reads from the sharded target (Orthrus: a
+        # fingerprint of its weights) is gathered here too
         dgraph, dparams = nnx.split(trained)
         drafter = nnx.merge(dgraph, host_local(dparams))
-        weights_fp = target_weights_fingerprint(target) if isinstance(drafter, OrthrusDrafter) else None
+        prepared = cfg.kind.prepare_export(target)
     if not is_primary():
         return result
     if export:
-        result["export_dir"] = str(_export(cfg, drafter, target, run_dir / "export", weights_fp))
+        result["export_dir"] = str(_export(cfg, drafter, target, run_dir / "export", prepared))
     if final_eval:
         writer.scalars(total, {"eval/tau_real" if name == "tau" else f"eval/{name}": result[name]
                                for name in ("tau", "tau_ngram", "tau_with_ngram") if name in result})
@@ -237,17 +234,11 @@ def _log_eval(writer: ScalarLog, ev: dict[str, Any], step: int) -> None:
     writer.histogram("eval/acceptance", ev["acceptance_counts"], step)  # held-out blocks' simulated lengths
 
 
-def _export(cfg: ExperimentConfig, drafter: Any, target: Transformer, out: Path,
-            weights_fingerprint: str | None = None) -> Path:
-    """The trained drafter in its HF layout (Orthrus: a delta export referencing the target)."""
+def _export(cfg: ExperimentConfig, drafter: Any, target: Transformer, out: Path, prepared: dict[str, Any]) -> Path:
+    """The trained drafter in its kind's serving layout (Orthrus: a delta export referencing the target)."""
     if out.exists():
         shutil.rmtree(out)
-    if isinstance(drafter, OrthrusDrafter):
-        save_orthrus(drafter, target, out, form="delta", target_name=cfg.target.name,
-                     weights_fingerprint=weights_fingerprint)
-    else:
-        save_drafter(drafter, out, target_name=cfg.target.name, target_cfg=target.cfg)
-    return out
+    return cfg.kind.save(drafter, target, target.cfg, out, target_name=cfg.target.name, **prepared)
 
 
 def _check_outputs_agree(result: dict[str, Any], target: Transformer, cfg: ExperimentConfig,

@@ -18,8 +18,8 @@ from dflash.viz.errors import VizError
 
 def readme_figures(out: Path, *, num_prompts: int = 4, max_new_tokens: int = 128) -> list[Path]:
     from dflash.decoding import generate
-    from dflash.models import load_target
-    from dflash.models.tokenizer import load_tokenizer
+    from dflash.io.loading import load_target
+    from dflash.io.tokenizer import load_tokenizer
     from dflash.training.tiny_corpus import heldout_prompts
     from dflash.viz import figures as F
     from dflash.viz.notebook import demo_methods, lengths_of, speculate_all, taus_of

@@ -66,14 +66,14 @@ def demo_methods(target: Any, *, dflash: str = "tiny-code-dflash", orthrus: str 
                  tree_width: int = 2, block_size: int | None = None) -> dict[str, tuple[Any, Any]]:
     """name -> ``(method, drafter)`` for ``speculative_generate``: prompt lookup, DFlash, a DFlash
     beam tree of ``tree_width`` paths per depth, and Orthrus (when given)."""
-    from dflash.decoding.drafters import resolve_method
-    from dflash.decoding.tree import DFlashTreeDraft
+    from dflash.decoding.tree import BeamTreeDraft
+    from dflash.drafters import resolve_method
 
     method, drafter = resolve_method(dflash, target, block_size=block_size)
     out = {"ngram": resolve_method("ngram", target, block_size=method.block_size),
            "dflash": (method, drafter)}
     if tree_width:
-        out[f"tree (width {tree_width})"] = (DFlashTreeDraft.around(method, tree_width), drafter)
+        out[f"tree (width {tree_width})"] = (BeamTreeDraft.around(method, tree_width), drafter)
     if orthrus:
         out["orthrus"] = resolve_method(orthrus, target, block_size=block_size)
     return out
@@ -90,7 +90,7 @@ def speculate_all(target: Any, prompts: Sequence[Sequence[int]], methods: Mappin
 
     out = {}
     for name, (method, drafter) in methods.items():
-        mask = drafter.cfg.mask_token_id if drafter is not None else -1
+        mask = drafter.cfg.mask_token_id if drafter is not None else None
         res = speculative_generate(target, prompts, method=method, drafter=drafter, mask_token_id=mask,
                                    max_new_tokens=max_new_tokens, **kw)
         if reference is not None and [list(r) for r in reference] != res.tokens:

@@ -24,8 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dflash.drafters import objective as obj
 from dflash.sharding import constrain
-from dflash.training import objective as obj
 
 DEFAULT_CHUNK = 256  # rows of each sequence per chunk (``train.loss_chunk``)
 

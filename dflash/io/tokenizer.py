@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from dflash.models.loading import CheckpointError, resolve
+from dflash.io.loading import CheckpointError, resolve
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Any:

@@ -13,27 +13,24 @@ Shape letters: B batch, S context positions, Q block (query) rows, D width, n fe
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dflash import cache as kvc
-from dflash.config import ConfigError, ModelConfig, RopeConfig, check_block_drafter
+from dflash.attention import block_slots
+from dflash.config import ConfigError, LayerSpec, ModelConfig, check_block_drafter
 from dflash.kernels import dispatch
 from dflash.kernels.anchor_attention import merge_anchor_chunks, split_anchor_chunks
-from dflash.models.transformer import (
-    DecoderLayer,
-    Linear,
-    RMSNorm,
-    Transformer,
-    rope_cos_sin,
-)
+from dflash.models.cache import Cache
+from dflash.models.kinds import init_cache
+from dflash.models.layers import Linear, RMSNorm, rope_cos_sin
+from dflash.models.transformer import DecoderLayer, Transformer
 from dflash.sharding import constrain
 
 ANCHOR_CHUNK = 64  # a chunk's MLP product at the Qwen3-8B preset: [4, 64, 16, 12288] bf16 = 96 MiB per chip
-GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}  # loss-decay gamma of the published recipe
 
 
 def default_target_layer_ids(num_target_layers: int, count: int = 5) -> tuple[int, ...]:
@@ -45,35 +42,31 @@ def default_target_layer_ids(num_target_layers: int, count: int = 5) -> tuple[in
     return tuple(int(round(x)) for x in np.linspace(1, last, count))
 
 
-def default_gamma(block_size: int) -> float:
-    """Published gamma for B = 8/10/16; other sizes scale B = 16's value proportionally."""
-    return GAMMA_BY_BLOCK.get(block_size, 7.0 * block_size / 16)
+DRAFTER_LAYER = LayerSpec(mixer_options={"qk_norm": True})  # Qwen3-style, whatever the target
 
 
 @dataclasses.dataclass(frozen=True)
 class DFlashConfig:
-    """Drafter architecture; ``for_target`` fills the target-derived fields."""
+    """Drafter architecture: its own decoder layers (``layers``, a ``ModelConfig``) and what ties it
+    to its target (the feature layers it reads, their count, the mask token); ``for_target`` fills
+    the target-derived parts."""
 
+    layers: ModelConfig  # the drafter's own (Qwen3-style) layers
     num_target_layers: int
     target_layer_ids: tuple[int, ...]
     mask_token_id: int
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    num_layers: int = 1
     block_size: int = 16
-    rms_norm_eps: float = 1e-6
-    rope: RopeConfig = RopeConfig()
-    max_position_embeddings: int = 32768
     model_type: str = "qwen3"  # the target's family (recorded on export)
 
     def __post_init__(self) -> None:
-        check_block_drafter("drafter", block_size=self.block_size, num_layers=self.num_layers,
-                            mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
-                            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
+        lc = self.layers
+        check_block_drafter("drafter", block_size=self.block_size, num_layers=lc.num_layers,
+                            mask_token_id=self.mask_token_id, vocab_size=lc.vocab_size,
+                            num_heads=lc.num_heads, num_kv_heads=lc.num_kv_heads)
+        for i, spec in enumerate(lc.layers):
+            if spec.mixer != "attention" or any(dict(spec.mixer_options).get(o) for o in ("window", "sinks")):
+                raise ConfigError(f"DFlash drafter layer {i}: only full attention without sinks is supported "
+                                  f"(got {spec.mixer} {dict(spec.mixer_options)})")
         if not self.target_layer_ids:
             raise ConfigError("drafter.target_layer_ids must name at least one target layer")
         for i in self.target_layer_ids:
@@ -85,6 +78,18 @@ class DFlashConfig:
         if len(set(self.target_layer_ids)) != len(self.target_layer_ids):
             raise ConfigError(f"drafter.target_layer_ids has duplicates: {self.target_layer_ids}")
 
+    # The drafter's shapes are its layers' (read, never copied).
+    hidden_size = property(lambda self: self.layers.hidden_size)
+    intermediate_size = property(lambda self: self.layers.intermediate_size)
+    num_layers = property(lambda self: self.layers.num_layers)
+    num_heads = property(lambda self: self.layers.num_heads)
+    num_kv_heads = property(lambda self: self.layers.num_kv_heads)
+    head_dim = property(lambda self: self.layers.head_dim)
+    vocab_size = property(lambda self: self.layers.vocab_size)
+    rms_norm_eps = property(lambda self: self.layers.rms_norm_eps)
+    rope = property(lambda self: self.layers.rope)
+    max_position_embeddings = property(lambda self: self.layers.max_position_embeddings)
+
     @classmethod
     def for_target(cls, target: ModelConfig, *, mask_token_id: int, num_layers: int = 1,
                    block_size: int = 16, target_layer_ids: tuple[int, ...] | None = None,
@@ -92,24 +97,9 @@ class DFlashConfig:
         """Defaults from the target: its width, heads, rope and vocabulary."""
         ids = tuple(target_layer_ids) if target_layer_ids else default_target_layer_ids(
             target.num_layers, num_target_features)
-        return cls(
-            num_target_layers=target.num_layers, target_layer_ids=ids, mask_token_id=mask_token_id,
-            vocab_size=target.vocab_size, hidden_size=target.hidden_size,
-            intermediate_size=target.intermediate_size, num_heads=target.num_heads,
-            num_kv_heads=target.num_kv_heads, head_dim=target.head_dim, num_layers=num_layers,
-            block_size=block_size, rms_norm_eps=target.rms_norm_eps, rope=target.rope,
-            max_position_embeddings=target.max_position_embeddings, model_type=target.model_type,
-        )
-
-    def layer_config(self) -> ModelConfig:
-        """The drafter's layers are Qwen3-style (q/k RMSNorm, no biases) whatever the target."""
-        return ModelConfig(
-            model_type="qwen3", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_layers=self.num_layers,
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-            rms_norm_eps=self.rms_norm_eps, rope=self.rope,
-            max_position_embeddings=self.max_position_embeddings, qk_norm=True,
-        )
+        return cls(layers=layer_config(target, num_layers), num_target_layers=target.num_layers,
+                   target_layer_ids=ids, mask_token_id=mask_token_id, block_size=block_size,
+                   model_type=target.model_type)
 
     def check_target(self, target: ModelConfig) -> None:
         """A drafter only runs against a target of the width/vocab/depth it was built for."""
@@ -119,6 +109,16 @@ class DFlashConfig:
             if ours != theirs:
                 raise ConfigError(f"drafter was built for a target with {name}={ours}, "
                                   f"but this target has {name}={theirs}")
+
+
+def layer_config(target: Any, num_layers: int) -> ModelConfig:
+    """``num_layers`` Qwen3-style layers (q/k RMSNorm, no biases) shaped like ``target`` (a
+    ``ModelConfig``, or anything with its size fields: an exported drafter's config.json)."""
+    fields = dict(vocab_size=target.vocab_size, hidden_size=target.hidden_size,
+                  intermediate_size=target.intermediate_size, num_heads=target.num_heads,
+                  num_kv_heads=target.num_kv_heads, head_dim=target.head_dim, rms_norm_eps=target.rms_norm_eps,
+                  rope=target.rope, max_position_embeddings=target.max_position_embeddings)
+    return ModelConfig(model_type="qwen3", num_layers=num_layers, layers=(DRAFTER_LAYER,) * num_layers, **fields)
 
 
 class DFlashDrafter(nnx.Module):
@@ -135,11 +135,9 @@ class DFlashDrafter(nnx.Module):
         h = cfg.hidden_size
         self.fc = Linear(len(cfg.target_layer_ids) * h, h, bias=False, dtype=dtype, rngs=rngs)
         self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
-        layer_cfg = cfg.layer_config()
-        self.layers = nnx.List([DecoderLayer(layer_cfg, dtype=dtype, rngs=rngs)
-                                for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg.layers, spec, dtype=dtype, rngs=rngs) for spec in cfg.layers.layers])
         self.norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
-        self.layer_cfg = layer_cfg
+        self.layer_cfg = cfg.layers
 
     # ------------------------------------------------------------------ shared pieces
     def project_context(self, feats_BSnD: jax.Array) -> jax.Array:
@@ -153,18 +151,20 @@ class DFlashDrafter(nnx.Module):
         own; queries come from the block only. Blocks never see each other, so attention is
         computed blockwise: O(A*Q*(S+Q)) instead of a dense O(A*Q*(S+A*Q)).
         """
-        x_BAQD = constrain(x_BAQD, ("batch", ..., None))  # layer boundary: batch over data x fsdp
-        b, a, k, d = x_BAQD.shape
-        h = layer.input_layernorm(x_BAQD).reshape(b, a * k, d)
         attn = layer.self_attn
-        q = attn.q(h, cos_q, sin_q)  # [B, A*Q, N, H]
-        k_blk, v_blk = attn.kv(h, cos_q, sin_q)  # [B, A*Q, K, H]
-        n, hd, kh = q.shape[2], q.shape[3], k_blk.shape[2]
-        out = dispatch.anchor_attention(  # [B, A, Q, N, H]
-            q.reshape(b, a, k, n, hd), k_ctx_BSKH, v_ctx_BSKH, k_blk.reshape(b, a, k, kh, hd),
-            v_blk.reshape(b, a, k, kh, hd), ctx_mask_BAS, impl=self.attention_impl)
-        x_BAQD = x_BAQD + attn.o_proj(out.reshape(b, a, k, n * hd))
-        return x_BAQD + layer.mlp(layer.post_attention_layernorm(x_BAQD))
+
+        def inject(h_BAQD):
+            b, a, k, d = h_BAQD.shape
+            h = h_BAQD.reshape(b, a * k, d)
+            q = attn.q(h, cos_q, sin_q)  # [B, A*Q, N, H]
+            k_blk, v_blk = attn.kv(h, cos_q, sin_q)  # [B, A*Q, K, H]
+            n, hd, kh = q.shape[2], q.shape[3], k_blk.shape[2]
+            out = dispatch.anchor_attention(  # [B, A, Q, N, H]
+                q.reshape(b, a, k, n, hd), k_ctx_BSKH, v_ctx_BSKH, k_blk.reshape(b, a, k, kh, hd),
+                v_blk.reshape(b, a, k, kh, hd), ctx_mask_BAS, impl=self.attention_impl)
+            return attn.output(out.reshape(b, a, k, n * hd)), None
+
+        return layer(x_BAQD, inject)[0]
 
     def _rope(self, positions: jax.Array):
         flat = positions.reshape(positions.shape[0], -1)
@@ -195,7 +195,7 @@ class DFlashDrafter(nnx.Module):
         """
         a = x_BAQD.shape[1]
         c = min(self.anchor_chunk, a)
-        x_nBcQD = constrain(split_anchor_chunks(x_BAQD, c), (None, "batch", ..., None))
+        x_nBcQD = constrain(split_anchor_chunks(x_BAQD, c), "chunks")
         xs = (split_anchor_chunks(q_pos_BAQ, c), split_anchor_chunks(ctx_mask_BAS, c))
         for layer in self.layers:
             k_ctx, v_ctx = layer.self_attn.kv(ctx_BSD, cos_c, sin_c)  # [B, S, K, H], shared by all chunks
@@ -210,12 +210,12 @@ class DFlashDrafter(nnx.Module):
         return merge_anchor_chunks(x_nBcQD, a)
 
     # ------------------------------------------------------------------ inference path
-    def init_context_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> kvc.KVCache:
-        """The drafter's own cache: projected *context* K/V only, one entry per layer."""
-        return kvc.init_cache(self.layer_cfg, batch, max_len, dtype)
+    def init_context_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> Cache:
+        """The drafter's own cache: projected *context* K/V only, one state per layer."""
+        return init_cache(self.layer_cfg, batch, max_len, dtype)
 
-    def extend_context(self, cache: kvc.KVCache, feats_BTnD: jax.Array, positions_BT: jax.Array,
-                       new_lengths_B: jax.Array) -> kvc.KVCache:
+    def extend_context(self, cache: Cache, feats_BTnD: jax.Array, positions_BT: jax.Array,
+                       new_lengths_B: jax.Array) -> Cache:
         """Writes K/V of ``T`` new context features at ``[len, len+T)``; keeps ``new_lengths`` visible.
 
         After verification only the anchor and the accepted drafts are real context, so the
@@ -223,15 +223,12 @@ class DFlashDrafter(nnx.Module):
         """
         ctx = self.project_context(feats_BTnD)
         cos, sin = rope_cos_sin(self.layer_cfg, positions_BT)
-        slots = kvc.block_slots(cache.lengths, ctx.shape[1])
-        k_all, v_all = cache.k, cache.v
-        for i, layer in enumerate(self.layers):
-            k, v = layer.self_attn.kv(ctx, cos, sin)
-            k_all = kvc.write_layer(k_all, i, k, slots)
-            v_all = kvc.write_layer(v_all, i, v, slots)
-        return kvc.KVCache(k=k_all, v=v_all, lengths=new_lengths_B.astype(jnp.int32))
+        slots = block_slots(cache.lengths, ctx.shape[1])
+        states = tuple(state.write(*layer.self_attn.kv(ctx, cos, sin), slots)
+                       for layer, state in zip(self.layers, cache.layers, strict=True))
+        return Cache(layers=states, lengths=new_lengths_B.astype(jnp.int32), max_len=cache.max_len)
 
-    def draft_logits(self, target: Transformer, cache: kvc.KVCache, anchor_B: jax.Array,
+    def draft_logits(self, target: Transformer, cache: Cache, anchor_B: jax.Array,
                      block_size: int | None = None) -> jax.Array:
         """Logits ``[B, Q-1, V]`` for positions ``p+1 .. p+Q-1``, ``p = cache.lengths``.
 
@@ -245,8 +242,8 @@ class DFlashDrafter(nnx.Module):
         positions = cache.lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None]
         cos, sin = rope_cos_sin(self.layer_cfg, positions)
         ctx_mask = (jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None])[:, None]  # [B, 1, S]
-        for i, layer in enumerate(self.layers):
-            x = self._layer(layer, x, cos, sin, cache.k[i], cache.v[i], ctx_mask)
+        for layer, state in zip(self.layers, cache.layers, strict=True):
+            x = self._layer(layer, x, cos, sin, state.k, state.v, ctx_mask)
         return target.unembed(self.norm(x[:, 0, 1:]))
 
 

@@ -1,14 +1,13 @@
 """Loading and saving targets in the Hugging Face checkpoint format.
 
-The HF key -> our parameter mapping is the single table ``WEIGHT_TABLE``; loading and
-saving both read it, so the two directions cannot drift apart.
+The HF key <-> parameter mapping is a list of ``WeightRow`` made from the layer kinds
+(``target_rows``); loading and saving both read it, so the two directions cannot drift apart.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ from safetensors.numpy import save_file
 
 from dflash.config import ModelConfig
 from dflash.errors import CheckpointError
+from dflash.models import kinds
+from dflash.models.kinds import WeightRow
 from dflash.models.transformer import Transformer, abstract
 from dflash.sharding import param_spec
 
@@ -30,43 +31,18 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = {"tiny-code": ASSETS / "tiny-code"}
 
 
-# (HF key template, our state path template, transpose?) — ``{i}`` is the layer index.
-# Rows whose parameter the model lacks (bias, q/k norm, lm_head) are skipped. Decoder-layer
-# rows are shared by the target and the DFlash drafter (which has no ``model.`` prefix).
-LAYER_TABLE: tuple[tuple[str, str, bool], ...] = tuple(
-    (f"layers.{{i}}.{hf}", f"layers.{{i}}.{ours}", transpose)
-    for hf, ours, transpose in (
-        ("input_layernorm.weight", "input_layernorm.weight", False),
-        ("post_attention_layernorm.weight", "post_attention_layernorm.weight", False),
-        *((f"self_attn.{p}_proj.weight", f"self_attn.{p}_proj.kernel", True) for p in "qkvo"),
-        *((f"self_attn.{p}_proj.bias", f"self_attn.{p}_proj.bias", False) for p in "qkvo"),
-        ("self_attn.q_norm.weight", "self_attn.q_norm.weight", False),
-        ("self_attn.k_norm.weight", "self_attn.k_norm.weight", False),
-        *((f"mlp.{p}_proj.weight", f"mlp.{p}_proj.kernel", True) for p in ("gate", "up", "down")),
-        *((f"mlp.{p}_proj.bias", f"mlp.{p}_proj.bias", False) for p in ("gate", "up", "down")),
-    )
-)
-WEIGHT_TABLE: tuple[tuple[str, str, bool], ...] = (
-    ("model.embed_tokens.weight", "embed_tokens", False),
-    ("model.norm.weight", "norm.weight", False),
-    ("lm_head.weight", "lm_head", True),
-    *((f"model.{hf}", ours, t) for hf, ours, t in LAYER_TABLE),
-)
+def target_rows(cfg: ModelConfig) -> tuple[WeightRow, ...]:
+    """Every tensor of a target checkpoint and the parameter it fills (what the layer kinds say)."""
+    rows = [WeightRow("model.embed_tokens.weight", "embed_tokens"), WeightRow("model.norm.weight", "norm.weight")]
+    if not cfg.tie_word_embeddings:
+        rows.append(WeightRow("lm_head.weight", "lm_head", transpose=True))
+    for i in range(cfg.num_layers):
+        rows += kinds.layer_weights(cfg, i, prefix="model.")
+    return tuple(rows)
 
 
 def _path_key(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path)
-
-
-def weight_pairs(table: tuple[tuple[str, str, bool], ...], num_layers: int,
-                 present: set[str]) -> Iterator[tuple[str, str, bool]]:
-    """Expands ``table`` to concrete (hf_key, our_path, transpose) rows for ``present`` paths."""
-    for hf, ours, transpose in table:
-        layers = range(num_layers) if "{i}" in hf else [None]
-        for i in layers:
-            our = ours.format(i=i)
-            if our in present:
-                yield hf.format(i=i), our, transpose
 
 
 # ----------------------------------------------------------------------------- resolving
@@ -114,7 +90,7 @@ def read_config(directory: Path) -> ModelConfig:
     if not cfg_path.exists():
         raise CheckpointError(f"missing file: {cfg_path}")
     with open(cfg_path) as f:
-        return ModelConfig.from_hf(json.load(f))
+        return kinds.check(ModelConfig.from_hf(json.load(f)))
 
 
 class _TensorSource:
@@ -160,9 +136,7 @@ class _TensorSource:
         return set(self.key_to_file)
 
 
-SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-# Names of the dtypes a model can be loaded or computed in (configs and CLIs take these names).
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")  # tensor dtypes a checkpoint may hold
 
 
 def _check_dtype(hf_key: str, array: np.ndarray) -> None:
@@ -172,60 +146,79 @@ def _check_dtype(hf_key: str, array: np.ndarray) -> None:
                               "checkpoints must be dequantized first)")
 
 
-def _read_sharded(source: _TensorSource, hf_key: str, transpose: bool, shape: tuple[int, ...],
-                  dtype: jnp.dtype, sharding: NamedSharding) -> jax.Array:
+def _read_sharded(source: _TensorSource, row: WeightRow, shape: tuple[int, ...], dtype: jnp.dtype,
+                  sharding: NamedSharding) -> jax.Array:
     """One parameter read slice by slice straight into its shards (at most one copy on the host)."""
-    view, parts = source.slice(hf_key), {}
+    parts: dict[Any, np.ndarray] = {}
+
+    def one(hf_key: str, index: tuple[slice, ...]) -> np.ndarray:
+        part = source.slice(hf_key)[index[::-1] if row.transpose else index]
+        _check_dtype(hf_key, part)
+        return np.ascontiguousarray(part.T if row.transpose else part).astype(dtype)
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple((s.start, s.stop) for s in index)
         if key not in parts:  # devices that replicate a shard share one read
-            part = view[index[::-1] if transpose else index]
-            _check_dtype(hf_key, part)
-            parts[key] = np.ascontiguousarray(part.T if transpose else part).astype(dtype)
+            if row.experts:  # axis 0 runs over the experts' tensors
+                experts = range(row.experts)[index[0]]
+                parts[key] = np.stack([one(row.hf.format(e=e), index[1:]) for e in experts])
+            else:
+                parts[key] = one(row.hf, index)
         return parts[key]
 
     return jax.make_array_from_callback(shape, sharding, read)
 
 
-def load_params_into(model: nnx.Module, directory: Path, table: tuple[tuple[str, str, bool], ...],
-                     num_layers: int, dtype: jnp.dtype, *,
+def _read_whole(source: _TensorSource, row: WeightRow, dtype: jnp.dtype) -> jax.Array:
+    def one(hf_key: str) -> np.ndarray:
+        array = source.get(hf_key)
+        _check_dtype(hf_key, array)
+        return array.T if row.transpose else array
+
+    if row.experts:
+        return jnp.asarray(np.stack([one(k) for k in row.hf_keys()]), dtype=dtype)
+    return jnp.asarray(one(row.hf), dtype=dtype)
+
+
+def load_params_into(model: nnx.Module, directory: Path, rows: tuple[WeightRow, ...], dtype: jnp.dtype, *,
                      ignorable: tuple[str, ...] | None = None, mesh: Mesh | None = None,
                      replicate_indivisible: bool = False) -> nnx.Module:
-    """Fills an abstract (``eval_shape``) module from safetensors via a weight ``table``.
+    """Fills an abstract (``eval_shape``) module from safetensors via its weight ``rows``.
 
-    With ``ignorable`` set, any tensor in the files that the table does not read and that is
-    not listed there is an error (a foreign checkpoint is refused instead of half-loaded).
-    With a ``mesh``, each device's slice of each tensor is read from the file into that
-    device (``dflash.sharding`` rules); no tensor is ever whole on one device.
+    With ``ignorable`` set, any tensor in the files that no row reads and that is not listed
+    there is an error (a foreign checkpoint is refused instead of half-loaded). With a ``mesh``,
+    each device's slice of each tensor is read from the file into that device
+    (``dflash.sharding`` rules); no tensor is ever whole on one device.
     """
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     by_key = {_path_key(p): p for p in flat}
     source = _TensorSource(directory)
     filled: dict[tuple[Any, ...], Any] = {}
-    for hf_key, our, transpose in weight_pairs(table, num_layers, set(by_key)):
-        if hf_key not in source:
-            raise CheckpointError(f"checkpoint {directory} is missing tensor {hf_key!r}")
-        var = flat[by_key[our]]
-        expected = tuple(var.shape)[::-1] if transpose else tuple(var.shape)  # in the file's layout
-        found = tuple(source.slice(hf_key).get_shape())
-        if found != expected:
-            raise CheckpointError(f"tensor {hf_key!r} has shape {found} but the config expects {expected}")
+    for row in rows:
+        if row.ours not in by_key:
+            raise CheckpointError(f"weight row {row.hf!r} names parameter {row.ours!r}, which the model lacks")
+        var = flat[by_key[row.ours]]
+        per_file = tuple(var.shape)[1:] if row.experts else tuple(var.shape)
+        expected = per_file[::-1] if row.transpose else per_file  # in the file's layout
+        for hf_key in row.hf_keys():
+            if hf_key not in source:
+                raise CheckpointError(f"checkpoint {directory} is missing tensor {hf_key!r}")
+            found = tuple(source.slice(hf_key).get_shape())
+            if found != expected:
+                raise CheckpointError(f"tensor {hf_key!r} has shape {found} but the config expects {expected}")
         if mesh is not None:
-            sharding = NamedSharding(mesh, param_spec(our, var.shape, mesh,
+            sharding = NamedSharding(mesh, param_spec(row.ours, var.shape, mesh,
                                                       replicate_indivisible=replicate_indivisible))
-            value = _read_sharded(source, hf_key, transpose, tuple(var.shape), dtype, sharding)
+            value = _read_sharded(source, row, tuple(var.shape), dtype, sharding)
         else:
-            array = source.get(hf_key)
-            _check_dtype(hf_key, array)
-            value = jnp.asarray(array.T if transpose else array, dtype=dtype)
-        filled[by_key[our]] = var.replace(value)
+            value = _read_whole(source, row, dtype)
+        filled[by_key[row.ours]] = var.replace(value)
     unfilled = set(flat) - set(filled)
     if unfilled:
         raise CheckpointError(f"no table row fills parameters {sorted(map(_path_key, unfilled))}")
     if ignorable is not None:
-        used = {hf for hf, _, _ in weight_pairs(table, num_layers, set(by_key))}
+        used = {key for row in rows for key in row.hf_keys()}
         extra = sorted(source.keys() - used - set(ignorable))
         if extra:
             raise CheckpointError(f"checkpoint {directory} has tensors this model does not have: "
@@ -243,22 +236,22 @@ def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float
     directory = resolve(name_or_path)
     cfg = read_config(directory)
     model = abstract(cfg, dtype=dtype, attention_impl=attention_impl)
-    return load_params_into(model, directory, WEIGHT_TABLE, cfg.num_layers, dtype, mesh=mesh,
+    return load_params_into(model, directory, target_rows(cfg), dtype, mesh=mesh,
                             replicate_indivisible=replicate_indivisible)
 
 
-def save_params(model: nnx.Module, table: tuple[tuple[str, str, bool], ...], num_layers: int,
-                path: Path, dtype: Any = None) -> None:
+def save_params(model: nnx.Module, rows: tuple[WeightRow, ...], path: Path, dtype: Any = None) -> None:
     """Writes ``model``'s parameters as safetensors under their HF names (``[out, in]`` layout)."""
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     by_key = {_path_key(p): v for p, v in flat.items()}
     tensors: dict[str, np.ndarray] = {}
-    for hf_key, our, transpose in weight_pairs(table, num_layers, set(by_key)):
-        array = np.asarray(jax.device_get(by_key[our][...]))
+    for row in rows:
+        array = np.asarray(jax.device_get(by_key[row.ours][...]))
         if dtype is not None:
             array = array.astype(dtype)
-        tensors[hf_key] = np.ascontiguousarray(array.T if transpose else array)
-    missing = set(by_key) - {our for _, our, _ in weight_pairs(table, num_layers, set(by_key))}
+        for hf_key, part in zip(row.hf_keys(), array if row.experts else [array], strict=True):
+            tensors[hf_key] = np.ascontiguousarray(part.T if row.transpose else part)
+    missing = set(by_key) - {row.ours for row in rows}
     if missing:
         raise CheckpointError(f"no table row names parameters {sorted(missing)}")
     save_file(tensors, str(path), metadata={"format": "pt"})
@@ -281,7 +274,7 @@ def save_target(model: Transformer, directory: str | os.PathLike, *, dtype: Any 
     """Writes ``config.json`` + ``model.safetensors`` in the layout ``transformers`` loads."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    save_params(model, WEIGHT_TABLE, model.cfg.num_layers, out / "model.safetensors", dtype)
+    save_params(model, target_rows(model.cfg), out / "model.safetensors", dtype)
     hf_cfg = model.cfg.to_hf()
     if dtype is not None:
         hf_cfg["torch_dtype"] = np.dtype(dtype).name

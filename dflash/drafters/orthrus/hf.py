@@ -31,35 +31,39 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dflash.config import ConfigError, ModelConfig
-from dflash.decoding.mesh import to_host
-from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
-from dflash.export.dflash_hf import export_of_run, target_fingerprint
-from dflash.models.loading import (
-    ASSETS,
-    WEIGHT_TABLE,
-    CheckpointError,
-    load_params_into,
-    resolve,
-    save_params,
-    weight_pairs,
-)
-from dflash.models.transformer import Transformer, abstract
+from dflash.drafters.dflash.hf import target_fingerprint
+from dflash.drafters.orthrus.model import OrthrusConfig, OrthrusDrafter
+from dflash.errors import CheckpointError
+from dflash.io.host import to_host
+from dflash.io.loading import ASSETS, load_params_into, save_params, target_rows
+from dflash.models import kinds
+from dflash.models.kinds import WeightRow
+from dflash.models.transformer import Transformer
 
 FULL_ARCH = "OrthrusForCausalLM"
 DELTA_ARCH = "OrthrusDeltaModel"
 ARCHITECTURES = (FULL_ARCH, DELTA_ARCH)
 SHIPPED_ORTHRUS = {"tiny-code-orthrus": ASSETS / "tiny-code-orthrus"}
 
-# (HF key template, our state path template, transpose?) of the diffusion attentions; rows whose
-# parameter the drafter lacks (biases, q/k norms of non-Qwen3 targets) are skipped.
-DIFF_TABLE: tuple[tuple[str, str, bool], ...] = (
-    *((f"model.layers.{{i}}.self_attn.{p}_proj_diff.weight", f"layers.{{i}}.{p}_proj_diff.kernel", True)
-      for p in "qkvo"),
-    *((f"model.layers.{{i}}.self_attn.{p}_proj_diff.bias", f"layers.{{i}}.{p}_proj_diff.bias", False)
-      for p in "qkvo"),
-    ("model.layers.{i}.self_attn.q_norm_diff.weight", "layers.{i}.q_norm_diff.weight", False),
-    ("model.layers.{i}.self_attn.k_norm_diff.weight", "layers.{i}.k_norm_diff.weight", False),
-)
+
+
+def _diff(name: str) -> str:
+    """``q_proj.weight`` -> ``q_proj_diff.weight``: the diffusion twin of an attention tensor."""
+    head, dot, rest = name.partition(".")
+    return f"{head}_diff{dot}{rest}"
+
+
+def diff_rows(cfg: OrthrusConfig) -> tuple[WeightRow, ...]:
+    """Per layer, the diffusion twin of every tensor of the target's attention (same shapes)."""
+    rows = []
+    for i, spec in enumerate(cfg.target.layers):
+        attn = kinds.mixer_kind(spec)
+        for row in attn.weights(cfg.target, spec):
+            rows.append(WeightRow(f"model.layers.{i}.{attn.attr}.{_diff(row.hf)}", f"layers.{i}.{_diff(row.ours)}",
+                                  row.transpose, row.experts))
+    return tuple(rows)
+
+
 _SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")  # target, diffusion
 
 
@@ -113,14 +117,13 @@ def save_orthrus(drafter: OrthrusDrafter, target: Transformer, directory: str | 
     drafter.cfg.check_target(target.cfg)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    n = drafter.cfg.num_layers
     if form == "delta":
-        save_params(drafter, DIFF_TABLE, n, out / "model.safetensors", dtype)
+        save_params(drafter, diff_rows(drafter.cfg), out / "model.safetensors", dtype)
     else:
         from safetensors import safe_open
 
-        save_params(target, WEIGHT_TABLE, n, out / _SHARDS[0], dtype)
-        save_params(drafter, DIFF_TABLE, n, out / _SHARDS[1], dtype)
+        save_params(target, target_rows(target.cfg), out / _SHARDS[0], dtype)
+        save_params(drafter, diff_rows(drafter.cfg), out / _SHARDS[1], dtype)
         weight_map = {}
         for shard in _SHARDS:
             with safe_open(out / shard, framework="numpy") as f:
@@ -144,34 +147,15 @@ def _read_config(directory: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def _is_orthrus_config(hf: dict[str, Any]) -> bool:
+def is_orthrus_config(hf: dict[str, Any]) -> bool:
     return any(a in ARCHITECTURES for a in hf.get("architectures") or [])
-
-
-def find_orthrus(name_or_path: str | os.PathLike) -> Path | None:
-    """The directory of an Orthrus export (shipped name, directory, run or cached hub id), else None."""
-    try:
-        name_or_path = export_of_run(name_or_path)
-    except CheckpointError:
-        return None  # a run without an export: load_drafter says what to do
-    name = str(name_or_path)
-    if name in SHIPPED_ORTHRUS:
-        if not (SHIPPED_ORTHRUS[name] / "config.json").exists():
-            raise CheckpointError(f"shipped Orthrus drafter {name!r} is missing at {SHIPPED_ORTHRUS[name]}")
-        return SHIPPED_ORTHRUS[name]
-    try:
-        directory = resolve(name_or_path)
-        hf = _read_config(directory)
-    except (CheckpointError, OSError, json.JSONDecodeError):
-        return None  # not ours: the caller's next loader reports the real problem
-    return directory if _is_orthrus_config(hf) else None
 
 
 def _target_config(hf: dict[str, Any]) -> ModelConfig:
     base = dict(hf)
     base["architectures"] = (hf.get("orthrus_config") or {}).get("target_architectures")
     try:
-        return ModelConfig.from_hf(base)
+        return kinds.check(ModelConfig.from_hf(base))
     except ConfigError as err:
         raise CheckpointError(f"Orthrus config.json does not describe a supported target: {err}") from err
 
@@ -179,7 +163,7 @@ def _target_config(hf: dict[str, Any]) -> ModelConfig:
 def read_orthrus_config(directory: Path) -> tuple[OrthrusConfig, ModelConfig, dict[str, Any]]:
     """(drafter config, the target's architecture, the raw config.json) of an Orthrus export."""
     hf = _read_config(directory)
-    if not _is_orthrus_config(hf):
+    if not is_orthrus_config(hf):
         raise CheckpointError(f"not an Orthrus drafter: {directory}/config.json architectures="
                               f"{hf.get('architectures')!r} (expected one of {list(ARCHITECTURES)})")
     ocfg = hf.get("orthrus_config") or {}
@@ -188,8 +172,7 @@ def read_orthrus_config(directory: Path) -> tuple[OrthrusConfig, ModelConfig, di
             raise CheckpointError(f"Orthrus config.json lacks orthrus_config.{key}")
     tcfg = _target_config(hf)
     try:
-        cfg = OrthrusConfig.for_target(tcfg, mask_token_id=int(ocfg["mask_token_id"]),
-                                       block_size=int(ocfg["block_size"]))
+        cfg = OrthrusConfig(target=tcfg, mask_token_id=int(ocfg["mask_token_id"]), block_size=int(ocfg["block_size"]))
     except ConfigError as err:
         raise CheckpointError(f"Orthrus config.json in {directory} is invalid: {err}") from err
     return cfg, tcfg, hf
@@ -219,7 +202,7 @@ def _check_target(directory: Path, hf: dict[str, Any], cfg: OrthrusConfig, targe
                 "works with the exact target it was trained on")
 
 
-def load_orthrus(name_or_path: str | os.PathLike, target: Transformer | None = None, *,
+def load_orthrus(directory: Path, target: Transformer | None = None, *,
                  target_cfg: ModelConfig | None = None, dtype: jnp.dtype = jnp.float32,
                  attention_impl: str = "auto", mesh: Mesh | None = None,
                  replicate_indivisible: bool = False) -> OrthrusDrafter:
@@ -228,25 +211,14 @@ def load_orthrus(name_or_path: str | os.PathLike, target: Transformer | None = N
     With ``target`` (a loaded model) the recorded architecture *and* weights fingerprints are
     checked; with only ``target_cfg``, the architecture.
     """
-    directory = find_orthrus(name_or_path)
-    if directory is None:
-        raise CheckpointError(f"{str(name_or_path)!r} is not an Orthrus drafter (a directory whose "
-                              f"config.json names {list(ARCHITECTURES)}, or a shipped name: "
-                              f"{', '.join(SHIPPED_ORTHRUS)})")
     cfg, tcfg, hf = read_orthrus_config(directory)
     if target is not None or target_cfg is not None:
         _check_target(directory, hf, cfg, target.cfg if target is not None else target_cfg, target)
     shapes = nnx.eval_shape(lambda: OrthrusDrafter(cfg, dtype=dtype, attention_impl=attention_impl,
                                                    rngs=nnx.Rngs(0)))
-    # Like load_drafter, a tensor that is neither ours nor expected is refused: a full export also
-    # holds its target's tensors, a delta export nothing else.
-    target_keys = [hf_key for hf_key, _, _ in weight_pairs(WEIGHT_TABLE, tcfg.num_layers, _all_paths(tcfg))]
-    ignorable = tuple(target_keys) if hf["orthrus_config"]["form"] == "full" else ()
-    return load_params_into(shapes, directory, DIFF_TABLE, cfg.num_layers, dtype, ignorable=ignorable,
+    # Like a DFlash export, a tensor that is neither ours nor expected is refused: a full export
+    # also holds its target's tensors, a delta export nothing else.
+    target_keys = tuple(k for row in target_rows(tcfg) for k in row.hf_keys())
+    ignorable = target_keys if hf["orthrus_config"]["form"] == "full" else ()
+    return load_params_into(shapes, directory, diff_rows(cfg), dtype, ignorable=ignorable,
                             mesh=mesh, replicate_indivisible=replicate_indivisible)
-
-
-def _all_paths(tcfg: ModelConfig) -> set[str]:
-    """Every parameter path of a target of this architecture (abstract: nothing is allocated)."""
-    graphdef, state = nnx.split(abstract(tcfg))
-    return {".".join(str(k) for k in path) for path, _ in nnx.to_flat_state(state)}

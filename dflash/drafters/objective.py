@@ -16,6 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}  # loss-decay gamma of the published recipe
+
+
+def default_gamma(block_size: int) -> float:
+    """Published gamma for B = 8/10/16; other sizes scale B = 16's value proportionally."""
+    return GAMMA_BY_BLOCK.get(block_size, 7.0 * block_size / 16)
+
 
 def anchor_candidates(loss_mask_BS: jax.Array, segment_ids_BS: jax.Array) -> jax.Array:
     """``[B, S]``: positions ``a`` with tokens ``a`` and ``a+1`` both supervised, same document."""
@@ -248,7 +255,7 @@ def score_blocks(logits_BAkV: jax.Array, labels_BAk: jax.Array, label_mask_BAk: 
 def block_metrics(metrics: dict, loss: jax.Array, pred_BAk: jax.Array, labels_BAk: jax.Array,
                   t_argmax_BAk: jax.Array, label_mask_BAk: jax.Array) -> dict:
     """``metrics`` (the loss terms) plus the accuracies and simulated taus of ``score_blocks``;
-    shared with the chunked loss head (``dflash.training.loss_head``)."""
+    shared with the chunked loss head (``dflash.drafters.loss_head``)."""
     per_pos, tau_labels = block_accuracy(pred_BAk, labels_BAk, label_mask_BAk)
     _, tau_target = block_accuracy(pred_BAk, t_argmax_BAk, label_mask_BAk)
     metrics.update(loss=loss, accuracy=per_pos, tau_sim=tau_target, tau_sim_labels=tau_labels,

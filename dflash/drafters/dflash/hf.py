@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,23 +20,21 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dflash.config import ConfigError, ModelConfig, RopeConfig
-from dflash.drafters.dflash import DFlashConfig, DFlashDrafter
-from dflash.models.loading import (
-    ASSETS,
-    LAYER_TABLE,
-    CheckpointError,
-    load_params_into,
-    resolve,
-    save_params,
-)
+from dflash.drafters.dflash.model import DFlashConfig, DFlashDrafter, layer_config
+from dflash.errors import CheckpointError
+from dflash.io.loading import ASSETS, load_params_into, save_params
+from dflash.models import kinds
+from dflash.models.kinds import WeightRow
 
-DRAFTER_TABLE: tuple[tuple[str, str, bool], ...] = (
-    ("fc.weight", "fc.kernel", True),
-    ("hidden_norm.weight", "hidden_norm.weight", False),
-    ("norm.weight", "norm.weight", False),
-    *LAYER_TABLE,
-)
+ARCHITECTURE = "DFlashDraftModel"
 SHIPPED_DRAFTERS = {"tiny-code-dflash": ASSETS / "tiny-code-dflash"}
+
+
+def drafter_rows(cfg: DFlashConfig) -> tuple[WeightRow, ...]:
+    """Every tensor of a DFlash export and the parameter it fills (no embedding, no LM head)."""
+    return (WeightRow("fc.weight", "fc.kernel", transpose=True), WeightRow("hidden_norm.weight", "hidden_norm.weight"),
+            WeightRow("norm.weight", "norm.weight"),
+            *(row for i in range(cfg.num_layers) for row in kinds.layer_weights(cfg.layers, i)))
 
 
 def target_fingerprint(cfg: ModelConfig) -> str:
@@ -47,7 +46,7 @@ def target_fingerprint(cfg: ModelConfig) -> str:
 def drafter_hf_config(cfg: DFlashConfig, target_name: str = "", target_cfg: ModelConfig | None = None,
                       dtype: str = "float32") -> dict[str, Any]:
     out: dict[str, Any] = {
-        "architectures": ["DFlashDraftModel"],
+        "architectures": [ARCHITECTURE],
         "model_type": cfg.model_type,
         "block_size": cfg.block_size,
         "dflash_config": {"mask_token_id": cfg.mask_token_id,
@@ -81,9 +80,17 @@ def drafter_hf_config(cfg: DFlashConfig, target_name: str = "", target_cfg: Mode
     return out
 
 
+def read_json(directory: Path) -> dict[str, Any]:
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"missing file: {cfg_path}")
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
 def config_from_hf(hf: dict[str, Any]) -> DFlashConfig:
     """Reads a DFlashDraftModel ``config.json``; anything else is a clear error."""
-    if "DFlashDraftModel" not in (hf.get("architectures") or []):
+    if ARCHITECTURE not in (hf.get("architectures") or []):
         raise CheckpointError(
             f"not a DFlash drafter: config.json architectures={hf.get('architectures')!r} "
             "(expected ['DFlashDraftModel'])")
@@ -98,18 +105,19 @@ def config_from_hf(hf: dict[str, Any]) -> DFlashConfig:
                               f"{sorted(set(windowed))}); only full attention is supported")
     rope = RopeConfig.from_hf(hf)
     try:
+        shape = types.SimpleNamespace(
+            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]), num_heads=int(hf["num_attention_heads"]),
+            num_kv_heads=int(hf["num_key_value_heads"]),
+            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope=rope,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)))
         return DFlashConfig(
+            layers=layer_config(shape, int(hf["num_hidden_layers"])),
             num_target_layers=int(hf["num_target_layers"]),
             target_layer_ids=tuple(int(i) for i in dcfg["target_layer_ids"]),
-            mask_token_id=int(dcfg["mask_token_id"]), vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]), intermediate_size=int(hf["intermediate_size"]),
-            num_heads=int(hf["num_attention_heads"]), num_kv_heads=int(hf["num_key_value_heads"]),
-            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]),
-            num_layers=int(hf["num_hidden_layers"]), block_size=int(hf["block_size"]),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope=rope,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-            model_type=str(hf.get("model_type", "qwen3")),
-        )
+            mask_token_id=int(dcfg["mask_token_id"]), block_size=int(hf["block_size"]),
+            model_type=str(hf.get("model_type", "qwen3")))
     except KeyError as err:
         raise CheckpointError(f"DFlash config.json lacks required key {err.args[0]!r}") from err
 
@@ -118,50 +126,18 @@ def save_drafter(drafter: DFlashDrafter, directory: str | os.PathLike, *, target
                  target_cfg: ModelConfig | None = None, dtype: Any = None) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    save_params(drafter, DRAFTER_TABLE, drafter.cfg.num_layers, out / "model.safetensors", dtype)
+    save_params(drafter, drafter_rows(drafter.cfg), out / "model.safetensors", dtype)
     name = jnp.dtype(dtype).name if dtype is not None else jnp.dtype(drafter.fc.kernel[...].dtype).name
     with open(out / "config.json", "w") as f:
         json.dump(drafter_hf_config(drafter.cfg, target_name, target_cfg, name), f, indent=2)
     return out
 
 
-def export_of_run(name_or_path: str | os.PathLike) -> str | os.PathLike:
-    """A ``dflash-train`` run directory stands for its final export (``RUN/export``).
-
-    Anything else is returned unchanged. A run without an export yet (still training, or
-    stopped early) is an error that says how to export one of its checkpoints.
-    """
-    run = Path(name_or_path)
-    if not ((run / "config.yaml").is_file() and not (run / "config.json").exists()):
-        return name_or_path
-    if (run / "export" / "config.json").is_file():
-        return run / "export"
-    raise CheckpointError(
-        f"{run} is a dflash-train run directory without a final export ({run / 'export'} is written "
-        f"when the run finishes); export one of its checkpoints with `dflash-export --run {run} "
-        f"--step latest --out DIR` (or --step best) and pass that DIR as the drafter")
-
-
-def resolve_drafter(name_or_path: str | os.PathLike) -> Path:
-    name_or_path = export_of_run(name_or_path)
-    if str(name_or_path) in SHIPPED_DRAFTERS:
-        path = SHIPPED_DRAFTERS[str(name_or_path)]
-        if not (path / "config.json").exists():
-            raise CheckpointError(f"shipped drafter {name_or_path!r} is missing at {path}")
-        return path
-    return resolve(name_or_path)
-
-
-def load_drafter(name_or_path: str | os.PathLike, target_cfg: ModelConfig | None = None, *,
-                 dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto", mesh: Mesh | None = None,
+def load_drafter(directory: Path, target_cfg: ModelConfig | None = None, *, dtype: jnp.dtype = jnp.float32,
+                 attention_impl: str = "auto", mesh: Mesh | None = None,
                  replicate_indivisible: bool = False) -> DFlashDrafter:
     """Loads an exported drafter (into its shards on ``mesh``); with ``target_cfg``, checks it fits."""
-    directory = resolve_drafter(name_or_path)
-    cfg_path = directory / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"missing file: {cfg_path}")
-    with open(cfg_path) as f:
-        hf = json.load(f)
+    hf = read_json(directory)
     cfg = config_from_hf(hf)
     if target_cfg is not None:
         try:
@@ -177,6 +153,6 @@ def load_drafter(name_or_path: str | os.PathLike, target_cfg: ModelConfig | None
     abstract = nnx.eval_shape(lambda: DFlashDrafter(cfg, dtype=dtype, attention_impl=attention_impl,
                                                     rngs=nnx.Rngs(0)))
     # The drafter uses the target's embedding and LM head; a copy in the file is not an error.
-    return load_params_into(abstract, directory, DRAFTER_TABLE, cfg.num_layers, dtype,
+    return load_params_into(abstract, directory, drafter_rows(cfg), dtype,
                             ignorable=("embed_tokens.weight", "lm_head.weight"), mesh=mesh,
                             replicate_indivisible=replicate_indivisible)

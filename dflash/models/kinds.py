@@ -1,0 +1,157 @@
+"""The layer kinds: one registry of *mixer* kinds (attention, ...) and one of *MLP* kinds (dense, ...).
+
+A decoder layer is ``x + mixer(norm(x))`` then ``x + mlp(norm(x))`` (``transformer.DecoderLayer``);
+``ModelConfig.layers`` names each layer's mixer and MLP kind with their options
+(``dflash.config.LayerSpec``). A kind is registered once with everything the rest of the
+package needs to know about it:
+
+- the module that computes it (built as ``module(cfg, spec, dtype=..., rngs=...)``; a mixer is
+  called as ``mixer(h, ctx=..., state=...) -> (out, state)`` with the pass's ``Context``, an MLP
+  as ``mlp(h) -> out``);
+- the options it accepts, with their defaults (anything else in a config is an error);
+- its weight rows: Hugging Face tensor names <-> parameter paths (``WeightRow``), read by
+  loading and saving alike;
+- its sharding rows (parameter path regex -> logical axes), added to ``dflash.sharding.RULES``;
+- its FLOPs per token (``flops(cfg, spec, rows, keys)``: forward FLOPs of ``rows`` tokens, each
+  seeing ``keys`` keys; the plans and ``dflash.flops`` add them up);
+- a mixer's cache state (``state(cfg, spec, batch, max_len, dtype)``: a ``cache.LayerState``,
+  or None for a mixer that keeps nothing between passes).
+
+Adding a kind is one module that calls ``register_mixer`` / ``register_mlp``; nothing else
+changes (``tests/test_seams.py`` proves it with kinds defined only in the test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from dflash.config import LayerSpec, ModelConfig
+from dflash.errors import CacheOverflowError, ConfigError
+from dflash.models.cache import Cache
+from dflash.sharding import register_rules
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRow:
+    """One tensor of a Hugging Face checkpoint and the parameter it fills.
+
+    ``transpose``: HF stores ``[out, in]``, we ``[in, out]``. ``experts > 0``: ``hf`` contains
+    ``{e}`` and the parameter is the ``experts`` tensors ``e = 0..experts-1`` stacked on axis 0
+    (each transposed when asked), as per-expert checkpoints store a mixture of experts.
+    """
+
+    hf: str
+    ours: str
+    transpose: bool = False
+    experts: int = 0
+
+    def prefixed(self, hf: str, ours: str) -> WeightRow:
+        return dataclasses.replace(self, hf=hf + self.hf, ours=ours + self.ours)
+
+    def hf_keys(self) -> list[str]:
+        return [self.hf.format(e=e) for e in range(self.experts)] if self.experts else [self.hf]
+
+
+Rows = Callable[[ModelConfig, LayerSpec], tuple[WeightRow, ...]]
+Flops = Callable[[ModelConfig, LayerSpec, int, float], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerKind:
+    name: str
+    module: Callable[..., nnx.Module]
+    attr: str  # the mixer's attribute in a layer, as HF names it (``self_attn``)
+    options: Mapping[str, Any]
+    weights: Rows  # relative to the mixer (``q_proj.weight``)
+    sharding: tuple[tuple[str, tuple[str | None, ...]], ...]
+    flops: Flops  # forward FLOPs of ``rows`` tokens each seeing ``keys`` keys (projections included)
+    state: Callable[[ModelConfig, LayerSpec, int, int, Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPKind:
+    name: str
+    module: Callable[..., nnx.Module]
+    options: Mapping[str, Any]
+    weights: Rows  # relative to the MLP (``gate_proj.weight``)
+    sharding: tuple[tuple[str, tuple[str | None, ...]], ...]
+    flops: Callable[[ModelConfig, LayerSpec, int], float]  # forward FLOPs of ``rows`` tokens
+
+
+MIXERS: dict[str, MixerKind] = {}
+MLPS: dict[str, MLPKind] = {}
+
+
+def register_mixer(kind: MixerKind) -> MixerKind:
+    MIXERS[kind.name] = kind
+    register_rules(kind.sharding)
+    return kind
+
+
+def register_mlp(kind: MLPKind) -> MLPKind:
+    MLPS[kind.name] = kind
+    register_rules(kind.sharding)
+    return kind
+
+
+def mixer_kind(spec: LayerSpec) -> MixerKind:
+    if spec.mixer not in MIXERS:
+        raise ConfigError(f"unknown mixer kind {spec.mixer!r}; registered: {', '.join(sorted(MIXERS))}")
+    return MIXERS[spec.mixer]
+
+
+def mlp_kind(spec: LayerSpec) -> MLPKind:
+    if spec.mlp not in MLPS:
+        raise ConfigError(f"unknown MLP kind {spec.mlp!r}; registered: {', '.join(sorted(MLPS))}")
+    return MLPS[spec.mlp]
+
+
+def option(spec: LayerSpec, name: str) -> Any:
+    """A mixer option of ``spec``, its kind's default when unset."""
+    return dict(spec.mixer_options).get(name, mixer_kind(spec).options[name])
+
+
+def mlp_option(spec: LayerSpec, name: str) -> Any:
+    return dict(spec.mlp_options).get(name, mlp_kind(spec).options[name])
+
+
+def check(cfg: ModelConfig) -> ModelConfig:
+    """Every layer's kinds are registered and their options known: a clear error otherwise."""
+    for i, spec in enumerate(cfg.layers):
+        for kind, given, what in ((mixer_kind(spec), spec.mixer_options, "mixer"),
+                                  (mlp_kind(spec), spec.mlp_options, "MLP")):
+            unknown = sorted(set(dict(given)) - set(kind.options))
+            if unknown:
+                raise ConfigError(f"layer {i}: {what} kind {kind.name!r} has no option {unknown[0]!r} "
+                                  f"(its options: {', '.join(sorted(kind.options)) or 'none'})")
+    return cfg
+
+
+def layer_weights(cfg: ModelConfig, i: int, prefix: str = "") -> tuple[WeightRow, ...]:
+    """Weight rows of decoder layer ``i`` (HF keys under ``prefix``, e.g. ``model.``)."""
+    spec = cfg.layer(i)
+    mixer = mixer_kind(spec)
+    at = f"layers.{i}."
+    return (WeightRow(f"{prefix}{at}input_layernorm.weight", f"{at}input_layernorm.weight"),
+            WeightRow(f"{prefix}{at}post_attention_layernorm.weight", f"{at}post_attention_layernorm.weight"),
+            *(row.prefixed(f"{prefix}{at}{mixer.attr}.", f"{at}{mixer.attr}.") for row in mixer.weights(cfg, spec)),
+            *(row.prefixed(f"{prefix}{at}mlp.", f"{at}mlp.") for row in mlp_kind(spec).weights(cfg, spec)))
+
+
+def layer_flops(cfg: ModelConfig, i: int, rows: int, keys: float) -> float:
+    """Forward FLOPs of layer ``i`` over ``rows`` tokens each seeing ``keys`` keys."""
+    spec = cfg.layer(i)
+    return mixer_kind(spec).flops(cfg, spec, rows, keys) + mlp_kind(spec).flops(cfg, spec, rows)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
+    """An empty cache: each layer's state as its mixer kind makes it, ``max_len`` slots per row."""
+    if max_len <= 0:
+        raise CacheOverflowError(f"max_len must be positive, got {max_len}")
+    states = tuple(mixer_kind(spec).state(cfg, spec, batch, max_len, dtype) for spec in cfg.layers)
+    return Cache(layers=states, lengths=jnp.zeros((batch,), jnp.int32), max_len=max_len)

@@ -1,0 +1,145 @@
+"""Building blocks every layer kind uses: ``Linear``, ``RMSNorm``, RoPE, and the per-pass ``Context``.
+
+Shape letters: B batch, T new tokens, S cache slots, D width, N query heads, K kv heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dflash.attention import block_slots, key_positions, visibility, window_mask
+from dflash.config import ModelConfig, RopeConfig, llama3_inv_freq_scale
+from dflash.sharding import constrain
+
+
+def normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype, std: float = 0.02) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)``, kernel stored ``[in, out]`` (HF stores ``[out, in]``)."""
+
+    def __init__(self, din: int, dout: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.kernel = normal(rngs, (din, dout), dtype)
+        self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...])
+        return y + self.bias[...] if self.bias is not None else y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, cast back before the weight (as HF does)."""
+
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def inv_freq(rope: RopeConfig, dim: int) -> np.ndarray:
+    """Inverse frequencies ``[dim/2]`` of a rotary embedding over ``dim`` channels (float32,
+    llama3 scaling applied when configured)."""
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+    inv = (1.0 / (np.float32(rope.theta) ** exponent)).astype(np.float32)
+    if rope.rope_type == "llama3":
+        inv = llama3_inv_freq_scale(rope, inv).astype(np.float32)
+    return inv
+
+
+def rope_tables(rope: RopeConfig, dim: int, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[B, T, dim]`` in float32 (HF "rotate_half" layout: halves repeated)."""
+    freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(rope, dim))
+    emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
+    return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The full-head rotary tables of ``cfg`` (``rope_tables`` over ``head_dim`` channels)."""
+    return rope_tables(cfg.rope, cfg.head_dim, positions_BT)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> jax.Array:
+    """Rotates the first ``R`` channels of every head (all of them unless RoPE is partial)."""
+    r = cos_BTR.shape[-1]
+    if r < x_BTNH.shape[-1]:
+        return jnp.concatenate([apply_rope(x_BTNH[..., :r], cos_BTR, sin_BTR), x_BTNH[..., r:]], axis=-1)
+    half = x_BTNH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
+    return (x_BTNH * cos.astype(x_BTNH.dtype) + rotated * sin.astype(x_BTNH.dtype))
+
+
+def split_heads(proj: Linear, x_BTD: jax.Array, heads: int, head_dim: int) -> jax.Array:
+    """``proj(x)`` as ``[B, T, heads, head_dim]``."""
+    b, t, _ = x_BTD.shape
+    return constrain(proj(x_BTD).reshape(b, t, heads, head_dim), "heads")
+
+
+@dataclasses.dataclass
+class Context:
+    """What every mixer of one forward pass may read; derived tensors are computed once, when
+    first asked for (the visibility mask, RoPE tables per rotary width, window masks).
+
+    ``lengths_B`` / ``max_len``: the cache's committed lengths and slots (None: no cache, the
+    block attends to itself under ``block_mask``). ``segment_ids``: packed training rows (causal
+    within each document, no cache or an empty one of T slots).
+    """
+
+    positions_BT: jax.Array
+    block_mask: jax.Array  # [T, T] or [B, T, T] over the new tokens
+    rope: RopeConfig
+    impl: str  # attention_impl (dflash.kernels.dispatch)
+    lengths_B: jax.Array | None = None
+    max_len: int | None = None
+    segment_ids: jax.Array | None = None
+    _memo: dict[Any, jax.Array] = dataclasses.field(default_factory=dict)
+
+    def _once(self, key: Any, make: Any) -> Any:
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    @property
+    def batch(self) -> int:
+        return self.positions_BT.shape[0]
+
+    @property
+    def slots_BT(self) -> jax.Array:
+        """Cache slots of the new tokens."""
+        return self._once("slots", lambda: block_slots(self.lengths_B, self.positions_BT.shape[1]))
+
+    def rope_tables(self, dim: int) -> tuple[jax.Array, jax.Array]:
+        return self._once(("rope", dim), lambda: rope_tables(self.rope, dim, self.positions_BT))
+
+    def visible(self) -> jax.Array:
+        """``[B, T, S]`` (``S = T`` without a cache): which keys each new token sees."""
+        def make():
+            if self.lengths_B is None:
+                t = self.positions_BT.shape[1]
+                return jnp.broadcast_to(self.block_mask, (self.batch, t, t))
+            return visibility(self.lengths_B, self.max_len, self.block_mask)
+        return self._once("visible", make)
+
+    def key_positions(self) -> jax.Array:
+        """``[B, S]``: the position of every key the new tokens may see."""
+        def make():
+            if self.lengths_B is None:
+                return self.positions_BT
+            return key_positions(self.lengths_B, self.max_len, self.positions_BT)
+        return self._once("key_positions", make)
+
+    def windowed(self, window: int) -> jax.Array:
+        """``visible()`` limited to keys inside a sliding window of ``window`` positions."""
+        return self._once(("window", window), lambda: self.visible() & window_mask(
+            self.positions_BT, self.key_positions(), window))
