@@ -18,6 +18,7 @@ trace, so the check executes on the device instead of being staged into the call
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -167,7 +168,8 @@ def _run_in_thread(op: str, kernel: Callable[..., jax.Array], layout: Layout) ->
 
 def _key(op: str, lay: Layout) -> str:
     device = jax.devices()[0]
-    versions = f"jax {jax.__version__}, {device.client.platform_version.splitlines()[0]}, kernels {_source()}"
+    backend = (getattr(device.client, "platform_version", "") or "unknown").splitlines()[0]
+    versions = f"jax {jax.__version__}, {backend}, kernels {_source()}"
     return f"{op} | {_describe(lay)} | {device.platform} {device.device_kind} | {versions}"
 
 
@@ -177,6 +179,7 @@ def _describe(lay: Layout) -> str:
     return f"heads {lay.heads}/{lay.kv_heads} x {lay.head_dim}{rows}, {dtypes}"
 
 
+@functools.cache
 def _source() -> str:
     """A digest of the kernels' source files: edited kernels are checked again."""
     digest = hashlib.sha256()
