@@ -129,6 +129,7 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaForCausalLM", LayerSpec()),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+WINDOWED_FAMILIES = ("qwen3", "qwen2")  # read use_sliding_window / sliding_window / layer_types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +201,9 @@ class ModelConfig:
                 f"unsupported model_type {model_type!r}; supported: "
                 + ", ".join(SUPPORTED_MODEL_TYPES)
             )
-        if hf.get("use_sliding_window"):
-            raise ConfigError("use_sliding_window=true is not supported")
+        if hf.get("use_sliding_window") and model_type not in WINDOWED_FAMILIES:
+            raise ConfigError(f"use_sliding_window=true is not supported for model_type {model_type!r} "
+                              f"(sliding windows are read for {', '.join(WINDOWED_FAMILIES)})")
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"hidden_act={act!r} is not supported (only 'silu')")
@@ -271,6 +273,11 @@ class ModelConfig:
             out["attention_bias"] = bool(first.mixer_option("qkv_bias", False))
         if self.model_type == "llama":
             out["mlp_bias"] = bool(first.mlp_option("bias", False))
+        windows = {spec.mixer_option("window", 0) for spec in self.layers} - {0}
+        if len(windows) == 1 and self.model_type in WINDOWED_FAMILIES:  # HF's own sliding-window keys
+            types = ["sliding_attention" if spec.mixer_option("window", 0) else "full_attention"
+                     for spec in self.layers]
+            out.update(use_sliding_window=True, sliding_window=windows.pop(), layer_types=types)
         if self.layers != _layers_from_hf(out, self.model_type):
             out["dflash_layers"] = [spec.to_json() for spec in self.layers]
         return out
@@ -285,7 +292,8 @@ class ModelConfig:
             opt = spec.mixer_option
             attn = h * q * (2 if opt("output_gate", False) else 1) + 2 * h * kv + q * h
             attn += (q + 2 * kv) * bool(opt("qkv_bias", False)) + h * bool(opt("o_bias", False))
-            attn += 2 * self.head_dim * bool(opt("qk_norm", False)) + self.num_heads * bool(opt("sinks", False))
+            attn += 2 * self.head_dim * bool(opt("qk_norm", False)) + self.num_heads * bool(opt("sinks",
+                                                                                                False))
             mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * bool(
                 spec.mlp_option("bias", False))
             total += attn + mlp + 2 * h
@@ -311,7 +319,17 @@ def _layers_from_hf(hf: dict[str, Any], model_type: str) -> tuple[LayerSpec, ...
     if model_type != "qwen2" and attention_bias:
         mixer.update(qkv_bias=True, o_bias=True)
     mlp = {"bias": True} if hf.get("mlp_bias") else {}
-    return (LayerSpec(spec.mixer, spec.mlp, mixer, mlp),) * n
+    full = LayerSpec(spec.mixer, spec.mlp, mixer, mlp)
+    if not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+        return (full,) * n
+    # As transformers reads it: layer_types, else the layers from max_window_layers on slide.
+    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", n) else
+                                      "full_attention" for i in range(n)]
+    if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
+        raise ConfigError(f"config.json layer_types must list {n} of 'full_attention' / 'sliding_attention', "
+                          f"got {types}")
+    window = LayerSpec(spec.mixer, spec.mlp, {**mixer, "window": int(hf["sliding_window"])}, mlp)
+    return tuple(window if t == "sliding_attention" else full for t in types)
 
 
 def _llama3_rope() -> RopeConfig:

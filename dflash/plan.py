@@ -214,7 +214,8 @@ def _drafter_and_optimizer(cfg: Any, tcfg: ModelConfig, total_steps: int) -> tup
     """(drafter config, a constructor of (drafter, optimizer)) for ``cfg``, by its drafter kind."""
     from dflash.training.optim import make_optimizer
 
-    mask = cfg.drafter.mask_token_id if cfg.drafter.mask_token_id is not None else tcfg.vocab_size - 1  # any id
+    mask = cfg.drafter.mask_token_id
+    mask = tcfg.vocab_size - 1 if mask is None else mask  # any id: the tokenizer is not read
     kind = cfg.kind
     dcfg = kind.config(cfg.drafter, tcfg, mask_token_id=mask, block_size=cfg.block_size)
 

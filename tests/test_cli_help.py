@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from dflash.cli import bench_kernels as kernels_bench
 from dflash.cli import bench, bench_ar, export, generate, pretrain_target, regenerate, train
+from dflash.cli import bench_kernels as kernels_bench
 
 # (command, a few "option ... (default: value)" pairs its help must show)
 EXPECTED = [

@@ -46,7 +46,9 @@ def test_family_flags_from_hf_config():
 @pytest.mark.parametrize("bad,match", [
     ({"model_type": "mistral"}, "mistral.*supported: qwen3, qwen2, llama"),
     ({"model_type": "qwen3", "hidden_act": "gelu"}, "hidden_act"),
-    ({"model_type": "qwen3", "use_sliding_window": True}, "sliding"),
+    ({"model_type": "llama", "use_sliding_window": True}, "sliding windows are read for qwen3, qwen2"),
+    ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 4, "layer_types": ["chunked"]},
+     "layer_types must list 1 of"),
     ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
     ({"model_type": "qwen3", "num_key_value_heads": 3}, "multiple of num_kv_heads"),
 ])
@@ -55,6 +57,21 @@ def test_bad_hf_configs_are_clear_errors(bad, match):
                 num_attention_heads=2)
     with pytest.raises(ConfigError, match=match):
         ModelConfig.from_hf({**base, **bad})
+
+
+def test_sliding_window_layers_round_trip_through_hf_config():
+    base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=3,
+                num_attention_heads=2)
+    cfg = ModelConfig.from_hf({**base, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 6,
+                               "max_window_layers": 2})
+    assert [spec.mixer_option("window", 0) for spec in cfg.layers] == [0, 0, 6]
+    hf = cfg.to_hf()
+    assert hf["layer_types"] == ["full_attention", "full_attention",
+                                 "sliding_attention"] and "dflash_layers" not in hf
+    assert ModelConfig.from_hf(hf) == cfg
+    off = ModelConfig.from_hf({**base, "model_type": "qwen3", "use_sliding_window": False,
+                               "sliding_window": 6})
+    assert off.uniform  # transformers ignores the window unless use_sliding_window
 
 
 def test_missing_required_key_is_named():

@@ -100,7 +100,8 @@ def _package_graph() -> dict[str, set[str]]:
     for module, deps in _graph().items():
         if module == "dflash":
             continue
-        graph.setdefault(top(module), set()).update(top(d) for d in deps if d != "dflash" and top(d) != top(module))
+        graph.setdefault(top(module),
+                         set()).update(top(d) for d in deps if d != "dflash" and top(d) != top(module))
     return graph
 
 
@@ -108,7 +109,8 @@ def test_packages_import_only_their_own_layer_and_those_below():
     """The order of docs/architecture.md holds: no package imports one of a higher layer, packages
     of one layer do not import each other in a cycle, and every package has a declared layer."""
     layers, graph = _declared_layers(), _package_graph()
-    assert set(graph) <= set(layers), f"packages without a layer in docs/architecture.md: {set(graph) - set(layers)}"
+    assert set(graph) <= set(layers), (
+        f"packages without a layer in docs/architecture.md: {set(graph) - set(layers)}")
     upward = [f"{a} (layer {layers[a]}) -> {b} (layer {layers[b]})"
               for a, deps in graph.items() for b in deps if layers[b] > layers[a]]
     assert not upward, "imports against the declared layering: " + "; ".join(sorted(upward))

@@ -21,7 +21,6 @@ from flax import nnx
 from jax.experimental.pallas import tpu as pltpu
 
 from dflash.attention import causal_mask, visibility
-from dflash.bench import kernels as bench
 from dflash.cli import bench_kernels
 from dflash.config import ModelConfig
 from dflash.decoding.tree import ancestor_mask

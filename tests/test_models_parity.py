@@ -18,6 +18,9 @@ CASES = {
     "qwen2-gqa-tied": ("qwen2", {"tie_word_embeddings": True}),
     "llama-gqa-llama3-rope": ("llama", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0}),
     "llama-mha-bias": ("llama", {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}),
+    # Sliding-window layers (the attention kind's ``window``) from layer 1 on, narrower than the prompt.
+    "qwen3-sliding-window": ("qwen3", {"use_sliding_window": True, "sliding_window": 5,
+                                       "max_window_layers": 1}),
 }
 
 
@@ -42,7 +45,8 @@ def test_logits_and_hidden_states_match_transformers(hf_checkpoint, case):
                                atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["qwen3-gqa-untied", "qwen2-mha-bias", "llama-gqa-llama3-rope"])
+@pytest.mark.parametrize("case", ["qwen3-gqa-untied", "qwen2-mha-bias", "llama-gqa-llama3-rope",
+                                  "qwen3-sliding-window"])
 def test_greedy_generation_matches_transformers(hf_checkpoint, case):
     family, overrides = CASES[case]
     hf, directory = hf_checkpoint(family, **overrides)

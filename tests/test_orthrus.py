@@ -28,7 +28,7 @@ from dflash.decoding.speculative import speculative_generate
 from dflash.drafters import find_export, load_drafter, resolve_method
 from dflash.drafters import objective as obj
 from dflash.drafters.dflash import DFLASH
-from dflash.drafters.orthrus import OrthrusConfig, OrthrusDraft, OrthrusDrafter, ar_counterpart
+from dflash.drafters.orthrus import ORTHRUS, OrthrusConfig, OrthrusDraft, OrthrusDrafter, ar_counterpart
 from dflash.drafters.orthrus.hf import (
     read_orthrus_config,
     save_orthrus,

@@ -37,7 +37,15 @@ from dflash.errors import ConfigError
 from dflash.io.loading import SHIPPED, load_params_into, load_target, save_params, save_target
 from dflash.models import build, init_cache
 from dflash.models.cache import LayerState
-from dflash.models.kinds import MixerKind, MLPKind, WeightRow, mlp_option, option, register_mixer, register_mlp
+from dflash.models.kinds import (
+    MixerKind,
+    MLPKind,
+    WeightRow,
+    mlp_option,
+    option,
+    register_mixer,
+    register_mlp,
+)
 from dflash.models.layers import Linear, RMSNorm, normal
 
 
@@ -90,10 +98,12 @@ register_mixer(MixerKind(
     weights=lambda cfg, spec: (WeightRow("in_proj.weight", "in_proj.kernel", transpose=True),
                                WeightRow("out_proj.weight", "out_proj.kernel", transpose=True),
                                WeightRow("decay", "decay")),
-    sharding=((r"(^|\.)mix\.in_proj\.kernel$", ("embed", None)), (r"(^|\.)mix\.out_proj\.kernel$", (None, "embed")),
+    sharding=((r"(^|\.)mix\.in_proj\.kernel$", ("embed", None)), (r"(^|\.)mix\.out_proj\.kernel$", (None,
+                                                                                                    "embed")),
               (r"(^|\.)mix\.decay$", (None,))),
     flops=lambda cfg, spec, rows, keys: 4.0 * rows * cfg.hidden_size * option(spec, "width"),
-    state=lambda cfg, spec, batch, max_len, dtype: TrailState(jnp.zeros((batch, option(spec, "width")), dtype)),
+    state=lambda cfg, spec, batch, max_len, dtype: TrailState(jnp.zeros((batch, option(spec, "width")),
+                                                                        dtype)),
 ))
 
 
@@ -124,7 +134,8 @@ register_mlp(MLPKind(
     name="toy_experts", module=Experts, options={"experts": 3}, weights=_expert_rows,
     sharding=((r"(^|\.)mlp\.router\.kernel$", ("embed", None)), (r"(^|\.)mlp\.up$", (None, "embed", "mlp")),
               (r"(^|\.)mlp\.down$", (None, "mlp", "embed"))),
-    flops=lambda cfg, spec, rows: 4.0 * rows * mlp_option(spec, "experts") * cfg.hidden_size * cfg.intermediate_size,
+    flops=lambda cfg, spec, rows: 4.0 * rows * mlp_option(spec, "experts") * cfg.hidden_size
+    * cfg.intermediate_size,
 ))
 
 
@@ -133,7 +144,8 @@ def hybrid_config(vocab: int = 4096) -> ModelConfig:
     att, rec = {"qk_norm": True}, {"width": 12}
     layers = (LayerSpec(mixer_options=att), LayerSpec("toy_recurrence", "toy_experts", rec),
               LayerSpec("toy_recurrence", "dense", rec), LayerSpec("attention", "toy_experts", att))
-    return ModelConfig(model_type="qwen3", vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=4,
+    return ModelConfig(model_type="qwen3", vocab_size=vocab, hidden_size=32, intermediate_size=48,
+                       num_layers=4,
                        num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True, eos_token_id=(0,),
                        layers=layers)
 
@@ -155,7 +167,8 @@ def test_the_toy_kinds_build_load_and_save_and_cache_equals_no_cache(hybrid_dir)
     assert target.cfg == hybrid_config() and target.layers[1].mixer_attr == "mix"
     keys = set(load_file(str(hybrid_dir / "model.safetensors")))
     assert {"model.layers.1.mix.decay", "model.layers.1.mlp.experts.2.up_proj.weight"} <= keys
-    assert json.loads((hybrid_dir / "config.json").read_text())["dflash_layers"][1]["mixer"] == "toy_recurrence"
+    written = json.loads((hybrid_dir / "config.json").read_text())["dflash_layers"]
+    assert written[1]["mixer"] == "toy_recurrence"
     resaved = save_target(target, hybrid_dir.parent / "resaved")
     assert load_file(str(resaved / "model.safetensors")).keys() == keys
     # Cached in chunks == uncached: the recurrence carries its state between passes.
@@ -183,7 +196,8 @@ def test_rollback_keeps_each_rows_accepted_prefix(hybrid_dir):
         kept_B = jnp.asarray(kept)
         rolled = verified.keep(kept_B, 6)
         for row, k in enumerate(kept):
-            alone = target(ids[row:row + 1, : 7 + k], jnp.arange(7 + k)[None], init_cache(target.cfg, 1, 16)).cache
+            alone = target(ids[row:row + 1, : 7 + k], jnp.arange(7 + k)[None], init_cache(target.cfg, 1,
+                                                                                          16)).cache
             alone = alone.keep(jnp.asarray([7 + k]), 7 + k)
             np.testing.assert_allclose(rolled.layers[1].s[row], alone.layers[1].s[0], atol=1e-5)
             assert int(rolled.lengths[row]) == 7 + k
@@ -200,7 +214,8 @@ def test_the_engine_is_lossless_on_the_hybrid_target_and_refuses_what_it_cannot_
     dflash = build_drafter(DFlashConfig.for_target(target.cfg, mask_token_id=4095, block_size=4,
                                                    target_layer_ids=(1, 2)), seed=1)  # features of toy layers
     for method, drafter in ((NgramDraft(block_size=5), None), (DFlashDraft.of(dflash), dflash)):
-        out = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=20, eos_ids=())
+        out = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=20,
+                                   eos_ids=())
         assert out.tokens == ref.tokens
     with pytest.raises(ConfigError, match="cannot commit a tree path"):
         speculative_generate(target, prompts, method=tree_method_for(dflash, 2), drafter=dflash, eos_ids=())
@@ -247,13 +262,15 @@ class BigramDraft(ChainDraft):
 
 
 ROWS = (WeightRow("up.weight", "bigram_up.kernel", transpose=True),
-        WeightRow("down.weight", "bigram_down.kernel", transpose=True), WeightRow("norm.weight", "norm.weight"))
+        WeightRow("down.weight", "bigram_down.kernel", transpose=True), WeightRow("norm.weight",
+                                                                                  "norm.weight"))
 
 
 class BigramKind(DrafterKind):
     name, label, module, architectures = "toy_bigram", "Bigram", Bigram, ("ToyBigramDraft",)
     default_block_size, default_loss_weights = 4, (1.0, 0.0)
-    sharding = ((r"(^|\.)bigram_up\.kernel$", ("embed", None)), (r"(^|\.)bigram_down\.kernel$", (None, "embed")))
+    sharding = ((r"(^|\.)bigram_up\.kernel$", ("embed", None)), (r"(^|\.)bigram_down\.kernel$", (None,
+                                                                                                 "embed")))
 
     def config(self, section, target, *, mask_token_id, block_size):
         return BigramConfig(target.hidden_size, block_size=block_size, mask_token_id=mask_token_id)
@@ -272,9 +289,11 @@ class BigramKind(DrafterKind):
     def read_config(self, directory):
         return BigramConfig(**json.loads((directory / "config.json").read_text())["bigram"])
 
-    def load(self, directory, target=None, *, target_cfg=None, dtype=jnp.float32, attention_impl="auto", mesh=None,
+    def load(self, directory, target=None, *, target_cfg=None, dtype=jnp.float32, attention_impl="auto",
+             mesh=None,
              replicate_indivisible=False):
-        return load_params_into(self.abstract(self.read_config(directory), dtype), directory, ROWS, dtype, mesh=mesh)
+        return load_params_into(self.abstract(self.read_config(directory), dtype), directory, ROWS, dtype,
+                                mesh=mesh)
 
     def save(self, drafter, target, target_cfg, out, *, target_name, dtype=None, form="delta", **prepared):
         out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +302,8 @@ class BigramKind(DrafterKind):
                                                      "bigram": dataclasses.asdict(drafter.cfg)}))
         return out
 
-    def loss(self, drafter, target, batch, key, *, num_anchors, gamma, ce_weight, kl_weight, target_labels=False,
+    def loss(self, drafter, target, batch, key, *, num_anchors, gamma, ce_weight, kl_weight,
+             target_labels=False,
              target_metrics=True, loss_chunk=loss_head.DEFAULT_CHUNK):
         """Teacher-forced: row k of a block is drafted from the true token before it."""
         tokens, q = batch["tokens"], drafter.cfg.block_size
@@ -297,7 +317,8 @@ class BigramKind(DrafterKind):
             out = target(tokens, batch["positions"], segment_ids=batch["segment_ids"], compute_logits=False,
                          final_hidden=True)
             t_final = jax.lax.stop_gradient(out.final)
-        return blk.score(h, target, blocks, t_final, batch, gamma=gamma, ce_weight=ce_weight, kl_weight=kl_weight,
+        return blk.score(h, target, blocks, t_final, batch, gamma=gamma, ce_weight=ce_weight,
+                         kl_weight=kl_weight,
                          target_labels=target_labels, chunk=loss_chunk)
 
     def flops(self, target, dcfg, *, batch, seq, anchors, block, target_logits, remat):
@@ -313,15 +334,18 @@ class BigramKind(DrafterKind):
 BIGRAM = register(BigramKind())
 
 
-def test_a_toy_drafter_trains_on_the_toy_target_exports_and_decodes_losslessly(hybrid_dir, run_config, tmp_path):
+def test_a_toy_drafter_trains_on_the_toy_target_exports_and_decodes_losslessly(hybrid_dir, run_config,
+                                                                               tmp_path):
     """The whole pipeline through the kinds of this file: ``method: toy_bigram`` on the hybrid
     target trains (its loss falls), exports its own layout, and the engine resolves the export and
     decodes exactly what the target decodes alone."""
     from dflash.training.trainer import run_training
 
     toy = ("method=toy_bigram", "drafter.num_target_features=5", "drafter.block_size=0")  # DFlash keys unset
-    cfg = run_config(hybrid_dir, tmp_path / "run", *toy, "train.steps=6", "optim.lr=0.02", "optim.warmup_ratio=0.0")
-    with pytest.raises(ConfigError, match="drafter.num_target_features is not an option of method 'toy_bigram'"):
+    cfg = run_config(hybrid_dir, tmp_path / "run", *toy, "train.steps=6", "optim.lr=0.02",
+                     "optim.warmup_ratio=0.0")
+    with pytest.raises(ConfigError,
+                       match="drafter.num_target_features is not an option of method 'toy_bigram'"):
         run_config(hybrid_dir, tmp_path / "bad", "method=toy_bigram")  # the tiny config's 3 features
     result = run_training(cfg, progress=False)
     assert result["method"] == "toy_bigram" and result["block_size"] == 4

@@ -11,7 +11,7 @@ import pytest
 from dflash.config import ModelConfig
 from dflash.decoding import generate
 from dflash.decoding.compiled import COMPILES
-from dflash.decoding.method import DraftMethod
+from dflash.decoding.method import ChainDraft
 from dflash.decoding.methods import NgramDraft, NoDraft
 from dflash.decoding.speculative import speculative_generate
 from dflash.drafters.dflash import DFlashConfig, DFlashDraft, build_drafter
@@ -40,7 +40,7 @@ def _prompts(batch: int, seed: int) -> list[list[int]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class OracleDraft(DraftMethod):
+class OracleDraft(ChainDraft):
     """Test-only: proposes the known greedy continuation, corrupting some positions.
 
     Exercises every acceptance count 0..K-1, which untrained drafters rarely reach.
@@ -55,9 +55,9 @@ class OracleDraft(DraftMethod):
     def prefill(self, drafter, state, hidden, prompt_lens):
         return state
 
-    def propose(self, drafter, target, state, anchor, lengths, tokens_BL, total_B, key, sampling):
+    def propose(self, drafter, target, state, step, key, sampling):
         ref_BL, bad_BL = state
-        idx = jnp.minimum(total_B[:, None] + jnp.arange(self.block_size - 1)[None], ref_BL.shape[1] - 1)
+        idx = jnp.minimum(step.total_B[:, None] + jnp.arange(self.block_size - 1)[None], ref_BL.shape[1] - 1)
         ref = jnp.take_along_axis(ref_BL, idx, axis=1)
         bad = jnp.take_along_axis(bad_BL, idx, axis=1)
         return jnp.where(bad, (ref + 1) % 60, ref).astype(jnp.int32), None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from test_verify import exact  # noqa: F401  (a fixture)
 
-from dflash.decoding.method import DraftMethod
+from dflash.decoding.method import TreeDraft
 from dflash.decoding.tree import (
     ancestor_mask,
     beam_tree,
@@ -176,7 +175,8 @@ def test_commit_path_compacts_the_cache_like_a_chain():
     # K/V of the path nodes move from len + block index to len + depth; the prefix is untouched.
     layers, b, s, k, h = 2, 2, 24, 1, 3
     states = tuple(KVState(k=jax.random.normal(jax.random.key(2 * i), (b, s, k, h)),
-                           v=jax.random.normal(jax.random.key(2 * i + 1), (b, s, k, h))) for i in range(layers))
+                           v=jax.random.normal(jax.random.key(2 * i + 1), (b, s, k,
+                                                                           h))) for i in range(layers))
     cache = Cache(layers=states, lengths=jnp.array([5, 9]), max_len=s)
     path = jnp.array([[0, 2, 6, 6], [0, 1, 4, 10]])
     out = cache.commit_path(cache.lengths, path)
@@ -281,14 +281,12 @@ def test_tree_sampling_preserves_the_target_distribution(exact, width, lookup): 
 
 
 @dataclasses.dataclass(frozen=True)
-class FixedTreeDraft(DraftMethod):
+class FixedTreeDraft(TreeDraft):
     """Test-only: the fixed chain ``drafts`` as a width-1 tree with the fixed chain ``lookup`` grafted on."""
 
     drafts: tuple[int, ...]
     lookup: tuple[int, ...]
     hidden_layers: tuple[int, ...] = ()
-    tree: ClassVar[bool] = True
-
     @property
     def depth(self) -> int:
         return len(self.drafts)
@@ -310,9 +308,10 @@ class FixedTreeDraft(DraftMethod):
     def commit(self, drafter, state, hidden, lengths, accepted):
         return state
 
-    def propose_tree(self, drafter, target, state, anchor_B, tokens_BL, total_B):
+    def propose_tree(self, drafter, target, state, step):
         from dflash.decoding.tree import Tree
 
+        anchor_B = step.anchor_B
         b, d = anchor_B.shape[0], self.depth
         drafts = jnp.broadcast_to(jnp.asarray(self.drafts, jnp.int32), (b, d))
         parents = jnp.maximum(jnp.arange(d + 1, dtype=jnp.int32) - 1, 0)  # a chain

@@ -12,7 +12,7 @@ import pytest
 from test_sampling import FALSE_ALARM, chi2_pvalue
 
 from dflash.config import ModelConfig
-from dflash.decoding.method import DraftMethod
+from dflash.decoding.method import ChainDraft
 from dflash.decoding.sampling import SamplingParams
 from dflash.decoding.speculative import speculative_generate
 from dflash.decoding.verify import block_stop_probs, verify_block, verify_greedy, verify_token
@@ -97,7 +97,7 @@ def exact_joint():
 
 
 @dataclasses.dataclass(frozen=True)
-class FixedDraft(DraftMethod):
+class FixedDraft(ChainDraft):
     """Test-only deterministic drafter: always proposes the same tokens (q is one-hot)."""
 
     tokens: tuple[int, ...]
@@ -113,8 +113,9 @@ class FixedDraft(DraftMethod):
     def prefill(self, drafter, state, hidden, prompt_lens):
         return state
 
-    def propose(self, drafter, target, state, anchor, lengths, tokens_BL, total_B, key, sampling):
-        drafts = jnp.broadcast_to(jnp.asarray(self.tokens, jnp.int32), (anchor.shape[0], len(self.tokens)))
+    def propose(self, drafter, target, state, step, key, sampling):
+        b = step.anchor_B.shape[0]
+        drafts = jnp.broadcast_to(jnp.asarray(self.tokens, jnp.int32), (b, len(self.tokens)))
         return drafts, None
 
     def commit(self, drafter, state, hidden, lengths, accepted):

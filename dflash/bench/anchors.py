@@ -34,7 +34,8 @@ def _walk(accepted_A: np.ndarray, max_new: int, eos_at: int) -> list[int]:
 
 def anchor_profile(target, drafter, prompts: list[list[int]], *, max_new_tokens: int = 128,
                    eos_ids: tuple[int, ...] = (), block_size: int | None = None) -> dict[str, Any]:
-    """Greedy acceptance of a drafter (any kind with a per-anchor path: DFlash, Orthrus) and of prompt lookup at *every* anchor of the target's
+    """Greedy acceptance of a drafter (any kind with a per-anchor path: DFlash, Orthrus) and of prompt
+    lookup at *every* anchor of the target's
     own greedy continuations, and the verify steps the engine takes with each.
 
     Per row, the target's greedy continuation (``max_new_tokens`` plus a block, so acceptance
@@ -61,7 +62,8 @@ def anchor_profile(target, drafter, prompts: list[list[int]], *, max_new_tokens:
         top1 = np.asarray(jnp.max(jax.nn.softmax(out.logits[0], axis=-1), axis=-1))  # [S]
         logits = kind.anchor_logits(drafter, target, ids, jnp.asarray(anchors), k)  # [A, Q-1, V]
         d_drafts = np.asarray(jnp.argmax(logits.at[..., drafter.cfg.mask_token_id].set(-jnp.inf), axis=-1))
-        n_drafts = ngram.lookup(jnp.broadcast_to(jnp.asarray(seq), (len(anchors), s)), jnp.asarray(anchors + 1))
+        n_drafts = ngram.lookup(jnp.broadcast_to(jnp.asarray(seq), (len(anchors), s)),
+                                jnp.asarray(anchors + 1))
         truth = seq[anchors[:, None] + 1 + np.arange(k - 1)[None]]  # [A, Q-1]
         acc_d = _leading_matches(d_drafts, truth)
         acc_n = _leading_matches(np.asarray(n_drafts), truth)

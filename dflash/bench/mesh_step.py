@@ -47,7 +47,8 @@ def step_seconds(cfg: ExperimentConfig, shape: tuple[int, int, int], steps: int 
     """Median seconds of ``steps`` train steps on mesh ``shape`` (after one compiling step)."""
     mesh = sharding.make_mesh(sharding.MeshConfig(*shape), jax.devices()[: math.prod(shape)])
     target = load_target(cfg.target.name, dtype=DTYPES[cfg.target.dtype], mesh=mesh)
-    drafter = build_method_drafter(cfg, build_drafter_config(cfg, target.cfg, load_tokenizer(cfg.target.name)),
+    drafter = build_method_drafter(cfg, build_drafter_config(cfg, target.cfg,
+                                                             load_tokenizer(cfg.target.name)),
                                    target, mesh)
     graphdef, state, shardings = train_state(drafter, make_optimizer(cfg, 1000), mesh)
     tgraph, tstate = nnx.split(target)

@@ -215,7 +215,8 @@ def _tree_step(method, drafter, target: Transformer, dstate, step: StepInputs, m
     tree = method.propose_tree(drafter, target, dstate, step)
     positions = step.lengths_B[:, None] + tree.depth  # a node sits at its depth
     # Blank nodes (-1: a grafted chain's shared or unknown candidates) are scored as token 0, never accepted.
-    out = target(jnp.maximum(tree.tokens, 0), positions, step.target_cache, block_mask=ancestor_mask(tree.parents),
+    out = target(jnp.maximum(tree.tokens, 0), positions, step.target_cache,
+                 block_mask=ancestor_mask(tree.parents),
                  hidden_layers=method.hidden_layers)
     verdict = verify_tree(sample(out.logits, sampling, key), tree, method.depth, mask_id)  # a choice per node
     drafts = jnp.take_along_axis(tree.tokens, verdict.path[:, 1:], axis=1)

@@ -1,6 +1,7 @@
 """Tree drafting and tree verification, greedy and sampled (docs/design.md §7 "Trees").
 
-A drafter's block pass (DFlash, Orthrus) gives a distribution for every position ``p+1 .. p+D``. Instead of one
+A drafter's block pass (DFlash, Orthrus) gives a distribution for every position ``p+1 .. p+D``.
+Instead of one
 chain of argmaxes, we keep the ``W`` best partial paths at every depth (beam search over the
 per-position log-probabilities): ``W * D`` nodes, laid out level by level, so every node's parent
 comes before it and the tree is prefix-closed by construction. The argmax chain is always beam 0,

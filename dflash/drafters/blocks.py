@@ -60,7 +60,8 @@ def blocks_at(target: Transformer, seq_1S: jax.Array, anchors_A: jax.Array, bloc
     """Blocks at every anchor of one causal sequence: embedded ``[1, A, Q, D]``, positions
     ``[1, A, Q]`` and prefix masks ``[1, A, S]`` (block j sees the positions before its anchor)."""
     a, s = anchors_A.shape[0], seq_1S.shape[1]
-    tokens_AQ = jnp.concatenate([seq_1S[0, anchors_A][:, None], jnp.full((a, block - 1), mask_token_id)], axis=1)
+    tokens_AQ = jnp.concatenate([seq_1S[0, anchors_A][:, None], jnp.full((a, block - 1), mask_token_id)],
+                                axis=1)
     x = target.embed(tokens_AQ.reshape(1, a * block)).reshape(1, a, block, -1)
     q_pos = anchors_A[None, :, None] + jnp.arange(block)  # [1, A, Q]
     ctx_mask = obj.anchor_context_mask(anchors_A[None], jnp.ones((1, a), bool), jnp.ones((1, s), jnp.int32))

@@ -93,7 +93,8 @@ class DrafterKind(abc.ABC):
         """The drafter config of an export, without its weights."""
 
     @abc.abstractmethod
-    def load(self, directory: Path, target: Transformer | None = None, *, target_cfg: ModelConfig | None = None,
+    def load(self, directory: Path, target: Transformer | None = None, *,
+             target_cfg: ModelConfig | None = None,
              dtype: Any = jnp.float32, attention_impl: str = "auto", mesh: Mesh | None = None,
              replicate_indivisible: bool = False) -> nnx.Module:
         """An export loaded (into its shards on ``mesh``), checked against the target when given."""
@@ -128,7 +129,8 @@ class DrafterKind(abc.ABC):
 
     # ------------------------------------------------------------------ decoding
     @abc.abstractmethod
-    def method(self, drafter: nnx.Module, *, stochastic: bool = False, block_size: int | None = None) -> DraftMethod:
+    def method(self, drafter: nnx.Module, *, stochastic: bool = False,
+               block_size: int | None = None) -> DraftMethod:
         """The engine's draft method for a loaded drafter."""
 
     def eval_methods(self, drafter: nnx.Module) -> dict[str, DraftMethod]:
@@ -223,7 +225,8 @@ def find_export(name_or_path: str | os.PathLike) -> tuple[DrafterKind, Path]:
 
 
 def load_drafter(name_or_path: str | os.PathLike, target: Transformer | ModelConfig | None = None, *,
-                 target_cfg: ModelConfig | None = None, dtype: Any = jnp.float32, attention_impl: str = "auto",
+                 target_cfg: ModelConfig | None = None, dtype: Any = jnp.float32,
+                 attention_impl: str = "auto",
                  mesh: Mesh | None = None, replicate_indivisible: bool = False) -> nnx.Module:
     """Any exported drafter, checked against ``target`` (a loaded model, or only its config) when given."""
     if isinstance(target, ModelConfig):
@@ -233,12 +236,13 @@ def load_drafter(name_or_path: str | os.PathLike, target: Transformer | ModelCon
                      mesh=mesh, replicate_indivisible=replicate_indivisible)
 
 
-def method_for(drafter: nnx.Module, *, stochastic: bool = False, block_size: int | None = None) -> DraftMethod:
+def method_for(drafter: nnx.Module, *, stochastic: bool = False,
+               block_size: int | None = None) -> DraftMethod:
     """The engine method that runs a loaded drafter module."""
     return kind_of(drafter).method(drafter, stochastic=stochastic, block_size=block_size)
 
 
-def tree_method_for(drafter: nnx.Module, width: int, *, block_size: int | None = None,
+def tree_method_for(drafter: nnx.Module, width: int, block_size: int | None = None,
                     lookup: bool = False) -> BeamTreeDraft:
     """The drafter's chain drafted as a beam tree of ``width`` (``lookup``: plus a prompt-lookup branch)."""
     return BeamTreeDraft.around(method_for(drafter, block_size=block_size), width, lookup)

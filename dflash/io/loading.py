@@ -33,7 +33,8 @@ SHIPPED = {"tiny-code": ASSETS / "tiny-code"}
 
 def target_rows(cfg: ModelConfig) -> tuple[WeightRow, ...]:
     """Every tensor of a target checkpoint and the parameter it fills (what the layer kinds say)."""
-    rows = [WeightRow("model.embed_tokens.weight", "embed_tokens"), WeightRow("model.norm.weight", "norm.weight")]
+    rows = [WeightRow("model.embed_tokens.weight", "embed_tokens"), WeightRow("model.norm.weight",
+                                                                              "norm.weight")]
     if not cfg.tie_word_embeddings:
         rows.append(WeightRow("lm_head.weight", "lm_head", transpose=True))
     for i in range(cfg.num_layers):
@@ -197,7 +198,8 @@ def load_params_into(model: nnx.Module, directory: Path, rows: tuple[WeightRow, 
     filled: dict[tuple[Any, ...], Any] = {}
     for row in rows:
         if row.ours not in by_key:
-            raise CheckpointError(f"weight row {row.hf!r} names parameter {row.ours!r}, which the model lacks")
+            raise CheckpointError(f"weight row {row.hf!r} names parameter {row.ours!r}, which the model "
+                                  "lacks")
         var = flat[by_key[row.ours]]
         per_file = tuple(var.shape)[1:] if row.experts else tuple(var.shape)
         expected = per_file[::-1] if row.transpose else per_file  # in the file's layout
@@ -206,7 +208,8 @@ def load_params_into(model: nnx.Module, directory: Path, rows: tuple[WeightRow, 
                 raise CheckpointError(f"checkpoint {directory} is missing tensor {hf_key!r}")
             found = tuple(source.slice(hf_key).get_shape())
             if found != expected:
-                raise CheckpointError(f"tensor {hf_key!r} has shape {found} but the config expects {expected}")
+                raise CheckpointError(f"tensor {hf_key!r} has shape {found} but the config expects "
+                                      f"{expected}")
         if mesh is not None:
             sharding = NamedSharding(mesh, param_spec(row.ours, var.shape, mesh,
                                                       replicate_indivisible=replicate_indivisible))

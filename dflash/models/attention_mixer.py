@@ -46,14 +46,16 @@ class AttentionProjections(nnx.Module):
         self.gated, self.window = bool(opt("output_gate")), int(opt("window"))
         self.rotary_dim = int(opt("rotary_dim")) or cfg.head_dim
         bias = bool(opt("qkv_bias"))
-        setattr(self, f"q_proj{suffix}", Linear(d, x * (2 if self.gated else 1), bias=bias, dtype=dtype, rngs=rngs))
+        setattr(self, f"q_proj{suffix}", Linear(d, x * (2 if self.gated else 1), bias=bias, dtype=dtype,
+                                                rngs=rngs))
         setattr(self, f"k_proj{suffix}", Linear(d, kv, bias=bias, dtype=dtype, rngs=rngs))
         setattr(self, f"v_proj{suffix}", Linear(d, kv, bias=bias, dtype=dtype, rngs=rngs))
         setattr(self, f"o_proj{suffix}", Linear(x, d, bias=bool(opt("o_bias")), dtype=dtype, rngs=rngs))
         norm = bool(opt("qk_norm"))
         setattr(self, f"q_norm{suffix}", RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if norm else None)
         setattr(self, f"k_norm{suffix}", RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if norm else None)
-        setattr(self, f"sinks{suffix}", nnx.Param(jnp.zeros((cfg.num_heads,), dtype)) if opt("sinks") else None)
+        setattr(self, f"sinks{suffix}", nnx.Param(jnp.zeros((cfg.num_heads,),
+                                                            dtype)) if opt("sinks") else None)
 
     def _part(self, name: str):
         return getattr(self, name + self.suffix)
@@ -100,7 +102,8 @@ class AttentionProjections(nnx.Module):
 class Attention(AttentionProjections):
     """A target layer's attention: writes the block's keys and values into its ``KVState``."""
 
-    def __call__(self, x_BTD: jax.Array, *, ctx: Context, state: KVState | None) -> tuple[jax.Array, KVState | None]:
+    def __call__(self, x_BTD: jax.Array, *, ctx: Context, state: KVState | None) -> tuple[jax.Array,
+                                                                                          KVState | None]:
         b, t, _ = x_BTD.shape
         cos, sin = ctx.rope_tables(self.rotary_dim)
         q, gate = self.queries(x_BTD, cos, sin)
@@ -110,7 +113,8 @@ class Attention(AttentionProjections):
             state = state.write(k_new, v_new, ctx.slots_BT)
             k, v = state.k, state.v
         if ctx.segment_ids is not None and self.plain:  # packed rows: memory O(T * chunk)
-            attn_BTX = dispatch.prefill_attention(q, k_new, v_new, ctx.segment_ids, impl=ctx.impl).reshape(b, t, -1)
+            attn_BTX = dispatch.prefill_attention(q, k_new, v_new, ctx.segment_ids,
+                                                  impl=ctx.impl).reshape(b, t, -1)
         elif ctx.segment_ids is not None:  # windows / sinks: the dense reference over the documents
             seg = ctx.segment_ids
             mask = jnp.tril(jnp.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
@@ -121,7 +125,8 @@ class Attention(AttentionProjections):
             lengths_B = ctx.lengths_B if state is not None else jnp.zeros((b,), jnp.int32)
             attn_BTX = dispatch.verify_attention(q, k, v, lengths_B, ctx.block_mask).reshape(b, t, -1)
         else:
-            attn_BTX = attend(q, k, v, ctx.windowed(self.window) if self.window else ctx.visible(), self.sink_logits())
+            attn_BTX = attend(q, k, v, ctx.windowed(self.window) if self.window else ctx.visible(),
+                              self.sink_logits())
         return self.output(attn_BTX, gate), state
 
 

@@ -71,7 +71,8 @@ class KVState(LayerState):
     @classmethod
     def zeros(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: Any) -> KVState:
         shape = (batch, max_len, kv_heads, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)).constrained()  # two buffers (donation)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape,
+                                                          dtype)).constrained()  # two buffers (donation)
 
     def write(self, k_BTKH: jax.Array, v_BTKH: jax.Array, slots_BT: jax.Array) -> KVState:
         """The block's keys and values scattered into their slots (writes past the end are dropped)."""

@@ -139,7 +139,8 @@ def layer_weights(cfg: ModelConfig, i: int, prefix: str = "") -> tuple[WeightRow
     at = f"layers.{i}."
     return (WeightRow(f"{prefix}{at}input_layernorm.weight", f"{at}input_layernorm.weight"),
             WeightRow(f"{prefix}{at}post_attention_layernorm.weight", f"{at}post_attention_layernorm.weight"),
-            *(row.prefixed(f"{prefix}{at}{mixer.attr}.", f"{at}{mixer.attr}.") for row in mixer.weights(cfg, spec)),
+            *(row.prefixed(f"{prefix}{at}{mixer.attr}.", f"{at}{mixer.attr}.") for row in mixer.weights(cfg,
+                                                                                                        spec)),
             *(row.prefixed(f"{prefix}{at}mlp.", f"{at}mlp.") for row in mlp_kind(spec).weights(cfg, spec)))
 
 

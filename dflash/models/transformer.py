@@ -101,7 +101,8 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("...D,DV->...V", x_BTD, self.lm_head[...], preferred_element_type=jnp.float32)
         return constrain(logits, "vocab")
 
-    def context(self, positions_BT: jax.Array, cache: Cache | None = None, *, block_mask: jax.Array | None = None,
+    def context(self, positions_BT: jax.Array, cache: Cache | None = None, *,
+                block_mask: jax.Array | None = None,
                 segment_ids: jax.Array | None = None) -> Context:
         """What the layers of one pass over the tokens at ``positions_BT`` read (``layers.Context``)."""
         t = positions_BT.shape[1]
@@ -143,7 +144,8 @@ class Transformer(nnx.Module):
         x_BTD = self.embed(tokens_BT)
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
-            x_BTD, state = layer(x_BTD, lambda h, layer=layer, state=state: layer.mixer(h, ctx=ctx, state=state))
+            x_BTD, state = layer(x_BTD, lambda h, layer=layer, state=state: layer.mixer(h, ctx=ctx,
+                                                                                        state=state))
             states.append(state)
             if i in want:
                 hidden[want[i]] = x_BTD

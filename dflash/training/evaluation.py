@@ -66,7 +66,8 @@ def measure_tau(target: Transformer, drafter: Any, prompts: list[list[int]],
     eos = tuple(target.cfg.eos_token_id)
     kind = kind_of(drafter)
     # The n-gram run never emits the drafter's mask token either, so all runs verify alike.
-    common = dict(max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=drafter.cfg.mask_token_id, mesh=mesh)
+    common = dict(max_new_tokens=max_new_tokens, eos_ids=eos, mask_token_id=drafter.cfg.mask_token_id,
+                  mesh=mesh)
     dres = speculative_generate(target, prompts, method=kind.method(drafter), drafter=drafter, **common)
     ngram = NgramDraft(block_size=drafter.cfg.block_size)
     nres = speculative_generate(target, prompts, method=ngram, **common)

@@ -39,7 +39,8 @@ def build_drafter_config(cfg: ExperimentConfig, target: ModelConfig, tokenizer: 
                            block_size=cfg.block_size)
 
 
-def build_method_drafter(cfg: ExperimentConfig, dcfg: Any, target: Transformer, mesh: Mesh | None = None) -> Any:
+def build_method_drafter(cfg: ExperimentConfig, dcfg: Any, target: Transformer,
+                         mesh: Mesh | None = None) -> Any:
     """The drafter a run starts from: ``drafter.init_from``, else a fresh one (its kind's ``build``:
     Orthrus warm-starts from the target's attentions). ``init_from`` must agree with ``dcfg``
     (``check_init_from``). With a ``mesh`` every parameter is created or read in its shards.

@@ -2,7 +2,8 @@
 
 Every drafter kind shares the machinery (``method:`` in the config names one, ``dflash.drafters``):
 **DFlash** (a small separate drafter fed with target features), **Orthrus** (diffusion attentions
-inside every frozen target layer; only they are trained), and any kind registered beside them. The pieces live beside this file, one job each:
+inside every frozen target layer; only they are trained), and any kind registered beside them.
+The pieces live beside this file, one job each:
 ``setup`` (drafter, devices), ``rundata`` (packed rows, prompts), ``optim``, ``step`` (the
 jitted train / eval steps), ``checkpoints`` (Orbax, resume policy) and ``evaluation``
 (simulated and real τ). The run lives on a ``data × fsdp × tensor`` mesh (``mesh:``, docs/design.md
@@ -234,7 +235,8 @@ def _log_eval(writer: ScalarLog, ev: dict[str, Any], step: int) -> None:
     writer.histogram("eval/acceptance", ev["acceptance_counts"], step)  # held-out blocks' simulated lengths
 
 
-def _export(cfg: ExperimentConfig, drafter: Any, target: Transformer, out: Path, prepared: dict[str, Any]) -> Path:
+def _export(cfg: ExperimentConfig, drafter: Any, target: Transformer, out: Path, prepared: dict[str,
+                                                                                                Any]) -> Path:
     """The trained drafter in its kind's serving layout (Orthrus: a delta export referencing the target)."""
     if out.exists():
         shutil.rmtree(out)

@@ -12,5 +12,6 @@ from dflash.drafters.dflash.model import (
     layer_config,
 )
 
-__all__ = ["ANCHOR_CHUNK", "DFLASH", "DFlashConfig", "DFlashDraft", "DFlashDrafter", "DFlashKind", "build_drafter",
+__all__ = ["ANCHOR_CHUNK", "DFLASH", "DFlashConfig", "DFlashDraft", "DFlashDrafter", "DFlashKind",
+           "build_drafter",
            "default_target_layer_ids", "layer_config"]

@@ -31,7 +31,8 @@ class DFlashDraft(LogitsDraft):
     mask_token_id: int | None = None
 
     @classmethod
-    def of(cls, drafter: DFlashDrafter, stochastic: bool = False, block_size: int | None = None) -> DFlashDraft:
+    def of(cls, drafter: DFlashDrafter, stochastic: bool = False,
+           block_size: int | None = None) -> DFlashDraft:
         k = check_block(block_size, drafter.cfg.block_size)
         return cls(k, tuple(drafter.cfg.target_layer_ids), stochastic, drafter.cfg.mask_token_id)
 

@@ -32,7 +32,8 @@ SHIPPED_DRAFTERS = {"tiny-code-dflash": ASSETS / "tiny-code-dflash"}
 
 def drafter_rows(cfg: DFlashConfig) -> tuple[WeightRow, ...]:
     """Every tensor of a DFlash export and the parameter it fills (no embedding, no LM head)."""
-    return (WeightRow("fc.weight", "fc.kernel", transpose=True), WeightRow("hidden_norm.weight", "hidden_norm.weight"),
+    return (WeightRow("fc.weight", "fc.kernel", transpose=True), WeightRow("hidden_norm.weight",
+                                                                           "hidden_norm.weight"),
             WeightRow("norm.weight", "norm.weight"),
             *(row for i in range(cfg.num_layers) for row in kinds.layer_weights(cfg.layers, i)))
 

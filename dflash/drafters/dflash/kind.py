@@ -24,7 +24,7 @@ from dflash.drafters import blocks as blk
 from dflash.drafters import loss_head
 from dflash.drafters.dflash import hf
 from dflash.drafters.dflash.draft import DFlashDraft
-from dflash.drafters.dflash.model import DFlashConfig, DFlashDrafter
+from dflash.drafters.dflash.model import DEFAULT_BLOCK_SIZE, DFlashConfig, DFlashDrafter
 from dflash.drafters.registry import SHIPPED, DrafterKind, register
 from dflash.flops import head_flops, target_forward_flops
 from dflash.models import kinds
@@ -36,15 +36,17 @@ class DFlashKind(DrafterKind):
     label = "DFlash"
     module = DFlashDrafter
     architectures = (hf.ARCHITECTURE,)
-    default_block_size = 16
+    default_block_size = DEFAULT_BLOCK_SIZE
     default_loss_weights = (1.0, 0.0)
     section_keys = frozenset({"num_layers", "target_layer_ids", "num_target_features"})
     compared_on_init_from = ("num_layers", "block_size", "target_layer_ids", "mask_token_id")
     sharding = ((r"(^|\.)fc\.kernel$", ("embed", None)),)  # the context projection [n*D, D]
 
-    def config(self, section: Any, target: ModelConfig, *, mask_token_id: int, block_size: int) -> DFlashConfig:
+    def config(self, section: Any, target: ModelConfig, *, mask_token_id: int,
+               block_size: int) -> DFlashConfig:
         return DFlashConfig.for_target(target, mask_token_id=mask_token_id, num_layers=section.num_layers,
-                                       block_size=block_size, target_layer_ids=section.target_layer_ids or None,
+                                       block_size=block_size,
+                                       target_layer_ids=section.target_layer_ids or None,
                                        num_target_features=section.num_target_features)
 
     def construct(self, dcfg: DFlashConfig, *, dtype: Any = jnp.float32, seed: int = 0) -> DFlashDrafter:
@@ -63,11 +65,13 @@ class DFlashKind(DrafterKind):
     def read_config(self, directory: Path) -> DFlashConfig:
         return hf.config_from_hf(hf.read_json(directory))
 
-    def load(self, directory: Path, target: Transformer | None = None, *, target_cfg: ModelConfig | None = None,
+    def load(self, directory: Path, target: Transformer | None = None, *,
+             target_cfg: ModelConfig | None = None,
              dtype: Any = jnp.float32, attention_impl: str = "auto", mesh: Mesh | None = None,
              replicate_indivisible: bool = False) -> DFlashDrafter:
         return hf.load_drafter(directory, target.cfg if target is not None else target_cfg, dtype=dtype,
-                               attention_impl=attention_impl, mesh=mesh, replicate_indivisible=replicate_indivisible)
+                               attention_impl=attention_impl, mesh=mesh,
+                               replicate_indivisible=replicate_indivisible)
 
     def save(self, drafter: DFlashDrafter, target: Transformer | None, target_cfg: ModelConfig, out: Path, *,
              target_name: str, dtype: Any = None, form: str = "delta", **prepared: Any) -> Path:
@@ -81,7 +85,8 @@ class DFlashKind(DrafterKind):
         """Prompt lookup as one more tree branch (``tau_with_ngram``)."""
         return {"with_ngram": BeamTreeDraft.around(self.method(drafter), 1, lookup=True)}
 
-    def loss(self, drafter: DFlashDrafter, target: Transformer, batch: dict[str, jax.Array], key: jax.Array, *,
+    def loss(self, drafter: DFlashDrafter, target: Transformer, batch: dict[str, jax.Array], key: jax.Array,
+             *,
              num_anchors: int, gamma: float, ce_weight: float, kl_weight: float, target_labels: bool = False,
              target_metrics: bool = True, loss_chunk: int = loss_head.DEFAULT_CHUNK,
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -113,9 +118,10 @@ class DFlashKind(DrafterKind):
         return blk.score(h_head, target, blocks, t_final, batch, gamma=gamma, ce_weight=ce_weight,
                          kl_weight=kl_weight, target_labels=target_labels, chunk=loss_chunk)
 
-    def anchor_logits(self, drafter: DFlashDrafter, target: Transformer, seq_1S: jax.Array, anchors_A: jax.Array,
+    def anchor_logits(self, drafter: DFlashDrafter, target: Transformer, seq_1S: jax.Array,
+                      anchors_A: jax.Array,
                       block: int) -> jax.Array:
-        s, a = seq_1S.shape[1], anchors_A.shape[0]
+        s = seq_1S.shape[1]
         pos = jnp.arange(s)[None]
         out = target(seq_1S, pos, hidden_layers=drafter.cfg.target_layer_ids, compute_logits=False)  # causal
         feats = jnp.transpose(out.hidden, (1, 2, 0, 3)).reshape(1, s, -1)  # [1, S, n*D]
@@ -123,7 +129,8 @@ class DFlashKind(DrafterKind):
         h = drafter(x, q_pos, drafter.project_context(feats), pos, ctx_mask)  # [1, A, Q, D]
         return target.unembed(h[0, :, 1:])  # row k -> the token at a + k
 
-    def flops(self, target: ModelConfig, dcfg: DFlashConfig, *, batch: int, seq: int, anchors: int, block: int,
+    def flops(self, target: ModelConfig, dcfg: DFlashConfig, *, batch: int, seq: int, anchors: int,
+              block: int,
               target_logits: bool, remat: bool) -> dict[str, float]:
         """The target runs up to its deepest feature layer unless its logits are needed (KL or
         target labels); the drafter's layers see ``A*Q`` block rows per sequence against the whole

@@ -30,6 +30,7 @@ from dflash.models.layers import Linear, RMSNorm, rope_cos_sin
 from dflash.models.transformer import DecoderLayer, Transformer
 from dflash.sharding import constrain
 
+DEFAULT_BLOCK_SIZE = 16  # the kind's default (DFlashKind.default_block_size reads it)
 ANCHOR_CHUNK = 64  # a chunk's MLP product at the Qwen3-8B preset: [4, 64, 16, 12288] bf16 = 96 MiB per chip
 
 
@@ -55,7 +56,7 @@ class DFlashConfig:
     num_target_layers: int
     target_layer_ids: tuple[int, ...]
     mask_token_id: int
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     model_type: str = "qwen3"  # the target's family (recorded on export)
 
     def __post_init__(self) -> None:
@@ -92,7 +93,7 @@ class DFlashConfig:
 
     @classmethod
     def for_target(cls, target: ModelConfig, *, mask_token_id: int, num_layers: int = 1,
-                   block_size: int = 16, target_layer_ids: tuple[int, ...] | None = None,
+                   block_size: int = DEFAULT_BLOCK_SIZE, target_layer_ids: tuple[int, ...] | None = None,
                    num_target_features: int = 5) -> DFlashConfig:
         """Defaults from the target: its width, heads, rope and vocabulary."""
         ids = tuple(target_layer_ids) if target_layer_ids else default_target_layer_ids(
@@ -116,9 +117,11 @@ def layer_config(target: Any, num_layers: int) -> ModelConfig:
     ``ModelConfig``, or anything with its size fields: an exported drafter's config.json)."""
     fields = dict(vocab_size=target.vocab_size, hidden_size=target.hidden_size,
                   intermediate_size=target.intermediate_size, num_heads=target.num_heads,
-                  num_kv_heads=target.num_kv_heads, head_dim=target.head_dim, rms_norm_eps=target.rms_norm_eps,
+                  num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
+                  rms_norm_eps=target.rms_norm_eps,
                   rope=target.rope, max_position_embeddings=target.max_position_embeddings)
-    return ModelConfig(model_type="qwen3", num_layers=num_layers, layers=(DRAFTER_LAYER,) * num_layers, **fields)
+    return ModelConfig(model_type="qwen3", num_layers=num_layers, layers=(DRAFTER_LAYER,) * num_layers,
+                       **fields)
 
 
 class DFlashDrafter(nnx.Module):
@@ -135,7 +138,8 @@ class DFlashDrafter(nnx.Module):
         h = cfg.hidden_size
         self.fc = Linear(len(cfg.target_layer_ids) * h, h, bias=False, dtype=dtype, rngs=rngs)
         self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
-        self.layers = nnx.List([DecoderLayer(cfg.layers, spec, dtype=dtype, rngs=rngs) for spec in cfg.layers.layers])
+        self.layers = nnx.List([DecoderLayer(cfg.layers, spec, dtype=dtype,
+                                             rngs=rngs) for spec in cfg.layers.layers])
         self.norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.layer_cfg = cfg.layers
 

@@ -27,8 +27,10 @@ class OrthrusDraft(LogitsDraft):
     mask_token_id: int | None = None
 
     @classmethod
-    def of(cls, drafter: OrthrusDrafter, stochastic: bool = False, block_size: int | None = None) -> OrthrusDraft:
+    def of(cls, drafter: OrthrusDrafter, stochastic: bool = False,
+           block_size: int | None = None) -> OrthrusDraft:
         return cls(check_block(block_size, drafter.cfg.block_size), stochastic, drafter.cfg.mask_token_id)
 
-    def draft_logits(self, drafter: OrthrusDrafter, target: Transformer, state, step: StepInputs) -> jax.Array:
+    def draft_logits(self, drafter: OrthrusDrafter, target: Transformer, state,
+                     step: StepInputs) -> jax.Array:
         return drafter.draft_logits(target, step.target_cache, step.anchor_B, self.block_size)  # [B, Q-1, V]

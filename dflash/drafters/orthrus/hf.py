@@ -59,7 +59,8 @@ def diff_rows(cfg: OrthrusConfig) -> tuple[WeightRow, ...]:
     for i, spec in enumerate(cfg.target.layers):
         attn = kinds.mixer_kind(spec)
         for row in attn.weights(cfg.target, spec):
-            rows.append(WeightRow(f"model.layers.{i}.{attn.attr}.{_diff(row.hf)}", f"layers.{i}.{_diff(row.ours)}",
+            rows.append(WeightRow(f"model.layers.{i}.{attn.attr}.{_diff(row.hf)}",
+                                  f"layers.{i}.{_diff(row.ours)}",
                                   row.transpose, row.experts))
     return tuple(rows)
 
@@ -172,7 +173,8 @@ def read_orthrus_config(directory: Path) -> tuple[OrthrusConfig, ModelConfig, di
             raise CheckpointError(f"Orthrus config.json lacks orthrus_config.{key}")
     tcfg = _target_config(hf)
     try:
-        cfg = OrthrusConfig(target=tcfg, mask_token_id=int(ocfg["mask_token_id"]), block_size=int(ocfg["block_size"]))
+        cfg = OrthrusConfig(target=tcfg, mask_token_id=int(ocfg["mask_token_id"]),
+                            block_size=int(ocfg["block_size"]))
     except ConfigError as err:
         raise CheckpointError(f"Orthrus config.json in {directory} is invalid: {err}") from err
     return cfg, tcfg, hf

@@ -24,7 +24,7 @@ from dflash.drafters import blocks as blk
 from dflash.drafters import loss_head
 from dflash.drafters.orthrus import hf
 from dflash.drafters.orthrus.draft import OrthrusDraft
-from dflash.drafters.orthrus.model import OrthrusConfig, OrthrusDrafter
+from dflash.drafters.orthrus.model import DEFAULT_BLOCK_SIZE, OrthrusConfig, OrthrusDrafter
 from dflash.drafters.registry import SHIPPED, DrafterKind, register
 from dflash.flops import head_flops, target_forward_flops
 from dflash.models import kinds
@@ -36,11 +36,12 @@ class OrthrusKind(DrafterKind):
     label = "Orthrus"
     module = OrthrusDrafter
     architectures = hf.ARCHITECTURES
-    default_block_size = 32
+    default_block_size = DEFAULT_BLOCK_SIZE
     default_loss_weights = (0.0, 1.0)
     needs_target_weights = True
 
-    def config(self, section: Any, target: ModelConfig, *, mask_token_id: int, block_size: int) -> OrthrusConfig:
+    def config(self, section: Any, target: ModelConfig, *, mask_token_id: int,
+               block_size: int) -> OrthrusConfig:
         return OrthrusConfig.for_target(target, mask_token_id=mask_token_id, block_size=block_size)
 
     def build(self, dcfg: OrthrusConfig, target: Transformer, *, seed: int, mesh: Mesh | None = None,
@@ -59,10 +60,12 @@ class OrthrusKind(DrafterKind):
     def read_config(self, directory: Path) -> OrthrusConfig:
         return hf.read_orthrus_config(directory)[0]
 
-    def load(self, directory: Path, target: Transformer | None = None, *, target_cfg: ModelConfig | None = None,
+    def load(self, directory: Path, target: Transformer | None = None, *,
+             target_cfg: ModelConfig | None = None,
              dtype: Any = jnp.float32, attention_impl: str = "auto", mesh: Mesh | None = None,
              replicate_indivisible: bool = False) -> OrthrusDrafter:
-        return hf.load_orthrus(directory, target, target_cfg=target_cfg, dtype=dtype, attention_impl=attention_impl,
+        return hf.load_orthrus(directory, target, target_cfg=target_cfg, dtype=dtype,
+                               attention_impl=attention_impl,
                                mesh=mesh, replicate_indivisible=replicate_indivisible)
 
     def prepare_export(self, target: Transformer) -> dict[str, Any]:
@@ -70,7 +73,8 @@ class OrthrusKind(DrafterKind):
 
     def save(self, drafter: OrthrusDrafter, target: Transformer | None, target_cfg: ModelConfig, out: Path, *,
              target_name: str, dtype: Any = None, form: str = "delta", **prepared: Any) -> Path:
-        return hf.save_orthrus(drafter, target, out, form=form, target_name=target_name, dtype=dtype, **prepared)
+        return hf.save_orthrus(drafter, target, out, form=form, target_name=target_name, dtype=dtype,
+                               **prepared)
 
     def method(self, drafter: OrthrusDrafter, *, stochastic: bool = False,
                block_size: int | None = None) -> OrthrusDraft:
@@ -79,7 +83,8 @@ class OrthrusKind(DrafterKind):
     def needs_target_logits(self, step_kw: dict[str, Any]) -> bool:
         return True  # the AR pass that feeds the diffusion attentions yields them anyway
 
-    def loss(self, drafter: OrthrusDrafter, target: Transformer, batch: dict[str, jax.Array], key: jax.Array, *,
+    def loss(self, drafter: OrthrusDrafter, target: Transformer, batch: dict[str, jax.Array],
+             key: jax.Array, *,
              num_anchors: int, gamma: float, ce_weight: float, kl_weight: float, target_labels: bool = False,
              target_metrics: bool = True, loss_chunk: int = loss_head.DEFAULT_CHUNK,
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -95,7 +100,8 @@ class OrthrusKind(DrafterKind):
         q = drafter.cfg.block_size
         tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
         b, s = tokens.shape
-        out = target(tokens, pos, target.init_cache(b, s), segment_ids=seg, compute_logits=False, final_hidden=True)
+        out = target(tokens, pos, target.init_cache(b, s), segment_ids=seg, compute_logits=False,
+                     final_hidden=True)
         prefix = jax.lax.stop_gradient(out.cache.layers)  # per layer: the AR K/V [B, S, K, H]
         t_final = jax.lax.stop_gradient(out.final)  # [B, S, D]
         blocks = blk.anchor_blocks(target, batch, key, num_anchors, q, drafter.cfg.mask_token_id)
@@ -104,7 +110,8 @@ class OrthrusKind(DrafterKind):
         return blk.score(h_head, target, blocks, t_final, batch, gamma=gamma, ce_weight=ce_weight,
                          kl_weight=kl_weight, target_labels=target_labels, chunk=loss_chunk)
 
-    def anchor_logits(self, drafter: OrthrusDrafter, target: Transformer, seq_1S: jax.Array, anchors_A: jax.Array,
+    def anchor_logits(self, drafter: OrthrusDrafter, target: Transformer, seq_1S: jax.Array,
+                      anchors_A: jax.Array,
                       block: int) -> jax.Array:
         s = seq_1S.shape[1]
         out = target(seq_1S, jnp.arange(s)[None], target.init_cache(1, s), compute_logits=False)  # the AR K/V
@@ -112,7 +119,8 @@ class OrthrusKind(DrafterKind):
         h = drafter(target, x, q_pos, out.cache.layers, ctx_mask)  # [1, A, Q, D]
         return target.logits(h[0, :, : block - 1])  # row r -> the token at a + r + 1
 
-    def flops(self, target: ModelConfig, dcfg: OrthrusConfig, *, batch: int, seq: int, anchors: int, block: int,
+    def flops(self, target: ModelConfig, dcfg: OrthrusConfig, *, batch: int, seq: int, anchors: int,
+              block: int,
               target_logits: bool, remat: bool) -> dict[str, float]:
         """The whole target, then one diffusion attention per layer on the block rows (trained:
         forward + 2x backward) and the target's frozen MLPs on them (forward + the input gradient)."""
@@ -120,7 +128,7 @@ class OrthrusKind(DrafterKind):
         redo = 1.0 if remat else 0.0
         t = target_forward_flops(target, batch, seq)
         draft = 0.0
-        for i, spec in enumerate(target.layers):
+        for spec in target.layers:
             attn = kinds.mixer_kind(spec).flops(target, spec, rows, seq + block)
             mlp = kinds.mlp_kind(spec).flops(target, spec, rows)
             draft += (3.0 + redo) * attn + (2.0 + redo) * mlp

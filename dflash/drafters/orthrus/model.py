@@ -34,6 +34,7 @@ from dflash.models.cache import Cache, KVState
 from dflash.models.layers import rope_tables
 from dflash.models.transformer import Transformer
 
+DEFAULT_BLOCK_SIZE = 32  # the kind's default (OrthrusKind.default_block_size reads it)
 _ARCH_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "layers")
 
 
@@ -44,7 +45,7 @@ class OrthrusConfig:
 
     target: ModelConfig
     mask_token_id: int
-    block_size: int = 32
+    block_size: int = DEFAULT_BLOCK_SIZE
 
     def __post_init__(self) -> None:
         t = self.target
@@ -53,7 +54,8 @@ class OrthrusConfig:
                             num_heads=t.num_heads, num_kv_heads=t.num_kv_heads)
         for i, spec in enumerate(t.layers):
             if spec.mixer != "attention" or any(dict(spec.mixer_options).get(o) for o in ("window", "sinks")):
-                raise ConfigError(f"Orthrus needs full attention without sinks in every target layer; layer {i} is "
+                raise ConfigError(f"Orthrus needs full attention without sinks in every target layer; "
+                                  f"layer {i} is "
                                   f"{spec.mixer} {dict(spec.mixer_options)}")
 
     num_layers = property(lambda self: self.target.num_layers)
@@ -62,7 +64,8 @@ class OrthrusConfig:
     model_type = property(lambda self: self.target.model_type)
 
     @classmethod
-    def for_target(cls, target: ModelConfig, *, mask_token_id: int, block_size: int = 32) -> OrthrusConfig:
+    def for_target(cls, target: ModelConfig, *, mask_token_id: int,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> OrthrusConfig:
         """One diffusion attention per target layer, shaped exactly like the target's own."""
         return cls(target=target, mask_token_id=mask_token_id, block_size=block_size)
 
@@ -115,7 +118,8 @@ class OrthrusDrafter(nnx.Module):
                     # block: the same attention as the DFlash drafter's (Pallas kernel on TPU/GPU).
                     # The prefix (a KV cache) is only read.
                     attn_BAQNH = dispatch.anchor_attention(blk(q_BTNH), k_ctx_BSKH, v_ctx_BSKH, blk(k_BTKH),
-                                                           blk(v_BTKH), ctx_mask_BAS, impl=self.attention_impl)
+                                                           blk(v_BTKH), ctx_mask_BAS,
+                                                           impl=self.attention_impl)
                     gate_BAQX = None if gate is None else blk(gate)
                     return diff.output(attn_BAQNH.reshape(b, a, q, -1), gate_BAQX), None
 
