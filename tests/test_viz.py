@@ -164,6 +164,28 @@ def test_steps_split_and_render_round_trip_to_the_token_ids():
     assert T.parse_terminal(rendered, texts) == steps
     html = T.render_html(steps, texts, prompt="p")
     assert html.count("data-id=") == len(ids) and 'data-kind="bonus"' in html
+    plain = T.render_plain(steps, texts)
+    assert "\x1b" not in plain
+    assert T.parse_plain(plain) == [("".join(map(texts.text, s.drafts)),
+                                     None if s.bonus is None else texts.text(s.bonus)) for s in steps]
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(("mode", "tty", "env", "expected"), [
+    ("auto", True, {}, True), ("auto", False, {}, False),  # a terminal only
+    ("auto", True, {"NO_COLOR": "1"}, False), ("auto", True, {"NO_COLOR": ""}, True),  # empty: unset
+    ("auto", False, {"FORCE_COLOR": "1"}, True), ("auto", True, {"NO_COLOR": "1", "FORCE_COLOR": "1"}, False),
+    ("always", False, {"NO_COLOR": "1"}, True), ("never", True, {"FORCE_COLOR": "1"}, False),
+])
+def test_colour_only_for_a_terminal_unless_told(mode, tty, env, expected):
+    assert T.wants_color(mode, _Stream(tty), env) is expected
 
 
 def test_generate_show_steps_round_trips_to_the_same_token_ids(capsys):
@@ -174,10 +196,11 @@ def test_generate_show_steps_round_trips_to_the_same_token_ids(capsys):
             "--max-new-tokens", "40"]
     assert main([*args, "--json"]) == 0
     ref = json.loads(capsys.readouterr().out)
-    assert main([*args, "--show-steps"]) == 0
+    assert main([*args, "--show-steps", "--color", "always"]) == 0
     shown = capsys.readouterr().out
     assert shown.startswith("def area(r):\n") and "\x1b[32m" in shown  # some drafts were accepted
-    steps = T.parse_terminal(shown, T.TokenTexts(load_tokenizer("tiny-code")))
+    texts = T.TokenTexts(load_tokenizer("tiny-code"))
+    steps = T.parse_terminal(shown, texts)
     assert [t for s in steps for t in s.tokens] == ref["tokens"]
     lens = [len(s.tokens) for s in steps[1:]]
     assert lens[:-1] == ref["acceptance_lengths"][:-1]
@@ -186,6 +209,13 @@ def test_generate_show_steps_round_trips_to_the_same_token_ids(capsys):
     assert main([*args, "--json", "--show-steps"]) == 0
     as_json = json.loads(capsys.readouterr().out)["steps"]
     assert [T.Step(tuple(s["drafts"]), s["bonus"]) for s in as_json] == steps
+    # Captured stdout is no terminal: the same steps, bracketed, and not one escape code.
+    assert main([*args, "--show-steps"]) == 0
+    plain = capsys.readouterr().out
+    assert "\x1b" not in plain and T.PLAIN_LEGEND in plain
+    body = plain.removeprefix("def area(r):\n").split("\n\n")[0]
+    assert T.parse_plain(body) == T.parse_plain(T.render_plain(steps, texts))
+    assert len(T.parse_plain(body)) == len(steps)
 
 
 def test_speedup_command_reads_committed_bench_results(tmp_path):
