@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from recount import tau_from_steps
 
 from dflash.cli.bench import main as bench_main
 from dflash.cli.generate import main as generate_main
@@ -56,7 +57,7 @@ def test_generate_with_drafters_is_lossless_and_reports_tau(capsys, drafter_dir)
         assert out["tau"] <= out["mean_acceptance_length"] == pytest.approx(np.mean(steps))
     sampled = _gen(capsys, "--drafter", str(drafter_dir), "--temperature", "0.9", "--verify", "block",
                    "--seed", "4")
-    assert sampled["tokens"] and sampled["tau"] >= 1
+    assert sampled["tau"] == tau_from_steps([sampled["tokens"]], [sampled["acceptance_lengths"]])
     assert generate_main(["--prompt", "x", "--drafter", "ngram", "--ngram-branch"]) == 2  # needs DFlash
     assert "needs a DFlash drafter with argmax drafts, not NgramDraft" in capsys.readouterr().err
     assert generate_main(["--prompt", "x", "--drafter", str(drafter_dir), "--stochastic-drafts",

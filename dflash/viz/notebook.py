@@ -104,9 +104,16 @@ def lengths_of(results: Mapping[str, Any]) -> dict[str, list[int]]:
     return {name: [a for row in r.acceptance_lengths for a in row] for name, r in results.items()}
 
 
-def taus_of(results: Mapping[str, Any]) -> dict[str, list[float]]:
-    """name -> tau of each row (tokens per verify step, design.md §7)."""
-    return {name: [sum(row) / max(len(row), 1) for row in r.acceptance_lengths]
+def taus_of(results: Mapping[str, Any]) -> dict[str, float]:
+    """name -> the result's τ (tokens emitted by verify steps / verify steps, design.md §7)."""
+    return {name: r.tau for name, r in results.items()}
+
+
+def prompt_taus_of(results: Mapping[str, Any]) -> dict[str, list[float]]:
+    """name -> τ of each row: as ``SpecResult.tau``, one row at a time (the prefill's token is not a
+    verify step's; ``acceptance_lengths`` overstate a step that EOS or the budget cut)."""
+    return {name: [(len(toks) - 1) / len(row) if row else float("nan")
+                   for toks, row in zip(r.tokens, r.acceptance_lengths, strict=True)]
             for name, r in results.items()}
 
 
