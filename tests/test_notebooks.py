@@ -4,8 +4,13 @@ notebook's run then gets a ``dflash-report`` with every section."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +18,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from dflash.viz.notebook import NOTEBOOKS, colab_url
+from dflash.viz.notebook import INSTALL_CELL, NOTEBOOKS, colab_url
 
 ROOT = Path(__file__).resolve().parents[1]
 # Wall-time bounds per notebook on a 2-core CPU host: a hang guard with room for a contended host
@@ -60,6 +65,42 @@ def test_notebooks_are_thin_and_link_to_colab():
                 assert "def " not in c.source and "class " not in c.source, (name, c.source[:60])
                 assert c.source.count("\n") < 20, (name, c.source[:60])
     assert not (ROOT / "notebooks" / "quickstart.ipynb").exists()
+
+
+def test_what_the_notebooks_write_is_ignored_by_git():
+    """Run in notebooks/ (Jupyter's working directory), a notebook's run and export directories never
+    show up in ``git status``."""
+    written = set()
+    for name in NOTEBOOKS:
+        (params,) = [c for c in load(name).cells if "parameters" in c.metadata.get("tags", [])]
+        written |= set(re.findall(r'^\w+_dir = "([^"]+)"', params.source, re.M))
+    assert {"runs/notebook_drafter", "exported/notebook_drafter"} <= written  # the pattern still reads them
+    paths = sorted(f"notebooks/{d}/file" for d in written)
+    listed = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True,
+                            text=True).stdout.split()
+    assert sorted(set(paths) - set(listed)) == []
+
+
+@pytest.mark.parametrize(("device_file", "nvidia_smi", "extra"), [
+    (None, None, ""), (None, "/usr/bin/nvidia-smi", "[gpu]"), ("/dev/accel0", None, "[tpu]"),
+    ("/dev/vfio/0", "/usr/bin/nvidia-smi", "[tpu]")])
+def test_the_install_cell_installs_jax_for_the_runtime(monkeypatch, device_file, nvidia_smi, extra):
+    """Every notebook opens with ``INSTALL_CELL``; where dflash is missing it installs the extra of the
+    runtime's accelerator (the TPU device files are those ``dflash.distributed`` looks for)."""
+    from dflash.distributed import _TPU_DEVICE_FILES
+
+    assert all(load(name).cells[1].source == INSTALL_CELL for name in NOTEBOOKS)
+    assert device_file is None or device_file in _TPU_DEVICE_FILES
+    calls = []
+    monkeypatch.setattr(subprocess, "check_call", calls.append)
+    monkeypatch.setattr(shutil, "which", lambda name: nvidia_smi if name == "nvidia-smi" else None)
+    monkeypatch.setattr(os.path, "exists", lambda path: path == device_file)
+    exec(INSTALL_CELL, {})  # dflash is importable here: nothing to install
+    assert calls == []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    exec(INSTALL_CELL, {})
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q",
+                      f"dflash{extra} @ git+https://github.com/dflash/dflash"]]
 
 
 @pytest.mark.slow

@@ -15,6 +15,19 @@ from dflash.viz.errors import VizError
 
 REPOSITORY = "dflash/dflash"  # GitHub owner/name the Colab badges and the install cell point at
 NOTEBOOKS = ("01_quickstart", "02_train_a_drafter", "03_export_and_serve")
+# Every notebook's first code cell, verbatim (tests/test_notebooks.py checks; tests/test_packaging.py
+# runs it against a wheel of this checkout). Where dflash is missing (Colab) it installs dflash
+# with the JAX build of the runtime: Colab's own jax is another version, whose CUDA plugin or
+# libtpu would not match ours. The TPU device files are those of dflash.distributed.
+INSTALL_CELL = f"""\
+# Colab: install dflash from its repository (skipped where dflash is already importable), with JAX
+# for the runtime's accelerator: the [tpu] extra on a TPU VM, [gpu] (CUDA 12) where nvidia-smi is
+import importlib.util, os, shutil, subprocess, sys
+source = "git+https://github.com/{REPOSITORY}"
+if importlib.util.find_spec("dflash") is None:
+    tpu = any(os.path.exists(f) for f in ("/dev/accel0", "/dev/vfio/0"))
+    extra = "[tpu]" if tpu else "[gpu]" if shutil.which("nvidia-smi") else ""
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"dflash{{extra}} @ {{source}}"])"""
 
 
 # The notebooks' default training sizes: a run of a few steps on a CPU in about a minute.
