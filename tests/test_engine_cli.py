@@ -180,7 +180,9 @@ def test_anchor_profile_reproduces_the_engines_steps(tmp_path, capsys):
     for name, method in (("drafter", "drafter"), ("ngram", "ngram"), ("best", "drafter+ngram")):
         engine = [p["acceptance_lengths"] for p in methods[method]["per_prompt"]]
         assert [row["steps"][name] for row in profile["rows"]] == engine, name
-        assert profile["summary"][f"tau_{name}"] == pytest.approx(methods[method]["mean_acceptance_length"])
+        assert profile["summary"][f"tau_{name}"] == pytest.approx(methods[method]["tau"])
+        assert profile["summary"][f"mean_acceptance_length_{name}"] == pytest.approx(
+            methods[method]["mean_acceptance_length"])
     assert any(a > 1 for row in profile["rows"] for a in row["steps"]["drafter"])  # a real drafter accepts
     row = profile["rows"][0]
     assert len(row["drafter"]) == len(row["ngram"]) == len(row["target_top1"]) == 40
