@@ -146,7 +146,7 @@ def test_a_run_directory_that_is_not_there_or_has_no_export_is_named_not_sought_
                                                                                            monkeypatch):
     """After ``dflash-train --quick`` (runs/tiny_code-quick), ``--drafter runs/tiny_code`` names the
     missing directory and what its parent holds; a run without an export says how to make one."""
-    from dflash.export import load_drafter
+    from dflash.drafters import load_drafter
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "tiny_code-quick").mkdir(parents=True)
