@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from recount import tau_from_steps
 
 from dflash.cli.bench import main as bench_main
 from dflash.cli.generate import main as generate_main
@@ -56,7 +57,7 @@ def test_generate_with_drafters_is_lossless_and_reports_tau(capsys, drafter_dir)
         assert out["tau"] <= out["mean_acceptance_length"] == pytest.approx(np.mean(steps))
     sampled = _gen(capsys, "--drafter", str(drafter_dir), "--temperature", "0.9", "--verify", "block",
                    "--seed", "4")
-    assert sampled["tokens"] and sampled["tau"] >= 1
+    assert sampled["tau"] == tau_from_steps([sampled["tokens"]], [sampled["acceptance_lengths"]])
     assert generate_main(["--prompt", "x", "--drafter", "ngram", "--ngram-branch"]) == 2  # needs DFlash
     err = capsys.readouterr().err
     assert "needs a drafter with argmax drafts of per-position distributions, not NgramDraft" in err
@@ -179,7 +180,9 @@ def test_anchor_profile_reproduces_the_engines_steps(tmp_path, capsys):
     for name, method in (("drafter", "drafter"), ("ngram", "ngram"), ("best", "drafter+ngram")):
         engine = [p["acceptance_lengths"] for p in methods[method]["per_prompt"]]
         assert [row["steps"][name] for row in profile["rows"]] == engine, name
-        assert profile["summary"][f"tau_{name}"] == pytest.approx(methods[method]["mean_acceptance_length"])
+        assert profile["summary"][f"tau_{name}"] == pytest.approx(methods[method]["tau"])
+        assert profile["summary"][f"mean_acceptance_length_{name}"] == pytest.approx(
+            methods[method]["mean_acceptance_length"])
     assert any(a > 1 for row in profile["rows"] for a in row["steps"]["drafter"])  # a real drafter accepts
     row = profile["rows"][0]
     assert len(row["drafter"]) == len(row["ngram"]) == len(row["target_top1"]) == 40
