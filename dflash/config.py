@@ -292,8 +292,8 @@ class ModelConfig:
             opt = spec.mixer_option
             attn = h * q * (2 if opt("output_gate", False) else 1) + 2 * h * kv + q * h
             attn += (q + 2 * kv) * bool(opt("qkv_bias", False)) + h * bool(opt("o_bias", False))
-            attn += 2 * self.head_dim * bool(opt("qk_norm", False)) + self.num_heads * bool(opt("sinks",
-                                                                                                False))
+            attn += 2 * self.head_dim * bool(opt("qk_norm", False))
+            attn += self.num_heads * bool(opt("sinks", False))
             mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * bool(
                 spec.mlp_option("bias", False))
             total += attn + mlp + 2 * h

@@ -312,6 +312,54 @@ def decode_plan(target_config: str, topology: str, mesh: Any = None, *, dtype: s
             "verify_over_ar": passes["verify"]["est_s"] / passes["ar"]["est_s"]}
 
 
+def regen_plan(target_config: str, topology: str, mesh: Any = None, *, dtype: str = "bfloat16",
+               batch: int = 16, prompt_tokens: int = 2048, new_tokens: int = 512) -> dict[str, Any]:
+    """The regeneration program (``generate``: prefill of ``batch`` prompts of ``prompt_tokens``,
+    then the AR loop to ``new_tokens``, its KV cache made inside) compiled for ``topology``'s
+    chips on the mesh ``dflash-regenerate`` would pick there from the chip's HBM (or ``mesh``):
+    memory per chip, and the AR step's time at peak FLOP/s or HBM bandwidth (an estimate)."""
+    from dflash.decoding.autoregressive import _generate, bucket
+    from dflash.decoding.mesh import cache_bytes
+    from dflash.decoding.sampling import SamplingParams
+    from dflash.flops import decode_flops
+    from dflash.training.regenerate import pick_regen_mesh
+
+    topo = get_topology(topology)
+    devices = topology_devices(topology)
+    tcfg, jdtype = model_config(target_config), DTYPES[dtype]
+    picked = None
+    if mesh is None:
+        pick = pick_regen_mesh(tcfg, jdtype, devices, batch_size=batch, max_new_tokens=new_tokens,
+                               max_prompt_tokens=prompt_tokens, memory_bytes=topo.hbm_bytes)
+        mesh, picked = pick.config or (1, 1, 1), pick.line
+    m = make_mesh(mesh, devices)
+    tgraph, tstate = abstract_target(tcfg, jdtype, m)
+    split = sharding.batch_shards(m)
+    rows = -(-batch // split) * split  # padded with dummy rows, as generate() does
+    max_len = bucket(prompt_tokens + new_tokens)
+    ids = jax.ShapeDtypeStruct((rows, min(bucket(prompt_tokens, 16), max_len)), jnp.int32,
+                               sharding=batch_spec(m, 2))
+    per_row = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=batch_spec(m, 1))
+    static = dict(graphdef=tgraph, max_new=new_tokens, max_len=max_len, sampling=SamplingParams(),
+                  eos_ids=tuple(tcfg.eos_token_id))
+    program = jax.jit(lambda *args: _generate(*args, **static))
+    compiled, seconds = compile_for_topology(program, (tstate, ids, per_row, per_row, abstract_key(m)), m)
+    weights = local_bytes(tstate)
+    mem = memory(compiled, weights)
+    cache = cache_bytes(tcfg, rows // split, max_len, jdtype, m.shape["tensor"])
+    flops = decode_flops(tcfg, rows, 1, max_len)  # one AR step against a full cache (the slowest)
+    step = {"flops": flops, "est_s_compute": flops / (topo.chips * topo.peak_flops),
+            "est_s_memory": (weights + cache) / topo.hbm_bw}
+    step["est_s"] = max(step["est_s_compute"], step["est_s_memory"])
+    return {"target": target_config, "topology": topology, "chips": topo.chips, "mesh": mesh_dict(m),
+            "picked": picked, "dtype": dtype, "batch": batch, "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens, "cache_slots": max_len,
+            "per_device_bytes": {"target": weights, "cache": cache, "temp": mem["temp"],
+                                 "total": mem["total"]},
+            **fit_fields(mem["total"], topo, compiled), "regen_ar_step": step,
+            "est_tokens_per_s": batch / step["est_s"], "memory_analysis": mem, "compile_s": round(seconds, 1)}
+
+
 def summary(plan: dict[str, Any]) -> str:
     """A few human-readable lines of a train or decode plan."""
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
@@ -326,6 +374,15 @@ def summary(plan: dict[str, Any]) -> str:
                          f"{plan['context']}): {p['flops'] / 1e9:.1f} GFLOP, est {1e3 * p['est_s']:.2f} ms "
                          f"(compute {1e3 * p['est_s_compute']:.2f}, memory {1e3 * p['est_s_memory']:.2f})")
         lines.append(f"verify / AR step cost: {plan['verify_over_ar']:.2f} (speedup <= tau / this)")
+    elif "regen_ar_step" in plan:
+        step = plan["regen_ar_step"]
+        if plan["picked"]:
+            lines.insert(1, f"mesh as dflash-regenerate picks it: {plan['picked']}")
+        lines.append(f"regeneration: batch {plan['batch']}, prompts of {plan['prompt_tokens']} + "
+                     f"{plan['new_tokens']} new tokens; AR step est {1e3 * step['est_s']:.2f} ms (compute "
+                     f"{1e3 * step['est_s_compute']:.2f}, memory {1e3 * step['est_s_memory']:.2f}): at most "
+                     f"~{plan['est_tokens_per_s']:.0f} tokens/s on the slice (compiled in "
+                     f"{plan['compile_s']} s)")
     else:
         lines.append(f"{plan['flops_per_step'] / 1e12:.1f} TFLOP per step, est {plan['est_step_s']:.2f} s at "
                      f"peak bf16 FLOP/s (compiled in {plan['compile_s']} s)")

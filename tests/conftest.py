@@ -21,6 +21,11 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
+import skip_policy  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    skip_policy.register(config)  # under CI=true, an unexpected skip fails the run
 
 FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),

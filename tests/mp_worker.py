@@ -117,23 +117,41 @@ def regen(out: Path) -> dict:
     return {"code": code}
 
 
+def _spy_regeneration() -> list:
+    """Records the mesh shape (None: no mesh) of every ``generate`` call of in-run regeneration."""
+    from dflash.training import selfdistill
+
+    meshes, plain = [], selfdistill.generate
+
+    def spy(*args, mesh=None, **kwargs):
+        meshes.append(None if mesh is None else dict(mesh.shape))
+        return plain(*args, mesh=mesh, **kwargs)
+
+    selfdistill.generate = spy
+    return meshes
+
+
 def train(out: Path) -> dict:
     """The tiny config for 4 steps over this job's processes in ``out/run``; ``out/args.json`` names
-    the target, an optional ``stop_after`` and ``mesh`` axis sizes."""
+    the target, an optional ``stop_after``, ``mesh`` axis sizes and ``regen`` (in-run regenerated
+    sequences, 0 by default)."""
     from dflash.configio import load_yaml
     from dflash.training.config import ExperimentConfig
     from dflash.training.trainer import run_training
 
     args = json.loads((out / "args.json").read_text())
+    regen_meshes = _spy_regeneration()
     root = Path(__file__).resolve().parents[1]
     cfg = load_yaml(ExperimentConfig, root / "configs/tiny_code.yaml", [
         f"target.name={args['target']}", f"run_dir={out / 'run'}", "data.max_examples=40", "data.seq_len=64",
         "data.lanes=2", "train.batch_size=8", "train.num_anchors=8", "train.steps=4", "train.save_every=2",
         "train.eval_every=2", "train.log_every=1", "train.keep_last=2", "drafter.block_size=4",
-        "eval.heldout_rows=8", "eval.num_prompts=2", "eval.max_new_tokens=8", "regen.num_sequences=0",
-        *[f"mesh.{axis}={size}" for axis, size in args.get("mesh", {}).items()]])
-    return run_training(cfg, progress=False, final_eval=args.get("final_eval", False),
-                        stop_after=args.get("stop_after"))
+        "eval.heldout_rows=8", "eval.num_prompts=2", "eval.max_new_tokens=8",
+        f"regen.num_sequences={args.get('regen', 0)}", "regen.prompt_tokens=16", "regen.new_tokens=8",
+        "regen.batch_size=8", *[f"mesh.{axis}={size}" for axis, size in args.get("mesh", {}).items()]])
+    result = run_training(cfg, progress=False, final_eval=args.get("final_eval", False),
+                          stop_after=args.get("stop_after"))
+    return {**result, "regen_meshes": regen_meshes}
 
 
 SCENARIOS = {"train": train, "regen": regen, "data_order": data_order, "mismatch": mismatch,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from devices import on_cpu_devices
 
+from dflash.attention import attend
 from dflash.config import ModelConfig
 from dflash.kernels import dispatch
 from dflash.kernels import prefill_attention as pa
@@ -27,7 +28,7 @@ def dense(q, k, v, seg):
     """The model's attention exactly as the trainer builds it: tril & same segment, then ``attend``."""
     b, s = seg.shape
     mask = jnp.tril(jnp.ones((s, s), bool))[None] & (seg[:, :, None] == seg[:, None, :])
-    return tr.attend(q, k, v, mask).reshape(q.shape)
+    return attend(q, k, v, mask).reshape(q.shape)
 
 
 @pytest.mark.parametrize("chunk", [1, 8, 37, 100])
@@ -88,7 +89,8 @@ def test_model_segment_ids_equal_the_dense_doc_mask(impl):
     np.testing.assert_allclose(np.asarray(got.final), np.asarray(want.final), rtol=1e-4, atol=1e-5)
     want_c = model(tokens, pos, init_cache(cfg, 2, 23), block_mask=mask)
     got_c = model(tokens, pos, init_cache(cfg, 2, 23), segment_ids=seg)
-    np.testing.assert_allclose(np.asarray(got_c.cache.k), np.asarray(want_c.cache.k), rtol=1e-5, atol=1e-6)
+    for got_s, want_s in zip(got_c.cache.layers, want_c.cache.layers, strict=True):  # every layer's K/V
+        np.testing.assert_allclose(np.asarray(got_s.k), np.asarray(want_s.k), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(got_c.logits), np.asarray(want_c.logits), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="segment_ids replaces block_mask"):
         model(tokens, pos, block_mask=mask, segment_ids=seg)

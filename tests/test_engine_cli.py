@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from recount import tau_from_steps
 
 from dflash.cli.bench import main as bench_main
 from dflash.cli.generate import main as generate_main
@@ -56,9 +57,10 @@ def test_generate_with_drafters_is_lossless_and_reports_tau(capsys, drafter_dir)
         assert out["tau"] <= out["mean_acceptance_length"] == pytest.approx(np.mean(steps))
     sampled = _gen(capsys, "--drafter", str(drafter_dir), "--temperature", "0.9", "--verify", "block",
                    "--seed", "4")
-    assert sampled["tokens"] and sampled["tau"] >= 1
+    assert sampled["tau"] == tau_from_steps([sampled["tokens"]], [sampled["acceptance_lengths"]])
     assert generate_main(["--prompt", "x", "--drafter", "ngram", "--ngram-branch"]) == 2  # needs DFlash
-    assert "needs a DFlash drafter with argmax drafts, not NgramDraft" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs a drafter with argmax drafts of per-position distributions, not NgramDraft" in err
     assert generate_main(["--prompt", "x", "--drafter", str(drafter_dir), "--stochastic-drafts",
                           "--temperature", "1", "--tree-width", "2"]) == 2
     assert "not stochastic drafts" in capsys.readouterr().err
@@ -118,12 +120,11 @@ def test_step_costs_measure_every_pass_of_the_loop():
 
 
 def test_pass_costs_time_every_kind_of_step_and_refuse_a_too_small_cache():
-    from dflash.cache import CacheOverflowError
-
     from dflash.bench import pass_costs
     from dflash.decoding.methods import NgramDraft, NoDraft
     from dflash.decoding.tree import BeamTreeDraft
     from dflash.drafters.dflash import DFlashDraft
+    from dflash.errors import CacheOverflowError
     from dflash.models import build
 
     cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
@@ -179,7 +180,9 @@ def test_anchor_profile_reproduces_the_engines_steps(tmp_path, capsys):
     for name, method in (("drafter", "drafter"), ("ngram", "ngram"), ("best", "drafter+ngram")):
         engine = [p["acceptance_lengths"] for p in methods[method]["per_prompt"]]
         assert [row["steps"][name] for row in profile["rows"]] == engine, name
-        assert profile["summary"][f"tau_{name}"] == pytest.approx(methods[method]["mean_acceptance_length"])
+        assert profile["summary"][f"tau_{name}"] == pytest.approx(methods[method]["tau"])
+        assert profile["summary"][f"mean_acceptance_length_{name}"] == pytest.approx(
+            methods[method]["mean_acceptance_length"])
     assert any(a > 1 for row in profile["rows"] for a in row["steps"]["drafter"])  # a real drafter accepts
     row = profile["rows"][0]
     assert len(row["drafter"]) == len(row["ngram"]) == len(row["target_top1"]) == 40

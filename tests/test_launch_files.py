@@ -80,6 +80,7 @@ def test_pipeline_regenerates_trains_and_exports_on_two_processes(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (work / "data" / "tiny_regenerated.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and all(not r["messages"][1]["content"].startswith("ORIGINAL") for r in rows)
+    assert "dflash-regenerate: no mesh (1 device)" in results[0].stdout  # no --mesh: it says what it picked
     run, export = work / "runs" / "tiny", work / "exports" / "tiny"
     assert json.loads((run / "metrics.json").read_text())["steps"] == 2
     assert (export / "config.json").exists() and list(export.glob("*.safetensors"))

@@ -140,3 +140,19 @@ def test_uncached_hub_id_offline_says_so(monkeypatch):
         resolve("Qwen/Qwen3-8B-definitely-not-cached")
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         resolve("./no/such/dir")
+
+
+def test_a_run_directory_that_is_not_there_or_has_no_export_is_named_not_sought_on_the_hub(tmp_path,
+                                                                                           monkeypatch):
+    """After ``dflash-train --quick`` (runs/tiny_code-quick), ``--drafter runs/tiny_code`` names the
+    missing directory and what its parent holds; a run without an export says how to make one."""
+    from dflash.drafters import load_drafter
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny_code-quick").mkdir(parents=True)
+    with pytest.raises(CheckpointError) as err:
+        load_drafter("runs/tiny_code")
+    assert str(err.value) == f"{tmp_path / 'runs' / 'tiny_code'} does not exist (runs/ holds tiny_code-quick)"
+    (tmp_path / "runs" / "tiny_code-quick" / "config.yaml").write_text("method: dflash\n")
+    with pytest.raises(CheckpointError, match="run directory without a final export.*dflash-export --run"):
+        load_drafter("runs/tiny_code-quick")

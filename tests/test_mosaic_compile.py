@@ -6,6 +6,8 @@ lowered with ``interpret=False`` and compiled by the TPU compiler, as on hardwar
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -23,15 +25,22 @@ N, KH, H = 32, 8, 128  # Qwen3-8B: 32 query heads, 8 kv heads, head_dim 128
 BF16 = jnp.bfloat16
 
 
-def compile_on_chip(topology: str, fn, *shapes):
-    """Compiles ``fn`` for one chip of ``topology``; returns the executable's memory analysis."""
+# An instruction of compiled HLO that calls a Mosaic kernel: ``%NAME.N = ... custom-call(...),
+# custom_call_target="tpu_custom_call"``, NAME being the ``pallas_call``'s ``name=``.
+MOSAIC_CALL = re.compile(r'^\s*(?:ROOT )?%([\w-]+?)(?:\.\d+)? = [^\n]*custom_call_target="tpu_custom_call"',
+                         re.M)
+
+
+def compile_on_chip(topology: str, kernel: str, fn, *shapes):
+    """Compiles ``fn`` for one chip of ``topology``, checks that it calls the Mosaic kernel named
+    ``kernel`` once (not a jnp fallback, whose layout custom calls the text also holds), and
+    returns the executable's memory analysis."""
     device = plan.topology_devices(topology)[0]
     mesh = jax.sharding.Mesh([device], ("x",))
     args = [jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P())) for shape, dtype in shapes]
     with plan.compiling_for("tpu"), jax.set_mesh(mesh):  # the mesh tells Mosaic which chip
         compiled = jax.jit(fn).lower(*args).compile()
-    text = compiled.as_text()
-    assert "tpu_custom_call" in text or "custom-call" in text  # the Mosaic kernel, not a jnp fallback
+    assert MOSAIC_CALL.findall(compiled.as_text()) == [kernel]
     return compiled.memory_analysis()
 
 
@@ -39,8 +48,8 @@ def compile_on_chip(topology: str, fn, *shapes):
 def test_verify_kernel_compiles(topology):
     b, t, s = 2, 16, 2048
     fn = lambda q, k, v, lens, bm: verify_attention(q, k, v, lens, bm, backend="tpu")  # noqa: E731
-    mem = compile_on_chip(topology, fn, ((b, t, N, H), BF16), ((b, s, KH, H), BF16), ((b, s, KH, H), BF16),
-                          ((b,), jnp.int32), ((t, t), jnp.bool_))
+    mem = compile_on_chip(topology, "verify_attention_tpu", fn, ((b, t, N, H), BF16), ((b, s, KH, H), BF16),
+                          ((b, s, KH, H), BF16), ((b,), jnp.int32), ((t, t), jnp.bool_))
     assert mem.output_size_in_bytes == b * t * N * H * 2
 
 
@@ -48,17 +57,18 @@ def test_verify_kernel_compiles(topology):
 def test_anchor_kernel_compiles(topology):
     b, a, q, s = 2, 16, 16, 1024
     fn = lambda q_, kc, vc, kb, vb, m: anchor_block_attention(q_, kc, vc, kb, vb, m, backend="tpu")  # noqa: E731
-    mem = compile_on_chip(topology, fn, ((b, a, q, N, H), BF16), ((b, s, KH, H), BF16), ((b, s, KH, H), BF16),
-                          ((b, a, q, KH, H), BF16), ((b, a, q, KH, H), BF16), ((b, a, s), jnp.bool_))
+    mem = compile_on_chip(topology, "anchor_block_attention_tpu", fn, ((b, a, q, N, H), BF16),
+                          ((b, s, KH, H), BF16), ((b, s, KH, H), BF16), ((b, a, q, KH, H), BF16),
+                          ((b, a, q, KH, H), BF16), ((b, a, s), jnp.bool_))
     assert mem.output_size_in_bytes == b * a * q * N * H * 2
 
 
 @pytest.mark.parametrize("topology", ["v5e-8", "v5p-8"])
 def test_prefill_kernel_compiles(topology):
     b, s = 1, 3072  # the presets' seq_len
-    mem = compile_on_chip(topology, lambda q, k, v, seg: prefill_attention(q, k, v, seg),
-                          ((b, s, N, H), BF16), ((b, s, KH, H), BF16), ((b, s, KH, H), BF16),
-                          ((b, s), jnp.int32))
+    fn = lambda q, k, v, seg: prefill_attention(q, k, v, seg)  # noqa: E731
+    mem = compile_on_chip(topology, "prefill_attention_tpu", fn, ((b, s, N, H), BF16), ((b, s, KH, H), BF16),
+                          ((b, s, KH, H), BF16), ((b, s), jnp.int32))
     assert mem.output_size_in_bytes == b * s * N * H * 2
     # flash: temporaries (layout copies of q/k/v/out) a small fraction of the dense form's
     # [N, S, S] fp32 scores (1.2 GB here)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from recount import tau_from_metrics
 
 from dflash.cli.launch import run_local
 from dflash.distributed import DistributedError, Launch, detect_launch
@@ -79,7 +80,9 @@ def test_training_on_two_processes_equals_one_and_resumes_on_another_process_cou
     one, two = run("one", 1, 8), run("two", 2, 4, final_eval=True)
     assert one["final_eval"] == two["final_eval"]  # held-out loss, tau, accuracies: bit for bit
     metrics = json.loads((tmp_path / "two" / "run" / "metrics.json").read_text())  # decoded on process 0
-    assert metrics["tau"] >= 1.0 and metrics["tau_ngram"] >= 1.0 and metrics["eval_prompts"] == 2
+    assert metrics["eval_prompts"] == 2 and "outputs_differ" not in metrics
+    assert metrics["tau"] == tau_from_metrics(metrics)  # design §7, recounted from tokens and steps
+    assert metrics["tau_ngram"] == tau_from_metrics(metrics, "acceptance_histogram_ngram")
     a, b = params("one"), params("two")
     assert set(a) == set(b)
     for name in a:
@@ -104,7 +107,8 @@ def test_training_on_two_processes_equals_one_and_resumes_on_another_process_cou
 
 def test_training_on_a_data_fsdp_tensor_mesh_across_two_processes_equals_one_process(tiny_target, tmp_path):
     """Mesh (2, 2, 2): parameters and optimizer state split over fsdp and tensor, data across the
-    processes; the same mesh in one process gives the same bits, export included (gathered)."""
+    processes; the same mesh in one process gives the same bits, export included (gathered). In-run
+    regeneration decodes on that mesh (each row once in the job) and makes the same data."""
     from safetensors.numpy import load_file
 
     mesh = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -112,18 +116,29 @@ def test_training_on_a_data_fsdp_tensor_mesh_across_two_processes_equals_one_pro
     for name, processes, devices in (("one", 1, 8), ("two", 2, 4)):
         d = tmp_path / name
         d.mkdir()
-        args = {"target": str(tiny_target), "mesh": mesh, "final_eval": True}
+        args = {"target": str(tiny_target), "mesh": mesh, "final_eval": True, "regen": 32}
         (d / "args.json").write_text(json.dumps(args))
         results, _ = _launch("train", d, processes=processes, devices=devices, timeout_s=500)
         _ok(results)
         out[name] = (json.loads((d / "result.json").read_text()),
                      load_file(str(d / "run" / "export" / "model.safetensors")))
+    # Regeneration ran on the training mesh (8 devices, across both processes in "two"): train and
+    # held-out continuations, byte for byte the same documents.
+    for name in out:
+        assert out[name][0]["regen_meshes"] == [mesh] * 6, out[name][0]["regen_meshes"]
+    for stored in ("regenerated.npz", "regenerated_eval.npz"):
+        with np.load(tmp_path / "one" / "run" / stored) as a, np.load(tmp_path / "two" / "run" / stored) as b:
+            assert set(a.files) == set(b.files) == {"ids", "mask", "lengths"}
+            for key in a.files:
+                assert a[key].tobytes() == b[key].tobytes(), (stored, key)
+            assert len(a["lengths"]) == (32 if stored == "regenerated.npz" else 16)
     assert out["one"][0]["final_eval"] == out["two"][0]["final_eval"]
     # The real-τ decoding ran on the (2, 2, 2) mesh on both processes (no gathered target): the
     # same tokens, so the same acceptance, as in one process.
     for key in ("tau", "tau_ngram", "tau_with_ngram", "acceptance_histogram", "eval_new_tokens"):
         assert out["one"][0][key] == out["two"][0][key], key
-    assert "outputs_differ" not in out["two"][0] and out["two"][0]["tau"] >= 1.0
+    assert "outputs_differ" not in out["two"][0]
+    assert out["two"][0]["tau"] == tau_from_metrics(out["two"][0])  # design §7, recounted
     a, b = out["one"][1], out["two"][1]
     assert set(a) == set(b)
     for name in a:
@@ -160,6 +175,8 @@ def test_a_two_process_checkpoint_survives_a_damaged_step_and_restores_on_other_
 
 
 def test_regeneration_over_two_processes_equals_one_and_resumes_without_redoing_shards(tmp_path):
+    """2 devices per process: without --mesh each process decodes on the mesh it picks over its own
+    (data=2: CPU memory is unknown, so no tensor split), and says so."""
     import datasets
 
     convs = [[{"role": "user", "content": f"def f{i}(x):"}, {"role": "assistant", "content": "OLD"}]
@@ -169,9 +186,10 @@ def test_regeneration_over_two_processes_equals_one_and_resumes_without_redoing_
         d = tmp_path / name
         d.mkdir()
         datasets.Dataset.from_dict({"messages": convs}).to_json(str(d / "chats.jsonl"), lines=True)
-        results, _ = _launch("regen", d, processes=processes, devices=1)
+        results, _ = _launch("regen", d, processes=processes, devices=2)
         _ok(results)
         assert json.loads((d / "result.json").read_text())["code"] == 0
+        assert "dflash-regenerate: mesh data=2,tensor=1 over 2 devices" in results[0].stdout
         outs.append((d / "regen.jsonl").read_text())
     assert outs[0] == outs[1] and outs[0].count("\n") == 5 and "OLD" not in outs[0]
     # Killed after some shards: only the missing ones are made again.
@@ -180,7 +198,7 @@ def test_regeneration_over_two_processes_equals_one_and_resumes_without_redoing_
     (shards / "shard-00001.jsonl").unlink()
     (tmp_path / "two" / "regen.jsonl").unlink()
     kept = {k: (shards / f"shard-0000{k}.jsonl").stat().st_mtime_ns for k in (0, 2)}
-    results, _ = _launch("regen", tmp_path / "two", processes=2, devices=1)
+    results, _ = _launch("regen", tmp_path / "two", processes=2, devices=2)
     _ok(results)
     assert (tmp_path / "two" / "regen.jsonl").read_text() == outs[0]
     assert {k: (shards / f"shard-0000{k}.jsonl").stat().st_mtime_ns for k in (0, 2)} == kept

@@ -66,3 +66,41 @@ def test_real_qwen3_8b_preset_fits_v5p_8():
     result = plan.train_plan(cfg, "v5p-8", (1, 4, 1))
     print(f"compiled in {time.perf_counter() - start:.0f} s: {plan.summary(result)}")
     assert result["fits"], plan.summary(result)
+
+
+def test_regeneration_picks_the_least_tensor_parallelism_that_fits():
+    """dflash-regenerate without --mesh: Qwen3-8B in bf16 (16.4 GB) is split two ways on a v5e host
+    (16 GiB chips), stays whole on v5p chips (95 GiB), and a 70B is split as far as its heads allow
+    and said not to fit."""
+    from dflash.sharding import MeshConfig
+    from dflash.training.regenerate import pick_regen_mesh
+
+    kw = dict(batch_size=16, max_new_tokens=512, max_prompt_tokens=2048)
+    v5e, v5p = plan.topology_devices("v5e-8"), plan.topology_devices("v5p-8")
+    qwen, llama = plan.model_config("qwen3_8b"), plan.model_config("llama3_3_70b")
+    pick = pick_regen_mesh(qwen, jnp.bfloat16, v5e, memory_bytes=16 * 2 ** 30, **kw)
+    assert pick.config == MeshConfig(data=4, tensor=2)
+    assert pick.line.startswith("mesh data=4,tensor=2 over 8 devices: per device: weights 8.2 GB + KV cache")
+    assert "<= 60% of 17.2 GB (TPU v5 lite)" in pick.line
+    pick = pick_regen_mesh(qwen, jnp.bfloat16, v5p, memory_bytes=95 * 2 ** 30, **kw)
+    assert pick.config == MeshConfig(data=4, tensor=1)
+    pick = pick_regen_mesh(llama, jnp.bfloat16, v5e, memory_bytes=16 * 2 ** 30, **kw)
+    assert pick.config == MeshConfig(data=1, tensor=8) and "expect out-of-memory" in pick.line
+
+
+def test_regeneration_compile_only_tiny_target_for_v5e(tmp_path, capsys):
+    """dflash-regenerate --compile-only: the generate program (prefill + AR loop, cache inside)
+    compiled for 8 virtual v5e chips on the mesh it would pick there."""
+    from dflash.cli.regenerate import main
+
+    out = tmp_path / "plan.json"
+    assert main(["--compile-only", "--topology", "v5e-8", "--target-config", "tiny-code", "--batch-size", "8",
+                 "--max-prompt-tokens", "64", "--max-new-tokens", "32", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert result["picked"].startswith("mesh data=8")
+    per = result["per_device_bytes"]
+    assert result["fits"] and per["total"] >= per["target"] and per["temp"] >= per["cache"] > 0
+    assert result["cache_slots"] == 128 and result["est_tokens_per_s"] > 0
+    said = capsys.readouterr().out
+    assert "mesh as dflash-regenerate picks it: mesh data=8" in said and "regeneration: batch 8" in said

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import datasets
+import pytest
 
 from dflash.cli.regenerate import main
 from dflash.decoding import generate
@@ -48,6 +49,11 @@ def test_regenerate_rewrites_only_assistant_turns(tmp_path):
 def test_regenerate_errors(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (not required by argparse: --compile-only needs neither)
+        main(["--out", str(tmp_path / "o.jsonl")])
+    assert "--data and --out are required" in capsys.readouterr().err
+    assert main(["--compile-only", "--topology", "v5e-8"]) == 2
+    assert "--compile-only needs --target-config and --topology" in capsys.readouterr().err
 
 
 def test_regenerate_reads_sharegpt_turns_as_training_does(tmp_path):

@@ -11,6 +11,7 @@ from dflash.config import ModelConfig
 from dflash.drafters.dflash import DFlashConfig, build_drafter
 from dflash.drafters.orthrus import OrthrusConfig, build_orthrus
 from dflash.models import transformer as tr
+from dflash.models.cache import KVState
 
 CFG = ModelConfig(model_type="qwen3", vocab_size=53, hidden_size=32, intermediate_size=40, num_layers=4,
                   num_heads=4, num_kv_heads=2, head_dim=8)
@@ -52,6 +53,6 @@ def test_orthrus_remat_same_gradients():
     target = tr.build(CFG, seed=2)
     drafter = build_orthrus(OrthrusConfig.for_target(CFG, mask_token_id=3, block_size=K), seed=3)
     rng, x, pos, mask = inputs(1)
-    kv = lambda: jnp.asarray(rng.normal(size=(CFG.num_layers, B, S, 2, 8)), jnp.float32)  # noqa: E731
-    k_ctx, v_ctx = kv(), kv()
-    grads(drafter, lambda d: (d(target, x, pos, k_ctx, v_ctx, mask) ** 2).mean())
+    kv = lambda: jnp.asarray(rng.normal(size=(B, S, 2, 8)), jnp.float32)  # noqa: E731
+    prefix = tuple(KVState(k=kv(), v=kv()) for _ in range(CFG.num_layers))  # the AR K/V of every layer
+    grads(drafter, lambda d: (d(target, x, pos, prefix, mask) ** 2).mean())

@@ -154,6 +154,9 @@ def test_generate_and_regenerate_clis_on_a_mesh_equal_unsharded():
 
     from dflash.cli.generate import main as generate_main
     from dflash.cli.regenerate import main as regenerate_main
+    from dflash.io.loading import load_target
+    from dflash.io.tokenizer import load_tokenizer
+    from dflash.training.regenerate import regenerate_dataset
 
     def gen(*args: str) -> dict:
         out = io.StringIO()
@@ -171,13 +174,20 @@ def test_generate_and_regenerate_clis_on_a_mesh_equal_unsharded():
                  for i in range(5)]
         src = Path(tmp) / "chats.jsonl"
         datasets.Dataset.from_dict({"messages": convs}).to_json(str(src), lines=True)
-        outs = []
-        for name, extra in (("plain", []), ("mesh", ["--mesh", "data=2,tensor=2"])):
-            out = Path(tmp) / f"{name}.jsonl"
-            assert regenerate_main(["--data", str(src), "--out", str(out), "--max-new-tokens", "10",
-                                    "--batch-size", "3", "--dtype", "float32", "--no-progress", *extra]) == 0
+        plain = Path(tmp) / "plain.jsonl"  # unsharded: the library call without a mesh
+        regenerate_dataset(load_target("tiny-code"), load_tokenizer("tiny-code"), str(src), plain,
+                           max_new_tokens=10, batch_size=3, progress=False)
+        outs = [plain.read_text()]
+        for name, extra in (("picked", []), ("mesh", ["--mesh", "data=2,tensor=2"])):
+            out, said = Path(tmp) / f"{name}.jsonl", io.StringIO()
+            with contextlib.redirect_stdout(said):
+                assert regenerate_main(["--data", str(src), "--out", str(out), "--max-new-tokens", "10",
+                                        "--batch-size", "3", "--dtype", "float32", "--no-progress",
+                                        *extra]) == 0
             outs.append(out.read_text())
-        assert outs[0] == outs[1] and "OLD" not in outs[0]
+            picked = "dflash-regenerate: mesh data=4,tensor=1 over 4 devices: per device: weights"
+            assert (picked in said.getvalue()) == (name == "picked"), said.getvalue()
+        assert outs[0] == outs[1] == outs[2] and "OLD" not in outs[0]
         bad = ["--data", str(src), "--out", str(Path(tmp) / "x.jsonl"), "--mesh", "data=3"]
         assert regenerate_main(bad) == 2  # 3 devices of 4: a clear error
 

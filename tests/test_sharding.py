@@ -177,9 +177,10 @@ def _forwards(target, dflash, orthrus):
                                        jnp.full((b,), 9, jnp.int32))
         d_draft = dflash.draft_logits(target, dcache, tokens[:, 9])
         full = target(tokens, pos, init_cache(CFG, b, 16)).cache
-        o_train = orthrus(target, x_blk, q_pos, full.k, full.v, slot_mask)
+        o_train = orthrus(target, x_blk, q_pos, full.layers, slot_mask)
         o_draft = orthrus.draft_logits(target, cache, tokens[:, 9])
-        return dict(logits=out.logits, hidden=out.hidden, verify=verify.logits, cache_k=verify.cache.k,
+        return dict(logits=out.logits, hidden=out.hidden, verify=verify.logits,
+                    cache_k=[s.k for s in verify.cache.layers],
                     d_train=d_train, d_draft=d_draft, o_train=o_train, o_draft=o_draft)
 
     return run(target, dflash, orthrus)
@@ -205,8 +206,9 @@ def test_forward_on_every_mesh_equals_unsharded():
         want_logits = NamedSharding(mesh, P(batch_entry, None, vocab))
         assert got["logits"].sharding.is_equivalent_to(want_logits, 3), (shape, got["logits"].sharding)
         kv_heads = "tensor" if shape[2] == 2 else None  # 2 kv heads: tensor=4 does not divide them
-        want_cache = NamedSharding(mesh, P(None, batch_entry, None, kv_heads, None))
-        assert got["cache_k"].sharding.is_equivalent_to(want_cache, 5), (shape, got["cache_k"].sharding)
+        want_cache = NamedSharding(mesh, P(batch_entry, None, kv_heads, None))  # each layer's [B, S, K, H]
+        for k_layer in got["cache_k"]:
+            assert k_layer.sharding.is_equivalent_to(want_cache, 4), (shape, k_layer.sharding)
 
 
 @on_cpu_devices(8)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from recount import tau_from_metrics
 from safetensors.numpy import load_file
 
 from dflash.config import ConfigError, ModelConfig
@@ -61,8 +62,12 @@ def test_outputs_logs_metrics_and_export(run_config, tiny_target, tmp_path):
     result = run_training(run_config(tiny_target, tmp_path / "r"), progress=False)
     run = tmp_path / "r"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["tau"] >= 1.0 and metrics["tau_ngram"] >= 1.0 and metrics["tau"] == result["tau"]
-    assert metrics["tau_with_ngram"] >= 1.0  # DFlash + the lookup branch (outputs checked equal inside)
+    assert metrics["tau"] == result["tau"] and "outputs_differ" not in metrics
+    # Each τ is tokens emitted by verify steps / verify steps (design §7), recounted from the decoded
+    # tokens and the steps of its histogram (the methods emit the same tokens: checked inside).
+    for tau, histogram in (("tau", "acceptance_histogram"), ("tau_ngram", "acceptance_histogram_ngram"),
+                           ("tau_with_ngram", "acceptance_histogram_with_ngram")):
+        assert metrics[tau] == tau_from_metrics(metrics, histogram), tau
     events = list((run / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     from tensorboardX.proto import event_pb2  # read the event file back: real scalars inside

@@ -27,11 +27,12 @@ def bar_heights(ax) -> list[np.ndarray]:
 
 def bench_result(block: int, lengths: dict[str, list[list[int]]], speedup: dict[str, float],
                  ceiling: dict[str, float] | None = None) -> dict:
-    """A dflash-bench --json result of the shape bench_methods writes."""
+    """A dflash-bench --json result of the shape bench_methods writes (no step cut by EOS or the
+    budget: τ is the mean acceptance length)."""
     ar_prompt = {"tau": 1.0, "acceptance_lengths": [1]}
-    methods = {"ar": {"block_size": 1, "speedup": 1.0, "per_prompt": [ar_prompt]}}
+    methods = {"ar": {"block_size": 1, "speedup": 1.0, "tau": 1.0, "per_prompt": [ar_prompt]}}
     for name, rows in lengths.items():
-        methods[name] = {"block_size": block, "speedup": speedup[name],
+        methods[name] = {"block_size": block, "speedup": speedup[name], "tau": float(np.mean(sum(rows, []))),
                          "per_prompt": [{"tau": float(np.mean(r)), "acceptance_lengths": r} for r in rows]}
         if ceiling:
             methods[name]["ceiling"] = ceiling[name]
@@ -45,17 +46,34 @@ def test_acceptance_histogram_counts_the_lengths(tmp_path):
     expected = {n: np.array([v.count(i) for i in range(1, k + 1)]) for n, v in lengths.items()}
     for name, v in lengths.items():
         assert F.acceptance_counts(v, k).tolist() == expected[name].tolist()
-    fig = F.acceptance_histogram(lengths, k)
+    # τ comes with the lengths (they overstate it where a last step was cut): the legend shows it as given.
+    fig = F.acceptance_histogram(lengths, k, taus={"ngram": 3.25})
     (ax,) = fig.axes
     for heights, name in zip(bar_heights(ax), lengths, strict=True):
         np.testing.assert_allclose(heights, expected[name] / len(lengths[name]))
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        f"{n} (τ {np.mean(v):.2f})" for n, v in lengths.items()]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["drafter", "ngram (τ 3.25)"]
     assert png_size(fig, tmp_path) == (800, 450)
     with pytest.raises(VizError, match="exceeds the block size 7"):
         F.acceptance_histogram({"x": [8]}, 7)
     with pytest.raises(VizError, match="1..4"):
         F.acceptance_counts([0, 2], 4)
+
+
+def test_the_report_histogram_shows_the_summary_tau(tmp_path, monkeypatch):
+    """Prompt lookup's last step was cut (lengths 1, 1, 2, 4, 4: mean 2.4, but 11 tokens in 5 steps):
+    the histogram's legend gives the τ of the summary table (design §7), not the lengths' mean."""
+    from dflash.viz.report import write_report
+
+    (tmp_path / "config.yaml").write_text("method: dflash\n")
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "block_size": 4, "tau": 1.5, "tau_ngram": 2.2, "acceptance_histogram": [1, 1, 0, 0],
+        "acceptance_histogram_ngram": [2, 1, 0, 2]}))
+    figures = {}
+    monkeypatch.setattr(F, "save", lambda fig, path: figures.setdefault(Path(path).name, fig))
+    text = write_report(tmp_path).read_text()
+    assert "| held-out τ, prompt lookup | 2.20 |" in text
+    legend = [t.get_text() for t in figures["acceptance.png"].axes[0].get_legend().get_texts()]
+    assert legend == ["drafter, decoding (τ 1.50)", "prompt lookup, decoding (τ 2.20)"]
 
 
 def test_position_acceptance_is_the_share_of_steps_past_each_draft(tmp_path):
@@ -133,7 +151,10 @@ def test_scalars_log_is_resume_safe_and_feeds_the_training_curves(tmp_path):
     assert tau_lines["eval, per verify step"].get_ydata().tolist() == [1.2]
     assert tau_lines["real τ (prompt lookup)"].get_xdata().tolist() == [30]
     np.testing.assert_allclose(np.asarray(acc_ax.collections[0].get_array()).reshape(2, 1), [[0.5], [0.25]])
-    assert F._edges(np.array([4, 6, 10])).tolist() == [3, 5, 8, 12]
+    # Each column spans the steps since the previous eval: the axis runs from 0 to the last eval step.
+    assert acc_ax.get_xlim() == (0, 20)
+    assert F._edges(np.array([10, 20])).tolist() == [0, 10, 20]  # a 20-step run: not 5 .. 25
+    assert F._edges(np.array([4, 6, 10])).tolist() == [0, 4, 6, 10]
     assert png_size(fig, tmp_path) == (1200, 400)
     fresh = ScalarLog(tmp_path, tensorboard=False)  # a new run starts the file over
     fresh.close()
@@ -164,6 +185,28 @@ def test_steps_split_and_render_round_trip_to_the_token_ids():
     assert T.parse_terminal(rendered, texts) == steps
     html = T.render_html(steps, texts, prompt="p")
     assert html.count("data-id=") == len(ids) and 'data-kind="bonus"' in html
+    plain = T.render_plain(steps, texts)
+    assert "\x1b" not in plain
+    assert T.parse_plain(plain) == [("".join(map(texts.text, s.drafts)),
+                                     None if s.bonus is None else texts.text(s.bonus)) for s in steps]
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(("mode", "tty", "env", "expected"), [
+    ("auto", True, {}, True), ("auto", False, {}, False),  # a terminal only
+    ("auto", True, {"NO_COLOR": "1"}, False), ("auto", True, {"NO_COLOR": ""}, True),  # empty: unset
+    ("auto", False, {"FORCE_COLOR": "1"}, True), ("auto", True, {"NO_COLOR": "1", "FORCE_COLOR": "1"}, False),
+    ("always", False, {"NO_COLOR": "1"}, True), ("never", True, {"FORCE_COLOR": "1"}, False),
+])
+def test_colour_only_for_a_terminal_unless_told(mode, tty, env, expected):
+    assert T.wants_color(mode, _Stream(tty), env) is expected
 
 
 def test_generate_show_steps_round_trips_to_the_same_token_ids(capsys):
@@ -174,10 +217,11 @@ def test_generate_show_steps_round_trips_to_the_same_token_ids(capsys):
             "--max-new-tokens", "40"]
     assert main([*args, "--json"]) == 0
     ref = json.loads(capsys.readouterr().out)
-    assert main([*args, "--show-steps"]) == 0
+    assert main([*args, "--show-steps", "--color", "always"]) == 0
     shown = capsys.readouterr().out
     assert shown.startswith("def area(r):\n") and "\x1b[32m" in shown  # some drafts were accepted
-    steps = T.parse_terminal(shown, T.TokenTexts(load_tokenizer("tiny-code")))
+    texts = T.TokenTexts(load_tokenizer("tiny-code"))
+    steps = T.parse_terminal(shown, texts)
     assert [t for s in steps for t in s.tokens] == ref["tokens"]
     lens = [len(s.tokens) for s in steps[1:]]
     assert lens[:-1] == ref["acceptance_lengths"][:-1]
@@ -186,6 +230,13 @@ def test_generate_show_steps_round_trips_to_the_same_token_ids(capsys):
     assert main([*args, "--json", "--show-steps"]) == 0
     as_json = json.loads(capsys.readouterr().out)["steps"]
     assert [T.Step(tuple(s["drafts"]), s["bonus"]) for s in as_json] == steps
+    # Captured stdout is no terminal: the same steps, bracketed, and not one escape code.
+    assert main([*args, "--show-steps"]) == 0
+    plain = capsys.readouterr().out
+    assert "\x1b" not in plain and T.PLAIN_LEGEND in plain
+    body = plain.removeprefix("def area(r):\n").split("\n\n")[0]
+    assert T.parse_plain(body) == T.parse_plain(T.render_plain(steps, texts))
+    assert len(T.parse_plain(body)) == len(steps)
 
 
 def test_speedup_command_reads_committed_bench_results(tmp_path):

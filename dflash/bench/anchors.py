@@ -71,13 +71,17 @@ def anchor_profile(target, drafter, prompts: list[list[int]], *, max_new_tokens:
         eos_at = eos[0] if eos else max_new_tokens
         rows.append({"drafter": acc_d.tolist(), "ngram": acc_n.tolist(),
                      "target_top1": top1[anchors].tolist(),
+                     "step_tokens": min(max_new_tokens, eos_at + 1) - 1,  # all but the prefill's token
                      "steps": {name: _walk(acc, max_new_tokens, eos_at) for name, acc in
                                (("drafter", acc_d), ("ngram", acc_n), ("best", np.maximum(acc_d, acc_n)))}})
     summary: dict[str, Any] = {}
+    step_tokens = sum(r["step_tokens"] for r in rows)  # the same for every method: greedy is lossless
     for name in ("drafter", "ngram", "best"):
         steps = [t for r in rows for t in r["steps"][name]]
-        # The mean of the walked per-step list: the engine's ``mean_acceptance_length``.
-        summary[f"tau_{name}"] = float(np.mean(steps)) if steps else float("nan")
+        # The engine's τ (tokens emitted by verify steps / verify steps, design §7), and the mean of
+        # the walked per-step list, its ``mean_acceptance_length``.
+        summary[f"tau_{name}"] = step_tokens / len(steps) if steps else float("nan")
+        summary[f"mean_acceptance_length_{name}"] = float(np.mean(steps)) if steps else float("nan")
     acc_d = np.concatenate([r["drafter"] for r in rows])
     acc_n = np.concatenate([r["ngram"] for r in rows])
     full = k - 1

@@ -129,9 +129,9 @@ def step_costs(target, drafter=None, *, block_size: int = 16, context: int = 256
 
         def start(dp, tp):  # the drafter's state and the target's cache, each holding ``context`` tokens
             d, model = nnx.merge(dgraph, dp), nnx.merge(tgraph, tp)
-            dstate = jax.tree.map(lambda x: x.at_lengths(lengths) if isinstance(x, Cache) else x,
-                                  method.init(d, batch, max_len,
-                                              model.dtype), is_leaf=lambda x: isinstance(x, Cache))
+            dstate = method.init(d, batch, max_len, model.dtype)
+            dstate = jax.tree.map(lambda x: x.at_lengths(lengths) if isinstance(x, Cache) else x, dstate,
+                                  is_leaf=lambda x: isinstance(x, Cache))
             return d, model, dstate, model.init_cache(batch, max_len).at_lengths(lengths)
 
         def draft(d, model, dstate, tcache, i):  # the anchor depends on i so XLA cannot hoist the pass
@@ -152,8 +152,8 @@ def step_costs(target, drafter=None, *, block_size: int = 16, context: int = 256
             def body(i, carry):
                 tcache, acc = carry
                 anchor, drafts = draft(d, model, dstate, tcache, i)  # [B], [B, Q-1]
-                out = model(jnp.concatenate([anchor[:, None], jnp.maximum(drafts, 0)], axis=1), positions,
-                            tcache)
+                block = jnp.concatenate([anchor[:, None], jnp.maximum(drafts, 0)], axis=1)  # [B, Q]
+                out = model(block, positions, tcache)
                 return out.cache.keep(jnp.zeros_like(lengths), block_size), acc + out.logits[0, -1, 0]
 
             return jax.lax.fori_loop(0, iters, body, (tcache, 0.0))[1]

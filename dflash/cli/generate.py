@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -24,7 +25,7 @@ from dflash.fingerprint import initialize_from_args
 from dflash.io.loading import load_target
 from dflash.io.tokenizer import eos_ids, load_tokenizer
 from dflash.kernels.dispatch import ATTENTION_IMPLS
-from dflash.viz.tokens import show_steps, split_steps
+from dflash.viz.tokens import COLOR_MODES, show_steps, split_steps, wants_color
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when sampling, draw DFlash drafts from the drafter's distribution")
     p.add_argument("--show-steps", action="store_true",
                    help="colour what each verify step emitted: accepted drafts green, the target's own token "
-                        "bold yellow (with --json: a 'steps' list of {drafts, bonus})")
+                        "bold yellow; without colour the target's tokens in brackets (with --json: a 'steps' "
+                        "list of {drafts, bonus})")
+    p.add_argument("--color", choices=COLOR_MODES, default="auto",
+                   help="--show-steps colours: auto colours a terminal only, unless NO_COLOR (off) or "
+                        "FORCE_COLOR (on) is set")
     add_mesh_arg(p)
     add_distributed_args(p)
     return p
@@ -125,7 +130,8 @@ def _generate(args: argparse.Namespace) -> int:
             out["steps"] = [dataclasses.asdict(s) for s in split_steps(tokens, result.acceptance_lengths[0])]
         print(json.dumps(out))
     elif args.show_steps:
-        print(show_steps(tokenizer, prompt, tokens, result.acceptance_lengths[0]))
+        print(show_steps(tokenizer, prompt, tokens, result.acceptance_lengths[0],
+                         color=wants_color(args.color, sys.stdout)))
     else:
         print(prompt + text)
     return 0

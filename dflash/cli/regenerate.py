@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+import jax
+from jax.sharding import Mesh
 
 from dflash.checks import COUNT, INTEGER, NON_NEGATIVE, flag
 from dflash.cli.failures import run_command
@@ -10,19 +14,20 @@ from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
 from dflash.config import DTYPES
 from dflash.decoding import SamplingParams
 from dflash.distributed import add_distributed_args, is_primary
+from dflash.errors import DflashError
 from dflash.fingerprint import initialize_from_args
-from dflash.io.loading import load_target
+from dflash.io.loading import load_target, read_config, resolve
 from dflash.io.tokenizer import load_tokenizer
-from dflash.training.regenerate import regenerate_dataset
+from dflash.training.regenerate import SIZING_PROMPT_TOKENS, pick_regen_mesh, regenerate_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
     p = make_parser("dflash-regenerate", __doc__)
     p.add_argument("--target", default="tiny-code")
-    p.add_argument("--data", required=True, help="local jsonl/json/parquet file or dir, or a hub dataset id")
+    p.add_argument("--data", help="local jsonl/json/parquet file or dir, or a hub dataset id (required)")
     p.add_argument("--split", default="train")
     p.add_argument("--messages-field", default="messages")
-    p.add_argument("--out", required=True, help="output .jsonl (one {messages: [...]} per line)")
+    p.add_argument("--out", help="output .jsonl (one {messages: [...]} per line) (required)")
     p.add_argument("--max-examples", type=flag(COUNT.with_special(0, "all")), default=0)
     p.add_argument("--max-new-tokens", type=flag(COUNT), default=512)
     p.add_argument("--max-prompt-tokens", type=flag(COUNT), default=None,
@@ -39,17 +44,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=flag(INTEGER), default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     add_mesh_arg(p, help="run the target on a mesh of this process's devices: data=D,fsdp=F,tensor=T, any "
-                         "subset, -1 for the rest (tensor-parallel when it does not fit one device; every "
-                         "process decodes its own shards of the dataset on its own mesh)")
+                         "subset, -1 for the rest (every process decodes its own shards of the dataset on "
+                         "its own mesh). Default: the least tensor parallelism whose weights and KV cache "
+                         "fit each device (said in one line), data-parallel over the rest")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile the regeneration program for --topology (--target-config, --batch-size, "
+                        "--max-prompt-tokens, --max-new-tokens) on the mesh it would pick there, and print "
+                        "its memory per chip (no weights, no data)")
+    p.add_argument("--topology", default=None, help="TPU slice for --compile-only (dflash.plan.TOPOLOGIES)")
+    p.add_argument("--target-config", default=None,
+                   help="--compile-only: architecture preset, known hub id or checkpoint directory")
+    p.add_argument("--json", default=None, help="--compile-only: also write the plan here")
     add_distributed_args(p)
     args = p.parse_args(argv)
+    if args.compile_only:
+        return _compile_only(args)
+    if not args.data or not args.out:
+        p.error("--data and --out are required")
     return run_command("dflash-regenerate", lambda: _regenerate(args), verbose=bool(args.verbose))
 
 
 def _regenerate(args: argparse.Namespace) -> int:
     initialize_from_args(args)
     tokenizer = load_tokenizer(args.target)
-    mesh = mesh_from_args(args.mesh, local=True)
+    mesh = _mesh(args)
     target = load_target(args.target, dtype=DTYPES[args.dtype], mesh=mesh)
     n = regenerate_dataset(
         target, tokenizer, args.data, args.out, split=args.split, messages_field=args.messages_field,
@@ -59,6 +77,39 @@ def _regenerate(args: argparse.Namespace) -> int:
         seed=args.seed, allow_longer_than_context=args.allow_longer_than_context, mesh=mesh)
     if is_primary():
         print(f"wrote {n} conversations to {args.out}")
+    return 0
+
+
+def _mesh(args: argparse.Namespace) -> Mesh | None:
+    """``--mesh`` over this process's devices, or the one picked to fit the target (said in one line)."""
+    if args.mesh is not None:
+        return mesh_from_args(args.mesh, local=True)
+    cfg = read_config(resolve(args.target))
+    pick = pick_regen_mesh(cfg, DTYPES[args.dtype], jax.local_devices(), batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens)
+    if is_primary():
+        print(f"dflash-regenerate: {pick.line} (--mesh to choose)", flush=True)
+    return mesh_from_args(pick.config, local=True)
+
+
+def _compile_only(args: argparse.Namespace) -> int:
+    from dflash.bench.prompts import write_json
+    from dflash.plan import TOPOLOGIES, regen_plan, summary
+
+    if not args.topology or not args.target_config:
+        print(f"dflash-regenerate: error: --compile-only needs --target-config and --topology (one of "
+              f"{', '.join(TOPOLOGIES)})", file=sys.stderr)
+        return 2
+    try:
+        plan = regen_plan(args.target_config, args.topology, args.mesh, dtype=args.dtype,
+                          batch=args.batch_size, prompt_tokens=args.max_prompt_tokens or SIZING_PROMPT_TOKENS,
+                          new_tokens=args.max_new_tokens)
+    except (DflashError, ValueError) as err:
+        print(f"dflash-regenerate: error: {err}", file=sys.stderr)
+        return 2
+    print(summary(plan))
+    if args.json:
+        write_json(plan, args.json)
     return 0
 
 

@@ -95,11 +95,16 @@ def check_context(prompt_lens: Sequence[int], budgets: Sequence[int], context: i
 
 def prefill(model: Transformer, tokens_BP: jax.Array, prompt_lens_B: jax.Array,
             cache: Cache, hidden_layers: tuple[int, ...] = ()):
-    """Runs right-padded prompts; returns last-position logits ``[B,V]``, hidden, cache at prompt length."""
+    """Runs right-padded prompts; returns last-position logits ``[B,V]``, hidden, cache at prompt length.
+
+    Only the last position of each row goes through the LM head: ``[B, P, V]`` float32 logits
+    would be the largest temporary of a long prefill (1.9 GB per chip for Qwen3-8B at 4 rows x
+    2048 tokens x half the vocabulary, docs/scaling.md)."""
     positions = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1]), tokens_BP.shape)
-    out = model(tokens_BP, positions, cache, hidden_layers=hidden_layers)
-    last = jnp.take_along_axis(out.logits, (prompt_lens_B - 1)[:, None, None], axis=1)[:, 0]
-    return last, out.hidden, out.cache.keep(prompt_lens_B, tokens_BP.shape[1])
+    out = model(tokens_BP, positions, cache, hidden_layers=hidden_layers, compute_logits=False,
+                final_hidden=True)
+    last_B1D = jnp.take_along_axis(out.final, (prompt_lens_B - 1)[:, None, None], axis=1)
+    return model.unembed(last_B1D)[:, 0], out.hidden, out.cache.keep(prompt_lens_B, tokens_BP.shape[1])
 
 
 def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -108,12 +113,15 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new", "sampling", "eos_ids"), donate_argnames=("cache",))
-def _generate(params, cache, tokens_BP, prompt_lens_B, max_new_B, key, *, graphdef,
-              max_new: int, sampling: SamplingParams, eos_ids: tuple[int, ...]):
+@partial(jax.jit, static_argnames=("graphdef", "max_new", "max_len", "sampling", "eos_ids"))
+def _generate(params, tokens_BP, prompt_lens_B, max_new_B, key, *, graphdef, max_new: int, max_len: int,
+              sampling: SamplingParams, eos_ids: tuple[int, ...]):
+    """Prefill + decode loop. The cache is made here, inside the program, so under a mesh it is
+    born in its shards (never whole on one device first) and needs no donation."""
     model = nnx.merge(graphdef, params)
     batch = tokens_BP.shape[0]
     rows = jnp.arange(batch)
+    cache = model.init_cache(batch, max_len)
     logits, _, cache = prefill(model, tokens_BP, prompt_lens_B, cache)
     key, sub = jax.random.split(key)
     tok = sample(logits, sampling, sub)
@@ -137,8 +145,8 @@ def _generate(params, cache, tokens_BP, prompt_lens_B, max_new_B, key, *, graphd
         done = done | is_eos(new, eos_ids) | (n >= max_new_B)
         return cache, new, out, n, done, key
 
-    cache, _, out, n, _, _ = jax.lax.while_loop(cond, body, (cache, tok, out, n, done, key))
-    return out, n, cache  # returning the cache lets XLA alias it to the donated input
+    _, _, out, n, _, _ = jax.lax.while_loop(cond, body, (cache, tok, out, n, done, key))
+    return out, n
 
 
 def generate(
@@ -172,13 +180,12 @@ def generate(
     check_on_mesh(params, mesh, "target")
     max_new = max(budgets)
     with on_mesh(mesh):
-        args = (params, model.init_cache(len(budgets), max_len), place(padded, mesh),
-                place(np.asarray(prompt_lens, np.int32), mesh),
+        args = (params, place(padded, mesh), place(np.asarray(prompt_lens, np.int32), mesh),
                 place(np.asarray(budgets, np.int32), mesh), place(key, mesh))
-        static = dict(graphdef=graphdef, max_new=max_new, sampling=sampling, eos_ids=eos)
+        static = dict(graphdef=graphdef, max_new=max_new, max_len=max_len, sampling=sampling, eos_ids=eos)
         program, compile_s = compiled(_generate, args, static)
         t0 = time.perf_counter()
-        out, n, _ = jax.block_until_ready(program(*args))
+        out, n = jax.block_until_ready(program(*args))
         elapsed = time.perf_counter() - t0
     out, n = to_host(out), to_host(n)
     tokens = [out[i, : n[i]].tolist() for i in range(batch)]

@@ -12,17 +12,30 @@ elsewhere. With ``mesh=None`` every helper is the identity of the unsharded engi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dflash.config import ModelConfig
 from dflash.errors import ConfigError
 from dflash.io.host import to_host  # noqa: F401  (re-exported: the engine's host transfers)
-from dflash.sharding import batch_sharding, batch_shards, dotted
+from dflash.sharding import (
+    LOGICAL,
+    MeshConfig,
+    ShardingError,
+    batch_sharding,
+    batch_shards,
+    dotted,
+    make_mesh,
+    tree_shardings,
+)
 
 
 def batch_split(mesh: Mesh | None) -> int:
@@ -105,3 +118,98 @@ def reshard_like(tree: Any, like: Any) -> Any:
     """``tree`` placed with the shardings of ``like``'s leaves (same ranks, fewer rows): the
     compacted carry keeps the layout the loop was compiled for."""
     return jax.device_put(tree, jax.tree.map(lambda x: x.sharding, like))
+
+
+# ----------------------------------------------------------------------------- picking a mesh
+FIT_FRACTION = 0.6  # of a device's memory for weights + KV cache; the rest: prefill temporaries, XLA
+
+
+def device_memory(device: Any) -> int | None:
+    """Bytes one device may hold (``memory_stats()['bytes_limit']``), None where unknown (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # a backend without the query
+        return None
+    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def cache_bytes(cfg: ModelConfig, rows: int, slots: int, dtype: Any, tensor: int = 1) -> int:
+    """Bytes of a cache of ``rows`` rows (one device's share) x ``slots`` on one device: each layer
+    state's arrays with their ``tensor`` dimensions (kv heads, ...) split where they divide, as
+    ``constrain`` places them (``LayerState.AXES``)."""
+    from dflash.models.kinds import init_cache
+
+    total = 0
+    for state in jax.eval_shape(lambda: init_cache(cfg, rows, slots, dtype)).layers:
+        for name, axes in ({} if state is None else type(state).AXES).items():
+            x = getattr(state, name)
+            named = axes if len(axes) == x.ndim else (None,) * x.ndim  # (a "..." layout: left whole)
+            split = [tensor if a is not None and "tensor" in LOGICAL.get(a, ()) and d % tensor == 0 else 1
+                     for d, a in zip(x.shape, named, strict=True)]
+            shard = [d // k for d, k in zip(x.shape, split, strict=True)]
+            total += math.prod(shard) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def abstract_target_state(cfg: ModelConfig, dtype: Any) -> Any:
+    """The target's parameter shapes and dtypes (nothing allocated)."""
+    from dflash.models.transformer import abstract
+
+    return nnx.state(abstract(cfg, dtype=dtype))
+
+
+def weight_bytes(state: Any, mesh: Mesh) -> int:
+    """Bytes of the parameters ``state`` on one device of ``mesh``: the rule table's shard shapes
+    (what ``dflash.plan`` counts); raises ``ShardingError`` where the mesh does not divide a tensor."""
+    shardings = tree_shardings(state, mesh)
+    return sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+               for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPick:
+    """The decoding mesh chosen for a target on some devices, and the one line that says why."""
+
+    config: MeshConfig | None  # None: one device, no mesh
+    line: str
+
+
+def pick_decode_mesh(cfg: ModelConfig, dtype: Any, devices: Sequence[Any], *, rows: int, slots: int,
+                     memory_bytes: int | None = None) -> MeshPick:
+    """The least tensor parallelism that fits: ``tensor = t`` (the smallest divisor of the device
+    count the rule table accepts) such that the target's weights per device plus a KV cache of
+    ``rows`` rows x ``slots`` positions (rows split over ``data = devices / t``) take at most
+    ``FIT_FRACTION`` of a device's memory (``memory_bytes``, default what the device reports);
+    ``data`` takes the rest, so each device decodes its share of the batch. Tensor parallelism
+    costs collectives per layer, so it is used only as far as memory needs it. Unknown memory
+    (CPU) means ``tensor = 1``. When nothing fits, the largest split, and the line says so."""
+    n = len(devices)
+    kind = getattr(devices[0], "device_kind", devices[0].platform)
+    memory = memory_bytes if memory_bytes is not None else device_memory(devices[0])
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    state, last = abstract_target_state(cfg, dtype), None
+    for t in (t for t in range(1, n + 1) if n % t == 0):
+        mesh = make_mesh(MeshConfig(data=n // t, tensor=t), list(devices))
+        try:
+            weights = weight_bytes(state, mesh)
+        except ShardingError:
+            continue
+        cache = cache_bytes(cfg, -(-rows // (n // t)), slots, dtype, t)
+        last = (t, weights, cache)
+        if memory is None or weights + cache <= FIT_FRACTION * memory:
+            break
+    if last is None:
+        raise ConfigError(f"no data x tensor mesh over {n} devices divides the target's tensors")
+    t, weights, cache = last
+    config = None if n == 1 else MeshConfig(data=n // t, tensor=t)
+    where = "no mesh (1 device)" if config is None else f"mesh data={n // t},tensor={t} over {n} devices"
+    need = (f"per device: weights {gb(weights)} + KV cache {gb(cache)} (batch {rows} x {slots} slots over "
+            f"data={n // t})")
+    if memory is None:
+        why = f"{need}; device memory unknown ({kind})"
+    elif weights + cache <= FIT_FRACTION * memory:
+        why = f"{need} <= {FIT_FRACTION:.0%} of {gb(memory)} ({kind})"
+    else:
+        why = (f"{need} > {FIT_FRACTION:.0%} of {gb(memory)} ({kind}) even so: expect out-of-memory; "
+               "lower the batch or the tokens, or use more chips")
+    return MeshPick(config, f"{where}: {why}")

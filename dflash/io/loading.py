@@ -63,6 +63,11 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             f"{name!r} is not a checkpoint directory (looked for {path.absolute()}), a shipped name "
             f"({', '.join(SHIPPED)}), or a hub id of the form 'owner/name'"
         )
+    if path.parent.is_dir():  # `runs/tiny_code` where runs/ exists: a path that is not there, not a hub id
+        held = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+        listed = ", ".join(held[:8]) + (", ..." if len(held) > 8 else "")
+        raise CheckpointError(f"{path.absolute()} does not exist ({path.parent}/ holds "
+                              f"{listed or 'no directory'})")
     from huggingface_hub import snapshot_download  # deferred: only hub ids need the hub client
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 

@@ -12,7 +12,10 @@ it to ``load_target``; ``resolve_method`` builds the drafter with the target's s
   always, and the flash prefill kernel for packed training rows (``segment_ids``; TPU
   layout). On CPU they run in interpret mode (slow; for
   tests). On a TPU/GPU, shapes the kernel cannot lower (see ``hardware_problem``) raise.
-* ``auto``: ``pallas`` on TPU/GPU where the shapes are supported, else ``reference``;
+* ``auto``: ``pallas`` on TPU/GPU where the shapes are supported and the kernel passed its
+  self-check on this device (``selfcheck.py``: run once per device kind, head layout and
+  dtype; a kernel that errors or disagrees with its reference is replaced by it, with one
+  line saying so), else ``reference``;
   ``reference`` on CPU, except for the memory-bounded forms: the drafter's anchor attention
   runs the reference in anchor chunks (``chunked_anchor_block_attention``: the same values,
   rematerialised per chunk in the backward). Packed-row prefill (``segment_ids``)
@@ -25,9 +28,12 @@ anchor and prefill the chunked forms, so training gets the same values either wa
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 
 from dflash.errors import ConfigError
+from dflash.kernels import selfcheck
 from dflash.kernels.anchor_attention import (
     anchor_block_attention,
     chunked_anchor_block_attention,
@@ -81,14 +87,22 @@ def hardware_problem(head_dim: int, kv_heads: int, group: int, block_rows: int |
     return None
 
 
-def _wants_kernel(impl: str, problem: str | None) -> bool:
+def _wants_kernel(impl: str, problem: str | None, op: str, kernel: Any, layout: selfcheck.Layout) -> bool:
+    """``pallas``: the kernel (or an error saying why it cannot run); ``auto``: the kernel where
+    the shapes allow and it passed its self-check on this device."""
     if resolve_impl(impl) != "pallas":
         return False
     if problem is not None:
         if impl == "pallas":
             raise ConfigError(f"attention_impl='pallas' cannot run here: {problem}")
         return False
-    return True
+    return impl == "pallas" or selfcheck.passes(op, kernel, layout)
+
+
+def _layout(q: jax.Array, k: jax.Array, head_axis: int, rows: int) -> selfcheck.Layout:
+    """The self-check's key of a call: query heads on ``head_axis`` of ``q``, kv heads on axis 2 of ``k``."""
+    return selfcheck.Layout(q.shape[head_axis], k.shape[2], q.shape[-1], rows, jax.numpy.dtype(q.dtype).name,
+                            jax.numpy.dtype(k.dtype).name)
 
 
 def use_verify_kernel(impl: str, q_BTNH: jax.Array, k_BSKH: jax.Array) -> bool:
@@ -96,7 +110,9 @@ def use_verify_kernel(impl: str, q_BTNH: jax.Array, k_BSKH: jax.Array) -> bool:
     if q_BTNH.shape[1] > MAX_BLOCK_LEN:  # prefill: the reference (see docs/kernels.md)
         return False
     kh = k_BSKH.shape[2]
-    return _wants_kernel(impl, hardware_problem(q_BTNH.shape[3], kh, q_BTNH.shape[2] // kh))
+    problem = hardware_problem(q_BTNH.shape[3], kh, q_BTNH.shape[2] // kh)
+    return _wants_kernel(impl, problem, "verify_attention", _verify_kernel,
+                         _layout(q_BTNH, k_BSKH, 2, 0))  # (its check covers every block length)
 
 
 def verify_attention(q_BTNH, k_BSKH, v_BSKH, lengths_B, block_mask):
@@ -113,7 +129,8 @@ def anchor_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, 
     kh, q_rows = k_ctx_BSKH.shape[2], q_BAQNH.shape[2]
     problem = hardware_problem(q_BAQNH.shape[4], kh, q_BAQNH.shape[3] // kh, q_rows)
     args = (q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS)
-    if _wants_kernel(impl, problem):
+    if _wants_kernel(impl, problem, "anchor_block_attention", anchor_block_attention,
+                     _layout(q_BAQNH, k_ctx_BSKH, 3, q_rows)):
         interpret = platform() == "cpu"
         return per_shard(lambda *x: anchor_block_attention(*x, interpret=interpret), args,
                          ("b..h.", "b.h.", "b.h.", "b..h.", "b..h.", "b.."), "b..h.", rows=q_BAQNH.shape[0],
@@ -139,7 +156,8 @@ def prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, *, impl: str):
     args = (q_BSNH, k_BSKH, v_BSKH, segment_ids_BS)
     if check_impl(impl) == "reference":
         return reference_prefill_attention(*args)
-    if _wants_kernel(impl, prefill_problem(q_BSNH.shape[3], k_BSKH.shape[2])):
+    problem = prefill_problem(q_BSNH.shape[3], k_BSKH.shape[2])
+    if _wants_kernel(impl, problem, "prefill_attention", _prefill_kernel, _layout(q_BSNH, k_BSKH, 2, 0)):
         interpret = platform() == "cpu"
         return per_shard(lambda *x: _prefill_kernel(*x, interpret=interpret), args,
                          ("b.h.", "b.h.", "b.h.", "b."), "b.h.", rows=q_BSNH.shape[0], heads=q_BSNH.shape[2],

@@ -54,8 +54,8 @@ class AttentionProjections(nnx.Module):
         norm = bool(opt("qk_norm"))
         setattr(self, f"q_norm{suffix}", RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if norm else None)
         setattr(self, f"k_norm{suffix}", RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if norm else None)
-        setattr(self, f"sinks{suffix}", nnx.Param(jnp.zeros((cfg.num_heads,),
-                                                            dtype)) if opt("sinks") else None)
+        sinks = nnx.Param(jnp.zeros((cfg.num_heads,), dtype)) if opt("sinks") else None
+        setattr(self, f"sinks{suffix}", sinks)
 
     def _part(self, name: str):
         return getattr(self, name + self.suffix)
@@ -102,14 +102,17 @@ class AttentionProjections(nnx.Module):
 class Attention(AttentionProjections):
     """A target layer's attention: writes the block's keys and values into its ``KVState``."""
 
-    def __call__(self, x_BTD: jax.Array, *, ctx: Context, state: KVState | None) -> tuple[jax.Array,
-                                                                                          KVState | None]:
+    def __call__(self, x_BTD: jax.Array, *, ctx: Context,
+                 state: KVState | None) -> tuple[jax.Array, KVState | None]:
         b, t, _ = x_BTD.shape
         cos, sin = ctx.rope_tables(self.rotary_dim)
         q, gate = self.queries(x_BTD, cos, sin)
         k_new, v_new = self.kv(x_BTD, cos, sin)
         k, v = k_new, v_new
-        if state is not None:
+        if state is not None and ctx.segment_ids is not None:  # packed rows fill an empty T-slot cache
+            # slot t holds token t: the state is the block's K/V, nothing to scatter
+            state = KVState(k=k_new.astype(state.k.dtype), v=v_new.astype(state.v.dtype)).constrained()
+        elif state is not None:
             state = state.write(k_new, v_new, ctx.slots_BT)
             k, v = state.k, state.v
         if ctx.segment_ids is not None and self.plain:  # packed rows: memory O(T * chunk)
@@ -164,6 +167,6 @@ ATTENTION = register_mixer(MixerKind(
         (r"(^|\.)sinks(_diff)?$", ("heads",)),
     ),
     flops=_flops,
-    state=lambda cfg, spec, batch, max_len, dtype: KVState.zeros(batch, max_len, cfg.num_kv_heads,
-                                                                 cfg.head_dim, dtype),
+    state=lambda cfg, spec, batch, max_len, dtype: KVState.zeros(
+        batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype),
 ))

@@ -79,6 +79,7 @@ def measure_tau(target: Transformer, drafter: Any, prompts: list[list[int]],
         res = speculative_generate(target, prompts, method=method, drafter=drafter, **common)
         differ += [f"drafter vs {name.replace('_', ' ')}"] if res.tokens != dres.tokens else []
         out[f"tau_{name}"] = res.tau
+        out[f"acceptance_histogram_{name}"] = res.histogram()
     if differ:
         out["outputs_differ"] = differ
     return out

@@ -17,14 +17,29 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from dflash.checks import COUNT, check
+from dflash.config import ModelConfig
 from dflash.decoding import SamplingParams, generate
-from dflash.decoding.autoregressive import ContextLengthError
+from dflash.decoding.autoregressive import ContextLengthError, bucket
+from dflash.decoding.mesh import MeshPick, pick_decode_mesh
 from dflash.errors import ConfigError
 from dflash.fingerprint import check_consistent, fingerprint
 from dflash.models.transformer import Transformer
 from dflash.training.chat import clean_messages
 from dflash.training.regen_shards import ShardPlan
 from dflash.training.sources import DataConfig, load_dataset
+
+SIZING_PROMPT_TOKENS = 2048  # prompt length a picked mesh is sized for when max_prompt_tokens is unset
+
+
+def pick_regen_mesh(cfg: ModelConfig, dtype: Any, devices: Any, *, batch_size: int, max_new_tokens: int,
+                    max_prompt_tokens: int | None = None, memory_bytes: int | None = None) -> MeshPick:
+    """The mesh a regeneration job decodes on when none is given: the least tensor parallelism
+    over ``devices`` (one host's) that holds the target and one batch's KV cache
+    (``decoding.mesh.pick_decode_mesh``), the rest data-parallel over the batch. The cache is
+    sized for ``max_prompt_tokens`` (default ``SIZING_PROMPT_TOKENS``) + ``max_new_tokens``."""
+    prompt = SIZING_PROMPT_TOKENS if max_prompt_tokens is None else max_prompt_tokens
+    slots = min(bucket(prompt + max_new_tokens), bucket(cfg.max_position_embeddings))
+    return pick_decode_mesh(cfg, dtype, devices, rows=batch_size, slots=slots, memory_bytes=memory_bytes)
 
 
 def stop_ids(tokenizer: Any, config_eos: tuple[int, ...]) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jax.sharding import Mesh
 
 from dflash.configio import to_dict
 from dflash.distributed import is_primary, sync_processes
@@ -47,12 +48,15 @@ def prompts_from_docs(docs: list[Document], count: int, prompt_tokens: int) -> l
 
 
 def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run_dir: Path,
-                 progress: bool = True, lanes: Sequence[int] | None = None) -> RunData:
+                 progress: bool = True, lanes: Sequence[int] | None = None,
+                 mesh: Mesh | None = None) -> RunData:
     """The rows of data ``lanes`` (default: all ``data.lanes``), held-out rows and prompts.
 
     Only the lanes' training documents are tokenized, except with in-run regeneration, which
-    samples prompts from all documents: then every process makes (or reads) the same
+    samples prompts from all documents: then every process gets (or reads) the same
     regenerated documents and keeps its lanes' share (document ``i`` in lane ``i % lanes``).
+    ``mesh``: the training mesh the target lives on; regeneration decodes there, each row once
+    in the whole job.
     """
     lanes = list(range(cfg.data.lanes)) if lanes is None else list(lanes)
     if cfg.regen.num_sequences:
@@ -64,7 +68,7 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run
                                  "max_examples": 0})
         held_docs, _ = load_documents(eval_cfg, tokenizer)
     if cfg.regen.num_sequences:
-        train_docs, held_docs = _regenerated(cfg, target, run_dir, train_docs, held_docs, progress)
+        train_docs, held_docs = _regenerated(cfg, target, run_dir, train_docs, held_docs, progress, mesh)
         by_lane = {j: [(i, d) for i, d in enumerate(train_docs) if i % cfg.data.lanes == j] for j in lanes}
     if not any(by_lane.values()):
         raise TrainingError(f"data source {cfg.data.source!r} yielded no training documents")
@@ -82,7 +86,8 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run
 
 
 def _regenerated(cfg: ExperimentConfig, target: Transformer, run_dir: Path, train_docs: list[Document],
-                 held_docs: list[Document], progress: bool) -> tuple[list[Document], list[Document]]:
+                 held_docs: list[Document], progress: bool,
+                 mesh: Mesh | None) -> tuple[list[Document], list[Document]]:
     """Train and eval rows alike become (corpus prompt, target's greedy continuation), which is
     what the drafter sees when decoding; read from the run directory when made with these settings."""
     eos = tuple(target.cfg.eos_token_id)
@@ -101,11 +106,11 @@ def _regenerated(cfg: ExperimentConfig, target: Transformer, run_dir: Path, trai
         print(f"regenerating {regen_count(cfg)} + {cfg.eval.heldout_rows * 2} target continuations "
               f"(once per run, kept in {cached.name})", flush=True)
     train_docs = regenerate_documents(target, train_docs, cfg.regen, seed=cfg.data.seed, eos_ids=eos,
-                                      progress=progress, limit=regen_count(cfg))
+                                      progress=progress, limit=regen_count(cfg), mesh=mesh)
     eval_regen = dataclasses.replace(cfg.regen, num_sequences=cfg.eval.heldout_rows * 2)
     held_docs = regenerate_documents(target, held_docs, eval_regen, seed=cfg.data.seed + 1,
-                                     eos_ids=eos, progress=progress)
-    if is_primary():  # every process made the same documents; one writes them
+                                     eos_ids=eos, progress=progress, mesh=mesh)
+    if is_primary():  # every process has the same documents; one writes them
         save_documents(train_docs, cached)
         save_documents(held_docs, cached_eval)
         made_with.write_text(json.dumps(settings, indent=1))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from dflash.checks import COUNT, check
@@ -37,12 +38,15 @@ class RegenSection:
 
 
 def regenerate_documents(target: Transformer, docs: list[Document], cfg: RegenSection, *, seed: int,
-                         eos_ids: tuple[int, ...], progress: bool = True,
-                         limit: int | None = None) -> list[Document]:
+                         eos_ids: tuple[int, ...], progress: bool = True, limit: int | None = None,
+                         mesh: Mesh | None = None) -> list[Document]:
     """``cfg.num_sequences`` documents of (corpus prompt window, target's greedy continuation).
 
     ``limit`` regenerates only the first that-many of them (the same prompts, so a short run's
-    data is the start of a long one's).
+    data is the start of a long one's). ``mesh``: the mesh the target lives on (a run's training
+    mesh, across processes): each batch of ``cfg.batch_size`` prompts is split over its
+    ``data × fsdp`` shards, so every row is decoded once in the whole job, and every process
+    gets all the documents; greedy, so the same tokens as without a mesh.
     """
     rng = np.random.default_rng(seed)
     long_enough = [d for d in docs if len(d) > cfg.prompt_tokens]
@@ -58,7 +62,8 @@ def regenerate_documents(target: Transformer, docs: list[Document], cfg: RegenSe
     for b in tqdm(range(0, len(prompts), cfg.batch_size), desc="regenerate (target greedy)",
                   disable=not progress, dynamic_ncols=True):
         batch = prompts[b:b + cfg.batch_size]
-        res = generate(target, batch, max_new_tokens=cfg.new_tokens, eos_ids=eos_ids, key=jax.random.key(0))
+        res = generate(target, batch, max_new_tokens=cfg.new_tokens, eos_ids=eos_ids, key=jax.random.key(0),
+                       mesh=mesh)
         for p, gen in zip(batch, res.tokens, strict=True):
             ids = np.asarray(p + gen, np.int32)
             mask = np.zeros(len(ids), bool)

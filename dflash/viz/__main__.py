@@ -22,7 +22,7 @@ def readme_figures(out: Path, *, num_prompts: int = 4, max_new_tokens: int = 128
     from dflash.io.tokenizer import load_tokenizer
     from dflash.training.tiny_corpus import heldout_prompts
     from dflash.viz import figures as F
-    from dflash.viz.notebook import demo_methods, lengths_of, speculate_all, taus_of
+    from dflash.viz.notebook import demo_methods, lengths_of, prompt_taus_of, speculate_all, taus_of
 
     target = load_target("tiny-code")
     tok = load_tokenizer("tiny-code")
@@ -32,12 +32,12 @@ def readme_figures(out: Path, *, num_prompts: int = 4, max_new_tokens: int = 128
     methods = demo_methods(target, block_size=16)
     results = speculate_all(target, prompts, methods, max_new_tokens=max_new_tokens, reference=ar.tokens,
                             eos_ids=eos)
-    lengths = lengths_of(results)
-    paths = [F.save(F.acceptance_histogram(lengths, 16), out / "acceptance_histogram.png"),
+    lengths, taus = lengths_of(results), taus_of(results)
+    paths = [F.save(F.acceptance_histogram(lengths, 16, taus=taus), out / "acceptance_histogram.png"),
              F.save(F.position_plot(lengths, 16), out / "acceptance_by_position.png")]
     data = {"command": "python -m dflash.viz readme " + str(out), "target": "tiny-code", "block_size": 16,
-            "num_prompts": num_prompts, "max_new_tokens": max_new_tokens, "tau_per_prompt": taus_of(results),
-            "acceptance_lengths": lengths}
+            "num_prompts": num_prompts, "max_new_tokens": max_new_tokens, "tau": taus,
+            "tau_per_prompt": prompt_taus_of(results), "acceptance_lengths": lengths}
     (out / "readme_figures.json").write_text(json.dumps(data, indent=1) + "\n")
     return paths
 

@@ -81,18 +81,22 @@ def acceptance_counts(lengths: Sequence[int], block_size: int) -> np.ndarray:
 
 
 def acceptance_histogram(lengths: Mapping[str, Sequence[int]], block_size: int | None = None,
-                         *, title: str = "Tokens accepted per verify step") -> Figure:
+                         *, taus: Mapping[str, float] | None = None,
+                         title: str = "Tokens accepted per verify step") -> Figure:
     """Grouped bars: for each method, the share of its verify steps that accepted 1 .. K tokens
-    (the data behind the bars: ``acceptance_counts`` / steps; each legend entry gives tau)."""
+    (the data behind the bars: ``acceptance_counts`` / steps). A method in ``taus`` shows its τ in
+    the legend. τ is given, not computed here: it counts the tokens the steps emitted (design §7),
+    which the lengths alone overstate when EOS or the budget cut a last step."""
     k = block_size_of(lengths, block_size)
+    taus = taus or {}
     fig, (ax,) = new_figure()
     width = 0.8 / max(len(lengths), 1)
     x = np.arange(1, k + 1)
     for i, (name, values) in enumerate(lengths.items()):
         counts = acceptance_counts(values, k)
         share = counts / max(counts.sum(), 1)
-        tau = float(np.mean(values)) if len(values) else float("nan")
-        ax.bar(x + (i - (len(lengths) - 1) / 2) * width, share, width, label=f"{name} (τ {tau:.2f})")
+        label = f"{name} (τ {taus[name]:.2f})" if name in taus else name
+        ax.bar(x + (i - (len(lengths) - 1) / 2) * width, share, width, label=label)
     ax.set(xlabel="tokens accepted in the step (accepted drafts + 1)", ylabel="share of verify steps",
            title=title, xticks=x)
     ax.legend()
@@ -103,7 +107,7 @@ def position_acceptance(lengths: Sequence[int], block_size: int) -> np.ndarray:
     """``[K-1]``: the share of verify steps whose draft at position k (1 .. K-1) was accepted.
 
     A step of acceptance length a accepted drafts 1 .. a-1, so the values fall with k and sum
-    to the mean number of accepted drafts (tau - 1)."""
+    to the mean number of accepted drafts (the mean acceptance length - 1)."""
     counts = acceptance_counts(lengths, block_size)  # [K]: steps with length 1..K
     steps = max(counts.sum(), 1)
     # draft k accepted <=> length >= k + 1: the tail sums of the counts from index k on.
@@ -204,12 +208,12 @@ def accuracy_matrix(scalars: Mapping[str, tuple[np.ndarray, np.ndarray]],
 
 
 def _edges(steps: np.ndarray) -> np.ndarray:
-    """``[S+1]`` cell edges around ``S`` sorted steps: midpoints, half a gap beyond the ends."""
+    """``[S+1]`` cell edges for ``S`` sorted eval steps: each cell spans the training steps since
+    the previous eval (the first from step 0) up to its own, so the axis ends at the last step."""
     s = np.asarray(steps, dtype=float)
-    if len(s) == 1:
-        return np.array([s[0] - 0.5, s[0] + 0.5])
-    mids = (s[1:] + s[:-1]) / 2
-    return np.concatenate([[2 * s[0] - mids[0]], mids, [2 * s[-1] - mids[-1]]])
+    if len(s) and s[0] <= 0:
+        raise VizError(f"eval steps must be positive (an eval follows a training step); got {s[0]:g}")
+    return np.concatenate([[0.0], s])
 
 
 TAU_SERIES = {"eval/tau_sim": "eval, per anchor", "eval/tau_sim_steps": "eval, per verify step",
@@ -239,8 +243,10 @@ def training_curves(scalars: Mapping[str, tuple[np.ndarray, np.ndarray]],
     tau_ax.set(xlabel="step", ylabel="τ", title="Simulated τ")
     tau_ax.legend(fontsize="small")
     steps, acc = accuracy_matrix(scalars)
-    if acc.size:  # one column per eval step, as wide as the gaps to its neighbours
-        mesh = acc_ax.pcolormesh(_edges(steps), np.arange(acc.shape[0] + 1) + 0.5, acc, vmin=0, vmax=1)
+    if acc.size:  # one column per eval step, over the steps since the previous eval
+        edges = _edges(steps)
+        mesh = acc_ax.pcolormesh(edges, np.arange(acc.shape[0] + 1) + 0.5, acc, vmin=0, vmax=1)
+        acc_ax.set_xlim(edges[0], edges[-1])
         acc_ax.invert_yaxis()
         fig.colorbar(mesh, ax=acc_ax, label="accuracy")
     acc_ax.set(xlabel="step", ylabel="draft position", title="Eval accuracy by position")
@@ -254,7 +260,8 @@ def bench_figures(result: Mapping[str, Any], out: str | Path) -> list[Path]:
     if not lengths:
         raise VizError("the bench result has no drafting method to plot (only AR)")
     k = max(m["block_size"] for m in _methods(result).values())
-    return [save(acceptance_histogram(lengths, k), out / "acceptance_histogram.png"),
+    taus = {name: float(_methods(result)[name]["tau"]) for name in lengths}
+    return [save(acceptance_histogram(lengths, k, taus=taus), out / "acceptance_histogram.png"),
             save(position_plot(lengths, k), out / "acceptance_by_position.png"),
             save(tau_per_prompt(taus_from_bench(result)), out / "tau_per_prompt.png"),
             save(speedup_vs_block([result]), out / "speedup_vs_block.png")]

@@ -15,6 +15,19 @@ from dflash.viz.errors import VizError
 
 REPOSITORY = "dflash/dflash"  # GitHub owner/name the Colab badges and the install cell point at
 NOTEBOOKS = ("01_quickstart", "02_train_a_drafter", "03_export_and_serve")
+# Every notebook's first code cell, verbatim (tests/test_notebooks.py checks; tests/test_packaging.py
+# runs it against a wheel of this checkout). Where dflash is missing (Colab) it installs dflash
+# with the JAX build of the runtime: Colab's own jax is another version, whose CUDA plugin or
+# libtpu would not match ours. The TPU device files are those of dflash.distributed.
+INSTALL_CELL = f"""\
+# Colab: install dflash from its repository (skipped where dflash is already importable), with JAX
+# for the runtime's accelerator: the [tpu] extra on a TPU VM, [gpu] (CUDA 12) where nvidia-smi is
+import importlib.util, os, shutil, subprocess, sys
+source = "git+https://github.com/{REPOSITORY}"
+if importlib.util.find_spec("dflash") is None:
+    tpu = any(os.path.exists(f) for f in ("/dev/accel0", "/dev/vfio/0"))
+    extra = "[tpu]" if tpu else "[gpu]" if shutil.which("nvidia-smi") else ""
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"dflash{{extra}} @ {{source}}"])"""
 
 
 # The notebooks' default training sizes: a run of a few steps on a CPU in about a minute.
@@ -104,9 +117,16 @@ def lengths_of(results: Mapping[str, Any]) -> dict[str, list[int]]:
     return {name: [a for row in r.acceptance_lengths for a in row] for name, r in results.items()}
 
 
-def taus_of(results: Mapping[str, Any]) -> dict[str, list[float]]:
-    """name -> tau of each row (tokens per verify step, design.md §7)."""
-    return {name: [sum(row) / max(len(row), 1) for row in r.acceptance_lengths]
+def taus_of(results: Mapping[str, Any]) -> dict[str, float]:
+    """name -> the result's τ (tokens emitted by verify steps / verify steps, design.md §7)."""
+    return {name: r.tau for name, r in results.items()}
+
+
+def prompt_taus_of(results: Mapping[str, Any]) -> dict[str, list[float]]:
+    """name -> τ of each row: as ``SpecResult.tau``, one row at a time (the prefill's token is not a
+    verify step's; ``acceptance_lengths`` overstate a step that EOS or the budget cut)."""
+    return {name: [(len(toks) - 1) / len(row) if row else float("nan")
+                   for toks, row in zip(r.tokens, r.acceptance_lengths, strict=True)]
             for name, r in results.items()}
 
 

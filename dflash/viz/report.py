@@ -51,8 +51,13 @@ def report_data(run_dir: Path) -> dict[str, Any]:
     taus = {name: metrics[key] for key, name in (("tau", "drafter"), ("tau_ngram", "prompt lookup"),
                                                  ("tau_with_ngram", "drafter + lookup branch"))
             if key in metrics}
+    # The histogram's legend gives the decoding τ of the summary (design §7), not the lengths' mean.
+    length_taus = {name: metrics[key] for key, name in (("tau", "drafter, decoding"),
+                                                        ("tau_ngram", "prompt lookup, decoding"))
+                   if key in metrics and name in lengths}
     return {"config": (run_dir / "config.yaml").read_text(), "metrics": metrics, "scalars": scalars,
-            "lengths": lengths, "taus": taus, "block_size": metrics.get("block_size")}
+            "lengths": lengths, "taus": taus, "length_taus": length_taus,
+            "block_size": metrics.get("block_size")}
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -100,7 +105,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         missing("Held-out τ vs prompt lookup", "no final evaluation in metrics.json")
     if d["lengths"]:
         k = d["block_size"] or F.block_size_of(d["lengths"], None)
-        figure("Acceptance histogram", "acceptance.png", F.acceptance_histogram(d["lengths"], k),
+        figure("Acceptance histogram", "acceptance.png",
+               F.acceptance_histogram(d["lengths"], k, taus=d["length_taus"]),
                "Share of verify steps (decoding) or of held-out blocks (simulated) accepting 1 .. B tokens.")
         figure("Acceptance by draft position", "positions.png", F.position_plot(d["lengths"], k),
                "Share of steps whose draft at each position was accepted: where in the block drafts fail.")

@@ -6,20 +6,22 @@ draft) — ``acceptance_lengths`` counts both (docs/design.md §7). The last ste
 EOS or the token budget, and then emits fewer tokens (possibly without its bonus).
 
 ``split_steps`` rebuilds those steps from a result's tokens and acceptance lengths;
-``render_terminal`` colours them for a terminal (``dflash-generate --show-steps``) and
-``render_html`` for a notebook. ``parse_terminal`` reads the terminal rendering back into the
-same steps and token ids: every token is its own coloured span, and a token whose text is
-ambiguous in the vocabulary (two ids decode alike, or it decodes to nothing) is written as
-``⟦id⟧``, so the round trip is exact for any tokenizer.
+``render_terminal`` colours them for a terminal (``dflash-generate --show-steps``),
+``render_plain`` marks them with brackets for files, pipes and ``NO_COLOR`` (``wants_color``
+decides which), and ``render_html`` shows them in a notebook. ``parse_terminal`` reads the
+terminal rendering back into the same steps and token ids: every token is its own coloured
+span, and a token whose text is ambiguous in the vocabulary (two ids decode alike, or it decodes
+to nothing) is written as ``⟦id⟧``, so the round trip is exact for any tokenizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import html
+import os
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from dflash.viz.errors import VizError
 
@@ -31,6 +33,13 @@ RESET = "\x1b[0m"
 _SPAN = re.compile(r"\x1b\[([0-9;]+)m(.*?)\x1b\[0m", re.DOTALL)
 _ID = re.compile(r"⟦(\d+)⟧")
 LEGEND = "(dim: first token, from the prefill | green: accepted drafts | bold yellow: the target's token)"
+# Without colour, each token of the target's own (the prefill's first included) is bracketed; the text
+# between brackets is accepted drafts, so every step ends at a closing bracket (a cut last step aside).
+OPEN, CLOSE = "⟨", "⟩"
+PLAIN_LEGEND = (f"({OPEN}…{CLOSE}: the target's token, the first from the prefill | between them: "
+                "accepted drafts)")
+_PLAIN_STEP = re.compile(f"([^{OPEN}{CLOSE}]*){OPEN}([^{OPEN}{CLOSE}]*){CLOSE}")
+COLOR_MODES = ("auto", "always", "never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +108,8 @@ class TokenTexts:
 
     @staticmethod
     def _plain(text: str) -> bool:
-        return bool(text) and "\x1b" not in text and "⟦" not in text and not _ID.search(text)
+        return (bool(text) and not any(mark in text for mark in ("\x1b", "⟦", OPEN, CLOSE))
+                and not _ID.search(text))
 
     def text(self, token: int) -> str:
         if not 0 <= token < len(self._text):
@@ -116,6 +126,47 @@ class TokenTexts:
 def render_terminal(steps: Sequence[Step], texts: TokenTexts) -> str:
     """Each emitted token in its own ANSI-coloured span (see ``SGR``)."""
     return "".join(f"\x1b[{SGR[kind]}m{texts.text(t)}{RESET}" for kind, t in kinds(steps))
+
+
+def render_plain(steps: Sequence[Step], texts: TokenTexts) -> str:
+    """The steps without colour: the target's tokens in ``⟨⟩``, accepted drafts between them."""
+    return "".join(texts.text(t) if kind == DRAFT else f"{OPEN}{texts.text(t)}{CLOSE}"
+                   for kind, t in kinds(steps))
+
+
+def parse_plain(rendered: str) -> list[tuple[str, str | None]]:
+    """``render_plain``'s output -> ``(drafts text, target token text or None)`` per step (the
+    prefill first); token boundaries inside a run of drafts are not recoverable without colour."""
+    steps: list[tuple[str, str | None]] = []
+    end = 0
+    for match in _PLAIN_STEP.finditer(rendered):
+        if match.start() != end:
+            raise VizError(f"unbalanced {OPEN}{CLOSE} at character {end} of the token view")
+        steps.append((match.group(1), match.group(2)))
+        end = match.end()
+    rest = rendered[end:]
+    if OPEN in rest or CLOSE in rest:
+        raise VizError(f"unbalanced {OPEN}{CLOSE} at character {end} of the token view")
+    if rest:  # a last step cut before its bonus
+        steps.append((rest, None))
+    return steps
+
+
+def wants_color(mode: str = "auto", stream: TextIO | None = None,
+                environ: dict[str, str] | None = None) -> bool:
+    """Whether to write ANSI colours: ``always`` / ``never`` as told; ``auto`` colours only a
+    terminal, and a non-empty ``NO_COLOR`` (no-color.org) or ``FORCE_COLOR`` overrides that."""
+    if mode not in COLOR_MODES:
+        raise VizError(f"colour mode {mode!r}: expected one of {', '.join(COLOR_MODES)}")
+    if mode != "auto":
+        return mode == "always"
+    env = os.environ if environ is None else environ
+    if env.get("NO_COLOR"):
+        return False
+    if env.get("FORCE_COLOR"):
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def parse_terminal(rendered: str, texts: TokenTexts) -> list[Step]:
@@ -180,8 +231,11 @@ class TokenView:
         return self.prompt + render_terminal(self.steps, self.texts)
 
 
-def show_steps(tokenizer: Any, prompt: str, tokens: Sequence[int], acceptance_lengths: Sequence[int]) -> str:
-    """``dflash-generate --show-steps``: the prompt, the coloured generation and a summary line."""
+def show_steps(tokenizer: Any, prompt: str, tokens: Sequence[int], acceptance_lengths: Sequence[int],
+               color: bool = True) -> str:
+    """``dflash-generate --show-steps``: the prompt, the generation (coloured, or bracketed for a
+    file or pipe) and a summary line."""
     steps = split_steps(tokens, acceptance_lengths)
-    return (prompt + render_terminal(steps, TokenTexts(tokenizer))
-            + f"\n\n{len(steps) - 1} verify steps, {len(tokens)} tokens {LEGEND}")
+    render, legend = (render_terminal, LEGEND) if color else (render_plain, PLAIN_LEGEND)
+    return (prompt + render(steps, TokenTexts(tokenizer))
+            + f"\n\n{len(steps) - 1} verify steps, {len(tokens)} tokens {legend}")
