@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
@@ -13,6 +14,14 @@ from dflash.models import load_target
 from dflash.models.loading import DTYPES
 from dflash.models.tokenizer import load_tokenizer
 from dflash.training.regenerate import regenerate_dataset
+
+
+def json_object(text: str) -> dict:
+    """A JSON object given on the command line (the chat template's keyword arguments)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"not a JSON object: {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
+                   help="extra arguments of the chat template, e.g. '{\"enable_thinking\": false}' for the "
+                        "non-thinking Qwen3 recipe (dflash-prepare-data prints a recipe's)")
     add_mesh_arg(p, help="run the target on a mesh of this process's devices: data=D,fsdp=F,tensor=T, any "
                          "subset, -1 for the rest (tensor-parallel when it does not fit one device; every "
                          "process decodes its own shards of the dataset on its own mesh)")
@@ -52,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
             max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
             progress=not args.no_progress, sampling=SamplingParams(temperature=args.temperature),
-            seed=args.seed, allow_longer_than_context=args.allow_longer_than_context, mesh=mesh)
+            seed=args.seed, allow_longer_than_context=args.allow_longer_than_context, mesh=mesh,
+            chat_template_kwargs=args.chat_template_kwargs)
     except (DflashError, FileNotFoundError) as err:  # anything else is a bug: traceback
         print(f"dflash-regenerate: error: {err}", file=sys.stderr)
         return 2
