@@ -15,8 +15,8 @@ from pathlib import Path
 import datasets
 import pytest
 import yaml
-
 from clihelp import unknown_flags
+
 from dflash.cli.launch import run_local
 from dflash.plan import TOPOLOGIES
 from dflash.training.recipe_data import RECIPES
@@ -63,8 +63,8 @@ def test_pipeline_dry_run_names_real_commands_flags_and_the_recipe(preset, targe
     prompts made once, regeneration with the recipe's settings (Qwen3: thinking off) on a mesh,
     training on the staged weights, export; every command and flag exists."""
     commands = _dry("pipeline.sh", WORK=str(tmp_path), PRESET=preset)
-    assert [c[0] for c in commands] == ["hf", "touch", "dflash-prepare-data", "dflash-regenerate", "dflash-train",
-                                        "dflash-export"]
+    assert [c[0] for c in commands] == ["hf", "touch", "dflash-prepare-data", "dflash-regenerate",
+                                        "dflash-train", "dflash-export"]
     staged = str(tmp_path / "models" / target)
     assert commands[0][:4] == ["hf", "download", target, "--local-dir"] and commands[0][4] == staged
     for words in commands[2:]:
@@ -112,10 +112,12 @@ def test_tpu_vm_dry_run_up_resume_teardown():
 
 
 def test_tpu_startup_installs_python_gcsfuse_venv_and_starts_the_pipeline_detached():
-    commands = _dry("tpu-startup.sh", DFLASH_BUCKET="my-bucket", DFLASH_NAME="dflash-smoke", DFLASH_PRESET="smoke",
-                    AGENT_WORKER_NUMBER="1", DFLASH_ENV="LANES=4", DFLASH_HF_TOKEN="hf_x")
+    commands = _dry("tpu-startup.sh", DFLASH_BUCKET="my-bucket", DFLASH_NAME="dflash-smoke",
+                    DFLASH_PRESET="smoke", AGENT_WORKER_NUMBER="1", DFLASH_ENV="LANES=4",
+                    DFLASH_HF_TOKEN="hf_x")
     text = "\n".join(" ".join(c) for c in commands)
-    assert "apt-get install -yq gcsfuse" in text and "gcsfuse --implicit-dirs -o allow_other my-bucket /mnt/bucket" in text
+    assert "apt-get install -yq gcsfuse" in text
+    assert "gcsfuse --implicit-dirs -o allow_other my-bucket /mnt/bucket" in text
     assert "astral.sh/uv/install.sh" in text and "uv venv --python 3.12 .venv" in text
     assert "uv pip install --python .venv/bin/python -q -e .[tpu] gcsfs" in text
     assert "tar -xzf /mnt/bucket/code/dflash-smoke.tar.gz" in text
@@ -133,9 +135,11 @@ def test_slurm_dry_run_builds_the_venv_then_runs_the_pipeline_once_per_node(tmp_
     assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --requeue" in text
     commands = _dry("slurm.sbatch", cwd=tmp_path, WORK=str(tmp_path / "w"), SLURM_JOB_ID="7")
     words = [" ".join(c) for c in commands]
-    assert "uv venv --python 3.12 .venv" in words and "uv pip install --python .venv/bin/python -e .[gpu]" in words
+    assert "uv venv --python 3.12 .venv" in words
+    assert "uv pip install --python .venv/bin/python -e .[gpu]" in words
     assert commands[-1][:2] == ["srun", "--kill-on-bad-exit=1"]
-    assert commands[-1][2:] == [f"--output={tmp_path / 'w'}/logs/dflash-7.log", "bash", "configs/launch/pipeline.sh"]
+    log = f"--output={tmp_path / 'w'}/logs/dflash-7.log"
+    assert commands[-1][2:] == [log, "bash", "configs/launch/pipeline.sh"]
 
 
 def test_default_slices_are_the_ones_the_plans_say_fit():
@@ -144,7 +148,8 @@ def test_default_slices_are_the_ones_the_plans_say_fit():
     assert rows["qwen3_8b_dflash@v5e-8"]["fits"]
     create = _dry("tpu-vm.sh", "up", BUCKET="b")[1]
     assert _flag(create, "--accelerator-type") == "v5litepod-8" and TOPOLOGIES["v5e-8"].chips == 8
-    pod = yaml.safe_load((LAUNCH / "gke-jobset.yaml").read_text())["spec"]["replicatedJobs"][0]["template"]["spec"]
+    spec = yaml.safe_load((LAUNCH / "gke-jobset.yaml").read_text())
+    pod = spec["spec"]["replicatedJobs"][0]["template"]["spec"]
     topology = pod["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-tpu-topology"]
     assert topology == TOPOLOGIES["v5e-8"].libtpu_name.split(":")[1]
 
@@ -186,7 +191,8 @@ def test_pipeline_regenerates_trains_and_exports_on_two_processes(tmp_path):
     env = dict(os.environ, DATA=str(tmp_path / "chats.jsonl"), WORK=str(work), TARGET="tiny-code",
                CONFIG="configs/tiny_code.yaml", NAME="tiny", LANES="2",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               REGEN_FLAGS="--max-prompt-tokens 64 --max-new-tokens 24 --batch-size 4 --dtype float32 --shard-size 4 --no-progress",
+               REGEN_FLAGS="--max-prompt-tokens 64 --max-new-tokens 24 --batch-size 4 --dtype float32 "
+                           "--shard-size 4 --no-progress",
                TRAIN_FLAGS=" ".join(f"--set {kv}" for kv in (
                    "regen.num_sequences=0", "train.steps=2", "data.seq_len=64", "train.batch_size=4",
                    "train.num_anchors=16", "train.eval_every=2", "train.save_every=2", "eval.heldout_rows=2",

@@ -28,9 +28,11 @@ def _nemotron_rows(split: str, n: int) -> list[dict]:
         messages = [{"role": "system", "content": ""}, {"role": "user", "content": f"{split} question {i}"},
                     {"role": "assistant", "content": f"<think>long trace</think>answer {i}"}]
         if i % 2:  # a second turn
-            messages += [{"role": "user", "content": f"follow-up {i}"}, {"role": "assistant", "content": "more"}]
-        rows.append({"uuid": f"{split}-{i}", "license": "CC BY 4.0", "generator": "some-model", "version": "v2",
-                     "category": split, "reasoning": "on" if i % 2 else "off", "messages": messages})
+            messages += [{"role": "user", "content": f"follow-up {i}"},
+                         {"role": "assistant", "content": "more"}]
+        rows.append({"uuid": f"{split}-{i}", "license": "CC BY 4.0", "generator": "some-model",
+                     "version": "v2", "category": split, "reasoning": "on" if i % 2 else "off",
+                     "messages": messages})
     return rows
 
 
@@ -40,7 +42,8 @@ def local_qwen3_recipe(tmp_path):
     sources = []
     for src in RECIPES["qwen3"].sources:
         if src.row_format == "alpaca":  # sahil2801/CodeAlpaca-20k: instruction / input / output
-            rows = [{"instruction": "Write a function that adds two numbers.", "input": "", "output": "def add"},
+            rows = [{"instruction": "Write a function that adds two numbers.", "input": "",
+                     "output": "def add"},
                     {"instruction": "Fix the bug.", "input": "x = 1 +", "output": "x = 1 + 1"}]
             path = tmp_path / f"{src.name}.jsonl"
             datasets.Dataset.from_list(rows).to_json(str(path), lines=True)
@@ -69,11 +72,12 @@ def test_qwen3_recipe_rows_load_regenerate_and_tokenize(local_qwen3_recipe, tmp_
     assert len(rows) == 9
     for row in rows:
         roles = [m["role"] for m in row["messages"]]
-        assert roles[0] == "user" and roles[-1] == "assistant" and "system" not in roles  # empty system dropped
+        assert roles[0] == "user" and roles[-1] == "assistant"
+        assert "system" not in roles  # the empty system turns are dropped
         assert all(m["content"] == "" for m in row["messages"] if m["role"] == "assistant")
     alpaca = [r for r in rows if r["source"] == "codealpaca"]
-    assert all(r["messages"][0]["content"] in ("Write a function that adds two numbers.", "Fix the bug.\n\nx = 1 +")
-               for r in alpaca)
+    users = ("Write a function that adds two numbers.", "Fix the bug.\n\nx = 1 +")  # instruction + input
+    assert all(r["messages"][0]["content"] in users for r in alpaca)
     prepare_recipe_data(local_qwen3_recipe, tmp_path / "again.jsonl", total=9, seed=0)
     assert (tmp_path / "again.jsonl").read_text() == out.read_text()  # seeded: the same file again
     everything = prepare_recipe_data(local_qwen3_recipe, tmp_path / "all.jsonl", total=0)
@@ -81,11 +85,12 @@ def test_qwen3_recipe_rows_load_regenerate_and_tokenize(local_qwen3_recipe, tmp_
 
     # The file is what dflash-regenerate reads; its output is what training tokenizes.
     regen = tmp_path / "regen.jsonl"
-    assert regenerate_main(["--target", "tiny-code", "--data", str(out), "--out", str(regen), "--max-examples", "4",
-                            "--max-new-tokens", "6", "--batch-size", "4", "--dtype", "float32", "--no-progress",
+    assert regenerate_main(["--target", "tiny-code", "--data", str(out), "--out", str(regen),
+                            "--max-examples", "4", "--max-new-tokens", "6", "--batch-size", "4",
+                            "--dtype", "float32", "--no-progress",
                             "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
     manifest = json.loads((tmp_path / "regen.jsonl.shards" / "manifest.json").read_text())
-    assert "enable_thinking" in json.dumps(manifest)  # a setting of the output: a rerun with others is refused
+    assert "enable_thinking" in json.dumps(manifest)  # a setting of the output: other settings are refused
     ds = load_dataset(DataConfig(source=str(regen), format="conversations"))
     docs = conversation_documents(ds["messages"], load_tokenizer("tiny-code"))
     assert len(docs) == 4 and all(len(d) > 0 for d in docs)
@@ -102,13 +107,15 @@ def test_chat_template_kwargs_reach_the_prompt():
     """A template with Qwen3's switch: with enable_thinking false the generation prompt ends in an
     empty think block, and the regenerated answer is the target's answer to that prompt."""
     tok, target = load_tokenizer("tiny-code"), load_target("tiny-code")
-    tok.chat_template += ("{% if add_generation_prompt and enable_thinking is defined and not enable_thinking %}"
-                          "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}")
+    tok.chat_template += ("{% if add_generation_prompt and enable_thinking is defined"
+                          " and not enable_thinking %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}")
     conv = [[{"role": "user", "content": "def fib(n):"}, {"role": "assistant", "content": ""}]]
-    text = tok.apply_chat_template(conv[0][:1], tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    text = tok.apply_chat_template(conv[0][:1], tokenize=False, add_generation_prompt=True,
+                                   enable_thinking=False)
     assert text.endswith("assistant\n<think>\n\n</think>\n\n")
     eos = stop_ids(tok, target.cfg.eos_token_id)
-    ref = generate(target, [tok(text, add_special_tokens=False).input_ids], max_new_tokens=8, eos_ids=eos).tokens[0]
+    ids = tok(text, add_special_tokens=False).input_ids
+    ref = generate(target, [ids], max_new_tokens=8, eos_ids=eos).tokens[0]
     ref = ref[:-1] if ref and ref[-1] in eos else ref
     out = regenerate_conversations(target, tok, conv, max_new_tokens=8, progress=False,
                                    chat_template_kwargs={"enable_thinking": False})

@@ -78,7 +78,8 @@ class Recipe:
 NEMOTRON_V2 = "nvidia/Nemotron-Post-Training-Dataset-v2"
 RECIPES: dict[str, Recipe] = {
     "qwen3": Recipe(
-        sources=(*(Source(f"nemotron-v2-{s}", NEMOTRON_V2, s, "messages") for s in ("chat", "code", "math", "stem")),
+        sources=(*(Source(f"nemotron-v2-{s}", NEMOTRON_V2, s, "messages")
+                   for s in ("chat", "code", "math", "stem")),
                  Source("codealpaca", "sahil2801/CodeAlpaca-20k", "train", "alpaca")),
         total=800_000, chat_template_kwargs={"enable_thinking": False},
         note="DFlash paper §5: ~800K samples of Nemotron Post-Training Dataset v2 and CodeAlpaca; "

@@ -73,6 +73,7 @@ def regenerate_conversations(
             f"target's context of {context} (max_position_embeddings); lower --max-prompt-tokens / "
             "--max-new-tokens, or opt in with --allow-longer-than-context")
     out = [[dict(m) for m in conv] for conv in conversations]
+    template_kwargs = chat_template_kwargs or {}
     eos = stop_ids(tokenizer, target.cfg.eos_token_id)
     key = jax.random.key(seed) if key is None else key
     bar = tqdm(total=sum(m["role"] == "assistant" for c in out for m in c), desc="regenerate",
@@ -93,7 +94,7 @@ def regenerate_conversations(
             prompts = []
             for i in jobs:
                 text = tokenizer.apply_chat_template(out[i][: turn[i]], tokenize=False,
-                                                     add_generation_prompt=True, **(chat_template_kwargs or {}))
+                                                     add_generation_prompt=True, **template_kwargs)
                 ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids[-max_prompt_tokens:]
                 prompts.append(ids)
             key, sub = jax.random.split(key)
