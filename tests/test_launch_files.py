@@ -19,7 +19,7 @@ from clihelp import unknown_flags
 
 from dflash.cli.launch import run_local
 from dflash.plan import TOPOLOGIES
-from dflash.training.recipe_data import RECIPES
+from dflash.training.recipe_data import RECIPES, REGEN_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "configs" / "launch"
@@ -72,7 +72,8 @@ def test_pipeline_dry_run_names_real_commands_flags_and_the_recipe(preset, targe
     recipe = "llama3" if preset.startswith("llama") else "qwen3"
     prep, regen = _only(commands, "dflash-prepare-data"), _only(commands, "dflash-regenerate")
     assert _flag(prep, "--recipe") == recipe and _flag(regen, "--data") == _flag(prep, "--out")
-    assert _flag(regen, "--target") == staged and _flag(regen, "--temperature") == "0"
+    assert _flag(regen, "--target") == staged
+    assert all(_flag(regen, k) == v for k, v in zip(REGEN_SETTINGS[::2], REGEN_SETTINGS[1::2], strict=True))
     assert _flag(regen, "--mesh") == "tensor=-1"
     kwargs = json.loads(_flag(regen, "--chat-template-kwargs")) if "--chat-template-kwargs" in regen else {}
     assert kwargs == RECIPES[recipe].chat_template_kwargs

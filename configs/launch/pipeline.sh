@@ -52,10 +52,11 @@ wait_for() {  # the other processes wait for what process 0 writes
   until [[ -e $1 ]]; do sleep 20; done
 }
 
-# The regeneration settings of the recipe (docs/quickstart-tpu.md, "The data"): greedy; a prompt's
-# last 1024 tokens and up to 2048 new ones, so a single-turn conversation fits one 3072-token row;
-# Qwen3 with thinking off (the published Qwen3 drafters are non-thinking).
-regen_recipe=(--max-prompt-tokens 1024 --max-new-tokens 2048 --temperature 0)
+# The regeneration settings of the recipe (dflash.training.recipe_data.REGEN_SETTINGS; docs/quickstart-tpu.md,
+# "The data"): greedy; a prompt's last 1024 tokens and up to 2048 new ones, so a single-turn
+# conversation fits one 3072-token row; Qwen3 with thinking off (the published Qwen3 drafters are
+# non-thinking); 64 conversations per batch (docs/scaling.md, "Estimates").
+regen_recipe=(--max-prompt-tokens 1024 --max-new-tokens 2048 --temperature 0 --batch-size 64)
 if [[ $RECIPE == qwen3 ]]; then regen_recipe+=(--chat-template-kwargs '{"enable_thinking":false}'); fi
 mesh=()
 if [[ -n $REGEN_MESH ]]; then mesh=(--mesh "$REGEN_MESH"); fi

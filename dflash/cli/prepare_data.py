@@ -13,7 +13,7 @@ import sys
 
 from dflash.cli.parser import make_parser
 from dflash.errors import DflashError
-from dflash.training.recipe_data import RECIPES, prepare_recipe_data
+from dflash.training.recipe_data import RECIPES, REGEN_SETTINGS, prepare_recipe_data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = recipe.chat_template_kwargs
     flag = f" --chat-template-kwargs '{json.dumps(kwargs)}'" if kwargs else ""
     print(f"regenerate with: dflash-regenerate --target TARGET --data {args.out} --out OUT "
-          f"--max-new-tokens 2048 --temperature 0{flag}")
+          f"{' '.join(REGEN_SETTINGS)}{flag}")
     return 0
 
 

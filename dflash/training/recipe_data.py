@@ -75,6 +75,11 @@ class Recipe:
     note: str
 
 
+# dflash-regenerate's settings for every recipe (configs/launch/pipeline.sh passes the same): greedy,
+# as the published regenerations; a prompt's last 1024 tokens and up to 2048 new ones, so that a
+# single-turn conversation fits one 3072-token training row (the recipe's data.seq_len).
+REGEN_SETTINGS = ("--max-prompt-tokens", "1024", "--max-new-tokens", "2048", "--temperature", "0")
+
 NEMOTRON_V2 = "nvidia/Nemotron-Post-Training-Dataset-v2"
 RECIPES: dict[str, Recipe] = {
     "qwen3": Recipe(
