@@ -78,7 +78,8 @@ def test_the_readme_says_how_to_install_and_run_tensorboard():
 def _commands(doc: Path) -> list[str]:
     """The shell lines of ``doc``'s fenced bash blocks, continuation lines joined."""
     blocks = re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S)
-    return [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    lines = [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [line for line in lines if line]
 
 
 def test_the_quickstart_names_real_commands_flags_configs_and_presets():

@@ -32,4 +32,4 @@ def test_the_table_of_the_shipped_plans(capsys):
     faster = capsys.readouterr().out
     row = lambda t: next(line for line in t.splitlines() if line.startswith("| qwen3_8b_dflash"))  # noqa: E731
     hours = lambda line: float(line.split("|")[5].split()[0])  # noqa: E731
-    assert math.isclose(hours(row(faster)) * 2, hours(row(text)), rel_tol=0.01)  # twice the MFU: half the time
+    assert math.isclose(hours(row(faster)) * 2, hours(row(text)), rel_tol=0.01)  # 2x MFU: half the time

@@ -101,8 +101,9 @@ def table(results: Path, a: Assumptions = Assumptions()) -> str:
         else:
             regen, total, chip_hours = "no decode plan", t["hours"], t["chip_hours"]
         tokens = f"{run.conversations:,} x {a.prompt_tokens + a.response_tokens:,.0f}"
-        lines.append(f"| {name} ({plan['topology']}) | {tokens} | {t['steps']:,} | {plan['est_step_s']:.2f} -> "
-                     f"{t['step_s']:.2f} | {t['hours']:.1f} h | {regen} | {total:.1f} h | {chip_hours:,.0f} |")
+        lines.append(f"| {name} ({plan['topology']}) | {tokens} | {t['steps']:,} | "
+                     f"{plan['est_step_s']:.2f} -> {t['step_s']:.2f} | {t['hours']:.1f} h | {regen} | "
+                     f"{total:.1f} h | {chip_hours:,.0f} |")
     return "\n".join(lines) + "\n"
 
 
