@@ -31,5 +31,5 @@ def test_the_table_of_the_shipped_plans(capsys):
     assert main(["--results", str(RESULTS), "--mfu", "0.7"]) == 0
     faster = capsys.readouterr().out
     row = lambda t: next(line for line in t.splitlines() if line.startswith("| qwen3_8b_dflash"))  # noqa: E731
-    hours = lambda line: float(line.split("|")[5].split()[0])  # noqa: E731
+    hours = lambda line: float(line.split("|")[5].split()[0])  # noqa: E731  ("172.0 h")
     assert math.isclose(hours(row(faster)) * 2, hours(row(text)), rel_tol=0.01)  # 2x MFU: half the time

@@ -70,8 +70,9 @@ PRESETS: dict[str, tuple[Run, str, str]] = {
     "qwen3_0_6b_smoke": (Run(256, 3072, 8, 0, steps=20), "plan_qwen3_0_6b_smoke_v5e-4.json",
                          "decode_qwen3_0_6b_v5e-4.json"),
     "qwen3_8b_dflash": (Run(800_000, 3072, 32, 6), "qwen3_8b_dflash@v5e-8", "decode_qwen3_8b_v5e-8.json"),
-    "qwen3_4b_dflash": (Run(800_000, 3072, 32, 6), "qwen3_4b_dflash@v5e-8", ""),
-    "llama3_1_8b_dflash": (Run(300_000, 3072, 32, 6), "llama3_1_8b_dflash@v5e-8", ""),
+    "qwen3_4b_dflash": (Run(800_000, 3072, 32, 6), "qwen3_4b_dflash@v5e-8", "decode_qwen3_4b_v5e-8.json"),
+    "llama3_1_8b_dflash": (Run(300_000, 3072, 32, 6), "llama3_1_8b_dflash@v5e-8",
+                           "decode_llama3_1_8b_v5e-8.json"),
 }
 
 
@@ -81,6 +82,10 @@ def load_plan(results: Path, key: str) -> dict[str, Any] | None:
         return json.loads(path.read_text()) if path.exists() else None
     rows = json.loads((results / "scaling.json").read_text())
     return rows.get(key)
+
+
+def duration(hours: float) -> str:
+    return f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.1f} min"
 
 
 def table(results: Path, a: Assumptions = Assumptions()) -> str:
@@ -96,14 +101,14 @@ def table(results: Path, a: Assumptions = Assumptions()) -> str:
         decode = load_plan(results, decode_key) if decode_key else None
         if decode is not None:
             r = regen_estimate(decode, run, plan["chips"], a)
-            regen = f"{r['hours']:.1f} h ({r['tokens_per_s_bound']:,.0f} -> {r['tokens_per_s']:,.0f})"
+            regen = f"{duration(r['hours'])} ({r['tokens_per_s_bound']:,.0f} -> {r['tokens_per_s']:,.0f})"
             total, chip_hours = t["hours"] + r["hours"], t["chip_hours"] + r["chip_hours"]
         else:
             regen, total, chip_hours = "no decode plan", t["hours"], t["chip_hours"]
         tokens = f"{run.conversations:,} x {a.prompt_tokens + a.response_tokens:,.0f}"
         lines.append(f"| {name} ({plan['topology']}) | {tokens} | {t['steps']:,} | "
-                     f"{plan['est_step_s']:.2f} -> {t['step_s']:.2f} | {t['hours']:.1f} h | {regen} | "
-                     f"{total:.1f} h | {chip_hours:,.0f} |")
+                     f"{plan['est_step_s']:.2f} -> {t['step_s']:.2f} | {duration(t['hours'])} | {regen} | "
+                     f"{duration(total)} | {chip_hours:,.1f} |")
     return "\n".join(lines) + "\n"
 
 
