@@ -67,6 +67,9 @@ def test_pipeline_dry_run_names_real_commands_flags_and_the_recipe(preset, targe
                                         "dflash-train", "dflash-export"]
     staged = str(tmp_path / "models" / target)
     assert commands[0][:4] == ["hf", "download", target, "--local-dir"] and commands[0][4] == staged
+    # hf's --include takes one pattern: a second word would be a file name, and turn --include off
+    options = commands[0][5:]
+    assert options[::2] == ["--include"] * (len(options) // 2) and "*.safetensors" in options[1::2]
     for words in commands[2:]:
         assert unknown_flags(words) == [], words
     recipe = "llama3" if preset.startswith("llama") else "qwen3"

@@ -64,7 +64,9 @@ if [[ -n $REGEN_MESH ]]; then mesh=(--mesh "$REGEN_MESH"); fi
 if step stage && [[ $TARGET == */* && ! -e $TARGET ]]; then  # hub id: weights once into the bucket
   staged=$WORK/models/$TARGET
   if [[ $RANK == 0 && ! -e $staged/.staged ]]; then
-    run hf download "$TARGET" --local-dir "$staged" --include '*.json' '*.safetensors' '*.txt' '*.jinja'
+    # config, tokenizer and safetensors only (no original/ checkpoints); --include once per pattern
+    run hf download "$TARGET" --local-dir "$staged" --include '*.json' --include '*.safetensors' \
+      --include '*.txt' --include '*.jinja'
     run touch "$staged/.staged"
   fi
   wait_for "$staged/.staged"
