@@ -15,6 +15,9 @@ meta() {  # an instance metadata attribute (empty when unset)
     "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1" || true
 }
 run() { if [[ ${DRY_RUN:-0} == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
+detach() {  # start a command in the background, in its own session, immune to hangups
+  if [[ ${DRY_RUN:-0} == 1 ]]; then printf '%q ' setsid nohup "$@"; echo; else setsid nohup "$@" & fi
+}
 BUCKET=$(meta dflash-bucket) PRESET=$(meta dflash-preset) NAME=$(meta dflash-name)
 WORKER=$(meta agent-worker-number)  # this VM's index in the slice (0 on a single-host slice)
 WORKER=${WORKER:-0}
@@ -49,9 +52,9 @@ run mkdir -p "$MNT/logs/$NAME" "$MNT/status"
 log=$LOG_DIR/worker-$WORKER.log out=$log quiet=/dev/null
 if [[ ${DRY_RUN:-0} == 1 ]]; then out=/dev/stdout quiet=/dev/stdout; fi
 # shellcheck disable=SC2086  # EXTRA_ENV is "K=V K=V" on purpose
-run setsid nohup env PATH="$HOME_DIR/.venv/bin:$PATH" HF_HOME=/opt/hf HF_TOKEN="$HF_TOKEN" \
+detach env PATH="$HOME_DIR/.venv/bin:$PATH" HF_HOME=/opt/hf HF_TOKEN="$HF_TOKEN" \
   WORK="$MNT" PRESET="$PRESET" NAME="$NAME" TPU_WORKER_ID="$WORKER" $EXTRA_ENV \
-  bash -c "bash configs/launch/pipeline.sh && touch '$MNT/status/$NAME.done'" >"$out" 2>&1 </dev/null &
+  bash -c "bash configs/launch/pipeline.sh && touch '$MNT/status/$NAME.done'" >"$out" 2>&1 </dev/null
 # gcsfuse uploads a file when it is closed: copy the growing log into the bucket every minute.
-run setsid nohup bash -c "while sleep 60; do cp '$log' '$MNT/logs/$NAME/worker-$WORKER.log'; done" \
-  >"$quiet" 2>&1 </dev/null &
+detach bash -c "while sleep 60; do cp '$log' '$MNT/logs/$NAME/worker-$WORKER.log'; done" \
+  >"$quiet" 2>&1 </dev/null
