@@ -338,6 +338,12 @@ def _llama3_rope() -> RopeConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
+    "qwen3_0_6b": ModelConfig(
+        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+        num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
+        rope=RopeConfig(theta=1000000.0), max_position_embeddings=40960,
+        tie_word_embeddings=True, eos_token_id=(151645,),
+    ),
     "qwen3_4b": ModelConfig(
         model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
         num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
@@ -390,6 +396,7 @@ def llama3_inv_freq_scale(rope: RopeConfig, inv_freq: Any) -> Any:
 
 # Hub ids whose architecture we know without downloading (used to validate real presets).
 HUB_PRESETS = {
+    "Qwen/Qwen3-0.6B": "qwen3_0_6b",
     "Qwen/Qwen3-4B": "qwen3_4b",
     "Qwen/Qwen3-8B": "qwen3_8b",
     "meta-llama/Llama-3.1-8B-Instruct": "llama3_1_8b",

@@ -51,6 +51,7 @@ class Topology:
 
 # Per-chip figures from the Cloud TPU system-architecture pages (v5e, v4, v5p, v6e).
 TOPOLOGIES: dict[str, Topology] = {t.name: t for t in (
+    Topology("v5e-4", "v5e:2x2", 4, 16 * GiB, 197e12, 819e9),
     Topology("v5e-8", "v5e:2x4", 8, 16 * GiB, 197e12, 819e9),
     Topology("v5e-16", "v5e:4x4", 16, 16 * GiB, 197e12, 819e9),
     Topology("v5e-64", "v5e:8x8", 64, 16 * GiB, 197e12, 819e9),

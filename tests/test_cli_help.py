@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from dflash.cli import bench, bench_ar, export, generate, pretrain_target, regenerate, train
+from dflash.cli import bench, bench_ar, export, generate, prepare_data, pretrain_target, regenerate, train
 from dflash.cli import bench_kernels as kernels_bench
 
 # (command, a few "option ... (default: value)" pairs its help must show)
@@ -16,7 +16,9 @@ EXPECTED = [
     (bench.main, {"--drafter": "tiny-code-dflash", "--num-prompts": "16", "--max-new-tokens": "256"}),
     (bench_ar.main, {"--target": "tiny-code", "--repeats": "3"}),
     (export.main, {"--dtype": "fp32", "--form": "delta"}),
-    (regenerate.main, {"--target": "tiny-code", "--batch-size": "16", "--dtype": "bfloat16"}),
+    (regenerate.main, {"--target": "tiny-code", "--batch-size": "16", "--dtype": "bfloat16",
+                       "--chat-template-kwargs": "{}"}),
+    (prepare_data.main, {"--seed": "0"}),
     (train.main, {"--config": "the shipped tiny_code"}),
     (pretrain_target.main, {"--steps": "2000", "--seq-len": "256"}),
     (kernels_bench.main, {"--batch": "1"}),

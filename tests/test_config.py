@@ -83,3 +83,17 @@ def test_missing_required_key_is_named():
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(ConfigError, match="qwen3_8b"):
         preset("qwen3_80b")
+
+
+def test_qwen3_0_6b_preset_matches_its_model_card():
+    """Qwen/Qwen3-0.6B's card: 28 layers, 16 query / 8 kv heads, 0.44B non-embedding parameters;
+    its config.json: width 1024, MLP 3072, head_dim 128, tied embeddings, 151,936 tokens."""
+    from dflash.config import preset_for_hub_id
+
+    cfg = preset_for_hub_id("Qwen/Qwen3-0.6B")
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (28, 16, 8, 128)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (1024, 3072, 151936)
+    assert cfg.tie_word_embeddings and cfg.layer(0).mixer_option("qk_norm") and cfg.rope.theta == 1e6
+    non_embedding = cfg.num_params() - cfg.vocab_size * cfg.hidden_size
+    assert round(non_embedding / 1e9, 2) == 0.44
+    assert count_params(abstract(cfg)) == cfg.num_params()

@@ -73,3 +73,49 @@ def test_the_readme_says_how_to_install_and_run_tensorboard():
     assert re.fullmatch(r"tensorboard==[\d.]+", "".join(extras["tensorboard"]))  # pinned exactly
     readme = (ROOT / "README.md").read_text()
     assert 'pip install -e ".[tensorboard]"' in readme and "tensorboard --logdir" in readme
+
+
+def _commands(doc: Path) -> list[str]:
+    """The shell lines of ``doc``'s fenced bash blocks, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S)
+    lines = [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [line for line in lines if line]
+
+
+def test_the_quickstart_names_real_commands_flags_configs_and_presets():
+    import shlex
+
+    from clihelp import unknown_flags
+
+    doc = ROOT / "docs" / "quickstart-tpu.md"
+    lines = _commands(doc)
+    pipeline = (ROOT / "configs/launch/pipeline.sh").read_text()
+    presets = set(re.findall(r"^  (\w+)\)", pipeline, re.M))
+    assert {"smoke", "qwen3_8b"} <= presets
+    subcommands = set(re.findall(r"^  (\w+)\)", (ROOT / "configs/launch/tpu-vm.sh").read_text(), re.M))
+    seen = set()
+    segments = [seg for line in lines for seg in re.split(r";\s*(?:do\s+)?|\s&&\s", line)]
+    for line in segments:  # each command of a line: "a; do b; done", "a && b"
+        words = shlex.split(line.split(" | ")[0].split(" > ")[0], comments=True)
+        for w in words:
+            if w.startswith("PRESET="):
+                assert w.split("=", 1)[1] in presets, line
+            if re.fullmatch(r"configs/[\w./-]+", w):
+                assert (ROOT / w).exists(), line
+        if not words:
+            continue
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
+            words = words[1:]
+        if words[:1] == ["nohup"]:
+            words = words[1:]
+        if words and words[0].startswith("dflash-"):
+            assert unknown_flags(words) == [], line
+            seen.add(words[0])
+        if words[:2] == ["bash", "configs/launch/tpu-vm.sh"]:
+            assert words[2] in subcommands, line
+            seen.add(f"tpu-vm.sh {words[2]}")
+    assert {"dflash-prepare-data", "dflash-regenerate", "tpu-vm.sh up", "tpu-vm.sh resume",
+            "tpu-vm.sh teardown"} <= seen
+    text = doc.read_text()
+    assert text.index("## 2. The smoke run") < text.index("## 3. The real run")  # smoke first
+    assert "docs/quickstart-tpu.md" in (ROOT / "README.md").read_text()

@@ -316,6 +316,22 @@ def test_real_presets_validate_and_build_abstractly(name):
     assert n > 5 * h * h and all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
 
 
+def test_smoke_preset_is_the_real_pipeline_small():
+    """configs/qwen3_0_6b_smoke.yaml: the real presets' drafter shape and row length on Qwen3-0.6B,
+    20 steps with checkpoints and an evaluation on the way."""
+    from dflash.config import preset_for_hub_id
+
+    cfg = load_yaml(ExperimentConfig, ROOT / "configs/qwen3_0_6b_smoke.yaml")
+    model_cfg = preset_for_hub_id(cfg.target.name)
+    assert cfg.train.steps == 20 and cfg.train.save_every <= 20 and cfg.train.eval_every <= 20
+    assert cfg.data.seq_len == 3072 and cfg.drafter.block_size == 16 and cfg.train.num_anchors == 512
+    dcfg = DFlashConfig.for_target(model_cfg, mask_token_id=cfg.drafter.mask_token_id,
+                                   num_layers=cfg.drafter.num_layers, block_size=cfg.drafter.block_size,
+                                   num_target_features=cfg.drafter.num_target_features)
+    assert dcfg.target_layer_ids == (1, 7, 13, 19, 25)
+    cfg.check_context(model_cfg.max_position_embeddings)
+
+
 def test_one_and_eight_devices_give_the_same_loss(tiny_target):
     """Same batch, same step on a 1-device and an 8-device (simulated) data mesh."""
     script = f"""

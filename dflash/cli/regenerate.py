@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import jax
@@ -19,6 +20,14 @@ from dflash.fingerprint import initialize_from_args
 from dflash.io.loading import load_target, read_config, resolve
 from dflash.io.tokenizer import load_tokenizer
 from dflash.training.regenerate import SIZING_PROMPT_TOKENS, pick_regen_mesh, regenerate_dataset
+
+
+def json_object(text: str) -> dict:
+    """A JSON object given on the command line (the chat template's keyword arguments)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"not a JSON object: {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=flag(NON_NEGATIVE), default=0.0)
     p.add_argument("--seed", type=flag(INTEGER), default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
+                   help="extra arguments of the chat template, e.g. '{\"enable_thinking\": false}' for the "
+                        "non-thinking Qwen3 recipe (dflash-prepare-data prints a recipe's)")
     add_mesh_arg(p, help="run the target on a mesh of this process's devices: data=D,fsdp=F,tensor=T, any "
                          "subset, -1 for the rest (every process decodes its own shards of the dataset on "
                          "its own mesh). Default: the least tensor parallelism whose weights and KV cache "
@@ -74,7 +86,8 @@ def _regenerate(args: argparse.Namespace) -> int:
         max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
         progress=not args.no_progress, sampling=SamplingParams(temperature=args.temperature),
-        seed=args.seed, allow_longer_than_context=args.allow_longer_than_context, mesh=mesh)
+        seed=args.seed, allow_longer_than_context=args.allow_longer_than_context, mesh=mesh,
+        chat_template_kwargs=args.chat_template_kwargs)
     if is_primary():
         print(f"wrote {n} conversations to {args.out}")
     return 0

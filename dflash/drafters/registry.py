@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,7 +31,7 @@ from dflash.decoding.method import DraftMethod
 from dflash.decoding.methods import NgramDraft, NoDraft
 from dflash.decoding.tree import BeamTreeDraft
 from dflash.errors import CheckpointError, ConfigError
-from dflash.io.loading import resolve
+from dflash.io.loading import read_config_json, resolve
 from dflash.models.transformer import Transformer
 from dflash.sharding import register_rules
 
@@ -204,18 +203,10 @@ def export_dir(name_or_path: str | os.PathLike) -> Path:
     return resolve(name_or_path)
 
 
-def read_hf_config(directory: Path) -> dict[str, Any]:
-    cfg_path = directory / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"missing file: {cfg_path}")
-    with open(cfg_path) as f:
-        return json.load(f)
-
-
 def find_export(name_or_path: str | os.PathLike) -> tuple[DrafterKind, Path]:
     """``(kind, directory)`` of a drafter export; a clear error if it is none of the known kinds."""
     directory = export_dir(name_or_path)
-    hf = read_hf_config(directory)
+    hf = read_config_json(directory)
     for kind in KINDS.values():
         if kind.claims(hf):
             return kind, directory

@@ -91,12 +91,20 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         ) from err
 
 
-def read_config(directory: Path) -> ModelConfig:
+def read_config_json(directory: Path) -> dict[str, Any]:
+    """A checkpoint directory's ``config.json`` as a dict (a missing or unreadable one is named)."""
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"missing file: {cfg_path}")
-    with open(cfg_path) as f:
-        return kinds.check(ModelConfig.from_hf(json.load(f)))
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_path} is not valid JSON (line {err.lineno}: {err.msg})") from err
+
+
+def read_config(directory: Path) -> ModelConfig:
+    return kinds.check(ModelConfig.from_hf(read_config_json(directory)))
 
 
 class _TensorSource:

@@ -30,6 +30,15 @@ OPTIONS = {"qk_norm": False, "qkv_bias": False, "o_bias": False, "window": 0, "s
            "output_gate": False, "rotary_dim": 0}
 
 
+def first_non_plain_layer(cfg: ModelConfig) -> str | None:
+    """The first layer that is not full attention without sinks, described, or None: the drafters'
+    block attention (DFlash's layers, Orthrus's view of the target) serves only that form."""
+    for i, spec in enumerate(cfg.layers):
+        if spec.mixer != "attention" or option(spec, "window") or option(spec, "sinks"):
+            return f"layer {i} is {spec.mixer} {dict(spec.mixer_options)}"
+    return None
+
+
 class AttentionProjections(nnx.Module):
     """The parameters of one attention and the projections built from them.
 

@@ -61,7 +61,7 @@ class PretrainConfig:
             intermediate_size=self.intermediate_size, num_layers=self.num_layers,
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
             rms_norm_eps=1e-6, rope=RopeConfig(theta=10000.0), max_position_embeddings=2048,
-            tie_word_embeddings=True, qk_norm=True, bos_token_id=eos_id, eos_token_id=(eos_id,),
+            tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=(eos_id,),
         )
 
 

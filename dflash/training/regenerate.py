@@ -69,13 +69,15 @@ def regenerate_conversations(
     allow_longer_than_context: bool = False,
     key: jax.Array | None = None,
     mesh: Mesh | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[list[dict[str, str]]]:
     """Copies of ``conversations`` with every assistant turn replaced by the target's response.
 
     Prompts keep their last ``max_prompt_tokens`` tokens (default: what the target's context
     leaves after ``max_new_tokens``); settings that could pass the context are refused up front.
     ``key`` (default ``jax.random.key(seed)``) drives sampling. ``mesh``: decode there (the
-    target must be on it); greedy output is the same as without.
+    target must be on it); greedy output is the same as without. ``chat_template_kwargs`` go to
+    the chat template with every prompt (Qwen3's published drafters: ``{"enable_thinking": False}``).
     """
     check("batch_size", batch_size, COUNT)  # a batch of <= 0 rows would regenerate nothing, silently
     check("max_new_tokens", max_new_tokens, COUNT)
@@ -89,6 +91,7 @@ def regenerate_conversations(
             f"target's context of {context} (max_position_embeddings); lower --max-prompt-tokens / "
             "--max-new-tokens, or opt in with --allow-longer-than-context")
     out = [[dict(m) for m in conv] for conv in conversations]
+    template_kwargs = chat_template_kwargs or {}
     eos = stop_ids(tokenizer, target.cfg.eos_token_id)
     key = jax.random.key(seed) if key is None else key
     bar = tqdm(total=sum(m["role"] == "assistant" for c in out for m in c), desc="regenerate",
@@ -109,7 +112,7 @@ def regenerate_conversations(
             prompts = []
             for i in jobs:
                 text = tokenizer.apply_chat_template(out[i][: turn[i]], tokenize=False,
-                                                     add_generation_prompt=True)
+                                                     add_generation_prompt=True, **template_kwargs)
                 ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids[-max_prompt_tokens:]
                 prompts.append(ids)
             key, sub = jax.random.split(key)

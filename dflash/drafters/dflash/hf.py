@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from dflash.config import ConfigError, ModelConfig, RopeConfig
 from dflash.drafters.dflash.model import DFlashConfig, DFlashDrafter, layer_config
 from dflash.errors import CheckpointError
-from dflash.io.loading import ASSETS, load_params_into, save_params
+from dflash.io.loading import ASSETS, load_params_into, read_config_json, save_params
 from dflash.models import kinds
 from dflash.models.kinds import WeightRow
 
@@ -81,14 +81,6 @@ def drafter_hf_config(cfg: DFlashConfig, target_name: str = "", target_cfg: Mode
     return out
 
 
-def read_json(directory: Path) -> dict[str, Any]:
-    cfg_path = directory / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"missing file: {cfg_path}")
-    with open(cfg_path) as f:
-        return json.load(f)
-
-
 def config_from_hf(hf: dict[str, Any]) -> DFlashConfig:
     """Reads a DFlashDraftModel ``config.json``; anything else is a clear error."""
     if ARCHITECTURE not in (hf.get("architectures") or []):
@@ -138,7 +130,7 @@ def load_drafter(directory: Path, target_cfg: ModelConfig | None = None, *, dtyp
                  attention_impl: str = "auto", mesh: Mesh | None = None,
                  replicate_indivisible: bool = False) -> DFlashDrafter:
     """Loads an exported drafter (into its shards on ``mesh``); with ``target_cfg``, checks it fits."""
-    hf = read_json(directory)
+    hf = read_config_json(directory)
     cfg = config_from_hf(hf)
     if target_cfg is not None:
         try:

@@ -27,6 +27,7 @@ from dflash.drafters.dflash.draft import DFlashDraft
 from dflash.drafters.dflash.model import DEFAULT_BLOCK_SIZE, DFlashConfig, DFlashDrafter
 from dflash.drafters.registry import SHIPPED, DrafterKind, register
 from dflash.flops import head_flops, target_forward_flops
+from dflash.io.loading import read_config_json
 from dflash.models import kinds
 from dflash.models.transformer import Transformer
 
@@ -63,7 +64,7 @@ class DFlashKind(DrafterKind):
         return hf.ARCHITECTURE in (hf_config.get("architectures") or [])
 
     def read_config(self, directory: Path) -> DFlashConfig:
-        return hf.config_from_hf(hf.read_json(directory))
+        return hf.config_from_hf(read_config_json(directory))
 
     def load(self, directory: Path, target: Transformer | None = None, *,
              target_cfg: ModelConfig | None = None,

@@ -24,6 +24,7 @@ from dflash.attention import block_slots
 from dflash.config import ConfigError, LayerSpec, ModelConfig, check_block_drafter
 from dflash.kernels import dispatch
 from dflash.kernels.anchor_attention import merge_anchor_chunks, split_anchor_chunks
+from dflash.models.attention_mixer import first_non_plain_layer
 from dflash.models.cache import Cache
 from dflash.models.kinds import init_cache
 from dflash.models.layers import Linear, RMSNorm, rope_cos_sin
@@ -64,10 +65,8 @@ class DFlashConfig:
         check_block_drafter("drafter", block_size=self.block_size, num_layers=lc.num_layers,
                             mask_token_id=self.mask_token_id, vocab_size=lc.vocab_size,
                             num_heads=lc.num_heads, num_kv_heads=lc.num_kv_heads)
-        for i, spec in enumerate(lc.layers):
-            if spec.mixer != "attention" or any(dict(spec.mixer_options).get(o) for o in ("window", "sinks")):
-                raise ConfigError(f"DFlash drafter layer {i}: only full attention without sinks is supported "
-                                  f"(got {spec.mixer} {dict(spec.mixer_options)})")
+        if (other := first_non_plain_layer(lc)) is not None:
+            raise ConfigError(f"DFlash drafter layers must be full attention without sinks; {other}")
         if not self.target_layer_ids:
             raise ConfigError("drafter.target_layer_ids must name at least one target layer")
         for i in self.target_layer_ids:

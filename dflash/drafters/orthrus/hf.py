@@ -35,7 +35,7 @@ from dflash.drafters.dflash.hf import target_fingerprint
 from dflash.drafters.orthrus.model import OrthrusConfig, OrthrusDrafter
 from dflash.errors import CheckpointError
 from dflash.io.host import to_host
-from dflash.io.loading import ASSETS, load_params_into, save_params, target_rows
+from dflash.io.loading import ASSETS, load_params_into, read_config_json, save_params, target_rows
 from dflash.models import kinds
 from dflash.models.kinds import WeightRow
 from dflash.models.transformer import Transformer
@@ -140,14 +140,6 @@ def save_orthrus(drafter: OrthrusDrafter, target: Transformer, directory: str | 
 
 
 # ----------------------------------------------------------------------------- loading
-def _read_config(directory: Path) -> dict[str, Any]:
-    cfg_path = directory / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"missing file: {cfg_path}")
-    with open(cfg_path) as f:
-        return json.load(f)
-
-
 def is_orthrus_config(hf: dict[str, Any]) -> bool:
     return any(a in ARCHITECTURES for a in hf.get("architectures") or [])
 
@@ -163,7 +155,7 @@ def _target_config(hf: dict[str, Any]) -> ModelConfig:
 
 def read_orthrus_config(directory: Path) -> tuple[OrthrusConfig, ModelConfig, dict[str, Any]]:
     """(drafter config, the target's architecture, the raw config.json) of an Orthrus export."""
-    hf = _read_config(directory)
+    hf = read_config_json(directory)
     if not is_orthrus_config(hf):
         raise CheckpointError(f"not an Orthrus drafter: {directory}/config.json architectures="
                               f"{hf.get('architectures')!r} (expected one of {list(ARCHITECTURES)})")

@@ -29,7 +29,7 @@ from flax import nnx
 
 from dflash.config import ConfigError, ModelConfig, check_block_drafter
 from dflash.kernels import dispatch
-from dflash.models.attention_mixer import AttentionProjections
+from dflash.models.attention_mixer import AttentionProjections, first_non_plain_layer
 from dflash.models.cache import Cache, KVState
 from dflash.models.layers import rope_tables
 from dflash.models.transformer import Transformer
@@ -52,11 +52,8 @@ class OrthrusConfig:
         check_block_drafter("orthrus", block_size=self.block_size, num_layers=t.num_layers,
                             mask_token_id=self.mask_token_id, vocab_size=t.vocab_size,
                             num_heads=t.num_heads, num_kv_heads=t.num_kv_heads)
-        for i, spec in enumerate(t.layers):
-            if spec.mixer != "attention" or any(dict(spec.mixer_options).get(o) for o in ("window", "sinks")):
-                raise ConfigError(f"Orthrus needs full attention without sinks in every target layer; "
-                                  f"layer {i} is "
-                                  f"{spec.mixer} {dict(spec.mixer_options)}")
+        if (other := first_non_plain_layer(t)) is not None:
+            raise ConfigError(f"Orthrus needs full attention without sinks in every target layer; {other}")
 
     num_layers = property(lambda self: self.target.num_layers)
     hidden_size = property(lambda self: self.target.hidden_size)
