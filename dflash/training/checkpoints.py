@@ -172,15 +172,16 @@ class Checkpoints:
 
         A failed read abandons Orbax's other reads of that step: collected, their coroutines report
         the same damage again, and reads still running in tensorstore's threads report "Event loop
-        is closed" when they finish; each as a traceback on stderr. ``_quiet_abandoned_reads``
-        drops those two reports (only those), and the coroutines are collected here at once.
+        is closed" when they finish (some before this handler runs); each as a traceback on stderr.
+        ``_quiet_abandoned_reads`` drops those two reports (only those), and the coroutines are
+        collected here at once.
         """
+        _quiet_abandoned_reads()
         try:
             yield
         except Exception as err:
             if not is_damage(err):
                 raise
-            _quiet_abandoned_reads()
             gc.collect()
             raise self.unreadable(step, err) from err
 
@@ -274,9 +275,9 @@ def _orbax_name(path: tuple[Any, ...]) -> str:
 
 
 def _quiet_abandoned_reads() -> None:
-    """From now on, drop the unraisable-exception reports of reads a damaged restore abandoned: the
-    damage itself (reported once, by the restore) and "Event loop is closed" from reads finishing
-    after Orbax closed its event loop. Anything else is still reported. Installed once."""
+    """From the first restore on, drop the unraisable-exception reports of reads a damaged restore
+    abandoned: the damage itself (reported once, by the restore) and "Event loop is closed" from reads
+    finishing after Orbax closed its event loop. Anything else is still reported. Installed once."""
     default = sys.unraisablehook
     if getattr(default, "dflash_abandoned_reads", False):
         return
