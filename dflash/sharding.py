@@ -57,6 +57,7 @@ LAYOUTS: dict[str, tuple[Any, ...]] = {
     "mlp": ("batch", ..., "mlp"),  # [B, ..., F] MLP width
     "vocab": ("batch", ..., "vocab"),  # [B, ..., V] logits
     "kv_cache": ("batch", None, "kv_heads", None),  # [B, S, K, H] one attention layer's cache
+    "kv_stack": (None, "batch", None, "kv_heads", None),  # [L, B, S, K, H] every layer's K/V of a pass
     "chunks": (None, "batch", ..., None),  # [n, B, ..., D] scanned chunks of hidden states
 }
 

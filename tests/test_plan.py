@@ -17,7 +17,7 @@ FIELDS = {"topology", "mesh", "per_device_bytes", "hbm_bytes", "fits", "flops_pe
 
 
 def test_unknown_topology_is_a_clear_error(capsys):
-    with pytest.raises(plan.PlanError, match=r"unknown topology 'v9-8'; known: v5e-8, .*v5p-32"):
+    with pytest.raises(plan.PlanError, match=r"unknown topology 'v9-8'; known: v5e-4, v5e-8, .*v5p-32"):
         plan.get_topology("v9-8")
     from dflash.cli.train import main
 

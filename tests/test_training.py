@@ -279,7 +279,7 @@ def test_config_errors_name_the_key(override, match, tmp_path):
 
     with pytest.raises(ConfigError, match=match):
         cfg = load_yaml(ExperimentConfig, ROOT / "configs/tiny_code.yaml", [override])
-        build_drafter_config(cfg, load_target(cfg.target.name), load_tokenizer(cfg.target.name))
+        build_drafter_config(cfg, load_target(cfg.target.name).cfg, load_tokenizer(cfg.target.name))
 
 
 def test_exponent_numbers_without_a_dot_are_numbers():

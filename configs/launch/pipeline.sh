@@ -13,7 +13,8 @@
 #   DATA    conversations to regenerate (hub id, path or gs:// jsonl/parquet); default: the recipe's
 #           prompts file WORK/data/RECIPE-TOTAL_prompts.jsonl, made once by process 0 (dflash-prepare-data)
 #   RECIPE, TOTAL  dflash-prepare-data --recipe / --total for that default
-#   REGEN_MESH  dflash-regenerate --mesh over each host's chips (default tensor=-1; empty: no flag)
+#   REGEN_MESH  dflash-regenerate --mesh over each host's chips (default empty: dflash-regenerate picks
+#               the least tensor parallelism that fits and says so; e.g. tensor=-1 for all chips)
 #   LANES   data lanes (a multiple of the host count; default 8 serves 1, 2, 4 or 8 hosts)
 #   STEPS   steps to run (default "stage prepare regenerate train export"); stage, prepare and
 #           export run on process 0 only, the other processes wait for what they write
@@ -35,7 +36,7 @@ RECIPE=${RECIPE:-${d[3]}} TOTAL=${TOTAL:-${d[4]}}
 DATA=${DATA:-$WORK/data/$RECIPE-${TOTAL}_prompts.jsonl}
 LANES=${LANES:-8}
 STEPS=${STEPS:-stage prepare regenerate train export}
-REGEN_MESH=${REGEN_MESH-tensor=-1}
+REGEN_MESH=${REGEN_MESH-}
 REGEN=$WORK/data/${NAME}_regenerated.jsonl
 RUN=$WORK/runs/$NAME
 EXPORT=$WORK/exports/$NAME

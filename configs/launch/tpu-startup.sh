@@ -44,7 +44,7 @@ fi
 # The code: the tarball tpu-vm.sh uploaded (a git archive of the commit it was run from).
 run tar -xzf "$MNT/code/$NAME.tar.gz" -C "$HOME_DIR"
 if [[ ${DRY_RUN:-0} == 1 ]]; then echo "cd $HOME_DIR"; else cd "$HOME_DIR"; fi
-if [[ ! -x .venv/bin/python ]]; then
+if [[ ! -x $HOME_DIR/.venv/bin/python ]]; then
   run uv venv --python 3.12 .venv
 fi
 run uv pip install --python .venv/bin/python -q -e '.[tpu]' gcsfs

@@ -7,7 +7,7 @@ import sys
 
 from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
 from dflash.checks import BLOCK, COUNT, INTEGER, NON_NEGATIVE, flag
-from dflash.cli.failures import run_command
+from dflash.cli.failures import compile_only, run_command
 from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
 from dflash.config import DTYPES
 from dflash.decoding import SamplingParams
@@ -169,22 +169,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _compile_only(args: argparse.Namespace) -> int:
-    from dflash.plan import TOPOLOGIES, decode_plan, summary
+    from dflash.plan import decode_plan
 
-    if not args.topology or not args.target_config:
-        print(f"dflash-bench: error: --compile-only needs --target-config and --topology (one of "
-              f"{', '.join(TOPOLOGIES)})", file=sys.stderr)
-        return 2
-    try:
-        plan = decode_plan(args.target_config, args.topology, args.mesh, dtype=args.dtype,
-                           batch=args.batch_size, block_size=args.block_size or 16, context=args.context)
-    except (ConfigError, ValueError) as err:
-        print(f"dflash-bench: error: {err}", file=sys.stderr)
-        return 2
-    print(summary(plan))
-    if args.json:
-        write_json(plan, args.json)
-    return 0
+    return compile_only("dflash-bench", args, lambda: decode_plan(
+        args.target_config, args.topology, args.mesh, dtype=args.dtype, batch=args.batch_size,
+        block_size=args.block_size or 16, context=args.context), needs=("target_config", "topology"))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from dflash.errors import DflashError, describe_disk_error, is_disk_error
 
@@ -73,3 +74,26 @@ def _log_to_stderr(prog: str, verbose: bool) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.propagate, logger.level, absl.level = saved
+
+
+def compile_only(prog: str, args: Any, make_plan: Callable[[], dict[str, Any]],
+                 needs: tuple[str, ...] = ("topology",)) -> int:
+    """``--compile-only`` of a command: the plan ``make_plan`` compiles for ``--topology``, its summary
+    printed and ``--json`` written; a missing flag (``needs``) or a user's error is one line."""
+    from dflash.bench.prompts import write_json
+    from dflash.plan import TOPOLOGIES, summary
+
+    missing = [f"--{name.replace('_', '-')}" for name in needs if not getattr(args, name)]
+    if missing:
+        print(f"{prog}: error: --compile-only needs {' and '.join(missing)} (topologies: "
+              f"{', '.join(TOPOLOGIES)})", file=sys.stderr)
+        return 2
+
+    def body() -> int:
+        plan = make_plan()
+        print(summary(plan))
+        if args.json:
+            write_json(plan, args.json)
+        return 0
+
+    return run_command(prog, body, verbose=bool(getattr(args, "verbose", False)))

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import jax
 from jax.sharding import Mesh
 
 from dflash.checks import COUNT, INTEGER, NON_NEGATIVE, flag
-from dflash.cli.failures import run_command
+from dflash.cli.failures import compile_only, run_command
 from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
 from dflash.config import DTYPES
 from dflash.decoding import SamplingParams
 from dflash.distributed import add_distributed_args, is_primary
-from dflash.errors import DflashError
 from dflash.fingerprint import initialize_from_args
 from dflash.io.loading import load_target, read_config, resolve
 from dflash.io.tokenizer import load_tokenizer
@@ -106,24 +104,12 @@ def _mesh(args: argparse.Namespace) -> Mesh | None:
 
 
 def _compile_only(args: argparse.Namespace) -> int:
-    from dflash.bench.prompts import write_json
-    from dflash.plan import TOPOLOGIES, regen_plan, summary
+    from dflash.plan import regen_plan
 
-    if not args.topology or not args.target_config:
-        print(f"dflash-regenerate: error: --compile-only needs --target-config and --topology (one of "
-              f"{', '.join(TOPOLOGIES)})", file=sys.stderr)
-        return 2
-    try:
-        plan = regen_plan(args.target_config, args.topology, args.mesh, dtype=args.dtype,
-                          batch=args.batch_size, prompt_tokens=args.max_prompt_tokens or SIZING_PROMPT_TOKENS,
-                          new_tokens=args.max_new_tokens)
-    except (DflashError, ValueError) as err:
-        print(f"dflash-regenerate: error: {err}", file=sys.stderr)
-        return 2
-    print(summary(plan))
-    if args.json:
-        write_json(plan, args.json)
-    return 0
+    return compile_only("dflash-regenerate", args, lambda: regen_plan(
+        args.target_config, args.topology, args.mesh, dtype=args.dtype, batch=args.batch_size,
+        prompt_tokens=args.max_prompt_tokens or SIZING_PROMPT_TOKENS, new_tokens=args.max_new_tokens),
+        needs=("target_config", "topology"))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
-from dflash.cli.failures import run_command
+from dflash.cli.failures import compile_only, run_command
 from dflash.cli.parser import make_parser
 from dflash.configio import load_yaml
 from dflash.distributed import add_distributed_args, is_primary
@@ -115,22 +113,11 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
-    from dflash.plan import TOPOLOGIES, summary, train_plan
+    from dflash.plan import train_plan
 
-    if not args.topology:
-        print(f"dflash-train: error: --compile-only needs --topology (one of {', '.join(TOPOLOGIES)})",
-              file=sys.stderr)
-        return 2
-    try:
-        cfg = load_yaml(ExperimentConfig, config_file(args.config), overrides)
-        plan = train_plan(cfg, args.topology, config_name=str(args.config or "tiny_code"))
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"dflash-train: error: {err}", file=sys.stderr)
-        return 2
-    print(summary(plan))
-    if args.json:
-        Path(args.json).write_text(json.dumps(plan, indent=1))
-    return 0
+    return compile_only("dflash-train", args, lambda: train_plan(
+        load_yaml(ExperimentConfig, config_file(args.config), overrides), args.topology,
+        config_name=str(args.config or "tiny_code")))
 
 
 if __name__ == "__main__":

@@ -118,9 +118,8 @@ class Attention(AttentionProjections):
         q, gate = self.queries(x_BTD, cos, sin)
         k_new, v_new = self.kv(x_BTD, cos, sin)
         k, v = k_new, v_new
-        if state is not None and ctx.segment_ids is not None:  # packed rows fill an empty T-slot cache
-            # slot t holds token t: the state is the block's K/V, nothing to scatter
-            state = KVState(k=k_new.astype(state.k.dtype), v=v_new.astype(state.v.dtype)).constrained()
+        if state is None and ctx.stack_kv:  # handed back for the caller to stack (Transformer: stack_kv)
+            state = KVState(k=k_new, v=v_new)
         elif state is not None:
             state = state.write(k_new, v_new, ctx.slots_BT)
             k, v = state.k, state.v

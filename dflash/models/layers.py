@@ -103,6 +103,7 @@ class Context:
     lengths_B: jax.Array | None = None
     max_len: int | None = None
     segment_ids: jax.Array | None = None
+    stack_kv: bool = False  # no cache: attention layers hand back their block's K/V as their state
     _memo: dict[Any, jax.Array] = dataclasses.field(default_factory=dict)
 
     def _once(self, key: Any, make: Any) -> Any:

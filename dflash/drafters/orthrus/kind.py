@@ -28,6 +28,7 @@ from dflash.drafters.orthrus.model import DEFAULT_BLOCK_SIZE, OrthrusConfig, Ort
 from dflash.drafters.registry import SHIPPED, DrafterKind, register
 from dflash.flops import head_flops, target_forward_flops
 from dflash.models import kinds
+from dflash.models.cache import KVState
 from dflash.models.transformer import Transformer
 
 
@@ -91,18 +92,17 @@ class OrthrusKind(DrafterKind):
         """Orthrus loss of one packed batch; ``target_metrics`` is accepted for the shared step
         signature (the AR pass that feeds the diffusion attentions yields the logits).
 
-        One frozen AR pass over the clean sequence (into an empty S-slot cache, which hands back
-        every layer's AR K/V), then one diffusion pass over all anchor blocks of every row: block j
+        One frozen AR pass over the clean sequence (``stack_kv``: it hands back every layer's AR
+        K/V), then one diffusion pass over all anchor blocks of every row: block j
         reads the AR K/V at positions < a_j of its document plus its own diffusion K/V. Row r of
         block j predicts the token at a_j + r + 1; its KL target is the AR distribution at
         a_j + r (the clean pass's logits there).
         """
         q = drafter.cfg.block_size
         tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
-        b, s = tokens.shape
-        out = target(tokens, pos, target.init_cache(b, s), segment_ids=seg, compute_logits=False,
-                     final_hidden=True)
-        prefix = jax.lax.stop_gradient(out.cache.layers)  # per layer: the AR K/V [B, S, K, H]
+        out = target(tokens, pos, segment_ids=seg, compute_logits=False, final_hidden=True, stack_kv=True)
+        k_L, v_L = jax.lax.stop_gradient(out.kv)  # [L, B, S, K, H]: every layer's AR K/V
+        prefix = [KVState(k=k_L[i], v=v_L[i]) for i in range(k_L.shape[0])]
         t_final = jax.lax.stop_gradient(out.final)  # [B, S, D]
         blocks = blk.anchor_blocks(target, batch, key, num_anchors, q, drafter.cfg.mask_token_id)
         h = drafter(target, blocks.x, blocks.q_pos, prefix, blocks.ctx_mask)  # [B, A, Q, D]
