@@ -77,7 +77,8 @@ def test_pipeline_dry_run_names_real_commands_flags_and_the_recipe(preset, targe
     assert _flag(prep, "--recipe") == recipe and _flag(regen, "--data") == _flag(prep, "--out")
     assert _flag(regen, "--target") == staged
     assert all(_flag(regen, k) == v for k, v in zip(REGEN_SETTINGS[::2], REGEN_SETTINGS[1::2], strict=True))
-    assert "--mesh" not in regen  # dflash-regenerate picks the mesh that fits (and says which)
+    assert _flag(regen, "--mesh") == "tensor=-1"  # the split the AOT plan of these settings fits
+    assert _flag(regen, "--batch-size") == ("32" if preset == "smoke" else "64")  # what fits (scaling.md)
     kwargs = json.loads(_flag(regen, "--chat-template-kwargs")) if "--chat-template-kwargs" in regen else {}
     assert kwargs == RECIPES[recipe].chat_template_kwargs
     train = _only(commands, "dflash-train")
@@ -193,7 +194,7 @@ def test_pipeline_regenerates_trains_and_exports_on_two_processes(tmp_path):
     _chats(tmp_path / "chats.jsonl")
     work = tmp_path / "work"
     env = dict(os.environ, DATA=str(tmp_path / "chats.jsonl"), WORK=str(work), TARGET="tiny-code",
-               CONFIG="configs/tiny_code.yaml", NAME="tiny", LANES="2",
+               REGEN_MESH="", CONFIG="configs/tiny_code.yaml", NAME="tiny", LANES="2",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                REGEN_FLAGS="--max-prompt-tokens 64 --max-new-tokens 24 --batch-size 4 --dtype float32 "
                            "--shard-size 4 --no-progress",

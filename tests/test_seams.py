@@ -192,14 +192,14 @@ def test_rollback_keeps_each_rows_accepted_prefix(hybrid_dir):
     pos = lambda lo, hi: jnp.broadcast_to(jnp.arange(lo, hi), (2, hi - lo))  # noqa: E731
     prefix = target(ids[:, :7], pos(0, 7), init_cache(target.cfg, 2, 16)).cache.keep(jnp.full((2,), 7), 7)
     verified = target(ids[:, 7:], pos(7, 13), prefix).cache
+    step, after = prefix, [prefix.layers[1].s]  # after[k]: the recurrence after the prompt and k tokens
+    for i in range(7, 13):  # one token at a time: one compiled shape, and a different pass than `verified`
+        step = target(ids[:, i:i + 1], pos(i, i + 1), step).cache.keep(jnp.ones((2,), jnp.int32), 1)
+        after.append(step.layers[1].s)
     for kept in ((0, 6), (3, 1), (6, 2)):
-        kept_B = jnp.asarray(kept)
-        rolled = verified.keep(kept_B, 6)
+        rolled = verified.keep(jnp.asarray(kept), 6)
         for row, k in enumerate(kept):
-            alone = target(ids[row:row + 1, : 7 + k], jnp.arange(7 + k)[None], init_cache(target.cfg, 1,
-                                                                                          16)).cache
-            alone = alone.keep(jnp.asarray([7 + k]), 7 + k)
-            np.testing.assert_allclose(rolled.layers[1].s[row], alone.layers[1].s[0], atol=1e-5)
+            np.testing.assert_allclose(rolled.layers[1].s[row], after[k][row], atol=1e-5)
             assert int(rolled.lengths[row]) == 7 + k
 
 

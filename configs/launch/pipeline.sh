@@ -13,8 +13,11 @@
 #   DATA    conversations to regenerate (hub id, path or gs:// jsonl/parquet); default: the recipe's
 #           prompts file WORK/data/RECIPE-TOTAL_prompts.jsonl, made once by process 0 (dflash-prepare-data)
 #   RECIPE, TOTAL  dflash-prepare-data --recipe / --total for that default
-#   REGEN_MESH  dflash-regenerate --mesh over each host's chips (default empty: dflash-regenerate picks
-#               the least tensor parallelism that fits and says so; e.g. tensor=-1 for all chips)
+#   REGEN_BATCH  dflash-regenerate --batch-size (default 64; the smoke preset 32)
+#   REGEN_MESH  dflash-regenerate --mesh over each host's chips (default tensor=-1: the AOT plan of the
+#               recipe's settings, batch 64 x 1024+2048 tokens, fits Qwen3-8B on a v5e-8 host with 28%
+#               headroom that way, and not with data=2,tensor=4, the split the weights+KV estimate
+#               picks; empty: no flag, dflash-regenerate picks that estimate's mesh and says which)
 #   LANES   data lanes (a multiple of the host count; default 8 serves 1, 2, 4 or 8 hosts)
 #   STEPS   steps to run (default "stage prepare regenerate train export"); stage, prepare and
 #           export run on process 0 only, the other processes wait for what they write
@@ -24,19 +27,19 @@ set -euo pipefail
 : "${WORK:?set WORK to a directory every host shares}"
 PRESET=${PRESET:-qwen3_8b}
 case $PRESET in
-  smoke)        d=(Qwen/Qwen3-0.6B configs/qwen3_0_6b_smoke.yaml qwen3_0_6b_smoke qwen3 256) ;;
-  qwen3_8b)     d=(Qwen/Qwen3-8B configs/qwen3_8b_dflash.yaml qwen3_8b_dflash qwen3 800000) ;;
-  qwen3_4b)     d=(Qwen/Qwen3-4B configs/qwen3_4b_dflash.yaml qwen3_4b_dflash qwen3 800000) ;;
-  llama3_1_8b)  d=(meta-llama/Llama-3.1-8B-Instruct configs/llama3_1_8b_dflash.yaml llama3_1_8b_dflash llama3 0) ;;
-  llama3_3_70b) d=(meta-llama/Llama-3.3-70B-Instruct configs/llama3_3_70b_dflash.yaml llama3_3_70b_dflash llama3 0) ;;
+  smoke)        d=(Qwen/Qwen3-0.6B configs/qwen3_0_6b_smoke.yaml qwen3_0_6b_smoke qwen3 256 32) ;;
+  qwen3_8b)     d=(Qwen/Qwen3-8B configs/qwen3_8b_dflash.yaml qwen3_8b_dflash qwen3 800000 64) ;;
+  qwen3_4b)     d=(Qwen/Qwen3-4B configs/qwen3_4b_dflash.yaml qwen3_4b_dflash qwen3 800000 64) ;;
+  llama3_1_8b)  d=(meta-llama/Llama-3.1-8B-Instruct configs/llama3_1_8b_dflash.yaml llama3_1_8b_dflash llama3 0 64) ;;
+  llama3_3_70b) d=(meta-llama/Llama-3.3-70B-Instruct configs/llama3_3_70b_dflash.yaml llama3_3_70b_dflash llama3 0 64) ;;
   *) echo "pipeline.sh: unknown PRESET=$PRESET (smoke, qwen3_8b, qwen3_4b, llama3_1_8b, llama3_3_70b)" >&2; exit 2 ;;
 esac
 TARGET=${TARGET:-${d[0]}} CONFIG=${CONFIG:-${d[1]}} NAME=${NAME:-${d[2]}}
-RECIPE=${RECIPE:-${d[3]}} TOTAL=${TOTAL:-${d[4]}}
+RECIPE=${RECIPE:-${d[3]}} TOTAL=${TOTAL:-${d[4]}} REGEN_BATCH=${REGEN_BATCH:-${d[5]}}
 DATA=${DATA:-$WORK/data/$RECIPE-${TOTAL}_prompts.jsonl}
 LANES=${LANES:-8}
 STEPS=${STEPS:-stage prepare regenerate train export}
-REGEN_MESH=${REGEN_MESH-}
+REGEN_MESH=${REGEN_MESH-tensor=-1}
 REGEN=$WORK/data/${NAME}_regenerated.jsonl
 RUN=$WORK/runs/$NAME
 EXPORT=$WORK/exports/$NAME
@@ -56,8 +59,9 @@ wait_for() {  # the other processes wait for what process 0 writes
 # The regeneration settings of the recipe (dflash.training.recipe_data.REGEN_SETTINGS; docs/quickstart-tpu.md,
 # "The data"): greedy; a prompt's last 1024 tokens and up to 2048 new ones, so a single-turn
 # conversation fits one 3072-token row; Qwen3 with thinking off (the published Qwen3 drafters are
-# non-thinking); 64 conversations per batch (docs/scaling.md, "Estimates").
-regen_recipe=(--max-prompt-tokens 1024 --max-new-tokens 2048 --temperature 0 --batch-size 64)
+# non-thinking); REGEN_BATCH conversations per batch: 64, and 32 for the smoke preset, whose
+# v5e-4 chips (tensor=4) would need 19.1 GB each at 64 (AOT plans, docs/scaling.md, "Regeneration").
+regen_recipe=(--max-prompt-tokens 1024 --max-new-tokens 2048 --temperature 0 --batch-size "$REGEN_BATCH")
 if [[ $RECIPE == qwen3 ]]; then regen_recipe+=(--chat-template-kwargs '{"enable_thinking":false}'); fi
 mesh=()
 if [[ -n $REGEN_MESH ]]; then mesh=(--mesh "$REGEN_MESH"); fi
