@@ -19,17 +19,17 @@ from dflash.errors import ConfigError
 # Names of the dtypes a model can be loaded or computed in (configs and CLIs take these names).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-def check_block_drafter(name: str, *, block_size: int, num_layers: int, mask_token_id: int, vocab_size: int,
-                        num_heads: int, num_kv_heads: int) -> None:
-    """Checks every block drafter shares (DFlash, Orthrus); ``name`` prefixes its own fields."""
+def check_block_drafter(name: str, layers: ModelConfig, *, block_size: int, mask_token_id: int) -> None:
+    """Checks every block drafter shares (DFlash, Orthrus) on the ``layers`` it runs; ``name``
+    prefixes its own fields."""
     if block_size < 2:
         raise ConfigError(f"drafter.block_size must be >= 2, got {block_size}")
-    if num_layers < 1:
-        raise ConfigError(f"{name}.num_layers must be >= 1, got {num_layers}")
-    if not 0 <= mask_token_id < vocab_size:
+    if layers.num_layers < 1:
+        raise ConfigError(f"{name}.num_layers must be >= 1, got {layers.num_layers}")
+    if not 0 <= mask_token_id < layers.vocab_size:
         raise ConfigError(f"drafter.mask_token_id={mask_token_id} is outside the vocabulary "
-                          f"(0..{vocab_size - 1})")
-    if num_heads % num_kv_heads:
+                          f"(0..{layers.vocab_size - 1})")
+    if layers.num_heads % layers.num_kv_heads:
         raise ConfigError(f"{name}.num_heads must be a multiple of {name}.num_kv_heads")
 
 

@@ -8,7 +8,7 @@ import sys
 from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
 from dflash.checks import BLOCK, COUNT, INTEGER, NON_NEGATIVE, flag
 from dflash.cli.failures import compile_only, run_command
-from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
+from dflash.cli.parser import add_compile_only_args, add_mesh_arg, make_parser, mesh_from_args
 from dflash.config import DTYPES
 from dflash.decoding import SamplingParams
 from dflash.decoding.tree import BeamTreeDraft
@@ -68,13 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write the greedy acceptance of the DFlash drafter and of prompt lookup at "
                         "every anchor of the target's own continuations, and the steps each takes "
                         "(dflash.bench.anchor_profile), and print its summary")
-    p.add_argument("--compile-only", action="store_true",
-                   help="compile one verify pass (--block-size, default 16) and one AR step of "
-                        "--target-config for --topology and print memory / time estimates (no weights; "
-                        "needs libtpu)")
-    p.add_argument("--topology", default=None, help="TPU slice for --compile-only (dflash.plan.TOPOLOGIES)")
-    p.add_argument("--target-config", default=None,
-                   help="--compile-only: architecture preset, known hub id or checkpoint directory")
+    add_compile_only_args(p, "compile one verify pass (--block-size, default 16) and one AR step of "
+                             "--target-config for --topology and print memory / time estimates (no weights; "
+                             "needs libtpu)", json=False)  # --json above writes the plan too
     p.add_argument("--context", type=flag(COUNT), default=2048, help="--compile-only: cached positions")
     add_mesh_arg(p, help="decode on a device mesh: data=D,fsdp=F,tensor=T, any subset, -1 for the rest of "
                          "the devices (batch over data x fsdp, the models over tensor; docs/multihost.md); "

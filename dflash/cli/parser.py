@@ -81,6 +81,21 @@ def add_mesh_arg(parser: argparse.ArgumentParser, help: str = MESH_HELP) -> None
     parser.add_argument("--mesh", type=_mesh_type, default=None, metavar="data=D,fsdp=F,tensor=T", help=help)
 
 
+def add_compile_only_args(parser: argparse.ArgumentParser, what: str, *, target_config: bool = True,
+                          json: bool = True) -> None:
+    """``--compile-only`` (``what`` it compiles) for ``--topology``, with the architecture to plan
+    (``--target-config``; a train config names its own) and ``--json`` for the plan."""
+    parser.add_argument("--compile-only", action="store_true", help=what)
+    parser.add_argument("--topology", default=None,
+                        help="TPU slice for --compile-only (dflash.plan.TOPOLOGIES)")
+    if target_config:
+        parser.add_argument("--target-config", default=None,
+                            help="--compile-only: architecture preset, known hub id or checkpoint directory")
+    if json:
+        parser.add_argument("--json", default=None, metavar="OUT",
+                            help="--compile-only: also write the plan here")
+
+
 def mesh_from_args(config: MeshConfig | None, *, local: bool = False) -> Mesh | None:
     """The mesh of ``--mesh`` over all devices of the job (``local``: this process's own), or None."""
     if config is None:

@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 
 from dflash.checks import COUNT, INTEGER, NON_NEGATIVE, flag
 from dflash.cli.failures import compile_only, run_command
-from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
+from dflash.cli.parser import add_compile_only_args, add_mesh_arg, make_parser, mesh_from_args
 from dflash.config import DTYPES
 from dflash.decoding import SamplingParams
 from dflash.distributed import add_distributed_args, is_primary
@@ -57,14 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                          "subset, -1 for the rest (every process decodes its own shards of the dataset on "
                          "its own mesh). Default: the least tensor parallelism whose weights and KV cache "
                          "fit each device (said in one line), data-parallel over the rest")
-    p.add_argument("--compile-only", action="store_true",
-                   help="compile the regeneration program for --topology (--target-config, --batch-size, "
-                        "--max-prompt-tokens, --max-new-tokens) on the mesh it would pick there, and print "
-                        "its memory per chip (no weights, no data)")
-    p.add_argument("--topology", default=None, help="TPU slice for --compile-only (dflash.plan.TOPOLOGIES)")
-    p.add_argument("--target-config", default=None,
-                   help="--compile-only: architecture preset, known hub id or checkpoint directory")
-    p.add_argument("--json", default=None, help="--compile-only: also write the plan here")
+    add_compile_only_args(p, "compile the regeneration program for --topology (--target-config, "
+                             "--batch-size, --max-prompt-tokens, --max-new-tokens) on the mesh it would pick "
+                             "there, and print its memory per chip (no weights, no data)")
     add_distributed_args(p)
     args = p.parse_args(argv)
     if args.compile_only:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from dflash.cli.failures import compile_only, run_command
-from dflash.cli.parser import make_parser
+from dflash.cli.parser import add_compile_only_args, make_parser
 from dflash.configio import load_yaml
 from dflash.distributed import add_distributed_args, is_primary
 from dflash.drafters import drafter_kind
@@ -64,11 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extend", action="store_true",
                    help="continue a run with a larger train.steps (or epochs), optimizer state included; "
                         "the remaining steps follow the LR schedule of a run planned for the new total")
-    p.add_argument("--compile-only", action="store_true",
-                   help="compile the config's real train step for --topology on abstract sharded state and "
-                        "print the memory / FLOP plan (no weights, tokenizer or data; needs libtpu)")
-    p.add_argument("--topology", default=None, help="TPU slice for --compile-only (dflash.plan.TOPOLOGIES)")
-    p.add_argument("--json", default=None, metavar="OUT", help="--compile-only: also write the plan here")
+    add_compile_only_args(p, "compile the config's real train step for --topology on abstract sharded state "
+                             "and print the memory / FLOP plan (no weights, tokenizer or data; needs libtpu)",
+                          target_config=False)
     p.add_argument("--verbose", action="store_true",
                    help="on an error, also print its full detail; full logs on every process, not only "
                         "process 0")

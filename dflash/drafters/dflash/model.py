@@ -62,9 +62,7 @@ class DFlashConfig:
 
     def __post_init__(self) -> None:
         lc = self.layers
-        check_block_drafter("drafter", block_size=self.block_size, num_layers=lc.num_layers,
-                            mask_token_id=self.mask_token_id, vocab_size=lc.vocab_size,
-                            num_heads=lc.num_heads, num_kv_heads=lc.num_kv_heads)
+        check_block_drafter("drafter", lc, block_size=self.block_size, mask_token_id=self.mask_token_id)
         if (other := first_non_plain_layer(lc)) is not None:
             raise ConfigError(f"DFlash drafter layers must be full attention without sinks; {other}")
         if not self.target_layer_ids:

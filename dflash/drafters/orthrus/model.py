@@ -49,9 +49,7 @@ class OrthrusConfig:
 
     def __post_init__(self) -> None:
         t = self.target
-        check_block_drafter("orthrus", block_size=self.block_size, num_layers=t.num_layers,
-                            mask_token_id=self.mask_token_id, vocab_size=t.vocab_size,
-                            num_heads=t.num_heads, num_kv_heads=t.num_kv_heads)
+        check_block_drafter("orthrus", t, block_size=self.block_size, mask_token_id=self.mask_token_id)
         if (other := first_non_plain_layer(t)) is not None:
             raise ConfigError(f"Orthrus needs full attention without sinks in every target layer; {other}")
 
