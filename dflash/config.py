@@ -127,9 +127,11 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("Qwen3ForCausalLM", LayerSpec(mixer_options={"qk_norm": True})),
     "qwen2": Family("Qwen2ForCausalLM", LayerSpec(mixer_options={"qkv_bias": True})),
     "llama": Family("LlamaForCausalLM", LayerSpec()),
+    # Qwen3 attention; each layer's MLP a mixture of experts or dense as the config says (_moe_mlps).
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", LayerSpec(mixer_options={"qk_norm": True})),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
-WINDOWED_FAMILIES = ("qwen3", "qwen2")  # read use_sliding_window / sliding_window / layer_types
+WINDOWED_FAMILIES = ("qwen3", "qwen2", "qwen3_moe")  # read use_sliding_window / sliding_window / layer_types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +275,8 @@ class ModelConfig:
             out["attention_bias"] = bool(first.mixer_option("qkv_bias", False))
         if self.model_type == "llama":
             out["mlp_bias"] = bool(first.mlp_option("bias", False))
+        if self.model_type == "qwen3_moe":
+            out.update(_moe_to_hf(self.layers))
         windows = {spec.mixer_option("window", 0) for spec in self.layers} - {0}
         if len(windows) == 1 and self.model_type in WINDOWED_FAMILIES:  # HF's own sliding-window keys
             types = ["sliding_attention" if spec.mixer_option("window", 0) else "full_attention"
@@ -285,7 +289,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ sizes
     def num_params(self) -> int:
         """Exact parameter count (embeddings counted once when tied), for standard attention + dense
-        MLP layers (``dflash.models.count_params`` counts any model)."""
+        or mixture-of-experts MLP layers (``dflash.models.count_params`` counts any model)."""
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         total = 0
         for spec in self.layers:
@@ -294,8 +298,12 @@ class ModelConfig:
             attn += (q + 2 * kv) * bool(opt("qkv_bias", False)) + h * bool(opt("o_bias", False))
             attn += 2 * self.head_dim * bool(opt("qk_norm", False))
             attn += self.num_heads * bool(opt("sinks", False))
-            mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * bool(
-                spec.mlp_option("bias", False))
+            if spec.mlp == "moe":
+                e = spec.mlp_option("experts")
+                mlp = h * e + e * 3 * h * (spec.mlp_option("intermediate_size") or self.intermediate_size)
+            else:
+                mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * bool(
+                    spec.mlp_option("bias", False))
             total += attn + mlp + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return total + h + emb
@@ -320,6 +328,13 @@ def _layers_from_hf(hf: dict[str, Any], model_type: str) -> tuple[LayerSpec, ...
         mixer.update(qkv_bias=True, o_bias=True)
     mlp = {"bias": True} if hf.get("mlp_bias") else {}
     full = LayerSpec(spec.mixer, spec.mlp, mixer, mlp)
+    if model_type == "qwen3_moe":
+        return _moe_mlps(hf, _attention_layers(hf, full, n))
+    return _attention_layers(hf, full, n)
+
+
+def _attention_layers(hf: dict[str, Any], full: LayerSpec, n: int) -> tuple[LayerSpec, ...]:
+    """``full`` on every layer, with the sliding window on the layers the config slides."""
     if not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
         return (full,) * n
     # As transformers reads it: layer_types, else the layers from max_window_layers on slide.
@@ -328,8 +343,43 @@ def _layers_from_hf(hf: dict[str, Any], model_type: str) -> tuple[LayerSpec, ...
     if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
         raise ConfigError(f"config.json layer_types must list {n} of 'full_attention' / 'sliding_attention', "
                           f"got {types}")
-    window = LayerSpec(spec.mixer, spec.mlp, {**mixer, "window": int(hf["sliding_window"])}, mlp)
+    window = dataclasses.replace(full, mixer_options={**dict(full.mixer_options),
+                                                      "window": int(hf["sliding_window"])})
     return tuple(window if t == "sliding_attention" else full for t in types)
+
+
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
+
+
+def _moe_mlps(hf: dict[str, Any], layers: tuple[LayerSpec, ...]) -> tuple[LayerSpec, ...]:
+    """Qwen3-MoE: layer ``i`` is sparse when ``(i + 1) % decoder_sparse_step == 0`` and ``i`` is not
+    in ``mlp_only_layers`` (as transformers builds it); ``norm_topk_prob`` from the config."""
+    hf = {k: v for k, v in {"num_experts": hf.get("num_local_experts"), **hf}.items() if v is not None}
+    missing = [k for k in MOE_KEYS if k not in hf]  # (transformers 5 writes num_experts as num_local_experts)
+    if missing:
+        raise ConfigError(f"config.json lacks {missing[0]!r}, which a qwen3_moe model needs")
+    step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+    if not isinstance(step, int) or step < 1:
+        raise ConfigError(f"config.json decoder_sparse_step must be a positive int, got {step!r}")
+    moe = {"experts": hf["num_experts"], "top_k": hf["num_experts_per_tok"],
+           "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+           "intermediate_size": hf["moe_intermediate_size"]}
+    sparse = lambda i: hf["num_experts"] > 0 and i not in dense and (i + 1) % step == 0  # noqa: E731
+    return tuple(dataclasses.replace(spec, mlp="moe", mlp_options=moe) if sparse(i) else spec
+                 for i, spec in enumerate(layers))
+
+
+def _moe_to_hf(layers: tuple[LayerSpec, ...]) -> dict[str, Any]:
+    """The Qwen3-MoE keys that describe ``layers`` (one expert shape; dense layers as
+    ``mlp_only_layers``); anything else is left to ``dflash_layers``."""
+    moe = [dict(spec.mlp_options) for spec in layers if spec.mlp == "moe"]
+    if not moe:
+        return {"num_experts": 0, "num_experts_per_tok": 1, "moe_intermediate_size": 1}
+    first = moe[0]
+    return {"num_experts": first["experts"], "num_experts_per_tok": first["top_k"],
+            "moe_intermediate_size": first["intermediate_size"],
+            "norm_topk_prob": bool(first.get("norm_topk_prob", False)), "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i, spec in enumerate(layers) if spec.mlp != "moe"]}
 
 
 def _llama3_rope() -> RopeConfig:
@@ -369,6 +419,14 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=128000, eos_token_id=(128001, 128008, 128009),
     ),
 }
+# Qwen3-30B-A3B (its config.json's keys that we read): 48 layers, each a mixture of 128 experts,
+# 8 per token, renormalised.
+PRESETS["qwen3_30b_a3b"] = ModelConfig.from_hf({
+    "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+    "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
+    "tie_word_embeddings": False, "eos_token_id": 151645, "num_experts": 128, "num_experts_per_tok": 8,
+    "moe_intermediate_size": 768, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []})
 
 
 def preset(name: str) -> ModelConfig:
@@ -399,6 +457,7 @@ HUB_PRESETS = {
     "Qwen/Qwen3-0.6B": "qwen3_0_6b",
     "Qwen/Qwen3-4B": "qwen3_4b",
     "Qwen/Qwen3-8B": "qwen3_8b",
+    "Qwen/Qwen3-30B-A3B": "qwen3_30b_a3b",
     "meta-llama/Llama-3.1-8B-Instruct": "llama3_1_8b",
     "meta-llama/Llama-3.1-8B": "llama3_1_8b",
     "meta-llama/Llama-3.3-70B-Instruct": "llama3_3_70b",

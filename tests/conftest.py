@@ -57,7 +57,11 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
+# A tiny Qwen3-MoE: 6 experts, top 2, layer 1 dense (mlp_only_layers).
+MOE = {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "mlp_only_layers": [1],
+       "norm_topk_prob": True}
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32, "rope_theta": 500000.0}
 
@@ -80,6 +84,11 @@ def make_hf_model(family: str, *, seed: int = 0, **overrides):
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
+        # Routers start near-uniform (tiny weights): spread their logits so each token's top-k
+        # is decisive and float rounding between implementations cannot change the routing.
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(40.0)
     return model
 
 

@@ -9,7 +9,8 @@ from dflash.config import PRESETS, ConfigError, ModelConfig, preset
 from dflash.models import abstract, count_params
 
 # Published parameter counts (HF model cards / safetensors metadata).
-PUBLISHED = {"qwen3_4b": 4_022_468_096, "qwen3_8b": 8_190_735_360, "llama3_1_8b": 8_030_261_248}
+PUBLISHED = {"qwen3_4b": 4_022_468_096, "qwen3_8b": 8_190_735_360, "llama3_1_8b": 8_030_261_248,
+             "qwen3_30b_a3b": 30_532_122_624}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import LLAMA3_ROPE
+from conftest import LLAMA3_ROPE, MOE
 
 from dflash.decoding import generate
 from dflash.io import load_target
@@ -21,6 +21,11 @@ CASES = {
     # Sliding-window layers (the attention kind's ``window``) from layer 1 on, narrower than the prompt.
     "qwen3-sliding-window": ("qwen3", {"use_sliding_window": True, "sliding_window": 5,
                                        "max_window_layers": 1}),
+    # Mixture-of-experts MLPs (layers 0 and 2; layer 1 dense), renormalised top-2 of 6 experts.
+    "qwen3-moe": ("qwen3_moe", MOE),
+    # Every second layer sparse, top-k probabilities not renormalised (the class default).
+    "qwen3-moe-step2-unnormalised": ("qwen3_moe", {**MOE, "mlp_only_layers": [], "decoder_sparse_step": 2,
+                                                   "norm_topk_prob": False}),
 }
 
 
@@ -46,7 +51,7 @@ def test_logits_and_hidden_states_match_transformers(hf_checkpoint, case):
 
 
 @pytest.mark.parametrize("case", ["qwen3-gqa-untied", "qwen2-mha-bias", "llama-gqa-llama3-rope",
-                                  "qwen3-sliding-window"])
+                                  "qwen3-sliding-window", "qwen3-moe"])
 def test_greedy_generation_matches_transformers(hf_checkpoint, case):
     family, overrides = CASES[case]
     hf, directory = hf_checkpoint(family, **overrides)

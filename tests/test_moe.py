@@ -1,0 +1,128 @@
+"""Mixture-of-experts targets (Qwen3-MoE): the grouped dropless MoE equals its formula (values and
+gradients), the config and the checkpoint go both ways with ``transformers``, the engine stays
+lossless on an MoE target, and a mesh places the 3-D expert weights. (Logit and greedy parity
+with ``transformers`` are cases of tests/test_models_parity.py.)"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import MOE, make_hf_model
+from devices import on_cpu_devices
+from flax import nnx
+
+from dflash.config import LayerSpec, ModelConfig
+from dflash.decoding import generate
+from dflash.decoding.methods import NgramDraft
+from dflash.decoding.speculative import speculative_generate
+from dflash.errors import ConfigError
+from dflash.io import load_target, save_target
+from dflash.models import count_params
+from dflash.models.moe_mlp import MoE
+
+
+def _moe(e: int, k: int, norm: bool, seed: int = 0) -> MoE:
+    cfg = ModelConfig(model_type="qwen3_moe", vocab_size=11, hidden_size=20, intermediate_size=16,
+                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4)
+    spec = LayerSpec(mlp="moe", mlp_options={"experts": e, "top_k": k, "norm_topk_prob": norm,
+                                             "intermediate_size": 12})
+    moe = MoE(cfg, spec, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    moe.gate.kernel[...] = moe.gate.kernel[...] * 40  # decisive routing (see conftest.make_hf_model)
+    return moe
+
+
+@pytest.mark.parametrize("e,k,norm", [(5, 3, True), (7, 1, False)])
+def test_grouped_experts_equal_the_formula_with_gradients(e, k, norm):
+    moe = _moe(e, k, norm)
+    x = jnp.asarray(np.random.default_rng(e).normal(size=(3, 7, 20)), jnp.float32)  # 21 tokens
+    graphdef, params = nnx.split(moe)
+
+    @jax.jit
+    def value_and_grads(params, x):
+        def loss(params, x, grouped):
+            model = nnx.merge(graphdef, params)
+            y = model(x) if grouped else model.dense_reference(x)
+            return jnp.sum(jnp.sin(y)), y  # a loss that weighs every output differently
+
+        return [jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x, g) for g in (True, False)]
+
+    ((gp, gx), y), ((rp, rx), ref) = value_and_grads(params, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(rp), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_config_reads_writes_and_refuses_what_it_cannot_build(tmp_path):
+    hf = make_hf_model("qwen3_moe", **{**MOE, "decoder_sparse_step": 2, "mlp_only_layers": []})
+    hf.save_pretrained(tmp_path / "hf")
+    target = load_target(tmp_path / "hf")
+    assert [s.mlp for s in target.cfg.layers] == ["dense", "moe", "dense"]  # (i + 1) % 2 == 0
+    assert dict(target.cfg.layers[1].mlp_options) == {"experts": 6, "top_k": 2, "norm_topk_prob": True,
+                                                      "intermediate_size": 24}
+    assert count_params(target) == target.cfg.num_params() == sum(p.numel() for p in hf.parameters())
+    assert ModelConfig.from_hf(target.cfg.to_hf()) == target.cfg
+    # Our save is a Qwen3-MoE checkpoint transformers opens, with the same logits.
+    save_target(target, tmp_path / "ours")
+    import transformers
+
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(back).__name__ == "Qwen3MoeForCausalLM"
+    ids = np.random.default_rng(0).integers(0, 101, (2, 9))
+    with torch.no_grad():
+        want = back(torch.from_numpy(ids)).logits.numpy()
+    got = target(jnp.asarray(ids), jnp.broadcast_to(jnp.arange(9), ids.shape)).logits
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+    cfg = target.cfg.to_hf()
+    with pytest.raises(ConfigError, match="lacks 'moe_intermediate_size'"):
+        ModelConfig.from_hf({k: v for k, v in cfg.items() if k != "moe_intermediate_size"})
+    with pytest.raises(ConfigError, match="1 <= top_k <= experts"):
+        load_target_from(cfg | {"num_experts_per_tok": 7}, tmp_path / "hf", tmp_path / "bad")
+
+
+def load_target_from(cfg: dict, weights, directory):
+    """The checkpoint in ``weights`` under another config.json."""
+    import json
+    import shutil
+
+    shutil.copytree(weights, directory)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return load_target(directory)
+
+
+def test_the_engine_is_lossless_on_an_moe_target(tmp_path):
+    make_hf_model("qwen3_moe", **MOE).save_pretrained(tmp_path)
+    target = load_target(tmp_path)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 101, n).tolist() for n in (4, 13)]
+    prompts.append(prompts[0] * 3)  # repetition: the n-gram drafter gets accepted tokens
+    ref = generate(target, prompts, max_new_tokens=24, eos_ids=())
+    out = speculative_generate(target, prompts, method=NgramDraft(block_size=4), max_new_tokens=24,
+                               eos_ids=())
+    assert out.tokens == ref.tokens and any(a > 1 for row in out.acceptance_lengths for a in row)
+
+
+@on_cpu_devices(8)
+def test_expert_weights_shard_and_the_forward_equals_unsharded():
+    import tempfile
+    from pathlib import Path
+
+    from dflash import sharding as sh
+
+    with tempfile.TemporaryDirectory() as tmp:
+        small = {**MOE, "num_experts": 4, "moe_intermediate_size": 8}
+        make_hf_model("qwen3_moe", **small).save_pretrained(tmp)
+        target = load_target(Path(tmp))
+        mesh = sh.make_mesh(sh.MeshConfig(2, 2, 2))
+        sharded = load_target(Path(tmp), mesh=mesh, replicate_indivisible=True)  # vocabulary 101
+    up = sharded.layers[0].mlp.experts_up[...]
+    assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")  # [E, D, F]
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 101, (4, 11)))
+    pos = jnp.broadcast_to(jnp.arange(11), ids.shape)
+    want = np.asarray(target(ids, pos).logits)
+    with jax.set_mesh(mesh):
+        got = np.asarray(jax.jit(lambda m, i, p: m(i, p).logits)(sharded, ids, pos))
+    np.testing.assert_allclose(got, want, atol=1e-5)
