@@ -291,7 +291,8 @@ def test_exponent_numbers_without_a_dot_are_numbers():
 PRESETS = {"qwen3_8b_dflash.yaml": ("qwen3_8b", 5, (1, 9, 17, 25, 33)),
            "qwen3_4b_dflash.yaml": ("qwen3_4b", 5, (1, 9, 17, 25, 33)),
            "llama3_1_8b_dflash.yaml": ("llama3_1_8b", 5, (1, 8, 15, 22, 29)),
-           "llama3_3_70b_dflash.yaml": ("llama3_3_70b", 5, (1, 20, 39, 58, 77))}
+           "llama3_3_70b_dflash.yaml": ("llama3_3_70b", 5, (1, 20, 39, 58, 77)),
+           "qwen3_30b_a3b_dflash.yaml": ("qwen3_30b_a3b", 5, (1, 12, 23, 34, 45))}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
