@@ -83,6 +83,37 @@ def test_config_reads_writes_and_refuses_what_it_cannot_build(tmp_path):
         load_target_from(cfg | {"num_experts_per_tok": 7}, tmp_path / "hf", tmp_path / "bad")
 
 
+def fuse_experts(source, directory) -> None:
+    """``source``'s checkpoint with each layer's experts fused, as transformers 5 holds them:
+    ``experts.gate_up_proj [E, 2F, D]`` (gate first) and ``experts.down_proj [E, D, F]``."""
+    import re
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, directory)
+    tensors, fused = load_file(str(directory / "model.safetensors")), {}
+    for key in sorted(tensors):
+        m = re.match(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", key)
+        if m:
+            fused.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = tensors.pop(key)
+    for prefix, parts in fused.items():
+        stack = lambda p: np.stack([parts[p][e] for e in sorted(parts[p])])  # noqa: B023, E731
+        tensors[f"{prefix}.gate_up_proj"] = np.concatenate([stack("gate"), stack("up")], axis=1)
+        tensors[f"{prefix}.down_proj"] = stack("down")
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_fused_expert_tensors_load_as_the_per_expert_ones(tmp_path):
+    make_hf_model("qwen3_moe", **MOE).save_pretrained(tmp_path / "per-expert")
+    fuse_experts(tmp_path / "per-expert", tmp_path / "fused")
+    a, b = load_target(tmp_path / "per-expert"), load_target(tmp_path / "fused")
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    save_target(b, tmp_path / "saved")  # saved one tensor per expert, as the hub checkpoints
+    assert load_target(tmp_path / "saved").layers[0].mlp.experts_up[...].shape == (6, 64, 24)
+
+
 def load_target_from(cfg: dict, weights, directory):
     """The checkpoint in ``weights`` under another config.json."""
     import json
@@ -114,10 +145,14 @@ def test_expert_weights_shard_and_the_forward_equals_unsharded():
 
     with tempfile.TemporaryDirectory() as tmp:
         small = {**MOE, "num_experts": 4, "moe_intermediate_size": 8}
-        make_hf_model("qwen3_moe", **small).save_pretrained(tmp)
-        target = load_target(Path(tmp))
+        make_hf_model("qwen3_moe", **small).save_pretrained(Path(tmp) / "per-expert")
+        target = load_target(Path(tmp) / "per-expert")
         mesh = sh.make_mesh(sh.MeshConfig(2, 2, 2))
-        sharded = load_target(Path(tmp), mesh=mesh, replicate_indivisible=True)  # vocabulary 101
+        sharded = load_target(Path(tmp) / "per-expert", mesh=mesh, replicate_indivisible=True)  # vocab 101
+        fuse_experts(Path(tmp) / "per-expert", Path(tmp) / "fused")  # read slice by slice too
+        fused = load_target(Path(tmp) / "fused", mesh=mesh, replicate_indivisible=True)
+    for x, y in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(fused)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     up = sharded.layers[0].mlp.experts_up[...]
     assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")  # [E, D, F]
     ids = jnp.asarray(np.random.default_rng(4).integers(0, 101, (4, 11)))

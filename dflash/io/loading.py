@@ -160,15 +160,32 @@ def _check_dtype(hf_key: str, array: np.ndarray) -> None:
                               "checkpoints must be dequantized first)")
 
 
+def _file_index(row: WeightRow, index: tuple[slice, ...], each: tuple[int, ...]) -> tuple[slice, ...]:
+    """The slice of one HF tensor of ``row`` that holds ``index`` of our per-tensor shape ``each``:
+    the last two axes swapped when transposed, offset to the row's part of a fused tensor."""
+    out = [slice(*s.indices(d)[:2]) for s, d in zip(index, each, strict=True)]
+    if row.transpose:
+        out[-2], out[-1] = out[-1], out[-2]
+    i, n = row.part
+    if n > 1:  # our ``out`` axis (the last) is the HF tensor's -2 (transposed) or -1
+        axis, width = (-2 if row.transpose else -1), each[-1]
+        out[axis] = slice(out[axis].start + i * width, out[axis].stop + i * width)
+    return tuple(out)
+
+
+def _ours(row: WeightRow, hf_key: str, part: np.ndarray) -> np.ndarray:
+    _check_dtype(hf_key, part)
+    return np.ascontiguousarray(np.swapaxes(part, -1, -2) if row.transpose else part)
+
+
 def _read_sharded(source: _TensorSource, row: WeightRow, shape: tuple[int, ...], dtype: jnp.dtype,
                   sharding: NamedSharding) -> jax.Array:
     """One parameter read slice by slice straight into its shards (at most one copy on the host)."""
     parts: dict[Any, np.ndarray] = {}
+    each = shape[1:] if row.experts else shape
 
     def one(hf_key: str, index: tuple[slice, ...]) -> np.ndarray:
-        part = source.slice(hf_key)[index[::-1] if row.transpose else index]
-        _check_dtype(hf_key, part)
-        return np.ascontiguousarray(part.T if row.transpose else part).astype(dtype)
+        return _ours(row, hf_key, source.slice(hf_key)[_file_index(row, index, each)]).astype(dtype)
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple((s.start, s.stop) for s in index)
@@ -183,15 +200,29 @@ def _read_sharded(source: _TensorSource, row: WeightRow, shape: tuple[int, ...],
     return jax.make_array_from_callback(shape, sharding, read)
 
 
-def _read_whole(source: _TensorSource, row: WeightRow, dtype: jnp.dtype) -> jax.Array:
+def _read_whole(source: _TensorSource, row: WeightRow, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    each = shape[1:] if row.experts else shape
+    whole = tuple(slice(None) for _ in each)
+
     def one(hf_key: str) -> np.ndarray:
         array = source.get(hf_key)
-        _check_dtype(hf_key, array)
-        return array.T if row.transpose else array
+        return _ours(row, hf_key, array[_file_index(row, whole, each)] if row.part[1] > 1 else array)
 
     if row.experts:
         return jnp.asarray(np.stack([one(k) for k in row.hf_keys()]), dtype=dtype)
     return jnp.asarray(one(row.hf), dtype=dtype)
+
+
+def _present(row: WeightRow, source: _TensorSource, directory: Path) -> WeightRow:
+    """``row``, or its alternative layout when the checkpoint has that one instead."""
+    if all(k in source for k in row.hf_keys()):
+        return row
+    alt = row.alternative
+    if alt is not None and all(k in source for k in alt.hf_keys()):
+        return alt
+    missing = next(k for k in row.hf_keys() if k not in source)
+    also = f" (or {alt.hf_keys()[0]!r})" if alt is not None else ""
+    raise CheckpointError(f"checkpoint {directory} is missing tensor {missing!r}{also}")
 
 
 def load_params_into(model: nnx.Module, directory: Path, rows: tuple[WeightRow, ...], dtype: jnp.dtype, *,
@@ -209,16 +240,16 @@ def load_params_into(model: nnx.Module, directory: Path, rows: tuple[WeightRow, 
     by_key = {_path_key(p): p for p in flat}
     source = _TensorSource(directory)
     filled: dict[tuple[Any, ...], Any] = {}
+    used: set[str] = set()
     for row in rows:
         if row.ours not in by_key:
             raise CheckpointError(f"weight row {row.hf!r} names parameter {row.ours!r}, which the model "
                                   "lacks")
         var = flat[by_key[row.ours]]
-        per_file = tuple(var.shape)[1:] if row.experts else tuple(var.shape)
-        expected = per_file[::-1] if row.transpose else per_file  # in the file's layout
+        row = _present(row, source, directory)
+        expected = row.file_shape(tuple(var.shape))  # in the file's layout
+        used.update(row.hf_keys())
         for hf_key in row.hf_keys():
-            if hf_key not in source:
-                raise CheckpointError(f"checkpoint {directory} is missing tensor {hf_key!r}")
             found = tuple(source.slice(hf_key).get_shape())
             if found != expected:
                 raise CheckpointError(f"tensor {hf_key!r} has shape {found} but the config expects "
@@ -228,13 +259,12 @@ def load_params_into(model: nnx.Module, directory: Path, rows: tuple[WeightRow, 
                                                       replicate_indivisible=replicate_indivisible))
             value = _read_sharded(source, row, tuple(var.shape), dtype, sharding)
         else:
-            value = _read_whole(source, row, dtype)
+            value = _read_whole(source, row, tuple(var.shape), dtype)
         filled[by_key[row.ours]] = var.replace(value)
     unfilled = set(flat) - set(filled)
     if unfilled:
         raise CheckpointError(f"no table row fills parameters {sorted(map(_path_key, unfilled))}")
     if ignorable is not None:
-        used = {key for row in rows for key in row.hf_keys()}
         extra = sorted(source.keys() - used - set(ignorable))
         if extra:
             raise CheckpointError(f"checkpoint {directory} has tensors this model does not have: "
@@ -266,7 +296,7 @@ def save_params(model: nnx.Module, rows: tuple[WeightRow, ...], path: Path, dtyp
         if dtype is not None:
             array = array.astype(dtype)
         for hf_key, part in zip(row.hf_keys(), array if row.experts else [array], strict=True):
-            tensors[hf_key] = np.ascontiguousarray(part.T if row.transpose else part)
+            tensors[hf_key] = np.ascontiguousarray(np.swapaxes(part, -1, -2) if row.transpose else part)
     missing = set(by_key) - {row.ours for row in rows}
     if missing:
         raise CheckpointError(f"no table row names parameters {sorted(missing)}")

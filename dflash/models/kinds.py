@@ -40,21 +40,36 @@ from dflash.sharding import register_rules
 class WeightRow:
     """One tensor of a Hugging Face checkpoint and the parameter it fills.
 
-    ``transpose``: HF stores ``[out, in]``, we ``[in, out]``. ``experts > 0``: ``hf`` contains
-    ``{e}`` and the parameter is the ``experts`` tensors ``e = 0..experts-1`` stacked on axis 0
-    (each transposed when asked), as per-expert checkpoints store a mixture of experts.
+    ``transpose``: HF stores ``[..., out, in]``, we ``[..., in, out]`` (the last two axes swap).
+    ``experts > 0``: ``hf`` contains ``{e}`` and the parameter is the ``experts`` tensors
+    ``e = 0..experts-1`` stacked on axis 0, as per-expert checkpoints store a mixture of experts.
+    ``part = (i, n)``: the HF tensor's ``out`` axis holds ``n`` parameters side by side and this
+    one is the ``i``-th (a fused ``gate_up_proj``). ``alternative``: the row to read instead when
+    the checkpoint lacks this row's tensors (another layout of the same parameter); saving always
+    writes this row's layout.
     """
 
     hf: str
     ours: str
     transpose: bool = False
     experts: int = 0
+    part: tuple[int, int] = (0, 1)
+    alternative: WeightRow | None = None
 
     def prefixed(self, hf: str, ours: str) -> WeightRow:
-        return dataclasses.replace(self, hf=hf + self.hf, ours=ours + self.ours)
+        alt = self.alternative.prefixed(hf, ours) if self.alternative else None
+        return dataclasses.replace(self, hf=hf + self.hf, ours=ours + self.ours, alternative=alt)
 
     def hf_keys(self) -> list[str]:
         return [self.hf.format(e=e) for e in range(self.experts)] if self.experts else [self.hf]
+
+    def file_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of each HF tensor of this row for a parameter of ``shape``."""
+        each = list(shape[1:] if self.experts else shape)
+        if self.transpose:
+            each[-2:] = each[-2:][::-1]
+        each[-2 if self.transpose else -1] *= self.part[1]
+        return tuple(each)
 
 
 Rows = Callable[[ModelConfig, LayerSpec], tuple[WeightRow, ...]]

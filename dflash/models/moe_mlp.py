@@ -8,7 +8,8 @@ config says; the transformers class default is false). Options: ``experts``, ``t
 
 Compute: the token-expert pairs are sorted by expert and each expert's contiguous group goes
 through ``jax.lax.ragged_dot`` (a grouped matmul: only routed tokens are computed, k of E per
-token). ``dense_reference`` is the every-expert formula the tests compare it with.
+token). ``dense_reference`` is the every-expert formula the tests compare it with. Checkpoints
+store the experts one tensor each or fused; both load, saving writes one tensor each.
 """
 
 from __future__ import annotations
@@ -77,10 +78,15 @@ class MoE(nnx.Module):
 
 
 def _weights(cfg: ModelConfig, spec: LayerSpec) -> tuple[WeightRow, ...]:
+    """Per-expert tensors (``experts.{e}.gate_proj.weight``, as the hub checkpoints), or the fused
+    ``[E, 2F, D]`` ``experts.gate_up_proj`` / ``[E, D, F]`` ``experts.down_proj`` of newer files."""
     e = mlp_option(spec, "experts")
+    fused = {"gate": WeightRow("experts.gate_up_proj", "experts_gate", transpose=True, part=(0, 2)),
+             "up": WeightRow("experts.gate_up_proj", "experts_up", transpose=True, part=(1, 2)),
+             "down": WeightRow("experts.down_proj", "experts_down", transpose=True)}
     return (WeightRow("gate.weight", "gate.kernel", transpose=True),
-            *(WeightRow(f"experts.{{e}}.{p}_proj.weight", f"experts_{p}", transpose=True, experts=e)
-              for p in ("gate", "up", "down")))
+            *(WeightRow(f"experts.{{e}}.{p}_proj.weight", f"experts_{p}", transpose=True, experts=e,
+                        alternative=fused[p]) for p in ("gate", "up", "down")))
 
 
 def _flops(cfg: ModelConfig, spec: LayerSpec, rows: int) -> float:
