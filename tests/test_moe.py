@@ -125,15 +125,28 @@ def load_target_from(cfg: dict, weights, directory):
 
 
 def test_the_engine_is_lossless_on_an_moe_target(tmp_path):
+    """Prompt lookup, a DFlash drafter and Orthrus (the target's own MoE layers under diffusion
+    attention) give the target's greedy tokens."""
+    from dflash.drafters.dflash import DFlashConfig, DFlashDraft, build_drafter
+    from dflash.drafters.orthrus import OrthrusConfig, OrthrusDraft, OrthrusDrafter
+
     make_hf_model("qwen3_moe", **MOE).save_pretrained(tmp_path)
     target = load_target(tmp_path)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 101, n).tolist() for n in (4, 13)]
-    prompts.append(prompts[0] * 3)  # repetition: the n-gram drafter gets accepted tokens
+    prompts.append(prompts[0] * 3)  # repetition: prompt lookup gets accepted tokens
     ref = generate(target, prompts, max_new_tokens=24, eos_ids=())
-    out = speculative_generate(target, prompts, method=NgramDraft(block_size=4), max_new_tokens=24,
-                               eos_ids=())
-    assert out.tokens == ref.tokens and any(a > 1 for row in out.acceptance_lengths for a in row)
+    dflash = build_drafter(DFlashConfig.for_target(target.cfg, mask_token_id=100, block_size=4,
+                                                   target_layer_ids=(0, 2)), seed=1)
+    orthrus = OrthrusDrafter.from_target(target, OrthrusConfig.for_target(target.cfg, mask_token_id=100,
+                                                                          block_size=4))
+    for method, drafter in ((NgramDraft(block_size=4), None), (DFlashDraft.of(dflash), dflash),
+                            (OrthrusDraft.of(orthrus), orthrus)):
+        out = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=24,
+                                   eos_ids=())
+        assert out.tokens == ref.tokens, type(method).__name__
+        if drafter is not dflash:  # (a random DFlash drafter is rarely right)
+            assert any(a > 1 for row in out.acceptance_lengths for a in row), type(method).__name__
 
 
 @on_cpu_devices(8)
