@@ -105,18 +105,25 @@ def hf_checkpoint(tmp_path):
     return _make
 
 
-def make_tiny_target(directory):
-    """Writes a small random Qwen3 target sharing the shipped tokenizer (so data and masks work)."""
+def make_tiny_target(directory, *, moe: bool = False):
+    """Writes a small random Qwen3 target sharing the shipped tokenizer (so data and masks work);
+    ``moe``: a Qwen3-MoE one (layers 0 and 2 mixtures of 4 experts, top 2)."""
+    import dataclasses
     import shutil
 
-    from dflash.config import ModelConfig
+    from dflash.config import LayerSpec, ModelConfig
     from dflash.io import save_target
     from dflash.io.loading import SHIPPED
     from dflash.models import build
 
-    cfg = ModelConfig(model_type="qwen3", vocab_size=4096, hidden_size=32, intermediate_size=64,
-                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+    cfg = ModelConfig(model_type="qwen3_moe" if moe else "qwen3", vocab_size=4096, hidden_size=32,
+                      intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
                       tie_word_embeddings=True, eos_token_id=(0,))
+    if moe:
+        experts = LayerSpec(mixer_options={"qk_norm": True}, mlp="moe", mlp_options={
+            "experts": 4, "top_k": 2, "norm_topk_prob": True, "intermediate_size": 16})
+        cfg = dataclasses.replace(cfg, layers=tuple(experts if i % 2 == 0 else spec
+                                                    for i, spec in enumerate(cfg.layers)))
     save_target(build(cfg, seed=0), directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(SHIPPED["tiny-code"] / name, directory / name)
