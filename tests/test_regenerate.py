@@ -53,6 +53,8 @@ def test_regenerate_errors(tmp_path, capsys):
         main(["--out", str(tmp_path / "o.jsonl")])
     assert "--data and --out are required" in capsys.readouterr().err
     assert main(["--compile-only", "--topology", "v5e-8"]) == 2
+    assert "--compile-only needs --target-config (topologies: v5e-4, v5e-8" in capsys.readouterr().err
+    assert main(["--compile-only"]) == 2
     assert "--compile-only needs --target-config and --topology" in capsys.readouterr().err
 
 

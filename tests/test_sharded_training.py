@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from devices import on_cpu_devices
 from flax import nnx
-from test_sharding import CFG, MESHES, _mesh, _models
+from test_sharding import CFG, _mesh, _models
 
 from dflash import sharding as sh
 
@@ -82,9 +82,11 @@ def _run_steps(method: str, shape: tuple[int, int, int], steps: int = 3):
 @pytest.mark.slow
 @on_cpu_devices(8)
 def test_loss_gradients_and_train_steps_agree_on_every_mesh():
+    """Data, fsdp x data x tensor, and fsdp x tensor with more tensor than kv heads (the forward
+    also runs on (1, 4, 2): test_sharding)."""
     for method in ("dflash", "orthrus"):
         loss0, grads0, params0, last0 = _run_steps(method, (1, 1, 1))
-        for shape in MESHES[:-1]:
+        for shape in ((8, 1, 1), (2, 2, 2), (1, 2, 4)):
             loss, grads, params, last = _run_steps(method, shape)
             where = f"{method} on mesh {shape}"
             np.testing.assert_allclose(loss, loss0, rtol=2e-5, err_msg=where)
