@@ -29,9 +29,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # The longest tests (`pytest --durations`, CI at 2b87087: 675, 266, 185, 139, 132, 128, 121 s) start
-# first, alternately at the head of each worker's half of the collection (xdist's work stealing
-# hands worker 0 the first half, worker 1 the second, and steals from the end of a queue): the
-# 11-minute vLLM test, collected last, used to start late while the other worker sat idle.
+# first, dealt in turn to the head of each worker's share of the collection (xdist's work stealing
+# hands worker w the w-th contiguous share and steals from the end of a queue): the 11-minute vLLM
+# test, collected last, used to start late while the other worker sat idle.
 LONGEST_FIRST = (
     "test_vllm.py::test_vllm_runs_our_exports_token_for_token",
     "test_plan.py::test_real_qwen3_8b_preset_fits_v5p_8",
@@ -43,14 +43,19 @@ LONGEST_FIRST = (
 )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))  # (xdist's workers collect)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     name = lambda item: item.nodeid.rsplit("/", 1)[-1]  # noqa: E731
     long = sorted((i for i in items if name(i) in rank), key=lambda i: rank[name(i)])
     rest = [i for i in items if name(i) not in rank]
-    first, second = long[0::2], long[1::2]
-    cut = max(len(items) // 2 - len(first), 0)
-    items[:] = first + rest[:cut] + second + rest[cut:]
+    ordered: list[pytest.Item] = []
+    for w in range(workers):  # worker w's share: its long tests, then its part of the rest
+        share = long[w::workers]
+        size = len(items) * (w + 1) // workers - len(ordered) - len(share)
+        ordered += share + rest[:max(size, 0)]
+        rest = rest[max(size, 0):]
+    items[:] = ordered + rest
 
 
 FAMILIES = {
