@@ -104,12 +104,13 @@ class Transformer(nnx.Module):
 
     def context(self, positions_BT: jax.Array, cache: Cache | None = None, *,
                 block_mask: jax.Array | None = None,
-                segment_ids: jax.Array | None = None) -> Context:
+                segment_ids: jax.Array | None = None, stack_kv: bool = False) -> Context:
         """What the layers of one pass over the tokens at ``positions_BT`` read (``layers.Context``)."""
         t = positions_BT.shape[1]
         return Context(positions_BT, causal_mask(t) if block_mask is None else block_mask, self.cfg.rope,
                        self.attention_impl, lengths_B=None if cache is None else cache.lengths,
-                       max_len=None if cache is None else cache.max_len, segment_ids=segment_ids)
+                       max_len=None if cache is None else cache.max_len, segment_ids=segment_ids,
+                       stack_kv=stack_kv)
 
     def __call__(
         self,
@@ -145,8 +146,8 @@ class Transformer(nnx.Module):
             raise ValueError("segment_ids replaces block_mask, and needs no cache or an empty one of T slots")
         if stack_kv and cache is not None:
             raise ValueError("stack_kv hands back the block's keys and values in place of a cache")
-        ctx = self.context(positions_BT, cache, block_mask=block_mask, segment_ids=segment_ids)
-        ctx.stack_kv = stack_kv
+        ctx = self.context(positions_BT, cache, block_mask=block_mask, segment_ids=segment_ids,
+                           stack_kv=stack_kv)
         if stack_kv:
             shape = (self.cfg.num_layers, tokens_BT.shape[0], t, self.cfg.num_kv_heads, self.cfg.head_dim)
             k_all, v_all = (constrain(jnp.zeros(shape, self.dtype), "kv_stack") for _ in "kv")
