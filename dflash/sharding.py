@@ -1,8 +1,10 @@
 """Device meshes and the one partition-rule table (design.md §11).
 
 Mesh axes: ``data`` (pure replicas), ``fsdp`` (replicas that also split parameters and
-optimizer state, ZeRO-3) and ``tensor`` (Megatron splitting inside a layer); the batch goes
-over ``data × fsdp``. ``RULES`` maps a parameter path (regex) to one *logical* axis per
+optimizer state, ZeRO-3), ``expert`` (a mixture-of-experts layer's experts split across devices,
+tokens sent to them: ``dflash.models.moe_mlp``) and ``tensor`` (Megatron splitting inside a
+layer); the batch goes over ``data × fsdp × expert`` (outside the MoE layers the expert devices
+are more replicas, so none of them idles). ``RULES`` maps a parameter path (regex) to one *logical* axis per
 dimension and ``LOGICAL`` maps logical axes to mesh axes; every model (target, DFlash,
 Orthrus) and the optimizer state are sharded by these two tables and nothing else.
 Activations are pinned with ``constrain`` (a no-op unless a mesh is set with ``jax.set_mesh``).
@@ -24,14 +26,15 @@ from jax.sharding import PartitionSpec as P
 
 from dflash.errors import ConfigError
 
-AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")
+AXES = ("data", "fsdp", "expert", "tensor")  # the mesh's order: tensor innermost (nearest chips)
+BATCH = ("data", "fsdp", "expert")
 
 # Logical axis -> mesh axes. "embed" is a parameter's model-width dimension (ZeRO-3 over
 # fsdp); activations keep their width whole and name it None.
 LOGICAL: dict[str, tuple[str, ...]] = {
     "batch": BATCH,
     "embed": ("fsdp",),
+    "exp": ("expert",),  # a MoE layer's expert dimension
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
@@ -52,7 +55,7 @@ RULES: list[tuple[str, tuple[str | None, ...]]] = [
 # Activations and cache states: logical axes of each dimension (``...`` fills the middle), the
 # same logical names as the parameters', so one ``LOGICAL`` map places everything.
 LAYOUTS: dict[str, tuple[Any, ...]] = {
-    "hidden": ("batch", ..., None),  # [B, ..., D] at layer boundaries: batch over data x fsdp
+    "hidden": ("batch", ..., None),  # [B, ..., D] at layer boundaries: batch over data x fsdp x expert
     "heads": ("batch", ..., "heads", None),  # [B, T, N, H] projected heads
     "mlp": ("batch", ..., "mlp"),  # [B, ..., F] MLP width
     "vocab": ("batch", ..., "vocab"),  # [B, ..., V] logits
@@ -76,24 +79,32 @@ class ShardingError(ConfigError):
 # ----------------------------------------------------------------------------- meshes
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh shape over ``data × fsdp × tensor``; one axis may be -1 ("the rest of the devices")."""
+    """Mesh shape over ``data × fsdp × expert × tensor``; one axis may be -1 ("the rest of the
+    devices"). Positional order ``(data, fsdp, tensor, expert)``: three-axis tuples still mean
+    ``(data, fsdp, tensor)``."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1
     replicate_indivisible: bool = False  # replicate a tensor an axis does not divide, instead of failing
 
     def __post_init__(self) -> None:
-        sizes = dict(zip(AXES, (self.data, self.fsdp, self.tensor), strict=True))
+        sizes = self.sizes()
         for name, size in sizes.items():
             if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
                 raise ShardingError(f"mesh.{name} must be a positive int or -1, got {size!r}")
         if list(sizes.values()).count(-1) > 1:
             raise ShardingError(f"at most one mesh axis may be -1, got {sizes}")
 
-    def shape(self, num_devices: int) -> tuple[int, int, int]:
-        """``(data, fsdp, tensor)`` for ``num_devices`` devices, -1 resolved."""
-        sizes = [self.data, self.fsdp, self.tensor]
+    def sizes(self) -> dict[str, int]:
+        """Each axis's size as given (maybe -1), in the mesh's order (``AXES``)."""
+        return {name: getattr(self, name) for name in AXES}
+
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        """The sizes in ``AXES`` order ``(data, fsdp, expert, tensor)`` for ``num_devices``
+        devices, -1 resolved."""
+        sizes = list(self.sizes().values())
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if num_devices % known:
@@ -102,12 +113,12 @@ class MeshConfig:
             sizes[sizes.index(-1)] = num_devices // known
         if math.prod(sizes) != num_devices:
             raise ShardingError(f"mesh {self._text()} has {math.prod(sizes)} devices but there are "
-                                f"{num_devices}; the product of mesh.data/fsdp/tensor must equal the "
+                                f"{num_devices}; the product of mesh.data/fsdp/expert/tensor must equal the "
                                 "device count (or set one axis to -1)")
         return tuple(sizes)  # type: ignore[return-value]
 
     def _text(self) -> str:
-        return f"data={self.data}, fsdp={self.fsdp}, tensor={self.tensor}"
+        return ", ".join(f"{name}={size}" for name, size in self.sizes().items())
 
 
 def dcn_split(shape: Sequence[int], granules: int) -> tuple[int, ...]:
@@ -128,7 +139,7 @@ def dcn_split(shape: Sequence[int], granules: int) -> tuple[int, ...]:
 
 def make_mesh(config: MeshConfig | Sequence[int] = MeshConfig(),
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh with Auto axes (GSPMD propagation + ``constrain``).
+    """A ``(data, fsdp, expert, tensor)`` mesh with Auto axes (GSPMD propagation + ``constrain``).
 
     Several processes on GPU/CPU, or several TPU slices: a hybrid mesh whose cross-host
     (DCN) part lies on the outermost axes, ``data`` first.
@@ -274,12 +285,12 @@ def describe_sharding(model: nnx.Module, mesh: Mesh, *, replicate_indivisible: b
 
 # ----------------------------------------------------------------------------- batches, activations
 def batch_shards(mesh: Mesh) -> int:
-    """How many ways the batch is split (``data × fsdp``)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """How many ways the batch is split (``data × fsdp × expert``)."""
+    return math.prod(mesh.shape.get(a, 1) for a in BATCH)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension over ``data × fsdp``, the rest replicated."""
+    """Leading (batch) dimension over ``data × fsdp × expert``, the rest replicated."""
     return NamedSharding(mesh, P(_entry(_mesh_axes("batch", mesh))))
 
 

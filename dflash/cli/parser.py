@@ -47,13 +47,14 @@ def make_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     return Parser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
-MESH_HELP = ("decode on a device mesh: data=D,fsdp=F,tensor=T, any subset (the rest 1, data the rest of the "
-             "devices unless another axis is -1); -1 for 'the rest of the devices'. The batch goes over "
-             "data x fsdp, heads / MLP / vocabulary over tensor (docs/multihost.md)")
+MESH_HELP = ("decode on a device mesh: data=D,fsdp=F,expert=E,tensor=T, any subset (the rest 1, data the "
+             "rest of the devices unless another axis is -1); -1 for 'the rest of the devices'. The batch "
+             "goes over data x fsdp x expert, a MoE target's experts over expert, heads / MLP / vocabulary "
+             "over tensor (docs/multihost.md)")
 
 
 def parse_mesh(text: str) -> MeshConfig:
-    """``data=D,fsdp=F,tensor=T`` as a ``MeshConfig``: any subset of the axes in any order, one of
+    """``data=D,fsdp=F,expert=E,tensor=T`` as a ``MeshConfig``: any subset of the axes in any order, one of
     them -1 at most; ``data`` defaults to -1 (the rest of the devices) unless another axis is -1."""
     sizes: dict[str, int] = {}
     for part in text.split(","):
@@ -65,7 +66,7 @@ def parse_mesh(text: str) -> MeshConfig:
             sizes[name] = int(value)
         except ValueError:
             raise ConfigError(f"--mesh {text!r}: {name}={value!r} is not an integer (a size or -1)") from None
-    defaults = {"data": 1 if -1 in sizes.values() else -1, "fsdp": 1, "tensor": 1}
+    defaults = {"data": 1 if -1 in sizes.values() else -1, "fsdp": 1, "expert": 1, "tensor": 1}
     return MeshConfig(**{**defaults, **sizes})
 
 
@@ -77,8 +78,9 @@ def _mesh_type(text: str) -> MeshConfig:
 
 
 def add_mesh_arg(parser: argparse.ArgumentParser, help: str = MESH_HELP) -> None:
-    """``--mesh data=D,fsdp=F,tensor=T`` (parsed to a ``MeshConfig``; default: no mesh)."""
-    parser.add_argument("--mesh", type=_mesh_type, default=None, metavar="data=D,fsdp=F,tensor=T", help=help)
+    """``--mesh data=D,fsdp=F,expert=E,tensor=T`` (parsed to a ``MeshConfig``; default: no mesh)."""
+    parser.add_argument("--mesh", type=_mesh_type, default=None, metavar="data=D,fsdp=F,expert=E,tensor=T",
+                        help=help)
 
 
 def add_compile_only_args(parser: argparse.ArgumentParser, what: str, *, target_config: bool = True,

@@ -164,3 +164,43 @@ def prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, *, impl: str):
                          kv_heads=k_BSKH.shape[2])
     return chunked_prefill_attention(*args)
 
+
+
+# ----------------------------------------------------------------------------- grouped matmul (MoE experts)
+def use_gmm_kernel(impl: str) -> bool:
+    """Whether a MoE layer's grouped matmuls run megablox ``gmm`` (a Mosaic kernel: TPU only).
+
+    ``auto`` / ``pallas`` on TPU: the kernel; ``pallas`` on CPU: the kernel in interpret mode (tests);
+    otherwise (``reference``, GPUs, ``auto`` on CPU) ``jax.lax.ragged_dot``, which XLA compiles.
+    """
+    where = platform()
+    return check_impl(impl) != "reference" and (where == "tpu" or (impl == "pallas" and where == "cpu"))
+
+
+def _gmm_tile(size: int) -> int:
+    """A tile of a contracting / output dimension: the whole of a small one, else the largest of
+    512, 256, 128 that divides it (128 with a masked remainder when none does)."""
+    return size if size <= 128 else next((t for t in (512, 256, 128) if size % t == 0), 128)
+
+
+def grouped_matmul(lhs_MK: jax.Array, rhs_GKN: jax.Array, sizes_G: jax.Array, *, impl: str) -> jax.Array:
+    """``[M, N]``: rows ``lhs[offset_g : offset_g + sizes_g]`` times ``rhs[g]`` for each group ``g``
+    (rows grouped in order; rows past ``sum(sizes)`` are zero), what ``jax.lax.ragged_dot`` computes.
+
+    The kernel needs ``M`` a multiple of its row tile: rows are padded (and cut off again). It is
+    called per shard (``MoE`` wraps it in a ``shard_map`` under a mesh). Its VJP is megablox's
+    (``gmm`` for the input, ``tgmm`` for the weights).
+    """
+    if not use_gmm_kernel(impl):
+        return jax.lax.ragged_dot(lhs_MK, rhs_GKN, sizes_G)
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    jnp = jax.numpy
+    m, k, n = lhs_MK.shape[0], lhs_MK.shape[1], rhs_GKN.shape[2]
+    tm = 128 if m >= 128 else -(-m // 8) * 8
+    padded = -(-m // tm) * tm
+    lhs = jnp.pad(lhs_MK, ((0, padded - m), (0, 0))) if padded != m else lhs_MK
+    out = gmm(lhs, rhs_GKN, sizes_G.astype(jnp.int32), lhs_MK.dtype, (tm, _gmm_tile(k), _gmm_tile(n)),
+              None, None, False, platform() == "cpu")
+    rows = jnp.arange(padded) < jnp.sum(sizes_G)
+    return jnp.where(rows[:, None], out, 0)[:m]  # rows in no group: zero, as ragged_dot's (the kernel skips)

@@ -77,6 +77,9 @@ class Transformer(nnx.Module):
         self.attention_impl = dispatch.check_impl(attention_impl)
         self.embed_tokens = normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = nnx.List([DecoderLayer(cfg, spec, dtype=dtype, rngs=rngs) for spec in cfg.layers])
+        for layer in self.layers:  # an MLP with a kernel choice (moe: its grouped matmul) follows this one
+            if hasattr(layer.mlp, "impl"):
+                layer.mlp.impl = self.attention_impl
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         untied = not cfg.tie_word_embeddings
         self.lm_head = normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype) if untied else None
