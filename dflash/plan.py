@@ -90,7 +90,8 @@ def topology_devices(name: str) -> tuple[Any, ...]:
 
 
 def make_mesh(mesh: Any, devices: tuple[Any, ...]) -> Any:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices``; ``mesh`` a MeshConfig or a 3-tuple."""
+    """A ``(data, fsdp, expert, tensor)`` mesh over ``devices``; ``mesh`` a MeshConfig or a
+    ``(data, fsdp, tensor[, expert])`` tuple."""
     return sharding.make_mesh(mesh, list(devices))
 
 
@@ -190,7 +191,8 @@ def fit_fields(total: int, topo: Topology, compiled: Any = None) -> dict[str, An
 
 
 def mesh_dict(mesh: Any) -> dict[str, int]:
-    return {name: int(size) for name, size in mesh.shape.items()}
+    """The mesh's axis sizes (``expert`` only where it splits: plans of dense targets read as before)."""
+    return {name: int(size) for name, size in mesh.shape.items() if name != "expert" or size > 1}
 
 
 def batch_spec(mesh: Any, ndim: int) -> NamedSharding:

@@ -34,9 +34,12 @@ def _moe(e: int, k: int, norm: bool, seed: int = 0) -> MoE:
     return moe
 
 
-@pytest.mark.parametrize("e,k,norm", [(5, 3, True), (7, 1, False)])
-def test_grouped_experts_equal_the_formula_with_gradients(e, k, norm):
+@pytest.mark.parametrize("e,k,norm,impl", [(5, 3, True, "auto"), (7, 1, False, "auto"),
+                                           (5, 3, True, "pallas")])
+def test_grouped_experts_equal_the_formula_with_gradients(e, k, norm, impl):
+    """``auto`` on CPU: ``ragged_dot``; ``pallas``: megablox ``gmm`` in interpret mode (its own VJP)."""
     moe = _moe(e, k, norm)
+    moe.impl = impl
     x = jnp.asarray(np.random.default_rng(e).normal(size=(3, 7, 20)), jnp.float32)  # 21 tokens
     graphdef, params = nnx.split(moe)
 
@@ -191,3 +194,90 @@ def test_a_dflash_drafter_trains_on_an_moe_target_and_decodes_losslessly(tmp_pat
     ref = generate(target, prompts, max_new_tokens=12, eos_ids=())
     out = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=12, eos_ids=())
     assert out.tokens == ref.tokens
+
+
+class _Holder(nnx.Module):
+    """A MoE at a parameter path the rule table knows (``mlp.experts_*``)."""
+
+    def __init__(self, mlp: MoE):
+        self.mlp = mlp
+
+
+EXPERT_MESHES = ((1, 4, 1, 2), (1, 1, 2, 4))  # (data, fsdp, tensor, expert)
+
+
+@on_cpu_devices(8)
+def test_expert_parallel_moe_equals_one_device_with_gradients():
+    """Tokens dispatched to their experts' devices and back (expert=2 x fsdp=4, expert=4 x tensor=2;
+    21 tokens: padded to the 8-way batch split) give the one-device values and gradients (Orthrus
+    trains through the target's MoE layers), with ragged_dot and with the gmm kernel; experts that
+    the expert axis does not divide are refused, naming the tensor and the axis."""
+    from dflash import sharding as sh
+
+    moe = _moe(8, 3, True)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 7, 20)), jnp.float32)
+
+    def value_and_grads(holder, x):
+        graphdef, params = nnx.split(holder)
+        loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p).mlp(x)))  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+    want = value_and_grads(_Holder(moe), x)
+    for shape, impl in ((EXPERT_MESHES[0], "auto"), (EXPERT_MESHES[1], "auto"), (EXPERT_MESHES[1], "pallas")):
+        mesh = sh.make_mesh(sh.MeshConfig(*shape))
+        moe.impl = impl
+        holder = sh.shard_model(_Holder(moe), mesh)
+        assert holder.mlp.experts_down[...].sharding.spec[0] == "expert"
+        with jax.set_mesh(mesh):
+            got = value_and_grads(holder, x)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5,
+                                       err_msg=f"{shape} {impl}")
+    mesh = sh.make_mesh(sh.MeshConfig(1, 1, 2, 4))
+    says = r"'mlp.experts_gate' \(6, 20, 12\).*exp, size 6.*expert of size 4"
+    with pytest.raises(sh.ShardingError, match=says):
+        sh.shard_model(_Holder(_moe(6, 2, True)), mesh)
+    replicated = sh.shard_model(_Holder(_moe(6, 2, True)), mesh, replicate_indivisible=True)
+    with jax.set_mesh(mesh), pytest.raises(sh.ShardingError, match="exp, size 6.*expert of size 4"):
+        replicated.mlp(x)
+
+
+@on_cpu_devices(8)
+def test_a_moe_target_on_expert_parallel_meshes_gives_the_logits_and_the_decoding_of_one_device():
+    """A tiny Qwen3-MoE target: forward logits on both expert meshes; greedy AR and speculative
+    decoding (a DFlash drafter, prompt lookup) on expert=4 x tensor=2: the same tokens and acceptance."""
+    import tempfile
+    from pathlib import Path
+
+    from conftest import make_tiny_target
+
+    from dflash import sharding as sh
+    from dflash.drafters.dflash import DFlashConfig, DFlashDraft, build_drafter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target_dir = make_tiny_target(Path(tmp) / "target", moe=True)
+        target = load_target(target_dir)
+        meshes = [sh.make_mesh(sh.MeshConfig(*shape)) for shape in EXPERT_MESHES]
+        sharded = [load_target(target_dir, mesh=mesh) for mesh in meshes]
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 4096, (4, 9)))
+    pos = jnp.broadcast_to(jnp.arange(9), ids.shape)
+    want = np.asarray(target(ids, pos).logits)
+    for mesh, on_mesh in zip(meshes, sharded, strict=True):
+        with jax.set_mesh(mesh):
+            got = np.asarray(jax.jit(lambda m, i, p: m(i, p).logits)(on_mesh, ids, pos))
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=str(dict(mesh.shape)))
+    mesh, on_mesh = meshes[1], sharded[1]
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, 4096, int(n)).tolist() for n in (3, 11, 6)]
+    prompts.append(prompts[1] * 2)  # repetition: prompt lookup gets accepted tokens
+    assert generate(on_mesh, prompts, max_new_tokens=10, eos_ids=(), mesh=mesh).tokens == \
+        generate(target, prompts, max_new_tokens=10, eos_ids=()).tokens
+    drafter = build_drafter(DFlashConfig.for_target(target.cfg, mask_token_id=4095, num_layers=1,
+                                                    block_size=4, target_layer_ids=(0, 2)), seed=2)
+    for method, d in ((DFlashDraft.of(drafter), drafter), (NgramDraft(block_size=4), None)):
+        ref = speculative_generate(target, prompts, method=method, drafter=d, max_new_tokens=12, eos_ids=())
+        got = speculative_generate(on_mesh, prompts, method=method, drafter=d and sh.shard_model(d, mesh),
+                                   max_new_tokens=12, eos_ids=(), mesh=mesh)
+        where = type(method).__name__
+        assert got.tokens == ref.tokens and got.acceptance_lengths == ref.acceptance_lengths, where
+    assert any(a > 1 for row in got.acceptance_lengths for a in row)

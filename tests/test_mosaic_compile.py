@@ -73,3 +73,15 @@ def test_prefill_kernel_compiles(topology):
     # flash: temporaries (layout copies of q/k/v/out) a small fraction of the dense form's
     # [N, S, S] fp32 scores (1.2 GB here)
     assert mem.temp_size_in_bytes < N * s * s * 4 // 10
+
+
+@pytest.mark.parametrize("topology", ["v5e-8", "v5p-8"])
+def test_grouped_matmul_kernel_compiles(topology):
+    """A MoE layer's grouped matmul at Qwen3-30B-A3B shapes (128 experts, D=2048, F=768; 4096
+    token-expert pairs) goes through megablox ``gmm`` on TPU (``attention_impl=auto``)."""
+    from dflash.kernels.dispatch import grouped_matmul
+
+    m, e, d, f = 4096, 128, 2048, 768
+    fn = lambda x, w, sizes: grouped_matmul(x, w, sizes, impl="auto")  # noqa: E731
+    mem = compile_on_chip(topology, "gmm", fn, ((m, d), BF16), ((e, d, f), BF16), ((e,), jnp.int32))
+    assert mem.output_size_in_bytes == m * f * 2

@@ -131,11 +131,13 @@ def test_mesh_flag_parses_any_subset_and_refuses_bad_text():
     assert parse_mesh("data=2,tensor=4") == sh.MeshConfig(2, 1, 4)
     assert parse_mesh("tensor=2") == sh.MeshConfig(-1, 1, 2)  # data: the rest of the devices
     assert parse_mesh(" fsdp=2, tensor=-1") == sh.MeshConfig(1, 2, -1)
+    assert parse_mesh("expert=4,tensor=2") == sh.MeshConfig(-1, 1, 2, expert=4)
     args = build_parser().parse_args(["--prompt", "x", "--mesh", "data=-1,fsdp=2"])
     assert args.mesh == sh.MeshConfig(-1, 2, 1)
-    for bad, says in (("data=2,data=2", "each at most once"), ("model=2", "AXIS one of data, fsdp, tensor"),
-                      ("tensor", "AXIS=SIZE"), ("tensor=two", "'two' is not an integer"),
-                      ("tensor=0", "positive int or -1"), ("data=-1,tensor=-1", "at most one mesh axis")):
+    for bad, says in (("data=2,data=2", "each at most once"),
+                      ("model=2", "AXIS one of data, fsdp, expert, tensor"), ("tensor", "AXIS=SIZE"),
+                      ("tensor=two", "'two' is not an integer"), ("tensor=0", "positive int or -1"),
+                      ("data=-1,tensor=-1", "at most one mesh axis")):
         with pytest.raises(ConfigError, match=says):
             parse_mesh(bad)
         with pytest.raises(SystemExit):

@@ -35,8 +35,9 @@ def _batch(rows: int = 8, length: int = 16) -> dict[str, np.ndarray]:
             "positions": np.broadcast_to(pos, (rows, length)).astype(np.int32)}
 
 
-def _run_steps(method: str, shape: tuple[int, int, int], steps: int = 3):
-    """Loss and gradients at the start, then ``steps`` train steps, all on mesh ``shape``."""
+def _run_steps(method: str, shape: tuple[int, ...], steps: int = 3, cfg=CFG):
+    """Loss and gradients at the start, then ``steps`` train steps, all on mesh ``shape``
+    (``(data, fsdp, tensor[, expert])``) with a target of ``cfg``."""
     from dflash.configio import load_yaml
     from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
     from dflash.training.config import ExperimentConfig
@@ -45,10 +46,10 @@ def _run_steps(method: str, shape: tuple[int, int, int], steps: int = 3):
     from dflash.training.step import drafter_forward, make_step_fns
 
     mesh = _mesh(shape)
-    make_target, make_dflash, _ = _models()
+    make_target, make_dflash, _ = _models(cfg)
     target = sh.init_sharded(make_target, mesh)
     if method == "orthrus":
-        ocfg = OrthrusConfig.for_target(CFG, mask_token_id=3, block_size=4)
+        ocfg = OrthrusConfig.for_target(cfg, mask_token_id=3, block_size=4)
         drafter = OrthrusDrafter.from_target(target, ocfg)
     else:
         drafter = sh.init_sharded(make_dflash, mesh)
@@ -98,6 +99,27 @@ def test_loss_gradients_and_train_steps_agree_on_every_mesh():
             # are compared to 1% of one step; a sharding bug moves them by whole steps.
             for x, x0 in zip(params, params0, strict=True):
                 np.testing.assert_allclose(x, x0, rtol=2e-4, atol=1e-4, err_msg=where)
+
+
+@on_cpu_devices(8)
+def test_train_steps_on_an_expert_parallel_mesh_equal_one_device():
+    """A MoE target (layers 0 and 2: 4 experts, top 2) on data=2 x tensor=2 x expert=2: DFlash reads
+    its hidden states, Orthrus also backpropagates through its MoE layers (the dispatch's VJP)."""
+    import dataclasses
+
+    from dflash.config import LayerSpec
+
+    moe = LayerSpec(mixer_options={"qk_norm": True}, mlp="moe", mlp_options={
+        "experts": 4, "top_k": 2, "norm_topk_prob": True, "intermediate_size": 16})
+    cfg = dataclasses.replace(CFG, model_type="qwen3_moe", layers=(moe, CFG.layers[1], moe))
+    for method in ("dflash", "orthrus"):
+        loss0, grads0, params0, last0 = _run_steps(method, (1, 1, 1), cfg=cfg)
+        loss, grads, params, last = _run_steps(method, (2, 1, 2, 2), cfg=cfg)
+        np.testing.assert_allclose((loss, last), (loss0, last0), rtol=2e-5, err_msg=method)
+        for g, g0 in zip(grads, grads0, strict=True):
+            np.testing.assert_allclose(g, g0, rtol=2e-4, atol=2e-6, err_msg=method)
+        for x, x0 in zip(params, params0, strict=True):  # (tolerance: the test above)
+            np.testing.assert_allclose(x, x0, rtol=2e-4, atol=1e-4, err_msg=method)
 
 
 def _exported(run_dir: Path) -> dict[str, np.ndarray]:

@@ -29,7 +29,9 @@ CFG = ModelConfig(model_type="qwen3", vocab_size=256, hidden_size=32, intermedia
 
 
 def _abstract_mesh(shape: tuple[int, int, int]) -> AbstractMesh:
-    return AbstractMesh(shape, sh.AXES, axis_types=(AxisType.Auto,) * 3)
+    """``(data, fsdp, tensor)`` (expert 1) as an abstract mesh of ``sh.AXES``."""
+    sizes = sh.MeshConfig(*shape).shape(math.prod(shape))
+    return AbstractMesh(sizes, sh.AXES, axis_types=(AxisType.Auto,) * len(sh.AXES))
 
 
 def _mesh(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
@@ -50,9 +52,11 @@ def _models(cfg: ModelConfig = CFG):
 
 # ----------------------------------------------------------------------------- no devices needed
 def test_mesh_config_resolves_and_refuses_bad_shapes():
-    assert sh.MeshConfig().shape(8) == (8, 1, 1)
-    assert sh.MeshConfig(data=2, fsdp=-1, tensor=2).shape(8) == (2, 2, 2)
-    assert sh.MeshConfig(1, 4, 2).shape(8) == (1, 4, 2)
+    assert sh.AXES == ("data", "fsdp", "expert", "tensor")  # shape()'s order; positional: data, fsdp, tensor
+    assert sh.MeshConfig().shape(8) == (8, 1, 1, 1)
+    assert sh.MeshConfig(data=2, fsdp=-1, tensor=2).shape(8) == (2, 2, 1, 2)
+    assert sh.MeshConfig(1, 4, 2).shape(8) == (1, 4, 1, 2)
+    assert sh.MeshConfig(1, 2, 2, 2).shape(8) == sh.MeshConfig(1, 2, 2, expert=-1).shape(8) == (1, 2, 2, 2)
     with pytest.raises(sh.ShardingError, match="at most one mesh axis may be -1"):
         sh.MeshConfig(data=-1, fsdp=-1)
     with pytest.raises(sh.ShardingError, match="mesh.tensor must be a positive int"):
@@ -136,7 +140,8 @@ def test_params_are_born_in_their_shards_with_the_rule_tables_bytes():
                                         jax.tree.leaves(eager), strict=True):
                 name = sh.dotted(path)
                 assert arr.sharding.spec == sh.param_spec(name, arr.shape, mesh), name
-                split = math.prod(dict(zip(sh.AXES, shape, strict=True))[a] for a in split_over(name))
+                split = math.prod(dict(zip(("data", "fsdp", "tensor"), shape, strict=True))[a]
+                                  for a in split_over(name))
                 assert {s.data.nbytes for s in arr.addressable_shards} == {arr.nbytes // split}, name
                 np.testing.assert_array_equal(np.asarray(arr), np.asarray(ref), err_msg=name)
     # FSDP = 4: a quarter of each sharded tensor per device; norms whole.
