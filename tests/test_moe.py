@@ -234,7 +234,7 @@ def test_expert_parallel_moe_equals_one_device_with_gradients():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5,
                                        err_msg=f"{shape} {impl}")
     mesh = sh.make_mesh(sh.MeshConfig(1, 1, 2, 4))
-    says = r"'mlp.experts_gate' \(6, 20, 12\).*exp, size 6.*expert of size 4"
+    says = r"'mlp.experts_(gate|up|down)' \(6, .*exp, size 6.*expert of size 4"
     with pytest.raises(sh.ShardingError, match=says):
         sh.shard_model(_Holder(_moe(6, 2, True)), mesh)
     replicated = sh.shard_model(_Holder(_moe(6, 2, True)), mesh, replicate_indivisible=True)
@@ -244,8 +244,9 @@ def test_expert_parallel_moe_equals_one_device_with_gradients():
 
 @on_cpu_devices(8)
 def test_a_moe_target_on_expert_parallel_meshes_gives_the_logits_and_the_decoding_of_one_device():
-    """A tiny Qwen3-MoE target: forward logits on both expert meshes; greedy AR and speculative
-    decoding (a DFlash drafter, prompt lookup) on expert=4 x tensor=2: the same tokens and acceptance."""
+    """A tiny Qwen3-MoE target: forward logits on both expert meshes; greedy speculative decoding
+    (a DFlash drafter, prompt lookup: decode and verify passes) on expert=4 x tensor=2: the same
+    tokens and acceptance lengths."""
     import tempfile
     from pathlib import Path
 
@@ -270,8 +271,6 @@ def test_a_moe_target_on_expert_parallel_meshes_gives_the_logits_and_the_decodin
     rng = np.random.default_rng(5)
     prompts = [rng.integers(1, 4096, int(n)).tolist() for n in (3, 11, 6)]
     prompts.append(prompts[1] * 2)  # repetition: prompt lookup gets accepted tokens
-    assert generate(on_mesh, prompts, max_new_tokens=10, eos_ids=(), mesh=mesh).tokens == \
-        generate(target, prompts, max_new_tokens=10, eos_ids=()).tokens
     drafter = build_drafter(DFlashConfig.for_target(target.cfg, mask_token_id=4095, num_layers=1,
                                                     block_size=4, target_layer_ids=(0, 2)), seed=2)
     for method, d in ((DFlashDraft.of(drafter), drafter), (NgramDraft(block_size=4), None)):

@@ -35,9 +35,9 @@ def _batch(rows: int = 8, length: int = 16) -> dict[str, np.ndarray]:
             "positions": np.broadcast_to(pos, (rows, length)).astype(np.int32)}
 
 
-def _run_steps(method: str, shape: tuple[int, ...], steps: int = 3, cfg=CFG):
-    """Loss and gradients at the start, then ``steps`` train steps, all on mesh ``shape``
-    (``(data, fsdp, tensor[, expert])``) with a target of ``cfg``."""
+def _run_steps(method: str, shape: tuple[int, ...], steps: int = 3, cfg=CFG, grads: bool = True):
+    """Loss and gradients at the start (``grads``; else None, None), then ``steps`` train steps, all
+    on mesh ``shape`` (``(data, fsdp, tensor[, expert])``) with a target of ``cfg``."""
     from dflash.configio import load_yaml
     from dflash.drafters.orthrus import OrthrusConfig, OrthrusDrafter
     from dflash.training.config import ExperimentConfig
@@ -70,14 +70,14 @@ def _run_steps(method: str, shape: tuple[int, ...], steps: int = 3, cfg=CFG):
             grad_fn = nnx.value_and_grad(lambda d: drafter_forward(d, t, batch, key, **STEP_KW)[0])
             return grad_fn(d)
 
-    loss, grads = loss_and_grads(state, tstate, batch, jax.random.key(7))
+    loss, grads = loss_and_grads(state, tstate, batch, jax.random.key(7)) if grads else (None, None)
     for i in range(steps):
         state, metrics = train_step(state, tstate, batch, jax.random.key(i))
     for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim)  # params and optimizer state stay put
     params = jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
-    return (float(loss), [np.asarray(g) for g in jax.tree.leaves(grads)], [np.asarray(x) for x in params],
-            float(metrics["loss"]))
+    return (loss and float(loss), [np.asarray(g) for g in jax.tree.leaves(grads)],
+            [np.asarray(x) for x in params], float(metrics["loss"]))
 
 
 @pytest.mark.slow
@@ -103,8 +103,9 @@ def test_loss_gradients_and_train_steps_agree_on_every_mesh():
 
 @on_cpu_devices(8)
 def test_train_steps_on_an_expert_parallel_mesh_equal_one_device():
-    """A MoE target (layers 0 and 2: 4 experts, top 2) on data=2 x tensor=2 x expert=2: DFlash reads
-    its hidden states, Orthrus also backpropagates through its MoE layers (the dispatch's VJP)."""
+    """DFlash on a MoE target (layers 0 and 2: 4 experts, top 2) on data=2 x tensor=2 x expert=2:
+    the target's MoE layers dispatch their tokens over expert; three steps give the one-device
+    drafter. (Gradients through the dispatch, what Orthrus needs: tests/test_moe.py.)"""
     import dataclasses
 
     from dflash.config import LayerSpec
@@ -112,14 +113,11 @@ def test_train_steps_on_an_expert_parallel_mesh_equal_one_device():
     moe = LayerSpec(mixer_options={"qk_norm": True}, mlp="moe", mlp_options={
         "experts": 4, "top_k": 2, "norm_topk_prob": True, "intermediate_size": 16})
     cfg = dataclasses.replace(CFG, model_type="qwen3_moe", layers=(moe, CFG.layers[1], moe))
-    for method in ("dflash", "orthrus"):
-        loss0, grads0, params0, last0 = _run_steps(method, (1, 1, 1), cfg=cfg)
-        loss, grads, params, last = _run_steps(method, (2, 1, 2, 2), cfg=cfg)
-        np.testing.assert_allclose((loss, last), (loss0, last0), rtol=2e-5, err_msg=method)
-        for g, g0 in zip(grads, grads0, strict=True):
-            np.testing.assert_allclose(g, g0, rtol=2e-4, atol=2e-6, err_msg=method)
-        for x, x0 in zip(params, params0, strict=True):  # (tolerance: the test above)
-            np.testing.assert_allclose(x, x0, rtol=2e-4, atol=1e-4, err_msg=method)
+    _, _, params0, last0 = _run_steps("dflash", (1, 1, 1), cfg=cfg, grads=False)
+    _, _, params, last = _run_steps("dflash", (2, 1, 2, 2), cfg=cfg, grads=False)
+    np.testing.assert_allclose(last, last0, rtol=2e-5)
+    for x, x0 in zip(params, params0, strict=True):  # (tolerance: the test above)
+        np.testing.assert_allclose(x, x0, rtol=2e-4, atol=1e-4)
 
 
 def _exported(run_dir: Path) -> dict[str, np.ndarray]:
