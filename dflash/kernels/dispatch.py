@@ -200,7 +200,11 @@ def grouped_matmul(lhs_MK: jax.Array, rhs_GKN: jax.Array, sizes_G: jax.Array, *,
     tm = 128 if m >= 128 else -(-m // 8) * 8
     padded = -(-m // tm) * tm
     lhs = jnp.pad(lhs_MK, ((0, padded - m), (0, 0))) if padded != m else lhs_MK
-    out = gmm(lhs, rhs_GKN, sizes_G.astype(jnp.int32), lhs_MK.dtype, (tm, _gmm_tile(k), _gmm_tile(n)),
-              None, None, False, platform() == "cpu")
+    # bf16 operands: the MXU's products are exact, and Mosaic refuses an fp32 contract precision
+    # for them (what jax_default_matmul_precision=highest, as the tests set, would ask for).
+    precision = "default" if lhs_MK.dtype == rhs_GKN.dtype == jnp.bfloat16 else None
+    with jax.default_matmul_precision(precision):
+        out = gmm(lhs, rhs_GKN, sizes_G.astype(jnp.int32), lhs_MK.dtype, (tm, _gmm_tile(k), _gmm_tile(n)),
+                  None, None, False, platform() == "cpu")
     rows = jnp.arange(padded) < jnp.sum(sizes_G)
     return jnp.where(rows[:, None], out, 0)[:m]  # rows in no group: zero, as ragged_dot's (the kernel skips)
