@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                              "--target-config for --topology and print memory / time estimates (no weights; "
                              "needs libtpu)", json=False)  # --json above writes the plan too
     p.add_argument("--context", type=flag(COUNT), default=2048, help="--compile-only: cached positions")
-    add_mesh_arg(p, help="decode on a device mesh: data=D,fsdp=F,tensor=T, any subset, -1 for the rest of "
-                         "the devices (batch over data x fsdp, the models over tensor; docs/multihost.md); "
-                         "with --compile-only, the mesh over the topology's chips (default tensor=all)")
+    add_mesh_arg(p, help="decode on a device mesh: data=D,fsdp=F,expert=E,tensor=T, any subset, -1 for the "
+                         "rest of the devices (batch over data x fsdp x expert, a MoE's experts over expert, "
+                         "the models over tensor; docs/multihost.md); with --compile-only, the mesh over the "
+                         "topology's chips (default tensor=all)")
     add_distributed_args(p)
     args = p.parse_args(argv)
     if args.compile_only:

@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
                    help="extra arguments of the chat template, e.g. '{\"enable_thinking\": false}' for the "
                         "non-thinking Qwen3 recipe (dflash-prepare-data prints a recipe's)")
-    add_mesh_arg(p, help="run the target on a mesh of this process's devices: data=D,fsdp=F,tensor=T, any "
-                         "subset, -1 for the rest (every process decodes its own shards of the dataset on "
-                         "its own mesh). Default: the least tensor parallelism whose weights and KV cache "
-                         "fit each device (said in one line), data-parallel over the rest")
+    add_mesh_arg(p, help="run the target on a mesh of this process's devices: data=D,fsdp=F,expert=E,"
+                         "tensor=T, any subset, -1 for the rest (every process decodes its own shards of the "
+                         "dataset on its own mesh). Default: the least tensor parallelism whose weights and "
+                         "KV cache fit each device (said in one line), data-parallel over the rest")
     add_compile_only_args(p, "compile the regeneration program for --topology (--target-config, "
                              "--batch-size, --max-prompt-tokens, --max-new-tokens) on the mesh it would pick "
                              "there, and print its memory per chip (no weights, no data)")

@@ -166,7 +166,7 @@ def generate(
 
     Raises ``CacheOverflowError`` when a prompt plus its budget exceeds ``max_len``, and
     ``ContextLengthError`` when it exceeds the model's context (unless allowed).
-    ``mesh``: decode on it (batch over ``data × fsdp``, the model's own split over ``tensor``);
+    ``mesh``: decode on it (batch over ``data × fsdp × expert``, the model's own split over ``tensor``);
     the model must already be on it (``load_target(..., mesh=)`` or ``sharding.shard_model``).
     The batch is padded to a multiple of the batch split with dummy rows, dropped from the result.
     """

@@ -1,7 +1,7 @@
 """Decoding on a device mesh: where requests go, how the batch is padded, what is checked.
 
 The decoding programs are the unsharded ones: under ``jax.set_mesh`` the models' own
-``constrain`` calls (layer boundaries, the KV cache) split the batch over ``data × fsdp`` and
+``constrain`` calls (layer boundaries, the KV cache) split the batch over ``data × fsdp × expert`` and
 heads / MLP / vocabulary over ``tensor``, and the Pallas kernels run per shard
 (``kernels/spmd.py``). This module adds what the host side needs: the batch padded to a
 multiple of the batch split with dummy rows (their results are dropped), inputs placed in

@@ -252,7 +252,7 @@ def speculative_generate(
     least ``COMPACT_MIN_ROWS`` rows are compacted: below that a recompile costs more than it saves.
     ``mask_token_id`` (never emitted) comes from the method; passing a different one is an error.
     A prompt plus its budget past the target's context is a ``ContextLengthError`` unless
-    ``allow_longer_than_context``. ``mesh``: decode on it (batch over ``data × fsdp``, the models'
+    ``allow_longer_than_context``. ``mesh``: decode on it (batch over ``data × fsdp × expert``, the models'
     own split over ``tensor``); target and drafter must already be on it (``load_target(...,
     mesh=)``, ``sharding.shard_model``). The batch is padded to a multiple of the batch split with
     dummy rows (dropped), and compaction keeps finished rows as padding to stay a multiple of it.

@@ -60,7 +60,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, mix: Mix) -> tuple[jax.Array, Any]:
         """``mix(normed x) -> (out, aux)`` is the layer's own mixer or a caller's (a drafter's
         attention); the MLP and the norms are the layer's. Any rank ``[B, ..., D]``."""
-        x = constrain(x, "hidden")  # layer boundary: batch over data x fsdp
+        x = constrain(x, "hidden")  # layer boundary: batch over data x fsdp x expert
         out, aux = mix(self.input_layernorm(x))
         x = x + out
         return x + self.mlp(self.post_attention_layernorm(x)), aux

@@ -134,7 +134,7 @@ class ExperimentConfig:
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
-    mesh: MeshConfig = MeshConfig()  # data x fsdp x tensor over all devices (docs/design.md §11)
+    mesh: MeshConfig = MeshConfig()  # data x fsdp x expert x tensor over all devices (docs/design.md §11)
 
     def __post_init__(self) -> None:
         self.kind.check_section(self.drafter)

@@ -45,7 +45,7 @@ def regenerate_documents(target: Transformer, docs: list[Document], cfg: RegenSe
     ``limit`` regenerates only the first that-many of them (the same prompts, so a short run's
     data is the start of a long one's). ``mesh``: the mesh the target lives on (a run's training
     mesh, across processes): each batch of ``cfg.batch_size`` prompts is split over its
-    ``data × fsdp`` shards, so every row is decoded once in the whole job, and every process
+    ``data × fsdp × expert`` shards, so every row is decoded once in the whole job, and every process
     gets all the documents; greedy, so the same tokens as without a mesh.
     """
     rng = np.random.default_rng(seed)

@@ -57,7 +57,7 @@ def make_step_fns(graphdef: Any, tgraph: Any, step_kw: dict[str, Any], compute: 
     ``state`` is the (drafter, optimizer) state and is donated: it is replaced every step. The
     frozen target's ``tstate`` is an ordinary argument: never donated, never differentiated.
     On a ``mesh`` the steps take and give their states in ``state_shardings`` /
-    ``tstate_shardings``, the batch split over ``data × fsdp``, and the activation constraints
+    ``tstate_shardings``, the batch split over ``data × fsdp × expert``, and the activation constraints
     of the models (``dflash.sharding.constrain``) are live while they trace.
     """
     on_mesh = (lambda: jax.sharding.use_abstract_mesh(mesh.abstract_mesh)) if mesh else contextlib.nullcontext

@@ -6,9 +6,9 @@ inside every frozen target layer; only they are trained), and any kind registere
 The pieces live beside this file, one job each:
 ``setup`` (drafter, devices), ``rundata`` (packed rows, prompts), ``optim``, ``step`` (the
 jitted train / eval steps), ``checkpoints`` (Orbax, resume policy) and ``evaluation``
-(simulated and real τ). The run lives on a ``data × fsdp × tensor`` mesh (``mesh:``, docs/design.md
+(simulated and real τ). The run lives on a ``data × fsdp × expert × tensor`` mesh (``mesh:``, docs/design.md
 §11): the target, the drafter and the optimizer state are created or loaded in their shards, the
-batch is split over ``data × fsdp``, so the same config runs on 1 device or many with the same loss,
+batch is split over ``data × fsdp × expert``, so the same config runs on 1 device or many with the same loss,
 and a checkpoint restores onto any mesh.
 
 Resume is exact: the data stream and the anchor RNG are pure functions of (seed, step), and
