@@ -28,6 +28,7 @@ anchor and prefill the chunked forms, so training gets the same values either wa
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -202,8 +203,8 @@ def grouped_matmul(lhs_MK: jax.Array, rhs_GKN: jax.Array, sizes_G: jax.Array, *,
     lhs = jnp.pad(lhs_MK, ((0, padded - m), (0, 0))) if padded != m else lhs_MK
     # bf16 operands: the MXU's products are exact, and Mosaic refuses an fp32 contract precision
     # for them (what jax_default_matmul_precision=highest, as the tests set, would ask for).
-    precision = "default" if lhs_MK.dtype == rhs_GKN.dtype == jnp.bfloat16 else None
-    with jax.default_matmul_precision(precision):
+    bf16 = lhs_MK.dtype == rhs_GKN.dtype == jnp.bfloat16
+    with jax.default_matmul_precision("default") if bf16 else contextlib.nullcontext():
         out = gmm(lhs, rhs_GKN, sizes_G.astype(jnp.int32), lhs_MK.dtype, (tm, _gmm_tile(k), _gmm_tile(n)),
                   None, None, False, platform() == "cpu")
     rows = jnp.arange(padded) < jnp.sum(sizes_G)
