@@ -16,6 +16,21 @@ _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
+# One persistent XLA compilation cache for the run, fresh each run (no entry outlives it): the
+# xdist workers and every process a test starts (CLIs, multi-process runs, notebooks) compile
+# the same tiny programs over and over; now each is compiled once. The first process that reads
+# this file (xdist's controller) makes the directory; the rest inherit it through the environment.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _CACHE = tempfile.mkdtemp(prefix="dflash-test-xla-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -36,10 +51,9 @@ LONGEST_FIRST = (
     "test_vllm.py::test_vllm_runs_our_exports_token_for_token",
     "test_plan.py::test_real_qwen3_8b_preset_fits_v5p_8",
     "test_sharded_training.py::test_loss_gradients_and_train_steps_agree_on_every_mesh",
-    "test_multiprocess.py::test_training_on_a_data_fsdp_tensor_mesh_across_two_processes_equals_one_process",
+    "test_multiprocess.py::test_training_across_two_processes_equals_one_and_resumes_on_another_process_count",
     "test_sharded_decoding.py::test_greedy_decoding_on_every_mesh_equals_unsharded",
     "test_sharded_training.py::test_checkpoints_move_between_meshes_and_resume_exactly_on_one",
-    "test_multiprocess.py::test_training_on_two_processes_equals_one_and_resumes_on_another_process_count",
 )
 
 
