@@ -98,9 +98,10 @@ def make_hf_model(family: str, *, seed: int = 0, **overrides):
                 p.add_(0.1 * torch.randn_like(p))
         # Routers start near-uniform (tiny weights): spread their logits so each token's top-k
         # is decisive and float rounding between implementations cannot change the routing.
-        # gpt-oss: its expert biases ([E, 2F], [E, D]) random too, its sinks of either sign.
+        # gpt-oss: its expert biases ([E, 2F], [E, D]) random too, its sinks of either sign, and
+        # gate_up large enough that its clamps (gate <= 7, |up| <= 7) cut 10-30% of the values.
         for name, p in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight", "mlp.experts.gate_up_proj")):
                 p.mul_(40.0)
             elif name.endswith("_proj_bias"):
                 p.add_(0.1 * torch.randn_like(p))
