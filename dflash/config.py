@@ -559,6 +559,23 @@ PRESETS["qwen3_30b_a3b"] = ModelConfig.from_hf({
     "tie_word_embeddings": False, "eos_token_id": 151645, "num_experts": 128, "num_experts_per_tok": 8,
     "moe_intermediate_size": 768, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []})
 
+# gpt-oss-20b / -120b (their config.json's keys that we read; the hub files store the experts in MXFP4,
+# dequantised on load): 24 / 36 layers alternating a 128-position window and full attention, each a
+# mixture of 32 / 128 experts, 4 per token.
+_GPT_OSS = {
+    "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-5,
+    "rope_theta": 150000, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                           "beta_slow": 1.0, "truncate": False,
+                                           "original_max_position_embeddings": 4096},
+    "max_position_embeddings": 131072, "tie_word_embeddings": False, "attention_bias": True,
+    "sliding_window": 128, "num_experts_per_tok": 4, "swiglu_limit": 7.0, "eos_token_id": 200002,
+    "pad_token_id": 199999, "quantization_config": {"quant_method": "mxfp4"}}
+for _name, _layers, _experts in (("gpt_oss_20b", 24, 32), ("gpt_oss_120b", 36, 128)):
+    PRESETS[_name] = ModelConfig.from_hf({
+        **_GPT_OSS, "num_hidden_layers": _layers, "num_local_experts": _experts,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(_layers)]})
+
 
 def preset(name: str) -> ModelConfig:
     """Named full-size architecture preset (``qwen3_8b`` ...)."""
@@ -589,6 +606,8 @@ HUB_PRESETS = {
     "Qwen/Qwen3-4B": "qwen3_4b",
     "Qwen/Qwen3-8B": "qwen3_8b",
     "Qwen/Qwen3-30B-A3B": "qwen3_30b_a3b",
+    "openai/gpt-oss-20b": "gpt_oss_20b",
+    "openai/gpt-oss-120b": "gpt_oss_120b",
     "meta-llama/Llama-3.1-8B-Instruct": "llama3_1_8b",
     "meta-llama/Llama-3.1-8B": "llama3_1_8b",
     "meta-llama/Llama-3.3-70B-Instruct": "llama3_3_70b",
