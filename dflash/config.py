@@ -74,7 +74,8 @@ class RopeConfig:
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type == "default":  # scaling fields are meaningless: keep them canonical
             return cls(theta=theta)
-        original = int(params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192)))
+        original = int(params.get("original_max_position_embeddings",
+                                  hf.get("max_position_embeddings", 8192)))
         if rope_type == "yarn":  # transformers' defaults (beta_fast / beta_slow: `or`, as it reads them)
             factor = params.get("factor") or hf.get("max_position_embeddings", original) / original
             return cls(theta=theta, rope_type=rope_type, factor=float(factor),
@@ -373,7 +374,8 @@ class ModelConfig:
             attn += 2 * self.head_dim * bool(opt("qk_norm", False))
             attn += self.num_heads * bool(opt("sinks", False))
             if spec.mlp == "moe":
-                e, f = spec.mlp_option("experts"), spec.mlp_option("intermediate_size") or self.intermediate_size
+                e = spec.mlp_option("experts")
+                f = spec.mlp_option("intermediate_size") or self.intermediate_size
                 mlp = h * e + e * 3 * h * f + e * bool(spec.mlp_option("router_bias", False))
                 mlp += e * (2 * f + h) * bool(spec.mlp_option("expert_bias", False))
             else:
@@ -500,13 +502,15 @@ def _refuse_unsupported(hf: dict[str, Any]) -> None:
     fields = [k for k in UNSUPPORTED_FIELDS if hf.get(k) not in (None, 0, "softmax")]
     model_type = hf.get("model_type")
     if fields:
-        raise ConfigError(f"config.json {fields[0]}={hf[fields[0]]!r} asks for {UNSUPPORTED_FIELDS[fields[0]]}, "
+        raise ConfigError(f"config.json {fields[0]}={hf[fields[0]]!r} asks for "
+                          f"{UNSUPPORTED_FIELDS[fields[0]]}, "
                           f"which is not supported (model_type {model_type!r}; supported: "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)})")
     if model_type in UNSUPPORTED_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r}: it uses "
                           f"{UNSUPPORTED_FIELDS[UNSUPPORTED_TYPES[model_type]]} (config field "
-                          f"{UNSUPPORTED_TYPES[model_type]!r}); supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+                          f"{UNSUPPORTED_TYPES[model_type]!r}); supported: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     quant = (hf.get("quantization_config") or {}).get("quant_method")
     if quant is not None and quant not in QUANT_METHODS:
         raise ConfigError(f"config.json quantization_config.quant_method={quant!r} is not supported (loading "

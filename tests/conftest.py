@@ -73,7 +73,8 @@ MOE = {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 24, 
 GPT_OSS = {"num_local_experts": 5, "num_experts_per_tok": 3, "intermediate_size": 40, "sliding_window": 5,
            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
            "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                               "truncate": False, "original_max_position_embeddings": 32, "rope_theta": 15000.0}}
+                               "truncate": False, "original_max_position_embeddings": 32,
+                               "rope_theta": 15000.0}}
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32, "rope_theta": 500000.0}
 

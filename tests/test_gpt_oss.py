@@ -37,8 +37,9 @@ def test_yarn_frequencies_and_attention_factor_are_transformers(head_dim, params
     import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf = transformers.GptOssConfig(hidden_size=32, num_attention_heads=2, head_dim=head_dim, num_hidden_layers=1,
-                                   rope_parameters=dict(params), max_position_embeddings=131072)
+    hf = transformers.GptOssConfig(hidden_size=32, num_attention_heads=2, head_dim=head_dim,
+                                   num_hidden_layers=1, rope_parameters=dict(params),
+                                   max_position_embeddings=131072)
     want, factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
     rope = RopeConfig.from_hf(hf.to_dict())
     assert rope.attention_scale == factor  # the same float64 formula
@@ -147,8 +148,8 @@ def test_unsupported_moe_designs_are_refused_naming_the_field(bad, match):
 def test_gpt_oss_class_defaults_fill_a_sparse_config():
     """A config.json without attention_bias, layer_types, sliding_window or RoPE gets transformers'
     gpt-oss defaults (biases, every even layer slid over 128, the published YaRN)."""
-    cfg = ModelConfig.from_hf({**BASE, "num_hidden_layers": 3, "model_type": "gpt_oss", "num_local_experts": 4,
-                               "num_experts_per_tok": 2})
+    cfg = ModelConfig.from_hf({**BASE, "num_hidden_layers": 3, "model_type": "gpt_oss",
+                               "num_local_experts": 4, "num_experts_per_tok": 2})
     assert [spec.mixer_option("window", 0) for spec in cfg.layers] == [128, 0, 128]
     assert cfg.layers[0].mixer_option("qkv_bias") and cfg.layers[0].mixer_option("sinks")
     assert cfg.rope == RopeConfig.from_hf({"rope_parameters": YARN})

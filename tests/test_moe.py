@@ -23,9 +23,9 @@ from dflash.io import load_target, save_target
 from dflash.models import count_params
 from dflash.models.moe_mlp import MoE
 
-
-GPT_OSS_MOE = {"router": "topk_softmax", "router_bias": True, "expert_bias": True, "activation": "clamped_swiglu",
-               "swiglu_limit": 0.05, "layout": "gpt_oss"}  # a limit the tiny weights' values cross
+GPT_OSS_MOE = {"router": "topk_softmax", "router_bias": True, "expert_bias": True,
+               "activation": "clamped_swiglu", "swiglu_limit": 0.05,  # a limit the tiny weights' values cross
+               "layout": "gpt_oss"}
 
 
 def _moe(e: int, k: int, norm: bool, seed: int = 0, **options) -> MoE:
@@ -38,11 +38,13 @@ def _moe(e: int, k: int, norm: bool, seed: int = 0, **options) -> MoE:
     rng = np.random.default_rng(seed)
     for name in ("experts_gate_bias", "experts_up_bias", "experts_down_bias"):
         if getattr(moe, name) is not None:
-            getattr(moe, name)[...] = jnp.asarray(0.05 * rng.normal(size=getattr(moe, name).shape), jnp.float32)
+            bias = getattr(moe, name)
+            bias[...] = jnp.asarray(0.05 * rng.normal(size=bias.shape), jnp.float32)
     return moe
 
 
-@pytest.mark.parametrize("e,k,norm,options", [(5, 3, True, {}), (7, 1, False, {}), (6, 2, False, GPT_OSS_MOE)])
+@pytest.mark.parametrize("e,k,norm,options", [(5, 3, True, {}), (7, 1, False, {}),
+                                              (6, 2, False, GPT_OSS_MOE)])
 def test_grouped_experts_equal_the_formula_with_gradients(e, k, norm, options):
     moe = _moe(e, k, norm, **options)
     x = jnp.asarray(np.random.default_rng(e).normal(size=(3, 7, 20)), jnp.float32)  # 21 tokens

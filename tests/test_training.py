@@ -295,7 +295,7 @@ PRESETS = {"qwen3_8b_dflash.yaml": ("qwen3_8b", 5, (1, 9, 17, 25, 33)),
            "qwen3_30b_a3b_dflash.yaml": ("qwen3_30b_a3b", 5, (1, 12, 23, 34, 45)),
            "gpt_oss_20b_dflash.yaml": ("gpt_oss_20b", 5, (1, 6, 11, 16, 21)),
            "gpt_oss_120b_dflash.yaml": ("gpt_oss_120b", 5, (1, 9, 17, 25, 33))}
-BLOCK_SIZE = {"gpt_oss_20b_dflash.yaml": 8, "gpt_oss_120b_dflash.yaml": 8}  # the published drafters' (else 16)
+BLOCK_SIZE = {"gpt_oss_20b_dflash.yaml": 8, "gpt_oss_120b_dflash.yaml": 8}  # the published drafters' (or 16)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

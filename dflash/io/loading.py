@@ -201,7 +201,8 @@ def _read_sharded(source: _TensorSource, row: WeightRow, shape: tuple[int, ...],
     each = shape[1:] if row.experts else shape
 
     def one(hf_key: str, index: tuple[slice, ...]) -> np.ndarray:
-        return _ours(row, hf_key, _file_read(row, index, each, source.slice(hf_key).__getitem__)).astype(dtype)
+        part = _file_read(row, index, each, source.slice(hf_key).__getitem__)
+        return _ours(row, hf_key, part).astype(dtype)
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple((s.start, s.stop) for s in index)

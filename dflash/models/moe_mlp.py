@@ -56,9 +56,11 @@ class MoE(nnx.Module):
         if not (isinstance(e, int) and isinstance(k, int) and 1 <= k <= e):
             raise ConfigError(f"moe MLP needs 1 <= top_k <= experts, got top_k={k!r}, experts={e!r}")
         self.top_k, self.norm_topk_prob = k, bool(mlp_option(spec, "norm_topk_prob"))
-        self.router, self.activation = _choice(spec, "router", ROUTERS), _choice(spec, "activation", ACTIVATIONS)
+        self.router = _choice(spec, "router", ROUTERS)
+        self.activation = _choice(spec, "activation", ACTIVATIONS)
         _choice(spec, "layout", LAYOUTS)
-        self.limit, self.alpha = float(mlp_option(spec, "swiglu_limit")), float(mlp_option(spec, "swiglu_alpha"))
+        self.limit = float(mlp_option(spec, "swiglu_limit"))
+        self.alpha = float(mlp_option(spec, "swiglu_alpha"))
         # the router (HF ``mlp.gate``, gpt-oss ``mlp.router``)
         self.gate = Linear(d, e, bias=bool(mlp_option(spec, "router_bias")), dtype=dtype, rngs=rngs)
         self.experts_gate = normal(rngs, (e, d, f), dtype)
@@ -66,7 +68,8 @@ class MoE(nnx.Module):
         self.experts_down = normal(rngs, (e, f, d), dtype)
         biases = bool(mlp_option(spec, "expert_bias"))
         zeros = lambda *shape: nnx.Param(jnp.zeros(shape, dtype)) if biases else None  # noqa: E731
-        self.experts_gate_bias, self.experts_up_bias, self.experts_down_bias = zeros(e, f), zeros(e, f), zeros(e, d)
+        self.experts_gate_bias, self.experts_up_bias = zeros(e, f), zeros(e, f)
+        self.experts_down_bias = zeros(e, d)
 
     def route(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Each token's ``top_k`` experts ``[N, k]`` and their weights ``[N, k]`` (x's dtype)."""
@@ -81,7 +84,8 @@ class MoE(nnx.Module):
         return e_NK, w_NK.astype(x_ND.dtype)
 
     def activate(self, gate: jax.Array, up: jax.Array) -> jax.Array:
-        """SwiGLU, or gpt-oss's clamped form: ``(clip(up) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate, limit)``."""
+        """SwiGLU, or gpt-oss's clamped form: ``(clip(up) + 1) * g * sigmoid(alpha * g)`` with
+        ``g = min(gate, limit)`` and ``up`` clipped to ``[-limit, limit]``."""
         if self.activation == "clamped_swiglu":
             gate, up = jnp.minimum(gate, self.limit), jnp.clip(up, -self.limit, self.limit)
             return (up + 1) * (gate * jax.nn.sigmoid(gate * self.alpha))
