@@ -144,7 +144,8 @@ class LayerSpec:
 
     The kinds are keys of ``dflash.models.kinds`` (``attention``; ``dense``), which also say which
     options each accepts and their defaults (attention: ``qk_norm``, ``qkv_bias``, ``o_bias``,
-    ``window``, ``sinks``, ``output_gate``, ``rotary_dim``; dense: ``bias``). Options are stored as
+    ``window``, ``sinks``, ``output_gate``, ``rotary_dim``; dense: ``bias``; moe: ``experts``,
+    ``top_k``, ``router``, ``expert_bias``, ``activation`` ...). Options are stored as
     sorted ``(name, value)`` pairs; pass a dict.
     """
 
@@ -171,7 +172,7 @@ class LayerSpec:
 @dataclasses.dataclass(frozen=True)
 class Family:
     """A ``model_type`` we read: its HF architecture name and the layer every model of it has by
-    default (Qwen3: q/k norm; Qwen2: q/k/v biases; Llama: biases as its config says)."""
+    default (Qwen3: q/k norm; Qwen2: q/k/v biases; Llama: biases as its config says; gpt-oss: sinks)."""
 
     architecture: str
     layer: LayerSpec
