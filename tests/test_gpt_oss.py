@@ -154,3 +154,17 @@ def test_gpt_oss_class_defaults_fill_a_sparse_config():
     assert cfg.layers[0].mixer_option("qkv_bias") and cfg.layers[0].mixer_option("sinks")
     assert cfg.rope == RopeConfig.from_hf({"rope_parameters": YARN})
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_a_dflash_drafter_of_a_gpt_oss_target_exports_its_yarn():
+    """The drafter runs its target's RoPE: its exported config.json carries the YaRN fields (as
+    transformers names them) and our loader reads them back."""
+    from dflash.config import preset
+    from dflash.drafters.dflash.hf import config_from_hf, drafter_hf_config
+    from dflash.drafters.dflash.model import DFlashConfig
+
+    target = preset("gpt_oss_20b")
+    dcfg = DFlashConfig.for_target(target, mask_token_id=200000, num_layers=5, block_size=8)
+    hf = drafter_hf_config(dcfg)
+    assert hf["rope_scaling"] == {"rope_type": "yarn", **{k: v for k, v in YARN.items() if k != "rope_theta"}}
+    assert config_from_hf(hf).layers.rope == dcfg.layers.rope == target.rope
