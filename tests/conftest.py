@@ -77,10 +77,18 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
 }
 # A tiny Qwen3-MoE: 6 experts, top 2, layer 1 dense (mlp_only_layers).
 MOE = {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "mlp_only_layers": [1],
        "norm_topk_prob": True}
+# A tiny gpt-oss: 5 experts of width 40, top 3, every other layer slid over a window of 5 positions
+# (shorter than the prompts), YaRN with the published beta / truncate settings.
+GPT_OSS = {"num_local_experts": 5, "num_experts_per_tok": 3, "intermediate_size": 40, "sliding_window": 5,
+           "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+           "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                               "truncate": False, "original_max_position_embeddings": 32,
+                               "rope_theta": 15000.0}}
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32, "rope_theta": 500000.0}
 
@@ -105,9 +113,15 @@ def make_hf_model(family: str, *, seed: int = 0, **overrides):
                 p.add_(0.1 * torch.randn_like(p))
         # Routers start near-uniform (tiny weights): spread their logits so each token's top-k
         # is decisive and float rounding between implementations cannot change the routing.
+        # gpt-oss: its expert biases ([E, 2F], [E, D]) random too, its sinks of either sign, and
+        # gate_up large enough that its clamps (gate <= 7, |up| <= 7) cut 10-30% of the values.
         for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight", "mlp.experts.gate_up_proj")):
                 p.mul_(40.0)
+            elif name.endswith("_proj_bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("self_attn.sinks"):
+                p.copy_(torch.randn_like(p))
     return model
 
 
