@@ -108,6 +108,9 @@ class MLPKind:
     weights: Rows  # relative to the MLP (``gate_proj.weight``)
     sharding: tuple[tuple[str, tuple[str | None, ...]], ...]
     flops: Callable[[ModelConfig, LayerSpec, int], float]  # forward FLOPs of ``rows`` tokens
+    # Parameters a pass over ``rows`` tokens leaves unread (a mixture's experts no token is routed
+    # to; dflash.flops.params_read); None: it reads all of them.
+    unread: Callable[[ModelConfig, LayerSpec, int], float] | None = None
 
 
 MIXERS: dict[str, MixerKind] = {}

@@ -160,6 +160,21 @@ def _flops(cfg: ModelConfig, spec: LayerSpec, rows: int) -> float:
     return 2.0 * rows * (d * e + k * 3 * d * expert_width(cfg, spec))
 
 
+def expected_experts(experts: int, top_k: int, tokens: float) -> float:
+    """How many distinct experts ``tokens`` tokens reach on average when each picks ``top_k`` of
+    ``experts`` uniformly at random: ``E * (1 - (1 - k/E)^n)`` (an expert misses one token's pick
+    with probability ``1 - k/E``, independently per token)."""
+    return experts * (1.0 - (1.0 - top_k / experts) ** tokens)
+
+
+def _unread(cfg: ModelConfig, spec: LayerSpec, rows: int) -> float:
+    """The experts no token of the pass is routed to (expected, uniform routing): their weights
+    and biases stay in memory unread, which is the MoE verify pass's cost model (docs/scaling.md)."""
+    d, f, e = cfg.hidden_size, expert_width(cfg, spec), mlp_option(spec, "experts")
+    per_expert = 3 * d * f + (2 * f + d) * bool(mlp_option(spec, "expert_bias"))
+    return (e - expected_experts(e, mlp_option(spec, "top_k"), rows)) * per_expert
+
+
 MOE = register_mlp(MLPKind(
     name="moe", module=MoE, options=OPTIONS, weights=_weights,
     sharding=(
@@ -171,4 +186,5 @@ MOE = register_mlp(MLPKind(
         (r"(^|\.)mlp\.experts_down_bias$", (None, None)),
     ),
     flops=_flops,
+    unread=_unread,
 ))
