@@ -150,7 +150,8 @@ def test_chunked_anchor_attention_equals_the_reference_value_and_gradient(chunk)
 
 def sharded_kernels_check() -> None:
     """8 simulated devices: under a mesh the kernels run per shard (shard_map) and equal the
-    unsharded references, including meshes whose axes do not divide the heads or the batch."""
+    unsharded references, including meshes whose axes do not divide the heads or the batch
+    (verify with a window, sinks split with the query heads and positions with the rows)."""
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -160,15 +161,17 @@ def sharded_kernels_check() -> None:
     want_prefill = np.asarray(dense(q, k, v, seg))
     lengths = jnp.asarray([3, 0, 10, 7], jnp.int32)
     bm = jnp.tril(jnp.ones((6, 6), bool))
-    qv = q[:, :6]
-    want_verify = np.asarray(reference_verify_attention(qv, k, v, lengths, bm))
+    qv, sinks = q[:, :6], make_sinks()
+    pos = lengths[:, None] + jnp.arange(6)[None]
+    want_verify = np.asarray(reference_verify_attention(qv, k, v, lengths, bm, sinks, pos, window=4))
     for shape in ((8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8)):
         mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
         put = lambda x, mesh=mesh: jax.device_put(x, NamedSharding(mesh, P()))  # noqa: E731
         with jax.set_mesh(mesh):
             got = jax.jit(lambda *a: dispatch.prefill_attention(*a, impl="pallas"))(*map(put, (q, k, v, seg)))
             np.testing.assert_allclose(np.asarray(got), want_prefill, rtol=1e-5, atol=1e-6)
-            got = jax.jit(dispatch.verify_attention)(*map(put, (qv, k, v, lengths, bm)))
+            verify_args = map(put, (qv, k, v, lengths, bm, sinks, pos))
+            got = jax.jit(lambda *a: dispatch.verify_attention(*a, window=4))(*verify_args)
             np.testing.assert_allclose(np.asarray(got), want_verify, rtol=1e-5, atol=1e-6)
         print("ok", shape)
 
