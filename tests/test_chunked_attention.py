@@ -85,10 +85,10 @@ def test_kernel_bf16_and_gradient_is_the_chunked_form():
     loss = lambda fn: lambda q, k, v, s: (fn(q, k, v, seg, s, window=6) ** 2).sum()  # noqa: E731
     every = (0, 1, 2, 3)
     kernel = lambda *a, **o: pa.prefill_attention(*a, **o, q_tile=8, kv_tile=8, interpret=True)  # noqa: E731
-    g_kernel = jax.grad(loss(kernel), argnums=every)(q, k, v, sinks)
-    g_chunked = jax.grad(loss(lambda *a, **o: pa.chunked_prefill_attention(*a, **o, chunk=8)),
-                         argnums=every)(q, k, v, sinks)
-    g_dense = jax.grad(loss(dense), argnums=every)(q, k, v, sinks)
+    g_kernel = jax.jit(jax.grad(loss(kernel), argnums=every))(q, k, v, sinks)
+    g_chunked = jax.jit(jax.grad(loss(lambda *a, **o: pa.chunked_prefill_attention(*a, **o, chunk=8)),
+                                 argnums=every))(q, k, v, sinks)
+    g_dense = jax.jit(jax.grad(loss(dense), argnums=every))(q, k, v, sinks)
     for a, c, b in zip(g_kernel, g_chunked, g_dense, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(np.asarray(c), np.asarray(b), rtol=1e-4, atol=1e-5)
