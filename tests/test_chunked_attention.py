@@ -100,6 +100,10 @@ def test_bad_shapes_are_refused():
         pa.prefill_attention(q, k[:, :5], v[:, :5], seg)
     with pytest.raises(ValueError, match="segment_ids"):
         pa.prefill_attention(q, k, v, seg[:, :5])
+    with pytest.raises(ValueError, match=r"sinks must be \[N\]=\[4\]"):
+        pa.prefill_attention(q, k, v, seg, jnp.zeros((2,)))
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        pa.prefill_attention(q, k, v, seg, window=-3)
 
 
 @pytest.mark.parametrize("impl", ["auto", "reference", "pallas"])

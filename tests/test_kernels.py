@@ -192,11 +192,16 @@ def test_tpu_variants_under_the_tpu_interpreter():
     _close(out, reference_anchor_block_attention(qa, k, v, kb, vb, mask), jnp.float32)
 
 
-def test_verify_attention_rejects_long_blocks():
+def test_verify_attention_rejects_long_blocks_and_bad_options():
     q = jnp.zeros((1, 129, 2, 16))
     kv = jnp.zeros((1, 200, 2, 16))
+    lengths = jnp.zeros((1,), jnp.int32)
     with pytest.raises(ValueError, match="prefill"):
-        verify_attention(q, kv, kv, jnp.zeros((1,), jnp.int32), causal_mask(129), interpret=True)
+        verify_attention(q, kv, kv, lengths, causal_mask(129), interpret=True)
+    with pytest.raises(ValueError, match=r"sinks must be \[N\]=\[2\]"):
+        verify_attention(q[:, :4], kv, kv, lengths, causal_mask(4), jnp.zeros((3,)), interpret=True)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        verify_attention(q[:, :4], kv, kv, lengths, causal_mask(4), window=-1, interpret=True)
 
 
 # ------------------------------------------------------------------------- anchor-block attention
