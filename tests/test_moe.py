@@ -23,20 +23,30 @@ from dflash.io import load_target, save_target
 from dflash.models import count_params
 from dflash.models.moe_mlp import MoE
 
+GPT_OSS_MOE = {"router": "topk_softmax", "router_bias": True, "expert_bias": True,
+               "activation": "clamped_swiglu", "swiglu_limit": 0.05,  # a limit the tiny weights' values cross
+               "layout": "gpt_oss"}
 
-def _moe(e: int, k: int, norm: bool, seed: int = 0) -> MoE:
+
+def _moe(e: int, k: int, norm: bool, seed: int = 0, **options) -> MoE:
     cfg = ModelConfig(model_type="qwen3_moe", vocab_size=11, hidden_size=20, intermediate_size=16,
                       num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4)
     spec = LayerSpec(mlp="moe", mlp_options={"experts": e, "top_k": k, "norm_topk_prob": norm,
-                                             "intermediate_size": 12})
+                                             "intermediate_size": 12, **options})
     moe = MoE(cfg, spec, dtype=jnp.float32, rngs=nnx.Rngs(seed))
     moe.gate.kernel[...] = moe.gate.kernel[...] * 40  # decisive routing (see conftest.make_hf_model)
+    rng = np.random.default_rng(seed)
+    for name in ("experts_gate_bias", "experts_up_bias", "experts_down_bias"):
+        if getattr(moe, name) is not None:
+            bias = getattr(moe, name)
+            bias[...] = jnp.asarray(0.05 * rng.normal(size=bias.shape), jnp.float32)
     return moe
 
 
-@pytest.mark.parametrize("e,k,norm", [(5, 3, True), (7, 1, False)])
-def test_grouped_experts_equal_the_formula_with_gradients(e, k, norm):
-    moe = _moe(e, k, norm)
+@pytest.mark.parametrize("e,k,norm,options", [(5, 3, True, {}), (7, 1, False, {}),
+                                              (6, 2, False, GPT_OSS_MOE)])
+def test_grouped_experts_equal_the_formula_with_gradients(e, k, norm, options):
+    moe = _moe(e, k, norm, **options)
     x = jnp.asarray(np.random.default_rng(e).normal(size=(3, 7, 20)), jnp.float32)  # 21 tokens
     graphdef, params = nnx.split(moe)
 
