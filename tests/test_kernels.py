@@ -33,6 +33,7 @@ from dflash.kernels import (
     reference_verify_attention,
     verify_attention,
 )
+from dflash.kernels.prefill_attention import prefill_attention, reference_prefill_attention
 from dflash.models import build, init_cache
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
@@ -175,14 +176,17 @@ def test_verify_attention_fully_masked_rows_are_zero(backend):
 
 def test_tpu_variants_under_the_tpu_interpreter():
     """The Mosaic variants under Pallas' TPU interpreter: SMEM/VMEM, DMAs, NaN-filled
-    uninitialised memory (scratch included) and race detection, closer to hardware."""
+    uninitialised memory (scratch included) and race detection, closer to hardware (verify and
+    prefill with windows that skip whole kv tiles, and sinks)."""
     rng = np.random.default_rng(8)
     params = pltpu.InterpretParams(uninitialized_memory="nan", detect_races=True)
     b, t, n, kh, h, s = 2, 3, 4, 2, 16, 21
     q, k, v = _qkv(rng, b, t, s, n, kh, h, jnp.float32)
     lengths, bm = jnp.asarray([0, 18], jnp.int32), _block_mask("tree", rng, b, t)
-    out = verify_attention(q, k, v, lengths, bm, kv_tile=8, backend="tpu", interpret=params, poison=True)
-    _close(out, reference_verify_attention(q, k, v, lengths, bm), jnp.float32)
+    sinks, pos = _sinks(rng, n), _positions("tree", bm, lengths)
+    out = verify_attention(q, k, v, lengths, bm, sinks, pos, window=5, kv_tile=8, backend="tpu",
+                           interpret=params, poison=True)
+    _close(out, reference_verify_attention(q, k, v, lengths, bm, sinks, pos, window=5), jnp.float32)
     a, qn = 3, 2
     qa, kb, vb = (_normal(rng, shape, jnp.float32) for shape in [(b, a, qn, n, h), (b, a, qn, kh, h),
                                                                     (b, a, qn, kh, h)])
@@ -190,6 +194,10 @@ def test_tpu_variants_under_the_tpu_interpreter():
     out = anchor_block_attention(qa, k, v, kb, vb, mask, ctx_tile=8, anchors_per_program=2, backend="tpu",
                                  interpret=params, poison=True)
     _close(out, reference_anchor_block_attention(qa, k, v, kb, vb, mask), jnp.float32)
+    seg = jnp.asarray([[1] * 12 + [2] * 9, [1] * 21], jnp.int32)  # prefill: two documents, one
+    qp = _normal(rng, (b, s, n, h), jnp.float32)
+    out = prefill_attention(qp, k, v, seg, sinks, window=6, q_tile=8, kv_tile=8, interpret=params)
+    _close(out, reference_prefill_attention(qp, k, v, seg, sinks, window=6), jnp.float32)
 
 
 def test_verify_attention_rejects_long_blocks_and_bad_options():
