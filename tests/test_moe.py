@@ -201,3 +201,9 @@ def test_a_dflash_drafter_trains_on_an_moe_target_and_decodes_losslessly(tmp_pat
     ref = generate(target, prompts, max_new_tokens=12, eos_ids=())
     out = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=12, eos_ids=())
     assert out.tokens == ref.tokens
+    # A tree of 2 beams (one verify pass routes every node of the tree): the same tokens.
+    from dflash.drafters import tree_method_for
+
+    tree = speculative_generate(target, prompts, method=tree_method_for(drafter, 2), drafter=drafter,
+                                max_new_tokens=12, eos_ids=())
+    assert tree.tokens == ref.tokens
