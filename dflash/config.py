@@ -18,6 +18,7 @@ from dflash.errors import ConfigError
 
 # Names of the dtypes a model can be loaded or computed in (configs and CLIs take these names).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ROPE_TYPES = ("default", "llama3", "yarn")
 
 def check_block_drafter(name: str, layers: ModelConfig, *, block_size: int, mask_token_id: int) -> None:
     """Checks every block drafter shares (DFlash, Orthrus) on the ``layers`` it runs; ``name``
@@ -35,7 +36,14 @@ def check_block_drafter(name: str, layers: ModelConfig, *, block_size: int, mask
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (``rope_type`` is ``default`` or ``llama3``)."""
+    """Rotary embedding parameters (``rope_type`` is ``default``, ``llama3`` or ``yarn``).
+
+    llama3 reads ``factor``, ``low_freq_factor``, ``high_freq_factor`` and
+    ``original_max_position_embeddings``; YaRN reads ``factor``, ``beta_fast``, ``beta_slow``,
+    ``truncate``, ``original_max_position_embeddings`` and scales cos and sin by
+    ``attention_factor`` (0: derived from ``factor``, ``mscale`` and ``mscale_all_dim`` as
+    transformers derives it). Fields another type does not read stay at their defaults.
+    """
 
     theta: float = 10000.0
     rope_type: str = "default"
@@ -43,12 +51,17 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 0.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.rope_type not in ("default", "llama3"):
-            raise ConfigError(
-                f"rope_type={self.rope_type!r} is not supported (supported: 'default', 'llama3')"
-            )
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_type={self.rope_type!r} is not supported (supported: "
+                              f"{', '.join(map(repr, ROPE_TYPES))})")
         if self.theta <= 0:
             raise ConfigError(f"rope theta must be positive, got {self.theta}")
 
@@ -61,13 +74,54 @@ class RopeConfig:
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type == "default":  # scaling fields are meaningless: keep them canonical
             return cls(theta=theta)
+        original = int(params.get("original_max_position_embeddings",
+                                  hf.get("max_position_embeddings", 8192)))
+        if rope_type == "yarn":  # transformers' defaults (beta_fast / beta_slow: `or`, as it reads them)
+            factor = params.get("factor") or hf.get("max_position_embeddings", original) / original
+            return cls(theta=theta, rope_type=rope_type, factor=float(factor),
+                       original_max_position_embeddings=original,
+                       beta_fast=float(params.get("beta_fast") or 32.0),
+                       beta_slow=float(params.get("beta_slow") or 1.0),
+                       truncate=bool(params.get("truncate", True)),
+                       attention_factor=float(params.get("attention_factor") or 0.0),
+                       mscale=float(params.get("mscale") or 0.0),
+                       mscale_all_dim=float(params.get("mscale_all_dim") or 0.0))
         return cls(
             theta=theta, rope_type=rope_type, factor=float(params.get("factor", 1.0)),
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(params.get(
-                "original_max_position_embeddings", hf.get("max_position_embeddings", 8192))),
+            original_max_position_embeddings=original,
         )
+
+    def scaling_to_hf(self) -> dict[str, Any]:
+        """The ``rope_scaling`` / ``rope_parameters`` fields of this type (no ``rope_theta``)."""
+        out: dict[str, Any] = {"rope_type": self.rope_type}
+        if self.rope_type == "llama3":
+            out.update(factor=self.factor, low_freq_factor=self.low_freq_factor,
+                       high_freq_factor=self.high_freq_factor,
+                       original_max_position_embeddings=self.original_max_position_embeddings)
+        elif self.rope_type == "yarn":
+            out.update(factor=self.factor, beta_fast=self.beta_fast, beta_slow=self.beta_slow,
+                       truncate=self.truncate,
+                       original_max_position_embeddings=self.original_max_position_embeddings)
+            out.update({k: getattr(self, k) for k in ("attention_factor", "mscale", "mscale_all_dim")
+                        if getattr(self, k)})
+        return out
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor YaRN applies to cos and sin (1 for the other types), as transformers computes it."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor:
+            return self.attention_factor
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return float(mscale(self.factor, self.mscale) / mscale(self.factor, self.mscale_all_dim))
+        return mscale(self.factor)
 
 
 Option = tuple[str, bool | int | float | str]
@@ -90,7 +144,8 @@ class LayerSpec:
 
     The kinds are keys of ``dflash.models.kinds`` (``attention``; ``dense``), which also say which
     options each accepts and their defaults (attention: ``qk_norm``, ``qkv_bias``, ``o_bias``,
-    ``window``, ``sinks``, ``output_gate``, ``rotary_dim``; dense: ``bias``). Options are stored as
+    ``window``, ``sinks``, ``output_gate``, ``rotary_dim``; dense: ``bias``; moe: ``experts``,
+    ``top_k``, ``router``, ``expert_bias``, ``activation`` ...). Options are stored as
     sorted ``(name, value)`` pairs; pass a dict.
     """
 
@@ -117,7 +172,7 @@ class LayerSpec:
 @dataclasses.dataclass(frozen=True)
 class Family:
     """A ``model_type`` we read: its HF architecture name and the layer every model of it has by
-    default (Qwen3: q/k norm; Qwen2: q/k/v biases; Llama: biases as its config says)."""
+    default (Qwen3: q/k norm; Qwen2: q/k/v biases; Llama: biases as its config says; gpt-oss: sinks)."""
 
     architecture: str
     layer: LayerSpec
@@ -129,9 +184,32 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaForCausalLM", LayerSpec()),
     # Qwen3 attention; each layer's MLP a mixture of experts or dense as the config says (_moe_mlps).
     "qwen3_moe": Family("Qwen3MoeForCausalLM", LayerSpec(mixer_options={"qk_norm": True})),
+    # Attention sinks and biases, windows on the layers layer_types slides; every MLP a mixture of
+    # experts with gpt-oss routing, biases and clamped SwiGLU (_gpt_oss_mlps).
+    "gpt_oss": Family("GptOssForCausalLM", LayerSpec(mixer_options={"sinks": True})),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 WINDOWED_FAMILIES = ("qwen3", "qwen2", "qwen3_moe")  # read use_sliding_window / sliding_window / layer_types
+# The class defaults of a family's HF config that differ from the other families' (read when a
+# config.json omits the key, as transformers fills it in).
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt_oss": {"attention_bias": True, "sliding_window": 128, "swiglu_limit": 7.0, "swiglu_alpha": 1.702,
+                "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                    "truncate": False, "original_max_position_embeddings": 4096,
+                                    "rope_theta": 150000.0}},
+}
+# Config fields of mixture-of-experts designs we cannot build, each with what it asks for.
+UNSUPPORTED_FIELDS = {
+    "n_group": "group-limited expert routing (DeepSeek-V3 / Kimi)",
+    "topk_group": "group-limited expert routing (DeepSeek-V3 / Kimi)",
+    "scoring_func": "sigmoid expert scoring (DeepSeek-V3 / Kimi)",
+    "kv_lora_rank": "multi-head latent attention (DeepSeek MLA)",
+    "q_lora_rank": "multi-head latent attention (DeepSeek MLA)",
+    "n_shared_experts": "shared experts",
+    "shared_expert_intermediate_size": "shared experts",
+}
+UNSUPPORTED_TYPES = {"deepseek_v3": "n_group", "deepseek_v2": "kv_lora_rank", "kimi_k2": "n_group"}
+QUANT_METHODS = ("mxfp4",)  # quantization_config.quant_method values loading dequantises
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,11 +276,13 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Reads a Hugging Face ``config.json`` dict (old and new rope formats)."""
         model_type = hf.get("model_type")
+        _refuse_unsupported(hf)
         if model_type not in FAMILIES:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; supported: "
                 + ", ".join(SUPPORTED_MODEL_TYPES)
             )
+        hf = _with_defaults(hf, model_type)
         if hf.get("use_sliding_window") and model_type not in WINDOWED_FAMILIES:
             raise ConfigError(f"use_sliding_window=true is not supported for model_type {model_type!r} "
                               f"(sliding windows are read for {', '.join(WINDOWED_FAMILIES)})")
@@ -241,14 +321,7 @@ class ModelConfig:
         Layers other than the family's default are written as ``dflash_layers`` (one spec each),
         which ``from_hf`` reads back; ``transformers`` ignores the key.
         """
-        rope: dict[str, Any] = {"rope_theta": self.rope.theta, "rope_type": self.rope.rope_type}
-        if self.rope.rope_type == "llama3":
-            rope.update(
-                factor=self.rope.factor,
-                low_freq_factor=self.rope.low_freq_factor,
-                high_freq_factor=self.rope.high_freq_factor,
-                original_max_position_embeddings=self.rope.original_max_position_embeddings,
-            )
+        rope: dict[str, Any] = {"rope_theta": self.rope.theta, **self.rope.scaling_to_hf()}
         eos: Any = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
         first = self.layers[0]
         out: dict[str, Any] = {
@@ -278,10 +351,13 @@ class ModelConfig:
         if self.model_type == "qwen3_moe":
             out.update(_moe_to_hf(self.layers))
         windows = {spec.mixer_option("window", 0) for spec in self.layers} - {0}
+        types = ["sliding_attention" if spec.mixer_option("window", 0) else "full_attention"
+                 for spec in self.layers]
         if len(windows) == 1 and self.model_type in WINDOWED_FAMILIES:  # HF's own sliding-window keys
-            types = ["sliding_attention" if spec.mixer_option("window", 0) else "full_attention"
-                     for spec in self.layers]
             out.update(use_sliding_window=True, sliding_window=windows.pop(), layer_types=types)
+        if self.model_type == "gpt_oss":
+            out.update(_gpt_oss_to_hf(self.layers), layer_types=types,
+                       sliding_window=min(windows) if windows else HF_DEFAULTS["gpt_oss"]["sliding_window"])
         if self.layers != _layers_from_hf(out, self.model_type):
             out["dflash_layers"] = [spec.to_json() for spec in self.layers]
         return out
@@ -300,7 +376,9 @@ class ModelConfig:
             attn += self.num_heads * bool(opt("sinks", False))
             if spec.mlp == "moe":
                 e = spec.mlp_option("experts")
-                mlp = h * e + e * 3 * h * (spec.mlp_option("intermediate_size") or self.intermediate_size)
+                f = spec.mlp_option("intermediate_size") or self.intermediate_size
+                mlp = h * e + e * 3 * h * f + e * bool(spec.mlp_option("router_bias", False))
+                mlp += e * (2 * f + h) * bool(spec.mlp_option("expert_bias", False))
             else:
                 mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * bool(
                     spec.mlp_option("bias", False))
@@ -330,15 +408,20 @@ def _layers_from_hf(hf: dict[str, Any], model_type: str) -> tuple[LayerSpec, ...
     full = LayerSpec(spec.mixer, spec.mlp, mixer, mlp)
     if model_type == "qwen3_moe":
         return _moe_mlps(hf, _attention_layers(hf, full, n))
+    if model_type == "gpt_oss":
+        return _gpt_oss_mlps(hf, _attention_layers(hf, full, n))
     return _attention_layers(hf, full, n)
 
 
 def _attention_layers(hf: dict[str, Any], full: LayerSpec, n: int) -> tuple[LayerSpec, ...]:
     """``full`` on every layer, with the sliding window on the layers the config slides."""
-    if not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+    gpt_oss = hf["model_type"] == "gpt_oss"  # always windowed: layer_types, else every other layer
+    if not (hf.get("use_sliding_window") or gpt_oss) or hf.get("sliding_window") is None:
         return (full,) * n
-    # As transformers reads it: layer_types, else the layers from max_window_layers on slide.
-    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", n) else
+    # As transformers reads it: layer_types, else the layers from max_window_layers on slide
+    # (gpt-oss: the even layers).
+    types = hf.get("layer_types") or ["sliding_attention" if (i % 2 == 0 if gpt_oss else
+                                                              i >= hf.get("max_window_layers", n)) else
                                       "full_attention" for i in range(n)]
     if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
         raise ConfigError(f"config.json layer_types must list {n} of 'full_attention' / 'sliding_attention', "
@@ -380,6 +463,59 @@ def _moe_to_hf(layers: tuple[LayerSpec, ...]) -> dict[str, Any]:
             "moe_intermediate_size": first["intermediate_size"],
             "norm_topk_prob": bool(first.get("norm_topk_prob", False)), "decoder_sparse_step": 1,
             "mlp_only_layers": [i for i, spec in enumerate(layers) if spec.mlp != "moe"]}
+
+
+def _gpt_oss_mlps(hf: dict[str, Any], layers: tuple[LayerSpec, ...]) -> tuple[LayerSpec, ...]:
+    """gpt-oss: every layer's MLP a mixture of ``num_local_experts`` experts of width
+    ``intermediate_size``: top-k on the router's logits (it has a bias), softmax over the k, experts
+    with biases and the clamped SwiGLU (``swiglu_limit``, ``swiglu_alpha``)."""
+    for key in ("num_local_experts", "num_experts_per_tok"):
+        if key not in hf:
+            raise ConfigError(f"config.json lacks {key!r}, which a gpt_oss model needs")
+    moe = {"experts": hf["num_local_experts"], "top_k": hf["num_experts_per_tok"],
+           "intermediate_size": hf["intermediate_size"], "router": "topk_softmax", "router_bias": True,
+           "expert_bias": True, "activation": "clamped_swiglu", "swiglu_limit": float(hf["swiglu_limit"]),
+           "swiglu_alpha": float(hf["swiglu_alpha"]), "layout": "gpt_oss"}
+    return tuple(dataclasses.replace(spec, mlp="moe", mlp_options=moe) for spec in layers)
+
+
+def _gpt_oss_to_hf(layers: tuple[LayerSpec, ...]) -> dict[str, Any]:
+    """The gpt-oss keys that describe ``layers`` (the first layer's experts; anything else is left to
+    ``dflash_layers``)."""
+    first = dict(layers[0].mlp_options)
+    return {"num_local_experts": first.get("experts", 1), "num_experts_per_tok": first.get("top_k", 1),
+            "swiglu_limit": first.get("swiglu_limit", 7.0), "swiglu_alpha": first.get("swiglu_alpha", 1.702)}
+
+
+def _with_defaults(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """``hf`` with its family's class defaults where it omits a key (or sets it to null); the
+    default RoPE only when the file has neither ``rope_parameters`` nor ``rope_scaling``."""
+    given = {k: v for k, v in hf.items() if v is not None}
+    defaults = dict(HF_DEFAULTS.get(model_type, {}))
+    if "rope_scaling" in given or "rope_parameters" in given:
+        defaults.pop("rope_parameters", None)
+    return {**defaults, **given}
+
+
+def _refuse_unsupported(hf: dict[str, Any]) -> None:
+    """A clear error naming the config field of a mixture-of-experts design (or a quantization)
+    we cannot build."""
+    fields = [k for k in UNSUPPORTED_FIELDS if hf.get(k) not in (None, 0, "softmax")]
+    model_type = hf.get("model_type")
+    if fields:
+        raise ConfigError(f"config.json {fields[0]}={hf[fields[0]]!r} asks for "
+                          f"{UNSUPPORTED_FIELDS[fields[0]]}, "
+                          f"which is not supported (model_type {model_type!r}; supported: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type in UNSUPPORTED_TYPES:
+        raise ConfigError(f"unsupported model_type {model_type!r}: it uses "
+                          f"{UNSUPPORTED_FIELDS[UNSUPPORTED_TYPES[model_type]]} (config field "
+                          f"{UNSUPPORTED_TYPES[model_type]!r}); supported: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    quant = (hf.get("quantization_config") or {}).get("quant_method")
+    if quant is not None and quant not in QUANT_METHODS:
+        raise ConfigError(f"config.json quantization_config.quant_method={quant!r} is not supported (loading "
+                          f"dequantises {', '.join(QUANT_METHODS)}; others must be dequantised first)")
 
 
 def _llama3_rope() -> RopeConfig:
@@ -428,6 +564,23 @@ PRESETS["qwen3_30b_a3b"] = ModelConfig.from_hf({
     "tie_word_embeddings": False, "eos_token_id": 151645, "num_experts": 128, "num_experts_per_tok": 8,
     "moe_intermediate_size": 768, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []})
 
+# gpt-oss-20b / -120b (their config.json's keys that we read; the hub files store the experts in MXFP4,
+# dequantised on load): 24 / 36 layers alternating a 128-position window and full attention, each a
+# mixture of 32 / 128 experts, 4 per token.
+_GPT_OSS = {
+    "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-5,
+    "rope_theta": 150000, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                           "beta_slow": 1.0, "truncate": False,
+                                           "original_max_position_embeddings": 4096},
+    "max_position_embeddings": 131072, "tie_word_embeddings": False, "attention_bias": True,
+    "sliding_window": 128, "num_experts_per_tok": 4, "swiglu_limit": 7.0, "eos_token_id": 200002,
+    "pad_token_id": 199999, "quantization_config": {"quant_method": "mxfp4"}}
+for _name, _layers, _experts in (("gpt_oss_20b", 24, 32), ("gpt_oss_120b", 36, 128)):
+    PRESETS[_name] = ModelConfig.from_hf({
+        **_GPT_OSS, "num_hidden_layers": _layers, "num_local_experts": _experts,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(_layers)]})
+
 
 def preset(name: str) -> ModelConfig:
     """Named full-size architecture preset (``qwen3_8b`` ...)."""
@@ -458,6 +611,8 @@ HUB_PRESETS = {
     "Qwen/Qwen3-4B": "qwen3_4b",
     "Qwen/Qwen3-8B": "qwen3_8b",
     "Qwen/Qwen3-30B-A3B": "qwen3_30b_a3b",
+    "openai/gpt-oss-20b": "gpt_oss_20b",
+    "openai/gpt-oss-120b": "gpt_oss_120b",
     "meta-llama/Llama-3.1-8B-Instruct": "llama3_1_8b",
     "meta-llama/Llama-3.1-8B": "llama3_1_8b",
     "meta-llama/Llama-3.3-70B-Instruct": "llama3_3_70b",

@@ -31,6 +31,17 @@ def decode_flops(cfg: ModelConfig, batch: int, new_tokens: int, context: int) ->
         2.0 * rows * cfg.hidden_size * cfg.vocab_size
 
 
+def params_read(cfg: ModelConfig, rows: int) -> float:
+    """Parameters one target pass over ``rows`` tokens reads from memory: all of them, less the
+    experts no token is routed to (each MLP kind's ``unread``: expected, under uniform routing) and,
+    when the embedding is not tied to the LM head, the table rows no token looks up."""
+    unread = sum(kind.unread(cfg, spec, rows) for spec in cfg.layers
+                 if (kind := kinds.mlp_kind(spec)).unread is not None)
+    if not cfg.tie_word_embeddings:
+        unread += max(cfg.vocab_size - rows, 0) * cfg.hidden_size
+    return cfg.num_params() - unread
+
+
 def head_flops(target: ModelConfig, head_rows: int, target_logits: bool) -> float:
     """The chunked loss head over ``head_rows`` drafted rows: forward, the backward's recompute and
     the input gradient (no weight gradient), plus the target's logits at the same rows if needed."""

@@ -274,7 +274,7 @@ def decode_plan(target_config: str, topology: str, mesh: Any = None, *, dtype: s
     ``topology`` against a KV cache of ``context`` positions: memory per chip, FLOPs and the
     time at peak FLOP/s or HBM bandwidth, whichever binds; ``verify_over_ar`` is the cost of a
     speculative step in AR steps, the ceiling's denominator (speedup <= tau / verify_over_ar)."""
-    from dflash.flops import decode_flops
+    from dflash.flops import decode_flops, params_read
     from dflash.models.kinds import init_cache
 
     topo = get_topology(topology)
@@ -299,8 +299,12 @@ def decode_plan(target_config: str, topology: str, mesh: Any = None, *, dtype: s
         compiled, seconds = compile_for_topology(step, (tstate, cache, ids, ids), m)
         mem = memory(compiled, local_bytes((tstate, cache)))
         flops = decode_flops(tcfg, batch, t, context)
-        read = weights + local_bytes(cache)  # every weight and the whole cache, once per pass
+        # The whole cache and every weight the pass touches, once (a MoE reads only the experts
+        # its tokens are routed to: expected under uniform routing, dflash.flops.params_read).
+        weights_read = weights * params_read(tcfg, batch * t) / tcfg.num_params()
+        read = weights_read + local_bytes(cache)
         passes[name] = {"new_tokens": t, "flops": flops, "memory_analysis": mem,
+                        "weights_read_bytes": round(weights_read),
                         "est_s_compute": flops / (topo.chips * topo.peak_flops),
                         "est_s_memory": read / topo.hbm_bw, "compile_s": round(seconds, 1),
                         **fit_fields(mem["total"], topo, compiled)}

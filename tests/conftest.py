@@ -16,6 +16,21 @@ _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
+# One persistent XLA compilation cache for the run, fresh each run (no entry outlives it): the
+# xdist workers and every process a test starts (CLIs, multi-process runs, notebooks) compile
+# the same tiny programs over and over; now each is compiled once. The first process that reads
+# this file (xdist's controller) makes the directory; the rest inherit it through the environment.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _CACHE = tempfile.mkdtemp(prefix="dflash-test-xla-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -36,10 +51,9 @@ LONGEST_FIRST = (
     "test_vllm.py::test_vllm_runs_our_exports_token_for_token",
     "test_plan.py::test_real_qwen3_8b_preset_fits_v5p_8",
     "test_sharded_training.py::test_loss_gradients_and_train_steps_agree_on_every_mesh",
-    "test_multiprocess.py::test_training_on_a_data_fsdp_tensor_mesh_across_two_processes_equals_one_process",
+    "test_multiprocess.py::test_training_across_two_processes_equals_one_and_resumes_on_another_process_count",
     "test_sharded_decoding.py::test_greedy_decoding_on_every_mesh_equals_unsharded",
     "test_sharded_training.py::test_checkpoints_move_between_meshes_and_resume_exactly_on_one",
-    "test_multiprocess.py::test_training_on_two_processes_equals_one_and_resumes_on_another_process_count",
 )
 
 
@@ -63,10 +77,18 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
 }
 # A tiny Qwen3-MoE: 6 experts, top 2, layer 1 dense (mlp_only_layers).
 MOE = {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "mlp_only_layers": [1],
        "norm_topk_prob": True}
+# A tiny gpt-oss: 5 experts of width 40, top 3, every other layer slid over a window of 5 positions
+# (shorter than the prompts), YaRN with the published beta / truncate settings.
+GPT_OSS = {"num_local_experts": 5, "num_experts_per_tok": 3, "intermediate_size": 40, "sliding_window": 5,
+           "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+           "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                               "truncate": False, "original_max_position_embeddings": 32,
+                               "rope_theta": 15000.0}}
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32, "rope_theta": 500000.0}
 
@@ -91,9 +113,15 @@ def make_hf_model(family: str, *, seed: int = 0, **overrides):
                 p.add_(0.1 * torch.randn_like(p))
         # Routers start near-uniform (tiny weights): spread their logits so each token's top-k
         # is decisive and float rounding between implementations cannot change the routing.
+        # gpt-oss: its expert biases ([E, 2F], [E, D]) random too, its sinks of either sign, and
+        # gate_up large enough that its clamps (gate <= 7, |up| <= 7) cut 10-30% of the values.
         for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight", "mlp.experts.gate_up_proj")):
                 p.mul_(40.0)
+            elif name.endswith("_proj_bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("self_attn.sinks"):
+                p.copy_(torch.randn_like(p))
     return model
 
 

@@ -24,11 +24,11 @@ def config(options: dict) -> ModelConfig:
                        num_heads=4, num_kv_heads=2, head_dim=8, layers=(spec, spec))
 
 
-def randomized(cfg: ModelConfig, seed: int):
+def randomized(cfg: ModelConfig, seed: int, impl: str = "auto"):
     """A model whose sinks, biases and norms are random too (they start as zeros / ones)."""
     from flax import nnx
 
-    graphdef, state = nnx.split(build(cfg, seed=seed))
+    graphdef, state = nnx.split(build(cfg, seed=seed, attention_impl=impl))
     rng = np.random.default_rng(seed)
     flat = {path: var.replace(jnp.asarray(var[...] + rng.normal(0, 0.5, var.shape), jnp.float32))
             if path[-1] in ("sinks", "weight", "bias") else var for path, var in nnx.to_flat_state(state)}
@@ -101,13 +101,16 @@ def test_each_option_equals_its_definition(name):
     np.testing.assert_allclose(np.asarray(got[0]), want, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", list(OPTIONS))
-def test_cached_chunks_and_packed_rows_equal_the_whole_pass(name):
+# (option set, attention_impl of the chunks and packed rows; the whole pass is the reference):
+# under ``pallas`` the cached chunks run the verify kernel, the packed rows the prefill kernel.
+@pytest.mark.parametrize("name,impl", [(name, "auto") for name in OPTIONS] + [("all", "pallas")])
+def test_cached_chunks_and_packed_rows_equal_the_whole_pass(name, impl):
     cfg = config(OPTIONS[name])
-    model = randomized(cfg, seed=3)
+    model = randomized(cfg, seed=3, impl=impl)
     rng = np.random.default_rng(4)
     ids = jnp.asarray(rng.integers(0, 53, (2, 13)), jnp.int32)
-    full = np.asarray(model(ids, jnp.broadcast_to(jnp.arange(13), (2, 13))).logits)
+    whole = randomized(cfg, seed=3, impl="reference")
+    full = np.asarray(whole(ids, jnp.broadcast_to(jnp.arange(13), (2, 13))).logits)
     cache, got = init_cache(cfg, 2, 16), []
     for lo, hi in ((0, 5), (5, 6), (6, 13)):  # prefill, one token, a block
         out = model(ids[:, lo:hi], jnp.broadcast_to(jnp.arange(lo, hi), (2, hi - lo)), cache)
@@ -118,8 +121,8 @@ def test_cached_chunks_and_packed_rows_equal_the_whole_pass(name):
     seg = jnp.asarray([[1] * 6 + [2] * 7])
     pos = jnp.asarray([list(range(6)) + list(range(7))])
     packed = np.asarray(model(ids[:1], pos, segment_ids=seg).logits)
-    np.testing.assert_allclose(packed[:, :6], np.asarray(model(ids[:1, :6], pos[:, :6]).logits), atol=1e-5)
-    np.testing.assert_allclose(packed[:, 6:], np.asarray(model(ids[:1, 6:], pos[:, 6:]).logits), atol=1e-5)
+    np.testing.assert_allclose(packed[:, :6], np.asarray(whole(ids[:1, :6], pos[:, :6]).logits), atol=1e-5)
+    np.testing.assert_allclose(packed[:, 6:], np.asarray(whole(ids[:1, 6:], pos[:, 6:]).logits), atol=1e-5)
 
 
 def test_unknown_option_or_kind_is_a_clear_error():

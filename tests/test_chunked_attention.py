@@ -24,31 +24,48 @@ def make_qkv(seed=0, b=2, s=37, n=4, kh=2, h=16, dtype=jnp.float32, docs=4):
     return f(b, s, n, h), f(b, s, kh, h), f(b, s, kh, h), jnp.asarray(seg, jnp.int32)
 
 
-def dense(q, k, v, seg):
-    """The model's attention exactly as the trainer builds it: tril & same segment, then ``attend``."""
+def dense(q, k, v, seg, sinks=None, window=0):
+    """The model's attention exactly as the trainer builds it: tril & same segment (& inside the
+    sliding window: ``t - s < window``), then ``attend`` (with the sinks)."""
     b, s = seg.shape
     mask = jnp.tril(jnp.ones((s, s), bool))[None] & (seg[:, :, None] == seg[:, None, :])
-    return attend(q, k, v, mask).reshape(q.shape)
+    if window:
+        mask &= (jnp.arange(s)[:, None] - jnp.arange(s)[None, :] < window)[None]
+    return attend(q, k, v, mask, sinks).reshape(q.shape)
 
 
-@pytest.mark.parametrize("chunk", [1, 8, 37, 100])
-def test_chunked_equals_dense(chunk):
+def make_sinks(n=4, seed=0):
+    """Random sink logits ``[N]``: one large (takes nearly all the mass), one very negative."""
+    sinks = np.random.default_rng(seed).normal(size=n) * 3
+    sinks[0], sinks[-1] = 20.0, -40.0
+    return jnp.asarray(sinks, jnp.float32)
+
+
+# (chunk, window, sinks): windows shorter than a chunk, than a document, longer than the row
+@pytest.mark.parametrize("chunk,window,sinks", [(1, 0, False), (8, 5, True), (37, 0, True), (100, 50, False)])
+def test_chunked_equals_dense(chunk, window, sinks):
     q, k, v, seg = make_qkv()
-    np.testing.assert_allclose(np.asarray(pa.chunked_prefill_attention(q, k, v, seg, chunk=chunk)),
-                               np.asarray(dense(q, k, v, seg)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(pa.reference_prefill_attention(q, k, v, seg)),
-                                  np.asarray(dense(q, k, v, seg)))
+    sinks_N = make_sinks() if sinks else None
+    want = np.asarray(dense(q, k, v, seg, sinks_N, window))
+    got = pa.chunked_prefill_attention(q, k, v, seg, sinks_N, window=window, chunk=chunk)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    ref = pa.reference_prefill_attention(q, k, v, seg, sinks_N, window=window)
+    np.testing.assert_array_equal(np.asarray(ref), want)
 
 
-@pytest.mark.parametrize("shape,tiles", [
-    (dict(b=2, s=37, n=4, kh=2, h=16), (8, 16)),   # S not a multiple of either tile
-    (dict(b=1, s=64, n=6, kh=2, h=8), (16, 8)),    # kv tile smaller than the query tile; G = 3
-    (dict(b=3, s=20, n=2, kh=2, h=16), (32, 32)),  # one tile bigger than S; G = 1
+@pytest.mark.parametrize("shape,tiles,window,sinks", [
+    (dict(b=2, s=37, n=4, kh=2, h=16), (8, 16), 0, False),  # S not a multiple of either tile
+    (dict(b=1, s=64, n=6, kh=2, h=8), (16, 8), 11, True),   # kv tile < query tile; G = 3; kv tiles skipped
+    (dict(b=3, s=20, n=2, kh=2, h=16), (32, 32), 0, True),  # one tile bigger than S; G = 1
+    (dict(b=2, s=37, n=4, kh=2, h=16), (8, 8), 3, False),   # a window shorter than a tile
 ])
-def test_kernel_equals_dense_in_interpret_mode(shape, tiles):
+def test_kernel_equals_dense_in_interpret_mode(shape, tiles, window, sinks):
     q, k, v, seg = make_qkv(**shape)
-    got = pa.prefill_attention(q, k, v, seg, q_tile=tiles[0], kv_tile=tiles[1], interpret=True)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(dense(q, k, v, seg)), rtol=1e-5, atol=1e-6)
+    sinks_N = make_sinks(shape["n"]) if sinks else None
+    got = pa.prefill_attention(q, k, v, seg, sinks_N, window=window, q_tile=tiles[0], kv_tile=tiles[1],
+                               interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(dense(q, k, v, seg, sinks_N, window)), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_kernel_bf16_and_gradient_is_the_chunked_form():
@@ -63,6 +80,18 @@ def test_kernel_bf16_and_gradient_is_the_chunked_form():
     g_dense = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_kernel, g_dense, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # With a window and sinks (their gradient too), through the chunked form at a chunk < S.
+    sinks = make_sinks(seed=3) / 10
+    loss = lambda fn: lambda q, k, v, s: (fn(q, k, v, seg, s, window=6) ** 2).sum()  # noqa: E731
+    every = (0, 1, 2, 3)
+    kernel = lambda *a, **o: pa.prefill_attention(*a, **o, q_tile=8, kv_tile=8, interpret=True)  # noqa: E731
+    g_kernel = jax.jit(jax.grad(loss(kernel), argnums=every))(q, k, v, sinks)
+    g_chunked = jax.jit(jax.grad(loss(lambda *a, **o: pa.chunked_prefill_attention(*a, **o, chunk=8)),
+                                 argnums=every))(q, k, v, sinks)
+    g_dense = jax.jit(jax.grad(loss(dense), argnums=every))(q, k, v, sinks)
+    for a, c, b in zip(g_kernel, g_chunked, g_dense, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(c), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_shapes_are_refused():
@@ -71,6 +100,10 @@ def test_bad_shapes_are_refused():
         pa.prefill_attention(q, k[:, :5], v[:, :5], seg)
     with pytest.raises(ValueError, match="segment_ids"):
         pa.prefill_attention(q, k, v, seg[:, :5])
+    with pytest.raises(ValueError, match=r"sinks must be \[N\]=\[4\]"):
+        pa.prefill_attention(q, k, v, seg, jnp.zeros((2,)))
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        pa.prefill_attention(q, k, v, seg, window=-3)
 
 
 @pytest.mark.parametrize("impl", ["auto", "reference", "pallas"])
@@ -121,7 +154,8 @@ def test_chunked_anchor_attention_equals_the_reference_value_and_gradient(chunk)
 
 def sharded_kernels_check() -> None:
     """8 simulated devices: under a mesh the kernels run per shard (shard_map) and equal the
-    unsharded references, including meshes whose axes do not divide the heads or the batch."""
+    unsharded references, including meshes whose axes do not divide the heads or the batch
+    (verify with a window, sinks split with the query heads and positions with the rows)."""
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -131,15 +165,17 @@ def sharded_kernels_check() -> None:
     want_prefill = np.asarray(dense(q, k, v, seg))
     lengths = jnp.asarray([3, 0, 10, 7], jnp.int32)
     bm = jnp.tril(jnp.ones((6, 6), bool))
-    qv = q[:, :6]
-    want_verify = np.asarray(reference_verify_attention(qv, k, v, lengths, bm))
+    qv, sinks = q[:, :6], make_sinks()
+    pos = lengths[:, None] + jnp.arange(6)[None]
+    want_verify = np.asarray(reference_verify_attention(qv, k, v, lengths, bm, sinks, pos, window=4))
     for shape in ((8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8)):
         mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
         put = lambda x, mesh=mesh: jax.device_put(x, NamedSharding(mesh, P()))  # noqa: E731
         with jax.set_mesh(mesh):
             got = jax.jit(lambda *a: dispatch.prefill_attention(*a, impl="pallas"))(*map(put, (q, k, v, seg)))
             np.testing.assert_allclose(np.asarray(got), want_prefill, rtol=1e-5, atol=1e-6)
-            got = jax.jit(dispatch.verify_attention)(*map(put, (qv, k, v, lengths, bm)))
+            verify_args = map(put, (qv, k, v, lengths, bm, sinks, pos))
+            got = jax.jit(lambda *a: dispatch.verify_attention(*a, window=4))(*verify_args)
             np.testing.assert_allclose(np.asarray(got), want_verify, rtol=1e-5, atol=1e-6)
         print("ok", shape)
 

@@ -10,7 +10,8 @@ from dflash.models import abstract, count_params
 
 # Published parameter counts (HF model cards / safetensors metadata).
 PUBLISHED = {"qwen3_4b": 4_022_468_096, "qwen3_8b": 8_190_735_360, "llama3_1_8b": 8_030_261_248,
-             "qwen3_30b_a3b": 30_532_122_624}
+             "qwen3_30b_a3b": 30_532_122_624,
+             "gpt_oss_20b": 20_914_757_184, "gpt_oss_120b": 116_829_156_672}  # 20.91B / 116.83B
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -50,7 +51,7 @@ def test_family_flags_from_hf_config():
     ({"model_type": "llama", "use_sliding_window": True}, "sliding windows are read for qwen3, qwen2"),
     ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 4, "layer_types": ["chunked"]},
      "layer_types must list 1 of"),
-    ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "longrope"),
     ({"model_type": "qwen3", "num_key_value_heads": 3}, "multiple of num_kv_heads"),
 ])
 def test_bad_hf_configs_are_clear_errors(bad, match):

@@ -6,6 +6,8 @@ injecting a broken kernel."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from dflash.config import ModelConfig
 from dflash.kernels import dispatch, selfcheck
 from dflash.kernels.anchor_attention import anchor_block_attention
+from dflash.kernels.prefill_attention import prefill_attention
 from dflash.kernels.verify_attention import verify_attention
 from dflash.models.transformer import build
 
@@ -89,6 +92,17 @@ def test_a_kernel_that_disagrees_with_its_reference_fails_and_a_good_one_passes(
     # The real kernels pass (interpreted here: on a device they are compiled).
     assert selfcheck.check("verify_attention", verify_attention, LAYOUT, interpret=True) is None
     assert selfcheck.check("anchor_block_attention", anchor_block_attention, layout, interpret=True) is None
+    # A layer's options are part of the key and of the check: a verify kernel that ignores the
+    # sinks fails the form with sinks and a window; the real prefill kernel passes it (the real
+    # verify kernel's form is compared with its reference in tests/test_kernels.py).
+    gpt_oss = dataclasses.replace(LAYOUT, window=128, sinks=True)
+    assert "window 128, sinks" in selfcheck._key("verify_attention", gpt_oss)
+
+    def no_sinks(q, k, v, lengths, bm, sinks, **options):
+        return verify_attention(q, k, v, lengths, bm, **options)
+
+    assert "max abs difference" in selfcheck.check("verify_attention", no_sinks, gpt_oss, interpret=True)
+    assert selfcheck.check("prefill_attention", prefill_attention, gpt_oss, interpret=True) is None
 
 
 def test_cpu_auto_is_the_reference_and_checks_nothing(monkeypatch):

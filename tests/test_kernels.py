@@ -22,7 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from dflash.attention import causal_mask, visibility
 from dflash.cli import bench_kernels
-from dflash.config import ModelConfig
+from dflash.config import LayerSpec, ModelConfig
 from dflash.decoding.tree import ancestor_mask
 from dflash.drafters.dflash import DFlashConfig, build_drafter
 from dflash.errors import ConfigError
@@ -33,6 +33,7 @@ from dflash.kernels import (
     reference_verify_attention,
     verify_attention,
 )
+from dflash.kernels.prefill_attention import prefill_attention, reference_prefill_attention
 from dflash.models import build, init_cache
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
@@ -76,37 +77,62 @@ def _close(out, ref, dtype, rows=None):
     np.testing.assert_allclose(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+def _sinks(rng, n):
+    """Random sink logits ``[N]``, one of them large (it takes nearly all the mass) and one very
+    negative (it takes none)."""
+    sinks = rng.standard_normal(n) * 3
+    sinks[0], sinks[-1] = 25.0, -40.0
+    return jnp.asarray(sinks, jnp.float32)
+
+
+def _positions(kind, bm, lengths):
+    """The block's positions: a tree node sits at ``len + depth`` (its ancestors, itself included,
+    minus one), every other block is a chain ``len + t``."""
+    t = bm.shape[-1]
+    if kind == "tree":
+        return lengths[:, None] + jnp.sum(bm, -1).astype(jnp.int32) - 1
+    return lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+
+
 # ------------------------------------------------------------------------------- verify attention
-# (backend, dtype, N, K, T, S, tile, lengths, mask kind): awkward on purpose: lengths off the
-# tile grid, empty prefix (0), maximal (len + T == S), one-token blocks, GQA ratios 1/4/8.
+# (backend, dtype, N, K, T, S, tile, lengths, mask kind, window, sinks): awkward on purpose:
+# lengths off the tile grid, empty prefix (0), maximal (len + T == S), one-token blocks, GQA
+# ratios 1/4/8; windows shorter than the block (whole tiles before it skipped), shorter than
+# the prefix, longer than the whole cache; sinks random with a large and a very negative one.
 VERIFY_CASES = [
-    ("tpu", jnp.float32, 2, 2, 5, 37, 8, (0, 13, 32), "causal"),
-    ("tpu", jnp.float32, 8, 2, 7, 50, 16, (3, 43), "tree"),
-    ("tpu", jnp.bfloat16, 8, 1, 1, 21, 8, (0, 20, 9), "causal"),
-    ("tpu", jnp.float32, 4, 1, 4, 64, 16, (60, 16), "bidirectional"),
-    ("tpu", jnp.bfloat16, 4, 2, 6, 30, 8, (24, 5), "random"),
-    ("gpu", jnp.float32, 8, 2, 5, 37, 16, (0, 13, 32), "causal"),
-    ("gpu", jnp.bfloat16, 2, 2, 3, 45, 16, (42, 0), "tree"),
-    ("gpu", jnp.float32, 8, 1, 1, 70, 16, (69, 33), "random"),
+    ("tpu", jnp.float32, 2, 2, 5, 37, 8, (0, 13, 32), "causal", 0, False),
+    ("tpu", jnp.float32, 8, 2, 7, 50, 16, (3, 43), "tree", 4, True),
+    ("tpu", jnp.bfloat16, 8, 1, 1, 21, 8, (0, 20, 9), "causal", 0, True),
+    ("tpu", jnp.float32, 4, 1, 4, 64, 16, (60, 16), "bidirectional", 20, True),
+    ("tpu", jnp.bfloat16, 4, 2, 6, 30, 8, (24, 5), "random", 0, False),
+    ("tpu", jnp.float32, 4, 2, 5, 47, 8, (0, 17, 42), "causal", 3, False),
+    ("gpu", jnp.float32, 8, 2, 5, 37, 16, (0, 13, 32), "causal", 9, True),
+    ("gpu", jnp.bfloat16, 2, 2, 3, 45, 16, (42, 0), "tree", 0, False),
+    ("gpu", jnp.float32, 8, 1, 1, 70, 16, (69, 33), "random", 100, True),
+    ("gpu", jnp.float32, 4, 2, 6, 90, 16, (80, 37), "tree", 2, False),
 ]
 
 
-@pytest.mark.parametrize("backend,dtype,n,kh,t,s,tile,lengths,kind", VERIFY_CASES)
-def test_verify_attention_matches_reference(backend, dtype, n, kh, t, s, tile, lengths, kind):
+@pytest.mark.parametrize("backend,dtype,n,kh,t,s,tile,lengths,kind,window,sinks", VERIFY_CASES)
+def test_verify_attention_matches_reference(backend, dtype, n, kh, t, s, tile, lengths, kind, window, sinks):
     rng = np.random.default_rng(len(lengths) * 100 + t * 10 + n)
     b, h = len(lengths), 16
     q, k, v = _qkv(rng, b, t, s, n, kh, h, dtype)
     lengths = jnp.asarray(lengths, jnp.int32)
     bm = _block_mask(kind, rng, b, t)
-    out = verify_attention(q, k, v, lengths, bm, kv_tile=tile, backend=backend, interpret=True, poison=True)
+    sinks_N = _sinks(rng, n) if sinks else None
+    pos = _positions(kind, bm, lengths)
+    out = verify_attention(q, k, v, lengths, bm, sinks_N, pos, window=window, kv_tile=tile, backend=backend,
+                           interpret=True, poison=True)
     assert out.shape == (b, t, n, h) and out.dtype == dtype
     assert not np.isnan(np.asarray(out, np.float32)).any(), "an output element was never written"
-    _close(out, reference_verify_attention(q, k, v, lengths, bm), dtype)
+    _close(out, reference_verify_attention(q, k, v, lengths, bm, sinks_N, pos, window=window), dtype)
 
 
-@pytest.mark.parametrize("backend", ["tpu", "gpu"])
-def test_verify_attention_skips_tiles_past_the_block(backend):
-    """Slots in tiles wholly at or past ``len + T`` are never read: NaN there changes nothing.
+@pytest.mark.parametrize("backend,window", [("tpu", 0), ("gpu", 0), ("tpu", 6), ("gpu", 6)])
+def test_verify_attention_skips_tiles_past_the_block(backend, window):
+    """Slots in tiles wholly at or past ``len + T`` (and, with a window, wholly before every
+    query's window) are never read: NaN there changes nothing.
 
     (Merely masking them would not do: a masked probability 0 times a NaN value is NaN.)
     """
@@ -115,12 +141,16 @@ def test_verify_attention_skips_tiles_past_the_block(backend):
     q, k, v = _qkv(rng, b, t, s, n, kh, h, jnp.float32)
     lengths = jnp.asarray([0, 17, 40], jnp.int32)
     bm = _block_mask("causal", rng, b, t)
-    ref = reference_verify_attention(q, k, v, lengths, bm)
+    ref = reference_verify_attention(q, k, v, lengths, bm, window=window)
     first_dead = -(-(lengths + t) // tile) * tile  # first slot of the first tile past the block
-    dead = jnp.arange(s)[None, :, None, None] >= first_dead[:, None, None, None]
+    dead = jnp.arange(s)[None, :] >= first_dead[:, None]
+    if window:  # tiles before the one holding the oldest slot in the first query's window
+        dead |= jnp.arange(s)[None, :] < (jnp.maximum(lengths - window + 1, 0) // tile * tile)[:, None]
+        assert dead[2, :32].all()
+    dead = dead[:, :, None, None]
     k_nan, v_nan = jnp.where(dead, jnp.nan, k), jnp.where(dead, jnp.nan, v)
-    out = verify_attention(q, k_nan, v_nan, lengths, bm, kv_tile=tile, backend=backend, interpret=True,
-                           poison=True)
+    out = verify_attention(q, k_nan, v_nan, lengths, bm, window=window, kv_tile=tile, backend=backend,
+                           interpret=True, poison=True)
     _close(out, ref, jnp.float32)
 
 
@@ -146,14 +176,17 @@ def test_verify_attention_fully_masked_rows_are_zero(backend):
 
 def test_tpu_variants_under_the_tpu_interpreter():
     """The Mosaic variants under Pallas' TPU interpreter: SMEM/VMEM, DMAs, NaN-filled
-    uninitialised memory (scratch included) and race detection, closer to hardware."""
+    uninitialised memory (scratch included) and race detection, closer to hardware (verify and
+    prefill with windows that skip whole kv tiles, and sinks)."""
     rng = np.random.default_rng(8)
     params = pltpu.InterpretParams(uninitialized_memory="nan", detect_races=True)
     b, t, n, kh, h, s = 2, 3, 4, 2, 16, 21
     q, k, v = _qkv(rng, b, t, s, n, kh, h, jnp.float32)
     lengths, bm = jnp.asarray([0, 18], jnp.int32), _block_mask("tree", rng, b, t)
-    out = verify_attention(q, k, v, lengths, bm, kv_tile=8, backend="tpu", interpret=params, poison=True)
-    _close(out, reference_verify_attention(q, k, v, lengths, bm), jnp.float32)
+    sinks, pos = _sinks(rng, n), _positions("tree", bm, lengths)
+    out = verify_attention(q, k, v, lengths, bm, sinks, pos, window=5, kv_tile=8, backend="tpu",
+                           interpret=params, poison=True)
+    _close(out, reference_verify_attention(q, k, v, lengths, bm, sinks, pos, window=5), jnp.float32)
     a, qn = 3, 2
     qa, kb, vb = (_normal(rng, shape, jnp.float32) for shape in [(b, a, qn, n, h), (b, a, qn, kh, h),
                                                                     (b, a, qn, kh, h)])
@@ -161,13 +194,22 @@ def test_tpu_variants_under_the_tpu_interpreter():
     out = anchor_block_attention(qa, k, v, kb, vb, mask, ctx_tile=8, anchors_per_program=2, backend="tpu",
                                  interpret=params, poison=True)
     _close(out, reference_anchor_block_attention(qa, k, v, kb, vb, mask), jnp.float32)
+    seg = jnp.asarray([[1] * 12 + [2] * 9, [1] * 21], jnp.int32)  # prefill: two documents, one
+    qp = _normal(rng, (b, s, n, h), jnp.float32)
+    out = prefill_attention(qp, k, v, seg, sinks, window=6, q_tile=8, kv_tile=8, interpret=params)
+    _close(out, reference_prefill_attention(qp, k, v, seg, sinks, window=6), jnp.float32)
 
 
-def test_verify_attention_rejects_long_blocks():
+def test_verify_attention_rejects_long_blocks_and_bad_options():
     q = jnp.zeros((1, 129, 2, 16))
     kv = jnp.zeros((1, 200, 2, 16))
+    lengths = jnp.zeros((1,), jnp.int32)
     with pytest.raises(ValueError, match="prefill"):
-        verify_attention(q, kv, kv, jnp.zeros((1,), jnp.int32), causal_mask(129), interpret=True)
+        verify_attention(q, kv, kv, lengths, causal_mask(129), interpret=True)
+    with pytest.raises(ValueError, match=r"sinks must be \[N\]=\[2\]"):
+        verify_attention(q[:, :4], kv, kv, lengths, causal_mask(4), jnp.zeros((3,)), interpret=True)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        verify_attention(q[:, :4], kv, kv, lengths, causal_mask(4), window=-1, interpret=True)
 
 
 # ------------------------------------------------------------------------- anchor-block attention
@@ -245,6 +287,13 @@ def test_kernels_differentiate_as_their_references():
     vfn = lambda fn: jax.jit(jax.grad(lambda q: jnp.sum(fn(q, k, v, lengths, bm) ** 2)))(q)  # noqa: E731
     np.testing.assert_allclose(vfn(lambda *x: verify_attention(*x, interpret=True)),
                                vfn(reference_verify_attention), atol=1e-6)
+    # With a window and sinks: the gradients of the queries and of the sinks.
+    sinks = _sinks(rng, n) / 10
+    sfn = lambda fn: jax.jit(jax.grad(  # noqa: E731
+        lambda q, s: jnp.sum(fn(q, k, v, lengths, bm, s, window=3) ** 2), argnums=(0, 1)))(q, sinks)
+    for g, r in zip(sfn(lambda *x, **o: verify_attention(*x, **o, interpret=True)),
+                    sfn(reference_verify_attention), strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- dispatch and models
@@ -295,15 +344,31 @@ def _both(model, fn):
     return out[0], out[1]
 
 
-def test_target_logits_equal_with_pallas_and_reference(target):
-    """Prefill, a causal verify block and a tree block, all at ragged lengths, and no cache."""
-    model = target
+def _gpt_oss_like() -> nnx.Module:
+    """A tiny target whose layers alternate a sliding window of 3 with full attention, both with
+    random attention sinks (gpt-oss's layout)."""
+    from dataclasses import replace
+
+    layers = (LayerSpec(mixer_options={"window": 3, "sinks": True}), LayerSpec(mixer_options={"sinks": True}))
+    model = build(replace(CFG, layers=layers), seed=2)
+    rng = np.random.default_rng(9)
+    for layer in model.layers:
+        layer.self_attn.sinks[...] = jnp.asarray(rng.standard_normal(CFG.num_heads) * 2, jnp.float32)
+    return model
+
+
+@pytest.mark.parametrize("layers", ["plain", "window+sinks"])
+def test_target_logits_equal_with_pallas_and_reference(target, layers):
+    """Prefill, a causal verify block and a tree block, all at ragged lengths, and no cache
+    (a window of 3 is shorter than the prompts and than the blocks)."""
+    model = target if layers == "plain" else _gpt_oss_like()
     rng = np.random.default_rng(0)
     b, p, t = 2, 9, 4
     tokens = jnp.asarray(rng.integers(0, 60, (b, p)), jnp.int32)
     block = jnp.asarray(rng.integers(0, 60, (b, t)), jnp.int32)
     prompt_lens = jnp.asarray([9, 4], jnp.int32)
     tree = ancestor_mask(jnp.asarray([[0, 0, 0, 1], [0, 0, 1, 2]], jnp.int32))
+    depth = jnp.sum(tree, -1).astype(jnp.int32) - 1
 
     @jax.jit
     def run(m):
@@ -313,7 +378,7 @@ def test_target_logits_equal_with_pallas_and_reference(target):
         cache = pre.cache.at_lengths(prompt_lens)
         bpos = prompt_lens[:, None] + jnp.arange(t)[None]
         chain = m(block, bpos, cache)
-        treed = m(block, bpos, cache, block_mask=tree)
+        treed = m(block, prompt_lens[:, None] + depth, cache, block_mask=tree)  # a node sits at its depth
         plain = m(tokens, pos)
         return pre.logits, chain.logits, treed.logits, plain.logits
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import LLAMA3_ROPE, MOE
+from conftest import GPT_OSS, LLAMA3_ROPE, MOE
 
 from dflash.decoding import generate
 from dflash.io import load_target
@@ -26,6 +26,8 @@ CASES = {
     # Every second layer sparse, top-k probabilities not renormalised (the class default).
     "qwen3-moe-step2-unnormalised": ("qwen3_moe", {**MOE, "mlp_only_layers": [], "decoder_sparse_step": 2,
                                                    "norm_topk_prob": False}),
+    # gpt-oss: sinks, biases, a window of 5 on layers 0 and 2, YaRN, top-3 of 5 clamped-SwiGLU experts.
+    "gpt-oss": ("gpt_oss", GPT_OSS),
 }
 
 
@@ -51,7 +53,7 @@ def test_logits_and_hidden_states_match_transformers(hf_checkpoint, case):
 
 
 @pytest.mark.parametrize("case", ["qwen3-gqa-untied", "qwen2-mha-bias", "llama-gqa-llama3-rope",
-                                  "qwen3-sliding-window", "qwen3-moe"])
+                                  "qwen3-sliding-window", "qwen3-moe", "gpt-oss"])
 def test_greedy_generation_matches_transformers(hf_checkpoint, case):
     family, overrides = CASES[case]
     hf, directory = hf_checkpoint(family, **overrides)
@@ -64,3 +66,31 @@ def test_greedy_generation_matches_transformers(hf_checkpoint, case):
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
                               do_sample=False, pad_token_id=0)
         assert got == ref[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("case", ["gpt-oss"])
+def test_dflash_generate_on_a_transformers_checkpoint_gives_its_greedy_tokens(tmp_path, capsys, case):
+    """``dflash-generate --target DIR`` on a checkpoint transformers saved (the shipped tokenizer
+    beside it): 32 greedy tokens of a prompt longer than the window, as transformers generates them."""
+    import json
+    import shutil
+
+    from conftest import make_hf_model
+
+    from dflash.cli.generate import main
+    from dflash.io.loading import SHIPPED
+
+    family, overrides = CASES[case]
+    hf = make_hf_model(family, **{**overrides, "vocab_size": 4096})  # the tokenizer's
+    hf.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SHIPPED["tiny-code"] / name, tmp_path / name)
+    assert main(["--target", str(tmp_path), "--prompt", "def fib(n):\n    a, b = 0, 1\n", "--max-new-tokens",
+                 "32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    prompt = out["prompt_tokens"]
+    assert len(prompt) > overrides["sliding_window"] and len(out["tokens"]) == 32  # no end-of-text drawn
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                          pad_token_id=0)
+    assert out["tokens"] == ref[0, len(prompt):].tolist()

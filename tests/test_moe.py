@@ -23,22 +23,32 @@ from dflash.io import load_target, save_target
 from dflash.models import count_params
 from dflash.models.moe_mlp import MoE
 
+GPT_OSS_MOE = {"router": "topk_softmax", "router_bias": True, "expert_bias": True,
+               "activation": "clamped_swiglu", "swiglu_limit": 0.05,  # a limit the tiny weights' values cross
+               "layout": "gpt_oss"}
 
-def _moe(e: int, k: int, norm: bool, seed: int = 0) -> MoE:
+
+def _moe(e: int, k: int, norm: bool, seed: int = 0, **options) -> MoE:
     cfg = ModelConfig(model_type="qwen3_moe", vocab_size=11, hidden_size=20, intermediate_size=16,
                       num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4)
     spec = LayerSpec(mlp="moe", mlp_options={"experts": e, "top_k": k, "norm_topk_prob": norm,
-                                             "intermediate_size": 12})
+                                             "intermediate_size": 12, **options})
     moe = MoE(cfg, spec, dtype=jnp.float32, rngs=nnx.Rngs(seed))
     moe.gate.kernel[...] = moe.gate.kernel[...] * 40  # decisive routing (see conftest.make_hf_model)
+    rng = np.random.default_rng(seed)
+    for name in ("experts_gate_bias", "experts_up_bias", "experts_down_bias"):
+        if getattr(moe, name) is not None:
+            bias = getattr(moe, name)
+            bias[...] = jnp.asarray(0.05 * rng.normal(size=bias.shape), jnp.float32)
     return moe
 
 
-@pytest.mark.parametrize("e,k,norm,impl", [(5, 3, True, "auto"), (7, 1, False, "auto"),
-                                           (5, 3, True, "pallas")])
-def test_grouped_experts_equal_the_formula_with_gradients(e, k, norm, impl):
+@pytest.mark.parametrize("e,k,norm,options,impl", [(5, 3, True, {}, "auto"), (7, 1, False, {}, "auto"),
+                                                   (6, 2, False, GPT_OSS_MOE, "auto"),
+                                                   (6, 2, False, GPT_OSS_MOE, "pallas")])
+def test_grouped_experts_equal_the_formula_with_gradients(e, k, norm, options, impl):
     """``auto`` on CPU: ``ragged_dot``; ``pallas``: megablox ``gmm`` in interpret mode (its own VJP)."""
-    moe = _moe(e, k, norm)
+    moe = _moe(e, k, norm, **options)
     moe.impl = impl
     x = jnp.asarray(np.random.default_rng(e).normal(size=(3, 7, 20)), jnp.float32)  # 21 tokens
     graphdef, params = nnx.split(moe)
@@ -194,6 +204,12 @@ def test_a_dflash_drafter_trains_on_an_moe_target_and_decodes_losslessly(tmp_pat
     ref = generate(target, prompts, max_new_tokens=12, eos_ids=())
     out = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=12, eos_ids=())
     assert out.tokens == ref.tokens
+    # A tree of 2 beams (one verify pass routes every node of the tree): the same tokens.
+    from dflash.drafters import tree_method_for
+
+    tree = speculative_generate(target, prompts, method=tree_method_for(drafter, 2), drafter=drafter,
+                                max_new_tokens=12, eos_ids=())
+    assert tree.tokens == ref.tokens
 
 
 class _Holder(nnx.Module):
@@ -214,7 +230,6 @@ def test_expert_parallel_moe_equals_one_device_with_gradients():
     the expert axis does not divide are refused, naming the tensor and the axis."""
     from dflash import sharding as sh
 
-    moe = _moe(8, 3, True)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 7, 20)), jnp.float32)
 
     def value_and_grads(holder, x):
@@ -222,8 +237,11 @@ def test_expert_parallel_moe_equals_one_device_with_gradients():
         loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p).mlp(x)))  # noqa: E731
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
 
-    want = value_and_grads(_Holder(moe), x)
-    for shape, impl in ((EXPERT_MESHES[0], "auto"), (EXPERT_MESHES[1], "auto"), (EXPERT_MESHES[1], "pallas")):
+    # gpt-oss's form (biases; the down bias added once over tensor) with the width split
+    for shape, impl, options in ((EXPERT_MESHES[0], "auto", {}), (EXPERT_MESHES[1], "auto", GPT_OSS_MOE),
+                                 (EXPERT_MESHES[1], "pallas", GPT_OSS_MOE)):
+        moe = _moe(8, 3, True, **options)
+        want = value_and_grads(_Holder(moe), x)
         mesh = sh.make_mesh(sh.MeshConfig(*shape))
         moe.impl = impl
         holder = sh.shard_model(_Holder(moe), mesh)

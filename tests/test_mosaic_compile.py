@@ -44,12 +44,22 @@ def compile_on_chip(topology: str, kernel: str, fn, *shapes):
     return compiled.memory_analysis()
 
 
-@pytest.mark.parametrize("topology", ["v5e-8", "v5p-8"])
-def test_verify_kernel_compiles(topology):
+# (topology, window, sinks): the plain kernels on both chips, gpt-oss's options (a window of 128
+# and attention sinks) on v5e.
+OPTIONS = [("v5e-8", 0, False), ("v5p-8", 0, False), ("v5e-8", 128, True)]
+
+
+def _sinks(sinks: bool) -> tuple:
+    return (((N,), jnp.float32),) if sinks else ()
+
+
+@pytest.mark.parametrize("topology,window,sinks", OPTIONS)
+def test_verify_kernel_compiles(topology, window, sinks):
     b, t, s = 2, 16, 2048
-    fn = lambda q, k, v, lens, bm: verify_attention(q, k, v, lens, bm, backend="tpu")  # noqa: E731
+    fn = lambda q, k, v, lens, bm, *sk: verify_attention(q, k, v, lens, bm, *sk, window=window,  # noqa: E731
+                                                         backend="tpu")
     mem = compile_on_chip(topology, "verify_attention_tpu", fn, ((b, t, N, H), BF16), ((b, s, KH, H), BF16),
-                          ((b, s, KH, H), BF16), ((b,), jnp.int32), ((t, t), jnp.bool_))
+                          ((b, s, KH, H), BF16), ((b,), jnp.int32), ((t, t), jnp.bool_), *_sinks(sinks))
     assert mem.output_size_in_bytes == b * t * N * H * 2
 
 
@@ -63,12 +73,12 @@ def test_anchor_kernel_compiles(topology):
     assert mem.output_size_in_bytes == b * a * q * N * H * 2
 
 
-@pytest.mark.parametrize("topology", ["v5e-8", "v5p-8"])
-def test_prefill_kernel_compiles(topology):
+@pytest.mark.parametrize("topology,window,sinks", OPTIONS)
+def test_prefill_kernel_compiles(topology, window, sinks):
     b, s = 1, 3072  # the presets' seq_len
-    fn = lambda q, k, v, seg: prefill_attention(q, k, v, seg)  # noqa: E731
+    fn = lambda q, k, v, seg, *sk: prefill_attention(q, k, v, seg, *sk, window=window)  # noqa: E731
     mem = compile_on_chip(topology, "prefill_attention_tpu", fn, ((b, s, N, H), BF16), ((b, s, KH, H), BF16),
-                          ((b, s, KH, H), BF16), ((b, s), jnp.int32))
+                          ((b, s, KH, H), BF16), ((b, s), jnp.int32), *_sinks(sinks))
     assert mem.output_size_in_bytes == b * s * N * H * 2
     # flash: temporaries (layout copies of q/k/v/out) a small fraction of the dense form's
     # [N, S, S] fp32 scores (1.2 GB here)

@@ -292,7 +292,10 @@ PRESETS = {"qwen3_8b_dflash.yaml": ("qwen3_8b", 5, (1, 9, 17, 25, 33)),
            "qwen3_4b_dflash.yaml": ("qwen3_4b", 5, (1, 9, 17, 25, 33)),
            "llama3_1_8b_dflash.yaml": ("llama3_1_8b", 5, (1, 8, 15, 22, 29)),
            "llama3_3_70b_dflash.yaml": ("llama3_3_70b", 5, (1, 20, 39, 58, 77)),
-           "qwen3_30b_a3b_dflash.yaml": ("qwen3_30b_a3b", 5, (1, 12, 23, 34, 45))}
+           "qwen3_30b_a3b_dflash.yaml": ("qwen3_30b_a3b", 5, (1, 12, 23, 34, 45)),
+           "gpt_oss_20b_dflash.yaml": ("gpt_oss_20b", 5, (1, 6, 11, 16, 21)),
+           "gpt_oss_120b_dflash.yaml": ("gpt_oss_120b", 5, (1, 9, 17, 25, 33))}
+BLOCK_SIZE = {"gpt_oss_20b_dflash.yaml": 8, "gpt_oss_120b_dflash.yaml": 8}  # the published drafters' (or 16)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -306,7 +309,8 @@ def test_real_presets_validate_and_build_abstractly(name):
     assert abstract(model_cfg).cfg.num_params() > 4e9  # the full-size target builds abstractly
     published = (6e-4, 1.0, 0.04, 6)
     assert (cfg.optim.lr, cfg.optim.clip_norm, cfg.optim.warmup_ratio, cfg.train.epochs) == published
-    assert cfg.data.seq_len == 3072 and cfg.drafter.block_size == 16 and cfg.train.num_anchors == 512
+    assert cfg.data.seq_len == 3072 and cfg.train.num_anchors == 512
+    assert cfg.drafter.block_size == BLOCK_SIZE.get(name, 16)
     dcfg = DFlashConfig.for_target(model_cfg, mask_token_id=cfg.drafter.mask_token_id,
                                    num_layers=cfg.drafter.num_layers, block_size=cfg.drafter.block_size,
                                    target_layer_ids=cfg.drafter.target_layer_ids or None)

@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 from dflash.config import ModelConfig
 from dflash.errors import CheckpointError
 from dflash.files import open_safetensors
+from dflash.io.mxfp4 import Mxfp4View
 from dflash.models import kinds
 from dflash.models.kinds import WeightRow
 from dflash.models.transformer import Transformer, abstract
@@ -129,6 +130,9 @@ class _TensorSource:
                 f"missing file: neither {single} nor {index} exists"
             )
         self._handles: dict[Path, Any] = {}
+        # MXFP4 tensors (gpt-oss experts): ``{key}_blocks`` + ``{key}_scales`` read as ``key``.
+        self.mxfp4 = {k.removesuffix("_blocks") for k in self.key_to_file
+                      if k.endswith("_blocks") and k.removesuffix("_blocks") + "_scales" in self.key_to_file}
 
     def _handle(self, key: str) -> Any:
         file = self.key_to_file[key]
@@ -137,17 +141,22 @@ class _TensorSource:
         return self._handles[file]
 
     def get(self, key: str) -> np.ndarray:
+        if key in self.mxfp4:
+            return self.slice(key)[tuple(slice(None) for _ in self.slice(key).get_shape())]
         return self._handle(key).get_tensor(key)
 
     def slice(self, key: str) -> Any:
-        """A lazy view: indexing it reads only that part of the file."""
+        """A lazy view: indexing it reads only that part of the file (MXFP4: dequantised)."""
+        if key in self.mxfp4:
+            return Mxfp4View(*(self._handle(key + s).get_slice(key + s) for s in ("_blocks", "_scales")))
         return self._handle(key).get_slice(key)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.key_to_file
+        return key in self.key_to_file or key in self.mxfp4
 
     def keys(self) -> set[str]:
-        return set(self.key_to_file)
+        packed = {k + s for k in self.mxfp4 for s in ("_blocks", "_scales")}
+        return (set(self.key_to_file) - packed) | self.mxfp4
 
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")  # tensor dtypes a checkpoint may hold
@@ -160,17 +169,24 @@ def _check_dtype(hf_key: str, array: np.ndarray) -> None:
                               "checkpoints must be dequantized first)")
 
 
-def _file_index(row: WeightRow, index: tuple[slice, ...], each: tuple[int, ...]) -> tuple[slice, ...]:
-    """The slice of one HF tensor of ``row`` that holds ``index`` of our per-tensor shape ``each``:
-    the last two axes swapped when transposed, offset to the row's part of a fused tensor."""
+def _file_read(row: WeightRow, index: tuple[slice, ...], each: tuple[int, ...], read: Any) -> np.ndarray:
+    """``index`` of our per-tensor shape ``each`` from one HF tensor of ``row`` (``read(slices)``
+    reads a block of the file): the last two axes swapped when transposed, the row's part of a
+    fused tensor (a block of columns, or every n-th column when interleaved)."""
     out = [slice(*s.indices(d)[:2]) for s, d in zip(index, each, strict=True)]
     if row.transpose:
         out[-2], out[-1] = out[-1], out[-2]
     i, n = row.part
-    if n > 1:  # our ``out`` axis (the last) is the HF tensor's -2 (transposed) or -1
-        axis, width = (-2 if row.transpose else -1), each[-1]
-        out[axis] = slice(out[axis].start + i * width, out[axis].stop + i * width)
-    return tuple(out)
+    if n == 1:
+        return read(tuple(out))
+    axis, (a, b) = row.out_axis, (out[row.out_axis].start, out[row.out_axis].stop)
+    if not row.interleaved:
+        out[axis] = slice(a + i * each[-1], b + i * each[-1])
+        return read(tuple(out))
+    out[axis] = slice(a * n, b * n)  # the columns of parts 0..n-1 for a..b; ours: every n-th
+    pick = [slice(None)] * len(out)
+    pick[axis] = slice(i, None, n)
+    return read(tuple(out))[tuple(pick)]
 
 
 def _ours(row: WeightRow, hf_key: str, part: np.ndarray) -> np.ndarray:
@@ -185,7 +201,8 @@ def _read_sharded(source: _TensorSource, row: WeightRow, shape: tuple[int, ...],
     each = shape[1:] if row.experts else shape
 
     def one(hf_key: str, index: tuple[slice, ...]) -> np.ndarray:
-        return _ours(row, hf_key, source.slice(hf_key)[_file_index(row, index, each)]).astype(dtype)
+        part = _file_read(row, index, each, source.slice(hf_key).__getitem__)
+        return _ours(row, hf_key, part).astype(dtype)
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple((s.start, s.stop) for s in index)
@@ -205,8 +222,7 @@ def _read_whole(source: _TensorSource, row: WeightRow, shape: tuple[int, ...], d
     whole = tuple(slice(None) for _ in each)
 
     def one(hf_key: str) -> np.ndarray:
-        array = source.get(hf_key)
-        return _ours(row, hf_key, array[_file_index(row, whole, each)] if row.part[1] > 1 else array)
+        return _ours(row, hf_key, _file_read(row, whole, each, source.get(hf_key).__getitem__))
 
     if row.experts:
         return jnp.asarray(np.stack([one(k) for k in row.hf_keys()]), dtype=dtype)
@@ -296,7 +312,16 @@ def save_params(model: nnx.Module, rows: tuple[WeightRow, ...], path: Path, dtyp
         if dtype is not None:
             array = array.astype(dtype)
         for hf_key, part in zip(row.hf_keys(), array if row.experts else [array], strict=True):
-            tensors[hf_key] = np.ascontiguousarray(np.swapaxes(part, -1, -2) if row.transpose else part)
+            value = np.swapaxes(part, -1, -2) if row.transpose else part
+            if row.part[1] > 1:  # one part of a fused tensor: its columns of the whole
+                shape = list(value.shape)
+                shape[row.out_axis] *= row.part[1]
+                fused = tensors.setdefault(hf_key, np.zeros(shape, value.dtype))
+                at = [slice(None)] * value.ndim
+                at[row.out_axis] = row.part_index(value.shape[row.out_axis])
+                fused[tuple(at)] = value
+            else:
+                tensors[hf_key] = np.ascontiguousarray(value)
     missing = set(by_key) - {row.ours for row in rows}
     if missing:
         raise CheckpointError(f"no table row names parameters {sorted(missing)}")

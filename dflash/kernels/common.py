@@ -82,9 +82,19 @@ def reset_state(m_ref, l_ref, acc_ref) -> None:
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
 
-def finalize(l_R1: jax.Array, acc_RH: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """``acc / l``; rows that saw no visible key (``l = 0``) become exact zeros, never NaN."""
-    return (acc_RH / jnp.where(l_R1 > 0, l_R1, 1.0)).astype(dtype)
+def finalize(l_R1: jax.Array, acc_RH: jax.Array, dtype: jnp.dtype, m_R1: jax.Array | None = None,
+             sink_R1: jax.Array | None = None) -> jax.Array:
+    """``acc / l``; rows that saw no visible key (``l = 0``) become exact zeros, never NaN.
+
+    With ``sink_R1`` (attention sinks: one extra logit per row, a softmax column dropped after
+    the softmax) the denominator gains ``exp(sink - m)``; both sides are rescaled to the max of
+    ``m`` and the sink first, so a large sink cannot overflow (a row that saw nothing is 0).
+    """
+    if sink_R1 is None:
+        return (acc_RH / jnp.where(l_R1 > 0, l_R1, 1.0)).astype(dtype)
+    m_all = jnp.maximum(m_R1, sink_R1)
+    alpha = jnp.exp(m_R1 - m_all)  # 0 where no key was seen (m = -inf or NEG_INF)
+    return (acc_RH * alpha / (l_R1 * alpha + jnp.exp(sink_R1 - m_all))).astype(dtype)
 
 
 def zero_rows_past(x_CH: jax.Array, first_row: jax.Array, n_rows: int) -> jax.Array:

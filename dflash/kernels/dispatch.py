@@ -22,6 +22,10 @@ it to ``load_target``; ``resolve_method`` builds the drafter with the target's s
   never falls back to the dense ``[S, S]`` reference under ``auto``: without the kernel it
   runs the chunked jnp form (memory O(S * chunk)).
 
+Both the verify and the prefill kernels take the attention layer's options: a sliding
+``window`` and attention ``sinks`` (one logit per query head), so every attention layer form
+reaches them (the self-check keys and checks each form it is asked for).
+
 Under differentiation the kernels are their jnp forms (custom VJP): verify the reference,
 anchor and prefill the chunked forms, so training gets the same values either way.
 """
@@ -100,29 +104,48 @@ def _wants_kernel(impl: str, problem: str | None, op: str, kernel: Any, layout: 
     return impl == "pallas" or selfcheck.passes(op, kernel, layout)
 
 
-def _layout(q: jax.Array, k: jax.Array, head_axis: int, rows: int) -> selfcheck.Layout:
+def _layout(q: jax.Array, k: jax.Array, head_axis: int, rows: int, window: int = 0,
+            sinks: bool = False) -> selfcheck.Layout:
     """The self-check's key of a call: query heads on ``head_axis`` of ``q``, kv heads on axis 2 of ``k``."""
     return selfcheck.Layout(q.shape[head_axis], k.shape[2], q.shape[-1], rows, jax.numpy.dtype(q.dtype).name,
-                            jax.numpy.dtype(k.dtype).name)
+                            jax.numpy.dtype(k.dtype).name, window, sinks)
 
 
-def use_verify_kernel(impl: str, q_BTNH: jax.Array, k_BSKH: jax.Array) -> bool:
-    """Whether the target's attention over this block runs the verify kernel."""
+def use_verify_kernel(impl: str, q_BTNH: jax.Array, k_BSKH: jax.Array, *, window: int = 0,
+                      sinks: bool = False) -> bool:
+    """Whether the target's attention over this block runs the verify kernel (with that sliding
+    window, 0: none, and with or without attention sinks)."""
     if q_BTNH.shape[1] > MAX_BLOCK_LEN:  # prefill: the reference (see docs/kernels.md)
         return False
     kh = k_BSKH.shape[2]
     problem = hardware_problem(q_BTNH.shape[3], kh, q_BTNH.shape[2] // kh)
-    return _wants_kernel(impl, problem, "verify_attention", _verify_kernel,
-                         _layout(q_BTNH, k_BSKH, 2, 0))  # (its check covers every block length)
+    layout = _layout(q_BTNH, k_BSKH, 2, 0, window, sinks)  # (its check covers every block length)
+    return _wants_kernel(impl, problem, "verify_attention", _verify_kernel, layout)
 
 
-def verify_attention(q_BTNH, k_BSKH, v_BSKH, lengths_B, block_mask):
+def _with_options(kernel, args: tuple, layouts: tuple[str, ...], sinks_N, positions_BT, **static):
+    """``kernel`` over ``args`` plus the optional ``sinks_N`` (split with the query heads) and
+    ``positions_BT`` (with the rows) that are given, ready for ``per_shard``."""
+    names = [name for name, x in (("sinks_N", sinks_N), ("positions_BT", positions_BT)) if x is not None]
+    extra = tuple(x for x in (sinks_N, positions_BT) if x is not None)
+    extra_layouts = tuple({"sinks_N": "h", "positions_BT": "b."}[name] for name in names)
+    n = len(args)
+
+    def run(*xs):
+        return kernel(*xs[:n], **dict(zip(names, xs[n:], strict=True)), **static)
+
+    return run, args + extra, layouts + extra_layouts
+
+
+def verify_attention(q_BTNH, k_BSKH, v_BSKH, lengths_B, block_mask, sinks_N=None, positions_BT=None, *,
+                     window: int = 0):
     """The verify kernel, compiled for this platform (interpret mode on CPU): ``[B,T,N,H]``."""
-    interpret = platform() == "cpu"
     mask_layout = "b.." if block_mask.ndim == 3 else ""
-    return per_shard(lambda *x: _verify_kernel(*x, interpret=interpret), (q_BTNH, k_BSKH, v_BSKH, lengths_B,
-                     block_mask), ("b.h.", "b.h.", "b.h.", "b", mask_layout), "b.h.", rows=q_BTNH.shape[0],
-                     heads=q_BTNH.shape[2], kv_heads=k_BSKH.shape[2])
+    run, args, layouts = _with_options(_verify_kernel, (q_BTNH, k_BSKH, v_BSKH, lengths_B, block_mask),
+                                       ("b.h.", "b.h.", "b.h.", "b", mask_layout), sinks_N, positions_BT,
+                                       window=window, interpret=platform() == "cpu")
+    return per_shard(run, args, layouts, "b.h.", rows=q_BTNH.shape[0], heads=q_BTNH.shape[2],
+                     kv_heads=k_BSKH.shape[2])
 
 
 def anchor_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS, *, impl: str):
@@ -148,22 +171,24 @@ def prefill_problem(head_dim: int, kv_heads: int) -> str | None:
     return hardware_problem(head_dim, kv_heads, 1)
 
 
-def prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, *, impl: str):
-    """Causal same-document attention of packed rows under ``impl``: ``[B,S,N,H]``.
+def prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, sinks_N=None, *, window: int = 0, impl: str):
+    """Causal same-document attention of packed rows under ``impl``: ``[B,S,N,H]`` (with a sliding
+    window, 0: none, and attention sinks ``[N]``, None: none).
 
     ``reference``: the dense ``attend`` (``[S, S]`` scores); ``pallas``: the flash kernel;
     ``auto``: the kernel where it compiles, else the chunked jnp form.
     """
     args = (q_BSNH, k_BSKH, v_BSKH, segment_ids_BS)
     if check_impl(impl) == "reference":
-        return reference_prefill_attention(*args)
+        return reference_prefill_attention(*args, sinks_N, window=window)
     problem = prefill_problem(q_BSNH.shape[3], k_BSKH.shape[2])
-    if _wants_kernel(impl, problem, "prefill_attention", _prefill_kernel, _layout(q_BSNH, k_BSKH, 2, 0)):
-        interpret = platform() == "cpu"
-        return per_shard(lambda *x: _prefill_kernel(*x, interpret=interpret), args,
-                         ("b.h.", "b.h.", "b.h.", "b."), "b.h.", rows=q_BSNH.shape[0], heads=q_BSNH.shape[2],
+    if _wants_kernel(impl, problem, "prefill_attention", _prefill_kernel,
+                     _layout(q_BSNH, k_BSKH, 2, 0, window, sinks_N is not None)):
+        run, args, layouts = _with_options(_prefill_kernel, args, ("b.h.", "b.h.", "b.h.", "b."), sinks_N,
+                                           None, window=window, interpret=platform() == "cpu")
+        return per_shard(run, args, layouts, "b.h.", rows=q_BSNH.shape[0], heads=q_BSNH.shape[2],
                          kv_heads=k_BSKH.shape[2])
-    return chunked_prefill_attention(*args)
+    return chunked_prefill_attention(*args, sinks_N, window=window)
 
 
 
@@ -201,11 +226,14 @@ def grouped_matmul(lhs_MK: jax.Array, rhs_GKN: jax.Array, sizes_G: jax.Array, *,
     tm = 128 if m >= 128 else -(-m // 8) * 8
     padded = -(-m // tm) * tm
     lhs = jnp.pad(lhs_MK, ((0, padded - m), (0, 0))) if padded != m else lhs_MK
+    # Rows in no group are never written by the kernel, in its VJP either: masked on both sides so
+    # neither their values nor their gradients (uninitialised memory) reach anything.
+    rows = (jnp.arange(padded) < jnp.sum(sizes_G))[:, None]
+    lhs = jnp.where(rows, lhs, 0)
     # bf16 operands: the MXU's products are exact, and Mosaic refuses an fp32 contract precision
     # for them (what jax_default_matmul_precision=highest, as the tests set, would ask for).
     bf16 = lhs_MK.dtype == rhs_GKN.dtype == jnp.bfloat16
     with jax.default_matmul_precision("default") if bf16 else contextlib.nullcontext():
         out = gmm(lhs, rhs_GKN, sizes_G.astype(jnp.int32), lhs_MK.dtype, (tm, _gmm_tile(k), _gmm_tile(n)),
                   None, None, False, platform() == "cpu")
-    rows = jnp.arange(padded) < jnp.sum(sizes_G)
-    return jnp.where(rows[:, None], out, 0)[:m]  # rows in no group: zero, as ragged_dot's (the kernel skips)
+    return jnp.where(rows, out, 0)[:m]  # rows in no group: zero, as ragged_dot's (the kernel skips)

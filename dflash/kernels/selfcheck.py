@@ -47,8 +47,9 @@ _LOCK = threading.Lock()
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """What a kernel call looks like, as far as compiling it goes: heads, head dim, block rows
-    (anchor: block size Q; verify and prefill: 0, their checks cover every length they take)
-    and the query / key dtypes."""
+    (anchor: block size Q; verify and prefill: 0, their checks cover every length they take),
+    the query / key dtypes, and the attention layer's options (verify and prefill: a sliding
+    window, 0: none; attention sinks or not): each form is a different kernel."""
 
     heads: int
     kv_heads: int
@@ -56,6 +57,8 @@ class Layout:
     rows: int
     q_dtype: str
     kv_dtype: str
+    window: int = 0
+    sinks: bool = False
 
 
 def device_backend() -> str:
@@ -97,10 +100,11 @@ def check(op: str, kernel: Callable[..., jax.Array], layout: Layout, *,
     """Runs ``kernel`` and its reference on small random inputs of ``layout``: None when they
     agree within ``TOLERANCE``, else what went wrong (the error, or the largest difference)."""
     tol = TOLERANCE.get(layout.q_dtype, TOLERANCE["bfloat16"])
+    options = {"window": layout.window} if op in ("verify_attention", "prefill_attention") else {}
     for args in _cases(op, layout):
         try:
-            got = jax.jit(lambda *a: kernel(*a, interpret=interpret))(*args)
-            want = jax.jit(REFERENCES[op])(*args)
+            got = jax.jit(lambda *a: kernel(*a, **options, interpret=interpret))(*args)
+            want = jax.jit(lambda *a: REFERENCES[op](*a, **options))(*args)
             got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         except Exception as err:  # the point: whatever the compiler or runtime raises
             return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
@@ -124,7 +128,8 @@ REFERENCES: dict[str, Callable[..., jax.Array]] = {
 def _cases(op: str, lay: Layout) -> list[tuple[jax.Array, ...]]:
     """Small random inputs of the op at ``lay``'s head layout: two rows, one with an empty prefix
     and one whose prefix ends off the tile grid (every query sees at least itself); for verify
-    one case per block length of ``VERIFY_BLOCKS``."""
+    one case per block length of ``VERIFY_BLOCKS``. With sinks, random ones (std 3) follow the
+    op's arguments (the window is the caller's keyword)."""
     if op == "verify_attention":
         return [_inputs(op, dataclasses.replace(lay, rows=t)) for t in VERIFY_BLOCKS]
     return [_inputs(op, lay)]
@@ -137,12 +142,14 @@ def _inputs(op: str, lay: Layout) -> tuple[jax.Array, ...]:
     def normal(shape: tuple[int, ...], dtype: str) -> jax.Array:
         return jnp.asarray(rng.standard_normal(shape), dtype)
 
+    sinks = (normal((n,), "float32") * 3,) if lay.sinks else ()
+
     if op == "verify_attention":
         t = lay.rows
         q = normal((2, t, n, h), lay.q_dtype)  # [B, T, N, H]
         k, v = normal((2, s, kh, h), lay.kv_dtype), normal((2, s, kh, h), lay.kv_dtype)  # [B, S, K, H]
         lengths = jnp.asarray([0, s - t - 5], jnp.int32)
-        return q, k, v, lengths, jnp.tril(jnp.ones((t, t), bool))
+        return q, k, v, lengths, jnp.tril(jnp.ones((t, t), bool)), *sinks
     if op == "anchor_block_attention":
         a, qn = 3, lay.rows
         q = normal((2, a, qn, n, h), lay.q_dtype)  # [B, A, Q, N, H]
@@ -154,7 +161,7 @@ def _inputs(op: str, lay: Layout) -> tuple[jax.Array, ...]:
         q = normal((2, s, n, h), lay.q_dtype)  # [B, S, N, H]
         k, v = normal((2, s, kh, h), lay.kv_dtype), normal((2, s, kh, h), lay.kv_dtype)
         segments = jnp.asarray([np.zeros(s), np.arange(s) >= 333], jnp.int32)  # [B, S]: one doc, two
-        return q, k, v, segments
+        return q, k, v, segments, *sinks
     raise ValueError(f"no self-check for {op!r}")
 
 
@@ -176,7 +183,8 @@ def _key(op: str, lay: Layout) -> str:
 def _describe(lay: Layout) -> str:
     dtypes = lay.q_dtype if lay.q_dtype == lay.kv_dtype else f"{lay.q_dtype}/{lay.kv_dtype}"
     rows = f", block {lay.rows}" if lay.rows else ""
-    return f"heads {lay.heads}/{lay.kv_heads} x {lay.head_dim}{rows}, {dtypes}"
+    options = (f", window {lay.window}" if lay.window else "") + (", sinks" if lay.sinks else "")
+    return f"heads {lay.heads}/{lay.kv_heads} x {lay.head_dim}{rows}, {dtypes}{options}"
 
 
 @functools.cache

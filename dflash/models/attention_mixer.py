@@ -5,8 +5,11 @@ queries and keys before RoPE), ``qkv_bias`` / ``o_bias`` (projection biases), ``
 sliding window of that many positions; 0: full attention), ``sinks`` (one learned logit per query
 head that takes softmax mass, gpt-oss), ``output_gate`` (``q_proj`` also emits a per-channel gate;
 the output is multiplied by its sigmoid, Qwen3-Next), ``rotary_dim`` (RoPE on the first that many
-channels of each head; 0: all). The Pallas kernels serve the plain form (no window, no sinks);
-other forms run the jnp reference (``attend``), under ``attention_impl='pallas'`` too.
+channels of each head; 0: all). Every form reaches the Pallas kernels (dflash.kernels.dispatch):
+the verify kernel (blocks of <= 128 tokens over the cache) and the prefill kernel / its chunked
+jnp form (packed rows) take the window and the sinks as options; the gate, the norms and partial
+RoPE live outside the attention itself. Packed rows window by row distance inside a document
+(positions there are consecutive, dflash.training.packing).
 
 Shape letters: B batch, T new tokens, S keys / cache slots, D width, N query heads, K kv heads,
 H head dim, X = N * H.
@@ -69,11 +72,6 @@ class AttentionProjections(nnx.Module):
     def _part(self, name: str):
         return getattr(self, name + self.suffix)
 
-    @property
-    def plain(self) -> bool:
-        """No window and no sinks: what the Pallas attention kernels compute."""
-        return not self.window and self._part("sinks") is None
-
     def queries(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """Normed, rotated queries ``[B, T, N, H]`` and the output gate's logits ``[B, T, X]`` (or None)."""
         b, t, _ = x_BTD.shape
@@ -123,21 +121,16 @@ class Attention(AttentionProjections):
         elif state is not None:
             state = state.write(k_new, v_new, ctx.slots_BT)
             k, v = state.k, state.v
-        if ctx.segment_ids is not None and self.plain:  # packed rows: memory O(T * chunk)
-            attn_BTX = dispatch.prefill_attention(q, k_new, v_new, ctx.segment_ids,
-                                                  impl=ctx.impl).reshape(b, t, -1)
-        elif ctx.segment_ids is not None:  # windows / sinks: the dense reference over the documents
-            seg = ctx.segment_ids
-            mask = jnp.tril(jnp.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
-            if self.window:
-                mask &= (ctx.positions_BT[:, :, None] - ctx.positions_BT[:, None, :]) < self.window
-            attn_BTX = attend(q, k_new, v_new, mask, self.sink_logits())
-        elif self.plain and dispatch.use_verify_kernel(ctx.impl, q, k):
+        sinks_N = self.sink_logits()
+        if ctx.segment_ids is not None:  # packed rows: memory O(T * chunk)
+            attn_BTX = dispatch.prefill_attention(q, k_new, v_new, ctx.segment_ids, sinks_N,
+                                                  window=self.window, impl=ctx.impl).reshape(b, t, -1)
+        elif dispatch.use_verify_kernel(ctx.impl, q, k, window=self.window, sinks=sinks_N is not None):
             lengths_B = ctx.lengths_B if state is not None else jnp.zeros((b,), jnp.int32)
-            attn_BTX = dispatch.verify_attention(q, k, v, lengths_B, ctx.block_mask).reshape(b, t, -1)
+            attn_BTX = dispatch.verify_attention(q, k, v, lengths_B, ctx.block_mask, sinks_N,
+                                                 ctx.positions_BT, window=self.window).reshape(b, t, -1)
         else:
-            attn_BTX = attend(q, k, v, ctx.windowed(self.window) if self.window else ctx.visible(),
-                              self.sink_logits())
+            attn_BTX = attend(q, k, v, ctx.windowed(self.window) if self.window else ctx.visible(), sinks_N)
         return self.output(attn_BTX, gate), state
 
 

@@ -44,7 +44,8 @@ class WeightRow:
     ``experts > 0``: ``hf`` contains ``{e}`` and the parameter is the ``experts`` tensors
     ``e = 0..experts-1`` stacked on axis 0, as per-expert checkpoints store a mixture of experts.
     ``part = (i, n)``: the HF tensor's ``out`` axis holds ``n`` parameters side by side and this
-    one is the ``i``-th (a fused ``gate_up_proj``). ``alternative``: the row to read instead when
+    one is the ``i``-th (a fused ``gate_up_proj``); ``interleaved``: they alternate column by
+    column instead (this one: columns ``i::n``, gpt-oss). ``alternative``: the row to read instead when
     the checkpoint lacks this row's tensors (another layout of the same parameter); saving always
     writes this row's layout.
     """
@@ -54,6 +55,7 @@ class WeightRow:
     transpose: bool = False
     experts: int = 0
     part: tuple[int, int] = (0, 1)
+    interleaved: bool = False
     alternative: WeightRow | None = None
 
     def prefixed(self, hf: str, ours: str) -> WeightRow:
@@ -68,8 +70,18 @@ class WeightRow:
         each = list(shape[1:] if self.experts else shape)
         if self.transpose:
             each[-2:] = each[-2:][::-1]
-        each[-2 if self.transpose else -1] *= self.part[1]
+        each[self.out_axis] *= self.part[1]
         return tuple(each)
+
+    @property
+    def out_axis(self) -> int:
+        """Our ``out`` axis (the last) in the HF tensor."""
+        return -2 if self.transpose else -1
+
+    def part_index(self, width: int) -> slice:
+        """Where this row's ``width`` columns lie on the HF tensor's ``out`` axis."""
+        i, n = self.part
+        return slice(i, None, n) if self.interleaved else slice(i * width, (i + 1) * width)
 
 
 Rows = Callable[[ModelConfig, LayerSpec], tuple[WeightRow, ...]]
@@ -96,6 +108,9 @@ class MLPKind:
     weights: Rows  # relative to the MLP (``gate_proj.weight``)
     sharding: tuple[tuple[str, tuple[str | None, ...]], ...]
     flops: Callable[[ModelConfig, LayerSpec, int], float]  # forward FLOPs of ``rows`` tokens
+    # Parameters a pass over ``rows`` tokens leaves unread (a mixture's experts no token is routed
+    # to; dflash.flops.params_read); None: it reads all of them.
+    unread: Callable[[ModelConfig, LayerSpec, int], float] | None = None
 
 
 MIXERS: dict[str, MixerKind] = {}

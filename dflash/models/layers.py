@@ -6,6 +6,7 @@ Shape letters: B batch, T new tokens, S cache slots, D width, N query heads, K k
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -49,19 +50,49 @@ class RMSNorm(nnx.Module):
 
 def inv_freq(rope: RopeConfig, dim: int) -> np.ndarray:
     """Inverse frequencies ``[dim/2]`` of a rotary embedding over ``dim`` channels (float32,
-    llama3 scaling applied when configured)."""
+    llama3 or YaRN scaling applied when configured)."""
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
-    inv = (1.0 / (np.float32(rope.theta) ** exponent)).astype(np.float32)
+    pos_freqs = np.float32(rope.theta) ** exponent
+    inv = (1.0 / pos_freqs).astype(np.float32)
     if rope.rope_type == "llama3":
         inv = llama3_inv_freq_scale(rope, inv).astype(np.float32)
+    elif rope.rope_type == "yarn":
+        inv = _yarn_inv_freq(rope, dim, pos_freqs)
     return inv
 
 
+def _yarn_inv_freq(rope: RopeConfig, dim: int, pos_freqs: np.ndarray) -> np.ndarray:
+    """YaRN: interpolated (``/ factor``) low frequencies, the original high ones, a linear ramp
+    between the correction dims of ``beta_slow`` / ``beta_fast`` rotations (transformers' float32
+    arithmetic, its scalars in float64 as Python computes them)."""
+    base, original = rope.theta, rope.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no singular ramp
+    f32 = np.float32
+    ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1).astype(f32)
+    extrapolation = f32(1) - ramp
+    inv_extrapolation = (f32(1) / pos_freqs).astype(f32)
+    inv_interpolation = (f32(1) / (f32(rope.factor) * pos_freqs)).astype(f32)
+    return (inv_interpolation * (f32(1) - extrapolation) + inv_extrapolation * extrapolation).astype(f32)
+
+
 def rope_tables(rope: RopeConfig, dim: int, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin ``[B, T, dim]`` in float32 (HF "rotate_half" layout: halves repeated)."""
+    """cos, sin ``[B, T, dim]`` in float32 (HF "rotate_half" layout: halves repeated), times YaRN's
+    attention factor when configured (transformers scales both tables, so logits scale by its square)."""
     freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(rope, dim))
     emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
-    return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
+    scale = rope.attention_scale
+    if scale == 1.0:
+        return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
+    return jnp.cos(emb_BTH) * scale, jnp.sin(emb_BTH) * scale
 
 
 def rope_cos_sin(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:

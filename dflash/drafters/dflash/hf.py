@@ -69,12 +69,8 @@ def drafter_hf_config(cfg: DFlashConfig, target_name: str = "", target_cfg: Mode
         "attention_bias": False,
         "torch_dtype": dtype,
     }
-    if cfg.rope.rope_type != "default":
-        out["rope_scaling"] = {
-            "rope_type": cfg.rope.rope_type, "factor": cfg.rope.factor,
-            "low_freq_factor": cfg.rope.low_freq_factor, "high_freq_factor": cfg.rope.high_freq_factor,
-            "original_max_position_embeddings": cfg.rope.original_max_position_embeddings,
-        }
+    if cfg.rope.rope_type != "default":  # the target's (llama3, YaRN): the fields of its type
+        out["rope_scaling"] = cfg.rope.scaling_to_hf()
     if target_cfg is not None:
         out["dflash_target"] = {"name_or_path": str(target_name),
                                 "fingerprint": target_fingerprint(target_cfg)}
