@@ -73,12 +73,15 @@ def test_anchor_kernel_compiles(topology):
     assert mem.output_size_in_bytes == b * a * q * N * H * 2
 
 
-@pytest.mark.parametrize("topology,window,sinks", OPTIONS)
-def test_prefill_kernel_compiles(topology, window, sinks):
+# ... and Qwen3-30B-A3B's 8 query heads per kv head (32 / 4): twice the query rows per grid step.
+@pytest.mark.parametrize("topology,window,sinks,kv_heads",
+                         [(*o, KH) for o in OPTIONS] + [("v5e-8", 0, False, 4)])
+def test_prefill_kernel_compiles(topology, window, sinks, kv_heads):
     b, s = 1, 3072  # the presets' seq_len
     fn = lambda q, k, v, seg, *sk: prefill_attention(q, k, v, seg, *sk, window=window)  # noqa: E731
-    mem = compile_on_chip(topology, "prefill_attention_tpu", fn, ((b, s, N, H), BF16), ((b, s, KH, H), BF16),
-                          ((b, s, KH, H), BF16), ((b, s), jnp.int32), *_sinks(sinks))
+    mem = compile_on_chip(topology, "prefill_attention_tpu", fn, ((b, s, N, H), BF16),
+                          ((b, s, kv_heads, H), BF16), ((b, s, kv_heads, H), BF16), ((b, s), jnp.int32),
+                          *_sinks(sinks))
     assert mem.output_size_in_bytes == b * s * N * H * 2
     # flash: temporaries (layout copies of q/k/v/out) a small fraction of the dense form's
     # [N, S, S] fp32 scores (1.2 GB here)
