@@ -37,6 +37,15 @@ from dflash.kernels.common import LANES, finalize, online_update, reset_state
 
 DEFAULT_CHUNK = 512  # query rows per step of the chunked jnp form
 DEFAULT_TILES = (256, 512)  # (q_tile, kv_tile) of the kernel
+# A grid step holds G * q_tile query rows (and their [rows, kv_tile] float32 scores) in VMEM: at
+# most this many, so 8 query heads per kv head (Qwen3-30B-A3B: 32 / 4) take 128-row query tiles
+# (256 asked for 17.7 MiB of v5e's 16 MiB of scoped VMEM in its train plan).
+MAX_GROUP_ROWS = 1024
+
+
+def default_q_tile(group: int) -> int:
+    """The query tile for ``group`` query heads per kv head: 256, less for wide groups (a multiple of 8)."""
+    return max(8, min(DEFAULT_TILES[0], MAX_GROUP_ROWS // group) // 8 * 8)
 
 
 def doc_causal_mask(seg_q_BT: jax.Array, seg_k_BS: jax.Array, q0: jax.Array | int = 0,
@@ -94,7 +103,7 @@ def prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, sinks_N=None, *, w
     if window < 0:
         raise ValueError(f"window must be >= 0 (0: none), got {window}")
     s8 = -(-s // 8) * 8
-    tq = min(q_tile or DEFAULT_TILES[0], s8)
+    tq = min(q_tile or default_q_tile(n // k_BSKH.shape[2]), s8)
     tk = min(kv_tile or DEFAULT_TILES[1], s8)
     return _prefill_op(q_BSNH, k_BSKH, v_BSKH, sinks_N, segment_ids_BS.astype(jnp.int32),
                        (tq, tk, int(window), interpret))
