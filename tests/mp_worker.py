@@ -118,13 +118,14 @@ def regen(out: Path) -> dict:
 
 
 def _spy_regeneration() -> list:
-    """Records the mesh shape (None: no mesh) of every ``generate`` call of in-run regeneration."""
+    """Records the mesh shape (its axes of size > 1; None: no mesh) of every ``generate`` call of
+    in-run regeneration."""
     from dflash.training import selfdistill
 
     meshes, plain = [], selfdistill.generate
 
     def spy(*args, mesh=None, **kwargs):
-        meshes.append(None if mesh is None else dict(mesh.shape))
+        meshes.append(None if mesh is None else {a: n for a, n in mesh.shape.items() if n > 1})
         return plain(*args, mesh=mesh, **kwargs)
 
     selfdistill.generate = spy
