@@ -118,7 +118,9 @@ class MeshConfig:
         return tuple(sizes)  # type: ignore[return-value]
 
     def _text(self) -> str:
-        return ", ".join(f"{name}={size}" for name, size in self.sizes().items())
+        """The axes as configs write them; ``expert`` only when used (a dense mesh reads as before)."""
+        sizes = self.sizes().items()
+        return ", ".join(f"{name}={size}" for name, size in sizes if name != "expert" or size != 1)
 
 
 def dcn_split(shape: Sequence[int], granules: int) -> tuple[int, ...]:

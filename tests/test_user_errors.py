@@ -123,7 +123,7 @@ BAD_CONFIG = {  # one out-of-range value per numeric key
     "train.seed": "1.5", "train.log_every": "0", "train.eval_every": "0", "train.save_every": "0",
     "train.keep_last": "0", "train.num_devices": "2",
     "eval.heldout_rows": "0", "eval.num_prompts": "0", "eval.max_new_tokens": "0", "eval.prompt_tokens": "0",
-    "mesh.data": "0", "mesh.fsdp": "-2", "mesh.tensor": "0",
+    "mesh.data": "0", "mesh.fsdp": "-2", "mesh.tensor": "0", "mesh.expert": "0",
 }
 NUMERIC_KEYS = _numeric_keys(ExperimentConfig)
 CONFIG_CASES = [(key, value) for key, value in BAD_CONFIG.items()] + [
