@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_sampling import FALSE_ALARM, chi2_pvalue
 
-from dflash.config import ModelConfig
+from dflash.config import LayerSpec, ModelConfig
 from dflash.decoding.method import ChainDraft
 from dflash.decoding.sampling import SamplingParams
 from dflash.decoding.speculative import speculative_generate
@@ -81,9 +81,15 @@ def exact():
     return exact_joint()
 
 
-def exact_joint():
+# The same target with a Qwen3-MoE mixture (4 experts, top 2) as every layer's MLP.
+CFG_MOE = dataclasses.replace(CFG, model_type="qwen3_moe", layers=(LayerSpec(
+    mixer_options={"qk_norm": True}, mlp="moe", mlp_options={"experts": 4, "top_k": 2, "norm_topk_prob": True,
+                                                             "intermediate_size": 16}),) * CFG.num_layers)
+
+
+def exact_joint(cfg: ModelConfig = CFG):
     """The target and the exact joint distribution of its first three sampled tokens."""
-    target = build(CFG, seed=3)
+    target = build(cfg, seed=3)
     target.embed_tokens[...] = target.embed_tokens[...] * 30.0  # far from uniform, not degenerate
     prompt = [1, 4, 2]
     seqs = list(itertools.product(range(VOCAB), repeat=2))
@@ -130,13 +136,23 @@ def test_speculative_sampling_preserves_the_target_distribution(exact, rule, dra
     Deterministic drafts (fixed likely tokens, q one-hot) and stochastic drafts (an untrained
     DFlash drafter sampling from its own q) under each rule.
     """
-    target, prompt, joint = exact
+    assert_speculative_sampling_follows(*exact, CFG, rule, drafts)
+
+
+def test_speculative_sampling_preserves_an_moe_targets_distribution():
+    """The same on a mixture-of-experts target: a verify block routes each of its tokens to its
+    own experts, and the sampled tokens still follow the target's distribution."""
+    assert_speculative_sampling_follows(*exact_joint(CFG_MOE), CFG_MOE, "block", "dflash-sampled")
+
+
+def assert_speculative_sampling_follows(target, prompt: list[int], joint: np.ndarray, cfg: ModelConfig,
+                                        rule: str, drafts: str) -> None:
     if drafts == "fixed":  # the most likely 2nd and 3rd tokens: often accepted, often not
         second = int(np.argmax(joint.sum((0, 2))))
         third = int(np.argmax(joint.sum((0, 1))))
         method, drafter = FixedDraft((second, third, second)), None
     else:
-        drafter = build_drafter(DFlashConfig.for_target(CFG, mask_token_id=VOCAB - 1, block_size=4,
+        drafter = build_drafter(DFlashConfig.for_target(cfg, mask_token_id=VOCAB - 1, block_size=4,
                                                         target_layer_ids=(0,)), seed=9)
         method = DFlashDraft.of(drafter, stochastic=True)
     n = 6000
