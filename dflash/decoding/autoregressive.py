@@ -102,7 +102,7 @@ def prefill(model: Transformer, tokens_BP: jax.Array, prompt_lens_B: jax.Array,
     2048 tokens x half the vocabulary, docs/scaling.md)."""
     positions = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1]), tokens_BP.shape)
     out = model(tokens_BP, positions, cache, hidden_layers=hidden_layers, compute_logits=False,
-                final_hidden=True)
+                final_hidden=True, valid_B=prompt_lens_B)
     last_B1D = jnp.take_along_axis(out.final, (prompt_lens_B - 1)[:, None, None], axis=1)
     return model.unembed(last_B1D)[:, 0], out.hidden, out.cache.keep(prompt_lens_B, tokens_BP.shape[1])
 

@@ -124,7 +124,8 @@ class Context:
 
     ``lengths_B`` / ``max_len``: the cache's committed lengths and slots (None: no cache, the
     block attends to itself under ``block_mask``). ``segment_ids``: packed training rows (causal
-    within each document, no cache or an empty one of T slots).
+    within each document, no cache or an empty one of T slots). ``valid_B``: real tokens per row
+    of a right-padded block (prefill), after which the caller keeps exactly ``valid_B``.
     """
 
     positions_BT: jax.Array
@@ -135,6 +136,10 @@ class Context:
     max_len: int | None = None
     segment_ids: jax.Array | None = None
     stack_kv: bool = False  # no cache: attention layers hand back their block's K/V as their state
+    # [B]: how many of the block's tokens are real per row (right padding past them); None: all T.
+    # A recurrent state holds still past them, so a prefill of padded prompts needs no per-position
+    # trail (docs/design.md §3); slot-per-token states ignore it (keep hides the padding).
+    valid_B: jax.Array | None = None
     _memo: dict[Any, jax.Array] = dataclasses.field(default_factory=dict)
 
     def _once(self, key: Any, make: Any) -> Any:

@@ -107,13 +107,14 @@ class Transformer(nnx.Module):
 
     def context(self, positions_BT: jax.Array, cache: Cache | None = None, *,
                 block_mask: jax.Array | None = None,
-                segment_ids: jax.Array | None = None, stack_kv: bool = False) -> Context:
+                segment_ids: jax.Array | None = None, stack_kv: bool = False,
+                valid_B: jax.Array | None = None) -> Context:
         """What the layers of one pass over the tokens at ``positions_BT`` read (``layers.Context``)."""
         t = positions_BT.shape[1]
         return Context(positions_BT, causal_mask(t) if block_mask is None else block_mask, self.cfg.rope,
                        self.attention_impl, lengths_B=None if cache is None else cache.lengths,
                        max_len=None if cache is None else cache.max_len, segment_ids=segment_ids,
-                       stack_kv=stack_kv)
+                       stack_kv=stack_kv, valid_B=valid_B)
 
     def __call__(
         self,
@@ -127,6 +128,7 @@ class Transformer(nnx.Module):
         final_hidden: bool = False,
         segment_ids: jax.Array | None = None,
         stack_kv: bool = False,
+        valid_B: jax.Array | None = None,
     ) -> ForwardOutput:
         """Runs the decoder over a block of ``T`` new tokens.
 
@@ -142,7 +144,9 @@ class Transformer(nnx.Module):
         ``stack_kv`` (no cache; attention layers of one shape): also return every layer's keys and
         values of the block, each written in place into one ``[L, B, T, K, H]`` buffer (what
         Orthrus's training reads; 5% less memory per chip at the Qwen3-8B preset than per-layer
-        caches stacked afterwards).
+        caches stacked afterwards). ``valid_B`` ``[B]`` (a right-padded block, with a cache): the
+        real tokens per row; the caller keeps exactly these afterwards (``cache.keep(valid_B, T)``),
+        so a recurrent state may stop at them instead of holding a state per position.
         """
         t = tokens_BT.shape[1]
         if segment_ids is not None and (block_mask is not None or (cache is not None and cache.max_len != t)):
@@ -150,7 +154,7 @@ class Transformer(nnx.Module):
         if stack_kv and cache is not None:
             raise ValueError("stack_kv hands back the block's keys and values in place of a cache")
         ctx = self.context(positions_BT, cache, block_mask=block_mask, segment_ids=segment_ids,
-                           stack_kv=stack_kv)
+                           stack_kv=stack_kv, valid_B=valid_B)
         if stack_kv:
             shape = (self.cfg.num_layers, tokens_BT.shape[0], t, self.cfg.num_kv_heads, self.cfg.head_dim)
             k_all, v_all = (constrain(jnp.zeros(shape, self.dtype), "kv_stack") for _ in "kv")
