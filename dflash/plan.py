@@ -268,6 +268,25 @@ def train_plan(cfg: Any, topology: str, mesh: Any = None, *, config_name: str = 
 
 
 # ----------------------------------------------------------------------------- decode steps
+def trail_bytes(graphdef: Any, state: Any, cache: Any, tokens: int) -> int:
+    """Bytes per chip a pass over ``tokens`` new tokens writes beyond the committed cache: the
+    per-position trail of states that roll back by selecting (docs/design.md §3; 0 for a cache of
+    slots). Each layer's extra is its global growth in the pass, at that layer's share per chip."""
+    batch = cache.lengths.shape[0]
+    ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+    out = jax.eval_shape(lambda s, i, c: nnx.merge(graphdef, s)(i, i, c, compute_logits=False).cache,
+                         state, ids, cache)
+
+    def nbytes(tree: Any) -> int:
+        return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+    total = 0.0
+    for before, after in zip(cache.layers, out.layers, strict=True):
+        if before is not None and nbytes(before):
+            total += (nbytes(after) / nbytes(before) - 1) * local_bytes(before)
+    return round(total)
+
+
 def decode_plan(target_config: str, topology: str, mesh: Any = None, *, dtype: str = "bfloat16",
                 batch: int = 1, block_size: int = 16, context: int = 2048) -> dict[str, Any]:
     """One verify pass (``block_size`` new tokens per row) and one AR step of the target on
@@ -288,23 +307,29 @@ def decode_plan(target_config: str, topology: str, mesh: Any = None, *, dtype: s
     cache = abstract_with(shapes, sharding.state_shardings(shapes, m))
 
     @functools.partial(jax.jit, donate_argnums=1)
-    def step(tstate, cache, tokens, positions):
+    def step(tstate, cache, tokens, positions, kept):
+        """A pass and its rollback (``keep``): a recurrent state's per-position trail is part of
+        the pass's memory, and the cache comes back in its committed shape (donated in place)."""
         out = nnx.merge(tgraph, tstate)(tokens, positions, cache)
-        return out.logits, out.cache
+        return out.logits, out.cache.keep(kept, tokens.shape[1])
 
     passes = {}
     weights = local_bytes(tstate)
     for name, t in (("verify", block_size), ("ar", 1)):
         ids = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=NamedSharding(m, P()))
-        compiled, seconds = compile_for_topology(step, (tstate, cache, ids, ids), m)
+        kept = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(m, P()))
+        compiled, seconds = compile_for_topology(step, (tstate, cache, ids, ids, kept), m)
         mem = memory(compiled, local_bytes((tstate, cache)))
         flops = decode_flops(tcfg, batch, t, context)
         # The whole cache and every weight the pass touches, once (a MoE reads only the experts
-        # its tokens are routed to: expected under uniform routing, dflash.flops.params_read).
+        # its tokens are routed to: expected under uniform routing, dflash.flops.params_read),
+        # plus the rollback trail a recurrent state writes (its value after every block position).
         weights_read = weights * params_read(tcfg, batch * t) / tcfg.num_params()
-        read = weights_read + local_bytes(cache)
+        trail = trail_bytes(tgraph, tstate, cache, t)
+        read = weights_read + local_bytes(cache) + trail
         passes[name] = {"new_tokens": t, "flops": flops, "memory_analysis": mem,
-                        "weights_read_bytes": round(weights_read),
+                        "weights_read_bytes": round(weights_read), "rollback_trail_bytes": trail,
+                        "est_s_rollback": trail / topo.hbm_bw,
                         "est_s_compute": flops / (topo.chips * topo.peak_flops),
                         "est_s_memory": read / topo.hbm_bw, "compile_s": round(seconds, 1),
                         **fit_fields(mem["total"], topo, compiled)}
