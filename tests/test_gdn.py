@@ -17,6 +17,7 @@ from flax import nnx
 
 from dflash.attention import causal_mask
 from dflash.config import LayerSpec, ModelConfig
+from dflash.errors import ConfigError
 from dflash.io.loading import load_params_into, save_params
 from dflash.models.gdn_mixer import (
     GatedDeltaNet,
@@ -24,6 +25,7 @@ from dflash.models.gdn_mixer import (
     _weights,
     chunked_delta_rule,
     recurrent_delta_rule,
+    state_bytes,
 )
 from dflash.models.layers import Context
 from dflash.sharding import MeshConfig, ShardingError, make_mesh
@@ -159,12 +161,23 @@ def test_rollback_after_verify_equals_decoding_the_kept_prefix():
         step = step.rollback(jnp.ones((2,), jnp.int32), 1)
         np.testing.assert_allclose(out[:, 0], verify_out[:, i], atol=2e-5)
         after.append(step)
+    row_bytes = sum(x.nbytes for x in jax.tree.leaves(prefix)) // 2
+    assert state_bytes(cfg, cfg.layers[0], jnp.float32) == row_bytes
     for k in range(t + 1):
         kept = jnp.asarray([k, t - k])
         rolled = trail.rollback(kept, t)
         for row, n in enumerate((k, t - k)):
             for a, b in zip(jax.tree.leaves(rolled), jax.tree.leaves(after[n]), strict=True):
                 np.testing.assert_allclose(a[row], b[row], atol=2e-5)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"value_heads": 3}, r"value_heads \(3\) must be a multiple of key_heads \(2\)"),
+    ({"layout": "mamba"}, "layout must be one of qwen3_next, qwen3_5, got 'mamba'"),
+    ({"conv_kernel": 0}, "conv_kernel must be a positive int")])
+def test_bad_options_are_refused_naming_the_option(options, match):
+    with pytest.raises(ConfigError, match=match):
+        mixer(**options)
 
 
 # ----------------------------------------------------------------------------- transformers
