@@ -5,7 +5,8 @@ target's frozen ones are used). Context = ``hidden_norm(fc(concat of target feat
 applied once; every layer's keys/values are ``k_proj``/``v_proj`` of ``[context ; block]``
 ("KV injection") while queries come from the block only. Block = ``[anchor, MASK x (B-1)]``
 at positions ``p .. p+B-1``, bidirectional inside, context strictly before ``p``; output row
-``k`` predicts the token at ``p + k`` (same position, not shifted).
+``k`` predicts the token at ``p + k`` (same position, not shifted). A ``sliding_attention`` layer
+(``drafter_layers``) is causal sliding-window attention over context-then-block instead.
 
 Shape letters: B batch, S context positions, Q block (query) rows, D width, n features.
 """
