@@ -473,5 +473,7 @@ def test_hybrid_presets_build_the_published_drafters(name):
                          block_size=cfg.drafter.block_size)
     hf = drafter_hf_config(dcfg)
     assert {key: hf[key] for key in published} == published and hf["block_size"] == 16
+    # All three publish plain RoPE at theta 1e7 over 262144 positions (the target's, which the drafter takes).
+    assert (hf["rope_theta"], hf.get("rope_scaling"), hf["max_position_embeddings"]) == (1e7, None, 262144)
     shapes = nnx.eval_shape(lambda: build_drafter(dcfg))
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
