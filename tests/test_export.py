@@ -224,11 +224,14 @@ def test_bad_drafter_directories_are_named(tmp_path):
     (extra / "config.json").write_text(json.dumps(hf))
     with pytest.warns(UserWarning, match="fingerprint mismatch"):
         load_drafter(extra, target.cfg)
-    # A drafter declaring sliding-window layers is refused, not loaded as full attention.
+    # A sliding layer without a window is refused, not loaded as full attention; with one, it slides.
     hf["layer_types"] = ["full_attention"] * (hf["num_hidden_layers"] - 1) + ["sliding_attention"]
     (extra / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(CheckpointError, match=r"sliding-window attention .*\['sliding_attention'\]"):
+    with pytest.raises(CheckpointError, match=r"sliding_window=0 with layer_types .*'sliding_attention'\]"):
         load_drafter(extra, target.cfg)
+    (extra / "config.json").write_text(json.dumps({**hf, "sliding_window": 6}))
+    with pytest.warns(UserWarning, match="fingerprint mismatch"):  # still the zeroed fingerprint
+        assert load_drafter(extra, target.cfg).cfg.windows[-1] == 6
 
 
 def test_export_errors_are_clear(run, tmp_path, capsys):

@@ -144,12 +144,32 @@ def test_simulated_tau_counts_the_leading_run():
     np.testing.assert_allclose(float(obj.step_weighted_tau(pred, ref, mask2)), 4.0, rtol=1e-6)
 
 
-def test_blockwise_drafter_attention_equals_dense_anchor_mask():
-    """The drafter's blockwise pass == dense attention under ``anchor_block_mask``."""
+def _window_mask(dense, anchors, window: int, s: int, k: int) -> np.ndarray:
+    """``dense`` narrowed to a sliding layer's view, by loops (docs/design.md §5): row (j, r) at
+    position a_j + r sees context c with a_j + r - c < window, and its block's rows r2 <= r
+    with r - r2 < window."""
+    want = np.array(dense)
+    for i, j, r in np.ndindex(*anchors.shape, k):
+        q, p = j * k + r, int(anchors[i, j]) + r
+        for c in range(s):
+            want[i, q, c] &= p - c < window
+        for r2 in range(k):
+            want[i, q, s + j * k + r2] &= r2 <= r and r - r2 < window
+    return want
+
+
+@pytest.mark.parametrize("window, remat", [(0, False), (3, False), (3, True)])
+def test_blockwise_drafter_attention_equals_dense_anchor_mask(window, remat):
+    """The drafter's blockwise pass == dense attention under ``anchor_block_mask``; a sliding layer
+    (window 3: narrower than the context and the block) under that mask cut to its window, in the
+    plain and the rematerialised (anchor-chunked, padded) training forms."""
     cfg = ModelConfig(model_type="qwen3", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=4,
                       num_heads=4, num_kv_heads=2, head_dim=8)
-    dcfg = DFlashConfig.for_target(cfg, mask_token_id=49, num_layers=1, block_size=4, target_layer_ids=(1,))
+    dcfg = DFlashConfig.for_target(cfg, mask_token_id=49, num_layers=1, block_size=4, target_layer_ids=(1,),
+                                   layer_types=("sliding_attention",) if window else (),
+                                   sliding_window=window)
     drafter = build_drafter(dcfg, seed=5)
+    drafter.remat, drafter.anchor_chunk = remat, 2
     rng = np.random.default_rng(6)
     seg, loss_mask = _random_batch(rng, b=2, s=20)
     anchors, valid = obj.sample_anchors(jax.random.key(7), loss_mask, seg, 5)
@@ -169,10 +189,20 @@ def test_blockwise_drafter_attention_equals_dense_anchor_mask():
     kb, vb = layer.self_attn.kv(h, cos_q, sin_q)
     kc, vc = layer.self_attn.kv(ctx, cos_c, sin_c)
     dense = obj.anchor_block_mask(anchors, valid, seg, k)
-    out = attend(q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), dense)
-    y = x.reshape(b, a * k, d) + layer.self_attn.o_proj(out)
-    y = y + layer.mlp(layer.post_attention_layernorm(y))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(drafter.norm(y).reshape(b, a, k, d)), atol=1e-5)
+    if window:
+        full = np.asarray(dense)
+        dense = jnp.asarray(_window_mask(full, np.asarray(anchors), window, 20, k))
+        assert (full & ~np.asarray(dense)).any()  # the window hides something here
+
+    def reference(mask):
+        out = attend(q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), mask)
+        y = x.reshape(b, a * k, d) + layer.self_attn.o_proj(out)
+        y = y + layer.mlp(layer.post_attention_layernorm(y))
+        return np.asarray(drafter.norm(y).reshape(b, a, k, d))
+
+    np.testing.assert_allclose(np.asarray(got), reference(dense), atol=1e-5)
+    if window:  # and the window changed the result
+        assert np.abs(np.asarray(got) - reference(obj.anchor_block_mask(anchors, valid, seg, k))).max() > 1e-3
 
 
 def test_default_target_layer_ids():

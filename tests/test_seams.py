@@ -217,10 +217,53 @@ def test_the_engine_is_lossless_on_the_hybrid_target_and_refuses_what_it_cannot_
         out = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=20,
                                    eos_ids=())
         assert out.tokens == ref.tokens
-    with pytest.raises(ConfigError, match="cannot commit a tree path"):
+    refusal = r"layer 1 is toy_recurrence \(its TrailState cannot commit a tree path\)"
+    with pytest.raises(ConfigError, match=refusal):  # up front, from LayerState.TREE: nothing traced
         speculative_generate(target, prompts, method=tree_method_for(dflash, 2), drafter=dflash, eos_ids=())
     with pytest.raises(ConfigError, match="Orthrus needs full attention .* layer 1 is toy_recurrence"):
         OrthrusConfig.for_target(target.cfg, mask_token_id=4095)
+
+
+def test_a_runs_evaluation_decodes_chains_only_on_the_hybrid_target(hybrid_dir, monkeypatch):
+    """DFlash's extra evaluation method is a tree (``tau_with_ngram``): left out here, not a crash."""
+    import types
+
+    from dflash.drafters.dflash import DFlashConfig, build_drafter
+    from dflash.training import evaluation
+
+    decoded = []
+
+    def fake(target, prompts, *, method, **kw):  # records what would be decoded, decodes nothing
+        decoded.append(method)
+        return types.SimpleNamespace(tokens=[[1]], tau=1.0, mean_acceptance_length=1.0, num_generated=1,
+                                     histogram=lambda: [1])
+
+    monkeypatch.setattr(evaluation, "speculative_generate", fake)
+    target = load_target(hybrid_dir)
+    dflash = build_drafter(DFlashConfig.for_target(target.cfg, mask_token_id=4095, block_size=4,
+                                                   target_layer_ids=(1, 2)), seed=1)
+    out = evaluation.measure_tau(target, dflash, [[5, 6, 7]], max_new_tokens=4)
+    assert [m.tree for m in decoded] == [False, False] and "tau_with_ngram" not in out
+    plain = load_target(SHIPPED["tiny-code"])  # all attention: the tree runs
+    out = evaluation.measure_tau(plain, build_drafter(DFlashConfig.for_target(plain.cfg, mask_token_id=7,
+                                                                              block_size=4), seed=1),
+                                 [[5, 6, 7]], max_new_tokens=4)
+    assert [m.tree for m in decoded[2:]] == [False, False, True] and "tau_with_ngram" in out
+
+
+@pytest.mark.parametrize("command, options", [("generate", ["--tree-width", "2"]),
+                                              ("bench", ["--ngram-branch"])])
+def test_the_commands_refuse_trees_on_the_hybrid_target_in_one_line(hybrid_dir, command, options, capsys):
+    """Before the drafter loads (its path need not exist) and before anything compiles."""
+    from dflash.cli import bench, generate
+
+    main = {"generate": generate.main, "bench": bench.main}[command]
+    extra = ["--prompt", "def f"] if command == "generate" else []
+    assert main(["--target", str(hybrid_dir), "--drafter", str(hybrid_dir / "none"), *extra, *options]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"dflash-{command}: error: tree verification (--tree-width, --ngram-branch) is not "
+                   "available for this target: layer 1 is toy_recurrence (its TrailState cannot commit a "
+                   "tree path); decode it with a chain (drop those options)"]
 
 
 # ----------------------------------------------------------------------------- a drafter kind

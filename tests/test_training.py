@@ -431,3 +431,49 @@ def test_logged_metrics_are_means_over_the_accumulated_micro_batches():
         2.0, 1.0, 2.0, 3.0)
     np.testing.assert_array_equal(np.asarray(got["accuracy"]), [0.75, 0.5])
     assert float(mean_metrics(micro[:1], ("loss",))["loss"]) == 1.0  # grad_accum = 1: the step itself
+
+
+# The published drafters for hybrid targets, as their config.json states them (sgl-project/SpecForge
+# configs/qwen3.5-35b-a3b-dflash.json and qwen3.6-27b-dflash.json; z-lab/Qwen3.5-9B-DFlash config.json).
+_FULL5 = ["full_attention"] * 5
+HYBRID_PRESETS = {
+    "qwen3_5_9b_dflash.yaml": ("qwen3_5_9b", 3072, 6, dict(
+        num_hidden_layers=5, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        intermediate_size=12288, num_target_layers=32, layer_types=_FULL5, sliding_window=None,
+        dflash_config={"mask_token_id": 248070, "target_layer_ids": [1, 8, 15, 22, 29]})),
+    "qwen3_6_27b_dflash.yaml": ("qwen3_6_27b", 4096, 6, dict(
+        num_hidden_layers=5, hidden_size=5120, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        intermediate_size=17408, num_target_layers=64, sliding_window=2048, use_sliding_window=True,
+        layer_types=["sliding_attention"] * 4 + ["full_attention"],
+        dflash_config={"mask_token_id": 248070, "target_layer_ids": [1, 16, 31, 46, 61]})),
+    "qwen3_5_35b_a3b_dflash.yaml": ("qwen3_5_35b_a3b", 4096, 10, dict(
+        num_hidden_layers=8, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        intermediate_size=6144, num_target_layers=40, layer_types=["full_attention"] * 8, sliding_window=None,
+        dflash_config={"mask_token_id": 248070, "target_layer_ids": [1, 10, 19, 28, 37]})),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HYBRID_PRESETS))
+def test_hybrid_presets_build_the_published_drafters(name):
+    """Their drafters' config.json as published (shapes, layer types, window, taps, mask token) and the
+    reference trainer's recipe (B = 16, 512 anchors, lr 6e-4, clip 1, 4% warmup, its length and epochs)."""
+    from dflash.config import PRESETS as TARGETS
+    from dflash.config import preset_for_hub_id
+    from dflash.drafters.dflash import DFLASH
+    from dflash.drafters.dflash.hf import drafter_hf_config
+
+    cfg = load_yaml(ExperimentConfig, ROOT / "configs" / name)
+    preset, seq_len, epochs, published = HYBRID_PRESETS[name]
+    model_cfg = preset_for_hub_id(cfg.target.name)
+    assert model_cfg == TARGETS[preset]
+    assert (cfg.optim.lr, cfg.optim.clip_norm, cfg.optim.warmup_ratio) == (6e-4, 1.0, 0.04)
+    assert (cfg.data.seq_len, cfg.train.epochs, cfg.train.num_anchors) == (seq_len, epochs, 512)
+    cfg.check_context(model_cfg.max_position_embeddings)
+    dcfg = DFLASH.config(cfg.drafter, model_cfg, mask_token_id=cfg.drafter.mask_token_id,
+                         block_size=cfg.drafter.block_size)
+    hf = drafter_hf_config(dcfg)
+    assert {key: hf[key] for key in published} == published and hf["block_size"] == 16
+    # All three publish plain RoPE at theta 1e7 over 262144 positions (the target's, which the drafter takes).
+    assert (hf["rope_theta"], hf.get("rope_scaling"), hf["max_position_embeddings"]) == (1e7, None, 262144)
+    shapes = nnx.eval_shape(lambda: build_drafter(dcfg))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))

@@ -20,6 +20,7 @@ from dflash.fingerprint import initialize_from_args
 from dflash.io.loading import load_target
 from dflash.io.tokenizer import eos_ids, load_tokenizer
 from dflash.kernels.dispatch import ATTENTION_IMPLS
+from dflash.models.kinds import check_tree
 from dflash.viz.figures import bench_figures
 
 
@@ -97,6 +98,8 @@ def _bench(args: argparse.Namespace) -> int:
     mesh = mesh_from_args(args.mesh)
     target = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl,
                          mesh=mesh)  # drafters resolved below take its attention_impl and mesh
+    if args.tree_width or args.ngram_branch:
+        check_tree(target.cfg)  # before the drafter loads and anything compiles
     prompts = load_prompts(args.prompts, tokenizer, field=args.field, split=args.split,
                            limit=args.num_prompts)
     drafter_method, drafter = resolve_method(args.drafter, target, block_size=args.block_size,

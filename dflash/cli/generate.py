@@ -25,6 +25,7 @@ from dflash.fingerprint import initialize_from_args
 from dflash.io.loading import load_target
 from dflash.io.tokenizer import eos_ids, load_tokenizer
 from dflash.kernels.dispatch import ATTENTION_IMPLS
+from dflash.models.kinds import check_tree
 from dflash.viz.tokens import COLOR_MODES, show_steps, split_steps, wants_color
 
 
@@ -98,6 +99,8 @@ def _generate(args: argparse.Namespace) -> int:
     mesh = mesh_from_args(args.mesh)
     model = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl,
                         mesh=mesh)
+    if args.tree_width or args.ngram_branch:
+        check_tree(model.cfg)  # before the drafter loads and anything compiles
     ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # length: checked below
     if not ids:
         raise ConfigError("the prompt encodes to zero tokens")

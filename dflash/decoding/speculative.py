@@ -32,6 +32,7 @@ from dflash.decoding.tree import ancestor_mask, gather_path, verify_tree
 from dflash.decoding.verify import RULES, verify
 from dflash.errors import ConfigError
 from dflash.models.cache import Cache
+from dflash.models.kinds import check_tree
 from dflash.models.transformer import Transformer
 
 
@@ -265,6 +266,8 @@ def speculative_generate(
         raise ConfigError("greedy verification needs temperature 0; use rule 'token' or 'block'")
     if method.tree and rule == "block":
         raise ConfigError("tree drafting verifies greedily or token-wise (sibling rejection), not 'block'")
+    if method.tree:
+        check_tree(target.cfg)  # a recurrent state cannot commit a path: say so before compiling
     batch, k, split = len(prompts), method.block_size, md.batch_split(mesh)
     # A verify pass may write up to Q (a tree: all its nodes) slots past the last committed token.
     rows, budgets = md.pad_request(prompts, max_new_tokens, mesh)  # dummy rows: budget 1, dropped

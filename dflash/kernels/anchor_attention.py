@@ -6,7 +6,8 @@
 is the drafter's original blockwise einsum; the Pallas kernel runs a flash-style online
 softmax over context tiles and skips, per group of anchors, every tile outside the range of
 tiles its mask touches (block-sparse: for ``s < anchor`` masks that is exactly the tiles
-holding visible keys), then folds in the block's own keys.
+holding visible keys), then folds in the block's own keys. A sliding drafter layer (``window``)
+masks each row by position instead (``window_masks``); only the jnp forms take it.
 
 Shape letters: B batch, A blocks (anchors), Q rows per block, S context positions, N query
 heads, K kv heads, G = N / K, H head dim; a program handles ``a_p`` anchors of one kv head,
@@ -42,14 +43,28 @@ DEFAULT_TILE = {"tpu": 512, "gpu": 64}
 TARGET_ROWS = {"tpu": 256, "gpu": 64}  # query rows per program the default anchor grouping aims at
 
 
+def window_masks(ctx_mask_BAS, window: int, q_pos_BAQ, ctx_pos_BS):
+    """A sliding drafter layer's masks (docs/design.md §5): context ``[B,A,Q,S]`` and block ``[B,A,Q,Q]``.
+
+    Block row ``i`` (position ``p+i``) sees what ``ctx_mask`` lets its block see at positions
+    ``> p+i-window``, and the block rows ``j <= i`` with ``i-j < window``: causal sliding-window
+    attention over context-then-block, as the reference trainer and vLLM run such layers.
+    """
+    ctx_BAQS = ctx_mask_BAS[:, :, None, :] & (q_pos_BAQ[..., None] - ctx_pos_BS[:, None, None, :] < window)
+    d_BAQP = q_pos_BAQ[..., :, None] - q_pos_BAQ[..., None, :]
+    return ctx_BAQS, (d_BAQP >= 0) & (d_BAQP < window)
+
+
 def reference_anchor_block_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS,
-                                     *, ctx_tile=None, anchors_per_program=None, backend=None,
-                                     interpret=False, poison=False):
+                                     *, window: int = 0, q_pos_BAQ=None, ctx_pos_BS=None, ctx_tile=None,
+                                     anchors_per_program=None, backend=None, interpret=False, poison=False):
     """Pure-jnp reference (the drafter's blockwise attention): O(A*Q*(S+Q)), not O((A*Q)^2).
 
     q ``[B,A,Q,N,H]``; context k/v ``[B,S,K,H]`` (cast to the block's dtype); block k/v
-    ``[B,A,Q,K,H]``; ``ctx_mask_BAS`` bool. Returns ``[B,A,Q,N,H]`` in the value dtype. The
-    kernel-only keywords are accepted (same signature) and ignored.
+    ``[B,A,Q,K,H]``; ``ctx_mask_BAS`` bool. ``window`` > 0: a sliding layer, masked per row by
+    ``window_masks`` from the rows' positions ``q_pos_BAQ`` and the context's ``ctx_pos_BS``.
+    Returns ``[B,A,Q,N,H]`` in the value dtype. The kernel-only keywords are accepted (same
+    signature) and ignored.
     """
     del ctx_tile, anchors_per_program, backend, interpret, poison
     b, a, k, n, hd = q_BAQNH.shape
@@ -60,8 +75,14 @@ def reference_anchor_block_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQK
     scale = hd ** -0.5
     s_ctx = jnp.einsum("BAQkgH,BSkH->BkgAQS", q_BAKkgH, k_ctx, preferred_element_type=jnp.float32)
     s_blk = jnp.einsum("BAQkgH,BAPkH->BkgAQP", q_BAKkgH, k_blk, preferred_element_type=jnp.float32)
-    s_ctx = jnp.where(ctx_mask_BAS[:, None, None, :, None, :], s_ctx * scale, NEG_INF)
-    probs = jax.nn.softmax(jnp.concatenate([s_ctx, s_blk * scale], axis=-1), axis=-1)
+    if window:
+        ctx_BAQS, blk_BAQP = window_masks(ctx_mask_BAS, window, q_pos_BAQ, ctx_pos_BS)
+        s_ctx = jnp.where(ctx_BAQS[:, None, None], s_ctx * scale, NEG_INF)
+        s_blk = jnp.where(blk_BAQP[:, None, None], s_blk * scale, NEG_INF)
+    else:
+        s_ctx = jnp.where(ctx_mask_BAS[:, None, None, :, None, :], s_ctx * scale, NEG_INF)
+        s_blk = s_blk * scale
+    probs = jax.nn.softmax(jnp.concatenate([s_ctx, s_blk], axis=-1), axis=-1)
     p_ctx, p_blk = probs[..., : k_ctx.shape[1]], probs[..., k_ctx.shape[1]:]
     out = (jnp.einsum("BkgAQS,BSkH->BAQkgH", p_ctx.astype(v_ctx.dtype), v_ctx)
            + jnp.einsum("BkgAQP,BAPkH->BAQkgH", p_blk.astype(v_blk.dtype), v_blk))
@@ -72,7 +93,8 @@ ANCHOR_CHUNK = 16  # anchors per step of the chunked (training) form
 
 
 def chunked_anchor_block_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS,
-                                   *, chunk: int = ANCHOR_CHUNK):
+                                   *, chunk: int = ANCHOR_CHUNK, window: int = 0, q_pos_BAQ=None,
+                                   ctx_pos_BS=None):
     """The reference on ``chunk`` anchors at a time, rematerialised: the drafter's training form.
 
     The reference holds ``[B, N, A, Q, S]`` scores (and autodiff keeps their probabilities
@@ -83,12 +105,15 @@ def chunked_anchor_block_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH,
     """
     c = min(chunk, q_BAQNH.shape[1])
 
+    q_pos = jnp.zeros(q_BAQNH.shape[:3], jnp.int32) if q_pos_BAQ is None else q_pos_BAQ  # read by windows
+
     @jax.checkpoint
     def one(carry, xs):
-        q, kb, vb, mask = xs
-        return carry, reference_anchor_block_attention(q, k_ctx_BSKH, v_ctx_BSKH, kb, vb, mask)
+        q, kb, vb, mask, pos = xs
+        return carry, reference_anchor_block_attention(q, k_ctx_BSKH, v_ctx_BSKH, kb, vb, mask, window=window,
+                                                       q_pos_BAQ=pos, ctx_pos_BS=ctx_pos_BS)
 
-    xs = tuple(split_anchor_chunks(x, c) for x in (q_BAQNH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS))
+    xs = tuple(split_anchor_chunks(x, c) for x in (q_BAQNH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS, q_pos))
     _, out = jax.lax.scan(one, None, xs)
     return merge_anchor_chunks(out, q_BAQNH.shape[1])
 

@@ -148,11 +148,19 @@ def verify_attention(q_BTNH, k_BSKH, v_BSKH, lengths_B, block_mask, sinks_N=None
                      kv_heads=k_BSKH.shape[2])
 
 
-def anchor_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS, *, impl: str):
-    """The drafter's anchor-block attention under ``impl``: ``[B,A,Q,N,H]``."""
+def anchor_attention(q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS, *, impl: str,
+                     window: int = 0, q_pos_BAQ=None, ctx_pos_BS=None):
+    """The drafter's anchor-block attention under ``impl``: ``[B,A,Q,N,H]``.
+
+    A sliding layer (``window`` > 0, masked per row by the positions) runs the jnp forms: the
+    kernel's mask is per block. Under ``auto`` / ``pallas`` that is the memory-bounded chunked form.
+    """
     kh, q_rows = k_ctx_BSKH.shape[2], q_BAQNH.shape[2]
-    problem = hardware_problem(q_BAQNH.shape[4], kh, q_BAQNH.shape[3] // kh, q_rows)
     args = (q_BAQNH, k_ctx_BSKH, v_ctx_BSKH, k_blk_BAQKH, v_blk_BAQKH, ctx_mask_BAS)
+    if window:
+        form = reference_anchor_block_attention if impl == "reference" else chunked_anchor_block_attention
+        return form(*args, window=window, q_pos_BAQ=q_pos_BAQ, ctx_pos_BS=ctx_pos_BS)
+    problem = hardware_problem(q_BAQNH.shape[4], kh, q_BAQNH.shape[3] // kh, q_rows)
     if _wants_kernel(impl, problem, "anchor_block_attention", anchor_block_attention,
                      _layout(q_BAQNH, k_ctx_BSKH, 3, q_rows)):
         interpret = platform() == "cpu"

@@ -14,7 +14,8 @@ recurrent layer would keep its recurrence. The engine speaks only this interface
   recurrence) must, for this, hold what it needs from its last forward (for example its value
   after every block position) and select per row;
 - ``commit_path(start_B, path_BP)`` after a *tree* pass makes the accepted path's entries look as
-  if that chain alone had been written at ``start``; a state that cannot is refused for trees;
+  if that chain alone had been written at ``start``; a state that cannot says so (``TREE = False``)
+  and its target is refused for trees up front (``kinds.check_tree``), before anything compiles;
 - every array of every state has the batch row on axis 0, so compaction (``take_rows``) and
   the batch's sharding are the same for all;
 - each state class names the logical axes of its arrays (``AXES``, names of
@@ -40,6 +41,8 @@ class LayerState:
 
     AXES: ClassVar[dict[str, tuple[Any, ...]]] = {}
     """Logical axes of each array field (``dflash.sharding.LOGICAL`` names; batch first)."""
+    TREE: ClassVar[bool] = False
+    """Whether ``commit_path`` works: a target with a state that cannot is refused for trees."""
 
     def rollback(self, kept_B: jax.Array, block_len: int) -> LayerState:
         """After a pass over ``block_len`` tokens, the state holding only the first ``kept_B``."""
@@ -67,6 +70,7 @@ class KVState(LayerState):
     k: jax.Array
     v: jax.Array
     AXES: ClassVar[dict[str, tuple[Any, ...]]] = {"k": LAYOUTS["kv_cache"], "v": LAYOUTS["kv_cache"]}
+    TREE: ClassVar[bool] = True  # a tree commit moves the path's slots
 
     @classmethod
     def zeros(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: Any) -> KVState:

@@ -27,6 +27,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -221,3 +222,20 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.floa
         raise CacheOverflowError(f"max_len must be positive, got {max_len}")
     states = tuple(mixer_kind(spec).state(cfg, spec, batch, max_len, dtype) for spec in cfg.layers)
     return Cache(layers=states, lengths=jnp.zeros((batch,), jnp.int32), max_len=max_len)
+
+
+def tree_blocker(cfg: ModelConfig) -> str | None:
+    """The first layer whose cache state cannot commit a tree path (``LayerState.TREE``), described,
+    or None. Reads the state classes from an abstract cache: nothing is allocated or compiled."""
+    states = jax.eval_shape(lambda: init_cache(cfg, 1, 1)).layers
+    for i, (spec, state) in enumerate(zip(cfg.layers, states, strict=True)):
+        if state is not None and not type(state).TREE:
+            return f"layer {i} is {spec.mixer} (its {type(state).__name__} cannot commit a tree path)"
+    return None
+
+
+def check_tree(cfg: ModelConfig) -> None:
+    """Refuses tree verification on a target that cannot commit a tree path, in one line, up front."""
+    if (blocker := tree_blocker(cfg)) is not None:
+        raise ConfigError(f"tree verification (--tree-width, --ngram-branch) is not available for this "
+                          f"target: {blocker}; decode it with a chain (drop those options)")

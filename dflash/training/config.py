@@ -37,12 +37,21 @@ class DrafterSection:
     block_size: int = 0  # 0 = the method's default (its kind's: DFlash 16, Orthrus 32)
     target_layer_ids: tuple[int, ...] = ()  # DFlash: () = spread evenly over 1..L-3
     num_target_features: int = 5  # DFlash: how many ids when target_layer_ids is ()
+    layer_types: tuple[str, ...] = ()  # DFlash: full_attention / sliding_attention per layer; () = all full
+    sliding_window: int = 0  # DFlash: the sliding layers' window (positions, the row's own included)
+    num_heads: int = 0  # DFlash: the drafter's own attention shape and MLP width; 0 = the target's
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    intermediate_size: int = 0
     mask_token_id: int | None = None  # None = the tokenizer's mask token
     init_from: str = ""  # an exported drafter directory to continue from
 
     def __post_init__(self) -> None:
         _check("drafter", BLOCK.with_special(0, "the method's default"), block_size=self.block_size)
         _check("drafter", COUNT, num_layers=self.num_layers, num_target_features=self.num_target_features)
+        _check("drafter", COUNT_OR_ZERO, sliding_window=self.sliding_window, num_heads=self.num_heads,
+               num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+               intermediate_size=self.intermediate_size)
         if self.mask_token_id == -1:  # runs written before None meant "the tokenizer's" said -1
             object.__setattr__(self, "mask_token_id", None)
         _check("drafter", COUNT_OR_ZERO, mask_token_id=self.mask_token_id)  # None: the tokenizer's

@@ -19,6 +19,7 @@ from dflash.decoding.speculative import speculative_generate
 from dflash.drafters import kind_of
 from dflash.drafters import objective as obj
 from dflash.errors import TrainingError
+from dflash.models.kinds import tree_blocker
 from dflash.models.transformer import Transformer
 
 EVAL_SEED = 12345  # fixed anchors: evaluations are comparable across steps
@@ -75,7 +76,10 @@ def measure_tau(target: Transformer, drafter: Any, prompts: list[list[int]],
     out = {"tau": dres.tau, "mean_acceptance_length": dres.mean_acceptance_length, "tau_ngram": nres.tau,
            "acceptance_histogram": dres.histogram(), "acceptance_histogram_ngram": nres.histogram(),
            "eval_prompts": len(prompts), "eval_new_tokens": dres.num_generated}
+    trees = tree_blocker(target.cfg) is None  # a hybrid (recurrent) target decodes chains only
     for name, method in kind.eval_methods(drafter).items():
+        if method.tree and not trees:
+            continue
         res = speculative_generate(target, prompts, method=method, drafter=drafter, **common)
         differ += [f"drafter vs {name.replace('_', ' ')}"] if res.tokens != dres.tokens else []
         out[f"tau_{name}"] = res.tau

@@ -19,8 +19,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from dflash.config import ConfigError, ModelConfig, RopeConfig
-from dflash.drafters.dflash.model import DFlashConfig, DFlashDrafter, layer_config
+from dflash.config import ConfigError, LayerSpec, ModelConfig, RopeConfig
+from dflash.drafters.dflash.model import (
+    FULL,
+    SLIDING,
+    DFlashConfig,
+    DFlashDrafter,
+    drafter_layers,
+    layer_config,
+)
 from dflash.errors import CheckpointError
 from dflash.io.loading import ASSETS, load_params_into, read_config_json, save_params
 from dflash.models import kinds
@@ -64,7 +71,12 @@ def drafter_hf_config(cfg: DFlashConfig, target_name: str = "", target_cfg: Mode
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": False,
-        "layer_types": ["full_attention"] * cfg.num_layers,
+        # As the reference trainer writes them and vLLM reads them: the sliding layers' window in
+        # ``sliding_window``, ``use_sliding_window`` for transformers' Qwen3Config (which drops the
+        # window without it).
+        "layer_types": list(cfg.layer_types),
+        "sliding_window": cfg.sliding_window or None,
+        "use_sliding_window": bool(cfg.sliding_window),
         "hidden_act": "silu",
         "attention_bias": False,
         "torch_dtype": dtype,
@@ -87,11 +99,6 @@ def config_from_hf(hf: dict[str, Any]) -> DFlashConfig:
     for key in ("mask_token_id", "target_layer_ids"):
         if key not in dcfg:
             raise CheckpointError(f"DFlash config.json lacks dflash_config.{key}")
-    windowed = [t for t in (hf.get("layer_types") or []) if t != "full_attention"]
-    if hf.get("use_sliding_window") or windowed:
-        raise CheckpointError(f"DFlash drafter config.json asks for sliding-window attention "
-                              f"(use_sliding_window={hf.get('use_sliding_window')!r}, layer_types "
-                              f"{sorted(set(windowed))}); only full attention is supported")
     rope = RopeConfig.from_hf(hf)
     try:
         shape = types.SimpleNamespace(
@@ -101,14 +108,37 @@ def config_from_hf(hf: dict[str, Any]) -> DFlashConfig:
             head_dim=int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope=rope,
             max_position_embeddings=int(hf.get("max_position_embeddings", 32768)))
+        n = int(hf["num_hidden_layers"])
         return DFlashConfig(
-            layers=layer_config(shape, int(hf["num_hidden_layers"])),
+            layers=layer_config(shape, n, _layers_from_hf(hf, n)),
             num_target_layers=int(hf["num_target_layers"]),
             target_layer_ids=tuple(int(i) for i in dcfg["target_layer_ids"]),
             mask_token_id=int(dcfg["mask_token_id"]), block_size=int(hf["block_size"]),
             model_type=str(hf.get("model_type", "qwen3")))
     except KeyError as err:
         raise CheckpointError(f"DFlash config.json lacks required key {err.args[0]!r}") from err
+
+
+def _layers_from_hf(hf: dict[str, Any], n: int) -> tuple[LayerSpec, ...]:
+    """The layer specs a DFlash config.json names, read as vLLM reads them: ``layer_types`` (absent:
+    all full), the sliding layers' window from ``dflash_config.swa_window_size`` or ``sliding_window``;
+    sliding layers causal, full ones not. Other attention forms are refused, naming the key."""
+    dcfg = hf.get("dflash_config") or {}
+    for key, value in (("dflash_config.use_swa", dcfg.get("use_swa")),
+                       ("dflash_config.attention_sink_bias", dcfg.get("attention_sink_bias"))):
+        if value:
+            raise CheckpointError(f"DFlash config.json sets {key}={value!r}; supported: layer_types of "
+                                  f"{FULL!r} (bidirectional block) and {SLIDING!r} (causal, windowed)")
+    types = tuple(hf.get("layer_types") or (FULL,) * n)
+    for key, value in (("is_causal", hf.get("is_causal")), ("dflash_config.causal", dcfg.get("causal"))):
+        if value is not None and any(bool(value) != (t == SLIDING) for t in types):
+            raise CheckpointError(f"DFlash config.json sets {key}={value!r}, but here full_attention layers "
+                                  "see their block both ways and sliding_attention layers causally")
+    window = dcfg.get("swa_window_size") or hf.get("sliding_window") or 0
+    try:
+        return drafter_layers(n, types, int(window) if SLIDING in types else 0)
+    except ConfigError as err:
+        raise CheckpointError(f"DFlash config.json: {err}") from err
 
 
 def save_drafter(drafter: DFlashDrafter, directory: str | os.PathLike, *, target_name: str = "",

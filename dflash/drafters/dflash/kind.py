@@ -1,7 +1,9 @@
 """The DFlash drafter kind: a small block-diffusion drafter fed with target hidden states.
 
 Its registry entry (``dflash.drafters.registry``): ``drafter:`` keys ``num_layers``,
-``target_layer_ids``, ``num_target_features``; block size 16; loss CE on the data (KL optional);
+``target_layer_ids``, ``num_target_features``, ``layer_types`` / ``sliding_window`` (sliding
+layers) and ``num_heads`` / ``num_kv_heads`` / ``head_dim`` / ``intermediate_size`` (0: the
+target's); block size 16; loss CE on the data (KL optional);
 export ``DFlashDraftModel``. The training forward is ``loss`` below (docs/design.md §5).
 
 Shape letters (docs/architecture.md): B rows, S sequence, A anchors, Q block rows, D width, n features.
@@ -24,7 +26,7 @@ from dflash.drafters import blocks as blk
 from dflash.drafters import loss_head
 from dflash.drafters.dflash import hf
 from dflash.drafters.dflash.draft import DFlashDraft
-from dflash.drafters.dflash.model import DEFAULT_BLOCK_SIZE, DFlashConfig, DFlashDrafter
+from dflash.drafters.dflash.model import DEFAULT_BLOCK_SIZE, SHAPE_FIELDS, DFlashConfig, DFlashDrafter
 from dflash.drafters.registry import SHIPPED, DrafterKind, register
 from dflash.flops import head_flops, target_forward_flops
 from dflash.io.loading import read_config_json
@@ -39,8 +41,10 @@ class DFlashKind(DrafterKind):
     architectures = (hf.ARCHITECTURE,)
     default_block_size = DEFAULT_BLOCK_SIZE
     default_loss_weights = (1.0, 0.0)
-    section_keys = frozenset({"num_layers", "target_layer_ids", "num_target_features"})
-    compared_on_init_from = ("num_layers", "block_size", "target_layer_ids", "mask_token_id")
+    section_keys = frozenset({"num_layers", "target_layer_ids", "num_target_features", "layer_types",
+                              "sliding_window", *SHAPE_FIELDS})
+    compared_on_init_from = ("num_layers", "block_size", "target_layer_ids", "mask_token_id", "layer_types",
+                             "sliding_window", *SHAPE_FIELDS)
     sharding = ((r"(^|\.)fc\.kernel$", ("embed", None)),)  # the context projection [n*D, D]
 
     def config(self, section: Any, target: ModelConfig, *, mask_token_id: int,
@@ -48,7 +52,9 @@ class DFlashKind(DrafterKind):
         return DFlashConfig.for_target(target, mask_token_id=mask_token_id, num_layers=section.num_layers,
                                        block_size=block_size,
                                        target_layer_ids=section.target_layer_ids or None,
-                                       num_target_features=section.num_target_features)
+                                       num_target_features=section.num_target_features,
+                                       layer_types=section.layer_types, sliding_window=section.sliding_window,
+                                       **{name: getattr(section, name) for name in SHAPE_FIELDS})
 
     def construct(self, dcfg: DFlashConfig, *, dtype: Any = jnp.float32, seed: int = 0) -> DFlashDrafter:
         return DFlashDrafter(dcfg, dtype=dtype, rngs=nnx.Rngs(seed))

@@ -5,7 +5,8 @@ target's frozen ones are used). Context = ``hidden_norm(fc(concat of target feat
 applied once; every layer's keys/values are ``k_proj``/``v_proj`` of ``[context ; block]``
 ("KV injection") while queries come from the block only. Block = ``[anchor, MASK x (B-1)]``
 at positions ``p .. p+B-1``, bidirectional inside, context strictly before ``p``; output row
-``k`` predicts the token at ``p + k`` (same position, not shifted).
+``k`` predicts the token at ``p + k`` (same position, not shifted). A ``sliding_attention`` layer
+(``drafter_layers``) is causal sliding-window attention over context-then-block instead.
 
 Shape letters: B batch, S context positions, Q block (query) rows, D width, n features.
 """
@@ -24,7 +25,6 @@ from dflash.attention import block_slots
 from dflash.config import ConfigError, LayerSpec, ModelConfig, check_block_drafter
 from dflash.kernels import dispatch
 from dflash.kernels.anchor_attention import merge_anchor_chunks, split_anchor_chunks
-from dflash.models.attention_mixer import first_non_plain_layer
 from dflash.models.cache import Cache
 from dflash.models.kinds import init_cache
 from dflash.models.layers import Linear, RMSNorm, rope_cos_sin
@@ -45,6 +45,22 @@ def default_target_layer_ids(num_target_layers: int, count: int = 5) -> tuple[in
 
 
 DRAFTER_LAYER = LayerSpec(mixer_options={"qk_norm": True})  # Qwen3-style, whatever the target
+FULL, SLIDING = "full_attention", "sliding_attention"  # drafter layer types (HF ``layer_types``)
+
+
+def drafter_layers(num_layers: int, layer_types: tuple[str, ...] = (), sliding_window: int = 0
+                   ) -> tuple[LayerSpec, ...]:
+    """The drafter's layer specs: ``layer_types`` (() = all full) with ``window=sliding_window`` on
+    the sliding ones (docs/design.md §5)."""
+    types = tuple(layer_types) or (FULL,) * num_layers
+    if len(types) != num_layers or set(types) - {FULL, SLIDING}:
+        raise ConfigError(f"drafter.layer_types must list {num_layers} of {FULL!r} / {SLIDING!r} "
+                          f"(one per drafter layer), got {list(types)}")
+    if (SLIDING in types) != (sliding_window > 0):
+        raise ConfigError(f"drafter.sliding_window={sliding_window} with layer_types {list(types)}: "
+                          "a positive window is needed exactly when a layer is sliding_attention")
+    windowed = LayerSpec(mixer_options={**dict(DRAFTER_LAYER.mixer_options), "window": sliding_window})
+    return tuple(windowed if t == SLIDING else DRAFTER_LAYER for t in types)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +79,12 @@ class DFlashConfig:
     def __post_init__(self) -> None:
         lc = self.layers
         check_block_drafter("drafter", lc, block_size=self.block_size, mask_token_id=self.mask_token_id)
-        if (other := first_non_plain_layer(lc)) is not None:
-            raise ConfigError(f"DFlash drafter layers must be full attention without sinks; {other}")
+        for i, spec in enumerate(lc.layers):
+            if spec.mixer != "attention" or set(dict(spec.mixer_options)) - {"qk_norm", "window"}:
+                raise ConfigError(f"DFlash drafter layers are Qwen3-style attention, full or sliding; "
+                                  f"layer {i} is {spec.mixer} {dict(spec.mixer_options)}")
+        if len({w for w in self.windows if w}) > 1:
+            raise ConfigError(f"DFlash drafter sliding layers share one window, got {self.windows}")
         if not self.target_layer_ids:
             raise ConfigError("drafter.target_layer_ids must name at least one target layer")
         for i in self.target_layer_ids:
@@ -88,14 +108,33 @@ class DFlashConfig:
     rope = property(lambda self: self.layers.rope)
     max_position_embeddings = property(lambda self: self.layers.max_position_embeddings)
 
+    @property
+    def windows(self) -> tuple[int, ...]:
+        """Each layer's sliding window (0: full attention)."""
+        return tuple(int(spec.mixer_option("window", 0)) for spec in self.layers.layers)
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        return tuple(SLIDING if w else FULL for w in self.windows)
+
+    @property
+    def sliding_window(self) -> int:
+        """The sliding layers' window (0: none slides)."""
+        return max(self.windows)
+
     @classmethod
     def for_target(cls, target: ModelConfig, *, mask_token_id: int, num_layers: int = 1,
                    block_size: int = DEFAULT_BLOCK_SIZE, target_layer_ids: tuple[int, ...] | None = None,
-                   num_target_features: int = 5) -> DFlashConfig:
-        """Defaults from the target: its width, heads, rope and vocabulary."""
+                   num_target_features: int = 5, layer_types: tuple[str, ...] = (), sliding_window: int = 0,
+                   **shape: int) -> DFlashConfig:
+        """Defaults from the target: its width, heads, rope and vocabulary. ``shape``
+        (``num_heads``, ``num_kv_heads``, ``head_dim``, ``intermediate_size``; 0 = the target's)
+        gives the drafter's own, as published drafters for hybrid targets have."""
         ids = tuple(target_layer_ids) if target_layer_ids else default_target_layer_ids(
             target.num_layers, num_target_features)
-        return cls(layers=layer_config(target, num_layers), num_target_layers=target.num_layers,
+        specs = drafter_layers(num_layers, layer_types, sliding_window)
+        return cls(layers=layer_config(target, num_layers, specs, **shape),
+                   num_target_layers=target.num_layers,
                    target_layer_ids=ids, mask_token_id=mask_token_id, block_size=block_size,
                    model_type=target.model_type)
 
@@ -109,16 +148,22 @@ class DFlashConfig:
                                   f"but this target has {name}={theirs}")
 
 
-def layer_config(target: Any, num_layers: int) -> ModelConfig:
-    """``num_layers`` Qwen3-style layers (q/k RMSNorm, no biases) shaped like ``target`` (a
-    ``ModelConfig``, or anything with its size fields: an exported drafter's config.json)."""
+SHAPE_FIELDS = ("num_heads", "num_kv_heads", "head_dim", "intermediate_size")  # a drafter's own, or 0
+
+
+def layer_config(target: Any, num_layers: int, layers: tuple[LayerSpec, ...] | None = None,
+                 **shape: int) -> ModelConfig:
+    """``num_layers`` Qwen3-style layers (q/k RMSNorm, no biases; ``layers``: their specs, default
+    all full attention) shaped like ``target`` (a ``ModelConfig``, or anything with its size fields:
+    an exported drafter's config.json), except the ``SHAPE_FIELDS`` given non-zero in ``shape``."""
+    if set(shape) - set(SHAPE_FIELDS):
+        raise TypeError(f"unknown drafter shape fields {sorted(set(shape) - set(SHAPE_FIELDS))}")
     fields = dict(vocab_size=target.vocab_size, hidden_size=target.hidden_size,
-                  intermediate_size=target.intermediate_size, num_heads=target.num_heads,
-                  num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
                   rms_norm_eps=target.rms_norm_eps,
-                  rope=target.rope, max_position_embeddings=target.max_position_embeddings)
-    return ModelConfig(model_type="qwen3", num_layers=num_layers, layers=(DRAFTER_LAYER,) * num_layers,
-                       **fields)
+                  rope=target.rope, max_position_embeddings=target.max_position_embeddings,
+                  **{name: shape.get(name) or getattr(target, name) for name in SHAPE_FIELDS})
+    return ModelConfig(model_type="qwen3", num_layers=num_layers,
+                       layers=layers if layers is not None else (DRAFTER_LAYER,) * num_layers, **fields)
 
 
 class DFlashDrafter(nnx.Module):
@@ -145,12 +190,14 @@ class DFlashDrafter(nnx.Module):
         """``hidden_norm(fc(concat features))`` -> ``[B, S, D]``; applied once, not per layer."""
         return self.hidden_norm(self.fc(feats_BSnD))
 
-    def _layer(self, layer: DecoderLayer, x_BAQD, cos_q, sin_q, k_ctx_BSKH, v_ctx_BSKH, ctx_mask_BAS):
+    def _layer(self, layer: DecoderLayer, x_BAQD, cos_q, sin_q, k_ctx_BSKH, v_ctx_BSKH, ctx_mask_BAS,
+               q_pos_BAQ, ctx_pos_BS):
         """One layer with KV injection over ``A`` blocks of ``Q`` rows.
 
         Keys/values are the context's (shared by all blocks, masked per block) plus the block's
         own; queries come from the block only. Blocks never see each other, so attention is
-        computed blockwise: O(A*Q*(S+Q)) instead of a dense O(A*Q*(S+A*Q)).
+        computed blockwise: O(A*Q*(S+Q)) instead of a dense O(A*Q*(S+A*Q)). A sliding layer
+        also masks each row by the positions (``q_pos_BAQ``, ``ctx_pos_BS``; docs/design.md §5).
         """
         attn = layer.self_attn
 
@@ -162,7 +209,8 @@ class DFlashDrafter(nnx.Module):
             n, hd, kh = q.shape[2], q.shape[3], k_blk.shape[2]
             out = dispatch.anchor_attention(  # [B, A, Q, N, H]
                 q.reshape(b, a, k, n, hd), k_ctx_BSKH, v_ctx_BSKH, k_blk.reshape(b, a, k, kh, hd),
-                v_blk.reshape(b, a, k, kh, hd), ctx_mask_BAS, impl=self.attention_impl)
+                v_blk.reshape(b, a, k, kh, hd), ctx_mask_BAS, impl=self.attention_impl, window=attn.window,
+                q_pos_BAQ=q_pos_BAQ, ctx_pos_BS=ctx_pos_BS)
             return attn.output(out.reshape(b, a, k, n * hd)), None
 
         return layer(x_BAQD, inject)[0]
@@ -181,14 +229,16 @@ class DFlashDrafter(nnx.Module):
         """
         cos_c, sin_c = rope_cos_sin(self.layer_cfg, ctx_pos_BS)
         if self.remat:
-            return self.norm(self._remat_layers(x_BAQD, q_pos_BAQ, ctx_BSD, cos_c, sin_c, ctx_mask_BAS))
+            return self.norm(self._remat_layers(x_BAQD, q_pos_BAQ, ctx_BSD, ctx_pos_BS, cos_c, sin_c,
+                                                ctx_mask_BAS))
         cos_q, sin_q = self._rope(q_pos_BAQ)
         for layer in self.layers:
             k_ctx, v_ctx = layer.self_attn.kv(ctx_BSD, cos_c, sin_c)
-            x_BAQD = self._layer(layer, x_BAQD, cos_q, sin_q, k_ctx, v_ctx, ctx_mask_BAS)
+            x_BAQD = self._layer(layer, x_BAQD, cos_q, sin_q, k_ctx, v_ctx, ctx_mask_BAS, q_pos_BAQ,
+                                 ctx_pos_BS)
         return self.norm(x_BAQD)
 
-    def _remat_layers(self, x_BAQD, q_pos_BAQ, ctx_BSD, cos_c, sin_c, ctx_mask_BAS) -> jax.Array:
+    def _remat_layers(self, x_BAQD, q_pos_BAQ, ctx_BSD, ctx_pos_BS, cos_c, sin_c, ctx_mask_BAS) -> jax.Array:
         """``train.remat``: every layer runs over ``anchor_chunk`` anchors at a time in a
         ``lax.scan`` with a rematerialised body, so the backward holds one chunk's MLP and
         attention intermediates (``[B, chunk, Q, I]``), not all anchors' (768 MiB each per chip
@@ -205,7 +255,8 @@ class DFlashDrafter(nnx.Module):
             def one(carry, chunk, layer=layer, k_ctx=k_ctx, v_ctx=v_ctx):
                 x_BcQD, pos_BcQ, mask_BcS = chunk
                 cos_q, sin_q = self._rope(pos_BcQ)
-                return carry, self._layer(layer, x_BcQD, cos_q, sin_q, k_ctx, v_ctx, mask_BcS)
+                return carry, self._layer(layer, x_BcQD, cos_q, sin_q, k_ctx, v_ctx, mask_BcS, pos_BcQ,
+                                          ctx_pos_BS)
 
             _, x_nBcQD = jax.lax.scan(one, None, (x_nBcQD, *xs))
         return merge_anchor_chunks(x_nBcQD, a)
@@ -242,9 +293,12 @@ class DFlashDrafter(nnx.Module):
         x = target.embed(tokens).astype(self.fc.kernel[...].dtype)[:, None]  # [B, 1, Q, D]
         positions = cache.lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None]
         cos, sin = rope_cos_sin(self.layer_cfg, positions)
-        ctx_mask = (jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None])[:, None]  # [B, 1, S]
+        slots_BS = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
+        ctx_mask = (slots_BS < cache.lengths[:, None])[:, None]  # [B, 1, S]
+        # A context slot holds the features of the token at that position (extend_context), so a
+        # sliding layer's window over the context is a window over the slots.
         for layer, state in zip(self.layers, cache.layers, strict=True):
-            x = self._layer(layer, x, cos, sin, state.k, state.v, ctx_mask)
+            x = self._layer(layer, x, cos, sin, state.k, state.v, ctx_mask, positions[:, None], slots_BS)
         return target.unembed(self.norm(x[:, 0, 1:]))
 
 
