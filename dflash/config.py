@@ -513,10 +513,10 @@ def _hybrid_layers(hf: dict[str, Any], full: LayerSpec, n: int) -> tuple[LayerSp
                           f"{head_dim}; an even number in 2..{head_dim} is needed")
     partial = {"rotary_dim": rotary} if rotary < head_dim else {}
     attention = dataclasses.replace(full, mixer_options={**dict(full.mixer_options), **partial})
-    gdn = {ours: int(hf[key]) for ours, key in GDN_KEYS.items()}
-    gdn["layout"] = "qwen3_next" if model_type == "qwen3_next" else "qwen3_5"
-    linear = dataclasses.replace(full, mixer="gdn", mixer_options=gdn)
-    layers = tuple(attention if t == "full_attention" else linear for t in types)
+    layout = "qwen3_next" if model_type == "qwen3_next" else "qwen3_5"
+    linear = lambda: dataclasses.replace(full, mixer="gdn", mixer_options={  # noqa: E731
+        "layout": layout, **{ours: int(hf[key]) for ours, key in GDN_KEYS.items()}})
+    layers = tuple(attention if t == "full_attention" else linear() for t in types)
     if model_type == "qwen3_5_moe":  # every MLP a mixture; transformers always renormalises the top k
         every = {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
         return _moe_mlps({**hf, **every}, layers)
