@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from dflash.config import PRESETS, LayerSpec, ModelConfig, preset_for_hub_id
+from dflash.config import PRESETS, ModelConfig, preset_for_hub_id
 from dflash.decoding import generate
 from dflash.drafters.dflash.model import DFlashConfig
 from dflash.errors import ConfigError
@@ -100,8 +100,8 @@ def test_greedy_tokens_match_transformers_in_process_and_through_dflash_generate
         result = generate(load_target(tmp_path / case), prompts, max_new_tokens=32, eos_ids=())
         for prompt, got in zip(prompts, result.tokens, strict=True):
             with torch.no_grad():
-                ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                  pad_token_id=0)
+                ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
+                                  do_sample=False, pad_token_id=0)
             assert got == ref[0, len(prompt):].tolist(), case
     hf = _hf_model("qwen3_5", vocab_size=4096)  # the tokenizer's
     hf.save_pretrained(tmp_path / "qwen3_5")
@@ -134,9 +134,9 @@ def test_class_defaults_fill_a_sparse_config_as_transformers_does(model_type):
         {"linear_attention": "gdn", "full_attention": "attention"}[t] for t in hf_cfg.layer_types]
     assert cfg.head_dim == 256 and cfg.zero_centred_norm
     assert cfg.layers[3].mixer_option("rotary_dim") == 64 and cfg.layers[3].mixer_option("output_gate")
+    layout = "qwen3_next" if model_type == "qwen3_next" else "qwen3_5"
     assert dict(cfg.layers[0].mixer_options) == {"key_heads": 16, "value_heads": 32, "key_dim": 128,
-                                                 "value_dim": 128, "conv_kernel": 4,
-                                                 "layout": "qwen3_next" if model_type == "qwen3_next" else "qwen3_5"}
+                                                 "value_dim": 128, "conv_kernel": 4, "layout": layout}
     mlp = {"qwen3_next": ("moe", 512, 10), "qwen3_5_text": ("dense", None, None),
            "qwen3_5_moe_text": ("moe", 256, 8)}[model_type]
     spec = cfg.layers[0]
@@ -178,7 +178,8 @@ def test_the_dflash_drafter_of_a_hybrid_target_is_plain_qwen3():
     assert layers.model_type == "qwen3" and not layers.zero_centred_norm
     assert all(spec.mixer == "attention" and spec.mlp == "dense" and spec.mixer_option("rotary_dim", 0) == 0
                and not spec.mixer_option("output_gate", False) for spec in layers.layers)
-    assert (layers.hidden_size, layers.head_dim, layers.rope) == (target.hidden_size, target.head_dim, target.rope)
+    assert (layers.hidden_size, layers.head_dim, layers.rope) == (target.hidden_size, target.head_dim,
+                                                                  target.rope)
 
 
 # Published total parameter counts (the hub model cards) of the text models, in billions.
