@@ -703,6 +703,45 @@ for _name, _layers, _experts in (("gpt_oss_20b", 24, 32), ("gpt_oss_120b", 36, 1
         "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(_layers)]})
 
 
+# Hybrid targets, from their config.json keys that we read (found through public copies of the hub
+# files; the hub itself was not reachable): every 4th layer gated attention (RoPE on 64 of 256
+# channels, theta 1e7), the others Gated DeltaNet with 16 key heads and 128-wide heads; untied
+# embeddings, 262144 positions. Qwen3.5 / 3.6 checkpoints are Qwen3_5(Moe)ForConditionalGeneration
+# wrappers: these are their text_config. eos 248044 is the text_config value of the published
+# Qwen3.6-27B and Qwen3.5-0.8B files (the family's one tokenizer); 9B / 35B-A3B's own files were not
+# seen with it. bos: only Qwen3.6-27B's file was seen with one (248044).
+_QWEN3_5 = {"vocab_size": 248320, "head_dim": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+            "tie_word_embeddings": False, "eos_token_id": 248044, "full_attention_interval": 4,
+            "linear_num_key_heads": 16, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+            "linear_conv_kernel_dim": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                                "mrope_section": [11, 11, 10], "mrope_interleaved": True}}
+PRESETS["qwen3_5_9b"] = ModelConfig.from_hf({  # Qwen/Qwen3.5-9B: 24 GDN + 8 attention layers
+    **_QWEN3_5, "model_type": "qwen3_5_text", "hidden_size": 4096, "intermediate_size": 12288,
+    "num_hidden_layers": 32, "num_attention_heads": 16, "num_key_value_heads": 4,
+    "linear_num_value_heads": 32})
+PRESETS["qwen3_6_27b"] = ModelConfig.from_hf({  # Qwen/Qwen3.6-27B: 48 GDN + 16 attention layers
+    **_QWEN3_5, "model_type": "qwen3_5_text", "hidden_size": 5120, "intermediate_size": 17408,
+    "num_hidden_layers": 64, "num_attention_heads": 24, "num_key_value_heads": 4,
+    "linear_num_value_heads": 48, "bos_token_id": 248044})
+PRESETS["qwen3_5_35b_a3b"] = ModelConfig.from_hf({  # Qwen/Qwen3.5-35B-A3B: 256 experts, 8 per token + shared
+    **_QWEN3_5, "model_type": "qwen3_5_moe_text", "hidden_size": 2048, "num_hidden_layers": 40,
+    "num_attention_heads": 16, "num_key_value_heads": 2, "linear_num_value_heads": 32, "num_experts": 256,
+    "num_experts_per_tok": 8, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512})
+# Qwen/Qwen3-Next-80B-A3B-Instruct (model card: 48 layers, 12 x (3 x GDN, 1 x attention), each a mixture of
+# 512 experts, 10 per token + 1 shared; the Qwen3 tokenizer: vocabulary 151936, eos <|im_end|> 151645).
+PRESETS["qwen3_next_80b_a3b"] = ModelConfig.from_hf({
+    "model_type": "qwen3_next", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5120,
+    "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+    "max_position_embeddings": 262144, "tie_word_embeddings": False, "bos_token_id": 151643,
+    "eos_token_id": 151645, "full_attention_interval": 4, "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+    "linear_conv_kernel_dim": 4, "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": []})
+
+
 def preset(name: str) -> ModelConfig:
     """Named full-size architecture preset (``qwen3_8b`` ...)."""
     if name not in PRESETS:
@@ -732,6 +771,10 @@ HUB_PRESETS = {
     "Qwen/Qwen3-4B": "qwen3_4b",
     "Qwen/Qwen3-8B": "qwen3_8b",
     "Qwen/Qwen3-30B-A3B": "qwen3_30b_a3b",
+    "Qwen/Qwen3.5-9B": "qwen3_5_9b",
+    "Qwen/Qwen3.6-27B": "qwen3_6_27b",
+    "Qwen/Qwen3.5-35B-A3B": "qwen3_5_35b_a3b",
+    "Qwen/Qwen3-Next-80B-A3B-Instruct": "qwen3_next_80b_a3b",
     "openai/gpt-oss-20b": "gpt_oss_20b",
     "openai/gpt-oss-120b": "gpt_oss_120b",
     "meta-llama/Llama-3.1-8B-Instruct": "llama3_1_8b",
