@@ -179,21 +179,18 @@ def _check_dtype(hf_key: str, array: np.ndarray) -> None:
 def _file_read(row: WeightRow, index: tuple[slice, ...], each: tuple[int, ...], read: Any) -> np.ndarray:
     """``index`` of our per-tensor shape ``each`` from one HF tensor of ``row`` (``read(slices)``
     reads a block of the file): the last two axes swapped when transposed, the row's part of a
-    fused tensor (a block of columns, or every n-th column when interleaved)."""
+    fused tensor (``WeightRow.columns``: the file block spanning them is read, then picked)."""
     out = [slice(*s.indices(d)[:2]) for s, d in zip(index, each, strict=True)]
     if row.transpose:
         out[-2], out[-1] = out[-1], out[-2]
-    i, n = row.part
-    if n == 1:
+    if not row.fused:
         return read(tuple(out))
-    axis, (a, b) = row.out_axis, (out[row.out_axis].start, out[row.out_axis].stop)
-    if not row.interleaved:
-        out[axis] = slice(a + i * each[-1], b + i * each[-1])
-        return read(tuple(out))
-    out[axis] = slice(a * n, b * n)  # the columns of parts 0..n-1 for a..b; ours: every n-th
-    pick = [slice(None)] * len(out)
-    pick[axis] = slice(i, None, n)
-    return read(tuple(out))[tuple(pick)]
+    axis, ours = row.out_axis, out[row.out_axis]
+    cols = row.columns(each[row.our_axis])[ours.start:ours.stop]
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    out[axis] = slice(lo, hi)
+    block = read(tuple(out))
+    return block if hi - lo == len(cols) else np.take(block, cols - lo, axis=axis)
 
 
 def _ours(row: WeightRow, hf_key: str, part: np.ndarray) -> np.ndarray:
@@ -321,12 +318,12 @@ def save_params(model: nnx.Module, rows: tuple[WeightRow, ...], path: Path, dtyp
             array = array.astype(dtype)
         for hf_key, part in zip(row.hf_keys(), array if row.experts else [array], strict=True):
             value = np.swapaxes(part, -1, -2) if row.transpose else part
-            if row.part[1] > 1:  # one part of a fused tensor: its columns of the whole
-                shape = list(value.shape)
-                shape[row.out_axis] *= row.part[1]
+            if row.fused:  # one part of a fused tensor: its columns of the whole
+                shape, axis = list(value.shape), row.out_axis
+                shape[axis] = row.fused_width(shape[axis])
                 fused = tensors.setdefault(hf_key, np.zeros(shape, value.dtype))
-                at = [slice(None)] * value.ndim
-                at[row.out_axis] = row.part_index(value.shape[row.out_axis])
+                at: list[Any] = [slice(None)] * value.ndim
+                at[axis] = row.columns(value.shape[axis])
                 fused[tuple(at)] = value
             else:
                 tensors[hf_key] = np.ascontiguousarray(value)

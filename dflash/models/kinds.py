@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dflash.config import LayerSpec, ModelConfig
@@ -45,7 +46,12 @@ class WeightRow:
     ``e = 0..experts-1`` stacked on axis 0, as per-expert checkpoints store a mixture of experts.
     ``part = (i, n)``: the HF tensor's ``out`` axis holds ``n`` parameters side by side and this
     one is the ``i``-th (a fused ``gate_up_proj``); ``interleaved``: they alternate column by
-    column instead (this one: columns ``i::n``, gpt-oss). ``alternative``: the row to read instead when
+    column instead (this one: columns ``i::n``, gpt-oss). ``cols = (lo, hi, every)``: a fused tensor
+    made of groups of ``every`` columns, this parameter taking columns ``[lo, hi)`` of each group,
+    group after group (Qwen3-Next's ``in_proj_qkvz`` per key-head group; one group: a block of
+    columns of any width, Qwen3.5's ``in_proj_qkv``). ``axis``: the HF tensor's axis holding the
+    parts when it is not the ``out`` axis (``conv1d.weight [C, 1, K]``: 0; not with ``transpose``).
+    ``alternative``: the row to read instead when
     the checkpoint lacks this row's tensors (another layout of the same parameter); saving always
     writes this row's layout.
     """
@@ -57,6 +63,8 @@ class WeightRow:
     part: tuple[int, int] = (0, 1)
     interleaved: bool = False
     alternative: WeightRow | None = None
+    cols: tuple[int, int, int] | None = None
+    axis: int | None = None
 
     def prefixed(self, hf: str, ours: str) -> WeightRow:
         alt = self.alternative.prefixed(hf, ours) if self.alternative else None
@@ -70,18 +78,41 @@ class WeightRow:
         each = list(shape[1:] if self.experts else shape)
         if self.transpose:
             each[-2:] = each[-2:][::-1]
-        each[self.out_axis] *= self.part[1]
+        each[self.out_axis] = self.fused_width(each[self.out_axis])
         return tuple(each)
 
     @property
     def out_axis(self) -> int:
-        """Our ``out`` axis (the last) in the HF tensor."""
-        return -2 if self.transpose else -1
+        """Our ``out`` axis (the last, or ``axis``) in the HF tensor."""
+        return self.axis if self.axis is not None else -2 if self.transpose else -1
 
-    def part_index(self, width: int) -> slice:
-        """Where this row's ``width`` columns lie on the HF tensor's ``out`` axis."""
-        i, n = self.part
-        return slice(i, None, n) if self.interleaved else slice(i * width, (i + 1) * width)
+    @property
+    def our_axis(self) -> int:
+        """The axis of our parameter that the parts run along."""
+        return self.axis if self.axis is not None else -1
+
+    @property
+    def fused(self) -> bool:
+        """The HF tensor holds other parameters beside this one."""
+        return self.part[1] > 1 or self.cols is not None
+
+    def fused_width(self, width: int) -> int:
+        """The HF tensor's width on ``out_axis`` for ``width`` columns of ours."""
+        if self.cols is None:
+            return width * self.part[1]
+        lo, hi, every = self.cols
+        return width // (hi - lo) * every
+
+    def columns(self, width: int) -> np.ndarray:
+        """The HF column (on ``out_axis``) of each of our ``width`` columns, increasing."""
+        c = np.arange(width)
+        if self.cols is None:
+            i, n = self.part
+            return c * n + i if self.interleaved else c + i * width
+        lo, hi, every = self.cols
+        if width % (hi - lo):
+            raise ConfigError(f"weight row {self.hf!r}: {width} columns are not whole groups of {hi - lo}")
+        return (c // (hi - lo)) * every + lo + c % (hi - lo)
 
 
 Rows = Callable[[ModelConfig, LayerSpec], tuple[WeightRow, ...]]

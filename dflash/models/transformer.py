@@ -23,7 +23,7 @@ from dflash.config import LayerSpec, ModelConfig
 from dflash.kernels import dispatch
 
 # The built-in kinds register themselves on import: every model below can use them.
-from dflash.models import attention_mixer, dense_mlp, kinds, moe_mlp  # noqa: F401
+from dflash.models import attention_mixer, dense_mlp, gdn_mixer, kinds, moe_mlp  # noqa: F401
 from dflash.models.cache import Cache
 
 # Re-exported: the pieces other modules build on.
