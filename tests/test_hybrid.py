@@ -30,17 +30,18 @@ TEXT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_
 MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=20)
 VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=64, patch_size=4,
               temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
-FULL = ["full_attention"] * 4
-# Each case: the transformers classes, the text config, and whether it nests as text_config.
+LINEAR, FULL = "linear_attention", "full_attention"
+# Each case: the transformers config and model classes and the text config (Qwen3.5's nest it as
+# text_config of a multimodal model).
 CASES = {
     # Qwen3-Next: layer 1 dense (mlp_only_layers), the others experts + shared expert, top-k unnormalised.
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
                    {**TEXT, **MOE, "intermediate_size": 96, "mlp_only_layers": [1], "norm_topk_prob": False,
-                    "layer_types": FULL}),
-    "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration",
-                {**TEXT, "intermediate_size": 96, "layer_types": FULL}),
+                    "layer_types": [LINEAR, LINEAR, FULL, LINEAR]}),
+    # layer_types left out: transformers' default, every 4th layer full
+    "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", {**TEXT, "intermediate_size": 96}),
     "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration",
-                    {**TEXT, **MOE, "layer_types": FULL}),
+                    {**TEXT, **MOE, "layer_types": [FULL, LINEAR, LINEAR, FULL]}),
 }
 
 
