@@ -144,8 +144,9 @@ class LayerSpec:
 
     The kinds are keys of ``dflash.models.kinds`` (``attention``; ``dense``), which also say which
     options each accepts and their defaults (attention: ``qk_norm``, ``qkv_bias``, ``o_bias``,
-    ``window``, ``sinks``, ``output_gate``, ``rotary_dim``; dense: ``bias``; moe: ``experts``,
-    ``top_k``, ``router``, ``expert_bias``, ``activation`` ...). Options are stored as
+    ``window``, ``sinks``, ``output_gate``, ``rotary_dim``; gdn: ``key_heads``, ``value_heads``,
+    ``key_dim``, ``value_dim``, ``conv_kernel``, ``layout``; dense: ``bias``; moe: ``experts``,
+    ``top_k``, ``router``, ``expert_bias``, ``activation``, ``shared_expert_size`` ...). Options are stored as
     sorted ``(name, value)`` pairs; pass a dict.
     """
 
@@ -226,7 +227,8 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                     "num_experts_per_tok": 8, "moe_intermediate_size": 512,
                     "shared_expert_intermediate_size": 512},
 }
-# Config fields of mixture-of-experts designs we cannot build, each with what it asks for.
+# Config fields of mixture-of-experts designs we cannot build, each with what it asks for (shared
+# experts: outside SHARED_EXPERT_FAMILIES).
 UNSUPPORTED_FIELDS = {
     "n_group": "group-limited expert routing (DeepSeek-V3 / Kimi)",
     "topk_group": "group-limited expert routing (DeepSeek-V3 / Kimi)",

@@ -19,7 +19,7 @@ from dflash.drafters.dflash.model import DFlashConfig
 from dflash.errors import ConfigError
 from dflash.io import load_target, save_target
 from dflash.io.loading import SHIPPED
-from dflash.models import count_params
+from dflash.models import abstract, count_params
 
 TEXT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             vocab_size=101, max_position_embeddings=256, tie_word_embeddings=False, linear_num_key_heads=2,
@@ -193,6 +193,8 @@ PUBLISHED = {"Qwen/Qwen3.5-9B": 9, "Qwen/Qwen3.6-27B": 27, "Qwen/Qwen3.5-35B-A3B
 def test_presets_have_the_published_sizes(hub_id):
     cfg = preset_for_hub_id(hub_id)
     assert abs(cfg.num_params() / 1e9 - PUBLISHED[hub_id]) < 0.02 * PUBLISHED[hub_id]
+    four = ModelConfig(**{**cfg.__dict__, "num_layers": 4, "layers": cfg.layers[:4]})  # 3 GDN, 1 attention
+    assert count_params(abstract(four)) == four.num_params()  # the kinds' own parameters, nothing allocated
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
     assert cfg in PRESETS.values()
 
