@@ -314,17 +314,14 @@ class GatedDeltaNet(nnx.Module):
             raise ConfigError("a GDN cache state still holds a pass's trail: call Cache.keep after every "
                               "cached pass")
         starts_BT = doc_starts(ctx.segment_ids, (b, t))
-        if state is None:
-            state_in = GDNState.zeros(b, dims, x_BTD.dtype)
-        else:
-            state_in = state
+        state_in = GDNState.zeros(b, dims, x_BTD.dtype) if state is None else state
         valid_BT = None if ctx.valid_B is None else jnp.arange(t)[None] < ctx.valid_B[:, None]
         convolved, inputs = [], []
         for p, window in zip(PARTS, state_in.convs, strict=True):
             y, xs = _causal_conv(getattr(self, f"in_proj_{p}")(x_BTD), getattr(self, f"conv_{p}")[...],
                                  window, starts_BT)
             convolved.append(y)
-            inputs.append(xs)
+            inputs.append(xs.astype(window.dtype))  # the cache keeps its dtype
         q_BTC, k_BTC, v_BTE = convolved
         heads = lambda x, n: constrain(x.reshape(b, t, n, -1), "heads")  # noqa: E731
         q = jnp.repeat(_l2norm(heads(q_BTC, dims.key_heads)), dims.ratio, axis=2) * (dims.key_dim ** -0.5)

@@ -66,6 +66,10 @@ class WeightRow:
     cols: tuple[int, int, int] | None = None
     axis: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.axis is not None and self.transpose:
+            raise ConfigError(f"weight row {self.hf!r}: axis and transpose do not combine")
+
     def prefixed(self, hf: str, ours: str) -> WeightRow:
         alt = self.alternative.prefixed(hf, ours) if self.alternative else None
         return dataclasses.replace(self, hf=hf + self.hf, ours=ours + self.ours, alternative=alt)
