@@ -144,8 +144,9 @@ class LayerSpec:
 
     The kinds are keys of ``dflash.models.kinds`` (``attention``; ``dense``), which also say which
     options each accepts and their defaults (attention: ``qk_norm``, ``qkv_bias``, ``o_bias``,
-    ``window``, ``sinks``, ``output_gate``, ``rotary_dim``; dense: ``bias``; moe: ``experts``,
-    ``top_k``, ``router``, ``expert_bias``, ``activation`` ...). Options are stored as
+    ``window``, ``sinks``, ``output_gate``, ``rotary_dim``; gdn: ``key_heads``, ``value_heads``,
+    ``key_dim``, ``value_dim``, ``conv_kernel``, ``layout``; dense: ``bias``; moe: ``experts``,
+    ``top_k``, ``router``, ``expert_bias``, ``activation``, ``shared_expert_size`` ...). Options are stored as
     sorted ``(name, value)`` pairs; pass a dict.
     """
 
@@ -172,12 +173,17 @@ class LayerSpec:
 @dataclasses.dataclass(frozen=True)
 class Family:
     """A ``model_type`` we read: its HF architecture name and the layer every model of it has by
-    default (Qwen3: q/k norm; Qwen2: q/k/v biases; Llama: biases as its config says; gpt-oss: sinks)."""
+    default (Qwen3: q/k norm; Qwen2: q/k/v biases; Llama: biases as its config says; gpt-oss: sinks).
+    ``zero_centred_norm``: its RMSNorms scale by ``1 + w`` (Qwen3-Next, Qwen3.5); ``hf_model_type``:
+    the ``model_type`` ``to_hf`` writes (the text model's, when the family's checkpoints wrap it)."""
 
     architecture: str
     layer: LayerSpec
+    zero_centred_norm: bool = False
+    hf_model_type: str = ""
 
 
+_GATED = LayerSpec(mixer_options={"qk_norm": True, "output_gate": True})  # Qwen3-Next's full attention
 FAMILIES: dict[str, Family] = {
     "qwen3": Family("Qwen3ForCausalLM", LayerSpec(mixer_options={"qk_norm": True})),
     "qwen2": Family("Qwen2ForCausalLM", LayerSpec(mixer_options={"qkv_bias": True})),
@@ -187,9 +193,24 @@ FAMILIES: dict[str, Family] = {
     # Attention sinks and biases, windows on the layers layer_types slides; every MLP a mixture of
     # experts with gpt-oss routing, biases and clamped SwiGLU (_gpt_oss_mlps).
     "gpt_oss": Family("GptOssForCausalLM", LayerSpec(mixer_options={"sinks": True})),
+    # Hybrid: layer_types names each layer's mixer, Gated DeltaNet ("gdn") or gated attention with
+    # partial RoPE (_hybrid_layers); norms zero-centred. Qwen3-Next's MLPs are experts with a shared
+    # expert (or dense, as Qwen3-MoE decides); Qwen3.5's dense; Qwen3.5-MoE's all experts.
+    "qwen3_next": Family("Qwen3NextForCausalLM", _GATED, zero_centred_norm=True),
+    "qwen3_5": Family("Qwen3_5ForCausalLM", _GATED, zero_centred_norm=True, hf_model_type="qwen3_5_text"),
+    "qwen3_5_moe": Family("Qwen3_5MoeForCausalLM", _GATED, zero_centred_norm=True,
+                          hf_model_type="qwen3_5_moe_text"),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# model_types of the text models inside multimodal checkpoints, and the family each belongs to
+# (``Qwen3_5ForConditionalGeneration`` nests a ``qwen3_5_text`` config as ``text_config``).
+MODEL_TYPE_ALIASES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+SHARED_EXPERT_FAMILIES = ("qwen3_next", "qwen3_5_moe")  # read shared_expert_intermediate_size
 WINDOWED_FAMILIES = ("qwen3", "qwen2", "qwen3_moe")  # read use_sliding_window / sliding_window / layer_types
+_HYBRID_DEFAULTS = {"head_dim": 256, "partial_rotary_factor": 0.25, "linear_conv_kernel_dim": 4,
+                    "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 16,
+                    "linear_num_value_heads": 32}
 # The class defaults of a family's HF config that differ from the other families' (read when a
 # config.json omits the key, as transformers fills it in).
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -197,8 +218,17 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                 "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                     "truncate": False, "original_max_position_embeddings": 4096,
                                     "rope_theta": 150000.0}},
+    # transformers' Qwen3NextConfig / Qwen3_5(Moe)TextConfig class defaults.
+    "qwen3_next": {**_HYBRID_DEFAULTS, "num_key_value_heads": 2, "num_experts": 512,
+                   "num_experts_per_tok": 10, "norm_topk_prob": True, "moe_intermediate_size": 512,
+                   "shared_expert_intermediate_size": 512},
+    "qwen3_5": {**_HYBRID_DEFAULTS, "num_key_value_heads": 4},
+    "qwen3_5_moe": {**_HYBRID_DEFAULTS, "num_key_value_heads": 2, "num_experts": 256,
+                    "num_experts_per_tok": 8, "moe_intermediate_size": 512,
+                    "shared_expert_intermediate_size": 512},
 }
-# Config fields of mixture-of-experts designs we cannot build, each with what it asks for.
+# Config fields of mixture-of-experts designs we cannot build, each with what it asks for (shared
+# experts: outside SHARED_EXPERT_FAMILIES).
 UNSUPPORTED_FIELDS = {
     "n_group": "group-limited expert routing (DeepSeek-V3 / Kimi)",
     "topk_group": "group-limited expert routing (DeepSeek-V3 / Kimi)",
@@ -235,6 +265,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     layers: tuple[LayerSpec, ...] = ()
+    # RMSNorms (layers', final, q/k) scale by ``1 + w`` instead of ``w``; None: as the family does.
+    zero_centred_norm: bool | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in FAMILIES:
@@ -251,6 +283,8 @@ class ModelConfig:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.zero_centred_norm is None:
+            object.__setattr__(self, "zero_centred_norm", FAMILIES[self.model_type].zero_centred_norm)
         if not self.layers:
             object.__setattr__(self, "layers", (FAMILIES[self.model_type].layer,) * self.num_layers)
         if len(self.layers) != self.num_layers:
@@ -274,7 +308,9 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF I/O
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Reads a Hugging Face ``config.json`` dict (old and new rope formats)."""
+        """Reads a Hugging Face ``config.json`` dict (old and new rope formats; a multimodal
+        checkpoint's ``text_config``)."""
+        hf = _text_config(hf)
         model_type = hf.get("model_type")
         _refuse_unsupported(hf)
         if model_type not in FAMILIES:
@@ -289,6 +325,8 @@ class ModelConfig:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"hidden_act={act!r} is not supported (only 'silu')")
+        if model_type == "qwen3_5_moe":  # no dense MLP: the shared expert's width stands in for one
+            hf = {"intermediate_size": hf["shared_expert_intermediate_size"], **hf}
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"):
             if key not in hf:
@@ -313,6 +351,8 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos_ids,
             layers=_layers_from_hf(hf, model_type),
+            zero_centred_norm=bool(hf.get("dflash_zero_centred_norm",
+                                          FAMILIES[model_type].zero_centred_norm)),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -324,9 +364,10 @@ class ModelConfig:
         rope: dict[str, Any] = {"rope_theta": self.rope.theta, **self.rope.scaling_to_hf()}
         eos: Any = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
         first = self.layers[0]
+        family = FAMILIES[self.model_type]
         out: dict[str, Any] = {
-            "architectures": [FAMILIES[self.model_type].architecture],
-            "model_type": self.model_type,
+            "architectures": [family.architecture],
+            "model_type": family.hf_model_type or self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -348,8 +389,15 @@ class ModelConfig:
             out["attention_bias"] = bool(first.mixer_option("qkv_bias", False))
         if self.model_type == "llama":
             out["mlp_bias"] = bool(first.mlp_option("bias", False))
-        if self.model_type == "qwen3_moe":
+        if self.model_type in ("qwen3_moe", "qwen3_next", "qwen3_5_moe"):
             out.update(_moe_to_hf(self.layers))
+        if self.model_type in HYBRID_FAMILIES:
+            out.update(_hybrid_to_hf(self.layers, self.head_dim))
+            rope["partial_rotary_factor"] = out["partial_rotary_factor"]
+            first = next((spec for spec in self.layers if spec.mixer == "attention"), first)
+            out["attention_bias"] = bool(first.mixer_option("qkv_bias", False))
+        if self.zero_centred_norm != family.zero_centred_norm:  # read back by from_hf; transformers cannot
+            out["dflash_zero_centred_norm"] = self.zero_centred_norm
         windows = {spec.mixer_option("window", 0) for spec in self.layers} - {0}
         types = ["sliding_attention" if spec.mixer_option("window", 0) else "full_attention"
                  for spec in self.layers]
@@ -358,31 +406,40 @@ class ModelConfig:
         if self.model_type == "gpt_oss":
             out.update(_gpt_oss_to_hf(self.layers), layer_types=types,
                        sliding_window=min(windows) if windows else HF_DEFAULTS["gpt_oss"]["sliding_window"])
-        if self.layers != _layers_from_hf(out, self.model_type):
+        if self.layers != _layers_from_hf({**out, "model_type": self.model_type}, self.model_type):
             out["dflash_layers"] = [spec.to_json() for spec in self.layers]
         return out
 
     # ------------------------------------------------------------------ sizes
     def num_params(self) -> int:
-        """Exact parameter count (embeddings counted once when tied), for standard attention + dense
-        or mixture-of-experts MLP layers (``dflash.models.count_params`` counts any model)."""
+        """Exact parameter count (embeddings counted once when tied), for attention or Gated
+        DeltaNet mixers and dense or mixture-of-experts MLPs (``dflash.models.count_params`` counts
+        any model)."""
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         total = 0
         for spec in self.layers:
             opt = spec.mixer_option
-            attn = h * q * (2 if opt("output_gate", False) else 1) + 2 * h * kv + q * h
-            attn += (q + 2 * kv) * bool(opt("qkv_bias", False)) + h * bool(opt("o_bias", False))
-            attn += 2 * self.head_dim * bool(opt("qk_norm", False))
-            attn += self.num_heads * bool(opt("sinks", False))
+            if spec.mixer == "gdn":  # in_proj (q, k, v, z, b, a), depthwise conv over q k v, A_log, dt_bias,
+                kd = opt("key_heads") * opt("key_dim")  # gated norm, out_proj
+                vd, nv = opt("value_heads") * opt("value_dim"), opt("value_heads")
+                mixer = h * (2 * kd + 2 * vd + 2 * nv) + (2 * kd + vd) * opt("conv_kernel") + 2 * nv
+                mixer += opt("value_dim") + vd * h
+            else:
+                mixer = h * q * (2 if opt("output_gate", False) else 1) + 2 * h * kv + q * h
+                mixer += (q + 2 * kv) * bool(opt("qkv_bias", False)) + h * bool(opt("o_bias", False))
+                mixer += 2 * self.head_dim * bool(opt("qk_norm", False))
+                mixer += self.num_heads * bool(opt("sinks", False))
             if spec.mlp == "moe":
                 e = spec.mlp_option("experts")
                 f = spec.mlp_option("intermediate_size") or self.intermediate_size
                 mlp = h * e + e * 3 * h * f + e * bool(spec.mlp_option("router_bias", False))
                 mlp += e * (2 * f + h) * bool(spec.mlp_option("expert_bias", False))
+                mlp += 3 * h * spec.mlp_option("shared_expert_size", 0) + h * bool(
+                    spec.mlp_option("shared_expert_gate", False))
             else:
                 mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * bool(
                     spec.mlp_option("bias", False))
-            total += attn + mlp + 2 * h
+            total += mixer + mlp + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return total + h + emb
 
@@ -406,6 +463,8 @@ def _layers_from_hf(hf: dict[str, Any], model_type: str) -> tuple[LayerSpec, ...
         mixer.update(qkv_bias=True, o_bias=True)
     mlp = {"bias": True} if hf.get("mlp_bias") else {}
     full = LayerSpec(spec.mixer, spec.mlp, mixer, mlp)
+    if model_type in HYBRID_FAMILIES:
+        return _hybrid_layers(hf, full, n)
     if model_type == "qwen3_moe":
         return _moe_mlps(hf, _attention_layers(hf, full, n))
     if model_type == "gpt_oss":
@@ -431,22 +490,70 @@ def _attention_layers(hf: dict[str, Any], full: LayerSpec, n: int) -> tuple[Laye
     return tuple(window if t == "sliding_attention" else full for t in types)
 
 
+LAYER_TYPES = ("linear_attention", "full_attention")  # what layer_types may name in a hybrid family
+GDN_KEYS = {"key_heads": "linear_num_key_heads", "value_heads": "linear_num_value_heads",
+            "key_dim": "linear_key_head_dim", "value_dim": "linear_value_head_dim",
+            "conv_kernel": "linear_conv_kernel_dim"}  # gdn mixer option <- config.json key
+
+
+def _hybrid_layers(hf: dict[str, Any], full: LayerSpec, n: int) -> tuple[LayerSpec, ...]:
+    """Qwen3-Next / Qwen3.5: ``layer_types`` (default: every ``full_attention_interval``-th layer
+    full, as transformers fills it in) picks Gated DeltaNet (``gdn``, the ``linear_*`` sizes) or
+    ``full`` with RoPE on ``head_dim * partial_rotary_factor`` channels (Qwen3.5's M-RoPE sections
+    all see the same position in a text model, so it is this RoPE); then the family's MLPs."""
+    model_type = hf["model_type"]
+    interval = hf.get("full_attention_interval", 4)
+    types = hf.get("layer_types") or [LAYER_TYPES[(i + 1) % interval == 0] for i in range(n)]
+    if len(types) != n or set(types) - set(LAYER_TYPES):
+        raise ConfigError(f"config.json layer_types must list {n} of 'linear_attention' / 'full_attention', "
+                          f"got {types}")
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rotary = int(head_dim * float(rope.get("partial_rotary_factor", hf["partial_rotary_factor"])))
+    if not 0 < rotary <= head_dim or rotary % 2:
+        raise ConfigError(f"config.json partial_rotary_factor gives {rotary} rotary channels of head_dim "
+                          f"{head_dim}; an even number in 2..{head_dim} is needed")
+    partial = {"rotary_dim": rotary} if rotary < head_dim else {}
+    attention = dataclasses.replace(full, mixer_options={**dict(full.mixer_options), **partial})
+    layout = "qwen3_next" if model_type == "qwen3_next" else "qwen3_5"
+    linear = lambda: dataclasses.replace(full, mixer="gdn", mixer_options={  # noqa: E731
+        "layout": layout, **{ours: int(hf[key]) for ours, key in GDN_KEYS.items()}})
+    layers = tuple(attention if t == "full_attention" else linear() for t in types)
+    if model_type == "qwen3_5_moe":  # every MLP a mixture; transformers always renormalises the top k
+        every = {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
+        return _moe_mlps({**hf, **every}, layers)
+    return _moe_mlps(hf, layers) if model_type == "qwen3_next" else layers
+
+
+def _hybrid_to_hf(layers: tuple[LayerSpec, ...], head_dim: int) -> dict[str, Any]:
+    """The hybrid keys that describe ``layers``: layer_types, the first GDN layer's sizes, the
+    first attention layer's partial_rotary_factor (anything else is left to ``dflash_layers``)."""
+    out: dict[str, Any] = {"layer_types": [LAYER_TYPES[spec.mixer != "gdn"] for spec in layers]}
+    gdn = next((dict(spec.mixer_options) for spec in layers if spec.mixer == "gdn"), {})
+    out.update({key: gdn[ours] for ours, key in GDN_KEYS.items() if ours in gdn})
+    attention = next((spec for spec in layers if spec.mixer == "attention"), layers[0])
+    out["partial_rotary_factor"] = (attention.mixer_option("rotary_dim", 0) or head_dim) / head_dim
+    return out
+
+
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
 def _moe_mlps(hf: dict[str, Any], layers: tuple[LayerSpec, ...]) -> tuple[LayerSpec, ...]:
-    """Qwen3-MoE: layer ``i`` is sparse when ``(i + 1) % decoder_sparse_step == 0`` and ``i`` is not
-    in ``mlp_only_layers`` (as transformers builds it); ``norm_topk_prob`` from the config."""
+    """Qwen3-MoE / Qwen3-Next: layer ``i`` is sparse when ``(i + 1) % decoder_sparse_step == 0`` and
+    ``i`` is not in ``mlp_only_layers`` (as transformers builds it); ``norm_topk_prob`` from the config."""
     hf = {k: v for k, v in {"num_experts": hf.get("num_local_experts"), **hf}.items() if v is not None}
     missing = [k for k in MOE_KEYS if k not in hf]  # (transformers 5 writes num_experts as num_local_experts)
     if missing:
-        raise ConfigError(f"config.json lacks {missing[0]!r}, which a qwen3_moe model needs")
+        raise ConfigError(f"config.json lacks {missing[0]!r}, which a {hf['model_type']} model needs")
     step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
     if not isinstance(step, int) or step < 1:
         raise ConfigError(f"config.json decoder_sparse_step must be a positive int, got {step!r}")
     moe = {"experts": hf["num_experts"], "top_k": hf["num_experts_per_tok"],
            "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
            "intermediate_size": hf["moe_intermediate_size"]}
+    if hf["model_type"] in SHARED_EXPERT_FAMILIES:  # a shared expert, scaled by sigmoid(shared_expert_gate)
+        moe.update(shared_expert_size=int(hf["shared_expert_intermediate_size"]), shared_expert_gate=True)
     sparse = lambda i: hf["num_experts"] > 0 and i not in dense and (i + 1) % step == 0  # noqa: E731
     return tuple(dataclasses.replace(spec, mlp="moe", mlp_options=moe) if sparse(i) else spec
                  for i, spec in enumerate(layers))
@@ -459,8 +566,10 @@ def _moe_to_hf(layers: tuple[LayerSpec, ...]) -> dict[str, Any]:
     if not moe:
         return {"num_experts": 0, "num_experts_per_tok": 1, "moe_intermediate_size": 1}
     first = moe[0]
+    shared = ({"shared_expert_intermediate_size": first["shared_expert_size"]}
+              if "shared_expert_size" in first else {})
     return {"num_experts": first["experts"], "num_experts_per_tok": first["top_k"],
-            "moe_intermediate_size": first["intermediate_size"],
+            "moe_intermediate_size": first["intermediate_size"], **shared,
             "norm_topk_prob": bool(first.get("norm_topk_prob", False)), "decoder_sparse_step": 1,
             "mlp_only_layers": [i for i, spec in enumerate(layers) if spec.mlp != "moe"]}
 
@@ -497,11 +606,25 @@ def _with_defaults(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
     return {**defaults, **given}
 
 
+def _text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The text model's config: a multimodal checkpoint's ``text_config`` under its family's name
+    (with the wrapper's ``tie_word_embeddings``, which is what transformers ties its LM head by), or
+    a text-only config whose ``model_type`` names the text model (``qwen3_5_text``)."""
+    model_type = hf.get("model_type")
+    if isinstance(hf.get("text_config"), Mapping) and model_type in FAMILIES:
+        return {**hf["text_config"], "model_type": model_type,
+                "tie_word_embeddings": hf.get("tie_word_embeddings", False)}
+    if model_type in MODEL_TYPE_ALIASES:
+        return {**hf, "model_type": MODEL_TYPE_ALIASES[model_type]}
+    return hf
+
+
 def _refuse_unsupported(hf: dict[str, Any]) -> None:
     """A clear error naming the config field of a mixture-of-experts design (or a quantization)
-    we cannot build."""
-    fields = [k for k in UNSUPPORTED_FIELDS if hf.get(k) not in (None, 0, "softmax")]
+    we cannot build (shared experts: only in the families that have them)."""
     model_type = hf.get("model_type")
+    fields = [k for k in UNSUPPORTED_FIELDS if hf.get(k) not in (None, 0, "softmax")
+              and not (k == "shared_expert_intermediate_size" and model_type in SHARED_EXPERT_FAMILIES)]
     if fields:
         raise ConfigError(f"config.json {fields[0]}={hf[fields[0]]!r} asks for "
                           f"{UNSUPPORTED_FIELDS[fields[0]]}, "
@@ -582,6 +705,45 @@ for _name, _layers, _experts in (("gpt_oss_20b", 24, 32), ("gpt_oss_120b", 36, 1
         "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(_layers)]})
 
 
+# Hybrid targets, from their config.json keys that we read (found through public copies of the hub
+# files; the hub itself was not reachable): every 4th layer gated attention (RoPE on 64 of 256
+# channels, theta 1e7), the others Gated DeltaNet with 16 key heads and 128-wide heads; untied
+# embeddings, 262144 positions. Qwen3.5 / 3.6 checkpoints are Qwen3_5(Moe)ForConditionalGeneration
+# wrappers: these are their text_config. eos 248044 is the text_config value of the published
+# Qwen3.6-27B and Qwen3.5-0.8B files (the family's one tokenizer); 9B / 35B-A3B's own files were not
+# seen with it. bos: only Qwen3.6-27B's file was seen with one (248044).
+_QWEN3_5 = {"vocab_size": 248320, "head_dim": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+            "tie_word_embeddings": False, "eos_token_id": 248044, "full_attention_interval": 4,
+            "linear_num_key_heads": 16, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+            "linear_conv_kernel_dim": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                                "mrope_section": [11, 11, 10], "mrope_interleaved": True}}
+PRESETS["qwen3_5_9b"] = ModelConfig.from_hf({  # Qwen/Qwen3.5-9B: 24 GDN + 8 attention layers
+    **_QWEN3_5, "model_type": "qwen3_5_text", "hidden_size": 4096, "intermediate_size": 12288,
+    "num_hidden_layers": 32, "num_attention_heads": 16, "num_key_value_heads": 4,
+    "linear_num_value_heads": 32})
+PRESETS["qwen3_6_27b"] = ModelConfig.from_hf({  # Qwen/Qwen3.6-27B: 48 GDN + 16 attention layers
+    **_QWEN3_5, "model_type": "qwen3_5_text", "hidden_size": 5120, "intermediate_size": 17408,
+    "num_hidden_layers": 64, "num_attention_heads": 24, "num_key_value_heads": 4,
+    "linear_num_value_heads": 48, "bos_token_id": 248044})
+PRESETS["qwen3_5_35b_a3b"] = ModelConfig.from_hf({  # Qwen/Qwen3.5-35B-A3B: 256 experts, 8 per token + shared
+    **_QWEN3_5, "model_type": "qwen3_5_moe_text", "hidden_size": 2048, "num_hidden_layers": 40,
+    "num_attention_heads": 16, "num_key_value_heads": 2, "linear_num_value_heads": 32, "num_experts": 256,
+    "num_experts_per_tok": 8, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512})
+# Qwen/Qwen3-Next-80B-A3B-Instruct (model card: 48 layers, 12 x (3 x GDN, 1 x attention), each a mixture of
+# 512 experts, 10 per token + 1 shared; the Qwen3 tokenizer: vocabulary 151936, eos <|im_end|> 151645).
+PRESETS["qwen3_next_80b_a3b"] = ModelConfig.from_hf({
+    "model_type": "qwen3_next", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5120,
+    "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+    "max_position_embeddings": 262144, "tie_word_embeddings": False, "bos_token_id": 151643,
+    "eos_token_id": 151645, "full_attention_interval": 4, "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+    "linear_conv_kernel_dim": 4, "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": []})
+
+
 def preset(name: str) -> ModelConfig:
     """Named full-size architecture preset (``qwen3_8b`` ...)."""
     if name not in PRESETS:
@@ -611,6 +773,10 @@ HUB_PRESETS = {
     "Qwen/Qwen3-4B": "qwen3_4b",
     "Qwen/Qwen3-8B": "qwen3_8b",
     "Qwen/Qwen3-30B-A3B": "qwen3_30b_a3b",
+    "Qwen/Qwen3.5-9B": "qwen3_5_9b",
+    "Qwen/Qwen3.6-27B": "qwen3_6_27b",
+    "Qwen/Qwen3.5-35B-A3B": "qwen3_5_35b_a3b",
+    "Qwen/Qwen3-Next-80B-A3B-Instruct": "qwen3_next_80b_a3b",
     "openai/gpt-oss-20b": "gpt_oss_20b",
     "openai/gpt-oss-120b": "gpt_oss_120b",
     "meta-llama/Llama-3.1-8B-Instruct": "llama3_1_8b",

@@ -237,8 +237,10 @@ def test_expert_parallel_moe_equals_one_device_with_gradients():
         loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p).mlp(x)))  # noqa: E731
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
 
-    # gpt-oss's form (biases; the down bias added once over tensor) with the width split
-    for shape, impl, options in ((EXPERT_MESHES[0], "auto", {}), (EXPERT_MESHES[1], "auto", GPT_OSS_MOE),
+    # Qwen3-Next's shared expert (outside the dispatch); gpt-oss's form (biases; the down bias added
+    # once over tensor) with the width split
+    shared = {"shared_expert_size": 12, "shared_expert_gate": True}
+    for shape, impl, options in ((EXPERT_MESHES[0], "auto", shared), (EXPERT_MESHES[1], "auto", GPT_OSS_MOE),
                                  (EXPERT_MESHES[1], "pallas", GPT_OSS_MOE)):
         moe = _moe(8, 3, True, **options)
         want = value_and_grads(_Holder(moe), x)

@@ -32,14 +32,21 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = {"tiny-code": ASSETS / "tiny-code"}
 
 
-def target_rows(cfg: ModelConfig) -> tuple[WeightRow, ...]:
-    """Every tensor of a target checkpoint and the parameter it fills (what the layer kinds say)."""
-    rows = [WeightRow("model.embed_tokens.weight", "embed_tokens"), WeightRow("model.norm.weight",
-                                                                              "norm.weight")]
+TEXT_MODEL = "model."
+# Where a multimodal checkpoint (Qwen3.5's ``*ForConditionalGeneration``) keeps its text decoder;
+# its ``model.visual.*`` and a target's ``mtp.*`` head are tensors no row reads (not loaded).
+WRAPPED_TEXT_MODEL = "model.language_model."
+
+
+def target_rows(cfg: ModelConfig, prefix: str = TEXT_MODEL) -> tuple[WeightRow, ...]:
+    """Every tensor of a target checkpoint and the parameter it fills (what the layer kinds say);
+    the decoder's tensors under ``prefix`` (``lm_head.weight`` is top-level either way)."""
+    rows = [WeightRow(f"{prefix}embed_tokens.weight", "embed_tokens"), WeightRow(f"{prefix}norm.weight",
+                                                                                 "norm.weight")]
     if not cfg.tie_word_embeddings:
         rows.append(WeightRow("lm_head.weight", "lm_head", transpose=True))
     for i in range(cfg.num_layers):
-        rows += kinds.layer_weights(cfg, i, prefix="model.")
+        rows += kinds.layer_weights(cfg, i, prefix=prefix)
     return tuple(rows)
 
 
@@ -295,8 +302,9 @@ def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float
     directory = resolve(name_or_path)
     cfg = read_config(directory)
     model = abstract(cfg, dtype=dtype, attention_impl=attention_impl)
-    return load_params_into(model, directory, target_rows(cfg), dtype, mesh=mesh,
-                            replicate_indivisible=replicate_indivisible)
+    wrapped = f"{WRAPPED_TEXT_MODEL}embed_tokens.weight" in _TensorSource(directory)
+    return load_params_into(model, directory, target_rows(cfg, WRAPPED_TEXT_MODEL if wrapped else TEXT_MODEL),
+                            dtype, mesh=mesh, replicate_indivisible=replicate_indivisible)
 
 
 def save_params(model: nnx.Module, rows: tuple[WeightRow, ...], path: Path, dtype: Any = None) -> None:

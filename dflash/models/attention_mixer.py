@@ -26,7 +26,7 @@ from dflash.config import LayerSpec, ModelConfig
 from dflash.kernels import dispatch
 from dflash.models.cache import KVState
 from dflash.models.kinds import MixerKind, WeightRow, option, register_mixer
-from dflash.models.layers import Context, Linear, RMSNorm, apply_rope, split_heads
+from dflash.models.layers import Context, Linear, apply_rope, model_norm, split_heads
 from dflash.sharding import constrain
 
 OPTIONS = {"qk_norm": False, "qkv_bias": False, "o_bias": False, "window": 0, "sinks": False,
@@ -64,8 +64,8 @@ class AttentionProjections(nnx.Module):
         setattr(self, f"v_proj{suffix}", Linear(d, kv, bias=bias, dtype=dtype, rngs=rngs))
         setattr(self, f"o_proj{suffix}", Linear(x, d, bias=bool(opt("o_bias")), dtype=dtype, rngs=rngs))
         norm = bool(opt("qk_norm"))
-        setattr(self, f"q_norm{suffix}", RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if norm else None)
-        setattr(self, f"k_norm{suffix}", RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if norm else None)
+        setattr(self, f"q_norm{suffix}", model_norm(cfg, cfg.head_dim, dtype) if norm else None)
+        setattr(self, f"k_norm{suffix}", model_norm(cfg, cfg.head_dim, dtype) if norm else None)
         sinks = nnx.Param(jnp.zeros((cfg.num_heads,), dtype)) if opt("sinks") else None
         setattr(self, f"sinks{suffix}", sinks)
 

@@ -13,8 +13,12 @@ from dflash.sharding import constrain
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, spec: LayerSpec, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        d, f, bias = cfg.hidden_size, cfg.intermediate_size, bool(mlp_option(spec, "bias"))
+    """``width``: the hidden width when not the config's (a mixture's shared expert)."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 width: int | None = None):
+        d, f = cfg.hidden_size, width or cfg.intermediate_size
+        bias = _bias(spec)
         self.gate_proj = Linear(d, f, bias=bias, dtype=dtype, rngs=rngs)
         self.up_proj = Linear(d, f, bias=bias, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(f, d, bias=bias, dtype=dtype, rngs=rngs)
@@ -24,10 +28,15 @@ class MLP(nnx.Module):
         return self.down_proj(gated_BTF)
 
 
+def _bias(spec: LayerSpec) -> bool:
+    """Biases: the dense kind's option (an MLP of this shape inside another kind has none)."""
+    return spec.mlp == "dense" and bool(mlp_option(spec, "bias"))
+
+
 def _weights(cfg: ModelConfig, spec: LayerSpec) -> tuple[WeightRow, ...]:
     names = ("gate", "up", "down")
     rows = tuple(WeightRow(f"{p}_proj.weight", f"{p}_proj.kernel", transpose=True) for p in names)
-    if mlp_option(spec, "bias"):
+    if _bias(spec):
         rows += tuple(WeightRow(f"{p}_proj.bias", f"{p}_proj.bias") for p in names)
     return rows
 

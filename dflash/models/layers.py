@@ -36,16 +36,25 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm computed in float32, cast back before the weight (as HF does)."""
+    """RMSNorm computed in float32, cast back before the weight (as HF does). ``zero_centred``
+    (Qwen3-Next, Qwen3.5): scaled by ``1 + w`` in float32, then cast, ``w`` starting at 0 (so a
+    new norm is the identity scale either way)."""
 
-    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
-        self.eps = eps
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype, zero_centred: bool = False):
+        self.weight = nnx.Param((jnp.zeros if zero_centred else jnp.ones)((dim,), dtype))
+        self.eps, self.zero_centred = eps, zero_centred
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.zero_centred:
+            return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * x32.astype(x.dtype)
+
+
+def model_norm(cfg: ModelConfig, dim: int, dtype: jnp.dtype) -> RMSNorm:
+    """An RMSNorm of ``cfg``'s kind (zero-centred or not) over ``dim`` channels."""
+    return RMSNorm(dim, cfg.rms_norm_eps, dtype, zero_centred=bool(cfg.zero_centred_norm))
 
 
 def inv_freq(rope: RopeConfig, dim: int) -> np.ndarray:

@@ -8,7 +8,9 @@ the top k logits, ``w`` their softmax); ``norm_topk_prob`` (renormalise ``w`` to
 config says, the transformers class default is false); ``router_bias``; ``expert_bias`` (biases on
 gate, up and down); ``activation``: ``swiglu`` (``silu(gate) * up``) or ``clamped_swiglu``
 (gpt-oss, ``swiglu_limit`` / ``swiglu_alpha``); ``layout``: which checkpoint tensors hold the
-weights (``qwen3_moe`` or ``gpt_oss``, ``_weights``).
+weights (``qwen3_moe`` or ``gpt_oss``, ``_weights``); ``shared_expert_size`` (Qwen3-Next,
+Qwen3.5-MoE: a dense SwiGLU expert of that width every token passes through, added to the routed
+sum; 0: none) and ``shared_expert_gate`` (its output times ``sigmoid(x @ w)``, one logit per token).
 
 Compute: the token-expert pairs are sorted by expert and each expert's contiguous group goes
 through a grouped matmul (``dispatch.grouped_matmul``: megablox ``gmm`` on TPU, else
@@ -36,13 +38,16 @@ from dflash.config import LayerSpec, ModelConfig
 from dflash.errors import ConfigError
 from dflash.kernels import dispatch
 from dflash.kernels.common import platform
+from dflash.models.dense_mlp import MLP
+from dflash.models.dense_mlp import _weights as dense_rows
 from dflash.models.kinds import MLPKind, WeightRow, mlp_option, register_mlp
 from dflash.models.layers import Linear, normal
 from dflash.sharding import ShardingError, activation_spec, batch_shards
 
 OPTIONS = {"experts": 0, "top_k": 1, "norm_topk_prob": False, "intermediate_size": 0,
            "router": "softmax_topk", "router_bias": False, "expert_bias": False, "activation": "swiglu",
-           "swiglu_limit": 7.0, "swiglu_alpha": 1.702, "layout": "qwen3_moe"}
+           "swiglu_limit": 7.0, "swiglu_alpha": 1.702, "layout": "qwen3_moe", "shared_expert_size": 0,
+           "shared_expert_gate": False}
 ROUTERS = ("softmax_topk", "topk_softmax")  # Qwen3-MoE: softmax then top-k; gpt-oss: top-k then softmax
 ACTIVATIONS = ("swiglu", "clamped_swiglu")
 LAYOUTS = ("qwen3_moe", "gpt_oss")  # the checkpoint tensors the weights are read from (_weights)
@@ -85,6 +90,19 @@ class MoE(nnx.Module):
         zeros = lambda *shape: nnx.Param(jnp.zeros(shape, dtype)) if biases else None  # noqa: E731
         self.experts_gate_bias, self.experts_up_bias = zeros(e, f), zeros(e, f)
         self.experts_down_bias = zeros(e, d)
+        shared = mlp_option(spec, "shared_expert_size")
+        self.shared_expert = MLP(cfg, spec, dtype=dtype, rngs=rngs, width=shared) if shared else None
+        gated = shared and mlp_option(spec, "shared_expert_gate")
+        self.shared_expert_gate = Linear(d, 1, bias=False, dtype=dtype, rngs=rngs) if gated else None
+
+    def shared(self, x_BTD: jax.Array) -> jax.Array | float:
+        """The shared expert's output (times its gate's sigmoid), or 0 without one."""
+        if self.shared_expert is None:
+            return 0.0
+        y_BTD = self.shared_expert(x_BTD)
+        if self.shared_expert_gate is None:
+            return y_BTD
+        return y_BTD * jax.nn.sigmoid(self.shared_expert_gate(x_BTD))
 
     def route(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Each token's ``top_k`` experts ``[N, k]`` and their weights ``[N, k]`` (x's dtype)."""
@@ -150,7 +168,7 @@ class MoE(nnx.Module):
             rows_M = jnp.arange(e_NK.size) // self.top_k  # M = N * k token-expert pairs, token-major
             y_MD, order_M = self.grouped(x_ND, rows_M, e_NK.reshape(-1), self.expert_weights())
             y_ND = jnp.zeros_like(x_ND).at[rows_M[order_M]].add(y_MD * w_NK.reshape(-1)[order_M, None])
-        return y_ND.reshape(x_BTD.shape)
+        return y_ND.reshape(x_BTD.shape) + self.shared(x_BTD)
 
     def dense_reference(self, x_BTD: jax.Array) -> jax.Array:
         """Every expert on every token, weighted by the routing (zero off the top k): the formula."""
@@ -163,7 +181,7 @@ class MoE(nnx.Module):
             return jnp.einsum("nd,edf->nef" if a.ndim == 2 else "nef,efd->ned", a, w)
 
         y_NED = self.ffn(x_ND, self.expert_weights(), every_expert, lambda b: b[None])
-        return jnp.einsum("ne,ned->nd", weights_NE, y_NED).reshape(x_BTD.shape)
+        return jnp.einsum("ne,ned->nd", weights_NE, y_NED).reshape(x_BTD.shape) + self.shared(x_BTD)
 
 
 def _mesh() -> Any:
@@ -255,9 +273,11 @@ def _exchange(x_MX: jax.Array, offsets_P: jax.Array, send_P: jax.Array, recv_P: 
 
 
 def _weights(cfg: ModelConfig, spec: LayerSpec) -> tuple[WeightRow, ...]:
-    """Qwen3-MoE: per-expert tensors (``experts.{e}.gate_proj.weight``, as the hub checkpoints), or
-    the fused ``[E, 2F, D]`` ``experts.gate_up_proj`` / ``[E, D, F]`` ``experts.down_proj`` of newer
-    files. gpt-oss: ``router.{weight,bias}``, ``experts.gate_up_proj [E, D, 2F]`` with gate and up
+    """Qwen3-MoE (and Qwen3-Next, Qwen3.5-MoE): per-expert tensors (``experts.{e}.gate_proj.weight``,
+    as the Qwen3 hub checkpoints), or the fused ``[E, 2F, D]`` ``experts.gate_up_proj`` / ``[E, D, F]``
+    ``experts.down_proj`` of newer files; a shared expert's ``shared_expert.{gate,up,down}_proj``
+    and ``shared_expert_gate`` ``[1, D]``. gpt-oss: ``router.{weight,bias}``,
+    ``experts.gate_up_proj [E, D, 2F]`` with gate and up
     interleaved (gate the even columns) and its ``_bias [E, 2F]``, ``experts.down_proj [E, F, D]``
     and its ``_bias`` (``[in, out]`` already; MXFP4 files: dequantised by loading)."""
     if mlp_option(spec, "layout") == "gpt_oss":
@@ -270,18 +290,23 @@ def _weights(cfg: ModelConfig, spec: LayerSpec) -> tuple[WeightRow, ...]:
                 *([WeightRow("experts.down_proj_bias", "experts_down_bias")] if bias else [])]
         return tuple(rows)
     e = mlp_option(spec, "experts")
+    shared = tuple(row.prefixed("shared_expert.", "shared_expert.") for row in dense_rows(cfg, spec)
+                   ) if mlp_option(spec, "shared_expert_size") else ()
+    if shared and mlp_option(spec, "shared_expert_gate"):
+        shared += (WeightRow("shared_expert_gate.weight", "shared_expert_gate.kernel", transpose=True),)
     fused = {"gate": WeightRow("experts.gate_up_proj", "experts_gate", transpose=True, part=(0, 2)),
              "up": WeightRow("experts.gate_up_proj", "experts_up", transpose=True, part=(1, 2)),
              "down": WeightRow("experts.down_proj", "experts_down", transpose=True)}
     return (WeightRow("gate.weight", "gate.kernel", transpose=True),
             *(WeightRow(f"experts.{{e}}.{p}_proj.weight", f"experts_{p}", transpose=True, experts=e,
-                        alternative=fused[p]) for p in ("gate", "up", "down")))
+                        alternative=fused[p]) for p in ("gate", "up", "down")), *shared)
 
 
 def _flops(cfg: ModelConfig, spec: LayerSpec, rows: int) -> float:
-    """The router plus ``top_k`` SwiGLU experts per token."""
+    """The router plus ``top_k`` SwiGLU experts per token (plus the shared expert and its gate)."""
     d, e, k = cfg.hidden_size, mlp_option(spec, "experts"), mlp_option(spec, "top_k")
-    return 2.0 * rows * (d * e + k * 3 * d * expert_width(cfg, spec))
+    shared = 3 * d * mlp_option(spec, "shared_expert_size") + d * bool(mlp_option(spec, "shared_expert_gate"))
+    return 2.0 * rows * (d * e + k * 3 * d * expert_width(cfg, spec) + shared)
 
 
 def expected_experts(experts: int, top_k: int, tokens: float) -> float:
@@ -308,6 +333,7 @@ MOE = register_mlp(MLPKind(
         (r"(^|\.)mlp\.gate\.bias$", (None,)),
         (r"(^|\.)mlp\.experts_(gate|up)_bias$", ("exp", "mlp")),
         (r"(^|\.)mlp\.experts_down_bias$", ("exp", None)),
+        (r"(^|\.)mlp\.shared_expert_gate\.kernel$", ("embed", None)),  # its MLP: the dense kind's rows
     ),
     flops=_flops,
     unread=_unread,

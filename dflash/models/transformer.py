@@ -27,7 +27,16 @@ from dflash.models import attention_mixer, dense_mlp, gdn_mixer, kinds, moe_mlp 
 from dflash.models.cache import Cache
 
 # Re-exported: the pieces other modules build on.
-from dflash.models.layers import Context, Linear, RMSNorm, apply_rope, normal, rope_cos_sin, split_heads  # noqa: F401, E402
+from dflash.models.layers import (  # noqa: F401, E402
+    Context,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    model_norm,
+    normal,
+    rope_cos_sin,
+    split_heads,
+)
 from dflash.sharding import constrain
 
 
@@ -47,10 +56,10 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         mixer, mlp = kinds.mixer_kind(spec), kinds.mlp_kind(spec)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.input_layernorm = model_norm(cfg, cfg.hidden_size, dtype)
         self.mixer_attr = mixer.attr  # static: where the mixer lives (HF's name: ``self_attn``)
         setattr(self, mixer.attr, mixer.module(cfg, spec, dtype=dtype, rngs=rngs))
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = model_norm(cfg, cfg.hidden_size, dtype)
         self.mlp = mlp.module(cfg, spec, dtype=dtype, rngs=rngs)
 
     @property
@@ -80,7 +89,7 @@ class Transformer(nnx.Module):
         for layer in self.layers:  # an MLP with a kernel choice (moe: its grouped matmul) follows this one
             if hasattr(layer.mlp, "impl"):
                 layer.mlp.impl = self.attention_impl
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = model_norm(cfg, cfg.hidden_size, dtype)
         untied = not cfg.tie_word_embeddings
         self.lm_head = normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype) if untied else None
 
