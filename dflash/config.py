@@ -175,12 +175,16 @@ class Family:
     """A ``model_type`` we read: its HF architecture name and the layer every model of it has by
     default (Qwen3: q/k norm; Qwen2: q/k/v biases; Llama: biases as its config says; gpt-oss: sinks).
     ``zero_centred_norm``: its RMSNorms scale by ``1 + w`` (Qwen3-Next, Qwen3.5); ``hf_model_type``:
-    the ``model_type`` ``to_hf`` writes (the text model's, when the family's checkpoints wrap it)."""
+    the ``model_type`` ``to_hf`` writes (the text model's, when the family's checkpoints wrap it);
+    ``drafter_model_type``: what a DFlash drafter for it records (its layers are Qwen3 layers; the
+    published drafters for the hybrid families say ``qwen3``, and transformers' AutoConfig would
+    read ``qwen3_5`` as the multimodal wrapper's config)."""
 
     architecture: str
     layer: LayerSpec
     zero_centred_norm: bool = False
     hf_model_type: str = ""
+    drafter_model_type: str = ""
 
 
 _GATED = LayerSpec(mixer_options={"qk_norm": True, "output_gate": True})  # Qwen3-Next's full attention
@@ -196,10 +200,11 @@ FAMILIES: dict[str, Family] = {
     # Hybrid: layer_types names each layer's mixer, Gated DeltaNet ("gdn") or gated attention with
     # partial RoPE (_hybrid_layers); norms zero-centred. Qwen3-Next's MLPs are experts with a shared
     # expert (or dense, as Qwen3-MoE decides); Qwen3.5's dense; Qwen3.5-MoE's all experts.
-    "qwen3_next": Family("Qwen3NextForCausalLM", _GATED, zero_centred_norm=True),
-    "qwen3_5": Family("Qwen3_5ForCausalLM", _GATED, zero_centred_norm=True, hf_model_type="qwen3_5_text"),
+    "qwen3_next": Family("Qwen3NextForCausalLM", _GATED, zero_centred_norm=True, drafter_model_type="qwen3"),
+    "qwen3_5": Family("Qwen3_5ForCausalLM", _GATED, zero_centred_norm=True, hf_model_type="qwen3_5_text",
+                      drafter_model_type="qwen3"),
     "qwen3_5_moe": Family("Qwen3_5MoeForCausalLM", _GATED, zero_centred_norm=True,
-                          hf_model_type="qwen3_5_moe_text"),
+                          hf_model_type="qwen3_5_moe_text", drafter_model_type="qwen3"),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # model_types of the text models inside multimodal checkpoints, and the family each belongs to

@@ -176,11 +176,16 @@ def test_zero_centred_norms_are_a_config_field_written_back():
 def test_the_dflash_drafter_of_a_hybrid_target_is_plain_qwen3():
     """Attention + dense layers, ordinary RMSNorm, RoPE over the whole head; its target layers may
     be Gated DeltaNet layers."""
+    from dflash.drafters.dflash.hf import drafter_hf_config
+
     target = ModelConfig.from_hf({**BASE, "model_type": "qwen3_5_moe_text"})
     drafter = DFlashConfig.for_target(target, mask_token_id=3, num_layers=2, target_layer_ids=(0, 1, 3))
     assert [target.layers[i].mixer for i in drafter.target_layer_ids] == ["gdn", "gdn", "attention"]
     layers = drafter.layers
     assert layers.model_type == "qwen3" and not layers.zero_centred_norm
+    # Exported as the published hybrid drafters are: a "qwen3" model (AutoConfig would read the
+    # target's "qwen3_5_moe" as the multimodal wrapper).
+    assert drafter.model_type == drafter_hf_config(drafter)["model_type"] == "qwen3"
     assert all(spec.mixer == "attention" and spec.mlp == "dense" and spec.mixer_option("rotary_dim", 0) == 0
                and not spec.mixer_option("output_gate", False) for spec in layers.layers)
     assert (layers.hidden_size, layers.head_dim, layers.rope) == (target.hidden_size, target.head_dim,

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dflash.attention import block_slots
-from dflash.config import ConfigError, LayerSpec, ModelConfig, check_block_drafter
+from dflash.config import FAMILIES, ConfigError, LayerSpec, ModelConfig, check_block_drafter
 from dflash.kernels import dispatch
 from dflash.kernels.anchor_attention import merge_anchor_chunks, split_anchor_chunks
 from dflash.models.cache import Cache
@@ -136,7 +136,7 @@ class DFlashConfig:
         return cls(layers=layer_config(target, num_layers, specs, **shape),
                    num_target_layers=target.num_layers,
                    target_layer_ids=ids, mask_token_id=mask_token_id, block_size=block_size,
-                   model_type=target.model_type)
+                   model_type=FAMILIES[target.model_type].drafter_model_type or target.model_type)
 
     def check_target(self, target: ModelConfig) -> None:
         """A drafter only runs against a target of the width/vocab/depth it was built for."""
