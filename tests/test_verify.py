@@ -86,6 +86,12 @@ CFG_MOE = dataclasses.replace(CFG, model_type="qwen3_moe", layers=(LayerSpec(
     mixer_options={"qk_norm": True}, mlp="moe", mlp_options={"experts": 4, "top_k": 2, "norm_topk_prob": True,
                                                              "intermediate_size": 16}),) * CFG.num_layers)
 
+# A hybrid target (Qwen3.5's family): two Gated DeltaNet layers around a gated attention layer.
+_GDN = LayerSpec("gdn", mixer_options={"key_heads": 2, "value_heads": 4, "key_dim": 8, "value_dim": 8,
+                                       "layout": "qwen3_5"})
+CFG_HYBRID = dataclasses.replace(CFG, model_type="qwen3_5", zero_centred_norm=True, layers=(
+    _GDN, LayerSpec(mixer_options={"qk_norm": True, "output_gate": True, "rotary_dim": 4}), _GDN))
+
 
 def exact_joint(cfg: ModelConfig = CFG):
     """The target and the exact joint distribution of its first three sampled tokens."""
@@ -143,6 +149,12 @@ def test_speculative_sampling_preserves_an_moe_targets_distribution():
     """The same on a mixture-of-experts target: a verify block routes each of its tokens to its
     own experts, and the sampled tokens still follow the target's distribution."""
     assert_speculative_sampling_follows(*exact_joint(CFG_MOE), CFG_MOE, "block", "dflash-sampled")
+
+
+def test_speculative_sampling_preserves_a_hybrid_targets_distribution():
+    """The same on a Gated DeltaNet hybrid: each verify step rolls the recurrent states back to
+    the accepted prefix, and the sampled tokens still follow the target's distribution."""
+    assert_speculative_sampling_follows(*exact_joint(CFG_HYBRID), CFG_HYBRID, "token", "dflash-sampled")
 
 
 def assert_speculative_sampling_follows(target, prompt: list[int], joint: np.ndarray, cfg: ModelConfig,
