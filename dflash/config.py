@@ -535,7 +535,8 @@ def _hybrid_to_hf(layers: tuple[LayerSpec, ...], head_dim: int) -> dict[str, Any
     first attention layer's partial_rotary_factor (anything else is left to ``dflash_layers``)."""
     out: dict[str, Any] = {"layer_types": [LAYER_TYPES[spec.mixer != "gdn"] for spec in layers]}
     gdn = next((dict(spec.mixer_options) for spec in layers if spec.mixer == "gdn"), {})
-    out.update({key: gdn[ours] for ours, key in GDN_KEYS.items() if ours in gdn})
+    if gdn:  # an option left to the kind's default: the default (the same as transformers' class default)
+        out.update({key: gdn.get(ours, _HYBRID_DEFAULTS[key]) for ours, key in GDN_KEYS.items()})
     attention = next((spec for spec in layers if spec.mixer == "attention"), layers[0])
     out["partial_rotary_factor"] = (attention.mixer_option("rotary_dim", 0) or head_dim) / head_dim
     return out

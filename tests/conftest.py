@@ -138,9 +138,10 @@ def hf_checkpoint(tmp_path):
     return _make
 
 
-def make_tiny_target(directory, *, moe: bool = False):
+def make_tiny_target(directory, *, moe: bool = False, hybrid: bool = False):
     """Writes a small random Qwen3 target sharing the shipped tokenizer (so data and masks work);
-    ``moe``: a Qwen3-MoE one (layers 0 and 2 mixtures of 4 experts, top 2)."""
+    ``moe``: a Qwen3-MoE one (layers 0 and 2 mixtures of 4 experts, top 2); ``hybrid``: a Qwen3.5
+    one (layers 0, 1, 3 Gated DeltaNet, 4 key / 8 value heads; layer 2 gated attention, partial RoPE)."""
     import dataclasses
     import shutil
 
@@ -157,6 +158,12 @@ def make_tiny_target(directory, *, moe: bool = False):
             "experts": 4, "top_k": 2, "norm_topk_prob": True, "intermediate_size": 16})
         cfg = dataclasses.replace(cfg, layers=tuple(experts if i % 2 == 0 else spec
                                                     for i, spec in enumerate(cfg.layers)))
+    if hybrid:
+        linear, full = "linear_attention", "full_attention"
+        cfg = ModelConfig.from_hf({**cfg.to_hf(), "model_type": "qwen3_5_text", "partial_rotary_factor": 0.5,
+                                   "layer_types": [linear, linear, full, linear], "linear_num_key_heads": 4,
+                                   "linear_num_value_heads": 8, "linear_key_head_dim": 8,
+                                   "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4})
     save_target(build(cfg, seed=0), directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(SHIPPED["tiny-code"] / name, directory / name)

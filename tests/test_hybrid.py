@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from devices import on_cpu_devices
 from safetensors.numpy import load_file, save_file
 
 from dflash.config import PRESETS, ModelConfig, preset_for_hub_id
@@ -216,3 +217,56 @@ def test_qwen3_next_layers_are_the_published_ones():
     one = ModelConfig(**{**cfg.__dict__, "num_layers": 1, "layers": cfg.layers[:1], "vocab_size": 1})
     assert one.num_params() - 2 * cfg.hidden_size - cfg.hidden_size == 1_648_531_648
     assert round((cfg.num_params() - 2 * cfg.vocab_size * cfg.hidden_size) / 1e9) == 79
+
+
+@on_cpu_devices(4)
+def test_a_dflash_drafter_trained_on_a_hybrid_target_decodes_losslessly_and_on_a_mesh():
+    """``dflash-train --set target.name=DIR`` on a tiny Qwen3.5-family target (Gated DeltaNet layers
+    0, 1, 3, gated attention layer 2; training sharded over the 4 devices) exports a drafter whose
+    greedy speculative decoding equals AR token for token: every verify step rolls each row's
+    recurrent and convolution states back to its own accepted prefix, rows finish at different
+    steps (compaction). On data=2 x tensor=2 (GDN heads split) the same tokens and acceptance.
+    A tree is refused in one line, before anything compiles."""
+    import tempfile
+    from pathlib import Path
+
+    from conftest import make_tiny_target
+
+    from dflash import sharding as sh
+    from dflash.cli.train import main as train
+    from dflash.decoding.methods import NgramDraft
+    from dflash.decoding.speculative import speculative_generate
+    from dflash.drafters import resolve_method, tree_method_for
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target_dir = make_tiny_target(Path(tmp) / "target", hybrid=True)
+        run = Path(tmp) / "run"
+        sets = ["data.max_examples=40", "data.seq_len=64", "train.batch_size=4", "train.num_anchors=8",
+                "train.steps=2", "train.save_every=2", "train.eval_every=2", "drafter.block_size=4",
+                "eval.num_prompts=1", "eval.max_new_tokens=8", "eval.heldout_rows=4", "regen.num_sequences=0"]
+        assert train(["--set", f"target.name={target_dir}", "--run-dir", str(run), "--no-progress",
+                      *(x for s in sets for x in ("--set", s))]) == 0
+        target = load_target(target_dir)
+        assert [s.mixer for s in target.cfg.layers] == ["gdn", "gdn", "attention", "gdn"]
+        method, drafter = resolve_method(run / "export", target)
+        rng = np.random.default_rng(3)
+        prompts = [(rng.integers(5, 4000, n).tolist() * 3)[:3 * n - 1] for n in (4, 9, 6, 13, 3, 5, 2, 7, 4)]
+        budgets = [12, 2, 16, 9, 3, 14, 4, 11, 6]
+        ref = generate(target, prompts, max_new_tokens=budgets, eos_ids=())
+        out = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=budgets,
+                                   eos_ids=())
+        assert out.tokens == ref.tokens and len(out.device_batches) > 1  # rows finished, the batch compacted
+        # Prompt lookup on repetitive prompts: steps that accept drafts beside steps that accept none.
+        lookup = speculative_generate(target, prompts, method=NgramDraft(block_size=4),
+                                      max_new_tokens=budgets, eos_ids=())
+        accepted = {a for row in lookup.acceptance_lengths for a in row}
+        assert lookup.tokens == ref.tokens and min(accepted) == 1 and max(accepted) > 1, accepted
+        with pytest.raises(ConfigError, match="layer 0 is gdn"):
+            speculative_generate(target, prompts, method=tree_method_for(drafter, 2), drafter=drafter,
+                                 eos_ids=())
+        mesh = sh.make_mesh(sh.MeshConfig(2, 1, 2))
+        on_mesh = load_target(target_dir, mesh=mesh)
+        method, drafter = resolve_method(run / "export", on_mesh, mesh=mesh)
+        got = speculative_generate(on_mesh, prompts, method=method, drafter=drafter, max_new_tokens=budgets,
+                                   eos_ids=(), mesh=mesh)
+        assert got.tokens == ref.tokens and got.acceptance_lengths == out.acceptance_lengths

@@ -185,6 +185,20 @@ def recurrent_delta_rule(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHV: jax.Array
     return o_TBHV.swapaxes(0, 1), s_TBHKV.swapaxes(0, 1)
 
 
+def unit_lower_solve(system: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``x`` with ``system @ x = rhs`` for a unit lower-triangular ``system [..., L, L]``, ``rhs
+    [..., L, D]``: forward substitution, one row per step (L steps, every chunk and head at once).
+    Plain jnp instead of ``solve_triangular``, whose CPU LAPACK call deadlocked a batch-sharded
+    backward pass on the host platform's virtual devices."""
+    n = system.shape[-1]
+
+    def row(i, x):
+        below = jnp.where(jnp.arange(n) < i, system[..., i, :], 0.0)  # [..., L]: the solved rows' weights
+        return x.at[..., i, :].set(rhs[..., i, :] - jnp.einsum("...j,...jd->...d", below, x))
+
+    return jax.lax.fori_loop(0, n, row, jnp.zeros_like(rhs))
+
+
 def chunked_delta_rule(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHV: jax.Array, g_BTH: jax.Array,
                        beta_BTH: jax.Array, s0_BHKV: jax.Array, starts_BT: jax.Array | None = None,
                        chunk: int = 64) -> tuple[jax.Array, jax.Array]:
@@ -230,7 +244,7 @@ def chunked_delta_rule(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHV: jax.Array, 
     kk = jnp.einsum("bhnik,bhnjk->bhnij", k, k)
     system = eye + (beta[..., :, None] * kk * decay_pair) * (1.0 - eye)  # unit lower triangular
     rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(gamma) * first)[..., None] * k], axis=-1)
-    solved = jax.scipy.linalg.solve_triangular(system, rhs, lower=True, unit_diagonal=True)
+    solved = unit_lower_solve(system, rhs)
     u, w = solved[..., :vd], solved[..., vd:]  # the block's writes, and how they read the incoming state
     attn = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * decay_pair
     q_in = q * (jnp.exp(gamma) * first)[..., None]

@@ -37,9 +37,11 @@ def heldout_chunks(arrays: dict[str, np.ndarray], heldout_rows: int, batch_size:
     chunk = min(batch_size, heldout_rows, available)
     chunk -= chunk % num_devices
     if chunk == 0:
-        raise TrainingError(f"{available} packed held-out rows for {num_devices} devices: the "
-                            "simulated tau needs at least one row per device (more held-out data, or "
-                            "eval.heldout_rows)")
+        raise TrainingError(f"{min(heldout_rows, available)} held-out rows (eval.heldout_rows="
+                            f"{heldout_rows}, {available} packed, train.batch_size={batch_size}) for "
+                            f"{num_devices} devices: "
+                            "the simulated tau needs at least one row per device (more held-out data, or a "
+                            "larger eval.heldout_rows)")
     n_eval = min(heldout_rows, available)
     n_eval -= n_eval % num_devices
     return [{k: v[i:min(i + chunk, n_eval)] for k, v in arrays.items()} for i in range(0, n_eval, chunk)]
