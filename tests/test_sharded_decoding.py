@@ -201,9 +201,15 @@ def _shipped_request():
 
 def two_process_worker(out: str) -> None:
     """One of two processes (4 CPU devices each): tiny-code + tiny-code-dflash on a mesh that spans
-    both (``data`` across the processes), 9 rows; process 0 writes what it decoded."""
+    both (``data`` across the processes), 9 rows; then the tiny hybrid target (Gated DeltaNet heads
+    over tensor=4, recurrent states rolled back per row) with prompt lookup; process 0 writes what
+    it decoded."""
     import json
+    from pathlib import Path
 
+    from conftest import make_tiny_target
+
+    from dflash.decoding.methods import NgramDraft
     from dflash.distributed import initialize
     from dflash.drafters import resolve_method
     from dflash.io import load_target
@@ -215,9 +221,20 @@ def two_process_worker(out: str) -> None:
     prompts, budgets = _shipped_request()
     got = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=budgets,
                                eos_ids=(), mesh=mesh)
+    hybrid_dir = make_tiny_target(Path(f"{out}.hybrid{jax.process_index()}"), hybrid=True)  # one seed
+    rep, rep_budgets = _repetitive(prompts)
+    hybrid = speculative_generate(load_target(hybrid_dir, mesh=mesh), rep, max_new_tokens=rep_budgets,
+                                  method=NgramDraft(block_size=4), eos_ids=(), mesh=mesh)
     if jax.process_index() == 0:
         with open(out, "w") as f:
-            json.dump({"tokens": got.tokens, "acc": got.acceptance_lengths, "batches": got.device_batches}, f)
+            json.dump({"tokens": got.tokens, "acc": got.acceptance_lengths, "batches": got.device_batches,
+                       "hybrid": hybrid.tokens, "hybrid_acc": hybrid.acceptance_lengths,
+                       "hybrid_dir": str(hybrid_dir)}, f)
+
+
+def _repetitive(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Prompts that repeat themselves (prompt lookup finds drafts) and their budgets."""
+    return [(p * 3)[:3 * len(p) - 1] for p in prompts], [12, 3, 9, 14, 5, 10, 2, 7, 11]
 
 
 def test_decoding_on_a_mesh_across_two_processes_equals_one_unsharded_process(tmp_path):
@@ -246,3 +263,11 @@ def test_decoding_on_a_mesh_across_two_processes_equals_one_unsharded_process(tm
                                eos_ids=())
     assert got["tokens"] == ref.tokens and got["acc"] == ref.acceptance_lengths
     assert len(got["batches"]) > 1 and all(b % 2 == 0 for b in got["batches"])  # compacted across processes
+    from dflash.decoding.methods import NgramDraft
+
+    hybrid = load_target(got["hybrid_dir"])
+    rep, rep_budgets = _repetitive(prompts)
+    ref = speculative_generate(hybrid, rep, max_new_tokens=rep_budgets, method=NgramDraft(block_size=4),
+                               eos_ids=())
+    assert got["hybrid"] == ref.tokens and got["hybrid_acc"] == ref.acceptance_lengths
+    assert max(a for row in ref.acceptance_lengths for a in row) > 1  # drafts were accepted
