@@ -46,7 +46,7 @@ from dflash.config import LayerSpec, ModelConfig
 from dflash.errors import ConfigError
 from dflash.models.cache import LayerState
 from dflash.models.kinds import MixerKind, WeightRow, option, register_mixer
-from dflash.models.layers import Context, Linear, normal
+from dflash.models.layers import Context, Linear, RMSNorm, normal
 from dflash.sharding import ShardingError, constrain
 
 OPTIONS = {"key_heads": 16, "value_heads": 32, "key_dim": 128, "value_dim": 128, "conv_kernel": 4,
@@ -363,19 +363,12 @@ class GatedDeltaNet(nnx.Module):
         return self.out_proj(out_BTHV.reshape(b, t, -1)), new_state
 
 
-class GatedRMSNorm(nnx.Module):
-    """``weight * rmsnorm(x) * silu(z)`` per head (normed in float32, cast back before the weight,
-    the gate in float32, as HF does)."""
+class GatedRMSNorm(RMSNorm):
+    """``weight * rmsnorm(x) * silu(z)`` per head: the plain RMSNorm (never zero-centred here, as in
+    HF), times the gate in float32, cast back."""
 
-    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        out = self.weight[...] * x32.astype(x.dtype) * jax.nn.silu(z.astype(jnp.float32))
-        return out.astype(x.dtype)
+    def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:  # type: ignore[override]
+        return (super().__call__(x) * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- the kind
