@@ -28,6 +28,8 @@ from jax.sharding import Mesh
 
 from dflash.config import ModelConfig
 from dflash.decoding.method import DraftMethod
+from dflash.decoding.dynamic_tree import DynamicTreeDraft
+from dflash.decoding.method import StepwiseDraft
 from dflash.decoding.methods import NgramDraft, NoDraft
 from dflash.decoding.tree import BeamTreeDraft
 from dflash.errors import CheckpointError, ConfigError
@@ -237,6 +239,15 @@ def tree_method_for(drafter: nnx.Module, width: int, block_size: int | None = No
                     lookup: bool = False) -> BeamTreeDraft:
     """The drafter's chain drafted as a beam tree of ``width`` (``lookup``: plus a prompt-lookup branch)."""
     return BeamTreeDraft.around(method_for(drafter, block_size=block_size), width, lookup)
+
+
+def dynamic_tree_method_for(drafter: nnx.Module, depth: int = 7, top_k: int = 10,
+                            total_tokens: int = 60) -> DynamicTreeDraft:
+    """The drafter's stepwise chain (of block ``depth + 1``) drafted as an EAGLE-2 dynamic tree."""
+    chain = method_for(drafter)
+    if isinstance(chain, StepwiseDraft):  # only then ask for the block: a block drafter gets the clear error
+        chain = method_for(drafter, block_size=depth + 1)
+    return DynamicTreeDraft.around(chain, top_k, total_tokens, label=kind_of(drafter).label)
 
 
 def resolve_method(spec: str | None, target: Transformer, *, block_size: int | None = None,
