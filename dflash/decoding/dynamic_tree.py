@@ -95,13 +95,15 @@ def dynamic_tree(anchor_B: jax.Array, logp_BV: jax.Array, expand: Expand, depth:
         front_parent_BK = pick_BK // top_k  # its parent's rank in the frontier fed at ``level``
         front_pool_BK = offset + pick_BK
         offset += top_k * top_k
-    score_BP, tok_BP, parent_BP, depth_BP = (jnp.concatenate(x, axis=1) for x in (scores, tokens, parents, depths))
+    score_BP, tok_BP, parent_BP, depth_BP = (jnp.concatenate(x, axis=1)
+                                             for x in (scores, tokens, parents, depths))
     _, chosen_BN = jax.lax.top_k(score_BP, total)
     chosen_BN = jnp.sort(chosen_BN.astype(jnp.int32), axis=1)  # pool order: parents first
     rows_B1 = jnp.arange(b)[:, None]
     slot_BP = jnp.zeros(score_BP.shape, jnp.int32).at[rows_B1, chosen_BN].set(jnp.arange(1, total + 1))
     parent_BN = jnp.take_along_axis(parent_BP, chosen_BN, axis=1)
-    parent_slot_BN = jnp.where(parent_BN < 0, 0, jnp.take_along_axis(slot_BP, jnp.maximum(parent_BN, 0), axis=1))
+    parent_slot_BN = jnp.where(parent_BN < 0, 0,
+                               jnp.take_along_axis(slot_BP, jnp.maximum(parent_BN, 0), axis=1))
     node_tok_BN = jnp.where(jnp.take_along_axis(score_BP, chosen_BN, axis=1) == -jnp.inf, -1,
                             jnp.take_along_axis(tok_BP, chosen_BN, axis=1))
     zeros_B1 = jnp.zeros((b, 1), jnp.int32)

@@ -6,8 +6,9 @@ and the method's own state is a pytree the engine carries through its ``lax.whil
 (every array with the batch row on axis 0, so compaction can drop rows). A chain method
 (``ChainDraft``) proposes ``Q - 1`` drafts per step; a tree method (``TreeDraft``) a tree of
 candidates verified in one pass. A chain method whose drafter proposes one token per sequential
-step (``StepwiseDraft``) can also be drafted as an EAGLE-2 dynamic tree (``dynamic_tree.py``). Both are abstract: a method that does not implement its
-``propose`` / ``propose_tree`` cannot be constructed. ``NoDraft`` and ``NgramDraft`` are in
+step (``StepwiseDraft``) can also be drafted as an EAGLE-2 dynamic tree (``dynamic_tree.py``).
+All are abstract: a method that does not implement its ``propose`` / ``propose_tree`` cannot be
+constructed. ``NoDraft`` and ``NgramDraft`` are in
 ``methods.py``; the drafters' own methods live with their kinds (``dflash.drafters``).
 
 Shape letters (docs/architecture.md): B rows, Q the block (anchor + k = Q-1 drafts), L token

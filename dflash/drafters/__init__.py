@@ -17,5 +17,5 @@ from dflash.drafters.registry import (
     tree_method_for,
 )
 
-__all__ = ["KINDS", "DrafterKind", "drafter_kind", "dynamic_tree_method_for", "find_export", "kind_of", "load_drafter", "method_for",
-           "register", "resolve_method", "tree_method_for"]
+__all__ = ["KINDS", "DrafterKind", "drafter_kind", "dynamic_tree_method_for", "find_export", "kind_of",
+           "load_drafter", "method_for", "register", "resolve_method", "tree_method_for"]

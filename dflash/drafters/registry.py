@@ -27,9 +27,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dflash.config import ModelConfig
-from dflash.decoding.method import DraftMethod
 from dflash.decoding.dynamic_tree import DynamicTreeDraft
-from dflash.decoding.method import StepwiseDraft
+from dflash.decoding.method import DraftMethod, StepwiseDraft
 from dflash.decoding.methods import NgramDraft, NoDraft
 from dflash.decoding.tree import BeamTreeDraft
 from dflash.errors import CheckpointError, ConfigError
