@@ -265,3 +265,19 @@ def test_a_hybrid_target_and_a_block_drafter_are_refused_up_front():
     with pytest.raises(ConfigError, match=r"one token per step \(EAGLE-3, MTP\); DFlash drafts a block: use "
                                           r"--tree-width"):
         dynamic_tree_method_for(drafter, 3, 2, 4)
+
+
+def test_the_commands_refuse_a_block_drafter_and_bad_flags_in_one_line(capsys):
+    from dflash.cli import bench, generate
+
+    assert generate.main(["--prompt", "def f", "--drafter", "tiny-code-dflash", "--dynamic-tree", "3,2,4"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "dflash-generate: error: dynamic tree needs a drafter that drafts one token per step (EAGLE-3, MTP); "
+        "DFlash drafts a block: use --tree-width"]
+    assert bench.main(["--num-prompts", "1", "--dynamic-tree"]) == 2  # the default drafter is DFlash's
+    assert capsys.readouterr().err.splitlines()[-1].endswith("DFlash drafts a block: use --tree-width")
+    for args, says in ((["--dynamic-tree", "3,2"], "must be DEPTH,TOPK,TOKENS (three integers >= 1), got 3,2"),
+                       (["--dynamic-tree", "--tree-width", "2"], "--dynamic-tree sets its own tree")):
+        with pytest.raises(SystemExit):
+            generate.main(["--prompt", "def f", "--drafter", "tiny-code-dflash", *args])
+        assert says in capsys.readouterr().err

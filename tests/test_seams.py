@@ -252,7 +252,7 @@ def test_a_runs_evaluation_decodes_chains_only_on_the_hybrid_target(hybrid_dir, 
 
 
 @pytest.mark.parametrize("command, options", [("generate", ["--tree-width", "2"]),
-                                              ("bench", ["--ngram-branch"])])
+                                              ("bench", ["--ngram-branch"]), ("bench", ["--dynamic-tree"])])
 def test_the_commands_refuse_trees_on_the_hybrid_target_in_one_line(hybrid_dir, command, options, capsys):
     """Before the drafter loads (its path need not exist) and before anything compiles."""
     from dflash.cli import bench, generate
@@ -261,7 +261,8 @@ def test_the_commands_refuse_trees_on_the_hybrid_target_in_one_line(hybrid_dir, 
     extra = ["--prompt", "def f"] if command == "generate" else []
     assert main(["--target", str(hybrid_dir), "--drafter", str(hybrid_dir / "none"), *extra, *options]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"dflash-{command}: error: tree verification (--tree-width, --ngram-branch) is not "
+    assert err == [f"dflash-{command}: error: tree verification (--tree-width, --ngram-branch, "
+                   "--dynamic-tree) is not "
                    "available for this target: layer 1 is toy_recurrence (its TrailState cannot commit a "
                    "tree path); decode it with a chain (drop those options)"]
 

@@ -8,13 +8,19 @@ import sys
 from dflash.bench import anchor_profile, bench_methods, load_prompts, write_json
 from dflash.checks import BLOCK, COUNT, INTEGER, NON_NEGATIVE, flag
 from dflash.cli.failures import compile_only, run_command
-from dflash.cli.parser import add_compile_only_args, add_mesh_arg, make_parser, mesh_from_args
+from dflash.cli.parser import (
+    add_compile_only_args,
+    add_dynamic_tree_arg,
+    add_mesh_arg,
+    make_parser,
+    mesh_from_args,
+)
 from dflash.config import DTYPES
 from dflash.decoding import SamplingParams
 from dflash.decoding.tree import BeamTreeDraft
 from dflash.decoding.verify import RULES
 from dflash.distributed import add_distributed_args, is_primary
-from dflash.drafters import resolve_method
+from dflash.drafters import dynamic_tree_method_for, resolve_method
 from dflash.errors import ConfigError
 from dflash.fingerprint import initialize_from_args
 from dflash.io.loading import load_target
@@ -49,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ngram-branch", action="store_true",
                    help="also run the drafter with the prompt-lookup chain as one more tree branch, verified "
                         "in the same pass (method 'drafter+ngram'; tree width --tree-width or 1)")
+    add_dynamic_tree_arg(p, "also run the drafter as an EAGLE-2 dynamic tree (method 'dynamic-tree'; a "
+                            "drafter that drafts one token per step): depth, top-k children per node, nodes "
+                            "verified")
     p.add_argument("--no-compact", action="store_true",
                    help="keep finished rows in the device batch (default: drop them once half are done)")
     p.add_argument("--ceiling", action="store_true",
@@ -98,7 +107,7 @@ def _bench(args: argparse.Namespace) -> int:
     mesh = mesh_from_args(args.mesh)
     target = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl,
                          mesh=mesh)  # drafters resolved below take its attention_impl and mesh
-    if args.tree_width or args.ngram_branch:
+    if args.tree_width or args.ngram_branch or args.dynamic_tree:
         check_tree(target.cfg)  # before the drafter loads and anything compiles
     prompts = load_prompts(args.prompts, tokenizer, field=args.field, split=args.split,
                            limit=args.num_prompts)
@@ -115,6 +124,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.ngram_branch:
         hybrid = BeamTreeDraft.around(drafter_method, args.tree_width or 1, lookup=True)
         methods["drafter+ngram"] = (hybrid, drafter)
+    if args.dynamic_tree:
+        methods["dynamic-tree"] = (dynamic_tree_method_for(drafter, *args.dynamic_tree), drafter)
     for other in args.also:
         also_method, also_drafter = resolve_method(other, target, block_size=args.block_size,
                                                    stochastic=args.stochastic_drafts, mesh=mesh)

@@ -12,14 +12,14 @@ import jax
 
 from dflash.checks import BLOCK, COUNT, INTEGER, NON_NEGATIVE, PROBABILITY, flag
 from dflash.cli.failures import run_command
-from dflash.cli.parser import add_mesh_arg, make_parser, mesh_from_args
+from dflash.cli.parser import add_dynamic_tree_arg, add_mesh_arg, make_parser, mesh_from_args
 from dflash.config import DTYPES
 from dflash.decoding import SamplingParams, generate
 from dflash.decoding.speculative import speculative_generate
 from dflash.decoding.tree import BeamTreeDraft
 from dflash.decoding.verify import RULES
 from dflash.distributed import add_distributed_args, is_primary
-from dflash.drafters import resolve_method
+from dflash.drafters import dynamic_tree_method_for, resolve_method
 from dflash.errors import ConfigError
 from dflash.fingerprint import initialize_from_args
 from dflash.io.loading import load_target
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngram-branch", action="store_true",
                    help="verify the prompt-lookup chain beside the DFlash draft, as one more tree branch "
                         "(tree width 1 unless --tree-width)")
+    add_dynamic_tree_arg(p, "draft an EAGLE-2 dynamic tree: depth, top-k children per node, nodes verified "
+                            "(a drafter that drafts one token per step; greedy or token rule)")
     p.add_argument("--stochastic-drafts", action="store_true",
                    help="when sampling, draw DFlash drafts from the drafter's distribution")
     p.add_argument("--show-steps", action="store_true",
@@ -83,11 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.drafter is None:  # speculative-only options would be silently dropped
         options = (("--block-size", args.block_size), ("--verify", args.verify),
                    ("--tree-width", args.tree_width), ("--ngram-branch", args.ngram_branch),
+                   ("--dynamic-tree", args.dynamic_tree),
                    ("--stochastic-drafts", args.stochastic_drafts), ("--show-steps", args.show_steps))
         given = [flag for flag, value in options if value]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             parser.error(f"{', '.join(given)} {verb} only to speculative decoding: add --drafter")
+    others = (args.tree_width, args.ngram_branch, args.block_size, args.stochastic_drafts)
+    if args.dynamic_tree and any(others):
+        parser.error("--dynamic-tree sets its own tree, depth and drafts: drop --tree-width, --ngram-branch, "
+                     "--block-size, --stochastic-drafts")
     return run_command("dflash-generate", lambda: _generate(args), verbose=bool(args.verbose))
 
 
@@ -99,7 +106,7 @@ def _generate(args: argparse.Namespace) -> int:
     mesh = mesh_from_args(args.mesh)
     model = load_target(args.target, dtype=DTYPES[args.dtype], attention_impl=args.attention_impl,
                         mesh=mesh)
-    if args.tree_width or args.ngram_branch:
+    if args.tree_width or args.ngram_branch or args.dynamic_tree:
         check_tree(model.cfg)  # before the drafter loads and anything compiles
     ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # length: checked below
     if not ids:
@@ -115,6 +122,8 @@ def _generate(args: argparse.Namespace) -> int:
                                          stochastic=args.stochastic_drafts, mesh=mesh)  # target's impl
         if args.tree_width or args.ngram_branch:
             method = BeamTreeDraft.around(method, args.tree_width or 1, lookup=args.ngram_branch)
+        if args.dynamic_tree:
+            method = dynamic_tree_method_for(drafter, *args.dynamic_tree)
         result = speculative_generate(model, [ids], method=method, drafter=drafter, rule=args.verify,
                                       **common)
     if not is_primary():

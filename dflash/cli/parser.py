@@ -103,3 +103,24 @@ def mesh_from_args(config: MeshConfig | None, *, local: bool = False) -> Mesh | 
     if config is None:
         return None
     return make_mesh(config, jax.local_devices() if local else jax.devices())
+
+
+DYNAMIC_TREE_DEFAULTS = (7, 10, 60)  # EAGLE's depth, top-k and verified tokens
+
+
+def _dynamic_tree_type(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be DEPTH,TOPK,TOKENS (three integers >= 1), got {text}")
+    return values  # type: ignore[return-value]
+
+
+def add_dynamic_tree_arg(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--dynamic-tree [DEPTH,TOPK,TOKENS]`` (a bare flag: EAGLE's 7,10,60; default: off)."""
+    parser.add_argument("--dynamic-tree", type=_dynamic_tree_type, nargs="?", default=None,
+                        const=DYNAMIC_TREE_DEFAULTS, metavar="DEPTH,TOPK,TOKENS",
+                        help=f"{help}; a bare flag means {','.join(map(str, DYNAMIC_TREE_DEFAULTS))}")

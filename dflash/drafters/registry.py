@@ -240,9 +240,12 @@ def tree_method_for(drafter: nnx.Module, width: int, block_size: int | None = No
     return BeamTreeDraft.around(method_for(drafter, block_size=block_size), width, lookup)
 
 
-def dynamic_tree_method_for(drafter: nnx.Module, depth: int = 7, top_k: int = 10,
+def dynamic_tree_method_for(drafter: nnx.Module | None, depth: int = 7, top_k: int = 10,
                             total_tokens: int = 60) -> DynamicTreeDraft:
     """The drafter's stepwise chain (of block ``depth + 1``) drafted as an EAGLE-2 dynamic tree."""
+    if drafter is None:
+        raise ConfigError("dynamic tree needs an exported drafter that drafts one token per step "
+                          "(EAGLE-3, MTP)")
     chain = method_for(drafter)
     if isinstance(chain, StepwiseDraft):  # only then ask for the block: a block drafter gets the clear error
         chain = method_for(drafter, block_size=depth + 1)

@@ -51,7 +51,7 @@ class LayerState:
     def commit_path(self, start_B: jax.Array, path_BP: jax.Array) -> LayerState:
         """After a tree pass written at ``start``, the state of the chain ``path_BP`` (block indices)."""
         raise ConfigError(f"a {type(self).__name__} layer cannot commit a tree path: tree verification "
-                          "(--tree-width, --ngram-branch) is not available for this target")
+                          "(--tree-width, --ngram-branch, --dynamic-tree) is not available for this target")
 
     def take_rows(self, idx: jax.Array) -> LayerState:
         return jax.tree.map(lambda x: x[idx], self)

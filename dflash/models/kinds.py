@@ -237,5 +237,6 @@ def tree_blocker(cfg: ModelConfig) -> str | None:
 def check_tree(cfg: ModelConfig) -> None:
     """Refuses tree verification on a target that cannot commit a tree path, in one line, up front."""
     if (blocker := tree_blocker(cfg)) is not None:
-        raise ConfigError(f"tree verification (--tree-width, --ngram-branch) is not available for this "
-                          f"target: {blocker}; decode it with a chain (drop those options)")
+        raise ConfigError(f"tree verification (--tree-width, --ngram-branch, --dynamic-tree) is not "
+                          f"available for this target: {blocker}; decode it with a chain (drop those "
+                          "options)")
