@@ -39,7 +39,6 @@ from dflash.models.layers import (  # noqa: F401, E402
 )
 from dflash.sharding import constrain
 
-
 INPUT_EMBEDDINGS = -1
 """A ``hidden_layers`` entry: the embedding output (HF ``hidden_states[0]``), what a drafter that
 pairs a position's hidden state with the NEXT token's embedding (MTP) reads at commit."""

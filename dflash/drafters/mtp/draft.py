@@ -58,25 +58,37 @@ class MTPDraft(StepwiseDraft):
     @classmethod
     def of(cls, head: MTPHead, stochastic: bool = False, block_size: int | None = None) -> MTPDraft:
         if head.cfg.num_layers != 1:
-            raise ConfigError(f"the engine chains a one-layer MTP head; this head has {head.cfg.num_layers} "
-                              "layers (num_nextn_predict_layers / mtp_num_hidden_layers)")
+            raise ConfigError(
+                f"the engine chains a one-layer MTP head; this head has {head.cfg.num_layers} "
+                "layers (num_nextn_predict_layers / mtp_num_hidden_layers)"
+            )
         return cls(check_block(block_size, max(head.cfg.block_size, block_size or 0)), stochastic)
 
     # ------------------------------------------------------------------ committed state
     def init(self, head: MTPHead, batch: int, max_len: int, dtype: Any) -> MTPState:
-        return MTPState(head.init_cache(batch, max_len + TREE_SLOTS, dtype),
-                        jnp.zeros((batch, head.cfg.hidden_size), dtype))
+        return MTPState(
+            head.init_cache(batch, max_len + TREE_SLOTS, dtype),
+            jnp.zeros((batch, head.cfg.hidden_size), dtype),
+        )
 
     @staticmethod
-    def _write(head: MTPHead, state: MTPState, emb_BTD: jax.Array, hid_BTD: jax.Array,
-               new_lengths_B: jax.Array, pending_BD: jax.Array) -> MTPState:
+    def _write(
+        head: MTPHead,
+        state: MTPState,
+        emb_BTD: jax.Array,
+        hid_BTD: jax.Array,
+        new_lengths_B: jax.Array,
+        pending_BD: jax.Array,
+    ) -> MTPState:
         """The pairs (``hid[t]``, ``emb[t]``) written at the slots from the cache's length on; the
         cache then keeps ``new_lengths``."""
         cache = state.cache
         positions = cache.lengths[:, None] + jnp.arange(emb_BTD.shape[1])[None]
         _, cache = head(head.inputs(emb_BTD, hid_BTD), positions, cache)
-        return MTPState(Cache(cache.layers, new_lengths_B.astype(jnp.int32), cache.max_len),
-                        pending_BD.astype(state.pending_BD.dtype))
+        return MTPState(
+            Cache(cache.layers, new_lengths_B.astype(jnp.int32), cache.max_len),
+            pending_BD.astype(state.pending_BD.dtype),
+        )
 
     def prefill(self, head: MTPHead, state: MTPState, hidden, prompt_lens_B):
         emb, hid = hidden  # [B, P, D] each: the prompt's embeddings and final-normed hidden states
@@ -93,16 +105,24 @@ class MTPDraft(StepwiseDraft):
         return self._write(head, state, emb, prev, lengths_B + accepted_B, last)
 
     # ------------------------------------------------------------------ chain
-    def propose(self, head: MTPHead, target: Transformer, state: MTPState, step: StepInputs, key: jax.Array,
-                sampling: SamplingParams) -> tuple[jax.Array, jax.Array | None]:
+    def propose(
+        self,
+        head: MTPHead,
+        target: Transformer,
+        state: MTPState,
+        step: StepInputs,
+        key: jax.Array,
+        sampling: SamplingParams,
+    ) -> tuple[jax.Array, jax.Array | None]:
         cache, hid_B1D, token_B = state.cache, state.pending_BD[:, None], step.anchor_B
         drafts, qs = [], []
         for j in range(self.block_size - 1):  # scratch writes at slots L-1+j: never kept
             x = head.inputs(target.embed(token_B[:, None]), hid_B1D)
             hid_B1D, cache = head(x, cache.lengths[:, None], cache)
             logits_BV = target.unembed(hid_B1D.astype(target.embed_tokens.dtype))[:, 0]
-            token_B, q = drafts_from_logits(logits_BV, None, self.stochastic, jax.random.fold_in(key, j),
-                                            sampling)
+            token_B, q = drafts_from_logits(
+                logits_BV, None, self.stochastic, jax.random.fold_in(key, j), sampling
+            )
             drafts.append(token_B)
             qs.append(q)
         return jnp.stack(drafts, axis=1), None if qs[0] is None else jnp.stack(qs, axis=1)
@@ -112,8 +132,9 @@ class MTPDraft(StepwiseDraft):
         logits = target.unembed(y_BTD.astype(target.embed_tokens.dtype))
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
-    def tree_start(self, head: MTPHead, target: Transformer, state: MTPState,
-                   step: StepInputs) -> tuple[jax.Array, TreeCarry]:
+    def tree_start(
+        self, head: MTPHead, target: Transformer, state: MTPState, step: StepInputs
+    ) -> tuple[jax.Array, TreeCarry]:
         x = head.inputs(target.embed(step.anchor_B[:, None]), state.pending_BD[:, None])
         positions = state.cache.lengths[:, None]
         y, _ = head(x, positions, state.cache)
@@ -121,18 +142,27 @@ class MTPDraft(StepwiseDraft):
         carry = TreeCarry(state.cache, x, jnp.zeros((b, 1), jnp.int32), positions, y)
         return self._logp(target, y)[:, 0], carry
 
-    def tree_expand(self, head: MTPHead, target: Transformer, carry: TreeCarry, tokens_BK: jax.Array,
-                    parents_BK: jax.Array, depth: int) -> tuple[jax.Array, TreeCarry]:
+    def tree_expand(
+        self,
+        head: MTPHead,
+        target: Transformer,
+        carry: TreeCarry,
+        tokens_BK: jax.Array,
+        parents_BK: jax.Array,
+        depth: int,
+    ) -> tuple[jax.Array, TreeCarry]:
         k = tokens_BK.shape[1]
         parent_h = jnp.take_along_axis(carry.last_BKD, parents_BK[..., None], axis=1)
         x = jnp.concatenate([carry.x_BTD, head.inputs(target.embed(jnp.maximum(tokens_BK, 0)), parent_h)], 1)
         if x.shape[1] > TREE_SLOTS:
-            raise ConfigError(f"a dynamic tree of {x.shape[1]} MTP nodes exceeds the head's {TREE_SLOTS} "
-                              "scratch slots")
+            raise ConfigError(
+                f"a dynamic tree of {x.shape[1]} MTP nodes exceeds the head's {TREE_SLOTS} scratch slots"
+            )
         first_prev = carry.x_BTD.shape[1] - carry.last_BKD.shape[1]  # where the last depth's nodes start
         parents = jnp.concatenate([carry.parents_BT, first_prev + parents_BK.astype(jnp.int32)], axis=1)
-        positions = jnp.concatenate([carry.positions_BT, carry.cache.lengths[:, None] + jnp.full(
-            (1, k), depth, jnp.int32)], axis=1)
+        positions = jnp.concatenate(
+            [carry.positions_BT, carry.cache.lengths[:, None] + jnp.full((1, k), depth, jnp.int32)], axis=1
+        )
         y, _ = head(x, positions, carry.cache, block_mask=ancestor_mask(parents))
         y_new = y[:, -k:]
         return self._logp(target, y_new), TreeCarry(carry.cache, x, parents, positions, y_new)

@@ -40,28 +40,45 @@ def config_from_hf(hf: dict[str, Any], *, block_size: int | None = None) -> MTPC
     return MTPConfig.for_target(target, num_layers=declared_layers(hf) or 1, **extra)
 
 
-def load_head(directory: Path, target_cfg: ModelConfig | None, *, dtype: Any = jnp.float32,
-              attention_impl: str = "auto", mesh: Mesh | None = None,
-              replicate_indivisible: bool = False) -> MTPHead:
+def load_head(
+    directory: Path,
+    target_cfg: ModelConfig | None,
+    *,
+    dtype: Any = jnp.float32,
+    attention_impl: str = "auto",
+    mesh: Mesh | None = None,
+    replicate_indivisible: bool = False,
+) -> MTPHead:
     """A head read from ``directory``'s ``mtp.*`` tensors (a target checkpoint or our export)."""
     cfg = config_from_hf(read_config_json(directory))
     if target_cfg is not None:
         cfg.check_target(target_cfg)
     rows = mtp_rows(cfg)
     if not any(k.startswith(PREFIX) for k in checkpoint_keys(directory)):
-        raise CheckpointError(f"{directory} has no MTP head: its checkpoint holds no {PREFIX}* tensors (an MTP "
-                              f"drafter reads {', '.join(r.hf for r in rows[:4])}, {PREFIX}layers.0.*)")
+        raise CheckpointError(
+            f"{directory} has no MTP head: its checkpoint holds no {PREFIX}* tensors (an MTP "
+            f"drafter reads {', '.join(r.hf for r in rows[:4])}, {PREFIX}layers.0.*)"
+        )
     head = nnx.eval_shape(lambda: MTPHead(cfg, dtype=dtype, attention_impl=attention_impl, rngs=nnx.Rngs(0)))
-    return load_params_into(head, directory, rows, dtype, mesh=mesh, replicate_indivisible=replicate_indivisible)
+    return load_params_into(
+        head, directory, rows, dtype, mesh=mesh, replicate_indivisible=replicate_indivisible
+    )
 
 
-def save_head(head: MTPHead, out: Path, *, target_name: str, target_cfg: ModelConfig, dtype: Any = None) -> Path:
+def save_head(
+    head: MTPHead, out: Path, *, target_name: str, target_cfg: ModelConfig, dtype: Any = None
+) -> Path:
     """``config.json`` (the target's own, plus the head's layer count, its block size, the target's
     name and ``MTPDraftModel``) and ``model.safetensors`` with the ``mtp.*`` tensors."""
     out.mkdir(parents=True, exist_ok=True)
     save_params(head, mtp_rows(head.cfg), out / "model.safetensors", dtype)
-    hf = {**target_cfg.to_hf(), "architectures": [ARCHITECTURE], "num_nextn_predict_layers": head.cfg.num_layers,
-          "dflash_block_size": head.cfg.block_size, "dflash_mtp_target": target_name}
+    hf = {
+        **target_cfg.to_hf(),
+        "architectures": [ARCHITECTURE],
+        "num_nextn_predict_layers": head.cfg.num_layers,
+        "dflash_block_size": head.cfg.block_size,
+        "dflash_mtp_target": target_name,
+    }
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     world_readable(out / "config.json")
     return out

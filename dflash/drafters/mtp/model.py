@@ -40,10 +40,16 @@ def mtp_layer_specs(target: ModelConfig, num_layers: int) -> tuple[LayerSpec, ..
     decoder layer index ``j``: experts or dense as the family decides)."""
     attention = next((spec for spec in target.layers if spec.mixer == "attention"), None)
     if attention is None:
-        raise ConfigError(f"an MTP head needs the target's attention layer spec; this {target.model_type} "
-                          "target has no attention layer")
-    return tuple(dataclasses.replace(target.layers[j % target.num_layers], mixer=attention.mixer,
-                                     mixer_options=attention.mixer_options) for j in range(num_layers))
+        raise ConfigError(
+            f"an MTP head needs the target's attention layer spec; this {target.model_type} "
+            "target has no attention layer"
+        )
+    return tuple(
+        dataclasses.replace(
+            target.layers[j % target.num_layers], mixer=attention.mixer, mixer_options=attention.mixer_options
+        )
+        for j in range(num_layers)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +63,9 @@ class MTPConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
-            raise ConfigError(f"drafter.block_size must be >= 2 (the anchor + at least one MTP step), "
-                              f"got {self.block_size}")
+            raise ConfigError(
+                f"drafter.block_size must be >= 2 (the anchor + at least one MTP step), got {self.block_size}"
+            )
         for i, spec in enumerate(self.layers.layers):
             if spec.mixer != "attention":
                 raise ConfigError(f"MTP layer {i} must be an attention layer, got {spec.mixer!r}")
@@ -68,20 +75,23 @@ class MTPConfig:
     num_layers = property(lambda self: self.layers.num_layers)
 
     @classmethod
-    def for_target(cls, target: ModelConfig, *, num_layers: int = 1,
-                   block_size: int = DEFAULT_BLOCK_SIZE) -> MTPConfig:
+    def for_target(
+        cls, target: ModelConfig, *, num_layers: int = 1, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> MTPConfig:
         if num_layers < 1:
             raise ConfigError(f"an MTP head needs at least one layer, got num_layers={num_layers}")
         specs = mtp_layer_specs(target, num_layers)
-        return cls(layers=dataclasses.replace(target, num_layers=num_layers, layers=specs),
-                   block_size=block_size)
+        return cls(
+            layers=dataclasses.replace(target, num_layers=num_layers, layers=specs), block_size=block_size
+        )
 
     def check_target(self, target: ModelConfig) -> None:
         for name in ("hidden_size", "vocab_size"):
             ours, theirs = getattr(self.layers, name), getattr(target, name)
             if ours != theirs:
-                raise ConfigError(f"MTP head was built for a target with {name}={ours}, "
-                                  f"but this target has {name}={theirs}")
+                raise ConfigError(
+                    f"MTP head was built for a target with {name}={ours}, but this target has {name}={theirs}"
+                )
 
 
 PREFIX = "mtp."
@@ -89,9 +99,13 @@ PREFIX = "mtp."
 
 def mtp_rows(cfg: MTPConfig) -> tuple[WeightRow, ...]:
     """The head's tensors as the target checkpoints store them (``mtp.*``, vLLM's names)."""
-    rows = [WeightRow(f"{PREFIX}fc.weight", "fc.kernel", transpose=True),
-            *(WeightRow(f"{PREFIX}{n}.weight", f"{n}.weight")
-              for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"))]
+    rows = [
+        WeightRow(f"{PREFIX}fc.weight", "fc.kernel", transpose=True),
+        *(
+            WeightRow(f"{PREFIX}{n}.weight", f"{n}.weight")
+            for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")
+        ),
+    ]
     for i in range(cfg.num_layers):
         rows += layer_weights(cfg.layers, i, prefix=PREFIX)
     return tuple(rows)
@@ -100,8 +114,9 @@ def mtp_rows(cfg: MTPConfig) -> tuple[WeightRow, ...]:
 class MTPHead(nnx.Module):
     """Parameters only (the embedding and LM head are the target's); caches go in and come out."""
 
-    def __init__(self, cfg: MTPConfig, *, dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto",
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: MTPConfig, *, dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto", rngs: nnx.Rngs
+    ):
         self.cfg = cfg
         # auto | pallas | reference (dflash.kernels.dispatch): a static attribute, part of the graphdef.
         self.attention_impl = dispatch.check_impl(attention_impl)
@@ -122,15 +137,28 @@ class MTPHead(nnx.Module):
         h = self.pre_fc_norm_hidden(hidden_BTD.astype(dtype))
         return self.fc(jnp.concatenate([e, h], axis=-1))
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: Cache | None, *, layer: int = 0,
-                 block_mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        cache: Cache | None,
+        *,
+        layer: int = 0,
+        block_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache | None]:
         """MTP layer ``layer`` over inputs ``x`` at ``positions`` (RoPE as the target's) -> (the
         normed output ``[B, T, D]``, the cache with ``lengths + T``). With a cache the block sees
         the committed slots plus itself under ``block_mask`` (default causal); without one, causal
         attention within ``segment_ids`` (training over packed rows)."""
-        ctx = pass_context(self.cfg.layers, self.attention_impl, positions_BT, cache, block_mask=block_mask,
-                           segment_ids=segment_ids)
+        ctx = pass_context(
+            self.cfg.layers,
+            self.attention_impl,
+            positions_BT,
+            cache,
+            block_mask=block_mask,
+            segment_ids=segment_ids,
+        )
         state = cache.layers[0] if cache is not None else None
         decoder = self.layers[layer]
         y, state = decoder(x_BTD, lambda h: decoder.mixer(h, ctx=ctx, state=state))
@@ -145,6 +173,7 @@ class MTPHead(nnx.Module):
         return init_cache(one, batch, max_len, dtype)
 
 
-def build_head(cfg: MTPConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0,
-               attention_impl: str = "auto") -> MTPHead:
+def build_head(
+    cfg: MTPConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0, attention_impl: str = "auto"
+) -> MTPHead:
     return MTPHead(cfg, dtype=dtype, attention_impl=attention_impl, rngs=nnx.Rngs(seed))
