@@ -110,14 +110,23 @@ def test_a_targets_own_mtp_head_loads_and_equals_the_equations(next_ckpt):
     head = load_drafter(path / "full", target)
     ids = np.random.default_rng(3).integers(0, 101, size=(2, 13))
     pos = jnp.broadcast_to(jnp.arange(13), ids.shape)
-    out = target(jnp.asarray(ids), pos, hidden_layers=(INPUT_EMBEDDINGS, FINAL_NORMED))
-    x = head.inputs(out.hidden[0][:, 1:], out.hidden[1][:, :-1])
-    y, _ = head(x, pos[:, :-1], None)
-    got = np.asarray(target.unembed(y))
+
+    def ours():
+        out = target(jnp.asarray(ids), pos, hidden_layers=(INPUT_EMBEDDINGS, FINAL_NORMED))
+        x = head.inputs(out.hidden[0][:, 1:], out.hidden[1][:, :-1])
+        return target.unembed(head(x, pos[:, :-1], None)[0])
+
+    got = np.asarray(_once(ours))
     want = _reference_logits(hf, load_file(path / "mtp.safetensors"), ids)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
     with pytest.raises(CheckpointError, match=r"no MTP head.*mtp\.fc\.weight"):
         load_drafter(f"mtp:{path / 'plain'}", target)
+
+
+def _once(fn):
+    """``fn()`` as one compiled program (modules closed over as constants): eager, every op of new
+    shapes would compile on its own."""
+    return jax.jit(fn)()
 
 
 def _committed_state(method: MTPDraft, head, target, prompt: list[int], block: list[int], accepted: int):
@@ -151,7 +160,7 @@ def _uncached_chain(
             xs = jnp.concatenate(
                 [xs, head.inputs(target.embed(jnp.asarray([[anchor_and_path[i + 1]]])), y[:, -1:])], axis=1
             )
-    return np.asarray(jnp.stack(logps))
+    return jnp.stack(logps)
 
 
 def test_cached_chain_and_tree_steps_equal_recomputation():
@@ -165,36 +174,39 @@ def test_cached_chain_and_tree_steps_equal_recomputation():
     head.fc.kernel[...] = head.fc.kernel[...] * 4.0  # distinct log-probabilities, far from uniform
     method = method_for(head, block_size=4)
     prompt, block, accepted = [5, 9, 2, 77, 31], [40, 8, 63, 12], 2
-    state = _committed_state(method, head, target, prompt, block, accepted)
+    state = _once(lambda: _committed_state(method, head, target, prompt, block, accepted))
     committed = prompt + block[: accepted + 1]
     anchor = 55  # the bonus token the verify step chose
     step = StepInputs(jnp.asarray([anchor]), jnp.asarray([len(committed)]), None, None, None)
-    drafts, q = method.propose(head, target, state, step, jax.random.key(0), SamplingParams())
+    drafts, q = _once(lambda: method.propose(head, target, state, step, jax.random.key(0), SamplingParams()))
     hidden = target(
         jnp.asarray([committed]), jnp.arange(len(committed))[None], hidden_layers=(FINAL_NORMED,)
     ).hidden[0]
-    ref = _uncached_chain(head, target, committed, hidden, [anchor, *np.asarray(drafts)[0].tolist()])
-    assert q is None and np.asarray(drafts)[0].tolist() == ref[:3].argmax(-1).tolist()
-    logp, carry = method.tree_start(head, target, state, step)
-    np.testing.assert_allclose(np.asarray(logp[0]), ref[0], atol=1e-4)
-    tops = [int(t) for t in np.argsort(-ref[0])[:2]]  # two children of the root, then two under child 1
-    logp1, carry = method.tree_expand(
-        head, target, carry, jnp.asarray([tops]), jnp.zeros((1, 2), jnp.int32), 1
+    ref = _once(
+        lambda: _uncached_chain(
+            head, target, committed, hidden, [anchor, *np.asarray(drafts)[0, :2].tolist()]
+        )
     )
-    kids = [3, 17]
-    logp2, _ = method.tree_expand(head, target, carry, jnp.asarray([kids]), jnp.asarray([[1, 1]]), 2)
-    for j, tok in enumerate(tops):
-        np.testing.assert_allclose(
-            np.asarray(logp1[0, j]),
-            _uncached_chain(head, target, committed, hidden, [anchor, tok])[-1],
-            atol=1e-4,
-        )
-    for j, tok in enumerate(kids):
-        np.testing.assert_allclose(
-            np.asarray(logp2[0, j]),
-            _uncached_chain(head, target, committed, hidden, [anchor, tops[1], tok])[-1],
-            atol=1e-4,
-        )
+    assert q is None and np.asarray(drafts)[0].tolist() == ref[:3].argmax(-1).tolist()
+    logp, carry = _once(lambda: method.tree_start(head, target, state, step))
+    np.testing.assert_allclose(np.asarray(logp[0]), ref[0], atol=1e-4)
+    # Depth 1: the chain's first draft and another child of the root; depth 2: the chain's second
+    # draft under the first, and a token under the other (parents [0, 1]).
+    d1, d2 = np.asarray(drafts)[0, :2].tolist()
+    other, x = int(np.argsort(-ref[0])[1]), 17  # the root's second most likely child
+    other_ref = _once(lambda: _uncached_chain(head, target, committed, hidden, [anchor, other, x]))
+    nodes1, root = jnp.asarray([[d1, other]]), jnp.zeros((1, 2), jnp.int32)
+    logp1, carry = _once(lambda: method.tree_expand(head, target, carry, nodes1, root, 1))
+    logp2, _ = _once(
+        lambda: method.tree_expand(head, target, carry, jnp.asarray([[d2, x]]), jnp.asarray([[0, 1]]), 2)
+    )
+    for got, want in (
+        (logp1[0, 0], ref[1]),
+        (logp1[0, 1], other_ref[1]),
+        (logp2[0, 0], ref[2]),
+        (logp2[0, 1], other_ref[2]),
+    ):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
 
 
 def test_speculative_greedy_with_the_targets_mtp_head_equals_ar(next_ckpt):
@@ -246,6 +258,20 @@ def _packed_batch() -> dict[str, jax.Array]:
     }
 
 
+def _depth_logps(head, target, doc_1T: jax.Array, k: int) -> jax.Array:
+    """``[k, T, V]``: one document alone, depth j's log-probabilities at each position i (of token
+    i+j+1), each depth from the previous one's outputs and the embedding of token i+j."""
+    t = doc_1T.shape[1]
+    hid = target(doc_1T, jnp.arange(t)[None], hidden_layers=(FINAL_NORMED,)).hidden[0]
+    emb, logp = target.embed(doc_1T), []
+    for j in range(1, k + 1):
+        hid, _ = head(
+            head.inputs(jnp.pad(emb[:, j:], ((0, 0), (0, j), (0, 0))), hid), jnp.arange(t)[None], None
+        )
+        logp.append(jax.nn.log_softmax(target.unembed(hid)[0], -1))
+    return jnp.stack(logp)
+
+
 def test_the_chained_training_loss_equals_a_per_document_unrolled_reference():
     """The DeepSeek-V3 objective, chained 3 deep over packed rows == each document on its own:
     depth j at position i reads depth j-1's output there and token i+j, CE against token i+j+1,
@@ -258,17 +284,8 @@ def test_the_chained_training_loss_equals_a_per_document_unrolled_reference():
     target = build(CFG, seed=3)
     head = build_head(MTPConfig.for_target(CFG, block_size=4), seed=1)
     batch, key, k, gamma = _packed_batch(), jax.random.key(4), 3, 2.0
-    loss, metrics = MTP.loss(
-        head,
-        target,
-        batch,
-        key,
-        num_anchors=12,
-        gamma=gamma,
-        ce_weight=1.0,
-        kl_weight=0.0,
-        target_metrics=False,
-    )
+    kw = dict(num_anchors=12, gamma=gamma, ce_weight=1.0, kl_weight=0.0, target_metrics=False)
+    loss, metrics = _once(lambda: MTP.loss(head, target, batch, key, **kw))
     anchors = np.asarray(blk.anchor_blocks(target, batch, key, 12, k + 1, 0).label_idx[:, :, 0] - 1)
     valid = np.asarray(blk.anchor_blocks(target, batch, key, 12, k + 1, 0).valid)
     w, tokens, seg = (
@@ -284,13 +301,7 @@ def test_the_chained_training_loss_equals_a_per_document_unrolled_reference():
                 continue
             start, doc_tok = where[0], jnp.asarray(tokens[row, where])[None]
             t = doc_tok.shape[1]
-            hid = target(doc_tok, jnp.arange(t)[None], hidden_layers=(FINAL_NORMED,)).hidden[0]
-            emb, logp = target.embed(doc_tok), []
-            for j in range(1, k + 1):
-                hid, _ = head(
-                    head.inputs(jnp.pad(emb[:, j:], ((0, 0), (0, j), (0, 0))), hid), jnp.arange(t)[None], None
-                )
-                logp.append(np.asarray(jax.nn.log_softmax(target.unembed(hid)[0], -1)))
+            logp = np.asarray(_once(lambda doc_tok=doc_tok, t=t: _depth_logps(head, target, doc_tok, k)))
             for a in anchors[row][valid[row]]:
                 i = a - 1 - start
                 for j in range(1, k + 1):
