@@ -205,7 +205,11 @@ def export_dir(name_or_path: str | os.PathLike) -> Path:
 
 
 def find_export(name_or_path: str | os.PathLike) -> tuple[DrafterKind, Path]:
-    """``(kind, directory)`` of a drafter export; a clear error if it is none of the known kinds."""
+    """``(kind, directory)`` of a drafter export; a clear error if it is none of the known kinds.
+    ``KIND:PATH`` (e.g. ``mtp:DIR``, a target checkpoint's own MTP head) names the kind outright."""
+    prefix, _, rest = str(name_or_path).partition(":")
+    if rest and prefix in KINDS:
+        return KINDS[prefix], export_dir(rest)
     directory = export_dir(name_or_path)
     hf = read_config_json(directory)
     for kind in KINDS.values():

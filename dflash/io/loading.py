@@ -292,6 +292,11 @@ def load_params_into(model: nnx.Module, directory: Path, rows: tuple[WeightRow, 
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
+def checkpoint_keys(directory: Path) -> set[str]:
+    """The tensor names of a checkpoint directory (single or indexed safetensors)."""
+    return _TensorSource(directory).keys()
+
+
 def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
                 attention_impl: str = "auto", mesh: Mesh | None = None,
                 replicate_indivisible: bool = False) -> Transformer:

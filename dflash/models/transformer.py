@@ -39,6 +39,12 @@ from dflash.models.layers import (  # noqa: F401, E402
 )
 from dflash.sharding import constrain
 
+INPUT_EMBEDDINGS = -1
+"""A ``hidden_layers`` entry: the embedding output (HF ``hidden_states[0]``), what a drafter that
+pairs a position's hidden state with the NEXT token's embedding (MTP) reads at commit."""
+FINAL_NORMED = -2
+"""A ``hidden_layers`` entry: the final-normed last hidden state, what the LM head reads (MTP heads)."""
+
 
 class ForwardOutput(NamedTuple):
     logits: jax.Array | None  # [B, T, V] (float32)
@@ -73,6 +79,17 @@ class DecoderLayer(nnx.Module):
         out, aux = mix(self.input_layernorm(x))
         x = x + out
         return x + self.mlp(self.post_attention_layernorm(x)), aux
+
+
+def pass_context(cfg: ModelConfig, impl: str, positions_BT: jax.Array, cache: Cache | None = None, *,
+                 block_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 stack_kv: bool = False, valid_B: jax.Array | None = None) -> Context:
+    """The ``Context`` of one pass of ``cfg``'s layers (the target's, or a head built from its specs)."""
+    t = positions_BT.shape[1]
+    return Context(positions_BT, causal_mask(t) if block_mask is None else block_mask, cfg.rope, impl,
+                   lengths_B=None if cache is None else cache.lengths,
+                   max_len=None if cache is None else cache.max_len, segment_ids=segment_ids,
+                   stack_kv=stack_kv, valid_B=valid_B)
 
 
 class Transformer(nnx.Module):
@@ -119,11 +136,8 @@ class Transformer(nnx.Module):
                 segment_ids: jax.Array | None = None, stack_kv: bool = False,
                 valid_B: jax.Array | None = None) -> Context:
         """What the layers of one pass over the tokens at ``positions_BT`` read (``layers.Context``)."""
-        t = positions_BT.shape[1]
-        return Context(positions_BT, causal_mask(t) if block_mask is None else block_mask, self.cfg.rope,
-                       self.attention_impl, lengths_B=None if cache is None else cache.lengths,
-                       max_len=None if cache is None else cache.max_len, segment_ids=segment_ids,
-                       stack_kv=stack_kv, valid_B=valid_B)
+        return pass_context(self.cfg, self.attention_impl, positions_BT, cache, block_mask=block_mask,
+                            segment_ids=segment_ids, stack_kv=stack_kv, valid_B=valid_B)
 
     def __call__(
         self,
@@ -156,6 +170,7 @@ class Transformer(nnx.Module):
         caches stacked afterwards). ``valid_B`` ``[B]`` (a right-padded block, with a cache): the
         real tokens per row; the caller keeps exactly these afterwards (``cache.keep(valid_B, T)``),
         so a recurrent state may stop at them instead of holding a state per position.
+        ``hidden_layers``: layer indices, or the sentinels ``INPUT_EMBEDDINGS`` / ``FINAL_NORMED``.
         """
         t = tokens_BT.shape[1]
         if segment_ids is not None and (block_mask is not None or (cache is not None and cache.max_len != t)):
@@ -171,6 +186,8 @@ class Transformer(nnx.Module):
         hidden: list[jax.Array | None] = [None] * len(hidden_layers)
         states: list[Any] = []
         x_BTD = self.embed(tokens_BT)
+        if INPUT_EMBEDDINGS in want:
+            hidden[want[INPUT_EMBEDDINGS]] = x_BTD
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
             x_BTD, state = layer(x_BTD, lambda h, layer=layer, state=state: layer.mixer(h, ctx=ctx,
@@ -185,7 +202,9 @@ class Transformer(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = Cache(layers=tuple(states), lengths=cache.lengths + t, max_len=cache.max_len)
-        final = self.norm(x_BTD) if compute_logits or final_hidden else None
+        final = self.norm(x_BTD) if compute_logits or final_hidden or FINAL_NORMED in want else None
+        if FINAL_NORMED in want:
+            hidden[want[FINAL_NORMED]] = final
         logits = self.unembed(final) if compute_logits else None
         hidden_arr = jnp.stack(hidden) if hidden_layers else None
         kv = (k_all, v_all) if stack_kv else None
