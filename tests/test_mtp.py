@@ -23,7 +23,7 @@ from dflash.decoding import generate
 from dflash.decoding.method import StepInputs
 from dflash.decoding.sampling import SamplingParams
 from dflash.decoding.speculative import speculative_generate
-from dflash.drafters import find_export, load_drafter, method_for
+from dflash.drafters import dynamic_tree_method_for, find_export, load_drafter, method_for
 from dflash.drafters.mtp import MTPConfig, MTPDraft, build_head, mtp_rows
 from dflash.errors import CheckpointError
 from dflash.io import load_target
@@ -373,3 +373,7 @@ def test_dflash_train_trains_an_mtp_head_that_exports_and_reimports_identically(
         target, prompts, method=method_for(again), drafter=again, max_new_tokens=8, eos_ids=()
     )
     assert one.tokens == two.tokens and one.acceptance_lengths == two.acceptance_lengths
+    ar = generate(target, prompts, max_new_tokens=8, eos_ids=())
+    tree = dynamic_tree_method_for(head, depth=2, top_k=3, total_tokens=5)  # the head as an EAGLE-2 tree
+    three = speculative_generate(target, prompts, method=tree, drafter=head, max_new_tokens=8, eos_ids=())
+    assert one.tokens == ar.tokens and three.tokens == ar.tokens
