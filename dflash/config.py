@@ -18,7 +18,7 @@ from dflash.errors import ConfigError
 
 # Names of the dtypes a model can be loaded or computed in (configs and CLIs take these names).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ROPE_TYPES = ("default", "llama3", "yarn")
+ROPE_TYPES = ("default", "llama3", "yarn", "proportional")
 
 def check_block_drafter(name: str, layers: ModelConfig, *, block_size: int, mask_token_id: int) -> None:
     """Checks every block drafter shares (DFlash, Orthrus) on the ``layers`` it runs; ``name``
@@ -42,7 +42,10 @@ class RopeConfig:
     ``original_max_position_embeddings``; YaRN reads ``factor``, ``beta_fast``, ``beta_slow``,
     ``truncate``, ``original_max_position_embeddings`` and scales cos and sin by
     ``attention_factor`` (0: derived from ``factor``, ``mscale`` and ``mscale_all_dim`` as
-    transformers derives it). Fields another type does not read stay at their defaults.
+    transformers derives it). ``proportional`` (Gemma 4's full-attention layers) rotates only the
+    first ``proportion * dim / 2`` frequency pairs of the whole head (exponents over the whole head
+    width; the other pairs keep frequency 0, so they pass unrotated) and divides by ``factor``.
+    Fields another type does not read stay at their defaults.
     """
 
     theta: float = 10000.0
@@ -57,6 +60,7 @@ class RopeConfig:
     attention_factor: float = 0.0
     mscale: float = 0.0
     mscale_all_dim: float = 0.0
+    proportion: float = 1.0
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
@@ -74,6 +78,9 @@ class RopeConfig:
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type == "default":  # scaling fields are meaningless: keep them canonical
             return cls(theta=theta)
+        if rope_type == "proportional":
+            return cls(theta=theta, rope_type=rope_type, factor=float(params.get("factor", 1.0)),
+                       proportion=float(params.get("partial_rotary_factor", 1.0)))
         original = int(params.get("original_max_position_embeddings",
                                   hf.get("max_position_embeddings", 8192)))
         if rope_type == "yarn":  # transformers' defaults (beta_fast / beta_slow: `or`, as it reads them)
@@ -96,6 +103,8 @@ class RopeConfig:
     def scaling_to_hf(self) -> dict[str, Any]:
         """The ``rope_scaling`` / ``rope_parameters`` fields of this type (no ``rope_theta``)."""
         out: dict[str, Any] = {"rope_type": self.rope_type}
+        if self.rope_type == "proportional":
+            out.update(partial_rotary_factor=self.proportion, **({"factor": self.factor} if self.factor != 1 else {}))
         if self.rope_type == "llama3":
             out.update(factor=self.factor, low_freq_factor=self.low_freq_factor,
                        high_freq_factor=self.high_freq_factor,
@@ -178,13 +187,16 @@ class Family:
     the ``model_type`` ``to_hf`` writes (the text model's, when the family's checkpoints wrap it);
     ``drafter_model_type``: what a DFlash drafter for it records (its layers are Qwen3 layers; the
     published drafters for the hybrid families say ``qwen3``, and transformers' AutoConfig would
-    read ``qwen3_5`` as the multimodal wrapper's config)."""
+    read ``qwen3_5`` as the multimodal wrapper's config). ``gemma``: the Gemma 4 layer body (word
+    embeddings times ``sqrt(D)``; sandwich norms: the attention's and the MLP's outputs normed
+    before their residual adds; a per-layer ``layer_scalar``; norms scale in float32)."""
 
     architecture: str
     layer: LayerSpec
     zero_centred_norm: bool = False
     hf_model_type: str = ""
     drafter_model_type: str = ""
+    gemma: bool = False
 
 
 _GATED = LayerSpec(mixer_options={"qk_norm": True, "output_gate": True})  # Qwen3-Next's full attention
@@ -205,11 +217,18 @@ FAMILIES: dict[str, Family] = {
                       drafter_model_type="qwen3"),
     "qwen3_5_moe": Family("Qwen3_5MoeForCausalLM", _GATED, zero_centred_norm=True,
                           hf_model_type="qwen3_5_moe_text", drafter_model_type="qwen3"),
+    # Gemma 4 text: q/k norms, unscaled v norm, attention scale 1, GeGLU; layer_types slide or not,
+    # full layers with their own head shapes and proportional RoPE; KV sharing, per-layer inputs
+    # (_gemma4_layers).
+    "gemma4": Family("Gemma4ForCausalLM", LayerSpec(mixer_options={"qk_norm": True, "v_norm": True,
+                                                                   "scale": 1.0},
+                                                    mlp_options={"activation": "gelu_tanh"}),
+                     hf_model_type="gemma4_text", drafter_model_type="qwen3", gemma=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # model_types of the text models inside multimodal checkpoints, and the family each belongs to
 # (``Qwen3_5ForConditionalGeneration`` nests a ``qwen3_5_text`` config as ``text_config``).
-MODEL_TYPE_ALIASES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
+MODEL_TYPE_ALIASES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe", "gemma4_text": "gemma4"}
 HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 SHARED_EXPERT_FAMILIES = ("qwen3_next", "qwen3_5_moe")  # read shared_expert_intermediate_size
 WINDOWED_FAMILIES = ("qwen3", "qwen2", "qwen3_moe")  # read use_sliding_window / sliding_window / layer_types
@@ -232,6 +251,16 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                     "num_experts_per_tok": 8, "moe_intermediate_size": 512,
                     "shared_expert_intermediate_size": 512},
 }
+# transformers' Gemma4TextConfig class defaults (global_head_dim: what its __post_init__ assumes).
+HF_DEFAULTS["gemma4"] = {
+    "vocab_size": 262144, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 30,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "global_head_dim": 512,
+    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+    "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True, "sliding_window": 512,
+    "vocab_size_per_layer_input": 262144, "hidden_size_per_layer_input": 256, "num_kv_shared_layers": 0,
+    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                           "rope_theta": 1000000.0}}}
 # Config fields of mixture-of-experts designs we cannot build, each with what it asks for (shared
 # experts: outside SHARED_EXPERT_FAMILIES).
 UNSUPPORTED_FIELDS = {
@@ -272,6 +301,12 @@ class ModelConfig:
     layers: tuple[LayerSpec, ...] = ()
     # RMSNorms (layers', final, q/k) scale by ``1 + w`` instead of ``w``; None: as the family does.
     zero_centred_norm: bool | None = None
+    # Logits become ``c * tanh(logits / c)`` (Gemma's final_logit_softcapping); 0: not capped.
+    final_logit_softcapping: float = 0.0
+    # Gemma 4's per-layer inputs: a ``[per_layer_vocab_size, L * per_layer_input_size]`` embedding
+    # and a projection of the word embedding, gated into every layer's output; 0: none.
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.model_type not in FAMILIES:
@@ -324,6 +359,8 @@ class ModelConfig:
                 + ", ".join(SUPPORTED_MODEL_TYPES)
             )
         hf = _with_defaults(hf, model_type)
+        if model_type == "gemma4":
+            return _gemma4_config(hf)
         if hf.get("use_sliding_window") and model_type not in WINDOWED_FAMILIES:
             raise ConfigError(f"use_sliding_window=true is not supported for model_type {model_type!r} "
                               f"(sliding windows are read for {', '.join(WINDOWED_FAMILIES)})")
@@ -411,6 +448,8 @@ class ModelConfig:
         if self.model_type == "gpt_oss":
             out.update(_gpt_oss_to_hf(self.layers), layer_types=types,
                        sliding_window=min(windows) if windows else HF_DEFAULTS["gpt_oss"]["sliding_window"])
+        if self.model_type == "gemma4":
+            out = _gemma4_to_hf(self, out)
         if self.layers != _layers_from_hf({**out, "model_type": self.model_type}, self.model_type):
             out["dflash_layers"] = [spec.to_json() for spec in self.layers]
         return out
@@ -466,10 +505,12 @@ def _layers_from_hf(hf: dict[str, Any], model_type: str) -> tuple[LayerSpec, ...
     mixer = dict(spec.mixer_options)
     if model_type != "qwen2" and attention_bias:
         mixer.update(qkv_bias=True, o_bias=True)
-    mlp = {"bias": True} if hf.get("mlp_bias") else {}
+    mlp = {**dict(spec.mlp_options), **({"bias": True} if hf.get("mlp_bias") else {})}
     full = LayerSpec(spec.mixer, spec.mlp, mixer, mlp)
     if model_type in HYBRID_FAMILIES:
         return _hybrid_layers(hf, full, n)
+    if model_type == "gemma4":
+        return _gemma4_layers(hf, full, n)
     if model_type == "qwen3_moe":
         return _moe_mlps(hf, _attention_layers(hf, full, n))
     if model_type == "gpt_oss":
@@ -645,6 +686,139 @@ def _refuse_unsupported(hf: dict[str, Any]) -> None:
     if quant is not None and quant not in QUANT_METHODS:
         raise ConfigError(f"config.json quantization_config.quant_method={quant!r} is not supported (loading "
                           f"dequantises {', '.join(QUANT_METHODS)}; others must be dequantised first)")
+
+
+GEMMA4_TYPES = ("sliding_attention", "full_attention")
+# Gemma 4 fields whose values we cannot build: field -> (the value that is fine, what the others ask for).
+GEMMA4_REFUSED = {
+    "use_bidirectional_attention": (("vision", None), "bidirectional attention over all tokens"),
+    "enable_moe_block": ((False, None), "the expert block beside the dense MLP (gemma-4-26B-A4B)"),
+    "hidden_activation": (("gelu_pytorch_tanh",), "another MLP activation"),
+}
+
+
+def _gemma4_config(hf: dict[str, Any]) -> ModelConfig:
+    """A ``gemma4_text`` config (transformers' class defaults filled in): the word embedding and the
+    layers as ``_gemma4_layers`` reads them, the sliding layers' RoPE as the model's (the full
+    layers' as their attention options), soft-capped logits, per-layer inputs."""
+    for key, (fine, what) in GEMMA4_REFUSED.items():
+        if hf.get(key) not in fine:
+            raise ConfigError(f"config.json {key}={hf.get(key)!r} asks for {what}, which is not supported "
+                              f"for gemma4 (supported: {fine[0]!r})")
+    rope = _gemma4_rope(hf, "sliding_attention")
+    eos = hf.get("eos_token_id")
+    ple = int(hf.get("hidden_size_per_layer_input") or 0)
+    return ModelConfig(
+        model_type="gemma4", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
+        rms_norm_eps=float(hf["rms_norm_eps"]), rope=rope, max_position_embeddings=hf["max_position_embeddings"],
+        tie_word_embeddings=bool(hf["tie_word_embeddings"]), bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=() if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),),
+        layers=_layers_from_hf(hf, "gemma4"),
+        final_logit_softcapping=float(hf.get("final_logit_softcapping") or 0.0),
+        per_layer_input_size=ple, per_layer_vocab_size=int(hf["vocab_size_per_layer_input"]) if ple else 0)
+
+
+def _gemma4_rope(hf: dict[str, Any], layer_type: str) -> RopeConfig:
+    """The RoPE of one layer type (``rope_parameters`` holds one per type)."""
+    params = (hf.get("rope_parameters") or {}).get(layer_type)
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"config.json rope_parameters lacks {layer_type!r} (gemma4 keeps one RoPE per "
+                          f"layer type: {', '.join(GEMMA4_TYPES)})")
+    return RopeConfig.from_hf({"rope_parameters": dict(params)})
+
+
+def _gemma4_layer_types(hf: dict[str, Any], n: int) -> list[str]:
+    """``layer_types`` as transformers fills it in: every 6th layer full by default, the last always full."""
+    types = list(hf.get("layer_types") or [GEMMA4_TYPES[(i + 1) % 6 == 0] for i in range(n)])
+    if len(types) != n or set(types) - set(GEMMA4_TYPES):
+        raise ConfigError(f"config.json layer_types must list {n} of {' / '.join(GEMMA4_TYPES)}, got {types}")
+    types[-1] = "full_attention"
+    return types
+
+
+def _gemma4_layers(hf: dict[str, Any], base: LayerSpec, n: int) -> tuple[LayerSpec, ...]:
+    """Gemma 4's layers as transformers builds them: sliding layers window ``sliding_window``; full
+    layers take ``per_layer_config``'s head shape (else ``global_head_dim``, and
+    ``num_global_key_value_heads`` when ``attention_k_eq_v``), their values equal to their keys
+    (before the norms) when ``attention_k_eq_v``, and their type's RoPE where it is not the sliding
+    one. ``num_kv_shared_layers``: the last that many layers reuse the keys and values of the last
+    earlier layer of their type (which stores them, ``kv_store``) and, with
+    ``use_double_wide_mlp``, have MLPs twice as wide."""
+    types = _gemma4_layer_types(hf, n)
+    per_layer = {int(k): v for k, v in (hf.get("per_layer_config") or {}).items() if str(k).isdigit()}
+    shared = int(hf.get("num_kv_shared_layers") or 0)
+    first_shared = n - shared
+    if not 0 <= shared < n or set(types[first_shared:]) - set(types[:first_shared]):
+        raise ConfigError(f"config.json num_kv_shared_layers={shared}: every shared layer needs an earlier "
+                          f"layer of its type to share with ({n} layers, types {types})")
+    sliding_rope = _gemma4_rope(hf, "sliding_attention") if "sliding_attention" in types else None
+    k_eq_v = bool(hf.get("attention_k_eq_v"))
+    layers = []
+    for i, t in enumerate(types):
+        opts = dict(base.mixer_options)
+        if t == "sliding_attention":
+            opts["window"] = int(hf["sliding_window"])
+        else:
+            over = per_layer.get(i) or {"head_dim": hf["global_head_dim"], **(
+                {"num_key_value_heads": hf["num_global_key_value_heads"]}
+                if k_eq_v and hf.get("num_global_key_value_heads") else {})}
+            head_dim = int(over.get("head_dim", hf["head_dim"]))
+            kv = int(over.get("num_key_value_heads", hf["num_key_value_heads"]))
+            opts.update({"head_dim": head_dim} if head_dim != hf["head_dim"] else {})
+            opts.update({"kv_heads": kv} if kv != hf["num_key_value_heads"] else {})
+            opts.update({"k_eq_v": True} if k_eq_v else {})
+            rope = _gemma4_rope(hf, t)
+            if rope != sliding_rope:
+                if rope.rope_type not in ("default", "proportional") or rope.factor != 1:
+                    raise ConfigError(f"config.json rope_parameters.{t}: rope_type={rope.rope_type!r} "
+                                      f"factor={rope.factor} is not supported (default or proportional, "
+                                      "factor 1)")
+                opts["rope_theta"] = rope.theta
+                if rope.rope_type == "proportional":
+                    opts["rope_proportion"] = rope.proportion
+        if i >= first_shared:
+            opts["kv_reuse"] = t
+        elif i == max(j for j in range(first_shared) if types[j] == t) and shared:
+            opts["kv_store"] = t
+        mlp = dict(base.mlp_options)
+        if i >= first_shared and hf.get("use_double_wide_mlp"):
+            mlp["intermediate_size"] = 2 * int(hf["intermediate_size"])
+        layers.append(LayerSpec(base.mixer, base.mlp, opts, mlp))
+    if sliding_rope is None:
+        raise ConfigError("config.json layer_types: a gemma4 model without sliding layers is not supported")
+    return tuple(layers)
+
+
+def _gemma4_to_hf(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
+    """The ``gemma4_text`` keys that describe ``cfg`` (head shapes as ``per_layer_config``)."""
+    layers = cfg.layers
+    types = [GEMMA4_TYPES[not spec.mixer_option("window", 0)] for spec in layers]
+    full = next(spec for spec, t in zip(layers, types, strict=True) if t == "full_attention")
+    theta = full.mixer_option("rope_theta", 0.0)
+    full_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope.theta} if not theta else {
+        "rope_type": "proportional" if full.mixer_option("rope_proportion") else "default", "rope_theta": theta}
+    if full.mixer_option("rope_proportion"):
+        full_rope["partial_rotary_factor"] = full.mixer_option("rope_proportion")
+    windows = [spec.mixer_option("window", 0) for spec in layers if spec.mixer_option("window", 0)]
+    for key in ("hidden_act", "rope_theta", "attention_bias"):
+        out.pop(key)
+    out.update(
+        hidden_activation="gelu_pytorch_tanh", layer_types=types, sliding_window=windows[0] if windows else 512,
+        rope_parameters={"sliding_attention": {"rope_theta": cfg.rope.theta, **cfg.rope.scaling_to_hf()},
+                         "full_attention": full_rope},
+        per_layer_config={str(i): {"head_dim": spec.mixer_option("head_dim", 0) or cfg.head_dim,
+                                   "num_key_value_heads": spec.mixer_option("kv_heads", 0) or cfg.num_kv_heads}
+                          for i, spec in enumerate(layers)},
+        attention_bias=bool(full.mixer_option("qkv_bias", False)),
+        attention_k_eq_v=bool(full.mixer_option("k_eq_v", False)),
+        num_kv_shared_layers=sum(bool(spec.mixer_option("kv_reuse", "")) for spec in layers),
+        use_double_wide_mlp=any(spec.mlp_option("intermediate_size", 0) for spec in layers),
+        final_logit_softcapping=cfg.final_logit_softcapping or None,
+        hidden_size_per_layer_input=cfg.per_layer_input_size,
+        vocab_size_per_layer_input=cfg.per_layer_vocab_size or cfg.vocab_size, enable_moe_block=False)
+    return out
 
 
 def _llama3_rope() -> RopeConfig:
