@@ -104,7 +104,8 @@ class RopeConfig:
         """The ``rope_scaling`` / ``rope_parameters`` fields of this type (no ``rope_theta``)."""
         out: dict[str, Any] = {"rope_type": self.rope_type}
         if self.rope_type == "proportional":
-            out.update(partial_rotary_factor=self.proportion, **({"factor": self.factor} if self.factor != 1 else {}))
+            out["partial_rotary_factor"] = self.proportion
+            out.update({"factor": self.factor} if self.factor != 1 else {})
         if self.rope_type == "llama3":
             out.update(factor=self.factor, low_freq_factor=self.low_freq_factor,
                        high_freq_factor=self.high_freq_factor,
@@ -692,7 +693,6 @@ GEMMA4_TYPES = ("sliding_attention", "full_attention")
 # Gemma 4 fields whose values we cannot build: field -> (the value that is fine, what the others ask for).
 GEMMA4_REFUSED = {
     "use_bidirectional_attention": (("vision", None), "bidirectional attention over all tokens"),
-    "enable_moe_block": ((False, None), "the expert block beside the dense MLP (gemma-4-26B-A4B)"),
     "hidden_activation": (("gelu_pytorch_tanh",), "another MLP activation"),
 }
 
@@ -712,7 +712,8 @@ def _gemma4_config(hf: dict[str, Any]) -> ModelConfig:
         model_type="gemma4", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
-        rms_norm_eps=float(hf["rms_norm_eps"]), rope=rope, max_position_embeddings=hf["max_position_embeddings"],
+        rms_norm_eps=float(hf["rms_norm_eps"]), rope=rope,
+        max_position_embeddings=hf["max_position_embeddings"],
         tie_word_embeddings=bool(hf["tie_word_embeddings"]), bos_token_id=hf.get("bos_token_id"),
         eos_token_id=() if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),),
         layers=_layers_from_hf(hf, "gemma4"),
@@ -782,13 +783,28 @@ def _gemma4_layers(hf: dict[str, Any], base: LayerSpec, n: int) -> tuple[LayerSp
             opts["kv_reuse"] = t
         elif i == max(j for j in range(first_shared) if types[j] == t) and shared:
             opts["kv_store"] = t
-        mlp = dict(base.mlp_options)
+        mlp, kind = dict(base.mlp_options), base.mlp
         if i >= first_shared and hf.get("use_double_wide_mlp"):
             mlp["intermediate_size"] = 2 * int(hf["intermediate_size"])
-        layers.append(LayerSpec(base.mixer, base.mlp, opts, mlp))
+        if hf.get("enable_moe_block"):  # the expert block beside the dense MLP (moe kind, layout gemma4)
+            if mlp.get("intermediate_size"):
+                raise ConfigError("config.json enable_moe_block with use_double_wide_mlp on KV-shared layers "
+                                  "is not supported for gemma4")
+            kind, mlp = "moe", _gemma4_moe(hf)
+        layers.append(LayerSpec(base.mixer, kind, opts, mlp))
     if sliding_rope is None:
         raise ConfigError("config.json layer_types: a gemma4 model without sliding layers is not supported")
     return tuple(layers)
+
+
+def _gemma4_moe(hf: dict[str, Any]) -> dict[str, Any]:
+    """The moe kind's options for Gemma 4's expert block (``enable_moe_block``)."""
+    for key in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+        if not hf.get(key):
+            raise ConfigError(f"config.json lacks {key!r}, which gemma4's enable_moe_block needs")
+    return {"experts": int(hf["num_experts"]), "top_k": int(hf["top_k_experts"]),
+            "intermediate_size": int(hf["moe_intermediate_size"]), "norm_topk_prob": True, "router": "gemma4",
+            "activation": "geglu", "layout": "gemma4", "dense_size": int(hf["intermediate_size"])}
 
 
 def _gemma4_to_hf(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
@@ -797,27 +813,34 @@ def _gemma4_to_hf(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
     types = [GEMMA4_TYPES[not spec.mixer_option("window", 0)] for spec in layers]
     full = next(spec for spec, t in zip(layers, types, strict=True) if t == "full_attention")
     theta = full.mixer_option("rope_theta", 0.0)
-    full_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope.theta} if not theta else {
-        "rope_type": "proportional" if full.mixer_option("rope_proportion") else "default", "rope_theta": theta}
-    if full.mixer_option("rope_proportion"):
-        full_rope["partial_rotary_factor"] = full.mixer_option("rope_proportion")
+    proportion = full.mixer_option("rope_proportion", 0.0)
+    full_rope: dict[str, Any] = {"rope_type": "proportional" if proportion else "default",
+                                 "rope_theta": theta or cfg.rope.theta}
+    if proportion:
+        full_rope["partial_rotary_factor"] = proportion
     windows = [spec.mixer_option("window", 0) for spec in layers if spec.mixer_option("window", 0)]
     for key in ("hidden_act", "rope_theta", "attention_bias"):
         out.pop(key)
     out.update(
-        hidden_activation="gelu_pytorch_tanh", layer_types=types, sliding_window=windows[0] if windows else 512,
+        hidden_activation="gelu_pytorch_tanh", layer_types=types,
+        sliding_window=windows[0] if windows else HF_DEFAULTS["gemma4"]["sliding_window"],
         rope_parameters={"sliding_attention": {"rope_theta": cfg.rope.theta, **cfg.rope.scaling_to_hf()},
                          "full_attention": full_rope},
-        per_layer_config={str(i): {"head_dim": spec.mixer_option("head_dim", 0) or cfg.head_dim,
-                                   "num_key_value_heads": spec.mixer_option("kv_heads", 0) or cfg.num_kv_heads}
-                          for i, spec in enumerate(layers)},
+        per_layer_config={str(i): {"head_dim": opt("head_dim", 0) or cfg.head_dim,
+                                   "num_key_value_heads": opt("kv_heads", 0) or cfg.num_kv_heads}
+                          for i, opt in enumerate(spec.mixer_option for spec in layers)},
         attention_bias=bool(full.mixer_option("qkv_bias", False)),
         attention_k_eq_v=bool(full.mixer_option("k_eq_v", False)),
         num_kv_shared_layers=sum(bool(spec.mixer_option("kv_reuse", "")) for spec in layers),
-        use_double_wide_mlp=any(spec.mlp_option("intermediate_size", 0) for spec in layers),
+        use_double_wide_mlp=any(spec.mlp == "dense" and spec.mlp_option("intermediate_size", 0)
+                                for spec in layers),
         final_logit_softcapping=cfg.final_logit_softcapping or None,
         hidden_size_per_layer_input=cfg.per_layer_input_size,
-        vocab_size_per_layer_input=cfg.per_layer_vocab_size or cfg.vocab_size, enable_moe_block=False)
+        vocab_size_per_layer_input=cfg.per_layer_vocab_size or cfg.vocab_size)
+    moe = next((dict(spec.mlp_options) for spec in layers if spec.mlp == "moe"), None)
+    out.update(enable_moe_block=moe is not None, **({} if moe is None else {
+        "num_experts": moe["experts"], "top_k_experts": moe["top_k"],
+        "moe_intermediate_size": moe["intermediate_size"]}))
     return out
 
 

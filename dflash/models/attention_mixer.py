@@ -12,7 +12,8 @@ the key norm and RoPE), ``rope_theta`` / ``rope_proportion`` (this layer's own R
 and proportional over the whole head when the proportion is set; 0: the model's RoPE),
 ``kv_store`` / ``kv_reuse`` (KV sharing: a layer with ``kv_store=NAME`` hands the keys and values it
 attends over to the later layers of the pass with ``kv_reuse=NAME``, which have no key or value
-projections and keep no cache state: they read the storing layer's). Every form reaches the Pallas kernels (dflash.kernels.dispatch):
+projections and keep no cache state: they read the storing layer's).
+Every form reaches the Pallas kernels (dflash.kernels.dispatch):
 the verify kernel (blocks of <= 128 tokens over the cache) and the prefill kernel / its chunked
 jnp form (packed rows) take the window and the sinks as options; the gate, the norms and partial
 RoPE live outside the attention itself. Packed rows window by row distance inside a document
@@ -189,7 +190,8 @@ def _weights(cfg: ModelConfig, spec: LayerSpec) -> tuple[WeightRow, ...]:
     if option(spec, "o_bias"):
         rows.append(WeightRow("o_proj.bias", "o_proj.bias"))
     if option(spec, "qk_norm"):
-        rows += [WeightRow(f"{p}_norm.weight", f"{p}_norm.weight") for p in "qk"[:1 if option(spec, "kv_reuse") else 2]]
+        norms = "q" if option(spec, "kv_reuse") else "qk"
+        rows += [WeightRow(f"{p}_norm.weight", f"{p}_norm.weight") for p in norms]
     if option(spec, "sinks"):
         rows.append(WeightRow("sinks", "sinks"))
     return tuple(rows)

@@ -19,10 +19,10 @@ class MLP(nnx.Module):
     """``width``: the hidden width when not the config's (a mixture's shared expert)."""
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, *, dtype: jnp.dtype, rngs: nnx.Rngs,
-                 width: int | None = None):
+                 width: int | None = None, activation: str | None = None):
         d, f = cfg.hidden_size, width or _width(cfg, spec)
         bias = _bias(spec)
-        self.activation = _activation(spec)
+        self.activation = activation or _activation(spec)
         self.gate_proj = Linear(d, f, bias=bias, dtype=dtype, rngs=rngs)
         self.up_proj = Linear(d, f, bias=bias, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(f, d, bias=bias, dtype=dtype, rngs=rngs)

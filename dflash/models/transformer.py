@@ -37,7 +37,15 @@ from dflash.models.layers import (  # noqa: F401, E402
     rope_cos_sin,
     split_heads,
 )
-from dflash.sharding import constrain
+from dflash.sharding import constrain, register_rules
+
+register_rules((  # the Gemma body's own parameters (per-layer inputs, layer scalar)
+    (r"(^|\.)embed_tokens_per_layer$", ("vocab", None)),
+    (r"(^|\.)per_layer_model_projection\.kernel$", ("embed", None)),
+    (r"(^|\.)per_layer_input_gate\.kernel$", ("embed", None)),
+    (r"(^|\.)per_layer_projection\.kernel$", (None, "embed")),
+    (r"(^|\.)layer_scalar$", (None,)),
+))
 
 
 class ForwardOutput(NamedTuple):
@@ -82,7 +90,8 @@ class DecoderLayer(nnx.Module):
     def mixer(self) -> nnx.Module:
         return getattr(self, self.mixer_attr)
 
-    def __call__(self, x: jax.Array, mix: Mix, per_layer_input: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    def __call__(self, x: jax.Array, mix: Mix,
+                 per_layer_input: jax.Array | None = None) -> tuple[jax.Array, Any]:
         """``mix(normed x) -> (out, aux)`` is the layer's own mixer or a caller's (a drafter's
         attention); the MLP and the norms are the layer's. Any rank ``[B, ..., D]``;
         ``per_layer_input`` ``[B, ..., P]``: this layer's slice of the per-layer inputs."""
@@ -92,7 +101,9 @@ class DecoderLayer(nnx.Module):
             x = x + out
             return x + self.mlp(self.post_attention_layernorm(x)), aux
         x = x + self.post_attention_layernorm(out)
-        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        normed = self.pre_feedforward_layernorm(x)
+        mlp_out = self.mlp(normed, x) if getattr(self.mlp, "takes_residual", False) else self.mlp(normed)
+        x = x + self.post_feedforward_layernorm(mlp_out)
         if self.per_layer_input_gate is not None:
             gated = jax.nn.gelu(self.per_layer_input_gate(x), approximate=True) * per_layer_input
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(gated))
@@ -112,7 +123,8 @@ class Transformer(nnx.Module):
         # Gemma: embeddings times sqrt(D) (in the weights' dtype, as transformers rounds it)
         self.embed_scale = cfg.hidden_size ** 0.5 if FAMILIES[cfg.model_type].gemma else 0.0
         ple, n = cfg.per_layer_input_size, cfg.num_layers
-        self.embed_tokens_per_layer = normal(rngs, (cfg.per_layer_vocab_size, n * ple), dtype) if ple else None
+        per_layer_shape = (cfg.per_layer_vocab_size, n * ple)
+        self.embed_tokens_per_layer = normal(rngs, per_layer_shape, dtype) if ple else None
         self.per_layer_model_projection = Linear(cfg.hidden_size, n * ple, bias=False, dtype=dtype,
                                                  rngs=rngs) if ple else None
         self.per_layer_projection_norm = model_norm(cfg, ple, dtype) if ple else None
@@ -137,7 +149,8 @@ class Transformer(nnx.Module):
         b, t = tokens_BT.shape
         n, p = self.cfg.num_layers, self.cfg.per_layer_input_size
         table = self.embed_tokens_per_layer[...]
-        tok_BTLP = (jnp.take(table, tokens_BT, axis=0) * jnp.asarray(p ** 0.5, table.dtype)).reshape(b, t, n, p)
+        tok_BTLP = jnp.take(table, tokens_BT, axis=0) * jnp.asarray(p ** 0.5, table.dtype)
+        tok_BTLP = tok_BTLP.reshape(b, t, n, p)
         proj_BTLP = (self.per_layer_model_projection(x_BTD) * jnp.asarray(self.cfg.hidden_size ** -0.5,
                                                                           x_BTD.dtype)).reshape(b, t, n, p)
         return (self.per_layer_projection_norm(proj_BTLP) + tok_BTLP) * jnp.asarray(2 ** -0.5, x_BTD.dtype)
