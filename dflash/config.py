@@ -460,19 +460,23 @@ class ModelConfig:
         """Exact parameter count (embeddings counted once when tied), for attention or Gated
         DeltaNet mixers and dense or mixture-of-experts MLPs (``dflash.models.count_params`` counts
         any model)."""
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        h = self.hidden_size
+        gemma, ple = FAMILIES[self.model_type].gemma, self.per_layer_input_size
         total = 0
         for spec in self.layers:
             opt = spec.mixer_option
+            head_dim = opt("head_dim", 0) or self.head_dim
+            q, kv = self.num_heads * head_dim, (opt("kv_heads", 0) or self.num_kv_heads) * head_dim
+            kv_projs = 0 if opt("kv_reuse", "") else 1 if opt("k_eq_v", False) else 2  # Gemma 4 KV sharing
             if spec.mixer == "gdn":  # in_proj (q, k, v, z, b, a), depthwise conv over q k v, A_log, dt_bias,
                 kd = opt("key_heads") * opt("key_dim")  # gated norm, out_proj
                 vd, nv = opt("value_heads") * opt("value_dim"), opt("value_heads")
                 mixer = h * (2 * kd + 2 * vd + 2 * nv) + (2 * kd + vd) * opt("conv_kernel") + 2 * nv
                 mixer += opt("value_dim") + vd * h
             else:
-                mixer = h * q * (2 if opt("output_gate", False) else 1) + 2 * h * kv + q * h
-                mixer += (q + 2 * kv) * bool(opt("qkv_bias", False)) + h * bool(opt("o_bias", False))
-                mixer += 2 * self.head_dim * bool(opt("qk_norm", False))
+                mixer = h * q * (2 if opt("output_gate", False) else 1) + kv_projs * h * kv + q * h
+                mixer += (q + kv_projs * kv) * bool(opt("qkv_bias", False)) + h * bool(opt("o_bias", False))
+                mixer += (1 + bool(kv_projs)) * head_dim * bool(opt("qk_norm", False))
                 mixer += self.num_heads * bool(opt("sinks", False))
             if spec.mlp == "moe":
                 e = spec.mlp_option("experts")
@@ -481,12 +485,17 @@ class ModelConfig:
                 mlp += e * (2 * f + h) * bool(spec.mlp_option("expert_bias", False))
                 mlp += 3 * h * spec.mlp_option("shared_expert_size", 0) + h * bool(
                     spec.mlp_option("shared_expert_gate", False))
+                dense = spec.mlp_option("dense_size", 0)  # Gemma 4's block: dense MLP, router scales, 3 norms
+                mlp += (3 * h * dense + h + e + 3 * h) if dense else 0
             else:
-                mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * bool(
-                    spec.mlp_option("bias", False))
-            total += mixer + mlp + 2 * h
+                f = spec.mlp_option("intermediate_size", 0) or self.intermediate_size
+                mlp = 3 * h * f + (2 * f + h) * bool(spec.mlp_option("bias", False))
+            # Gemma body: two more norms, the layer scalar, the per-layer input gate / projection / norm
+            body = (2 * h + 1 + (2 * h * ple + h if ple else 0)) if gemma else 0
+            total += mixer + mlp + 2 * h + body
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return total + h + emb
+        per_layer = self.per_layer_vocab_size * self.num_layers * ple + h * self.num_layers * ple + ple
+        return total + h + emb + (per_layer if ple else 0)
 
 
 def _layers_from_hf(hf: dict[str, Any], model_type: str) -> tuple[LayerSpec, ...]:
@@ -787,24 +796,22 @@ def _gemma4_layers(hf: dict[str, Any], base: LayerSpec, n: int) -> tuple[LayerSp
         if i >= first_shared and hf.get("use_double_wide_mlp"):
             mlp["intermediate_size"] = 2 * int(hf["intermediate_size"])
         if hf.get("enable_moe_block"):  # the expert block beside the dense MLP (moe kind, layout gemma4)
-            if mlp.get("intermediate_size"):
-                raise ConfigError("config.json enable_moe_block with use_double_wide_mlp on KV-shared layers "
-                                  "is not supported for gemma4")
-            kind, mlp = "moe", _gemma4_moe(hf)
+            kind, mlp = "moe", _gemma4_moe(hf, mlp.get("intermediate_size") or int(hf["intermediate_size"]))
         layers.append(LayerSpec(base.mixer, kind, opts, mlp))
     if sliding_rope is None:
         raise ConfigError("config.json layer_types: a gemma4 model without sliding layers is not supported")
     return tuple(layers)
 
 
-def _gemma4_moe(hf: dict[str, Any]) -> dict[str, Any]:
-    """The moe kind's options for Gemma 4's expert block (``enable_moe_block``)."""
+def _gemma4_moe(hf: dict[str, Any], dense: int) -> dict[str, Any]:
+    """The moe kind's options for Gemma 4's expert block (``enable_moe_block``) beside a dense MLP
+    ``dense`` wide."""
     for key in ("num_experts", "top_k_experts", "moe_intermediate_size"):
         if not hf.get(key):
             raise ConfigError(f"config.json lacks {key!r}, which gemma4's enable_moe_block needs")
     return {"experts": int(hf["num_experts"]), "top_k": int(hf["top_k_experts"]),
             "intermediate_size": int(hf["moe_intermediate_size"]), "norm_topk_prob": True, "router": "gemma4",
-            "activation": "geglu", "layout": "gemma4", "dense_size": int(hf["intermediate_size"])}
+            "activation": "geglu", "layout": "gemma4", "dense_size": dense}
 
 
 def _gemma4_to_hf(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
@@ -832,8 +839,8 @@ def _gemma4_to_hf(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
         attention_bias=bool(full.mixer_option("qkv_bias", False)),
         attention_k_eq_v=bool(full.mixer_option("k_eq_v", False)),
         num_kv_shared_layers=sum(bool(spec.mixer_option("kv_reuse", "")) for spec in layers),
-        use_double_wide_mlp=any(spec.mlp == "dense" and spec.mlp_option("intermediate_size", 0)
-                                for spec in layers),
+        use_double_wide_mlp=any(spec.mlp_option("dense_size" if spec.mlp == "moe" else "intermediate_size", 0)
+                                not in (0, cfg.intermediate_size) for spec in layers),
         final_logit_softcapping=cfg.final_logit_softcapping or None,
         hidden_size_per_layer_input=cfg.per_layer_input_size,
         vocab_size_per_layer_input=cfg.per_layer_vocab_size or cfg.vocab_size)
@@ -946,6 +953,28 @@ PRESETS["qwen3_next_80b_a3b"] = ModelConfig.from_hf({
     "shared_expert_intermediate_size": 512, "norm_topk_prob": True, "decoder_sparse_step": 1,
     "mlp_only_layers": []})
 
+# Gemma 4 (their config.json text_config keys that we read). The hub files were not reachable from
+# here; these values agree across public copies of them (AI-Hypercomputer-style model tables,
+# vLLM-metal / SGLang / llama.cpp-port tests quoting "gemma-4-31B" and a 26B-A4B-based
+# diffusion_gemma config.json; transformers' Gemma4TextConfig notes gemma-4-26B-A4B-it's
+# num_global_key_value_heads=2). Unconfirmed: eos/bos (the class defaults 1 / 2 here; the -it
+# chat turn ends with <end_of_turn>, which the generation config lists) and max_position_embeddings.
+_GEMMA4 = {"model_type": "gemma4_text", "vocab_size": 262144, "vocab_size_per_layer_input": 262144,
+           "head_dim": 256, "global_head_dim": 512, "attention_k_eq_v": True, "sliding_window": 1024,
+           "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+           "tie_word_embeddings": True, "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0,
+           "hidden_activation": "gelu_pytorch_tanh", "eos_token_id": 1, "bos_token_id": 2,
+           "rope_parameters": HF_DEFAULTS["gemma4"]["rope_parameters"]}
+PRESETS["gemma4_31b"] = ModelConfig.from_hf({  # google/gemma-4-31B(-it): 50 sliding + 10 full layers
+    **_GEMMA4, "hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 60,
+    "num_attention_heads": 32, "num_key_value_heads": 16, "num_global_key_value_heads": 4,
+    "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(60)]})
+PRESETS["gemma4_26b_a4b"] = ModelConfig.from_hf({  # google/gemma-4-26B-A4B(-it): 128 experts, 8 per token
+    **_GEMMA4, "hidden_size": 2816, "intermediate_size": 2112, "num_hidden_layers": 30,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "num_global_key_value_heads": 2,
+    "enable_moe_block": True, "num_experts": 128, "top_k_experts": 8, "moe_intermediate_size": 704,
+    "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(30)]})
+
 
 def preset(name: str) -> ModelConfig:
     """Named full-size architecture preset (``qwen3_8b`` ...)."""
@@ -980,6 +1009,10 @@ HUB_PRESETS = {
     "Qwen/Qwen3.6-27B": "qwen3_6_27b",
     "Qwen/Qwen3.5-35B-A3B": "qwen3_5_35b_a3b",
     "Qwen/Qwen3-Next-80B-A3B-Instruct": "qwen3_next_80b_a3b",
+    "google/gemma-4-31B-it": "gemma4_31b",
+    "google/gemma-4-31B": "gemma4_31b",
+    "google/gemma-4-26B-A4B-it": "gemma4_26b_a4b",
+    "google/gemma-4-26B-A4B": "gemma4_26b_a4b",
     "openai/gpt-oss-20b": "gpt_oss_20b",
     "openai/gpt-oss-120b": "gpt_oss_120b",
     "meta-llama/Llama-3.1-8B-Instruct": "llama3_1_8b",
