@@ -19,7 +19,6 @@ import transformers
 from flax import nnx
 
 from dflash.config import PRESETS, ModelConfig, preset_for_hub_id
-from dflash.decoding import generate
 from dflash.errors import ConfigError
 from dflash.io import load_target, save_target
 from dflash.io.loading import SHIPPED
@@ -71,7 +70,8 @@ def test_layers_logits_and_our_save_reopened_by_transformers(checkpoint, tmp_pat
     assert [s.mixer_option("window", 0) for s in specs] == [5, 0] * 3
     assert [s.mixer_option("kv_store", "") for s in specs] == ["", "", S, F, "", ""]
     assert [s.mixer_option("kv_reuse", "") for s in specs] == ["", "", "", "", S, F]
-    assert [s.mlp_option("dense_size") for s in specs] == [48] * 4 + [96] * 2 and ours.cfg.per_layer_input_size == 8
+    assert [s.mlp_option("dense_size") for s in specs] == [48] * 4 + [96] * 2  # double-wide when shared
+    assert ours.cfg.per_layer_input_size == 8
     assert ours.init_cache(1, 4).layers[4:] == (None, None)  # consumers store nothing
     ids = np.random.default_rng(1).integers(0, 4096, size=(1, 20))
     ref = _logits(hf, ids)
@@ -86,10 +86,10 @@ def test_layers_logits_and_our_save_reopened_by_transformers(checkpoint, tmp_pat
 
 def test_cached_decoding_rollback_and_a_tree_over_shared_kv_equal_the_uncached_pass(checkpoint):
     """Two 4-token blocks, a third of which 2 tokens are kept, then one token at a time (past the
-    window): every step's logits are the uncached pass's. Then a tree over the shared KV (root r,
+    window): every step's logits are transformers' uncached pass's. Then a tree over the shared KV (root r,
     children a and b, d under b): its nodes' logits are their chains', and after committing the
     path r, b, d the next token's logits are that chain's. (Jitted, 3 shapes: compiles dominate.)"""
-    _, _, ours = checkpoint
+    hf, _, ours = checkpoint
     graphdef, state = nnx.split(ours)
     step = jax.jit(lambda state, ids, pos, cache, mask: nnx.merge(graphdef, state)(ids, pos, cache,
                                                                                    block_mask=mask))
@@ -97,30 +97,31 @@ def test_cached_decoding_rollback_and_a_tree_over_shared_kv_equal_the_uncached_p
     seq = np.random.default_rng(2).integers(0, 4096, size=(1, 15))
     nodes, parent = np.array([[11, 22, 33, 44]]), [-1, 0, 0, 2]
     path = [0, 2, 3]  # r, b, d
-    full = _ours(ours, np.concatenate([seq, nodes[:, path], [[66]]], axis=1))  # 19 tokens
+    full = _logits(hf, np.concatenate([seq, nodes[:, path], [[66]]], axis=1))  # 19 tokens (parity: above)
     cache = ours.init_cache(1, 24)
     for start in (0, 4):
-        out = step(state, jnp.asarray(seq[:, start:start + 4]), jnp.arange(start, start + 4)[None], cache, causal)
+        out = step(state, jnp.asarray(seq[:, start:start + 4]), jnp.arange(start, start + 4)[None], cache,
+                   causal)
         cache = out.cache
-        np.testing.assert_allclose(np.asarray(out.logits), full[:, start:start + 4], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.logits), full[:, start:start + 4], atol=1e-4, rtol=0)
     block = np.concatenate([seq[:, 8:10], [[7, 8]]], axis=1)  # two right tokens, two wrong ones
     out = step(state, jnp.asarray(block), jnp.arange(8, 12)[None], cache, causal)
-    np.testing.assert_allclose(np.asarray(out.logits)[:, :2], full[:, 8:10], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.logits)[:, :2], full[:, 8:10], atol=1e-4, rtol=0)
     cache = out.cache.keep(jnp.array([2]), 4)
     for t in range(10, 15):
         out = step(state, jnp.asarray(seq[:, t:t + 1]), jnp.array([[t]]), cache, causal[:1, :1])
         cache = out.cache
-        np.testing.assert_allclose(np.asarray(out.logits)[:, 0], full[:, t], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.logits)[:, 0], full[:, t], atol=1e-4, rtol=0)
     mask, depth = np.eye(4, dtype=bool), np.zeros(4, int)
     for i in range(4):
         j = parent[i]
         while j >= 0:
             mask[i, j], j, depth[i] = True, parent[j], depth[i] + 1
     out = step(state, jnp.asarray(nodes), jnp.asarray(15 + depth)[None], cache, jnp.asarray(mask))
-    np.testing.assert_allclose(np.asarray(out.logits)[:, path], full[:, 15:18], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.logits)[:, path], full[:, 15:18], atol=1e-4, rtol=0)
     cache = out.cache.commit_path(cache.lengths, jnp.array([path])).keep(jnp.array([3]), 4)
     out = step(state, jnp.asarray([[66]]), jnp.array([[18]]), cache, causal[:1, :1])
-    np.testing.assert_allclose(np.asarray(out.logits)[:, 0], full[:, 18], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.logits)[:, 0], full[:, 18], atol=1e-4, rtol=0)
 
 
 def test_greedy_tokens_through_dflash_generate_and_prompt_lookup_equal_transformers(checkpoint, capsys):
@@ -139,14 +140,18 @@ def test_greedy_tokens_through_dflash_generate_and_prompt_lookup_equal_transform
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                           pad_token_id=0)
     assert out["tokens"] == ref[0, len(prompt):].tolist()
+    # Repetitive prompts: the lookup drafts tokens every step (rejected by this random target),
+    # so every step verifies a 4-token block over the shared KV and rolls the drafts back.
     rng = np.random.default_rng(3)
     prompts = [(rng.integers(5, 4000, n).tolist() * 3)[:3 * n - 1] for n in (4, 9, 3)]
-    budgets = [40, 7, 32]
-    ar = generate(ours, prompts, max_new_tokens=budgets, eos_ids=())
+    budgets = [20, 7, 16]
     lookup = speculative_generate(ours, prompts, method=NgramDraft(block_size=4), max_new_tokens=budgets,
                                   eos_ids=())
-    assert lookup.tokens == ar.tokens
-    print("ACC", lookup.acceptance_lengths, ar.tokens)
+    for prompt, got, n in zip(prompts, lookup.tokens, budgets, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0)
+        assert got == ref[0, len(prompt):].tolist()
 
 
 # gemma-4-31B / 26B-A4B (their text_config keys that we read; dflash.config cites the sources).
@@ -165,7 +170,8 @@ def test_presets_have_the_published_sizes(hub_id):
     ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
     ({"hidden_activation": "gelu"}, "hidden_activation"),
     ({"rope_parameters": {S: {"rope_type": "default", "rope_theta": 1e4},
-                          F: {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}}, f"rope_parameters.{F}"),
+                          F: {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}},
+     f"rope_parameters.{F}"),
     ({"num_kv_shared_layers": 5}, "num_kv_shared_layers"),
     ({"enable_moe_block": True, "num_experts": None}, "num_experts"),
 ])
