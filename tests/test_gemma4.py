@@ -23,6 +23,7 @@ from dflash.errors import ConfigError
 from dflash.io import load_target, save_target
 from dflash.io.loading import SHIPPED
 from dflash.models import count_params
+from dflash.sharding import logical_axes
 
 S, F = "sliding_attention", "full_attention"
 TEXT = dict(vocab_size=4096, vocab_size_per_layer_input=4096, hidden_size=32, intermediate_size=48,
@@ -73,11 +74,18 @@ def test_layers_logits_and_our_save_reopened_by_transformers(checkpoint, tmp_pat
     assert [s.mlp_option("dense_size") for s in specs] == [48] * 4 + [96] * 2  # double-wide when shared
     assert ours.cfg.per_layer_input_size == 8
     assert ours.init_cache(1, 4).layers[4:] == (None, None)  # consumers store nothing
+    for path, param in nnx.to_flat_state(nnx.state(ours, nnx.Param)):  # every parameter has a sharding rule
+        logical_axes(".".join(map(str, path)), len(param.shape))
     ids = np.random.default_rng(1).integers(0, 4096, size=(1, 20))
     ref = _logits(hf, ids)
     assert 0.1 < np.abs(ref).max() < 3.0  # soft-capped, not flat
     np.testing.assert_allclose(_ours(ours, ids), ref, atol=1e-4, rtol=0)
     assert count_params(ours) == ours.cfg.num_params() == sum(p.numel() for p in hf.parameters()) + 6
+    # a Gemma4ForConditionalGeneration config.json: its text_config, the wrapper's tie_word_embeddings
+    # (its weights under model.language_model.* load as Qwen3.5's do)
+    wrapped = {"model_type": "gemma4", "tie_word_embeddings": True, "vision_config": None,
+               "text_config": {**hf.config.to_dict(), "tie_word_embeddings": False}}
+    assert ModelConfig.from_hf(wrapped) == ours.cfg
     save_target(ours, tmp_path / "ours")  # (+6: transformers keeps layer_scalar as a buffer)
     assert ModelConfig.from_hf(json.loads((tmp_path / "ours" / "config.json").read_text())) == ours.cfg
     reopened = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()

@@ -388,6 +388,7 @@ MOE = register_mlp(MLPKind(
         (r"(^|\.)mlp\.experts_down_bias$", ("exp", None)),
         (r"(^|\.)mlp\.shared_expert_gate\.kernel$", ("embed", None)),  # its MLP: the dense kind's rows
         (r"(^|\.)mlp\.router_scale$", (None,)),
+        (r"(^|\.)mlp\.\w+_feedforward_layernorm_[12]\.weight$", (None,)),
         (r"(^|\.)mlp\.per_expert_scale$", (None,)),
     ),
     flops=_flops,
