@@ -790,7 +790,7 @@ def _gemma4_layers(hf: dict[str, Any], base: LayerSpec, n: int) -> tuple[LayerSp
                     opts["rope_proportion"] = rope.proportion
         if i >= first_shared:
             opts["kv_reuse"] = t
-        elif i == max(j for j in range(first_shared) if types[j] == t) and shared:
+        elif shared and i == max(j for j in range(first_shared) if types[j] == t):
             opts["kv_store"] = t
         mlp, kind = dict(base.mlp_options), base.mlp
         if i >= first_shared and hf.get("use_double_wide_mlp"):
