@@ -18,7 +18,7 @@ from dflash.errors import ConfigError
 
 # Names of the dtypes a model can be loaded or computed in (configs and CLIs take these names).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ROPE_TYPES = ("default", "llama3", "yarn")
+ROPE_TYPES = ("default", "llama3", "yarn", "proportional")
 
 def check_block_drafter(name: str, layers: ModelConfig, *, block_size: int, mask_token_id: int) -> None:
     """Checks every block drafter shares (DFlash, Orthrus) on the ``layers`` it runs; ``name``
@@ -42,7 +42,10 @@ class RopeConfig:
     ``original_max_position_embeddings``; YaRN reads ``factor``, ``beta_fast``, ``beta_slow``,
     ``truncate``, ``original_max_position_embeddings`` and scales cos and sin by
     ``attention_factor`` (0: derived from ``factor``, ``mscale`` and ``mscale_all_dim`` as
-    transformers derives it). Fields another type does not read stay at their defaults.
+    transformers derives it). ``proportional`` (Gemma 4's full-attention layers) rotates only the
+    first ``proportion * dim / 2`` frequency pairs of the whole head (exponents over the whole head
+    width; the other pairs keep frequency 0, so they pass unrotated) and divides by ``factor``.
+    Fields another type does not read stay at their defaults.
     """
 
     theta: float = 10000.0
@@ -57,6 +60,7 @@ class RopeConfig:
     attention_factor: float = 0.0
     mscale: float = 0.0
     mscale_all_dim: float = 0.0
+    proportion: float = 1.0
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
@@ -74,6 +78,9 @@ class RopeConfig:
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type == "default":  # scaling fields are meaningless: keep them canonical
             return cls(theta=theta)
+        if rope_type == "proportional":
+            return cls(theta=theta, rope_type=rope_type, factor=float(params.get("factor", 1.0)),
+                       proportion=float(params.get("partial_rotary_factor", 1.0)))
         original = int(params.get("original_max_position_embeddings",
                                   hf.get("max_position_embeddings", 8192)))
         if rope_type == "yarn":  # transformers' defaults (beta_fast / beta_slow: `or`, as it reads them)
@@ -96,6 +103,9 @@ class RopeConfig:
     def scaling_to_hf(self) -> dict[str, Any]:
         """The ``rope_scaling`` / ``rope_parameters`` fields of this type (no ``rope_theta``)."""
         out: dict[str, Any] = {"rope_type": self.rope_type}
+        if self.rope_type == "proportional":
+            out["partial_rotary_factor"] = self.proportion
+            out.update({"factor": self.factor} if self.factor != 1 else {})
         if self.rope_type == "llama3":
             out.update(factor=self.factor, low_freq_factor=self.low_freq_factor,
                        high_freq_factor=self.high_freq_factor,
@@ -178,13 +188,16 @@ class Family:
     the ``model_type`` ``to_hf`` writes (the text model's, when the family's checkpoints wrap it);
     ``drafter_model_type``: what a DFlash drafter for it records (its layers are Qwen3 layers; the
     published drafters for the hybrid families say ``qwen3``, and transformers' AutoConfig would
-    read ``qwen3_5`` as the multimodal wrapper's config)."""
+    read ``qwen3_5`` as the multimodal wrapper's config). ``gemma``: the Gemma 4 layer body (word
+    embeddings times ``sqrt(D)``; sandwich norms: the attention's and the MLP's outputs normed
+    before their residual adds; a per-layer ``layer_scalar``; norms scale in float32)."""
 
     architecture: str
     layer: LayerSpec
     zero_centred_norm: bool = False
     hf_model_type: str = ""
     drafter_model_type: str = ""
+    gemma: bool = False
 
 
 _GATED = LayerSpec(mixer_options={"qk_norm": True, "output_gate": True})  # Qwen3-Next's full attention
@@ -205,11 +218,18 @@ FAMILIES: dict[str, Family] = {
                       drafter_model_type="qwen3"),
     "qwen3_5_moe": Family("Qwen3_5MoeForCausalLM", _GATED, zero_centred_norm=True,
                           hf_model_type="qwen3_5_moe_text", drafter_model_type="qwen3"),
+    # Gemma 4 text: q/k norms, unscaled v norm, attention scale 1, GeGLU; layer_types slide or not,
+    # full layers with their own head shapes and proportional RoPE; KV sharing, per-layer inputs
+    # (_gemma4_layers).
+    "gemma4": Family("Gemma4ForCausalLM", LayerSpec(mixer_options={"qk_norm": True, "v_norm": True,
+                                                                   "scale": 1.0},
+                                                    mlp_options={"activation": "gelu_tanh"}),
+                     hf_model_type="gemma4_text", drafter_model_type="qwen3", gemma=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # model_types of the text models inside multimodal checkpoints, and the family each belongs to
 # (``Qwen3_5ForConditionalGeneration`` nests a ``qwen3_5_text`` config as ``text_config``).
-MODEL_TYPE_ALIASES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
+MODEL_TYPE_ALIASES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe", "gemma4_text": "gemma4"}
 HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 SHARED_EXPERT_FAMILIES = ("qwen3_next", "qwen3_5_moe")  # read shared_expert_intermediate_size
 WINDOWED_FAMILIES = ("qwen3", "qwen2", "qwen3_moe")  # read use_sliding_window / sliding_window / layer_types
@@ -232,6 +252,16 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                     "num_experts_per_tok": 8, "moe_intermediate_size": 512,
                     "shared_expert_intermediate_size": 512},
 }
+# transformers' Gemma4TextConfig class defaults (global_head_dim: what its __post_init__ assumes).
+HF_DEFAULTS["gemma4"] = {
+    "vocab_size": 262144, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 30,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "global_head_dim": 512,
+    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+    "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True, "sliding_window": 512,
+    "vocab_size_per_layer_input": 262144, "hidden_size_per_layer_input": 256, "num_kv_shared_layers": 0,
+    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                           "rope_theta": 1000000.0}}}
 # Config fields of mixture-of-experts designs we cannot build, each with what it asks for (shared
 # experts: outside SHARED_EXPERT_FAMILIES).
 UNSUPPORTED_FIELDS = {
@@ -272,6 +302,12 @@ class ModelConfig:
     layers: tuple[LayerSpec, ...] = ()
     # RMSNorms (layers', final, q/k) scale by ``1 + w`` instead of ``w``; None: as the family does.
     zero_centred_norm: bool | None = None
+    # Logits become ``c * tanh(logits / c)`` (Gemma's final_logit_softcapping); 0: not capped.
+    final_logit_softcapping: float = 0.0
+    # Gemma 4's per-layer inputs: a ``[per_layer_vocab_size, L * per_layer_input_size]`` embedding
+    # and a projection of the word embedding, gated into every layer's output; 0: none.
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.model_type not in FAMILIES:
@@ -324,6 +360,8 @@ class ModelConfig:
                 + ", ".join(SUPPORTED_MODEL_TYPES)
             )
         hf = _with_defaults(hf, model_type)
+        if model_type == "gemma4":
+            return _gemma4_config(hf)
         if hf.get("use_sliding_window") and model_type not in WINDOWED_FAMILIES:
             raise ConfigError(f"use_sliding_window=true is not supported for model_type {model_type!r} "
                               f"(sliding windows are read for {', '.join(WINDOWED_FAMILIES)})")
@@ -411,6 +449,8 @@ class ModelConfig:
         if self.model_type == "gpt_oss":
             out.update(_gpt_oss_to_hf(self.layers), layer_types=types,
                        sliding_window=min(windows) if windows else HF_DEFAULTS["gpt_oss"]["sliding_window"])
+        if self.model_type == "gemma4":
+            out = _gemma4_to_hf(self, out)
         if self.layers != _layers_from_hf({**out, "model_type": self.model_type}, self.model_type):
             out["dflash_layers"] = [spec.to_json() for spec in self.layers]
         return out
@@ -420,19 +460,23 @@ class ModelConfig:
         """Exact parameter count (embeddings counted once when tied), for attention or Gated
         DeltaNet mixers and dense or mixture-of-experts MLPs (``dflash.models.count_params`` counts
         any model)."""
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        h = self.hidden_size
+        gemma, ple = FAMILIES[self.model_type].gemma, self.per_layer_input_size
         total = 0
         for spec in self.layers:
             opt = spec.mixer_option
+            head_dim = opt("head_dim", 0) or self.head_dim
+            q, kv = self.num_heads * head_dim, (opt("kv_heads", 0) or self.num_kv_heads) * head_dim
+            kv_projs = 0 if opt("kv_reuse", "") else 1 if opt("k_eq_v", False) else 2  # Gemma 4 KV sharing
             if spec.mixer == "gdn":  # in_proj (q, k, v, z, b, a), depthwise conv over q k v, A_log, dt_bias,
                 kd = opt("key_heads") * opt("key_dim")  # gated norm, out_proj
                 vd, nv = opt("value_heads") * opt("value_dim"), opt("value_heads")
                 mixer = h * (2 * kd + 2 * vd + 2 * nv) + (2 * kd + vd) * opt("conv_kernel") + 2 * nv
                 mixer += opt("value_dim") + vd * h
             else:
-                mixer = h * q * (2 if opt("output_gate", False) else 1) + 2 * h * kv + q * h
-                mixer += (q + 2 * kv) * bool(opt("qkv_bias", False)) + h * bool(opt("o_bias", False))
-                mixer += 2 * self.head_dim * bool(opt("qk_norm", False))
+                mixer = h * q * (2 if opt("output_gate", False) else 1) + kv_projs * h * kv + q * h
+                mixer += (q + kv_projs * kv) * bool(opt("qkv_bias", False)) + h * bool(opt("o_bias", False))
+                mixer += (1 + bool(kv_projs)) * head_dim * bool(opt("qk_norm", False))
                 mixer += self.num_heads * bool(opt("sinks", False))
             if spec.mlp == "moe":
                 e = spec.mlp_option("experts")
@@ -441,12 +485,17 @@ class ModelConfig:
                 mlp += e * (2 * f + h) * bool(spec.mlp_option("expert_bias", False))
                 mlp += 3 * h * spec.mlp_option("shared_expert_size", 0) + h * bool(
                     spec.mlp_option("shared_expert_gate", False))
+                dense = spec.mlp_option("dense_size", 0)  # Gemma 4's block: dense MLP, router scales, 3 norms
+                mlp += (3 * h * dense + h + e + 3 * h) if dense else 0
             else:
-                mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * bool(
-                    spec.mlp_option("bias", False))
-            total += mixer + mlp + 2 * h
+                f = spec.mlp_option("intermediate_size", 0) or self.intermediate_size
+                mlp = 3 * h * f + (2 * f + h) * bool(spec.mlp_option("bias", False))
+            # Gemma body: two more norms, the layer scalar, the per-layer input gate / projection / norm
+            body = (2 * h + 1 + (2 * h * ple + h if ple else 0)) if gemma else 0
+            total += mixer + mlp + 2 * h + body
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return total + h + emb
+        per_layer = self.per_layer_vocab_size * self.num_layers * ple + h * self.num_layers * ple + ple
+        return total + h + emb + (per_layer if ple else 0)
 
 
 def _layers_from_hf(hf: dict[str, Any], model_type: str) -> tuple[LayerSpec, ...]:
@@ -466,10 +515,12 @@ def _layers_from_hf(hf: dict[str, Any], model_type: str) -> tuple[LayerSpec, ...
     mixer = dict(spec.mixer_options)
     if model_type != "qwen2" and attention_bias:
         mixer.update(qkv_bias=True, o_bias=True)
-    mlp = {"bias": True} if hf.get("mlp_bias") else {}
+    mlp = {**dict(spec.mlp_options), **({"bias": True} if hf.get("mlp_bias") else {})}
     full = LayerSpec(spec.mixer, spec.mlp, mixer, mlp)
     if model_type in HYBRID_FAMILIES:
         return _hybrid_layers(hf, full, n)
+    if model_type == "gemma4":
+        return _gemma4_layers(hf, full, n)
     if model_type == "qwen3_moe":
         return _moe_mlps(hf, _attention_layers(hf, full, n))
     if model_type == "gpt_oss":
@@ -647,6 +698,159 @@ def _refuse_unsupported(hf: dict[str, Any]) -> None:
                           f"dequantises {', '.join(QUANT_METHODS)}; others must be dequantised first)")
 
 
+GEMMA4_TYPES = ("sliding_attention", "full_attention")
+# Gemma 4 fields whose values we cannot build: field -> (the value that is fine, what the others ask for).
+GEMMA4_REFUSED = {
+    "use_bidirectional_attention": (("vision", None), "bidirectional attention over all tokens"),
+    "hidden_activation": (("gelu_pytorch_tanh",), "another MLP activation"),
+}
+
+
+def _gemma4_config(hf: dict[str, Any]) -> ModelConfig:
+    """A ``gemma4_text`` config (transformers' class defaults filled in): the word embedding and the
+    layers as ``_gemma4_layers`` reads them, the sliding layers' RoPE as the model's (the full
+    layers' as their attention options), soft-capped logits, per-layer inputs."""
+    for key, (fine, what) in GEMMA4_REFUSED.items():
+        if hf.get(key) not in fine:
+            raise ConfigError(f"config.json {key}={hf.get(key)!r} asks for {what}, which is not supported "
+                              f"for gemma4 (supported: {fine[0]!r})")
+    rope = _gemma4_rope(hf, "sliding_attention")
+    eos = hf.get("eos_token_id")
+    ple = int(hf.get("hidden_size_per_layer_input") or 0)
+    return ModelConfig(
+        model_type="gemma4", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
+        rms_norm_eps=float(hf["rms_norm_eps"]), rope=rope,
+        max_position_embeddings=hf["max_position_embeddings"],
+        tie_word_embeddings=bool(hf["tie_word_embeddings"]), bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=() if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),),
+        layers=_layers_from_hf(hf, "gemma4"),
+        final_logit_softcapping=float(hf.get("final_logit_softcapping") or 0.0),
+        per_layer_input_size=ple, per_layer_vocab_size=int(hf["vocab_size_per_layer_input"]) if ple else 0)
+
+
+def _gemma4_rope(hf: dict[str, Any], layer_type: str) -> RopeConfig:
+    """The RoPE of one layer type (``rope_parameters`` holds one per type)."""
+    params = (hf.get("rope_parameters") or {}).get(layer_type)
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"config.json rope_parameters lacks {layer_type!r} (gemma4 keeps one RoPE per "
+                          f"layer type: {', '.join(GEMMA4_TYPES)})")
+    return RopeConfig.from_hf({"rope_parameters": dict(params)})
+
+
+def _gemma4_layer_types(hf: dict[str, Any], n: int) -> list[str]:
+    """``layer_types`` as transformers fills it in: every 6th layer full by default, the last always full."""
+    types = list(hf.get("layer_types") or [GEMMA4_TYPES[(i + 1) % 6 == 0] for i in range(n)])
+    if len(types) != n or set(types) - set(GEMMA4_TYPES):
+        raise ConfigError(f"config.json layer_types must list {n} of {' / '.join(GEMMA4_TYPES)}, got {types}")
+    types[-1] = "full_attention"
+    return types
+
+
+def _gemma4_layers(hf: dict[str, Any], base: LayerSpec, n: int) -> tuple[LayerSpec, ...]:
+    """Gemma 4's layers as transformers builds them: sliding layers window ``sliding_window``; full
+    layers take ``per_layer_config``'s head shape (else ``global_head_dim``, and
+    ``num_global_key_value_heads`` when ``attention_k_eq_v``), their values equal to their keys
+    (before the norms) when ``attention_k_eq_v``, and their type's RoPE where it is not the sliding
+    one. ``num_kv_shared_layers``: the last that many layers reuse the keys and values of the last
+    earlier layer of their type (which stores them, ``kv_store``) and, with
+    ``use_double_wide_mlp``, have MLPs twice as wide."""
+    types = _gemma4_layer_types(hf, n)
+    per_layer = {int(k): v for k, v in (hf.get("per_layer_config") or {}).items() if str(k).isdigit()}
+    shared = int(hf.get("num_kv_shared_layers") or 0)
+    first_shared = n - shared
+    if not 0 <= shared < n or set(types[first_shared:]) - set(types[:first_shared]):
+        raise ConfigError(f"config.json num_kv_shared_layers={shared}: every shared layer needs an earlier "
+                          f"layer of its type to share with ({n} layers, types {types})")
+    sliding_rope = _gemma4_rope(hf, "sliding_attention") if "sliding_attention" in types else None
+    k_eq_v = bool(hf.get("attention_k_eq_v"))
+    layers = []
+    for i, t in enumerate(types):
+        opts = dict(base.mixer_options)
+        if t == "sliding_attention":
+            opts["window"] = int(hf["sliding_window"])
+        else:
+            over = per_layer.get(i) or {"head_dim": hf["global_head_dim"], **(
+                {"num_key_value_heads": hf["num_global_key_value_heads"]}
+                if k_eq_v and hf.get("num_global_key_value_heads") else {})}
+            head_dim = int(over.get("head_dim", hf["head_dim"]))
+            kv = int(over.get("num_key_value_heads", hf["num_key_value_heads"]))
+            opts.update({"head_dim": head_dim} if head_dim != hf["head_dim"] else {})
+            opts.update({"kv_heads": kv} if kv != hf["num_key_value_heads"] else {})
+            opts.update({"k_eq_v": True} if k_eq_v else {})
+            rope = _gemma4_rope(hf, t)
+            if rope != sliding_rope:
+                if rope.rope_type not in ("default", "proportional") or rope.factor != 1:
+                    raise ConfigError(f"config.json rope_parameters.{t}: rope_type={rope.rope_type!r} "
+                                      f"factor={rope.factor} is not supported (default or proportional, "
+                                      "factor 1)")
+                opts["rope_theta"] = rope.theta
+                if rope.rope_type == "proportional":
+                    opts["rope_proportion"] = rope.proportion
+        if i >= first_shared:
+            opts["kv_reuse"] = t
+        elif shared and i == max(j for j in range(first_shared) if types[j] == t):
+            opts["kv_store"] = t
+        mlp, kind = dict(base.mlp_options), base.mlp
+        if i >= first_shared and hf.get("use_double_wide_mlp"):
+            mlp["intermediate_size"] = 2 * int(hf["intermediate_size"])
+        if hf.get("enable_moe_block"):  # the expert block beside the dense MLP (moe kind, layout gemma4)
+            kind, mlp = "moe", _gemma4_moe(hf, mlp.get("intermediate_size") or int(hf["intermediate_size"]))
+        layers.append(LayerSpec(base.mixer, kind, opts, mlp))
+    if sliding_rope is None:
+        raise ConfigError("config.json layer_types: a gemma4 model without sliding layers is not supported")
+    return tuple(layers)
+
+
+def _gemma4_moe(hf: dict[str, Any], dense: int) -> dict[str, Any]:
+    """The moe kind's options for Gemma 4's expert block (``enable_moe_block``) beside a dense MLP
+    ``dense`` wide."""
+    for key in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+        if not hf.get(key):
+            raise ConfigError(f"config.json lacks {key!r}, which gemma4's enable_moe_block needs")
+    return {"experts": int(hf["num_experts"]), "top_k": int(hf["top_k_experts"]),
+            "intermediate_size": int(hf["moe_intermediate_size"]), "norm_topk_prob": True, "router": "gemma4",
+            "activation": "geglu", "layout": "gemma4", "dense_size": dense}
+
+
+def _gemma4_to_hf(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
+    """The ``gemma4_text`` keys that describe ``cfg`` (head shapes as ``per_layer_config``)."""
+    layers = cfg.layers
+    types = [GEMMA4_TYPES[not spec.mixer_option("window", 0)] for spec in layers]
+    full = next(spec for spec, t in zip(layers, types, strict=True) if t == "full_attention")
+    theta = full.mixer_option("rope_theta", 0.0)
+    proportion = full.mixer_option("rope_proportion", 0.0)
+    full_rope: dict[str, Any] = {"rope_type": "proportional" if proportion else "default",
+                                 "rope_theta": theta or cfg.rope.theta}
+    if proportion:
+        full_rope["partial_rotary_factor"] = proportion
+    windows = [spec.mixer_option("window", 0) for spec in layers if spec.mixer_option("window", 0)]
+    for key in ("hidden_act", "rope_theta", "attention_bias"):
+        out.pop(key)
+    out.update(
+        hidden_activation="gelu_pytorch_tanh", layer_types=types,
+        sliding_window=windows[0] if windows else HF_DEFAULTS["gemma4"]["sliding_window"],
+        rope_parameters={"sliding_attention": {"rope_theta": cfg.rope.theta, **cfg.rope.scaling_to_hf()},
+                         "full_attention": full_rope},
+        per_layer_config={str(i): {"head_dim": opt("head_dim", 0) or cfg.head_dim,
+                                   "num_key_value_heads": opt("kv_heads", 0) or cfg.num_kv_heads}
+                          for i, opt in enumerate(spec.mixer_option for spec in layers)},
+        attention_bias=bool(full.mixer_option("qkv_bias", False)),
+        attention_k_eq_v=bool(full.mixer_option("k_eq_v", False)),
+        num_kv_shared_layers=sum(bool(spec.mixer_option("kv_reuse", "")) for spec in layers),
+        use_double_wide_mlp=any(spec.mlp_option("dense_size" if spec.mlp == "moe" else "intermediate_size", 0)
+                                not in (0, cfg.intermediate_size) for spec in layers),
+        final_logit_softcapping=cfg.final_logit_softcapping or None,
+        hidden_size_per_layer_input=cfg.per_layer_input_size,
+        vocab_size_per_layer_input=cfg.per_layer_vocab_size or cfg.vocab_size)
+    moe = next((dict(spec.mlp_options) for spec in layers if spec.mlp == "moe"), None)
+    out.update(enable_moe_block=moe is not None, **({} if moe is None else {
+        "num_experts": moe["experts"], "top_k_experts": moe["top_k"],
+        "moe_intermediate_size": moe["intermediate_size"]}))
+    return out
+
+
 def _llama3_rope() -> RopeConfig:
     return RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                       high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -749,6 +953,28 @@ PRESETS["qwen3_next_80b_a3b"] = ModelConfig.from_hf({
     "shared_expert_intermediate_size": 512, "norm_topk_prob": True, "decoder_sparse_step": 1,
     "mlp_only_layers": []})
 
+# Gemma 4 (their config.json text_config keys that we read). The hub files were not reachable from
+# here; these values agree across public copies of them (AI-Hypercomputer-style model tables,
+# vLLM-metal / SGLang / llama.cpp-port tests quoting "gemma-4-31B" and a 26B-A4B-based
+# diffusion_gemma config.json; transformers' Gemma4TextConfig notes gemma-4-26B-A4B-it's
+# num_global_key_value_heads=2). Unconfirmed: eos/bos (the class defaults 1 / 2 here; the -it
+# chat turn ends with <end_of_turn>, which the generation config lists) and max_position_embeddings.
+_GEMMA4 = {"model_type": "gemma4_text", "vocab_size": 262144, "vocab_size_per_layer_input": 262144,
+           "head_dim": 256, "global_head_dim": 512, "attention_k_eq_v": True, "sliding_window": 1024,
+           "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+           "tie_word_embeddings": True, "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0,
+           "hidden_activation": "gelu_pytorch_tanh", "eos_token_id": 1, "bos_token_id": 2,
+           "rope_parameters": HF_DEFAULTS["gemma4"]["rope_parameters"]}
+PRESETS["gemma4_31b"] = ModelConfig.from_hf({  # google/gemma-4-31B(-it): 50 sliding + 10 full layers
+    **_GEMMA4, "hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 60,
+    "num_attention_heads": 32, "num_key_value_heads": 16, "num_global_key_value_heads": 4,
+    "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(60)]})
+PRESETS["gemma4_26b_a4b"] = ModelConfig.from_hf({  # google/gemma-4-26B-A4B(-it): 128 experts, 8 per token
+    **_GEMMA4, "hidden_size": 2816, "intermediate_size": 2112, "num_hidden_layers": 30,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "num_global_key_value_heads": 2,
+    "enable_moe_block": True, "num_experts": 128, "top_k_experts": 8, "moe_intermediate_size": 704,
+    "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(30)]})
+
 
 def preset(name: str) -> ModelConfig:
     """Named full-size architecture preset (``qwen3_8b`` ...)."""
@@ -783,6 +1009,10 @@ HUB_PRESETS = {
     "Qwen/Qwen3.6-27B": "qwen3_6_27b",
     "Qwen/Qwen3.5-35B-A3B": "qwen3_5_35b_a3b",
     "Qwen/Qwen3-Next-80B-A3B-Instruct": "qwen3_next_80b_a3b",
+    "google/gemma-4-31B-it": "gemma4_31b",
+    "google/gemma-4-31B": "gemma4_31b",
+    "google/gemma-4-26B-A4B-it": "gemma4_26b_a4b",
+    "google/gemma-4-26B-A4B": "gemma4_26b_a4b",
     "openai/gpt-oss-20b": "gpt_oss_20b",
     "openai/gpt-oss-120b": "gpt_oss_120b",
     "meta-llama/Llama-3.1-8B-Instruct": "llama3_1_8b",

@@ -45,6 +45,11 @@ def target_rows(cfg: ModelConfig, prefix: str = TEXT_MODEL) -> tuple[WeightRow, 
                                                                                  "norm.weight")]
     if not cfg.tie_word_embeddings:
         rows.append(WeightRow("lm_head.weight", "lm_head", transpose=True))
+    if cfg.per_layer_input_size:  # Gemma 4's per-layer inputs
+        rows += [WeightRow(f"{prefix}embed_tokens_per_layer.weight", "embed_tokens_per_layer"),
+                 WeightRow(f"{prefix}per_layer_model_projection.weight", "per_layer_model_projection.kernel",
+                           transpose=True),
+                 WeightRow(f"{prefix}per_layer_projection_norm.weight", "per_layer_projection_norm.weight")]
     for i in range(cfg.num_layers):
         rows += kinds.layer_weights(cfg, i, prefix=prefix)
     return tuple(rows)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dflash.config import LayerSpec, ModelConfig
+from dflash.config import FAMILIES, LayerSpec, ModelConfig
 from dflash.errors import CacheOverflowError, ConfigError
 from dflash.models.cache import Cache
 from dflash.sharding import register_rules
@@ -147,6 +147,8 @@ class MLPKind:
     # Parameters a pass over ``rows`` tokens leaves unread (a mixture's experts no token is routed
     # to; dflash.flops.params_read); None: it reads all of them.
     unread: Callable[[ModelConfig, LayerSpec, int], float] | None = None
+    # Where its HF tensors live relative to the layer (Gemma 4's expert block: beside ``mlp.``).
+    hf_prefix: Callable[[LayerSpec], str] = lambda spec: "mlp."
 
 
 MIXERS: dict[str, MixerKind] = {}
@@ -201,13 +203,22 @@ def check(cfg: ModelConfig) -> ModelConfig:
 def layer_weights(cfg: ModelConfig, i: int, prefix: str = "") -> tuple[WeightRow, ...]:
     """Weight rows of decoder layer ``i`` (HF keys under ``prefix``, e.g. ``model.``)."""
     spec = cfg.layer(i)
-    mixer = mixer_kind(spec)
+    mixer, mlp = mixer_kind(spec), mlp_kind(spec)
     at = f"layers.{i}."
-    return (WeightRow(f"{prefix}{at}input_layernorm.weight", f"{at}input_layernorm.weight"),
+    gemma: tuple[WeightRow, ...] = ()
+    if FAMILIES[cfg.model_type].gemma:  # the Gemma body's norms, scalar and per-layer input (DecoderLayer)
+        names = ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight", "layer_scalar"]
+        if cfg.per_layer_input_size:
+            names.append("post_per_layer_input_norm.weight")
+        gemma = tuple(WeightRow(f"{prefix}{at}{n}", f"{at}{n}") for n in names) + tuple(
+            WeightRow(f"{prefix}{at}{n}.weight", f"{at}{n}.kernel", transpose=True)
+            for n in ("per_layer_input_gate", "per_layer_projection") if cfg.per_layer_input_size)
+    return (*gemma, WeightRow(f"{prefix}{at}input_layernorm.weight", f"{at}input_layernorm.weight"),
             WeightRow(f"{prefix}{at}post_attention_layernorm.weight", f"{at}post_attention_layernorm.weight"),
             *(row.prefixed(f"{prefix}{at}{mixer.attr}.", f"{at}{mixer.attr}.") for row in mixer.weights(cfg,
                                                                                                         spec)),
-            *(row.prefixed(f"{prefix}{at}mlp.", f"{at}mlp.") for row in mlp_kind(spec).weights(cfg, spec)))
+            *(row.prefixed(f"{prefix}{at}{mlp.hf_prefix(spec)}", f"{at}mlp.")
+              for row in mlp.weights(cfg, spec)))
 
 
 def layer_flops(cfg: ModelConfig, i: int, rows: int, keys: float) -> float:

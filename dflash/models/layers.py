@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from dflash.attention import block_slots, key_positions, visibility, window_mask
-from dflash.config import ModelConfig, RopeConfig, llama3_inv_freq_scale
+from dflash.config import FAMILIES, ModelConfig, RopeConfig, llama3_inv_freq_scale
 from dflash.sharding import constrain
 
 
@@ -38,23 +38,31 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMSNorm computed in float32, cast back before the weight (as HF does). ``zero_centred``
     (Qwen3-Next, Qwen3.5): scaled by ``1 + w`` in float32, then cast, ``w`` starting at 0 (so a
-    new norm is the identity scale either way)."""
+    new norm is the identity scale either way). ``scale_f32`` (Gemma 4): scaled by ``w`` in float32,
+    then cast. ``with_scale=False``: no weight at all (Gemma 4's value norm)."""
 
-    def __init__(self, dim: int, eps: float, dtype: jnp.dtype, zero_centred: bool = False):
-        self.weight = nnx.Param((jnp.zeros if zero_centred else jnp.ones)((dim,), dtype))
-        self.eps, self.zero_centred = eps, zero_centred
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype, zero_centred: bool = False,
+                 scale_f32: bool = False, with_scale: bool = True):
+        init = jnp.zeros if zero_centred else jnp.ones
+        self.weight = nnx.Param(init((dim,), dtype)) if with_scale else None
+        self.eps, self.zero_centred, self.scale_f32 = eps, zero_centred, scale_f32
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.weight is None:
+            return x32.astype(x.dtype)
         if self.zero_centred:
             return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        if self.scale_f32:
+            return (x32 * self.weight[...].astype(jnp.float32)).astype(x.dtype)
         return self.weight[...] * x32.astype(x.dtype)
 
 
-def model_norm(cfg: ModelConfig, dim: int, dtype: jnp.dtype) -> RMSNorm:
-    """An RMSNorm of ``cfg``'s kind (zero-centred or not) over ``dim`` channels."""
-    return RMSNorm(dim, cfg.rms_norm_eps, dtype, zero_centred=bool(cfg.zero_centred_norm))
+def model_norm(cfg: ModelConfig, dim: int, dtype: jnp.dtype, with_scale: bool = True) -> RMSNorm:
+    """An RMSNorm of ``cfg``'s kind (zero-centred or not; Gemma's float32 scale) over ``dim`` channels."""
+    return RMSNorm(dim, cfg.rms_norm_eps, dtype, zero_centred=bool(cfg.zero_centred_norm),
+                   scale_f32=FAMILIES[cfg.model_type].gemma, with_scale=with_scale)
 
 
 def inv_freq(rope: RopeConfig, dim: int) -> np.ndarray:
@@ -67,6 +75,9 @@ def inv_freq(rope: RopeConfig, dim: int) -> np.ndarray:
         inv = llama3_inv_freq_scale(rope, inv).astype(np.float32)
     elif rope.rope_type == "yarn":
         inv = _yarn_inv_freq(rope, dim, pos_freqs)
+    elif rope.rope_type == "proportional":  # frequency 0 (no rotation) past the rotated pairs
+        rotated = int(rope.proportion * dim // 2)
+        inv = (np.where(np.arange(dim // 2) < rotated, inv, 0.0) / np.float32(rope.factor)).astype(np.float32)
     return inv
 
 
@@ -149,6 +160,9 @@ class Context:
     # A recurrent state holds still past them, so a prefill of padded prompts needs no per-position
     # trail (docs/design.md §3); slot-per-token states ignore it (keep hides the padding).
     valid_B: jax.Array | None = None
+    # Keys and values an attention layer hands to later layers of this pass under a name
+    # (``kv_store`` / ``kv_reuse``, Gemma 4's KV sharing): ``(k, v, k_new, v_new, cached)``.
+    shared_kv: dict[str, Any] = dataclasses.field(default_factory=dict)
     _memo: dict[Any, jax.Array] = dataclasses.field(default_factory=dict)
 
     def _once(self, key: Any, make: Any) -> Any:
@@ -165,8 +179,10 @@ class Context:
         """Cache slots of the new tokens."""
         return self._once("slots", lambda: block_slots(self.lengths_B, self.positions_BT.shape[1]))
 
-    def rope_tables(self, dim: int) -> tuple[jax.Array, jax.Array]:
-        return self._once(("rope", dim), lambda: rope_tables(self.rope, dim, self.positions_BT))
+    def rope_tables(self, dim: int, rope: RopeConfig | None = None) -> tuple[jax.Array, jax.Array]:
+        """RoPE tables over ``dim`` channels: the model's RoPE, or a layer's own ``rope``."""
+        rope = self.rope if rope is None else rope
+        return self._once(("rope", dim, rope), lambda: rope_tables(rope, dim, self.positions_BT))
 
     def visible(self) -> jax.Array:
         """``[B, T, S]`` (``S = T`` without a cache): which keys each new token sees."""

@@ -11,6 +11,11 @@ gate, up and down); ``activation``: ``swiglu`` (``silu(gate) * up``) or ``clampe
 weights (``qwen3_moe`` or ``gpt_oss``, ``_weights``); ``shared_expert_size`` (Qwen3-Next,
 Qwen3.5-MoE: a dense SwiGLU expert of that width every token passes through, added to the routed
 sum; 0: none) and ``shared_expert_gate`` (its output times ``sigmoid(x @ w)``, one logit per token).
+Gemma 4's expert block (``layout``/``router`` ``gemma4``, ``activation`` ``geglu``): a dense GeGLU
+MLP of width ``dense_size`` on the layer's pre-MLP-normed input beside the experts, which run on
+their own norm of the layer's residual stream and are routed from that stream (an unweighted norm
+times ``router_scale / sqrt(D)``, softmax, top k renormalised, times ``per_expert_scale``); each
+branch has its own output norm and the block returns their sum (the layer norms it once more).
 
 Compute: the token-expert pairs are sorted by expert and each expert's contiguous group goes
 through a grouped matmul (``dispatch.grouped_matmul``: megablox ``gmm`` on TPU, else
@@ -41,16 +46,17 @@ from dflash.kernels.common import platform
 from dflash.models.dense_mlp import MLP
 from dflash.models.dense_mlp import _weights as dense_rows
 from dflash.models.kinds import MLPKind, WeightRow, mlp_option, register_mlp
-from dflash.models.layers import Linear, normal
+from dflash.models.layers import Linear, model_norm, normal
 from dflash.sharding import ShardingError, activation_spec, batch_shards
 
 OPTIONS = {"experts": 0, "top_k": 1, "norm_topk_prob": False, "intermediate_size": 0,
            "router": "softmax_topk", "router_bias": False, "expert_bias": False, "activation": "swiglu",
            "swiglu_limit": 7.0, "swiglu_alpha": 1.702, "layout": "qwen3_moe", "shared_expert_size": 0,
-           "shared_expert_gate": False}
-ROUTERS = ("softmax_topk", "topk_softmax")  # Qwen3-MoE: softmax then top-k; gpt-oss: top-k then softmax
-ACTIVATIONS = ("swiglu", "clamped_swiglu")
-LAYOUTS = ("qwen3_moe", "gpt_oss")  # the checkpoint tensors the weights are read from (_weights)
+           "shared_expert_gate": False, "dense_size": 0}
+# Qwen3-MoE: softmax then top-k; gpt-oss: top-k then softmax; Gemma 4: scaled norm, softmax, top-k
+ROUTERS = ("softmax_topk", "topk_softmax", "gemma4")
+ACTIVATIONS = ("swiglu", "clamped_swiglu", "geglu")
+LAYOUTS = ("qwen3_moe", "gpt_oss", "gemma4")  # the checkpoint tensors the weights are read from (_weights)
 
 
 def expert_width(cfg: ModelConfig, spec: LayerSpec) -> int:
@@ -78,7 +84,7 @@ class MoE(nnx.Module):
         self.top_k, self.norm_topk_prob = k, bool(mlp_option(spec, "norm_topk_prob"))
         self.router = _choice(spec, "router", ROUTERS)
         self.activation = _choice(spec, "activation", ACTIVATIONS)
-        _choice(spec, "layout", LAYOUTS)
+        self.layout = _choice(spec, "layout", LAYOUTS)
         self.limit = float(mlp_option(spec, "swiglu_limit"))
         self.alpha = float(mlp_option(spec, "swiglu_alpha"))
         # the router (HF ``mlp.gate``, gpt-oss ``mlp.router``)
@@ -94,6 +100,17 @@ class MoE(nnx.Module):
         self.shared_expert = MLP(cfg, spec, dtype=dtype, rngs=rngs, width=shared) if shared else None
         gated = shared and mlp_option(spec, "shared_expert_gate")
         self.shared_expert_gate = Linear(d, 1, bias=False, dtype=dtype, rngs=rngs) if gated else None
+        gemma, dense = self.router == "gemma4", mlp_option(spec, "dense_size")
+        self.router_norm = model_norm(cfg, d, dtype, with_scale=False) if gemma else None
+        self.router_scale = nnx.Param(jnp.ones((d,), dtype)) if gemma else None
+        self.per_expert_scale = nnx.Param(jnp.ones((e,), dtype)) if gemma else None
+        self.dense = (MLP(cfg, spec, dtype=dtype, rngs=rngs, width=dense, activation="gelu_tanh") if dense
+                      else None)
+        beside = self.layout == "gemma4"  # the block's own norms (HF names: ..._1 dense, ..._2 experts)
+        self.post_feedforward_layernorm_1 = model_norm(cfg, d, dtype) if beside else None
+        self.pre_feedforward_layernorm_2 = model_norm(cfg, d, dtype) if beside else None
+        self.post_feedforward_layernorm_2 = model_norm(cfg, d, dtype) if beside else None
+        self.takes_residual = beside  # static: the layer passes its residual stream too
 
     def shared(self, x_BTD: jax.Array) -> jax.Array | float:
         """The shared expert's output (times its gate's sigmoid), or 0 without one."""
@@ -106,6 +123,9 @@ class MoE(nnx.Module):
 
     def route(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Each token's ``top_k`` experts ``[N, k]`` and their weights ``[N, k]`` (x's dtype)."""
+        if self.router == "gemma4":
+            x_ND = self.router_norm(x_ND) * self.router_scale[...] * jnp.asarray(x_ND.shape[-1] ** -0.5,
+                                                                                  x_ND.dtype)
         logits_NE = self.gate(x_ND).astype(jnp.float32)
         if self.router == "topk_softmax":
             top_NK, e_NK = jax.lax.top_k(logits_NE, self.top_k)
@@ -114,6 +134,8 @@ class MoE(nnx.Module):
             w_NK, e_NK = jax.lax.top_k(jax.nn.softmax(logits_NE, axis=-1), self.top_k)
         if self.norm_topk_prob:
             w_NK = w_NK / w_NK.sum(-1, keepdims=True)
+        if self.per_expert_scale is not None:
+            w_NK = w_NK * self.per_expert_scale[...][e_NK].astype(jnp.float32)
         return e_NK, w_NK.astype(x_ND.dtype)
 
     def activate(self, gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -122,6 +144,8 @@ class MoE(nnx.Module):
         if self.activation == "clamped_swiglu":
             gate, up = jnp.minimum(gate, self.limit), jnp.clip(up, -self.limit, self.limit)
             return (up + 1) * (gate * jax.nn.sigmoid(gate * self.alpha))
+        if self.activation == "geglu":
+            return jax.nn.gelu(gate, approximate=True) * up
         return jax.nn.silu(gate) * up
 
     def expert_weights(self) -> Weights:
@@ -158,9 +182,22 @@ class MoE(nnx.Module):
                         lambda b: b[sorted_M])
         return y_MD, order_M
 
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, residual_BTD: jax.Array | None = None) -> jax.Array:
+        """``x``: the layer's normed input; ``residual`` (Gemma 4's block): its residual stream."""
+        if self.layout == "gemma4":
+            return self.gemma4_block(x_BTD, residual_BTD, self.routed)
+        return self.routed(x_BTD, x_BTD) + self.shared(x_BTD)
+
+    def gemma4_block(self, x_BTD: jax.Array, residual_BTD: jax.Array, experts: Callable) -> jax.Array:
+        """Gemma 4: the dense MLP on ``x`` beside ``experts(normed residual, residual)``, each normed."""
+        dense_BTD = self.post_feedforward_layernorm_1(self.dense(x_BTD))
+        moe_BTD = experts(self.pre_feedforward_layernorm_2(residual_BTD), residual_BTD)
+        return dense_BTD + self.post_feedforward_layernorm_2(moe_BTD)
+
+    def routed(self, x_BTD: jax.Array, route_BTD: jax.Array) -> jax.Array:
+        """The experts' weighted sum on ``x``, routed from ``route`` (the same tokens)."""
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        e_NK, w_NK = self.route(x_ND)
+        e_NK, w_NK = self.route(route_BTD.reshape(x_ND.shape))
         mesh = _mesh()
         if mesh is not None and (mesh.shape["expert"] > 1 or dispatch.use_gmm_kernel(self.impl)):
             y_ND = _expert_parallel(self, x_ND, e_NK, w_NK, mesh)
@@ -168,12 +205,17 @@ class MoE(nnx.Module):
             rows_M = jnp.arange(e_NK.size) // self.top_k  # M = N * k token-expert pairs, token-major
             y_MD, order_M = self.grouped(x_ND, rows_M, e_NK.reshape(-1), self.expert_weights())
             y_ND = jnp.zeros_like(x_ND).at[rows_M[order_M]].add(y_MD * w_NK.reshape(-1)[order_M, None])
-        return y_ND.reshape(x_BTD.shape) + self.shared(x_BTD)
+        return y_ND.reshape(x_BTD.shape)
 
-    def dense_reference(self, x_BTD: jax.Array) -> jax.Array:
+    def dense_reference(self, x_BTD: jax.Array, residual_BTD: jax.Array | None = None) -> jax.Array:
         """Every expert on every token, weighted by the routing (zero off the top k): the formula."""
+        if self.layout == "gemma4":
+            return self.gemma4_block(x_BTD, residual_BTD, self.every_expert)
+        return self.every_expert(x_BTD, x_BTD) + self.shared(x_BTD)
+
+    def every_expert(self, x_BTD: jax.Array, route_BTD: jax.Array) -> jax.Array:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        e_NK, w_NK = self.route(x_ND)
+        e_NK, w_NK = self.route(route_BTD.reshape(x_ND.shape))
         weights_NE = jnp.zeros((x_ND.shape[0], self.experts_gate.shape[0]), x_ND.dtype)
         weights_NE = weights_NE.at[jnp.arange(x_ND.shape[0])[:, None], e_NK].set(w_NK)
 
@@ -181,7 +223,7 @@ class MoE(nnx.Module):
             return jnp.einsum("nd,edf->nef" if a.ndim == 2 else "nef,efd->ned", a, w)
 
         y_NED = self.ffn(x_ND, self.expert_weights(), every_expert, lambda b: b[None])
-        return jnp.einsum("ne,ned->nd", weights_NE, y_NED).reshape(x_BTD.shape) + self.shared(x_BTD)
+        return jnp.einsum("ne,ned->nd", weights_NE, y_NED).reshape(x_BTD.shape)
 
 
 def _mesh() -> Any:
@@ -280,6 +322,16 @@ def _weights(cfg: ModelConfig, spec: LayerSpec) -> tuple[WeightRow, ...]:
     ``experts.gate_up_proj [E, D, 2F]`` with gate and up
     interleaved (gate the even columns) and its ``_bias [E, 2F]``, ``experts.down_proj [E, F, D]``
     and its ``_bias`` (``[in, out]`` already; MXFP4 files: dequantised by loading)."""
+    if mlp_option(spec, "layout") == "gemma4":  # relative to the layer (MLPKind.hf_prefix)
+        norms = tuple(f"{p}_feedforward_layernorm_{i}" for p, i in (("post", 1), ("pre", 2), ("post", 2)))
+        return (WeightRow("router.proj.weight", "gate.kernel", transpose=True),
+                WeightRow("router.scale", "router_scale"),
+                WeightRow("router.per_expert_scale", "per_expert_scale"),
+                WeightRow("experts.gate_up_proj", "experts_gate", transpose=True, part=(0, 2)),
+                WeightRow("experts.gate_up_proj", "experts_up", transpose=True, part=(1, 2)),
+                WeightRow("experts.down_proj", "experts_down", transpose=True),
+                *(row.prefixed("mlp.", "dense.") for row in dense_rows(cfg, spec)),
+                *(WeightRow(f"{n}.weight", f"{n}.weight") for n in norms))
     if mlp_option(spec, "layout") == "gpt_oss":
         bias = mlp_option(spec, "expert_bias")
         rows = [WeightRow("router.weight", "gate.kernel", transpose=True),
@@ -305,7 +357,8 @@ def _weights(cfg: ModelConfig, spec: LayerSpec) -> tuple[WeightRow, ...]:
 def _flops(cfg: ModelConfig, spec: LayerSpec, rows: int) -> float:
     """The router plus ``top_k`` SwiGLU experts per token (plus the shared expert and its gate)."""
     d, e, k = cfg.hidden_size, mlp_option(spec, "experts"), mlp_option(spec, "top_k")
-    shared = 3 * d * mlp_option(spec, "shared_expert_size") + d * bool(mlp_option(spec, "shared_expert_gate"))
+    shared = 3 * d * (mlp_option(spec, "shared_expert_size") + mlp_option(spec, "dense_size"))
+    shared += d * bool(mlp_option(spec, "shared_expert_gate"))
     return 2.0 * rows * (d * e + k * 3 * d * expert_width(cfg, spec) + shared)
 
 
@@ -334,7 +387,11 @@ MOE = register_mlp(MLPKind(
         (r"(^|\.)mlp\.experts_(gate|up)_bias$", ("exp", "mlp")),
         (r"(^|\.)mlp\.experts_down_bias$", ("exp", None)),
         (r"(^|\.)mlp\.shared_expert_gate\.kernel$", ("embed", None)),  # its MLP: the dense kind's rows
+        (r"(^|\.)mlp\.router_scale$", (None,)),
+        (r"(^|\.)mlp\.\w+_feedforward_layernorm_[12]\.weight$", (None,)),
+        (r"(^|\.)mlp\.per_expert_scale$", (None,)),
     ),
     flops=_flops,
     unread=_unread,
+    hf_prefix=lambda spec: "" if mlp_option(spec, "layout") == "gemma4" else "mlp.",
 ))

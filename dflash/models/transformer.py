@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from dflash.attention import causal_mask
-from dflash.config import LayerSpec, ModelConfig
+from dflash.config import FAMILIES, LayerSpec, ModelConfig
 from dflash.kernels import dispatch
 
 # The built-in kinds register themselves on import: every model below can use them.
@@ -37,7 +37,15 @@ from dflash.models.layers import (  # noqa: F401, E402
     rope_cos_sin,
     split_heads,
 )
-from dflash.sharding import constrain
+from dflash.sharding import constrain, register_rules
+
+register_rules((  # the Gemma body's own parameters (per-layer inputs, layer scalar)
+    (r"(^|\.)embed_tokens_per_layer$", ("vocab", None)),
+    (r"(^|\.)per_layer_model_projection\.kernel$", ("embed", None)),
+    (r"(^|\.)per_layer_input_gate\.kernel$", ("embed", None)),
+    (r"(^|\.)per_layer_projection\.kernel$", (None, "embed")),
+    (r"(^|\.)layer_scalar$", (None,)),
+))
 
 INPUT_EMBEDDINGS = -1
 """A ``hidden_layers`` entry: the embedding output (HF ``hidden_states[0]``), what a drafter that
@@ -58,27 +66,54 @@ Mix = Callable[[jax.Array], tuple[jax.Array, Any]]
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual layer: ``x + mix(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm residual layer: ``x + mix(norm(x))``, then ``x + mlp(norm(x))``.
+
+    The Gemma body (``Family.gemma``) norms each branch's output too (HF names:
+    ``post_attention_layernorm`` after the mixer, ``pre_`` / ``post_feedforward_layernorm`` around
+    the MLP), then, with per-layer inputs, adds ``norm(proj(gelu(gate(x)) * per_layer_input))``,
+    and scales the layer's output by ``layer_scalar``.
+    """
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         mixer, mlp = kinds.mixer_kind(spec), kinds.mlp_kind(spec)
-        self.input_layernorm = model_norm(cfg, cfg.hidden_size, dtype)
+        d = cfg.hidden_size
+        self.gemma = FAMILIES[cfg.model_type].gemma  # static
+        self.input_layernorm = model_norm(cfg, d, dtype)
         self.mixer_attr = mixer.attr  # static: where the mixer lives (HF's name: ``self_attn``)
         setattr(self, mixer.attr, mixer.module(cfg, spec, dtype=dtype, rngs=rngs))
-        self.post_attention_layernorm = model_norm(cfg, cfg.hidden_size, dtype)
+        self.post_attention_layernorm = model_norm(cfg, d, dtype)
         self.mlp = mlp.module(cfg, spec, dtype=dtype, rngs=rngs)
+        gemma = self.gemma
+        self.pre_feedforward_layernorm = model_norm(cfg, d, dtype) if gemma else None
+        self.post_feedforward_layernorm = model_norm(cfg, d, dtype) if gemma else None
+        self.layer_scalar = nnx.Param(jnp.ones((1,), dtype)) if gemma else None
+        p = cfg.per_layer_input_size if gemma else 0
+        self.per_layer_input_gate = Linear(d, p, bias=False, dtype=dtype, rngs=rngs) if p else None
+        self.per_layer_projection = Linear(p, d, bias=False, dtype=dtype, rngs=rngs) if p else None
+        self.post_per_layer_input_norm = model_norm(cfg, d, dtype) if p else None
 
     @property
     def mixer(self) -> nnx.Module:
         return getattr(self, self.mixer_attr)
 
-    def __call__(self, x: jax.Array, mix: Mix) -> tuple[jax.Array, Any]:
+    def __call__(self, x: jax.Array, mix: Mix,
+                 per_layer_input: jax.Array | None = None) -> tuple[jax.Array, Any]:
         """``mix(normed x) -> (out, aux)`` is the layer's own mixer or a caller's (a drafter's
-        attention); the MLP and the norms are the layer's. Any rank ``[B, ..., D]``."""
+        attention); the MLP and the norms are the layer's. Any rank ``[B, ..., D]``;
+        ``per_layer_input`` ``[B, ..., P]``: this layer's slice of the per-layer inputs."""
         x = constrain(x, "hidden")  # layer boundary: batch over data x fsdp x expert
         out, aux = mix(self.input_layernorm(x))
-        x = x + out
-        return x + self.mlp(self.post_attention_layernorm(x)), aux
+        if not self.gemma:
+            x = x + out
+            return x + self.mlp(self.post_attention_layernorm(x)), aux
+        x = x + self.post_attention_layernorm(out)
+        normed = self.pre_feedforward_layernorm(x)
+        mlp_out = self.mlp(normed, x) if getattr(self.mlp, "takes_residual", False) else self.mlp(normed)
+        x = x + self.post_feedforward_layernorm(mlp_out)
+        if self.per_layer_input_gate is not None:
+            gated = jax.nn.gelu(self.per_layer_input_gate(x), approximate=True) * per_layer_input
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(gated))
+        return x * self.layer_scalar[...], aux
 
 
 def pass_context(cfg: ModelConfig, impl: str, positions_BT: jax.Array, cache: Cache | None = None, *,
@@ -102,6 +137,14 @@ class Transformer(nnx.Module):
         # auto | pallas | reference (dflash.kernels.dispatch): a static attribute, part of the graphdef.
         self.attention_impl = dispatch.check_impl(attention_impl)
         self.embed_tokens = normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+        # Gemma: embeddings times sqrt(D) (in the weights' dtype, as transformers rounds it)
+        self.embed_scale = cfg.hidden_size ** 0.5 if FAMILIES[cfg.model_type].gemma else 0.0
+        ple, n = cfg.per_layer_input_size, cfg.num_layers
+        per_layer_shape = (cfg.per_layer_vocab_size, n * ple)
+        self.embed_tokens_per_layer = normal(rngs, per_layer_shape, dtype) if ple else None
+        self.per_layer_model_projection = Linear(cfg.hidden_size, n * ple, bias=False, dtype=dtype,
+                                                 rngs=rngs) if ple else None
+        self.per_layer_projection_norm = model_norm(cfg, ple, dtype) if ple else None
         self.layers = nnx.List([DecoderLayer(cfg, spec, dtype=dtype, rngs=rngs) for spec in cfg.layers])
         for layer in self.layers:  # an MLP with a kernel choice (moe: its grouped matmul) follows this one
             if hasattr(layer.mlp, "impl"):
@@ -111,7 +154,23 @@ class Transformer(nnx.Module):
         self.lm_head = normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype) if untied else None
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
-        return constrain(jnp.take(self.embed_tokens[...], tokens_BT, axis=0), "hidden")
+        x_BTD = jnp.take(self.embed_tokens[...], tokens_BT, axis=0)
+        if self.embed_scale:
+            x_BTD = x_BTD * jnp.asarray(self.embed_scale, x_BTD.dtype)
+        return constrain(x_BTD, "hidden")
+
+    def per_layer_inputs(self, tokens_BT: jax.Array, x_BTD: jax.Array) -> jax.Array:
+        """Gemma 4's per-layer inputs ``[B, T, L, P]``: the token's per-layer embedding (times
+        ``sqrt(P)``) plus the normed projection of its word embedding ``x`` (times ``1/sqrt(D)``),
+        times ``1/sqrt(2)``, in the weights' dtype as transformers computes them."""
+        b, t = tokens_BT.shape
+        n, p = self.cfg.num_layers, self.cfg.per_layer_input_size
+        table = self.embed_tokens_per_layer[...]
+        tok_BTLP = jnp.take(table, tokens_BT, axis=0) * jnp.asarray(p ** 0.5, table.dtype)
+        tok_BTLP = tok_BTLP.reshape(b, t, n, p)
+        proj_BTLP = (self.per_layer_model_projection(x_BTD) * jnp.asarray(self.cfg.hidden_size ** -0.5,
+                                                                          x_BTD.dtype)).reshape(b, t, n, p)
+        return (self.per_layer_projection_norm(proj_BTLP) + tok_BTLP) * jnp.asarray(2 ** -0.5, x_BTD.dtype)
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:
         """Final norm + LM head, float32 logits ``[B, T, V]``."""
@@ -129,6 +188,9 @@ class Transformer(nnx.Module):
                                 preferred_element_type=jnp.float32)
         else:
             logits = jnp.einsum("...D,DV->...V", x_BTD, self.lm_head[...], preferred_element_type=jnp.float32)
+        cap = self.cfg.final_logit_softcapping
+        if cap:  # Gemma: c * tanh(logits / c)
+            logits = jnp.tanh(logits / cap) * cap
         return constrain(logits, "vocab")
 
     def context(self, positions_BT: jax.Array, cache: Cache | None = None, *,
@@ -188,10 +250,13 @@ class Transformer(nnx.Module):
         x_BTD = self.embed(tokens_BT)
         if INPUT_EMBEDDINGS in want:
             hidden[want[INPUT_EMBEDDINGS]] = x_BTD
+        per_layer_BTLP = (self.per_layer_inputs(tokens_BT, x_BTD) if self.embed_tokens_per_layer is not None
+                          else None)
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
             x_BTD, state = layer(x_BTD, lambda h, layer=layer, state=state: layer.mixer(h, ctx=ctx,
-                                                                                        state=state))
+                                                                                        state=state),
+                                 None if per_layer_BTLP is None else per_layer_BTLP[:, :, i])
             if stack_kv and state is not None:  # in place: one buffer for all layers
                 k_all = k_all.at[i].set(state.k.astype(k_all.dtype))
                 v_all = v_all.at[i].set(state.v.astype(v_all.dtype))
