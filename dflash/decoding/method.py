@@ -53,6 +53,11 @@ class DraftMethod(abc.ABC):
     mask_token_id: int | None = None
     """The drafter's mask token, never emitted by verification; None if the method has none."""
 
+    commit_tokens: ClassVar[bool] = False
+    """True: ``prefill`` also gets the prompt tokens (``tokens_BP=``) and ``commit`` the verified
+    tokens ``[anchor, d_1 ..]`` (``tokens_BQ=``, a tree: along the accepted path), for a drafter whose
+    cached rows pair a position's features with the token after it (EAGLE-3)."""
+
     @property
     def verify_tokens(self) -> int:
         """Tokens the target scores per step (cache slots a step may write past the committed ones)."""
@@ -81,6 +86,28 @@ class ChainDraft(DraftMethod):
                 sampling: SamplingParams) -> tuple[jax.Array, jax.Array | None]:
         """Drafts ``[B, Q-1]`` int32 after ``step.anchor_B`` and their proposal probabilities
         ``[B, Q-1, V]``, or None when the drafts are deterministic."""
+
+
+class StepwiseDraft(ChainDraft):
+    """A chain method whose drafter proposes one token per sequential step; the dynamic tree
+    (decoding/dynamic_tree.py) calls these two instead of ``propose``."""
+
+    @abc.abstractmethod
+    def tree_start(self, drafter, target, state, step: StepInputs) -> tuple[jax.Array, Any]:
+        """``(logp_BV, carry)``: float32 log-probabilities (over the TARGET vocabulary, -inf where the
+        drafter cannot propose, e.g. outside a reduced draft vocabulary) of the token after
+        ``step.anchor_B``, and the drafter's carry for expanding the tree (its scratch KV for tree
+        nodes etc.; a pytree of arrays, static shapes)."""
+
+    @abc.abstractmethod
+    def tree_expand(self, drafter, target, carry, tokens_BK: jax.Array, parents_BK: jax.Array,
+                    depth: int) -> tuple[jax.Array, Any]:
+        """Feed K new tree nodes at ``depth`` (1-based; their position is ``lengths_B + depth``):
+        ``tokens_BK`` int32, ``parents_BK`` int32 = the index of each node's parent among the K nodes
+        fed at ``depth - 1`` (for depth 1: all 0 = the anchor/root). Each node attends to the
+        committed context and to its own ancestors only (the tree mask). Returns ``logp_BKV`` (the
+        distribution of the token after each node, as in tree_start) and the new carry. K is the
+        same static value at every depth >= 1 (the tree's top-k); ``depth`` is a Python int."""
 
 
 class TreeDraft(DraftMethod):

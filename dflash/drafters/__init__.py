@@ -1,8 +1,9 @@
 """Drafters: one registry of drafter kinds (``registry``) and the built-in kinds, DFlash (block
-diffusion conditioned on target features) and Orthrus (diffusion attention inside the target),
+diffusion conditioned on target features), Orthrus (diffusion attention inside the target) and
+EAGLE-3 (one autoregressive layer over target features, the baseline),
 with what their training shares (``blocks``, ``objective``, ``loss_head``)."""
 
-from dflash.drafters import dflash, orthrus  # noqa: F401  (the built-in kinds register themselves)
+from dflash.drafters import dflash, eagle3, orthrus  # noqa: F401  (the built-in kinds register themselves)
 from dflash.drafters.registry import (
     KINDS,
     DrafterKind,
