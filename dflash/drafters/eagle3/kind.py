@@ -77,7 +77,7 @@ class Eagle3Kind(DrafterKind):
         else:
             drafter = sharding.init_sharded(lambda: self.construct(dcfg, seed=seed), mesh,
                                             replicate_indivisible=replicate_indivisible)
-        drafter.embed_tokens.value = target.embed_tokens[...].astype(drafter.embed_tokens[...].dtype)
+        drafter.embed_tokens[...] = target.embed_tokens[...].astype(drafter.embed_tokens[...].dtype)
         return drafter
 
     def fit_data(self, drafter: Eagle3Drafter, rows: list[dict[str, np.ndarray]]) -> None:

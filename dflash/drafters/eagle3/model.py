@@ -165,8 +165,8 @@ class Eagle3Drafter(nnx.Module):
 
     def set_vocab_map(self, d2t_W: np.ndarray, t2d_V: np.ndarray) -> None:
         check_vocab_map(d2t_W, t2d_V)
-        self.d2t.value = jnp.asarray(d2t_W, jnp.int32)
-        self.t2d.value = jnp.asarray(t2d_V, bool)
+        self.d2t[...] = jnp.asarray(d2t_W, jnp.int32)
+        self.t2d[...] = jnp.asarray(t2d_V, bool)
 
     # ------------------------------------------------------------------ pieces
     def embed(self, tokens: jax.Array) -> jax.Array:
