@@ -5,6 +5,7 @@ and the vLLM export layout."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ CFG = ModelConfig(model_type="qwen3", vocab_size=13, hidden_size=32, intermediat
                   num_heads=4, num_kv_heads=2, head_dim=8, eos_token_id=())
 W = 9  # draft vocabulary
 IDS = (0, 1, 3)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +308,34 @@ def test_export_is_vllms_layout_and_round_trips_exactly(drafter, tmp_path):
         np.testing.assert_array_equal(a, c)
     with pytest.raises(CheckpointError, match="does not match the target: .*vocab_size=13"):
         load_drafter(out, VCFG)
+
+
+def test_dflash_train_method_eagle3_end_to_end(tiny_target, tmp_path, capsys):
+    """``configs/tiny_code_eagle3.yaml`` shrunk: train (the vocabulary fitted to the data), export,
+    decode losslessly through resolve_method and ``dflash-generate --drafter DIR``."""
+    from dflash.cli.generate import main as generate_main
+    from dflash.configio import load_yaml
+    from dflash.drafters import resolve_method
+    from dflash.io import load_target
+    from dflash.training.config import ExperimentConfig
+    from dflash.training.trainer import run_training
+
+    run = tmp_path / "run"
+    cfg = load_yaml(ExperimentConfig, ROOT / "configs/tiny_code_eagle3.yaml", [
+        f"target.name={tiny_target}", f"run_dir={run}", "data.max_examples=40", "data.seq_len=64",
+        "train.batch_size=2", "train.steps=2", "train.eval_every=2", "train.save_every=2",
+        "drafter.draft_vocab_size=512", "drafter.ttt_steps=3", "drafter.block_size=4", "eval.num_prompts=1",
+        "eval.max_new_tokens=8", "eval.heldout_rows=2", "regen.num_sequences=0"])
+    result = run_training(cfg, progress=False)
+    assert result["method"] == "eagle3" and result["final_eval"]["tau_sim"] >= 1.0
+    target = load_target(tiny_target)
+    method, drafter = resolve_method(str(run / "export"), target)
+    assert isinstance(method, Eagle3Draft) and method.block_size == 4 and drafter.cfg.ttt_steps == 3
+    t2d = np.asarray(drafter.t2d[...])
+    assert t2d.sum() == 512 and not t2d.all()  # fitted to the data, not the first 512 ids
+    capsys.readouterr()
+    args = ["--target", str(tiny_target), "--prompt", "def f(x):\n", "--max-new-tokens", "12", "--json"]
+    assert generate_main(args) == 0
+    ar = json.loads(capsys.readouterr().out)
+    assert generate_main([*args, "--drafter", str(run / "export")]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == ar["tokens"]

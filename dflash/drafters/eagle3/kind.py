@@ -54,7 +54,8 @@ class Eagle3Kind(DrafterKind):
                               *SHAPE_FIELDS})
     compared_on_init_from = ("block_size", "target_layer_ids", "draft_vocab_size")
     sharding = ((r"(^|\.)fc\.kernel$", ("embed", None)),  # [n*D, D]
-                (r"(^|\.)lm_head\.kernel$", ("embed", "vocab")))  # [D, W]
+                (r"(^|\.)lm_head\.kernel$", ("embed", "vocab")),  # [D, W]
+                (r"(^|\.)(d2t|t2d)$", (None,)))  # the vocabulary maps: whole on every chip
 
     def config(self, section: Any, target: ModelConfig, *, mask_token_id: int,
                block_size: int) -> Eagle3Config:

@@ -63,7 +63,7 @@ class Eagle3Config:
     draft_vocab_size: int
     block_size: int = DEFAULT_BLOCK_SIZE
     ttt_steps: int = DEFAULT_TTT_STEPS
-    mask_token_id: int = 0  # unused by EAGLE-3 (it drafts no mask rows); kept for the common keys
+    mask_token_id: int | None = None  # EAGLE-3 drafts no mask rows: the engine never masks a token
 
     def __post_init__(self) -> None:
         if self.layers.num_layers != 1:
@@ -92,7 +92,7 @@ class Eagle3Config:
     def for_target(cls, target: ModelConfig, *, draft_vocab_size: int = 0,
                    block_size: int = DEFAULT_BLOCK_SIZE,
                    ttt_steps: int = DEFAULT_TTT_STEPS, target_layer_ids: tuple[int, ...] | None = None,
-                   num_layers: int = 1, mask_token_id: int = 0, **shape: int) -> Eagle3Config:
+                   num_layers: int = 1, mask_token_id: int | None = None, **shape: int) -> Eagle3Config:
         """The target's width, heads, rope and vocabulary (``draft_vocab_size`` 0: the whole of it)."""
         return cls(layers=layer_config(target, num_layers, (LLAMA_LAYER,) * num_layers,
                                        **{k: v for k, v in shape.items() if k in SHAPE_FIELDS}),
