@@ -339,3 +339,28 @@ def test_dflash_train_method_eagle3_end_to_end(tiny_target, tmp_path, capsys):
     ar = json.loads(capsys.readouterr().out)
     assert generate_main([*args, "--drafter", str(run / "export")]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == ar["tokens"]
+
+
+def test_qwen3_8b_preset_is_specforges_recipe():
+    """configs/qwen3_8b_eagle3.yaml builds abstractly to the published drafter's shapes
+    (SpecForge's configs/qwen3-8b-eagle3.json) and recipe; vLLM's aux ids 2, 18, 33."""
+    from dflash.config import preset_for_hub_id
+    from dflash.configio import load_yaml
+    from dflash.drafters import drafter_kind
+    from dflash.drafters.eagle3.hf import hf_config
+    from dflash.training.config import ExperimentConfig
+
+    cfg = load_yaml(ExperimentConfig, ROOT / "configs/qwen3_8b_eagle3.yaml")
+    assert (cfg.optim.lr, cfg.optim.clip_norm, cfg.train.epochs, cfg.data.seq_len) == (1e-4, 0.5, 10, 4096)
+    kind = drafter_kind(cfg.method)
+    dcfg = kind.config(cfg.drafter, preset_for_hub_id(cfg.target.name), mask_token_id=0,
+                       block_size=cfg.block_size)
+    hf = hf_config(dcfg)
+    published = {"hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "draft_vocab_size": 32000,
+                 "rope_theta": 1000000, "rms_norm_eps": 1e-6, "num_hidden_layers": 1}
+    assert {k: hf[k] for k in published} == published
+    assert hf["eagle_aux_hidden_state_layer_ids"] == [2, 18, 33] and dcfg.ttt_steps == 7
+    shapes = kind.abstract(dcfg)
+    assert shapes.layers[0].self_attn.q_proj.kernel.shape == (8192, 4096)
+    assert shapes.lm_head.kernel.shape == (4096, 32000) and shapes.fc.kernel.shape == (3 * 4096, 4096)
