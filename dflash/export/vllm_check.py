@@ -102,11 +102,14 @@ def _drive(python: Path, request: dict, patched: bool, workdir: Path, timeout_s:
 def _vllm_runs(python: Path, target_dir: Path, cases: Sequence[Case], prompts: list[list[int]],
                max_new: int, engine: dict, workdir: Path) -> tuple[dict, str]:
     """All engines of one check; the patched cases in a second process (the patch is per process)."""
+    from dflash.drafters import find_export
+
     base = {"target": str(target_dir), "prompts": prompts, "max_tokens": max_new, "engine": engine}
     stock = [{"name": "plain", "drafter": None}]
     patched = []
     for c in cases:
         run = {"name": c.name, "drafter": str(c.drafter), "num_speculative_tokens": c.block_size - 1,
+               "method": find_export(c.drafter)[0].name,  # vLLM's method names are our kinds' names
                "per_layer_k_norm": c.per_layer_k_norm}
         (patched if c.per_layer_k_norm else stock).append(run)
     runs, version = {}, ""
