@@ -12,7 +12,7 @@ from flax import nnx
 
 from dflash.decoding.method import StepInputs
 from dflash.decoding.sampling import SamplingParams
-from dflash.decoding.speculative import draft_and_verify, mask_id_for
+from dflash.decoding.speculative import commit_tokens, draft_and_verify, mask_id_for
 from dflash.drafters import method_for
 from dflash.models.cache import Cache, check_fits
 
@@ -57,10 +57,11 @@ def pass_costs(target, methods: dict[str, tuple[Any, Any, int]], *, batch: int =
                 anchor = jnp.full((batch,), 2 + i % 7, jnp.int32)  # varies, so no pass is hoisted
                 k_draft, k_verify = jax.random.split(jax.random.fold_in(key, i))
                 step = StepInputs(anchor, lengths, tokens_BL, lengths + 1, cache)
-                _, accepted, extra, cache_v, hidden = draft_and_verify(
+                drafts, accepted, extra, cache_v, hidden = draft_and_verify(
                     method, d, model, dstate, step, mask_id_for(method, mask_token_id), sampling, rule,
                     k_draft, k_verify)
-                dstate = method.commit(d, dstate, hidden, lengths, accepted)
+                dstate = method.commit(d, dstate, hidden, lengths, accepted,
+                                       **commit_tokens(method, anchor, drafts))
                 kept = cache_v.keep(jnp.zeros_like(lengths), method.verify_tokens)  # back to ``context``
                 return kept, rolled_back(dstate), total + jnp.sum(accepted + extra)
 

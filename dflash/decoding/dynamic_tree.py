@@ -157,14 +157,18 @@ class DynamicTreeDraft(TreeDraft):
     def verify_tokens(self) -> int:
         return 1 + self.total_tokens
 
+    @property
+    def commit_tokens(self) -> bool:  # the chain's: the engine then hands over the accepted path's tokens
+        return self.chain.commit_tokens
+
     def init(self, drafter, batch: int, max_len: int, dtype) -> Any:
         return self.chain.init(drafter, batch, max_len, dtype)
 
-    def prefill(self, drafter, state, hidden, prompt_lens_B):
-        return self.chain.prefill(drafter, state, hidden, prompt_lens_B)
+    def prefill(self, drafter, state, hidden, prompt_lens_B, **tokens):
+        return self.chain.prefill(drafter, state, hidden, prompt_lens_B, **tokens)
 
-    def commit(self, drafter, state, hidden_path, lengths_B, accepted_B):
-        return self.chain.commit(drafter, state, hidden_path, lengths_B, accepted_B)
+    def commit(self, drafter, state, hidden_path, lengths_B, accepted_B, **tokens):
+        return self.chain.commit(drafter, state, hidden_path, lengths_B, accepted_B, **tokens)
 
     def propose_tree(self, drafter, target, state, step: StepInputs) -> Tree:
         logp_BV, carry = self.chain.tree_start(drafter, target, state, step)

@@ -55,6 +55,11 @@ class DraftMethod(abc.ABC):
     mask_token_id: int | None = None
     """The drafter's mask token, never emitted by verification; None if the method has none."""
 
+    commit_tokens: ClassVar[bool] = False
+    """True: ``prefill`` also gets the prompt tokens (``tokens_BP=``) and ``commit`` the verified
+    tokens ``[anchor, d_1 ..]`` (``tokens_BQ=``, a tree: along the accepted path), for a drafter whose
+    cached rows pair a position's features with the token after it (EAGLE-3)."""
+
     @property
     def verify_tokens(self) -> int:
         """Tokens the target scores per step (cache slots a step may write past the committed ones)."""

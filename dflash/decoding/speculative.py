@@ -99,7 +99,8 @@ def _spec_start(tparams, dparams, tokens_BP, prompt_lens_B, max_new_B, key, *, t
     cache = target.init_cache(batch, max_len)
     logits, hidden, cache = prefill(target, tokens_BP, prompt_lens_B, cache, method.hidden_layers)
     dstate = method.init(drafter, batch, max_len, target.dtype)
-    dstate = method.prefill(drafter, dstate, hidden, prompt_lens_B)
+    dstate = method.prefill(drafter, dstate, hidden, prompt_lens_B,
+                            **({"tokens_BP": tokens_BP} if method.commit_tokens else {}))
     key, sub = jax.random.split(key)
     first = sample(logits, sampling, sub)
     # All committed + emitted tokens per row (prompt, then generation): the n-gram drafter reads it.
@@ -158,7 +159,8 @@ def _spec_loop(tparams, dparams, carry: Carry, key, *, tgraph, dgraph, method, m
         cache = cache_v.keep(jnp.where(done, 0, accepted + 1), method.verify_tokens)
         # A finished row's drafter state may drift: it never emits again, and writes past the
         # cache are dropped, so no per-row select over the drafter's pytree is needed.
-        dstate = method.commit(drafter, dstate, hidden, lengths, accepted)
+        dstate = method.commit(drafter, dstate, hidden, lengths, accepted,
+                               **commit_tokens(method, anchor, drafts))
         n_gen = n_gen + count
         return Carry(cache, dstate, tokens_BL, n_gen, new_done, acc_log, steps, prompt_lens_B, max_new_B), key
 
@@ -185,6 +187,13 @@ def draft_and_verify(method, drafter, target: Transformer, dstate, step: StepInp
     # out.logits[:, i] is the target's distribution for the token after block[:, :i+1].
     accepted, extra = verify(rule, out.logits, drafts, q, k_verify, sampling, mask_id)  # [B], [B]
     return drafts, accepted, extra, out.cache, out.hidden
+
+
+def commit_tokens(method: DraftMethod, anchor_B: jax.Array, drafts_BD: jax.Array) -> dict[str, jax.Array]:
+    """``commit``'s ``tokens_BQ`` (the verified block, or the accepted path) when the method reads it."""
+    if not method.commit_tokens:
+        return {}
+    return {"tokens_BQ": jnp.concatenate([anchor_B[:, None], drafts_BD], axis=1)}
 
 
 def mask_id_for(method: DraftMethod, given: int | None = None) -> int:

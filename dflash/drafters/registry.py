@@ -83,6 +83,11 @@ class DrafterKind(abc.ABC):
         """The dtype a run holds the drafter's parameters in (its master weights)."""
         return jnp.float32
 
+    def fit_data(self, drafter: nnx.Module, rows: list[dict[str, Any]]) -> None:
+        """Fits what a fresh drafter takes from the run's training rows (``PackedRows.arrays()`` of
+        this process's lanes) before training; nothing by default (EAGLE-3: its draft vocabulary)."""
+        return None
+
     # ------------------------------------------------------------------ exports
     @abc.abstractmethod
     def claims(self, hf: dict[str, Any]) -> bool:

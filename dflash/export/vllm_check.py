@@ -102,11 +102,14 @@ def _drive(python: Path, request: dict, patched: bool, workdir: Path, timeout_s:
 def _vllm_runs(python: Path, target_dir: Path, cases: Sequence[Case], prompts: list[list[int]],
                max_new: int, engine: dict, workdir: Path) -> tuple[dict, str]:
     """All engines of one check; the patched cases in a second process (the patch is per process)."""
+    from dflash.drafters import find_export
+
     base = {"target": str(target_dir), "prompts": prompts, "max_tokens": max_new, "engine": engine}
     stock = [{"name": "plain", "drafter": None}]
     patched = []
     for c in cases:
         run = {"name": c.name, "drafter": str(c.drafter), "num_speculative_tokens": c.block_size - 1,
+               "method": find_export(c.drafter)[0].name,  # vLLM's method names are our kinds' names
                "per_layer_k_norm": c.per_layer_k_norm}
         (patched if c.per_layer_k_norm else stock).append(run)
     runs, version = {}, ""
@@ -200,14 +203,16 @@ def cli_check(info: dict, num_prompts: int = 4, max_new_tokens: int = 48) -> int
     Exit code 0 when tokens are identical everywhere (and acceptance on every step for a 1-layer
     drafter; deeper drafters are reported, docs/serving.md), 1 on a mismatch.
     """
-    from dflash.drafters.dflash.hf import config_from_hf
+    from dflash.drafters import find_export
     from dflash.io.tokenizer import load_tokenizer
     from dflash.training.tiny_corpus import heldout_prompts
 
-    if info.get("method") != "dflash":
-        raise VllmCheckError(f"--check-with vllm runs DFlash drafters; this export is {info.get('method')!r}")
+    if info.get("method") not in ("dflash", "eagle3"):
+        raise VllmCheckError(f"--check-with vllm runs DFlash and EAGLE-3 drafters; this export is "
+                             f"{info.get('method')!r}")
     out = Path(info["out"])
-    block = config_from_hf(json.loads((out / "config.json").read_text())).block_size
+    kind, _ = find_export(out)
+    block = kind.read_config(out).block_size
     tokenizer = load_tokenizer(info["target"])
     prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in heldout_prompts(num_prompts)]
     cases = [Case(out.name, out, k) for k in sorted({block, max(2, block // 2)}, reverse=True)]

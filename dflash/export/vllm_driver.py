@@ -3,7 +3,8 @@
     python vllm_driver.py REQUEST.json RESULT.json
 
 REQUEST: ``{"target": dir, "prompts": [[token ids]], "max_tokens": n, "engine": {LLM kwargs},
-"runs": [{"name", "drafter": dir | null, "num_speculative_tokens": k, "per_layer_k_norm": bool}]}``.
+"runs": [{"name", "drafter": dir | null, "method": "dflash" | "eagle3", "num_speculative_tokens": k,
+"per_layer_k_norm": bool}]}``.
 Each run starts one engine (greedy, fp32, eager), generates all prompts as one batch, and records
 the tokens and vLLM's per-request, per-step accepted draft counts
 (``per_request_spec_decode_metrics="detailed"``). RESULT: ``{"vllm_version", "runs": [...]}``.
@@ -60,7 +61,7 @@ def run_engine(target: str, prompts: list[list[int]], max_tokens: int, engine: d
     kwargs = {"model": target, "dtype": "float32", "enforce_eager": True, "seed": 0,
               "distributed_executor_backend": "uni", **engine}
     if run.get("drafter"):
-        kwargs["speculative_config"] = {"method": "dflash", "model": run["drafter"],
+        kwargs["speculative_config"] = {"method": run.get("method", "dflash"), "model": run["drafter"],
                                         "num_speculative_tokens": int(run["num_speculative_tokens"])}
         kwargs["per_request_spec_decode_metrics"] = "detailed"
     t0 = time.perf_counter()

@@ -44,6 +44,8 @@ class DrafterSection:
     head_dim: int = 0
     intermediate_size: int = 0
     mask_token_id: int | None = None  # None = the tokenizer's mask token
+    draft_vocab_size: int = 0  # EAGLE-3: the reduced draft vocabulary; 0 = the target's whole vocabulary
+    ttt_steps: int = 7  # EAGLE-3: training-time-test steps (the drafter's own outputs fed back)
     init_from: str = ""  # an exported drafter directory to continue from
 
     def __post_init__(self) -> None:
@@ -51,7 +53,8 @@ class DrafterSection:
         _check("drafter", COUNT, num_layers=self.num_layers, num_target_features=self.num_target_features)
         _check("drafter", COUNT_OR_ZERO, sliding_window=self.sliding_window, num_heads=self.num_heads,
                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-               intermediate_size=self.intermediate_size)
+               intermediate_size=self.intermediate_size, draft_vocab_size=self.draft_vocab_size)
+        _check("drafter", COUNT, ttt_steps=self.ttt_steps)
         if self.mask_token_id == -1:  # runs written before None meant "the tokenizer's" said -1
             object.__setattr__(self, "mask_token_id", None)
         _check("drafter", COUNT_OR_ZERO, mask_token_id=self.mask_token_id)  # None: the tokenizer's

@@ -45,9 +45,11 @@ def mean_metrics(micro: list[dict[str, jax.Array]], names: tuple[str, ...]) -> d
 
 
 def cast_module(module: nnx.Module, dtype: jnp.dtype) -> nnx.Module:
-    """A compute-dtype copy; gradients flow back to the fp32 master weights through the cast."""
+    """A compute-dtype copy of the floating-point state (integer buffers, e.g. EAGLE-3's vocabulary
+    maps, stay exact); gradients flow back to the fp32 master weights through the cast."""
     graphdef, state = nnx.split(module)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
+    return nnx.merge(graphdef, jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state))
 
 
 def make_step_fns(graphdef: Any, tgraph: Any, step_kw: dict[str, Any], compute: jnp.dtype, *,

@@ -99,6 +99,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool | None = None, progress:
     # Each process reads only the data lanes its devices' batch rows hold (hostdata.py).
     lanes = process_lanes(batch_sharding, cfg.train.batch_size, cfg.data.seq_len, cfg.data.lanes)
     data = prepare_data(cfg, tokenizer, target, run_dir, show_progress(progress), lanes, mesh=mesh)
+    if not cfg.drafter.init_from and not resume:  # a continued drafter keeps what it was fitted to
+        cfg.kind.fit_data(drafter, [rows.arrays() for rows in data.train.values()])
     sizes = gather_lane_sizes(data.train, cfg.data.lanes)
     if min(sizes) < cfg.train.batch_size // cfg.data.lanes:
         in_lanes = f"in data lanes of {sizes} rows " if cfg.data.lanes > 1 else ""
