@@ -20,6 +20,16 @@ from dflash.errors import ConfigError
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ROPE_TYPES = ("default", "llama3", "yarn", "proportional")
 
+def check_built_for(what: str, built: dict[str, int], target: ModelConfig) -> None:
+    """A drafter runs only against a target of the shape it was built for: ``built`` maps target
+    fields (``hidden_size``, ``num_layers`` ...) to the values it was built with."""
+    for name, ours in built.items():
+        theirs = getattr(target, name)
+        if ours != theirs:
+            raise ConfigError(f"{what} was built for a target with {name}={ours}, "
+                              f"but this target has {name}={theirs}")
+
+
 def check_block_drafter(name: str, layers: ModelConfig, *, block_size: int, mask_token_id: int) -> None:
     """Checks every block drafter shares (DFlash, Orthrus) on the ``layers`` it runs; ``name``
     prefixes its own fields."""

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dflash.attention import block_slots
-from dflash.config import FAMILIES, ConfigError, LayerSpec, ModelConfig, check_block_drafter
+from dflash.config import FAMILIES, ConfigError, LayerSpec, ModelConfig, check_block_drafter, check_built_for
 from dflash.kernels import dispatch
 from dflash.kernels.anchor_attention import merge_anchor_chunks, split_anchor_chunks
 from dflash.models.cache import Cache
@@ -140,12 +140,8 @@ class DFlashConfig:
 
     def check_target(self, target: ModelConfig) -> None:
         """A drafter only runs against a target of the width/vocab/depth it was built for."""
-        for ours, theirs, name in ((self.hidden_size, target.hidden_size, "hidden_size"),
-                                   (self.vocab_size, target.vocab_size, "vocab_size"),
-                                   (self.num_target_layers, target.num_layers, "num_layers")):
-            if ours != theirs:
-                raise ConfigError(f"drafter was built for a target with {name}={ours}, "
-                                  f"but this target has {name}={theirs}")
+        check_built_for("drafter", {"hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
+                                    "num_layers": self.num_target_layers}, target)
 
 
 SHAPE_FIELDS = ("num_heads", "num_kv_heads", "head_dim", "intermediate_size")  # a drafter's own, or 0

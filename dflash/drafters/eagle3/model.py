@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from dflash.attention import NEG_INF, attend, causal_mask
-from dflash.config import ConfigError, LayerSpec, ModelConfig
+from dflash.config import ConfigError, LayerSpec, ModelConfig, check_built_for
 from dflash.drafters.dflash.model import SHAPE_FIELDS, layer_config
 from dflash.kernels import dispatch
 from dflash.models.cache import Cache
@@ -102,12 +102,9 @@ class Eagle3Config:
                    ttt_steps=ttt_steps, mask_token_id=mask_token_id)
 
     def check_target(self, target: ModelConfig) -> None:
-        for ours, theirs, name in ((self.hidden_size, target.hidden_size, "hidden_size"),
-                                   (self.vocab_size, target.vocab_size, "vocab_size"),
-                                   (self.num_target_layers, target.num_layers, "num_layers")):
-            if ours != theirs:
-                raise ConfigError(f"drafter was built for a target with {name}={ours}, "
-                                  f"but this target has {name}={theirs}")
+        """A drafter only runs against a target of the width/vocab/depth it was built for."""
+        check_built_for("drafter", {"hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
+                                    "num_layers": self.num_target_layers}, target)
 
 
 def vocab_map(counts_V: np.ndarray, draft_vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

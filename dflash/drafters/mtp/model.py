@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dflash.config import LayerSpec, ModelConfig
+from dflash.config import LayerSpec, ModelConfig, check_built_for
 from dflash.errors import ConfigError
 from dflash.kernels import dispatch
 from dflash.models.cache import Cache
@@ -86,12 +86,8 @@ class MTPConfig:
         )
 
     def check_target(self, target: ModelConfig) -> None:
-        for name in ("hidden_size", "vocab_size"):
-            ours, theirs = getattr(self.layers, name), getattr(target, name)
-            if ours != theirs:
-                raise ConfigError(
-                    f"MTP head was built for a target with {name}={ours}, but this target has {name}={theirs}"
-                )
+        check_built_for("MTP head", {n: getattr(self.layers, n) for n in ("hidden_size", "vocab_size")},
+                        target)
 
 
 PREFIX = "mtp."
