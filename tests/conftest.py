@@ -12,7 +12,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Most of the suite's time is XLA compiling small programs, not running them: LLVM's cheap
 # codegen (no fast-math either way, so results are the same) cut a tree/speculative subset from
 # 9.2 to 6.5 min on 2 cores. Benchmarks and the CLI keep XLA's defaults.
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# XLA:CPU's classic elemental emitters instead of its MLIR fusion emitters: each fusion no
+# longer builds an MLIR context and pipeline, 31% less CPU for a compile-bound train + decode
+# script (27.7 -> 19.1 s). Same programs; transcendentals (exp, tanh, ...) differ by a few ULP.
+_FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                 "--xla_cpu_use_fusion_emitters=false")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 

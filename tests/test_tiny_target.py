@@ -56,7 +56,10 @@ def test_tokenizer_reserves_mask_and_end_of_text():
 
 
 def test_split_is_by_file_and_disjoint():
-    train = {rel for rel, _ in tiny_corpus.stdlib_files("train")}
+    train_files = tiny_corpus.stdlib_files("train")
+    train = {rel for rel, _ in train_files}
     held = {rel for rel, _ in tiny_corpus.stdlib_files("heldout")}
     assert train and held and not train & held
     assert 0.02 < len(held) / (len(train) + len(held)) < 0.1
+    # A limit reads only the first files, and gives exactly the head of the whole split.
+    assert tiny_corpus.stdlib_files("train", limit=7) == train_files[:7]

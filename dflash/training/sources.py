@@ -175,9 +175,8 @@ def load_dataset(cfg: DataConfig) -> Any:
     if cfg.source == "tiny-code":
         if cfg.split not in ("train", "heldout"):
             raise ConfigError(f"split={cfg.split!r}: the builtin 'tiny-code' source has 'train', 'heldout'")
-        files = stdlib_files(cfg.split)
-        if cfg.max_examples:  # truncate before building the table: no point holding 30 MB of text
-            files = files[: cfg.max_examples]
+        # Truncated before reading: no point reading and holding 30 MB of text.
+        files = stdlib_files(cfg.split, limit=cfg.max_examples or None)
         # Through ``datasets`` like any other source, so the builtin exercises the same path.
         return datasets.Dataset.from_dict({"text": [text for _, text in files]})
 
