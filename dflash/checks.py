@@ -99,3 +99,19 @@ def flag(kind: Range) -> Any:
     read.__name__ = "integer" if kind.integer else "number"  # argparse's "invalid <name> value"
     read.kind = kind  # type: ignore[attr-defined]  # tests check that every numeric flag has one
     return read
+
+
+def flag_list(kind: Range) -> Any:
+    """An argparse ``type`` reading ``A,B,C`` as a list of ``kind`` values, each checked."""
+    one = flag(kind)
+
+    def read(text: str) -> list[int | float]:
+        parts = [p for p in text.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"must be a comma-separated list of values {kind.describe()}")
+        return [one(p.strip()) for p in parts]
+
+    read.__name__ = "list"
+    read.kind = kind  # type: ignore[attr-defined]
+    return read
+

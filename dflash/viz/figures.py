@@ -253,6 +253,44 @@ def training_curves(scalars: Mapping[str, tuple[np.ndarray, np.ndarray]],
     return fig
 
 
+def seed_taus(summary: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Figure:
+    """``dflash-compare``'s summary -> bars of each method's mean τ per temperature with every
+    seed's τ as a dot on its bar: the ordering and the seed spread in one view."""
+    temps = list(summary)
+    names = sorted({n for groups in summary.values() for n in groups},
+                   key=lambda n: -max(g[n]["mean"] for g in summary.values() if n in g))
+    fig, (ax,) = new_figure()
+    width = 0.8 / max(len(temps), 1)
+    x = np.arange(len(names))
+    for i, t in enumerate(temps):
+        offset = x + (i - (len(temps) - 1) / 2) * width
+        means = [summary[t][n]["mean"] if n in summary[t] else np.nan for n in names]
+        ax.bar(offset, means, width, color=f"C{i}", alpha=0.6, label=f"T={t} (mean over seeds)")
+        for j, n in enumerate(names):
+            taus = summary[t].get(n, {}).get("taus", [])
+            ax.scatter([offset[j]] * len(taus), taus, color="k", s=10, zorder=3)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set(ylabel="τ (tokens per verify step)", title="Equal-budget comparison: τ per method, seeds as dots")
+    ax.legend()
+    return fig
+
+
+def compare_figures(record: Mapping[str, Any], out: str | Path) -> list[Path]:
+    """``dflash-compare --plots DIR``: τ per method with the seed spread, and per temperature the
+    acceptance histogram of each method (all seeds' verify steps together)."""
+    out = Path(out)
+    summary = record["summary"]
+    paths = [save(seed_taus(summary), out / "tau_by_method.png")]
+    for t, groups in summary.items():
+        lengths = {n: [a + 1 for a, c in enumerate(g["acceptance_histogram"]) for _ in range(c)]
+                   for n, g in groups.items() if g["block_size"] > 1}
+        k = max(g["block_size"] for g in groups.values())
+        taus = {n: groups[n]["mean"] for n in lengths}
+        fig = acceptance_histogram(lengths, k, taus=taus, title=f"Tokens accepted per verify step, T={t}")
+        paths.append(save(fig, out / f"acceptance_T{t}.png"))
+    return paths
+
+
 def bench_figures(result: Mapping[str, Any], out: str | Path) -> list[Path]:
     """``dflash-bench --plots DIR``: the figures of one bench result, as PNGs under ``out``."""
     out = Path(out)

@@ -1,0 +1,74 @@
+"""``dflash-compare``: recipes x seeds trained on one budget, then decoded side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dflash.bench.compare import summarize
+from dflash.cli.compare import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The recipes shrunk to seconds: 2 steps on 64-token rows, 8 regenerated continuations.
+SHRINK = ["data.max_examples=40", "data.seq_len=64", "train.batch_size=2", "train.num_anchors=8",
+          "train.save_every=2", "train.eval_every=2", "train.log_every=1", "drafter.block_size=4",
+          "regen.num_sequences=8", "regen.prompt_tokens=16", "regen.new_tokens=8", "regen.batch_size=8",
+          "eval.heldout_rows=2", "eval.num_prompts=2"]
+
+
+def test_summary_statistics():
+    """mean / min / max / sample sd over seeds; histograms add up; the seed suffix groups runs."""
+    hist = [3, 1, 0, 2]
+    result = {"methods": {f"a/s{s}": {"tau": t, "block_size": 4, "acceptance_histogram": hist}
+                          for s, t in [(0, 1.5), (1, 2.5), (2, 2.0)]}}
+    result["methods"]["ar"] = {"tau": 1.0, "block_size": 1, "acceptance_histogram": [5]}
+    g = summarize({"0": result})["0"]
+    assert g["a"]["taus"] == [1.5, 2.5, 2.0] and g["a"]["seeds"] == [0, 1, 2]
+    assert g["a"]["mean"] == pytest.approx(2.0) and (g["a"]["min"], g["a"]["max"]) == (1.5, 2.5)
+    assert g["a"]["std"] == pytest.approx(np.std([1.5, 2.5, 2.0], ddof=1))
+    assert g["a"]["acceptance_histogram"] == [9, 3, 0, 6]
+    assert g["ar"]["seeds"] == [None] and g["ar"]["std"] == 0.0
+
+
+def test_compare_trains_seeds_on_shared_data_and_decodes_losslessly(tiny_target, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["--config", str(ROOT / "configs/tiny_code.yaml"), "--config", str(ROOT / "configs/tiny_code_mtp.yaml"),
+            "--seeds", "0,1", "--steps", "2", "--out", str(out), "--set", f"target.name={tiny_target}",
+            *[a for s in SHRINK for a in ("--set", s)], "--temperatures", "0", "--block-sizes", "2,8",
+            "--num-prompts", "2", "--max-new-tokens", "8", "--batch-size", "2", "--no-progress",
+            "--json", str(tmp_path / "cmp.json"), "--plots", str(tmp_path / "fig")]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "cmp.json").read_text())
+    runs = [f"{r}-seed{s}" for r in ("tiny_code", "tiny_code_mtp") for s in (0, 1)]
+    first = out / runs[0] / "regenerated.npz"
+    for run in runs:  # every run trained its 2 steps, all on the first run's regenerated data
+        assert json.loads((out / run / "metrics.json").read_text())["steps"] == 2
+        assert (out / run / "regenerated.npz").read_bytes() == first.read_bytes()
+    result = record["results"]["0"]["methods"]
+    # DFlash at its own block and at 2 (8 is not smaller than its block: no such row); MTP stepwise
+    assert set(result) == {"ar", "ngram", *(f"{r}/s{s}" for r in ("tiny_code", "tiny_code@B2", "tiny_code_mtp")
+                                           for s in (0, 1))}
+    ar = [p["tokens"] for p in result["ar"]["per_prompt"]]
+    for name, r in result.items():  # greedy: every method emits the target's own tokens
+        assert [p["tokens"] for p in r["per_prompt"]] == ar, name
+    summary = record["summary"]["0"]
+    assert summary["tiny_code"]["taus"] == [result[f"tiny_code/s{s}"]["tau"] for s in (0, 1)]
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["acceptance_T0.png", "tau_by_method.png"]
+    assert "tiny_code_mtp" in capsys.readouterr().out
+
+    # A second call trains nothing (every run is complete) and decodes the same greedy tokens.
+    assert main([*args[:-4], "--eval-only", "--json", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())["results"]["0"]["methods"]
+    assert {n: [p["tokens"] for p in r["per_prompt"]] for n, r in again.items()} == \
+        {n: [p["tokens"] for p in r["per_prompt"]] for n, r in result.items()}
+
+
+def test_compare_refuses_runs_on_different_targets(tmp_path, capsys):
+    code = main(["--config", str(ROOT / "configs/tiny_code.yaml"), "--config",
+                 str(ROOT / "configs/qwen3_8b_eagle3.yaml"), "--out", str(tmp_path), "--eval-only"])
+    assert code != 0
+    assert "different targets" in capsys.readouterr().err
