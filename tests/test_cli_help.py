@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from dflash.cli import bench, bench_ar, export, generate, prepare_data, pretrain_target, regenerate, train
+from dflash.cli import bench, bench_ar, compare, export, generate, prepare_data, pretrain_target, regenerate, train
 from dflash.cli import bench_kernels as kernels_bench
 
 # (command, a few "option ... (default: value)" pairs its help must show)
@@ -22,6 +22,7 @@ EXPECTED = [
     (train.main, {"--config": "the shipped tiny_code"}),
     (pretrain_target.main, {"--steps": "2000", "--seq-len": "256"}),
     (kernels_bench.main, {"--batch": "1"}),
+    (compare.main, {"--seeds": "[0, 1, 2]", "--out": "runs/compare", "--num-prompts": "32"}),
 ]
 
 

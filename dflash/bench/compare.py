@@ -57,8 +57,8 @@ def train_all(recipes: Sequence[Recipe], seeds: Sequence[int], out: Path, overri
 
     runs: dict[tuple[str, int], Path] = {}
     regen_from: Path | None = None
-    for recipe in recipes:
-        for seed in seeds:
+    for seed in seeds:  # seed by seed: a stopped comparison has every recipe at the first seeds
+        for recipe in recipes:
             cfg = recipe_config(recipe, seed, out, overrides)
             run_dir = Path(cfg.run_dir)
             if regen_from is not None and not (run_dir / "checkpoints").exists():
