@@ -1,8 +1,9 @@
 """Gemma 4 MTP assistants (``Gemma4AssistantForCausalLM``) against ``transformers``: tiny random
 assistants (plain LM head and centroid-masked head) saved with ``save_pretrained`` load as the
 ``gemma4_assistant`` drafter kind; their logits and projected hidden states for given inputs and a
-given target KV equal transformers' forward; speculative decoding with them over a tiny Gemma 4
-target (KV-shared layers, sliding window shorter than the prompt) equals the target's greedy tokens,
+given target KV equal transformers' forward; the engine's steps draft what transformers' drafting
+recipe drafts; speculative decoding with them over a tiny Gemma 4 target (KV-shared layers,
+per-layer inputs, sliding window shorter than the prompt) equals the target's greedy tokens,
 through ``dflash-generate --target DIR --drafter DIR``; sampling keeps the target's distribution.
 
 ``transformers==5.23.0`` (our pin) cannot build an assistant: ``Gemma4TextConfig.kv_sharing_modes``
@@ -33,14 +34,40 @@ from dflash.io import load_target
 from dflash.io.loading import SHIPPED
 
 S, F = "sliding_attention", "full_attention"
-HEADS = dict(num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
-             attention_k_eq_v=True, sliding_window=3, hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
-             max_position_embeddings=256)
-TARGET = dict(vocab_size=4096, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-              layer_types=[S, F, S, F], num_kv_shared_layers=2, final_logit_softcapping=3.0,
-              tie_word_embeddings=True, **HEADS)
-ASSISTANT = dict(vocab_size=4096, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                 layer_types=[S, F], **HEADS)
+HEADS = dict(
+    num_key_value_heads=2,
+    head_dim=8,
+    global_head_dim=16,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    sliding_window=3,
+    max_position_embeddings=256,
+)
+TARGET = dict(
+    vocab_size=4096,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    layer_types=[S, F, S, F],
+    num_kv_shared_layers=2,
+    final_logit_softcapping=3.0,
+    hidden_size_per_layer_input=8,
+    vocab_size_per_layer_input=4096,
+    tie_word_embeddings=True,
+    **HEADS,
+)
+ASSISTANT = dict(
+    vocab_size=4096,
+    hidden_size=24,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    layer_types=[S, F],
+    hidden_size_per_layer_input=0,
+    vocab_size_per_layer_input=0,
+    **HEADS,
+)
 CENTROIDS = dict(use_ordered_embeddings=True, num_centroids=64, centroid_intermediate_top_k=4)
 
 
@@ -81,8 +108,9 @@ def checkpoints(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(transformers.Gemma4TextConfig, "kv_sharing_modes", property(_all_shared_modes))
         for name, extra in (("plain", {}), ("centroids", CENTROIDS)):
-            cfg = transformers.Gemma4AssistantConfig(text_config=transformers.Gemma4TextConfig(**ASSISTANT),
-                                                     backbone_hidden_size=32, **extra)
+            cfg = transformers.Gemma4AssistantConfig(
+                text_config=transformers.Gemma4TextConfig(**ASSISTANT), backbone_hidden_size=32, **extra
+            )
             model = transformers.Gemma4AssistantForCausalLM(cfg).eval()
             _randomise(model)
             if extra:
@@ -99,8 +127,10 @@ def test_logits_and_hidden_states_for_a_given_target_kv_equal_transformers(check
     _, assistants, root = checkpoints
     gen = torch.Generator().manual_seed(3)
     n, slots = 9, 12
-    kv = {S: [torch.randn(2, 2, slots, 8, generator=gen) for _ in range(2)],
-          F: [torch.randn(2, 1, slots, 16, generator=gen) for _ in range(2)]}
+    kv = {
+        S: [torch.randn(2, 2, slots, 8, generator=gen) for _ in range(2)],
+        F: [torch.randn(2, 1, slots, 16, generator=gen) for _ in range(2)],
+    }
     emb, hid = torch.randn(2, 1, 32, generator=gen), torch.randn(2, 1, 32, generator=gen)
     target_cfg = ModelConfig.from_hf(json.loads((root / "target" / "config.json").read_text()))
     ours_kv = {kind: tuple(jnp.asarray(t.transpose(1, 2).numpy()) for t in pair) for kind, pair in kv.items()}
@@ -109,10 +139,18 @@ def test_logits_and_hidden_states_for_a_given_target_kv_equal_transformers(check
         assert kind.name == "gemma4_assistant"
         ours = load_drafter(directory, target_cfg)
         with torch.no_grad():
-            ref = hf(inputs_embeds=torch.cat([emb, hid], -1), position_ids=torch.full((2, 1), n),
-                     shared_kv_states={t: (k[:, :, :n], v[:, :, :n]) for t, (k, v) in kv.items()})
-        y, h = ours(jnp.asarray(emb.numpy()), jnp.asarray(hid.numpy()), jnp.full((2, 1), n), ours_kv,
-                    jnp.full((2,), n))
+            ref = hf(
+                inputs_embeds=torch.cat([emb, hid], -1),
+                position_ids=torch.full((2, 1), n),
+                shared_kv_states={t: (k[:, :, :n], v[:, :, :n]) for t, (k, v) in kv.items()},
+            )
+        y, h = ours(
+            jnp.asarray(emb.numpy()),
+            jnp.asarray(hid.numpy()),
+            jnp.full((2, 1), n),
+            ours_kv,
+            jnp.full((2,), n),
+        )
         logits, want = np.asarray(ours.logits(y)), ref.logits.numpy()
         np.testing.assert_allclose(np.asarray(h), ref.last_hidden_state.numpy(), atol=1e-5, rtol=0)
         if name == "plain":
@@ -126,6 +164,63 @@ def test_logits_and_hidden_states_for_a_given_target_kv_equal_transformers(check
     assert [s.mixer_option("window", 0) for s in ours.cfg.layers.layers] == [5, 0]
 
 
+def _hf_drafts(target, assistant, ids: list[int], k: int) -> list[int]:
+    """transformers' drafting recipe (``Gemma4AssistantCandidateGenerator``) for the committed ``ids``
+    whose last token is the anchor: the target's pass over the others, its last final hidden state and
+    shared keys and values, then ``k`` argmax steps at the anchor's position."""
+    with torch.no_grad():
+        out = target(torch.tensor([ids[:-1]]), output_hidden_states=True, return_shared_kv_states=True)
+        h, token, drafts = out.hidden_states[-1][:, -1:], torch.tensor([[ids[-1]]]), []
+        for _ in range(k):
+            step = assistant(
+                inputs_embeds=torch.cat([target.get_input_embeddings()(token), h], -1),
+                position_ids=torch.tensor([[len(ids) - 1]]),
+                shared_kv_states=out.shared_kv_states,
+            )
+            token, h = step.logits.argmax(-1), step.last_hidden_state
+            drafts.append(int(token))
+    return drafts
+
+
+def test_the_engines_prefill_commit_and_chain_draft_as_transformers_does(checkpoints):
+    """The method's steps (prefill, propose, a verify pass of which one draft is kept, commit, propose)
+    against transformers' drafting recipe from scratch at each point: the same drafts (the hidden state
+    kept is the right one, the cache is read as committed: the rejected drafts' slots unseen)."""
+    from dflash.decoding.method import StepInputs
+    from dflash.models.transformer import FINAL_NORMED
+
+    hf, assistants, root = checkpoints
+    target = load_target(root / "target")
+    head = load_drafter(root / "plain", target)
+    method = method_for(head, block_size=4)
+    prompt = [5, 9, 300, 41, 7, 7, 2000, 13]
+    p = len(prompt)
+    out = target(
+        jnp.asarray([prompt]), jnp.arange(p)[None], target.init_cache(1, 24), hidden_layers=(FINAL_NORMED,)
+    )
+    state = method.prefill(head, method.init(head, 1, 24, jnp.float32), out.hidden, jnp.array([p]))
+
+    def propose(cache, anchor):
+        step = StepInputs(jnp.array([anchor]), cache.lengths, None, None, cache)
+        return np.asarray(method.propose(head, target, state, step, jax.random.key(0), SamplingParams())[0])[
+            0
+        ]
+
+    anchor = 17
+    drafts = propose(out.cache, anchor)
+    want = _hf_drafts(hf, assistants["plain"], prompt + [anchor], 3)
+    assert drafts.tolist() == want
+    block = [anchor, *drafts.tolist()]
+    verified = target(
+        jnp.asarray([block]), jnp.arange(p, p + 4)[None], out.cache, hidden_layers=(FINAL_NORMED,)
+    )
+    state = method.commit(head, state, verified.hidden, out.cache.lengths, jnp.array([1]))
+    nxt = 99  # the correction after the kept draft
+    drafts = propose(verified.cache.keep(jnp.array([2]), 4), nxt)
+    want = _hf_drafts(hf, assistants["plain"], prompt + block[:2] + [nxt], 3)
+    assert drafts.tolist() == want
+
+
 def test_speculative_greedy_with_an_assistant_equals_the_targets_greedy_tokens(checkpoints, capsys):
     """``dflash-generate --target DIR --drafter DIR`` (plain head) and the engine with the centroid
     head (blocks of 3): the target's own greedy tokens from transformers, over prompts longer than
@@ -133,46 +228,85 @@ def test_speculative_greedy_with_an_assistant_equals_the_targets_greedy_tokens(c
     from dflash.cli.generate import main
 
     hf, _, root = checkpoints
-    assert main(["--target", str(root / "target"), "--drafter", str(root / "plain"), "--prompt",
-                 "def fib(n):\n    a, b = 0, 1\n", "--max-new-tokens", "20", "--json"]) == 0
+    assert (
+        main(
+            [
+                "--target",
+                str(root / "target"),
+                "--drafter",
+                str(root / "plain"),
+                "--prompt",
+                "def fib(n):\n    a, b = 0, 1\n",
+                "--max-new-tokens",
+                "20",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     prompts = [out["prompt_tokens"], [7, 1, 2, 8, 8, 5, 40, 11]]
     with torch.no_grad():
-        ref = [hf.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                           pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        ref = [
+            hf.generate(
+                torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0
+            )[0, len(p) :].tolist()
+            for p in prompts
+        ]
     assert out["tokens"] == ref[0]
     target = load_target(root / "target")
     head = load_drafter(root / "centroids", target)
-    spec = speculative_generate(target, prompts, method=method_for(head, block_size=3), drafter=head,
-                                max_new_tokens=20, eos_ids=())
+    spec = speculative_generate(
+        target, prompts, method=method_for(head, block_size=3), drafter=head, max_new_tokens=20, eos_ids=()
+    )
     assert spec.tokens == ref
 
 
 def test_speculative_sampling_with_an_assistant_preserves_the_target_distribution():
     """Chi-square on the first three sampled tokens (test_verify's exact joint) of a tiny Gemma 4
     target, drafts sampled from a random centroid-head assistant's distribution over two chained steps."""
-    hf = {"model_type": "gemma4_text", **TARGET, "vocab_size": 6, "num_kv_shared_layers": 0}
+    hf = {"model_type": "gemma4_text", **TARGET, "vocab_size": 6, "vocab_size_per_layer_input": 6}
     target, prompt, joint = exact_joint(ModelConfig.from_hf(hf))
-    cfg = AssistantConfig.from_hf({"text_config": {**ASSISTANT, "vocab_size": 6}, "backbone_hidden_size": 32,
-                                   **CENTROIDS, "num_centroids": 3, "centroid_intermediate_top_k": 2},
-                                  block_size=3)
+    cfg = AssistantConfig.from_hf(
+        {
+            "text_config": {**ASSISTANT, "vocab_size": 6},
+            "backbone_hidden_size": 32,
+            **CENTROIDS,
+            "num_centroids": 3,
+            "centroid_intermediate_top_k": 2,
+        },
+        block_size=3,
+    )
     head = build_assistant(cfg, seed=2)
     head.pre_projection.kernel[...] = head.pre_projection.kernel[...] * 5.0  # far from uniform
     n = 4000
-    out = speculative_generate(target, [prompt] * n, method=AssistantDraft.of(head, stochastic=True), drafter=head,
-                               max_new_tokens=3, eos_ids=(), sampling=SamplingParams(temperature=1.0), rule="token",
-                               key=jax.random.key(5))
+    out = speculative_generate(
+        target,
+        [prompt] * n,
+        method=AssistantDraft.of(head, stochastic=True),
+        drafter=head,
+        max_new_tokens=3,
+        eos_ids=(),
+        sampling=SamplingParams(temperature=1.0),
+        rule="token",
+        key=jax.random.key(5),
+    )
     assert sum(a > 1 for row in out.acceptance_lengths for a in row) > n // 20
     assert_first_three_follow(out.tokens, joint)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"backbone_hidden_size": 48}, "backbone_hidden_size=48"),
-    ({"text_config": {**ASSISTANT, "head_dim": 4}}, r"layer 0 \(sliding_attention\) expects"),
-    ({"text_config": {**ASSISTANT, "enable_moe_block": True}}, "enable_moe_block"),
-    ({"use_ordered_embeddings": True, "num_centroids": 100}, "num_centroids=100 must divide"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"backbone_hidden_size": 48}, "backbone_hidden_size=48"),
+        ({"text_config": {**ASSISTANT, "head_dim": 4}}, r"layer 0 \(sliding_attention\) expects"),
+        ({"text_config": {**ASSISTANT, "enable_moe_block": True}}, "enable_moe_block"),
+        ({"use_ordered_embeddings": True, "num_centroids": 100}, "num_centroids=100 must divide"),
+    ],
+)
 def test_a_mismatched_or_unsupported_assistant_is_refused_naming_the_field(bad, match):
     target = ModelConfig.from_hf({"model_type": "gemma4_text", **TARGET})
     with pytest.raises(ConfigError, match=match):
-        AssistantConfig.from_hf({"text_config": ASSISTANT, "backbone_hidden_size": 32, **bad}).check_target(target)
+        AssistantConfig.from_hf({"text_config": ASSISTANT, "backbone_hidden_size": 32, **bad}).check_target(
+            target
+        )

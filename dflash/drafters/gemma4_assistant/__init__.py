@@ -6,5 +6,11 @@ from dflash.drafters.gemma4_assistant.draft import AssistantDraft
 from dflash.drafters.gemma4_assistant.kind import GEMMA4_ASSISTANT, Gemma4AssistantKind
 from dflash.drafters.gemma4_assistant.model import AssistantConfig, Gemma4Assistant, build_assistant
 
-__all__ = ["GEMMA4_ASSISTANT", "AssistantConfig", "AssistantDraft", "Gemma4Assistant", "Gemma4AssistantKind",
-           "build_assistant"]
+__all__ = [
+    "GEMMA4_ASSISTANT",
+    "AssistantConfig",
+    "AssistantDraft",
+    "Gemma4Assistant",
+    "Gemma4AssistantKind",
+    "build_assistant",
+]

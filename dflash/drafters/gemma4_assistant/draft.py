@@ -46,7 +46,9 @@ class AssistantDraft(StepwiseDraft):
     mask_token_id: int | None = None
 
     @classmethod
-    def of(cls, head: Gemma4Assistant, stochastic: bool = False, block_size: int | None = None) -> AssistantDraft:
+    def of(
+        cls, head: Gemma4Assistant, stochastic: bool = False, block_size: int | None = None
+    ) -> AssistantDraft:
         return cls(check_block(block_size, max(head.cfg.block_size, block_size or 0)), stochastic)
 
     def init(self, head: Gemma4Assistant, batch: int, max_len: int, dtype: Any) -> AssistantState:
@@ -69,28 +71,44 @@ class AssistantDraft(StepwiseDraft):
         y, h = head(target.embed(tokens_BT), hidden_BTD, positions, kv, lengths_B)
         return head.logits(y), h
 
-    def propose(self, head: Gemma4Assistant, target: Transformer, state: AssistantState, step: StepInputs,
-                key: jax.Array, sampling: SamplingParams) -> tuple[jax.Array, jax.Array | None]:
+    def propose(
+        self,
+        head: Gemma4Assistant,
+        target: Transformer,
+        state: AssistantState,
+        step: StepInputs,
+        key: jax.Array,
+        sampling: SamplingParams,
+    ) -> tuple[jax.Array, jax.Array | None]:
         kv, lengths = head.target_kv(target.cfg, step.target_cache), step.target_cache.lengths
         token_B, h_B1D = step.anchor_B, state.pending_BD[:, None]
         drafts, qs = [], []
         for j in range(self.block_size - 1):
             logits, h_B1D = self._step(head, target, kv, lengths, token_B[:, None], h_B1D)
-            token_B, q = drafts_from_logits(logits[:, 0], None, self.stochastic, jax.random.fold_in(key, j),
-                                            sampling)
+            token_B, q = drafts_from_logits(
+                logits[:, 0], None, self.stochastic, jax.random.fold_in(key, j), sampling
+            )
             drafts.append(token_B)
             qs.append(q)
         return jnp.stack(drafts, axis=1), None if qs[0] is None else jnp.stack(qs, axis=1)
 
     # ------------------------------------------------------------------ dynamic tree
-    def tree_start(self, head: Gemma4Assistant, target: Transformer, state: AssistantState,
-                   step: StepInputs) -> tuple[jax.Array, TreeCarry]:
+    def tree_start(
+        self, head: Gemma4Assistant, target: Transformer, state: AssistantState, step: StepInputs
+    ) -> tuple[jax.Array, TreeCarry]:
         kv, lengths = head.target_kv(target.cfg, step.target_cache), step.target_cache.lengths
         logits, h = self._step(head, target, kv, lengths, step.anchor_B[:, None], state.pending_BD[:, None])
         return jax.nn.log_softmax(logits[:, 0], axis=-1), TreeCarry(kv, lengths, h)
 
-    def tree_expand(self, head: Gemma4Assistant, target: Transformer, carry: TreeCarry, tokens_BK: jax.Array,
-                    parents_BK: jax.Array, depth: int) -> tuple[jax.Array, TreeCarry]:
+    def tree_expand(
+        self,
+        head: Gemma4Assistant,
+        target: Transformer,
+        carry: TreeCarry,
+        tokens_BK: jax.Array,
+        parents_BK: jax.Array,
+        depth: int,
+    ) -> tuple[jax.Array, TreeCarry]:
         parent_h = jnp.take_along_axis(carry.last_BKD, parents_BK[..., None], axis=1)
         logits, h = self._step(head, target, carry.kv, carry.lengths_B, jnp.maximum(tokens_BK, 0), parent_h)
         return jax.nn.log_softmax(logits, axis=-1), TreeCarry(carry.kv, carry.lengths_B, h)

@@ -34,7 +34,9 @@ def claims(hf: dict[str, Any]) -> bool:
 
 def assistant_rows(cfg: AssistantConfig) -> tuple[WeightRow, ...]:
     """Every parameter's tensor (the token ordering, an integer buffer, is read on its own)."""
-    rows = [WeightRow(f"{p}.weight", f"{p}.kernel", transpose=True) for p in ("pre_projection", "post_projection")]
+    rows = [
+        WeightRow(f"{p}.weight", f"{p}.kernel", transpose=True) for p in ("pre_projection", "post_projection")
+    ]
     rows.append(WeightRow("model.norm.weight", "norm.weight"))
     rows.append(WeightRow("model.embed_tokens.weight", "embed_tokens"))
     if not cfg.tie_word_embeddings:
@@ -53,26 +55,42 @@ def _ordering(directory: Path, cfg: AssistantConfig) -> np.ndarray:
             if ORDERING in f.keys():
                 order = np.asarray(f.get_tensor(ORDERING)).astype(np.int64)
                 if sorted(order.tolist()) != list(range(cfg.vocab_size)):
-                    raise CheckpointError(f"{file}: {ORDERING} is not a permutation of the {cfg.vocab_size} "
-                                          "token ids")
+                    raise CheckpointError(
+                        f"{file}: {ORDERING} is not a permutation of the {cfg.vocab_size} token ids"
+                    )
                 return order.astype(np.int32)
     raise CheckpointError(f"{directory} lacks {ORDERING} (config.json use_ordered_embeddings is true)")
 
 
-def load_assistant(directory: Path, target_cfg: ModelConfig | None, *, dtype: Any = jnp.float32,
-                   attention_impl: str = "auto", mesh: Mesh | None = None, block_size: int | None = None,
-                   replicate_indivisible: bool = False) -> Gemma4Assistant:
+def load_assistant(
+    directory: Path,
+    target_cfg: ModelConfig | None,
+    *,
+    dtype: Any = jnp.float32,
+    attention_impl: str = "auto",
+    mesh: Mesh | None = None,
+    block_size: int | None = None,
+    replicate_indivisible: bool = False,
+) -> Gemma4Assistant:
     """The assistant in ``directory``, checked against the target it will read when given."""
     cfg = AssistantConfig.from_hf(read_config_json(directory), block_size=block_size)
     if target_cfg is not None:
         cfg.check_target(target_cfg)
     order = _ordering(directory, cfg) if cfg.num_centroids else None
-    model = nnx.eval_shape(lambda: Gemma4Assistant(cfg, dtype=dtype, attention_impl=attention_impl,
-                                                   rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: Gemma4Assistant(cfg, dtype=dtype, attention_impl=attention_impl, rngs=nnx.Rngs(0))
+    )
     if order is not None:
         model.token_ordering = None  # read on its own below (an integer buffer, not a float parameter)
-    model = load_params_into(model, directory, assistant_rows(cfg), dtype, ignorable=(ORDERING,), mesh=mesh,
-                             replicate_indivisible=replicate_indivisible)
+    model = load_params_into(
+        model,
+        directory,
+        assistant_rows(cfg),
+        dtype,
+        ignorable=(ORDERING,),
+        mesh=mesh,
+        replicate_indivisible=replicate_indivisible,
+    )
     if order is not None:
         value = jnp.asarray(order)
         if mesh is not None:

@@ -38,8 +38,12 @@ from dflash.models.layers import Context, Linear, model_norm, normal
 from dflash.models.transformer import DecoderLayer
 
 DEFAULT_BLOCK_SIZE = 4  # anchor + 3 chained assistant steps per verify pass
-REFUSED = ("hidden_size_per_layer_input", "enable_moe_block", "use_double_wide_mlp",
-           "vocab_size_per_layer_input")  # transformers' validate_architecture: all must be 0 / False
+REFUSED = (
+    "hidden_size_per_layer_input",
+    "enable_moe_block",
+    "use_double_wide_mlp",
+    "vocab_size_per_layer_input",
+)  # transformers' validate_architecture: all must be 0 / False
 
 
 def layer_type(spec: Any) -> str:
@@ -73,13 +77,18 @@ class AssistantConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
-            raise ConfigError(f"drafter.block_size must be >= 2 (the anchor + at least one assistant step), "
-                              f"got {self.block_size}")
-        if self.num_centroids and (self.vocab_size % self.num_centroids
-                                   or not 0 < self.centroid_top_k <= self.num_centroids):
-            raise ConfigError(f"config.json num_centroids={self.num_centroids} must divide vocab_size="
-                              f"{self.vocab_size} and centroid_intermediate_top_k={self.centroid_top_k} "
-                              "must be in 1..num_centroids")
+            raise ConfigError(
+                f"drafter.block_size must be >= 2 (the anchor + at least one assistant step), "
+                f"got {self.block_size}"
+            )
+        if self.num_centroids and (
+            self.vocab_size % self.num_centroids or not 0 < self.centroid_top_k <= self.num_centroids
+        ):
+            raise ConfigError(
+                f"config.json num_centroids={self.num_centroids} must divide vocab_size="
+                f"{self.vocab_size} and centroid_intermediate_top_k={self.centroid_top_k} "
+                "must be in 1..num_centroids"
+            )
 
     hidden_size = property(lambda self: self.layers.hidden_size)
     vocab_size = property(lambda self: self.layers.vocab_size)
@@ -94,8 +103,10 @@ class AssistantConfig:
             raise ConfigError("config.json of a gemma4_assistant lacks text_config")
         for key in REFUSED:
             if text.get(key):
-                raise ConfigError(f"config.json text_config.{key}={text[key]!r}: a Gemma 4 assistant has "
-                                  "none (transformers refuses it too)")
+                raise ConfigError(
+                    f"config.json text_config.{key}={text[key]!r}: a Gemma 4 assistant has "
+                    "none (transformers refuses it too)"
+                )
         base = ModelConfig.from_hf({**text, "model_type": "gemma4_text", "num_kv_shared_layers": 0})
         layers = []
         for spec in base.layers:
@@ -111,29 +122,38 @@ class AssistantConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
             num_centroids=int(hf.get("num_centroids", 2048)) if ordered else 0,
             centroid_top_k=int(hf.get("centroid_intermediate_top_k", 32)) if ordered else 0,
-            block_size=int(block_size or hf.get("dflash_block_size") or DEFAULT_BLOCK_SIZE))
+            block_size=int(block_size or hf.get("dflash_block_size") or DEFAULT_BLOCK_SIZE),
+        )
 
     def check_target(self, target: ModelConfig) -> None:
         """The assistant reads ``target``'s embeddings, hidden states and keys and values: widths,
         vocabulary and, per layer type, the kv heads and head dim must be the target's."""
         if target.model_type != "gemma4":
             raise ConfigError(f"a Gemma 4 assistant drafts for a gemma4 target, not {target.model_type!r}")
-        for name, ours, theirs in (("backbone_hidden_size", self.backbone_hidden_size, target.hidden_size),
-                                   ("vocab_size", self.vocab_size, target.vocab_size)):
+        for name, ours, theirs in (
+            ("backbone_hidden_size", self.backbone_hidden_size, target.hidden_size),
+            ("vocab_size", self.vocab_size, target.vocab_size),
+        ):
             if ours != theirs:
                 raise ConfigError(f"the assistant's {name}={ours}, but the target's is {theirs}")
         made = producers(target)
         for i, spec in enumerate(self.layers.layers):
             kind = layer_type(spec)
             if kind not in made:
-                raise ConfigError(f"assistant layer {i} reads the target's {kind} keys and values; the target "
-                                  "has no such layer")
+                raise ConfigError(
+                    f"assistant layer {i} reads the target's {kind} keys and values; the target "
+                    "has no such layer"
+                )
             theirs = target.layers[made[kind]]
-            shape = [(s.mixer_option("kv_heads", 0) or c.num_kv_heads, s.mixer_option("head_dim", 0) or c.head_dim)
-                     for s, c in ((spec, self.layers), (theirs, target))]
+            shape = [
+                (s.mixer_option("kv_heads", 0) or c.num_kv_heads, s.mixer_option("head_dim", 0) or c.head_dim)
+                for s, c in ((spec, self.layers), (theirs, target))
+            ]
             if shape[0] != shape[1]:
-                raise ConfigError(f"assistant layer {i} ({kind}) expects (kv heads, head dim) {shape[0]}, but the "
-                                  f"target's layer {made[kind]} has {shape[1]}")
+                raise ConfigError(
+                    f"assistant layer {i} ({kind}) expects (kv heads, head dim) {shape[0]}, but the "
+                    f"target's layer {made[kind]} has {shape[1]}"
+                )
 
 
 class TokenOrdering(nnx.Variable):
@@ -143,8 +163,14 @@ class TokenOrdering(nnx.Variable):
 class Gemma4Assistant(nnx.Module):
     """Parameters only; the target's cache goes in, nothing of the assistant's own is cached."""
 
-    def __init__(self, cfg: AssistantConfig, *, dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto",
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: AssistantConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        attention_impl: str = "auto",
+        rngs: nnx.Rngs,
+    ):
         self.cfg = cfg
         # auto | pallas | reference (dflash.kernels.dispatch): a static attribute, part of the graphdef.
         self.attention_impl = dispatch.check_impl(attention_impl)
@@ -162,11 +188,19 @@ class Gemma4Assistant(nnx.Module):
     def target_kv(self, target: ModelConfig, cache: Cache) -> dict[str, tuple[jax.Array, jax.Array]]:
         """The target cache's keys and values ``[B, S, K, H]`` each layer type reads."""
         made = producers(target)
-        return {kind: (cache.layers[made[kind]].k, cache.layers[made[kind]].v)
-                for kind in {layer_type(spec) for spec in self.cfg.layers.layers}}
+        return {
+            kind: (cache.layers[made[kind]].k, cache.layers[made[kind]].v)
+            for kind in {layer_type(spec) for spec in self.cfg.layers.layers}
+        }
 
-    def __call__(self, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT: jax.Array,
-                 kv: dict[str, tuple[jax.Array, jax.Array]], lengths_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self,
+        emb_BTD: jax.Array,
+        hidden_BTD: jax.Array,
+        positions_BT: jax.Array,
+        kv: dict[str, tuple[jax.Array, jax.Array]],
+        lengths_B: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
         """T independent steps (each query sees the ``lengths_B`` committed slots of ``kv`` only, none of
         the others) -> (the normed output ``[B, T, D]`` the head reads, the next step's hidden state
         ``[B, T, D_target]``)."""
@@ -174,8 +208,14 @@ class Gemma4Assistant(nnx.Module):
         x = self.pre_projection(jnp.concatenate([emb_BTD.astype(dtype), hidden_BTD.astype(dtype)], axis=-1))
         t = x.shape[1]
         slots = next(iter(kv.values()))[0].shape[1]
-        ctx = Context(positions_BT, jnp.zeros((t, t), bool), self.cfg.layers.rope, self.attention_impl,
-                      lengths_B=lengths_B, max_len=slots)
+        ctx = Context(
+            positions_BT,
+            jnp.zeros((t, t), bool),
+            self.cfg.layers.rope,
+            self.attention_impl,
+            lengths_B=lengths_B,
+            max_len=slots,
+        )
         ctx.shared_kv.update({kind: (k, v, k, v, True) for kind, (k, v) in kv.items()})
         for decoder in self.layers:
             x, _ = decoder(x, lambda h, decoder=decoder: decoder.mixer(h, ctx=ctx, state=None))
@@ -199,6 +239,7 @@ class Gemma4Assistant(nnx.Module):
         return jnp.full((b, t, v), -jnp.inf, jnp.float32).at[(*rows, tokens_BTn)].set(picked)
 
 
-def build_assistant(cfg: AssistantConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0,
-                    attention_impl: str = "auto") -> Gemma4Assistant:
+def build_assistant(
+    cfg: AssistantConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0, attention_impl: str = "auto"
+) -> Gemma4Assistant:
     return Gemma4Assistant(cfg, dtype=dtype, attention_impl=attention_impl, rngs=nnx.Rngs(seed))
