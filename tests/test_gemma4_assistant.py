@@ -185,7 +185,8 @@ def _hf_drafts(target, assistant, ids: list[int], k: int) -> list[int]:
 def test_the_engines_prefill_commit_and_chain_draft_as_transformers_does(checkpoints):
     """The method's steps (prefill, propose, a verify pass of which one draft is kept, commit, propose)
     against transformers' drafting recipe from scratch at each point: the same drafts (the hidden state
-    kept is the right one, the cache is read as committed: the rejected drafts' slots unseen)."""
+    kept is the right one, the cache is read as committed: the rejected drafts' slots unseen); the
+    dynamic tree's start and expansions follow the same chain."""
     from dflash.decoding.method import StepInputs
     from dflash.models.transformer import FINAL_NORMED
 
@@ -210,6 +211,14 @@ def test_the_engines_prefill_commit_and_chain_draft_as_transformers_does(checkpo
     drafts = propose(out.cache, anchor)
     want = _hf_drafts(hf, assistants["plain"], prompt + [anchor], 3)
     assert drafts.tolist() == want
+    # the dynamic tree's steps: the chain through a sibling at each depth (second, then first node)
+    step = StepInputs(jnp.array([anchor]), out.cache.lengths, None, None, out.cache)
+    logp, carry = method.tree_start(head, target, state, step)
+    assert int(jnp.argmax(logp[0])) == want[0]
+    logp, carry = method.tree_expand(head, target, carry, jnp.array([[6, want[0]]]), jnp.array([[0, 0]]), 1)
+    assert int(jnp.argmax(logp[0, 1])) == want[1]
+    logp, carry = method.tree_expand(head, target, carry, jnp.array([[want[1], 7]]), jnp.array([[1, 0]]), 2)
+    assert int(jnp.argmax(logp[0, 0])) == want[2]
     block = [anchor, *drafts.tolist()]
     verified = target(
         jnp.asarray([block]), jnp.arange(p, p + 4)[None], out.cache, hidden_layers=(FINAL_NORMED,)
