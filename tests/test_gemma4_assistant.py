@@ -263,6 +263,8 @@ def test_speculative_greedy_with_an_assistant_equals_the_targets_greedy_tokens(c
             for p in prompts
         ]
     assert out["tokens"] == ref[0]
+    assert out["block_size"] == 4  # the assistant's chain of 3 (its random drafts are all rejected here:
+    # the wiring test commits an accepted draft, the sampling test accepts many)
     target = load_target(root / "target")
     head = load_drafter(root / "centroids", target)
     spec = speculative_generate(
