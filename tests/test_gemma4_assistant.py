@@ -134,10 +134,12 @@ def test_logits_and_hidden_states_for_a_given_target_kv_equal_transformers(check
     emb, hid = torch.randn(2, 1, 32, generator=gen), torch.randn(2, 1, 32, generator=gen)
     target_cfg = ModelConfig.from_hf(json.loads((root / "target" / "config.json").read_text()))
     ours_kv = {kind: tuple(jnp.asarray(t.transpose(1, 2).numpy()) for t in pair) for kind, pair in kv.items()}
-    for name, hf in assistants.items():
+    # the plain head also through the Pallas verify kernel (interpret mode here): no causal block
+    for name, impl in (("plain", "auto"), ("plain", "pallas"), ("centroids", "auto")):
+        hf = assistants[name]
         kind, directory = find_export(root / name)
         assert kind.name == "gemma4_assistant"
-        ours = load_drafter(directory, target_cfg)
+        ours = load_drafter(directory, target_cfg, attention_impl=impl)
         with torch.no_grad():
             ref = hf(
                 inputs_embeds=torch.cat([emb, hid], -1),
