@@ -27,7 +27,7 @@ from test_verify import assert_first_three_follow, exact_joint
 from dflash.config import ModelConfig
 from dflash.decoding.sampling import SamplingParams
 from dflash.decoding.speculative import speculative_generate
-from dflash.drafters import find_export, load_drafter, method_for
+from dflash.drafters import drafter_kind, find_export, load_drafter, method_for
 from dflash.drafters.gemma4_assistant import AssistantConfig, AssistantDraft, build_assistant
 from dflash.errors import ConfigError
 from dflash.io import load_target
@@ -196,40 +196,37 @@ def test_the_engines_prefill_commit_and_chain_draft_as_transformers_does(checkpo
     target = load_target(root / "target")
     head = load_drafter(root / "plain", target)
     method = method_for(head, block_size=4)
-    prompt = [5, 9, 300, 41, 7, 7, 2000, 13]
+    prompt, anchor, nxt = [5, 9, 300, 41, 7, 7, 2000, 13], 17, 99  # nxt: the correction after draft 1
     p = len(prompt)
-    out = target(
-        jnp.asarray([prompt]), jnp.arange(p)[None], target.init_cache(1, 24), hidden_layers=(FINAL_NORMED,)
-    )
-    state = method.prefill(head, method.init(head, 1, 24, jnp.float32), out.hidden, jnp.array([p]))
 
-    def propose(cache, anchor):
-        step = StepInputs(jnp.array([anchor]), cache.lengths, None, None, cache)
-        return np.asarray(method.propose(head, target, state, step, jax.random.key(0), SamplingParams())[0])[
-            0
-        ]
+    @jax.jit  # the whole scenario as one program (eager dispatch of its ops is slower than compiling)
+    def scenario(chain_1):
+        out = target(jnp.asarray([prompt]), jnp.arange(p)[None], target.init_cache(1, 24),
+                     hidden_layers=(FINAL_NORMED,))
+        state = method.prefill(head, method.init(head, 1, 24, jnp.float32), out.hidden, jnp.array([p]))
+        step = StepInputs(jnp.array([anchor]), out.cache.lengths, None, None, out.cache)
+        first = method.propose(head, target, state, step, jax.random.key(0), SamplingParams())[0]
+        # the dynamic tree's steps: along transformers' chain through a sibling (second, then first node)
+        logp0, carry = method.tree_start(head, target, state, step)
+        logp1, carry = method.tree_expand(head, target, carry, jnp.stack([jnp.array([6]), chain_1[:1]], 1),
+                                          jnp.array([[0, 0]]), 1)
+        logp2, carry = method.tree_expand(head, target, carry, jnp.stack([chain_1[1:2], jnp.array([7])], 1),
+                                          jnp.array([[1, 0]]), 2)
+        tree = jnp.stack([jnp.argmax(logp0[0]), jnp.argmax(logp1[0, 1]), jnp.argmax(logp2[0, 0])])
+        block = jnp.concatenate([jnp.array([[anchor]]), first], axis=1)
+        verified = target(block, jnp.arange(p, p + 4)[None], out.cache, hidden_layers=(FINAL_NORMED,))
+        state = method.commit(head, state, verified.hidden, out.cache.lengths, jnp.array([1]))  # one kept
+        cache = verified.cache.keep(jnp.array([2]), 4)
+        step = StepInputs(jnp.array([nxt]), cache.lengths, None, None, cache)
+        second = method.propose(head, target, state, step, jax.random.key(0), SamplingParams())[0]
+        return first[0], tree, second[0]
 
-    anchor = 17
-    drafts = propose(out.cache, anchor)
-    want = _hf_drafts(hf, assistants["plain"], prompt + [anchor], 3)
-    assert drafts.tolist() == want
-    # the dynamic tree's steps: the chain through a sibling at each depth (second, then first node)
-    step = StepInputs(jnp.array([anchor]), out.cache.lengths, None, None, out.cache)
-    logp, carry = method.tree_start(head, target, state, step)
-    assert int(jnp.argmax(logp[0])) == want[0]
-    logp, carry = method.tree_expand(head, target, carry, jnp.array([[6, want[0]]]), jnp.array([[0, 0]]), 1)
-    assert int(jnp.argmax(logp[0, 1])) == want[1]
-    logp, carry = method.tree_expand(head, target, carry, jnp.array([[want[1], 7]]), jnp.array([[1, 0]]), 2)
-    assert int(jnp.argmax(logp[0, 0])) == want[2]
-    block = [anchor, *drafts.tolist()]
-    verified = target(
-        jnp.asarray([block]), jnp.arange(p, p + 4)[None], out.cache, hidden_layers=(FINAL_NORMED,)
-    )
-    state = method.commit(head, state, verified.hidden, out.cache.lengths, jnp.array([1]))
-    nxt = 99  # the correction after the kept draft
-    drafts = propose(verified.cache.keep(jnp.array([2]), 4), nxt)
-    want = _hf_drafts(hf, assistants["plain"], prompt + block[:2] + [nxt], 3)
-    assert drafts.tolist() == want
+    want_1 = _hf_drafts(hf, assistants["plain"], prompt + [anchor], 3)
+    want_2 = _hf_drafts(hf, assistants["plain"], prompt + [anchor, want_1[0], nxt], 3)
+    first, tree, second = (np.asarray(x).tolist() for x in scenario(jnp.asarray(want_1)))
+    assert first == want_1
+    assert tree == want_1
+    assert second == want_2
 
 
 def test_speculative_greedy_with_an_assistant_equals_the_targets_greedy_tokens(checkpoints, capsys):
@@ -323,3 +320,13 @@ def test_a_mismatched_or_unsupported_assistant_is_refused_naming_the_field(bad, 
         AssistantConfig.from_hf({"text_config": ASSISTANT, "backbone_hidden_size": 32, **bad}).check_target(
             target
         )
+
+
+def test_training_or_exporting_an_assistant_is_refused_in_one_line(tmp_path):
+    assistant = drafter_kind("gemma4_assistant")
+    target = ModelConfig.from_hf({"model_type": "gemma4_text", **TARGET})
+    with pytest.raises(ConfigError, match="training a Gemma 4 assistant is not supported"):
+        assistant.config(None, target, mask_token_id=0, block_size=4)
+    head = build_assistant(AssistantConfig.from_hf({"text_config": ASSISTANT, "backbone_hidden_size": 32}))
+    with pytest.raises(ConfigError, match="exporting a Gemma 4 assistant is not supported"):
+        assistant.save(head, None, target, tmp_path, target_name="t")
