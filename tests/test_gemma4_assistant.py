@@ -1,0 +1,332 @@
+"""Gemma 4 MTP assistants (``Gemma4AssistantForCausalLM``) against ``transformers``: tiny random
+assistants (plain LM head and centroid-masked head) saved with ``save_pretrained`` load as the
+``gemma4_assistant`` drafter kind; their logits and projected hidden states for given inputs and a
+given target KV equal transformers' forward; the engine's steps draft what transformers' drafting
+recipe drafts; speculative decoding with them over a tiny Gemma 4 target (KV-shared layers,
+per-layer inputs, sliding window shorter than the prompt) equals the target's greedy tokens,
+through ``dflash-generate --target DIR --drafter DIR``; sampling keeps the target's distribution.
+
+``transformers==5.23.0`` (our pin) cannot build an assistant: ``Gemma4TextConfig.kv_sharing_modes``
+raises when every layer is shared, which an assistant's are (fixed in 5.25.0). The fixture patches
+exactly that property, for the test only, to what an all-shared model needs: every layer ``"reuse"``
+(no layer computes or stores keys and values). The forward compared against is transformers' own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from test_verify import assert_first_three_follow, exact_joint
+
+from dflash.config import ModelConfig
+from dflash.decoding.sampling import SamplingParams
+from dflash.decoding.speculative import speculative_generate
+from dflash.drafters import drafter_kind, find_export, load_drafter, method_for
+from dflash.drafters.gemma4_assistant import AssistantConfig, AssistantDraft, build_assistant
+from dflash.errors import ConfigError
+from dflash.io import load_target
+from dflash.io.loading import SHIPPED
+
+S, F = "sliding_attention", "full_attention"
+HEADS = dict(
+    num_key_value_heads=2,
+    head_dim=8,
+    global_head_dim=16,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    sliding_window=3,
+    max_position_embeddings=256,
+)
+TARGET = dict(
+    vocab_size=4096,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    layer_types=[S, F, S, F],
+    num_kv_shared_layers=2,
+    final_logit_softcapping=3.0,
+    hidden_size_per_layer_input=8,
+    vocab_size_per_layer_input=4096,
+    tie_word_embeddings=True,
+    **HEADS,
+)
+ASSISTANT = dict(
+    vocab_size=4096,
+    hidden_size=24,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    layer_types=[S, F],
+    hidden_size_per_layer_input=0,
+    vocab_size_per_layer_input=0,
+    **HEADS,
+)
+CENTROIDS = dict(use_ordered_embeddings=True, num_centroids=64, centroid_intermediate_top_k=4)
+
+
+def _all_shared_modes(self) -> list[str | None]:
+    """``kv_sharing_modes`` for a model whose every layer is shared (transformers 5.25's behaviour);
+    otherwise 5.23's own."""
+    if self.num_kv_shared_layers == self.num_hidden_layers:
+        return ["reuse"] * self.num_hidden_layers
+    return ORIGINAL_MODES.fget(self)
+
+
+ORIGINAL_MODES = transformers.Gemma4TextConfig.kv_sharing_modes
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    """Norms and scalars away from their identity init, so every weight counts."""
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.fill_(0.7)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The tiny target and two assistants (plain head; centroid head with a random token ordering),
+    fp32, eval, saved with ``save_pretrained`` (the target with the shipped tokenizer)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("gemma4_assistant")
+    target = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**TARGET)).eval()
+    _randomise(target)
+    target.save_pretrained(root / "target")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SHIPPED["tiny-code"] / name, root / "target" / name)
+    assistants = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transformers.Gemma4TextConfig, "kv_sharing_modes", property(_all_shared_modes))
+        for name, extra in (("plain", {}), ("centroids", CENTROIDS)):
+            cfg = transformers.Gemma4AssistantConfig(
+                text_config=transformers.Gemma4TextConfig(**ASSISTANT), backbone_hidden_size=32, **extra
+            )
+            model = transformers.Gemma4AssistantForCausalLM(cfg).eval()
+            _randomise(model)
+            if extra:
+                model.masked_embedding.token_ordering.copy_(torch.randperm(4096))
+            model.save_pretrained(root / name)
+            assistants[name] = model
+    return target, assistants, root
+
+
+def test_logits_and_hidden_states_for_a_given_target_kv_equal_transformers(checkpoints):
+    """Two rows, one query each at position 9 over 9 committed keys per layer type (more than the
+    window sees), the cache 12 slots long with garbage past the committed ones: transformers' own
+    forward given exactly the committed keys and values (plain and centroid head)."""
+    _, assistants, root = checkpoints
+    gen = torch.Generator().manual_seed(3)
+    n, slots = 9, 12
+    kv = {
+        S: [torch.randn(2, 2, slots, 8, generator=gen) for _ in range(2)],
+        F: [torch.randn(2, 1, slots, 16, generator=gen) for _ in range(2)],
+    }
+    emb, hid = torch.randn(2, 1, 32, generator=gen), torch.randn(2, 1, 32, generator=gen)
+    target_cfg = ModelConfig.from_hf(json.loads((root / "target" / "config.json").read_text()))
+    ours_kv = {kind: tuple(jnp.asarray(t.transpose(1, 2).numpy()) for t in pair) for kind, pair in kv.items()}
+    # the plain head also through the Pallas verify kernel (interpret mode here): no causal block
+    for name, impl in (("plain", "auto"), ("plain", "pallas"), ("centroids", "auto")):
+        hf = assistants[name]
+        kind, directory = find_export(root / name)
+        assert kind.name == "gemma4_assistant"
+        ours = load_drafter(directory, target_cfg, attention_impl=impl)
+        with torch.no_grad():
+            ref = hf(
+                inputs_embeds=torch.cat([emb, hid], -1),
+                position_ids=torch.full((2, 1), n),
+                shared_kv_states={t: (k[:, :, :n], v[:, :, :n]) for t, (k, v) in kv.items()},
+            )
+        y, h = ours(
+            jnp.asarray(emb.numpy()),
+            jnp.asarray(hid.numpy()),
+            jnp.full((2, 1), n),
+            ours_kv,
+            jnp.full((2,), n),
+        )
+        logits, want = np.asarray(ours.logits(y)), ref.logits.numpy()
+        np.testing.assert_allclose(np.asarray(h), ref.last_hidden_state.numpy(), atol=1e-5, rtol=0)
+        if name == "plain":
+            np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0)
+        else:  # transformers fills the unselected tokens with (smallest selected logit - 1); ours: -inf
+            chosen = want > want.min()
+            assert chosen.sum() == 2 * 4 * 64  # top 4 centroids of 64 tokens each, per row
+            np.testing.assert_array_equal(np.isfinite(logits), chosen)
+            np.testing.assert_allclose(logits[chosen], want[chosen], atol=1e-5, rtol=0)
+    # the assistant's window: 3 + 2 in our terms (it sees the last 4 committed keys)
+    assert [s.mixer_option("window", 0) for s in ours.cfg.layers.layers] == [5, 0]
+
+
+def _hf_drafts(target, assistant, ids: list[int], k: int) -> list[int]:
+    """transformers' drafting recipe (``Gemma4AssistantCandidateGenerator``) for the committed ``ids``
+    whose last token is the anchor: the target's pass over the others, its last final hidden state and
+    shared keys and values, then ``k`` argmax steps at the anchor's position."""
+    with torch.no_grad():
+        out = target(torch.tensor([ids[:-1]]), output_hidden_states=True, return_shared_kv_states=True)
+        h, token, drafts = out.hidden_states[-1][:, -1:], torch.tensor([[ids[-1]]]), []
+        for _ in range(k):
+            step = assistant(
+                inputs_embeds=torch.cat([target.get_input_embeddings()(token), h], -1),
+                position_ids=torch.tensor([[len(ids) - 1]]),
+                shared_kv_states=out.shared_kv_states,
+            )
+            token, h = step.logits.argmax(-1), step.last_hidden_state
+            drafts.append(int(token))
+    return drafts
+
+
+def test_the_engines_prefill_commit_and_chain_draft_as_transformers_does(checkpoints):
+    """The method's steps (prefill, propose, a verify pass of which one draft is kept, commit, propose)
+    against transformers' drafting recipe from scratch at each point: the same drafts (the hidden state
+    kept is the right one, the cache is read as committed: the rejected drafts' slots unseen); the
+    dynamic tree's start and expansions follow the same chain."""
+    from dflash.decoding.method import StepInputs
+    from dflash.models.transformer import FINAL_NORMED
+
+    hf, assistants, root = checkpoints
+    target = load_target(root / "target")
+    head = load_drafter(root / "plain", target)
+    method = method_for(head, block_size=4)
+    prompt, anchor, nxt = [5, 9, 300, 41, 7, 7, 2000, 13], 17, 99  # nxt: the correction after draft 1
+    p = len(prompt)
+
+    @jax.jit  # the whole scenario as one program (eager dispatch of its ops is slower than compiling)
+    def scenario(chain_1):
+        out = target(jnp.asarray([prompt]), jnp.arange(p)[None], target.init_cache(1, 24),
+                     hidden_layers=(FINAL_NORMED,))
+        state = method.prefill(head, method.init(head, 1, 24, jnp.float32), out.hidden, jnp.array([p]))
+        step = StepInputs(jnp.array([anchor]), out.cache.lengths, None, None, out.cache)
+        first = method.propose(head, target, state, step, jax.random.key(0), SamplingParams())[0]
+        # the dynamic tree's steps: along transformers' chain through a sibling (second, then first node)
+        logp0, carry = method.tree_start(head, target, state, step)
+        logp1, carry = method.tree_expand(head, target, carry, jnp.stack([jnp.array([6]), chain_1[:1]], 1),
+                                          jnp.array([[0, 0]]), 1)
+        logp2, carry = method.tree_expand(head, target, carry, jnp.stack([chain_1[1:2], jnp.array([7])], 1),
+                                          jnp.array([[1, 0]]), 2)
+        tree = jnp.stack([jnp.argmax(logp0[0]), jnp.argmax(logp1[0, 1]), jnp.argmax(logp2[0, 0])])
+        block = jnp.concatenate([jnp.array([[anchor]]), first], axis=1)
+        verified = target(block, jnp.arange(p, p + 4)[None], out.cache, hidden_layers=(FINAL_NORMED,))
+        state = method.commit(head, state, verified.hidden, out.cache.lengths, jnp.array([1]))  # one kept
+        cache = verified.cache.keep(jnp.array([2]), 4)
+        step = StepInputs(jnp.array([nxt]), cache.lengths, None, None, cache)
+        second = method.propose(head, target, state, step, jax.random.key(0), SamplingParams())[0]
+        return first[0], tree, second[0]
+
+    want_1 = _hf_drafts(hf, assistants["plain"], prompt + [anchor], 3)
+    want_2 = _hf_drafts(hf, assistants["plain"], prompt + [anchor, want_1[0], nxt], 3)
+    first, tree, second = (np.asarray(x).tolist() for x in scenario(jnp.asarray(want_1)))
+    assert first == want_1
+    assert tree == want_1
+    assert second == want_2
+
+
+def test_speculative_greedy_with_an_assistant_equals_the_targets_greedy_tokens(checkpoints, capsys):
+    """``dflash-generate --target DIR --drafter DIR`` (plain head) and the engine with the centroid
+    head (blocks of 3): the target's own greedy tokens from transformers, over prompts longer than
+    the window; the drafts read the target's KV-shared cache as committed and roll back with it."""
+    from dflash.cli.generate import main
+
+    hf, _, root = checkpoints
+    assert (
+        main(
+            [
+                "--target",
+                str(root / "target"),
+                "--drafter",
+                str(root / "plain"),
+                "--prompt",
+                "def fib(n):\n    a, b = 0, 1\n",
+                "--max-new-tokens",
+                "20",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    prompts = [out["prompt_tokens"], [7, 1, 2, 8, 8, 5, 40, 11]]
+    with torch.no_grad():
+        ref = [
+            hf.generate(
+                torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0
+            )[0, len(p) :].tolist()
+            for p in prompts
+        ]
+    assert out["tokens"] == ref[0]
+    assert out["block_size"] == 4  # the assistant's chain of 3 (its random drafts are all rejected here:
+    # the wiring test commits an accepted draft, the sampling test accepts many)
+    target = load_target(root / "target")
+    head = load_drafter(root / "centroids", target)
+    spec = speculative_generate(
+        target, prompts, method=method_for(head, block_size=3), drafter=head, max_new_tokens=20, eos_ids=()
+    )
+    assert spec.tokens == ref
+
+
+def test_speculative_sampling_with_an_assistant_preserves_the_target_distribution():
+    """Chi-square on the first three sampled tokens (test_verify's exact joint) of a tiny Gemma 4
+    target, drafts sampled from a random centroid-head assistant's distribution over two chained steps."""
+    hf = {"model_type": "gemma4_text", **TARGET, "vocab_size": 6, "vocab_size_per_layer_input": 6}
+    target, prompt, joint = exact_joint(ModelConfig.from_hf(hf))
+    cfg = AssistantConfig.from_hf(
+        {
+            "text_config": {**ASSISTANT, "vocab_size": 6},
+            "backbone_hidden_size": 32,
+            **CENTROIDS,
+            "num_centroids": 3,
+            "centroid_intermediate_top_k": 2,
+        },
+        block_size=3,
+    )
+    head = build_assistant(cfg, seed=2)
+    head.pre_projection.kernel[...] = head.pre_projection.kernel[...] * 5.0  # far from uniform
+    n = 4000
+    out = speculative_generate(
+        target,
+        [prompt] * n,
+        method=AssistantDraft.of(head, stochastic=True),
+        drafter=head,
+        max_new_tokens=3,
+        eos_ids=(),
+        sampling=SamplingParams(temperature=1.0),
+        rule="token",
+        key=jax.random.key(5),
+    )
+    assert sum(a > 1 for row in out.acceptance_lengths for a in row) > n // 20
+    assert_first_three_follow(out.tokens, joint)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"backbone_hidden_size": 48}, "backbone_hidden_size=48"),
+        ({"text_config": {**ASSISTANT, "head_dim": 4}}, r"layer 0 \(sliding_attention\) expects"),
+        ({"text_config": {**ASSISTANT, "enable_moe_block": True}}, "enable_moe_block"),
+        ({"use_ordered_embeddings": True, "num_centroids": 100}, "num_centroids=100 must divide"),
+    ],
+)
+def test_a_mismatched_or_unsupported_assistant_is_refused_naming_the_field(bad, match):
+    target = ModelConfig.from_hf({"model_type": "gemma4_text", **TARGET})
+    with pytest.raises(ConfigError, match=match):
+        AssistantConfig.from_hf({"text_config": ASSISTANT, "backbone_hidden_size": 32, **bad}).check_target(
+            target
+        )
+
+
+def test_training_or_exporting_an_assistant_is_refused_in_one_line(tmp_path):
+    assistant = drafter_kind("gemma4_assistant")
+    target = ModelConfig.from_hf({"model_type": "gemma4_text", **TARGET})
+    with pytest.raises(ConfigError, match="training a Gemma 4 assistant is not supported"):
+        assistant.config(None, target, mask_token_id=0, block_size=4)
+    head = build_assistant(AssistantConfig.from_hf({"text_config": ASSISTANT, "backbone_hidden_size": 32}))
+    with pytest.raises(ConfigError, match="exporting a Gemma 4 assistant is not supported"):
+        assistant.save(head, None, target, tmp_path, target_name="t")
