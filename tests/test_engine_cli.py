@@ -97,23 +97,19 @@ def test_bench_writes_all_methods_from_jsonl_prompts(tmp_path, drafter_dir, caps
 
 
 def test_bench_compares_drafters_of_different_kinds_side_by_side(tmp_path, drafter_dir, capsys):
-    """An MTP head (no mask token) beside a DFlash and an EAGLE-3 drafter: the one mask token there is
-    (DFlash's) is every row's, and all rows' greedy tokens are AR's; two different mask tokens are refused."""
+    """An MTP head (no mask token) beside a DFlash drafter: the one mask token there is (DFlash's)
+    is every row's, and all rows' greedy tokens are AR's; two different mask tokens are refused."""
     from types import SimpleNamespace
 
     from dflash.cli.bench import _shared_mask_token
-    from dflash.drafters.eagle3 import EAGLE3, Eagle3Config
-    from dflash.drafters.eagle3.hf import save_drafter as save_eagle3
     from dflash.drafters.mtp import MTP, MTPConfig, build_head
 
     target = load_target("tiny-code")
     mtp = MTP.save(build_head(MTPConfig.for_target(target.cfg, block_size=3), seed=1), None, target.cfg,
                    tmp_path / "mtp", target_name="tiny-code")
-    eagle3 = save_eagle3(EAGLE3.build(Eagle3Config.for_target(target.cfg, block_size=3), target, seed=2),
-                         tmp_path / "eagle3", target_cfg=target.cfg)
-    methods, tokens = run_bench(tmp_path, "--drafter", str(mtp), "--also", str(drafter_dir), "--also",
-                                str(eagle3), "--num-prompts", "1", "--max-new-tokens", "12")
-    assert set(methods) == {"ar", "ngram", "drafter", f"also:{drafter_dir}", f"also:{eagle3}"}
+    methods, tokens = run_bench(tmp_path, "--drafter", str(mtp), "--also", str(drafter_dir),
+                                "--num-prompts", "1", "--max-new-tokens", "12")
+    assert set(methods) == {"ar", "ngram", "drafter", f"also:{drafter_dir}"}
     assert all(t == tokens["ar"] for t in tokens.values())
     assert f"also:{drafter_dir}" in capsys.readouterr().out
     masks = {n: (None, SimpleNamespace(cfg=SimpleNamespace(mask_token_id=m))) for n, m in (("a", 5), ("b", 7),
