@@ -6,7 +6,17 @@ import re
 
 import pytest
 
-from dflash.cli import bench, bench_ar, compare, export, generate, prepare_data, pretrain_target, regenerate, train
+from dflash.cli import (
+    bench,
+    bench_ar,
+    compare,
+    export,
+    generate,
+    prepare_data,
+    pretrain_target,
+    regenerate,
+    train,
+)
 from dflash.cli import bench_kernels as kernels_bench
 
 # (command, a few "option ... (default: value)" pairs its help must show)

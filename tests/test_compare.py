@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dflash.bench.compare import summarize
+from dflash.bench.compare import Recipe, summarize, train_all
 from dflash.cli.compare import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_summary_statistics():
 
 def test_compare_trains_seeds_on_shared_data_and_decodes_losslessly(tiny_target, tmp_path, capsys):
     out = tmp_path / "cmp"
-    args = ["--config", str(ROOT / "configs/tiny_code.yaml"), "--config", str(ROOT / "configs/tiny_code_mtp.yaml"),
+    args = ["--config", "tiny_code", "--config", str(ROOT / "configs/tiny_code_mtp.yaml"),
             "--seeds", "0,1", "--steps", "2", "--out", str(out), "--set", f"target.name={tiny_target}",
             *[a for s in SHRINK for a in ("--set", s)], "--temperatures", "0", "--block-sizes", "2,8",
             "--num-prompts", "2", "--max-new-tokens", "8", "--batch-size", "2", "--no-progress",
@@ -50,8 +50,8 @@ def test_compare_trains_seeds_on_shared_data_and_decodes_losslessly(tiny_target,
         assert (out / run / "regenerated.npz").read_bytes() == first.read_bytes()
     result = record["results"]["0"]["methods"]
     # DFlash at its own block and at 2 (8 is not smaller than its block: no such row); MTP stepwise
-    assert set(result) == {"ar", "ngram", *(f"{r}/s{s}" for r in ("tiny_code", "tiny_code@B2", "tiny_code_mtp")
-                                           for s in (0, 1))}
+    variants = ("tiny_code", "tiny_code@B2", "tiny_code_mtp")
+    assert set(result) == {"ar", "ngram", *(f"{r}/s{s}" for r in variants for s in (0, 1))}
     ar = [p["tokens"] for p in result["ar"]["per_prompt"]]
     for name, r in result.items():  # greedy: every method emits the target's own tokens
         assert [p["tokens"] for p in r["per_prompt"]] == ar, name
@@ -60,11 +60,13 @@ def test_compare_trains_seeds_on_shared_data_and_decodes_losslessly(tiny_target,
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["acceptance_T0.png", "tau_by_method.png"]
     assert "tiny_code_mtp" in capsys.readouterr().out
 
-    # A second call trains nothing (every run is complete) and decodes the same greedy tokens.
-    assert main([*args[:-4], "--eval-only", "--json", str(tmp_path / "again.json")]) == 0
-    again = json.loads((tmp_path / "again.json").read_text())["results"]["0"]["methods"]
-    assert {n: [p["tokens"] for p in r["per_prompt"]] for n, r in again.items()} == \
-        {n: [p["tokens"] for p in r["per_prompt"]] for n, r in result.items()}
+    # Called again, nothing trains (every run is complete): the runs come back as they are.
+    logs: list[str] = []
+    recipes = [Recipe(n, ROOT / f"configs/{n}.yaml") for n in ("tiny_code", "tiny_code_mtp")]
+    overrides = [f"target.name={tiny_target}", *SHRINK, "train.steps=2"]
+    again = train_all(recipes, [0, 1], out, overrides, progress=False, log=logs.append)
+    assert sorted(p.name for p in again.values()) == sorted(runs)
+    assert sum("already complete" in line for line in logs) == 4
 
 
 def test_compare_refuses_runs_on_different_targets(tmp_path, capsys):
@@ -72,3 +74,6 @@ def test_compare_refuses_runs_on_different_targets(tmp_path, capsys):
                  str(ROOT / "configs/qwen3_8b_eagle3.yaml"), "--out", str(tmp_path), "--eval-only"])
     assert code != 0
     assert "different targets" in capsys.readouterr().err
+    code = main(["--config", "tiny_code", "--config", "tiny_code_mtp", "--out", str(tmp_path), "--eval-only"])
+    assert code != 0
+    assert "have no export yet" in capsys.readouterr().err

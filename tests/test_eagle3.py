@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 from test_verify import CFG as VCFG
 from test_verify import assert_first_three_follow, exact_joint
 
@@ -316,6 +316,37 @@ def test_export_is_vllms_layout_and_round_trips_exactly(drafter, tmp_path):
         np.testing.assert_array_equal(a, c)
     with pytest.raises(CheckpointError, match="does not match the target: .*vocab_size=13"):
         load_drafter(out, VCFG)
+
+
+def test_an_export_without_embed_tokens_shares_the_targets_embedding(small, tmp_path):
+    """A published-style file with no ``embed_tokens`` loads against its target with the target's
+    embedding (vLLM shares it too): the same parameters and draft logits as the full file when the
+    drafter's embedding is the target's; without a loaded target it is a clear error."""
+    from dflash.drafters.eagle3 import EAGLE3
+
+    target = small[0]
+    d = EAGLE3.build(Eagle3Config.for_target(VCFG, draft_vocab_size=5, target_layer_ids=(0, 1, 2)), target,
+                     seed=5)  # its embedding starts as the target's
+    d.set_vocab_map(*vocab_map(np.array([3, 1, 4, 0, 5, 9]), 5))
+    full = save_drafter(d, tmp_path / "full", target_cfg=VCFG)
+    shared = save_drafter(d, tmp_path / "shared", target_cfg=VCFG)
+    tensors = load_file(str(shared / "model.safetensors"))
+    del tensors["embed_tokens.weight"]
+    save_file(tensors, str(shared / "model.safetensors"), metadata={"format": "pt"})
+    a, b = load_drafter(full, target), load_drafter(shared, target)
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
+        np.testing.assert_array_equal(x, y)
+    toks = jnp.asarray([[1, 4, 2, 5, 0]])
+    feats = jnp.asarray(np.random.default_rng(4).normal(size=(1, 5, 96)), jnp.float32)
+
+    def logits(m):
+        h, _ = m.extend(m.init_cache(1, 8), m.embed(toks), m.project(feats), jnp.arange(5)[None],
+                        jnp.asarray([5]))
+        return m.target_logits(h)
+
+    np.testing.assert_array_equal(jax.jit(lambda: logits(a))(), jax.jit(lambda: logits(b))())
+    with pytest.raises(ConfigError, match="no 'embed_tokens.weight'.*against a loaded target"):
+        load_drafter(shared, VCFG)
 
 
 def test_dflash_train_method_eagle3_end_to_end(tiny_target, tmp_path, capsys):

@@ -13,7 +13,7 @@ from dflash.cli.generate import main as generate_main
 from dflash.config import ModelConfig
 from dflash.drafters.dflash import DFlashConfig, build_drafter
 from dflash.drafters.dflash.hf import save_drafter
-from dflash.errors import CheckpointError
+from dflash.errors import CheckpointError, ConfigError
 from dflash.io import load_target
 from dflash.io.tokenizer import load_tokenizer
 
@@ -94,6 +94,28 @@ def test_bench_writes_all_methods_from_jsonl_prompts(tmp_path, drafter_dir, caps
         assert len(r["per_prompt"]) == 3 and r["generated_tokens"] > 0
     assert methods["ar"]["tau"] == 1.0 and methods["ar"]["speedup"] == 1.0
     assert tokens["ngram"] == tokens["ar"] == tokens["drafter"]  # greedy: every method gives the AR tokens
+
+
+def test_bench_compares_drafters_of_different_kinds_side_by_side(tmp_path, drafter_dir, capsys):
+    """An MTP head (no mask token) beside a DFlash drafter: the one mask token there is (DFlash's)
+    is every row's, and all rows' greedy tokens are AR's; two different mask tokens are refused."""
+    from types import SimpleNamespace
+
+    from dflash.cli.bench import _shared_mask_token
+    from dflash.drafters.mtp import MTP, MTPConfig, build_head
+
+    target = load_target("tiny-code")
+    mtp = MTP.save(build_head(MTPConfig.for_target(target.cfg, block_size=3), seed=1), None, target.cfg,
+                   tmp_path / "mtp", target_name="tiny-code")
+    methods, tokens = run_bench(tmp_path, "--drafter", str(mtp), "--also", str(drafter_dir),
+                                "--num-prompts", "1", "--max-new-tokens", "12")
+    assert set(methods) == {"ar", "ngram", "drafter", f"also:{drafter_dir}"}
+    assert all(t == tokens["ar"] for t in tokens.values())
+    assert f"also:{drafter_dir}" in capsys.readouterr().out
+    masks = {n: (None, SimpleNamespace(cfg=SimpleNamespace(mask_token_id=m))) for n, m in (("a", 5), ("b", 7),
+                                                                                           ("c", None))}
+    with pytest.raises(ConfigError, match="mask tokens differ .*a: 5, b: 7"):
+        _shared_mask_token(masks)
 
 
 def test_generate_with_pallas_kernels_in_interpret_mode_equals_reference(capsys):

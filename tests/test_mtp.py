@@ -9,12 +9,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 from test_hybrid import _hf_model
 from test_verify import CFG, VOCAB, assert_first_three_follow, exact_joint
@@ -25,7 +27,7 @@ from dflash.decoding.sampling import SamplingParams
 from dflash.decoding.speculative import speculative_generate
 from dflash.drafters import dynamic_tree_method_for, find_export, load_drafter, method_for
 from dflash.drafters.mtp import MTPConfig, MTPDraft, build_head, mtp_rows
-from dflash.errors import CheckpointError
+from dflash.errors import CheckpointError, ConfigError
 from dflash.io import load_target
 from dflash.io.loading import save_params
 from dflash.models.transformer import FINAL_NORMED, INPUT_EMBEDDINGS
@@ -121,6 +123,68 @@ def test_a_targets_own_mtp_head_loads_and_equals_the_equations(next_ckpt):
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
     with pytest.raises(CheckpointError, match=r"no MTP head.*mtp\.fc\.weight"):
         load_drafter(f"mtp:{path / 'plain'}", target)
+
+
+def _draft_logits(target, head, ids: np.ndarray) -> jax.Array:
+    """One MTP step at every position of ``ids``: logits of token t+2 from h_t and token t+1."""
+    pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    out = target(jnp.asarray(ids), pos, hidden_layers=(INPUT_EMBEDDINGS, FINAL_NORMED))
+    x = head.inputs(out.hidden[0][:, 1:], out.hidden[1][:, :-1])
+    return target.unembed(head(x, pos[:, :-1], None)[0])
+
+
+def _same_params(a, b) -> None:
+    for x, y in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_head_exports_into_its_targets_checkpoint_as_vllm_serves_it(next_ckpt, tmp_path):
+    """``--form full``: the target's files linked (not copied), its config.json with the head's depth
+    under the key vLLM reads (Qwen3-Next: top level; a Qwen3.5 wrapper: text_config), the head in
+    mtp.safetensors under the target's mtp.* names, one index over both; the directory reads back as
+    the same target and (``mtp:DIR``, or found by its config) the same head with the same draft
+    logits. A dense target (vLLM has no MTP model for it) and one that ships a head are refused."""
+    from test_hybrid import _hf_model
+
+    from dflash.drafters.mtp import MTP
+    from dflash.drafters.mtp.hf import HEAD_FILE, INDEX
+    from dflash.io.loading import read_config, resolve
+
+    _, path, target, head = next_ckpt
+    plain, out = path / "plain", tmp_path / "next"
+    MTP.save(head, None, target.cfg, out, target_name=str(plain), form="full")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1 and cfg["architectures"] == ["Qwen3NextForCausalLM"]
+    assert os.path.samefile(out / "model.safetensors", plain / "model.safetensors")
+    index = json.loads((out / INDEX).read_text())["weight_map"]
+    head_keys = {k for row in mtp_rows(head.cfg) for k in row.hf_keys()}
+    assert {k for k, f in index.items() if f == HEAD_FILE} == head_keys == set(load_file(out / HEAD_FILE))
+    assert {k: f for k, f in index.items() if f != HEAD_FILE} == dict.fromkeys(
+        load_file(plain / "model.safetensors"), "model.safetensors")
+    _same_params(load_target(out), target)
+    again = load_drafter(f"mtp:{out}", target)
+    assert again.cfg == head.cfg
+    _same_params(again, head)
+    ids = np.random.default_rng(5).integers(0, 101, size=(2, 9))
+    np.testing.assert_array_equal(_once(lambda: _draft_logits(target, again, ids)),
+                                  _once(lambda: _draft_logits(target, head, ids)))
+
+    _hf_model("qwen3_5").save_pretrained(tmp_path / "q35")  # the published multimodal wrapper
+    q35 = read_config(tmp_path / "q35")
+    h35 = build_head(MTPConfig.for_target(q35, block_size=3), seed=2)
+    MTP.save(h35, None, q35, tmp_path / "o35", target_name=str(tmp_path / "q35"), form="full")
+    cfg = json.loads((tmp_path / "o35" / "config.json").read_text())
+    assert cfg["text_config"]["mtp_num_hidden_layers"] == 1 and "mtp_num_hidden_layers" not in cfg
+    loaded = load_drafter(tmp_path / "o35", q35)
+    assert loaded.cfg == h35.cfg
+    _same_params(loaded, h35)
+
+    with pytest.raises(ConfigError, match="only from a Qwen3-Next / Qwen3.5 checkpoint.*'qwen3'"):
+        MTP.save(head, None, target.cfg, tmp_path / "dense", target_name="tiny-code", form="full")
+    assert "vLLM has no MTP architecture for 'qwen3'" in MTP.export_note(resolve("tiny-code"), out, "delta")
+    with pytest.raises(ConfigError, match="already ships an MTP head"):
+        MTP.save(head, None, target.cfg, tmp_path / "twice", target_name=str(path / "full"), form="full")
 
 
 def _once(fn):
@@ -377,3 +441,10 @@ def test_dflash_train_trains_an_mtp_head_that_exports_and_reimports_identically(
     tree = dynamic_tree_method_for(head, depth=2, top_k=3, total_tokens=5)  # the head as an EAGLE-2 tree
     three = speculative_generate(target, prompts, method=tree, drafter=head, max_new_tokens=8, eos_ids=())
     assert one.tokens == ar.tokens and three.tokens == ar.tokens
+    # dflash-export says what the head's export is for a dense target, and refuses vLLM's layout
+    from dflash.export.from_run import export_checkpoint
+
+    info = export_checkpoint(tmp_path / "ex", run_dir=tmp_path / "r")
+    assert "vLLM has no MTP architecture for 'qwen3'" in info["note"]
+    with pytest.raises(ConfigError, match="only from a Qwen3-Next / Qwen3.5 checkpoint"):
+        export_checkpoint(tmp_path / "ex_full", run_dir=tmp_path / "r", form="full")

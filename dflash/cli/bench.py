@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drafter", default="tiny-code-dflash",
                    help="exported drafter dir / dflash-train run dir (its export/) / hub id / shipped name")
     p.add_argument("--also", action="append", default=[], metavar="DRAFTER",
-                   help="another drafter to run side by side on the same prompts (repeatable; "
-                        "method name 'also:DRAFTER' in the table and JSON)")
+                   help="another drafter, of any kind, to run side by side on the same prompts (repeatable; "
+                        "method name 'also:DRAFTER' in the table and JSON; drafters with a mask token must "
+                        "share it)")
     p.add_argument("--prompts", default="tiny-code-heldout",
                    help="jsonl file ({'prompt'} or {'messages'} rows), a datasets id, or tiny-code-heldout")
     p.add_argument("--split", default="train", help="split when --prompts is a datasets id")
@@ -131,15 +132,14 @@ def _bench(args: argparse.Namespace) -> int:
                                                    stochastic=args.stochastic_drafts, mesh=mesh)
         if drafter is None or also_drafter is None:
             raise ConfigError("--also compares exported drafters: give drafters, not ar/ngram")
-        if also_drafter.cfg.mask_token_id != drafter.cfg.mask_token_id:
-            raise ConfigError(f"--also {other}: its mask token differs from the drafter's")
         methods[f"also:{other}"] = (also_method, also_drafter)
+    mask_token_id = _shared_mask_token(methods)
     sampling = SamplingParams(temperature=args.temperature)
     result = bench_methods(
         target, prompts, methods, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         sampling=sampling, rule=args.verify, seed=args.seed, compact=not args.no_compact,
         ceiling=args.ceiling, allow_longer_than_context=args.allow_longer_than_context,
-        eos_ids=stop, mask_token_id=drafter.cfg.mask_token_id if drafter is not None else None, mesh=mesh)
+        eos_ids=stop, mask_token_id=mask_token_id, mesh=mesh)
     profile = None
     if args.anchor_profile:
         profile = anchor_profile(target, drafter, prompts, max_new_tokens=args.max_new_tokens,
@@ -177,6 +177,18 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"  n-gram's accepted drafts where the drafter's block is full: "
               f"{sm['ngram_accepted_where_drafter_full']}")
     return 0
+
+
+def _shared_mask_token(methods: dict[str, tuple]) -> int | None:
+    """The one mask token every row never emits (so all rows' tokens compare): the drafters' own, of
+    those that have one (DFlash, Orthrus; EAGLE-3 and MTP have none); two different ones cannot share."""
+    own = {name: d.cfg.mask_token_id for name, (_, d) in methods.items()
+           if d is not None and d.cfg.mask_token_id is not None}
+    if len(set(own.values())) > 1:
+        named = ", ".join(f"{n}: {m}" for n, m in own.items())
+        raise ConfigError(f"--also: the drafters' mask tokens differ ({named}); compare drafters that "
+                          "share one")
+    return next(iter(own.values()), None)
 
 
 def _compile_only(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """``dflash-export``: a training checkpoint -> HF-format drafter directory.
 
 DFlash runs give the "DFlashDraftModel" layout vLLM and SGLang load; Orthrus runs the Orthrus
-layout (delta or full). See docs/export.md.
+layout (delta or full); EAGLE-3 runs LlamaForCausalLMEagle3; MTP runs an MTPDraftModel directory
+(delta) or, on a Qwen3-Next / Qwen3.5 target, the target's checkpoint with the head (full). See
+docs/export.md.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --run: latest (default), best (by eval tau) or a step number")
     p.add_argument("--out", type=Path, required=True, help="output directory (must be new or empty)")
     p.add_argument("--form", default="delta", choices=["delta", "full"],
-                   help="Orthrus runs: diffusion tensors only + target reference (delta), or with the target")
+                   help="Orthrus runs: diffusion tensors only + target reference (delta), or with the "
+                        "target; MTP runs: an MTPDraftModel directory (delta), or, on a Qwen3-Next / Qwen3.5 "
+                        "target, the target's checkpoint (files linked) with the head as its mtp.*, as vLLM "
+                        "serves it")
     p.add_argument("--dtype", default="fp32", choices=sorted(EXPORT_DTYPES), help="weight dtype in the file")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--with-target", dest="with_target", action="store_true", default=None,
@@ -46,6 +51,8 @@ def _export(args: argparse.Namespace) -> int:
         print(f"dflash-export: {line}; skipped", file=sys.stderr)
     if info["damaged_steps"]:
         print(f"dflash-export: exported step {info['step']}, the newest that restores", file=sys.stderr)
+    if info.get("note"):
+        print(f"dflash-export: {info['note']}", file=sys.stderr)
     print(json.dumps(info))
     if args.check_with == "vllm":
         from dflash.export.vllm_check import VllmCheckError, cli_check

@@ -109,6 +109,11 @@ class DrafterKind(abc.ABC):
              target_name: str, dtype: Any = None, form: str = "delta", **prepared: Any) -> Path:
         """The export of ``drafter`` in its serving layout under ``out``."""
 
+    def export_note(self, target_dir: Path, out: Path, form: str) -> str | None:
+        """What the export of ``form`` in ``out`` is and what serves it, where that needs saying
+        (``dflash-export`` prints it)."""
+        return None
+
     needs_target_weights: ClassVar[bool] = False
     """Whether ``save`` reads the target's weights (then ``prepare_export`` runs on every process)."""
 

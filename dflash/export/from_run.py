@@ -165,5 +165,7 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
     bundled = shipped if with_target is None else with_target
     if bundled:
         shutil.copytree(target_dir, out / "target")
-    return {"out": str(out), "run_dir": str(run_dir), "step": step_n, "method": cfg.method, "dtype": dtype,
+    info = {"out": str(out), "run_dir": str(run_dir), "step": step_n, "method": cfg.method, "dtype": dtype,
             "target": str(cfg.target.name), "target_bundled": bool(bundled), "damaged_steps": damaged}
+    note = cfg.kind.export_note(target_dir, out, form)
+    return {**info, "note": note} if note else info

@@ -302,6 +302,11 @@ def checkpoint_keys(directory: Path) -> set[str]:
     return _TensorSource(directory).keys()
 
 
+def weight_map(directory: Path) -> dict[str, str]:
+    """Every tensor of a checkpoint directory -> its file there, as an index's ``weight_map``."""
+    return {k: str(f.relative_to(directory)) for k, f in _TensorSource(directory).key_to_file.items()}
+
+
 def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
                 attention_impl: str = "auto", mesh: Mesh | None = None,
                 replicate_indivisible: bool = False) -> Transformer:

@@ -6,6 +6,8 @@ vLLM counts the hidden state *entering* a layer, so each id is ours + 1). model.
 ``embed_tokens``, ``fc``, ``midlayer.*`` (vLLM maps it to ``layers.0``), ``norm``, ``lm_head``
 ``[W, D]``, ``d2t`` int64 ``[W]`` and ``t2d`` bool ``[V]``. What vLLM does not read
 (``dflash_eagle3``: target depth, block size, TTT steps, target fingerprint) makes the import exact.
+A file without ``embed_tokens`` (many published drafters: the draft shares its target's embedding)
+loads with the target's embedding, as vLLM's ``load_eagle_model`` shares it.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from dflash.drafters.dflash.hf import target_fingerprint
 from dflash.drafters.dflash.model import layer_config
 from dflash.drafters.eagle3.model import LLAMA_LAYER, Eagle3Config, Eagle3Drafter, VocabMap, check_vocab_map
 from dflash.errors import CheckpointError
-from dflash.io.loading import load_params_into, read_config_json, save_params, world_readable
+from dflash.io.loading import checkpoint_keys, load_params_into, read_config_json, save_params, world_readable
 from dflash.models import kinds
 from dflash.models.kinds import WeightRow
+from dflash.sharding import param_spec
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
+EMBED = "embed_tokens.weight"
 _RENAMES = (("layers.0.input_layernorm.", "midlayer.hidden_norm."), ("layers.0.", "midlayer."))
 
 
@@ -49,7 +53,7 @@ def _hf_name(ours: str) -> str:
 def drafter_rows(cfg: Eagle3Config) -> tuple[WeightRow, ...]:
     """Every float tensor of the export and the parameter it fills (``d2t``/``t2d`` are apart)."""
     layer = tuple(dataclasses.replace(row, hf=_hf_name(row.hf)) for row in kinds.layer_weights(cfg.layers, 0))
-    return (WeightRow("embed_tokens.weight", "embed_tokens"),
+    return (WeightRow(EMBED, "embed_tokens"),
             WeightRow("fc.weight", "fc.kernel", transpose=True),
             WeightRow("midlayer.input_layernorm.weight", "embed_norm.weight"), *layer,
             WeightRow("norm.weight", "norm.weight"),
@@ -145,10 +149,11 @@ def save_drafter(drafter: Eagle3Drafter, directory: str | os.PathLike, *, target
 
 
 def load_drafter(directory: Path, target_cfg: ModelConfig | None = None, *, dtype: Any = jnp.float32,
-                 attention_impl: str = "auto", mesh: Mesh | None = None,
-                 replicate_indivisible: bool = False) -> Eagle3Drafter:
+                 attention_impl: str = "auto", mesh: Mesh | None = None, replicate_indivisible: bool = False,
+                 target_embed_VD: jax.Array | None = None) -> Eagle3Drafter:
     """Loads an export (into its shards on ``mesh``); with ``target_cfg``, checks it fits. A file
-    without ``d2t``/``t2d`` drafts over the whole target vocabulary (vLLM's reading too)."""
+    without ``d2t``/``t2d`` drafts over the whole target vocabulary (vLLM's reading too); one without
+    ``embed_tokens`` takes the target's (``target_embed_VD``), as vLLM shares it."""
     hf = read_config_json(directory)
     cfg = config_from_hf(hf, target_cfg.num_layers if target_cfg is not None else None)
     if target_cfg is not None:
@@ -163,8 +168,22 @@ def load_drafter(directory: Path, target_cfg: ModelConfig | None = None, *, dtyp
     abstract = nnx.eval_shape(lambda: Eagle3Drafter(cfg, dtype=dtype, attention_impl=attention_impl,
                                                     rngs=nnx.Rngs(0)))
     abstract.d2t = abstract.t2d = None  # read exactly below, not through the float rows
-    drafter = load_params_into(abstract, directory, drafter_rows(cfg), dtype, ignorable=("d2t", "t2d"),
+    rows = drafter_rows(cfg)
+    shared = EMBED not in checkpoint_keys(directory)
+    if shared:
+        if target_embed_VD is None:
+            raise ConfigError(f"EAGLE-3 drafter {directory} has no {EMBED!r} (it shares its target's "
+                              "embedding, as vLLM serves it): load it against a loaded target")
+        abstract.embed_tokens = None  # the target's, placed below
+        rows = tuple(row for row in rows if row.hf != EMBED)
+    drafter = load_params_into(abstract, directory, rows, dtype, ignorable=("d2t", "t2d"),
                                mesh=mesh, replicate_indivisible=replicate_indivisible)
+    if shared:
+        embed_VD = jnp.asarray(target_embed_VD, dtype)
+        if mesh is not None:
+            embed_VD = jax.device_put(embed_VD, NamedSharding(mesh, param_spec(
+                "embed_tokens", embed_VD.shape, mesh, replicate_indivisible=replicate_indivisible)))
+        drafter.embed_tokens = nnx.Param(embed_VD)
     single = directory / "model.safetensors"
     tensors = load_file(str(single)) if single.exists() else {}
     if "d2t" in tensors:

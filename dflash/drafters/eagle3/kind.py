@@ -99,9 +99,11 @@ class Eagle3Kind(DrafterKind):
              target_cfg: ModelConfig | None = None,
              dtype: Any = jnp.float32, attention_impl: str = "auto", mesh: Mesh | None = None,
              replicate_indivisible: bool = False) -> Eagle3Drafter:
+        """An export; one without ``embed_tokens`` takes ``target``'s embedding (vLLM's sharing)."""
         return hf.load_drafter(directory, target.cfg if target is not None else target_cfg, dtype=dtype,
                                attention_impl=attention_impl, mesh=mesh,
-                               replicate_indivisible=replicate_indivisible)
+                               replicate_indivisible=replicate_indivisible,
+                               target_embed_VD=target.embed_tokens[...] if target is not None else None)
 
     def save(self, drafter: Eagle3Drafter, target: Transformer | None, target_cfg: ModelConfig, out: Path, *,
              target_name: str, dtype: Any = None, form: str = "delta", **prepared: Any) -> Path:

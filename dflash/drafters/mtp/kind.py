@@ -29,8 +29,9 @@ from dflash.drafters.mtp import hf
 from dflash.drafters.mtp.draft import MTPDraft
 from dflash.drafters.mtp.model import DEFAULT_BLOCK_SIZE, MTPConfig, MTPHead
 from dflash.drafters.registry import DrafterKind, register
+from dflash.errors import ConfigError
 from dflash.flops import head_flops, target_forward_flops
-from dflash.io.loading import read_config_json
+from dflash.io.loading import read_config_json, resolve
 from dflash.models import kinds
 from dflash.models.transformer import Transformer
 
@@ -111,7 +112,25 @@ class MTPKind(DrafterKind):
         form: str = "delta",
         **prepared: Any,
     ) -> Path:
+        """``delta``: an ``MTPDraftModel`` directory; ``full``: the target's checkpoint with the head as
+        its own (``hf.save_in_target``), the layout vLLM serves for Qwen3-Next / Qwen3.5."""
+        if form == "full":
+            return hf.save_in_target(drafter, resolve(target_name), out, dtype=dtype)
+        if form != "delta":
+            raise ConfigError(f"an MTP head exports as form 'delta' or 'full', got {form!r}")
         return hf.save_head(drafter, out, target_name=target_name, target_cfg=target_cfg, dtype=dtype)
+
+    def export_note(self, target_dir: Path, out: Path, form: str) -> str | None:
+        model_type = read_config_json(target_dir).get("model_type")
+        if form == "full":
+            return (f"the target's checkpoint with this head as its mtp.* (files linked): vllm serve {out} "
+                    "--speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": K}'; "
+                    f"dflash: --target {out} --drafter mtp:{out}")
+        if model_type in hf.VLLM_MTP_KEYS:
+            return ("an MTPDraftModel directory, which dflash loads; vLLM reads an MTP head from the "
+                    "target's checkpoint: --form full writes that")
+        return (f"an MTPDraftModel directory, which dflash loads; vLLM has no MTP architecture for "
+                f"{model_type!r} targets (only Qwen3-Next / Qwen3.5 checkpoints carry one it serves)")
 
     def method(
         self, drafter: MTPHead, *, stochastic: bool = False, block_size: int | None = None
