@@ -322,11 +322,132 @@ def test_a_mismatched_or_unsupported_assistant_is_refused_naming_the_field(bad, 
         )
 
 
-def test_training_or_exporting_an_assistant_is_refused_in_one_line(tmp_path):
-    assistant = drafter_kind("gemma4_assistant")
-    target = ModelConfig.from_hf({"model_type": "gemma4_text", **TARGET})
-    with pytest.raises(ConfigError, match="training a Gemma 4 assistant is not supported"):
-        assistant.config(None, target, mask_token_id=0, block_size=4)
-    head = build_assistant(AssistantConfig.from_hf({"text_config": ASSISTANT, "backbone_hidden_size": 32}))
-    with pytest.raises(ConfigError, match="exporting a Gemma 4 assistant is not supported"):
-        assistant.save(head, None, target, tmp_path, target_name="t")
+def _fresh(num_layers: int = 2, block_size: int = 4, seed: int = 1):
+    """A tiny random Gemma 4 target (KV-shared layers, per-layer inputs, window 3) and a fresh
+    assistant for it as ``method: gemma4_assistant`` builds one, its weights scaled up (far from
+    uniform drafts)."""
+    from flax import nnx
+
+    from dflash.models import build
+    from dflash.training.config import DrafterSection
+
+    target = build(ModelConfig.from_hf({"model_type": "gemma4_text", **TARGET}), seed=3)
+    kind = drafter_kind("gemma4_assistant")
+    dcfg = kind.config(DrafterSection(num_layers=num_layers), target.cfg, mask_token_id=0, block_size=block_size)
+    head = kind.build(dcfg, target, seed=seed)
+    np.testing.assert_array_equal(np.asarray(head.embed_tokens[...]), np.asarray(target.embed_tokens[...]))
+    nnx.update(head, jax.tree.map(lambda p: p * 4.0 if p.ndim == 2 else p, nnx.state(head, nnx.Param)))
+    return target, head
+
+
+def _packed(docs: list[list[list[int]]]) -> dict[str, jax.Array]:
+    """Rows of documents packed back to back (positions restart per document), zero-padded."""
+    s = max(sum(len(d) for d in row) for row in docs)
+    out = {name: np.zeros((len(docs), s), np.int32) for name in ("tokens", "segment_ids", "positions")}
+    for r, row in enumerate(docs):
+        at = 0
+        for i, doc in enumerate(row):
+            span = slice(at, at + len(doc))
+            out["tokens"][r, span], out["segment_ids"][r, span] = doc, i + 1
+            out["positions"][r, span] = np.arange(len(doc))
+            at += len(doc)
+    batch = {k: jnp.asarray(v) for k, v in out.items()}
+    return {**batch, "loss_mask": batch["segment_ids"] > 0}
+
+
+def test_the_training_chain_at_an_anchor_equals_the_engines_chained_steps():
+    """An anchor in the second document of a packed row, its prefix (11 tokens) longer than the
+    window, the row going on with the engine's own drafts: the training chain's logits at that
+    anchor (target pass over the packed row, the anchor's mask) == the engine's steps (prefill,
+    then ``AssistantDraft`` over the target's cache) step for step."""
+    from dflash.drafters.gemma4_assistant import train
+    from dflash.drafters.objective import anchor_context_mask
+    from dflash.models.transformer import FINAL_NORMED
+
+    target, head = _fresh()
+    method = method_for(head, block_size=4)
+    rng = np.random.default_rng(5)
+    before, prefix, anchor = rng.integers(0, 4096, 6).tolist(), rng.integers(0, 4096, 11).tolist(), 77
+
+    @jax.jit
+    def engine():
+        p = len(prefix)
+        out = target(jnp.asarray([prefix]), jnp.arange(p)[None], target.init_cache(1, 16),
+                     hidden_layers=(FINAL_NORMED,))
+        state = method.prefill(head, method.init(head, 1, 16, jnp.float32), out.hidden, jnp.array([p]))
+        kv = head.target_kv(target.cfg, out.cache)
+        token, h, logits = jnp.array([[anchor]]), state.pending_BD[:, None], []
+        for _ in range(3):
+            step_logits, h = method._step(head, target, kv, out.cache.lengths, token, h)
+            token = jnp.argmax(step_logits, -1)
+            logits.append(step_logits[0, 0])
+        return jnp.stack(logits)
+
+    want = np.asarray(engine())
+    drafts = want.argmax(-1).tolist()
+    batch = _packed([[before, prefix + [anchor] + drafts + [5]]])
+    anchors = jnp.array([[len(before) + len(prefix)]])
+
+    @jax.jit
+    def training():
+        t_final, cache = train.target_pass(target, batch)
+        visible = anchor_context_mask(anchors, jnp.ones((1, 1), bool), batch["segment_ids"])
+        y = train.chain_at_anchors(head, target, batch, t_final, cache, anchors, visible)
+        return head.logits(y[:, 0])[0]
+
+    got = np.asarray(training())
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    assert len(set(drafts)) > 1  # the drafts are the assistant's, not one token repeated
+
+
+def test_the_training_loss_equals_an_unrolled_per_document_reference():
+    """CE + KL (to the target's soft-capped distribution), 3 steps, over two packed rows of two
+    documents, in loss chunks of 5 rows: == each document on its own through the engine's step (the
+    target's cache of the document, the step at the anchor over its committed slots), teacher-forced,
+    weighted w_j over the sampled anchors whose h_{a-1} is in their document."""
+    from dflash.drafters import blocks as blk
+    from dflash.drafters.objective import loss_weights
+
+    target, head = _fresh()
+    rng = np.random.default_rng(2)
+    docs = [[rng.integers(0, 4096, n).tolist() for n in lens] for lens in ((7, 9), (9, 7))]
+    batch, key, k, gamma = _packed(docs), jax.random.key(4), 3, 2.0
+    kw = dict(num_anchors=10, gamma=gamma, ce_weight=1.0, kl_weight=0.5, target_labels=False,
+              target_metrics=True, loss_chunk=5)
+    loss, metrics = jax.jit(lambda: drafter_kind("gemma4_assistant").loss(head, target, batch, key, **kw))()
+    blocks = blk.anchor_blocks(target, batch, key, 10, k + 1, 0)
+    anchors, valid = np.asarray(blocks.label_idx[:, :, 0] - 1), np.asarray(blocks.valid)
+
+    @jax.jit
+    def per_doc(doc_1S):
+        """[S, k, V] log-probs of every anchor a = 1 .. S-1 of one document, and the target's [S, V]."""
+        s = doc_1S.shape[1]
+        out = target(doc_1S, jnp.arange(s)[None], target.init_cache(1, s), final_hidden=True)
+        kv = {t: (jnp.repeat(kk, s - 1, 0), jnp.repeat(vv, s - 1, 0))
+              for t, (kk, vv) in head.target_kv(target.cfg, out.cache).items()}
+        a = jnp.arange(1, s)
+        h, logp = out.final[0, :-1, None], []
+        for j in range(k):
+            tok = doc_1S[0, jnp.minimum(a + j, s - 1)][:, None]
+            y, h = head(target.embed(tok), h, a[:, None], kv, a)
+            logp.append(jax.nn.log_softmax(head.logits(y)[:, 0], -1))
+        return jnp.stack(logp, 1), jax.nn.log_softmax(out.logits[0], -1)
+
+    w, num, den = np.asarray(loss_weights(k + 1, gamma)), 0.0, 0.0
+    seg, tokens = np.asarray(batch["segment_ids"]), np.asarray(batch["tokens"])
+    for row in range(2):
+        for doc in (1, 2):
+            where = np.flatnonzero(seg[row] == doc)
+            start, doc_tok = where[0], np.asarray(tokens[row, where])
+            logp, t_logp = (np.asarray(x) for x in per_doc(jnp.asarray(doc_tok)[None]))
+            for a in anchors[row][valid[row]]:
+                i = a - start
+                for j in range(1, k + 1):
+                    if a in where and i >= 1 and i + j < len(doc_tok):
+                        q, pt = logp[i - 1, j - 1], t_logp[i + j - 1]
+                        ce = -q[doc_tok[i + j]]
+                        kl = float((np.exp(pt) * (pt - q)).sum())
+                        num += w[j - 1] * (ce + 0.5 * kl)
+                        den += w[j - 1]
+    assert den > 0
+    np.testing.assert_allclose(float(loss), num / den, rtol=2e-5)
