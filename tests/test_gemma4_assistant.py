@@ -13,6 +13,7 @@ exactly that property, for the test only, to what an all-shared model needs: eve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -120,11 +121,11 @@ def checkpoints(tmp_path_factory):
     return target, assistants, root
 
 
-def test_logits_and_hidden_states_for_a_given_target_kv_equal_transformers(checkpoints):
+def _assert_forward_equals_transformers(hf, ours) -> None:
     """Two rows, one query each at position 9 over 9 committed keys per layer type (more than the
-    window sees), the cache 12 slots long with garbage past the committed ones: transformers' own
-    forward given exactly the committed keys and values (plain and centroid head)."""
-    _, assistants, root = checkpoints
+    window sees), the cache 12 slots long with garbage past the committed ones: ``ours`` == the
+    transformers model ``hf`` given exactly the committed keys and values (logits: over the tokens
+    a centroid head selects, the others -inf where transformers writes the smallest selected - 1)."""
     gen = torch.Generator().manual_seed(3)
     n, slots = 9, 12
     kv = {
@@ -132,36 +133,37 @@ def test_logits_and_hidden_states_for_a_given_target_kv_equal_transformers(check
         F: [torch.randn(2, 1, slots, 16, generator=gen) for _ in range(2)],
     }
     emb, hid = torch.randn(2, 1, 32, generator=gen), torch.randn(2, 1, 32, generator=gen)
-    target_cfg = ModelConfig.from_hf(json.loads((root / "target" / "config.json").read_text()))
     ours_kv = {kind: tuple(jnp.asarray(t.transpose(1, 2).numpy()) for t in pair) for kind, pair in kv.items()}
-    # the plain head also through the Pallas verify kernel (interpret mode here): no causal block
+    with torch.no_grad():
+        ref = hf(
+            inputs_embeds=torch.cat([emb, hid], -1),
+            position_ids=torch.full((2, 1), n),
+            shared_kv_states={t: (k[:, :, :n], v[:, :, :n]) for t, (k, v) in kv.items()},
+        )
+    y, h = ours(
+        jnp.asarray(emb.numpy()), jnp.asarray(hid.numpy()), jnp.full((2, 1), n), ours_kv, jnp.full((2,), n)
+    )
+    logits, want = np.asarray(ours.logits(y)), ref.logits.numpy()
+    np.testing.assert_allclose(np.asarray(h), ref.last_hidden_state.numpy(), atol=1e-5, rtol=0)
+    if ours.centroids is None:
+        np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0)
+    else:
+        chosen = want > want.min()
+        assert chosen.sum() == 2 * ours.cfg.centroid_top_k * ours.cfg.vocab_size // ours.cfg.num_centroids
+        np.testing.assert_array_equal(np.isfinite(logits), chosen)
+        np.testing.assert_allclose(logits[chosen], want[chosen], atol=1e-5, rtol=0)
+
+
+def test_logits_and_hidden_states_for_a_given_target_kv_equal_transformers(checkpoints):
+    """transformers' own forward (plain and centroid head; the plain one also through the Pallas
+    verify kernel, interpret mode here: no causal block)."""
+    _, assistants, root = checkpoints
+    target_cfg = ModelConfig.from_hf(json.loads((root / "target" / "config.json").read_text()))
     for name, impl in (("plain", "auto"), ("plain", "pallas"), ("centroids", "auto")):
-        hf = assistants[name]
         kind, directory = find_export(root / name)
         assert kind.name == "gemma4_assistant"
         ours = load_drafter(directory, target_cfg, attention_impl=impl)
-        with torch.no_grad():
-            ref = hf(
-                inputs_embeds=torch.cat([emb, hid], -1),
-                position_ids=torch.full((2, 1), n),
-                shared_kv_states={t: (k[:, :, :n], v[:, :, :n]) for t, (k, v) in kv.items()},
-            )
-        y, h = ours(
-            jnp.asarray(emb.numpy()),
-            jnp.asarray(hid.numpy()),
-            jnp.full((2, 1), n),
-            ours_kv,
-            jnp.full((2,), n),
-        )
-        logits, want = np.asarray(ours.logits(y)), ref.logits.numpy()
-        np.testing.assert_allclose(np.asarray(h), ref.last_hidden_state.numpy(), atol=1e-5, rtol=0)
-        if name == "plain":
-            np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0)
-        else:  # transformers fills the unselected tokens with (smallest selected logit - 1); ours: -inf
-            chosen = want > want.min()
-            assert chosen.sum() == 2 * 4 * 64  # top 4 centroids of 64 tokens each, per row
-            np.testing.assert_array_equal(np.isfinite(logits), chosen)
-            np.testing.assert_allclose(logits[chosen], want[chosen], atol=1e-5, rtol=0)
+        _assert_forward_equals_transformers(assistants[name], ours)
     # the assistant's window: 3 + 2 in our terms (it sees the last 4 committed keys)
     assert [s.mixer_option("window", 0) for s in ours.cfg.layers.layers] == [5, 0]
 
@@ -333,7 +335,8 @@ def _fresh(num_layers: int = 2, block_size: int = 4, seed: int = 1):
 
     target = build(ModelConfig.from_hf({"model_type": "gemma4_text", **TARGET}), seed=3)
     kind = drafter_kind("gemma4_assistant")
-    dcfg = kind.config(DrafterSection(num_layers=num_layers), target.cfg, mask_token_id=0, block_size=block_size)
+    section = DrafterSection(num_layers=num_layers)
+    dcfg = kind.config(section, target.cfg, mask_token_id=0, block_size=block_size)
     head = kind.build(dcfg, target, seed=seed)
     np.testing.assert_array_equal(np.asarray(head.embed_tokens[...]), np.asarray(target.embed_tokens[...]))
     nnx.update(head, jax.tree.map(lambda p: p * 4.0 if p.ndim == 2 else p, nnx.state(head, nnx.Param)))
@@ -451,3 +454,102 @@ def test_the_training_loss_equals_an_unrolled_per_document_reference():
                         den += w[j - 1]
     assert den > 0
     np.testing.assert_allclose(float(loss), num / den, rtol=2e-5)
+
+
+def _transformers_assistant(directory):
+    """``Gemma4AssistantForCausalLM.from_pretrained(directory)`` (under the kv_sharing_modes patch)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transformers.Gemma4TextConfig, "kv_sharing_modes", property(_all_shared_modes))
+        return transformers.Gemma4AssistantForCausalLM.from_pretrained(directory).eval()
+
+
+def test_an_export_is_what_save_pretrained_wrote_and_transformers_loads_it(checkpoints, tmp_path):
+    """A published assistant (plain and centroid head) loaded and exported again: the same tensors
+    under the same names (token ordering included) and the same config as transformers reads it;
+    transformers' forward of the export == ours; our loader reads it back to the same parameters."""
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    _, _, root = checkpoints
+    kind = drafter_kind("gemma4_assistant")
+    target_cfg = ModelConfig.from_hf(json.loads((root / "target" / "config.json").read_text()))
+    for name in ("plain", "centroids"):
+        ours = load_drafter(root / name, target_cfg)
+        out = kind.save(ours, None, target_cfg, tmp_path / name, target_name="t")
+        want, got = load_file(root / name / "model.safetensors"), load_file(out / "model.safetensors")
+        assert set(got) == set(want)
+        for key, value in want.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+        mine, theirs = _transformers_assistant(out).config, _transformers_assistant(root / name).config
+        for key in ("backbone_hidden_size", "use_ordered_embeddings", "num_centroids", "tie_word_embeddings",
+                    "centroid_intermediate_top_k"):
+            assert getattr(mine, key) == getattr(theirs, key), key
+        text = mine.get_text_config()
+        for key in ("hidden_size", "layer_types", "sliding_window", "num_kv_shared_layers", "rope_parameters",
+                    "intermediate_size", "num_attention_heads", "attention_k_eq_v"):  # head shapes: forward
+            assert getattr(text, key) == getattr(theirs.get_text_config(), key), key
+        _assert_forward_equals_transformers(_transformers_assistant(out), ours)
+        again = load_drafter(out, target_cfg)
+        assert again.cfg == dataclasses.replace(ours.cfg, block_size=again.cfg.block_size)
+        for a, b in zip(jax.tree.leaves(nnx.state(ours)), jax.tree.leaves(nnx.state(again)), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dflash_train_trains_an_assistant_that_drafts_losslessly_and_transformers_loads_it(
+    checkpoints, tmp_path
+):
+    """``method: gemma4_assistant`` for a tiny Gemma 4 target saved by ``save_pretrained`` (which
+    ships no assistant): two trainer steps from a fresh assistant; the export is a
+    ``Gemma4AssistantForCausalLM`` directory that transformers' forward agrees with. The run's own
+    evaluation decodes a held-out prompt greedily with the trained assistant and with prompt lookup
+    (lossless, its own tests): the same 16 tokens, so the assistant's speculative greedy == AR."""
+    from dflash.configio import load_yaml
+    from dflash.training.config import ExperimentConfig
+    from dflash.training.trainer import run_training
+
+    _, _, root = checkpoints
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_yaml(
+        ExperimentConfig,
+        repo / "configs/tiny_code_mtp.yaml",
+        [
+            "method=gemma4_assistant",
+            f"target.name={root / 'target'}",
+            f"run_dir={tmp_path / 'r'}",
+            "drafter.num_layers=2",
+            "drafter.block_size=3",
+            "data.max_examples=24",
+            "data.seq_len=48",
+            "train.batch_size=2",
+            "train.num_anchors=24",
+            "train.steps=2",
+            "train.save_every=2",
+            "train.eval_every=2",
+            "train.log_every=1",
+            "eval.num_prompts=1",
+            "eval.max_new_tokens=16",
+            "eval.heldout_rows=2",
+            "regen.num_sequences=0",
+        ],
+    )
+    result = run_training(cfg, progress=False)
+    assert result["eval_new_tokens"] == 16 and "outputs_differ" not in result  # assistant == prompt lookup
+    export = tmp_path / "r" / "export"
+    hf = json.loads((export / "config.json").read_text())
+    assert hf["architectures"] == ["Gemma4AssistantForCausalLM"] and hf["dflash_block_size"] == 3
+    target = load_target(root / "target")
+    head = load_drafter(export, target)
+    assert head.cfg.num_layers == 2 and head.centroids is None
+    _assert_forward_equals_transformers(_transformers_assistant(export), head)
+
+
+def test_a_fresh_assistant_needs_a_gemma4_target_and_two_layers():
+    from dflash.config import PRESETS
+
+    target = ModelConfig.from_hf({"model_type": "gemma4_text", **TARGET})
+    with pytest.raises(ConfigError, match="drafter.num_layers=1: a Gemma 4 assistant needs at least 2"):
+        AssistantConfig.for_target(target, num_layers=1)
+    with pytest.raises(ConfigError, match="drafts for a gemma4 target, not 'qwen3'"):
+        AssistantConfig.for_target(PRESETS["qwen3_0_6b"], num_layers=2)
+    cfg = AssistantConfig.for_target(target, num_layers=3, block_size=5)
+    assert AssistantConfig.from_hf(cfg.to_hf()) == cfg  # the export's config.json reads back
