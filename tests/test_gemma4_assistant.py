@@ -5,6 +5,10 @@ given target KV equal transformers' forward; the engine's steps draft what trans
 recipe drafts; speculative decoding with them over a tiny Gemma 4 target (KV-shared layers,
 per-layer inputs, sliding window shorter than the prompt) equals the target's greedy tokens,
 through ``dflash-generate --target DIR --drafter DIR``; sampling keeps the target's distribution.
+Trained here (``method: gemma4_assistant``): the training chain at an anchor equals the engine's
+steps, the loss an unrolled per-document reference; an export is the ``save_pretrained`` layout
+(a published assistant exported again gives its own tensors back; transformers' forward of an
+export equals ours); a ``dflash-train`` run on a tiny target drafts losslessly.
 
 ``transformers==5.23.0`` (our pin) cannot build an assistant: ``Gemma4TextConfig.kv_sharing_modes``
 raises when every layer is shared, which an assistant's are (fixed in 5.25.0). The fixture patches
