@@ -5,6 +5,10 @@ given target KV equal transformers' forward; the engine's steps draft what trans
 recipe drafts; speculative decoding with them over a tiny Gemma 4 target (KV-shared layers,
 per-layer inputs, sliding window shorter than the prompt) equals the target's greedy tokens,
 through ``dflash-generate --target DIR --drafter DIR``; sampling keeps the target's distribution.
+Trained here (``method: gemma4_assistant``): the training chain at an anchor equals the engine's
+steps, the loss an unrolled per-document reference; an export is the ``save_pretrained`` layout
+(a published assistant exported again gives its own tensors back; transformers' forward of an
+export equals ours); a ``dflash-train`` run on a tiny target drafts losslessly.
 
 ``transformers==5.23.0`` (our pin) cannot build an assistant: ``Gemma4TextConfig.kv_sharing_modes``
 raises when every layer is shared, which an assistant's are (fixed in 5.25.0). The fixture patches
@@ -13,6 +17,7 @@ exactly that property, for the test only, to what an all-shared model needs: eve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -120,11 +125,11 @@ def checkpoints(tmp_path_factory):
     return target, assistants, root
 
 
-def test_logits_and_hidden_states_for_a_given_target_kv_equal_transformers(checkpoints):
+def _assert_forward_equals_transformers(hf, ours) -> None:
     """Two rows, one query each at position 9 over 9 committed keys per layer type (more than the
-    window sees), the cache 12 slots long with garbage past the committed ones: transformers' own
-    forward given exactly the committed keys and values (plain and centroid head)."""
-    _, assistants, root = checkpoints
+    window sees), the cache 12 slots long with garbage past the committed ones: ``ours`` == the
+    transformers model ``hf`` given exactly the committed keys and values (logits: over the tokens
+    a centroid head selects, the others -inf where transformers writes the smallest selected - 1)."""
     gen = torch.Generator().manual_seed(3)
     n, slots = 9, 12
     kv = {
@@ -132,36 +137,37 @@ def test_logits_and_hidden_states_for_a_given_target_kv_equal_transformers(check
         F: [torch.randn(2, 1, slots, 16, generator=gen) for _ in range(2)],
     }
     emb, hid = torch.randn(2, 1, 32, generator=gen), torch.randn(2, 1, 32, generator=gen)
-    target_cfg = ModelConfig.from_hf(json.loads((root / "target" / "config.json").read_text()))
     ours_kv = {kind: tuple(jnp.asarray(t.transpose(1, 2).numpy()) for t in pair) for kind, pair in kv.items()}
-    # the plain head also through the Pallas verify kernel (interpret mode here): no causal block
+    with torch.no_grad():
+        ref = hf(
+            inputs_embeds=torch.cat([emb, hid], -1),
+            position_ids=torch.full((2, 1), n),
+            shared_kv_states={t: (k[:, :, :n], v[:, :, :n]) for t, (k, v) in kv.items()},
+        )
+    y, h = ours(
+        jnp.asarray(emb.numpy()), jnp.asarray(hid.numpy()), jnp.full((2, 1), n), ours_kv, jnp.full((2,), n)
+    )
+    logits, want = np.asarray(ours.logits(y)), ref.logits.numpy()
+    np.testing.assert_allclose(np.asarray(h), ref.last_hidden_state.numpy(), atol=1e-5, rtol=0)
+    if ours.centroids is None:
+        np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0)
+    else:
+        chosen = want > want.min()
+        assert chosen.sum() == 2 * ours.cfg.centroid_top_k * ours.cfg.vocab_size // ours.cfg.num_centroids
+        np.testing.assert_array_equal(np.isfinite(logits), chosen)
+        np.testing.assert_allclose(logits[chosen], want[chosen], atol=1e-5, rtol=0)
+
+
+def test_logits_and_hidden_states_for_a_given_target_kv_equal_transformers(checkpoints):
+    """transformers' own forward (plain and centroid head; the plain one also through the Pallas
+    verify kernel, interpret mode here: no causal block)."""
+    _, assistants, root = checkpoints
+    target_cfg = ModelConfig.from_hf(json.loads((root / "target" / "config.json").read_text()))
     for name, impl in (("plain", "auto"), ("plain", "pallas"), ("centroids", "auto")):
-        hf = assistants[name]
         kind, directory = find_export(root / name)
         assert kind.name == "gemma4_assistant"
         ours = load_drafter(directory, target_cfg, attention_impl=impl)
-        with torch.no_grad():
-            ref = hf(
-                inputs_embeds=torch.cat([emb, hid], -1),
-                position_ids=torch.full((2, 1), n),
-                shared_kv_states={t: (k[:, :, :n], v[:, :, :n]) for t, (k, v) in kv.items()},
-            )
-        y, h = ours(
-            jnp.asarray(emb.numpy()),
-            jnp.asarray(hid.numpy()),
-            jnp.full((2, 1), n),
-            ours_kv,
-            jnp.full((2,), n),
-        )
-        logits, want = np.asarray(ours.logits(y)), ref.logits.numpy()
-        np.testing.assert_allclose(np.asarray(h), ref.last_hidden_state.numpy(), atol=1e-5, rtol=0)
-        if name == "plain":
-            np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0)
-        else:  # transformers fills the unselected tokens with (smallest selected logit - 1); ours: -inf
-            chosen = want > want.min()
-            assert chosen.sum() == 2 * 4 * 64  # top 4 centroids of 64 tokens each, per row
-            np.testing.assert_array_equal(np.isfinite(logits), chosen)
-            np.testing.assert_allclose(logits[chosen], want[chosen], atol=1e-5, rtol=0)
+        _assert_forward_equals_transformers(assistants[name], ours)
     # the assistant's window: 3 + 2 in our terms (it sees the last 4 committed keys)
     assert [s.mixer_option("window", 0) for s in ours.cfg.layers.layers] == [5, 0]
 
@@ -322,11 +328,232 @@ def test_a_mismatched_or_unsupported_assistant_is_refused_naming_the_field(bad, 
         )
 
 
-def test_training_or_exporting_an_assistant_is_refused_in_one_line(tmp_path):
-    assistant = drafter_kind("gemma4_assistant")
+def _fresh(num_layers: int = 2, block_size: int = 4, seed: int = 1):
+    """A tiny random Gemma 4 target (KV-shared layers, per-layer inputs, window 3) and a fresh
+    assistant for it as ``method: gemma4_assistant`` builds one, its weights scaled up (far from
+    uniform drafts)."""
+    from flax import nnx
+
+    from dflash.models import build
+    from dflash.training.config import DrafterSection
+
+    target = build(ModelConfig.from_hf({"model_type": "gemma4_text", **TARGET}), seed=3)
+    kind = drafter_kind("gemma4_assistant")
+    section = DrafterSection(num_layers=num_layers)
+    dcfg = kind.config(section, target.cfg, mask_token_id=0, block_size=block_size)
+    head = kind.build(dcfg, target, seed=seed)
+    np.testing.assert_array_equal(np.asarray(head.embed_tokens[...]), np.asarray(target.embed_tokens[...]))
+    nnx.update(head, jax.tree.map(lambda p: p * 4.0 if p.ndim == 2 else p, nnx.state(head, nnx.Param)))
+    return target, head
+
+
+def _packed(docs: list[list[list[int]]]) -> dict[str, jax.Array]:
+    """Rows of documents packed back to back (positions restart per document), zero-padded."""
+    s = max(sum(len(d) for d in row) for row in docs)
+    out = {name: np.zeros((len(docs), s), np.int32) for name in ("tokens", "segment_ids", "positions")}
+    for r, row in enumerate(docs):
+        at = 0
+        for i, doc in enumerate(row):
+            span = slice(at, at + len(doc))
+            out["tokens"][r, span], out["segment_ids"][r, span] = doc, i + 1
+            out["positions"][r, span] = np.arange(len(doc))
+            at += len(doc)
+    batch = {k: jnp.asarray(v) for k, v in out.items()}
+    return {**batch, "loss_mask": batch["segment_ids"] > 0}
+
+
+def test_the_training_chain_at_an_anchor_equals_the_engines_chained_steps():
+    """An anchor in the second document of a packed row, its prefix (11 tokens) longer than the
+    window, the row going on with the engine's own drafts: the training chain's logits at that
+    anchor (target pass over the packed row, the anchor's mask) == the engine's steps (prefill,
+    then ``AssistantDraft`` over the target's cache) step for step."""
+    from dflash.drafters.gemma4_assistant import train
+    from dflash.drafters.objective import anchor_context_mask
+    from dflash.models.transformer import FINAL_NORMED
+
+    target, head = _fresh()
+    method = method_for(head, block_size=4)
+    rng = np.random.default_rng(5)
+    before, prefix, anchor = rng.integers(0, 4096, 6).tolist(), rng.integers(0, 4096, 11).tolist(), 77
+
+    @jax.jit
+    def engine():
+        p = len(prefix)
+        out = target(jnp.asarray([prefix]), jnp.arange(p)[None], target.init_cache(1, 16),
+                     hidden_layers=(FINAL_NORMED,))
+        state = method.prefill(head, method.init(head, 1, 16, jnp.float32), out.hidden, jnp.array([p]))
+        kv = head.target_kv(target.cfg, out.cache)
+        token, h, logits = jnp.array([[anchor]]), state.pending_BD[:, None], []
+        for _ in range(3):
+            step_logits, h = method._step(head, target, kv, out.cache.lengths, token, h)
+            token = jnp.argmax(step_logits, -1)
+            logits.append(step_logits[0, 0])
+        return jnp.stack(logits)
+
+    want = np.asarray(engine())
+    drafts = want.argmax(-1).tolist()
+    batch = _packed([[before, prefix + [anchor] + drafts + [5]]])
+    anchors = jnp.array([[len(before) + len(prefix)]])
+
+    @jax.jit
+    def training():
+        t_final, cache = train.target_pass(target, batch)
+        visible = anchor_context_mask(anchors, jnp.ones((1, 1), bool), batch["segment_ids"])
+        y = train.chain_at_anchors(head, target, batch, t_final, cache, anchors, visible)
+        return head.logits(y[:, 0])[0]
+
+    got = np.asarray(training())
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    assert len(set(drafts)) > 1  # the drafts are the assistant's, not one token repeated
+
+
+def test_the_training_loss_equals_an_unrolled_per_document_reference():
+    """CE + KL (to the target's soft-capped distribution), 3 steps, over two packed rows of two
+    documents, in loss chunks of 5 rows: == each document on its own through the engine's step (the
+    target's cache of the document, the step at the anchor over its committed slots), teacher-forced,
+    weighted w_j over the sampled anchors whose h_{a-1} is in their document."""
+    from dflash.drafters import blocks as blk
+    from dflash.drafters.objective import loss_weights
+
+    target, head = _fresh()
+    rng = np.random.default_rng(2)
+    docs = [[rng.integers(0, 4096, n).tolist() for n in lens] for lens in ((7, 9), (9, 7))]
+    batch, key, k, gamma = _packed(docs), jax.random.key(4), 3, 2.0
+    kw = dict(num_anchors=10, gamma=gamma, ce_weight=1.0, kl_weight=0.5, target_labels=False,
+              target_metrics=True, loss_chunk=5)
+    loss, metrics = jax.jit(lambda: drafter_kind("gemma4_assistant").loss(head, target, batch, key, **kw))()
+    blocks = blk.anchor_blocks(target, batch, key, 10, k + 1, 0)
+    anchors, valid = np.asarray(blocks.label_idx[:, :, 0] - 1), np.asarray(blocks.valid)
+
+    @jax.jit
+    def per_doc(doc_1S):
+        """[S, k, V] log-probs of every anchor a = 1 .. S-1 of one document, and the target's [S, V]."""
+        s = doc_1S.shape[1]
+        out = target(doc_1S, jnp.arange(s)[None], target.init_cache(1, s), final_hidden=True)
+        kv = {t: (jnp.repeat(kk, s - 1, 0), jnp.repeat(vv, s - 1, 0))
+              for t, (kk, vv) in head.target_kv(target.cfg, out.cache).items()}
+        a = jnp.arange(1, s)
+        h, logp = out.final[0, :-1, None], []
+        for j in range(k):
+            tok = doc_1S[0, jnp.minimum(a + j, s - 1)][:, None]
+            y, h = head(target.embed(tok), h, a[:, None], kv, a)
+            logp.append(jax.nn.log_softmax(head.logits(y)[:, 0], -1))
+        return jnp.stack(logp, 1), jax.nn.log_softmax(out.logits[0], -1)
+
+    w, num, den = np.asarray(loss_weights(k + 1, gamma)), 0.0, 0.0
+    seg, tokens = np.asarray(batch["segment_ids"]), np.asarray(batch["tokens"])
+    for row in range(2):
+        for doc in (1, 2):
+            where = np.flatnonzero(seg[row] == doc)
+            start, doc_tok = where[0], np.asarray(tokens[row, where])
+            logp, t_logp = (np.asarray(x) for x in per_doc(jnp.asarray(doc_tok)[None]))
+            for a in anchors[row][valid[row]]:
+                i = a - start
+                for j in range(1, k + 1):
+                    if a in where and i >= 1 and i + j < len(doc_tok):
+                        q, pt = logp[i - 1, j - 1], t_logp[i + j - 1]
+                        ce = -q[doc_tok[i + j]]
+                        kl = float((np.exp(pt) * (pt - q)).sum())
+                        num += w[j - 1] * (ce + 0.5 * kl)
+                        den += w[j - 1]
+    assert den > 0
+    np.testing.assert_allclose(float(loss), num / den, rtol=2e-5)
+
+
+def _transformers_assistant(directory):
+    """``Gemma4AssistantForCausalLM.from_pretrained(directory)`` (under the kv_sharing_modes patch)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transformers.Gemma4TextConfig, "kv_sharing_modes", property(_all_shared_modes))
+        return transformers.Gemma4AssistantForCausalLM.from_pretrained(directory).eval()
+
+
+def test_an_export_is_what_save_pretrained_wrote_and_transformers_loads_it(checkpoints, tmp_path):
+    """A published assistant (plain and centroid head) loaded and exported again: the same tensors
+    under the same names (token ordering included) and the same config as transformers reads it;
+    transformers' forward of the export == ours; our loader reads it back to the same parameters."""
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    _, _, root = checkpoints
+    kind = drafter_kind("gemma4_assistant")
+    target_cfg = ModelConfig.from_hf(json.loads((root / "target" / "config.json").read_text()))
+    for name in ("plain", "centroids"):
+        ours = load_drafter(root / name, target_cfg)
+        out = kind.save(ours, None, target_cfg, tmp_path / name, target_name="t")
+        want, got = load_file(root / name / "model.safetensors"), load_file(out / "model.safetensors")
+        assert set(got) == set(want)
+        for key, value in want.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+        mine, theirs = _transformers_assistant(out).config, _transformers_assistant(root / name).config
+        for key in ("backbone_hidden_size", "use_ordered_embeddings", "num_centroids", "tie_word_embeddings",
+                    "centroid_intermediate_top_k"):
+            assert getattr(mine, key) == getattr(theirs, key), key
+        text = mine.get_text_config()
+        for key in ("hidden_size", "layer_types", "sliding_window", "num_kv_shared_layers", "rope_parameters",
+                    "intermediate_size", "num_attention_heads", "attention_k_eq_v"):  # head shapes: forward
+            assert getattr(text, key) == getattr(theirs.get_text_config(), key), key
+        _assert_forward_equals_transformers(_transformers_assistant(out), ours)
+        again = load_drafter(out, target_cfg)
+        assert again.cfg == dataclasses.replace(ours.cfg, block_size=again.cfg.block_size)
+        for a, b in zip(jax.tree.leaves(nnx.state(ours)), jax.tree.leaves(nnx.state(again)), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dflash_train_trains_an_assistant_that_drafts_losslessly_and_transformers_loads_it(
+    checkpoints, tmp_path
+):
+    """``method: gemma4_assistant`` for a tiny Gemma 4 target saved by ``save_pretrained`` (which
+    ships no assistant): two trainer steps from a fresh assistant; the export is a
+    ``Gemma4AssistantForCausalLM`` directory that transformers' forward agrees with. The run's own
+    evaluation decodes a held-out prompt greedily with the trained assistant and with prompt lookup
+    (lossless, its own tests): the same 16 tokens, so the assistant's speculative greedy == AR."""
+    from dflash.configio import load_yaml
+    from dflash.training.config import ExperimentConfig
+    from dflash.training.trainer import run_training
+
+    _, _, root = checkpoints
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_yaml(
+        ExperimentConfig,
+        repo / "configs/tiny_code_mtp.yaml",
+        [
+            "method=gemma4_assistant",
+            f"target.name={root / 'target'}",
+            f"run_dir={tmp_path / 'r'}",
+            "drafter.num_layers=2",
+            "drafter.block_size=3",
+            "data.max_examples=24",
+            "data.seq_len=48",
+            "train.batch_size=2",
+            "train.num_anchors=24",
+            "train.steps=2",
+            "train.save_every=2",
+            "train.eval_every=2",
+            "train.log_every=1",
+            "eval.num_prompts=1",
+            "eval.max_new_tokens=16",
+            "eval.heldout_rows=2",
+            "regen.num_sequences=0",
+        ],
+    )
+    result = run_training(cfg, progress=False)
+    assert result["eval_new_tokens"] == 16 and "outputs_differ" not in result  # assistant == prompt lookup
+    export = tmp_path / "r" / "export"
+    hf = json.loads((export / "config.json").read_text())
+    assert hf["architectures"] == ["Gemma4AssistantForCausalLM"] and hf["dflash_block_size"] == 3
+    target = load_target(root / "target")
+    head = load_drafter(export, target)
+    assert head.cfg.num_layers == 2 and head.centroids is None
+    _assert_forward_equals_transformers(_transformers_assistant(export), head)
+
+
+def test_a_fresh_assistant_needs_a_gemma4_target_and_two_layers():
+    from dflash.config import PRESETS
+
     target = ModelConfig.from_hf({"model_type": "gemma4_text", **TARGET})
-    with pytest.raises(ConfigError, match="training a Gemma 4 assistant is not supported"):
-        assistant.config(None, target, mask_token_id=0, block_size=4)
-    head = build_assistant(AssistantConfig.from_hf({"text_config": ASSISTANT, "backbone_hidden_size": 32}))
-    with pytest.raises(ConfigError, match="exporting a Gemma 4 assistant is not supported"):
-        assistant.save(head, None, target, tmp_path, target_name="t")
+    with pytest.raises(ConfigError, match="drafter.num_layers=1: a Gemma 4 assistant needs at least 2"):
+        AssistantConfig.for_target(target, num_layers=1)
+    with pytest.raises(ConfigError, match="drafts for a gemma4 target, not 'qwen3'"):
+        AssistantConfig.for_target(PRESETS["qwen3_0_6b"], num_layers=2)
+    cfg = AssistantConfig.for_target(target, num_layers=3, block_size=5)
+    assert AssistantConfig.from_hf(cfg.to_hf()) == cfg  # the export's config.json reads back

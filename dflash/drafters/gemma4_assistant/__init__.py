@@ -1,6 +1,6 @@
 """The Gemma 4 assistant drafter kind: Google's MTP assistants for Gemma 4 targets, whose layers read
-the target's keys and values: model (``model``), engine method (``draft``), checkpoint layout
-(``hf``) and its registry entry (``kind``)."""
+the target's keys and values: model (``model``), engine method (``draft``), training objective
+(``train``), checkpoint layout, read and written (``hf``) and its registry entry (``kind``)."""
 
 from dflash.drafters.gemma4_assistant.draft import AssistantDraft
 from dflash.drafters.gemma4_assistant.kind import GEMMA4_ASSISTANT, Gemma4AssistantKind

@@ -6,6 +6,7 @@ or values), ``model.norm``, ``model.embed_tokens`` (the tied LM head; ``lm_head`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from dflash.config import ModelConfig
 from dflash.drafters.gemma4_assistant.model import AssistantConfig, Gemma4Assistant, TokenOrdering
 from dflash.errors import CheckpointError
-from dflash.io.loading import load_params_into, read_config_json
+from dflash.io.loading import load_params_into, read_config_json, save_params, world_readable
 from dflash.models import kinds
 from dflash.models.kinds import WeightRow
 
@@ -97,3 +99,19 @@ def load_assistant(
             value = jax.device_put(value, NamedSharding(mesh, PartitionSpec()))
         model.token_ordering = TokenOrdering(value)
     return model
+
+
+def save_assistant(model: Gemma4Assistant, out: Path, *, dtype: Any = None) -> Path:
+    """``config.json`` (``AssistantConfig.to_hf``) and ``model.safetensors`` under the names
+    ``load_assistant`` reads (the token ordering, with a centroid head, as the int64 buffer
+    transformers saves): the layout ``save_pretrained`` writes."""
+    out.mkdir(parents=True, exist_ok=True)
+    file = out / "model.safetensors"
+    save_params(model, assistant_rows(model.cfg), file, dtype)
+    if model.token_ordering is not None:
+        order = np.asarray(jax.device_get(model.token_ordering[...])).astype(np.int64)
+        save_file({**load_file(file), ORDERING: order}, str(file), metadata={"format": "pt"})
+        world_readable(file)
+    (out / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
+    world_readable(out / "config.json")
+    return out

@@ -1,10 +1,17 @@
-"""The ``gemma4_assistant`` drafter kind: Google's published MTP assistants for Gemma 4 targets, loaded
-and drafted with (training and exporting one here is not built: the kind refuses them in one line)."""
+"""The ``gemma4_assistant`` drafter kind: Google's MTP assistants for Gemma 4 targets, loaded and
+drafted with, or trained here for a target that ships none and exported in the layout
+``Gemma4AssistantForCausalLM.save_pretrained`` writes.
+
+Its registry entry (``dflash.drafters.registry``): ``drafter:`` key ``num_layers`` (the assistant's
+layers, at least 2: sliding ones, then a full one; each of the target's own spec); ``block_size`` =
+1 + the chained steps (default 4). Fresh: the target's width, the pre / post projections random,
+the tied LM head a copy of the target's embedding (the head the target itself starts from).
+Training: ``dflash.drafters.gemma4_assistant.train``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,17 +23,12 @@ from dflash.config import ModelConfig
 from dflash.drafters.gemma4_assistant import hf
 from dflash.drafters.gemma4_assistant.draft import AssistantDraft
 from dflash.drafters.gemma4_assistant.model import DEFAULT_BLOCK_SIZE, AssistantConfig, Gemma4Assistant
+from dflash.drafters.gemma4_assistant.train import assistant_loss
 from dflash.drafters.registry import DrafterKind, register
-from dflash.errors import ConfigError
+from dflash.flops import target_forward_flops
 from dflash.io.loading import read_config_json
+from dflash.models import kinds
 from dflash.models.transformer import Transformer
-
-
-def _not_built(what: str) -> NoReturn:
-    raise ConfigError(
-        f"{what} a Gemma 4 assistant is not supported here: load a published one "
-        "(Gemma4AssistantForCausalLM) with --drafter DIR"
-    )
 
 
 class Gemma4AssistantKind(DrafterKind):
@@ -36,6 +38,8 @@ class Gemma4AssistantKind(DrafterKind):
     architectures = (hf.ARCHITECTURE,)
     default_block_size = DEFAULT_BLOCK_SIZE
     default_loss_weights = (1.0, 0.0)
+    section_keys = frozenset({"num_layers"})
+    compared_on_init_from = ("num_layers", "block_size")
     sharding = (
         (r"(^|\.)pre_projection\.kernel$", ("embed", None)),  # [2 D_target, D]
         (r"(^|\.)post_projection\.kernel$", (None, "embed")),  # [D, D_target]
@@ -46,7 +50,7 @@ class Gemma4AssistantKind(DrafterKind):
     def config(
         self, section: Any, target: ModelConfig, *, mask_token_id: int, block_size: int
     ) -> AssistantConfig:
-        _not_built("training")
+        return AssistantConfig.for_target(target, num_layers=section.num_layers, block_size=block_size)
 
     def construct(self, dcfg: AssistantConfig, *, dtype: Any = jnp.float32, seed: int = 0) -> Gemma4Assistant:
         return Gemma4Assistant(dcfg, dtype=dtype, rngs=nnx.Rngs(seed))
@@ -60,11 +64,17 @@ class Gemma4AssistantKind(DrafterKind):
         mesh: Mesh | None = None,
         replicate_indivisible: bool = False,
     ) -> Gemma4Assistant:
+        dcfg.check_target(target.cfg)
         if mesh is None:
-            return self.construct(dcfg, seed=seed)
-        return sharding.init_sharded(
-            lambda: self.construct(dcfg, seed=seed), mesh, replicate_indivisible=replicate_indivisible
-        )
+            drafter = self.construct(dcfg, seed=seed)
+        else:
+            drafter = sharding.init_sharded(
+                lambda: self.construct(dcfg, seed=seed), mesh, replicate_indivisible=replicate_indivisible
+            )
+        if drafter.lm_head is None and dcfg.hidden_size == target.cfg.hidden_size:
+            table = drafter.embed_tokens[...]
+            drafter.embed_tokens[...] = target.embed_tokens[...].astype(table.dtype)  # same rule, same shards
+        return drafter
 
     def claims(self, hf_config: dict[str, Any]) -> bool:
         return hf.claims(hf_config)
@@ -104,7 +114,8 @@ class Gemma4AssistantKind(DrafterKind):
         form: str = "delta",
         **prepared: Any,
     ) -> Path:
-        _not_built("exporting")
+        drafter.cfg.check_target(target_cfg)
+        return hf.save_assistant(drafter, out, dtype=dtype)
 
     def loss(
         self,
@@ -114,7 +125,7 @@ class Gemma4AssistantKind(DrafterKind):
         key: jax.Array,
         **step_kw: Any,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        _not_built("training")
+        return assistant_loss(drafter, target, batch, key, **step_kw)
 
     def flops(
         self,
@@ -128,7 +139,19 @@ class Gemma4AssistantKind(DrafterKind):
         target_logits: bool,
         remat: bool,
     ) -> dict[str, float]:
-        _not_built("training")
+        """The full target pass, then ``block - 1`` steps at the anchors (projections and layers over
+        the keys before each anchor), forward and backward; the loss head at the anchors' rows (the
+        assistant's head, and the target's own when its logits are asked for)."""
+        t = target_forward_flops(target, batch, seq)
+        rows = batch * anchors
+        lc, d, db = dcfg.layers, dcfg.hidden_size, dcfg.backbone_hidden_size
+        step = sum(kinds.layer_flops(lc, i, rows, seq / 2) for i in range(dcfg.num_layers))
+        step += 2.0 * rows * (2 * db * d + d * db)
+        draft = 3.0 * (block - 1) * step
+        head = 3.0 * 2.0 * rows * (block - 1) * d * dcfg.vocab_size  # forward, input and weight gradients
+        if target_logits:
+            head += 2.0 * rows * (block - 1) * target.hidden_size * target.vocab_size
+        return {"target": t, "drafter": draft, "loss_head": head, "total": t + draft + head}
 
     def method(
         self, drafter: Gemma4Assistant, *, stochastic: bool = False, block_size: int | None = None

@@ -30,14 +30,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dflash.attention import attend, window_mask
 from dflash.config import GEMMA4_TYPES, ModelConfig
 from dflash.errors import ConfigError
 from dflash.kernels import dispatch
 from dflash.models.cache import Cache
-from dflash.models.layers import Context, Linear, model_norm, normal
+from dflash.models.layers import Context, Linear, model_norm, normal, rope_tables
 from dflash.models.transformer import DecoderLayer
 
 DEFAULT_BLOCK_SIZE = 4  # anchor + 3 chained assistant steps per verify pass
+ASSISTANT_TEXT = {
+    "hidden_size_per_layer_input": 0,
+    "vocab_size_per_layer_input": 0,
+    "enable_moe_block": False,
+    "use_double_wide_mlp": False,
+    "final_logit_softcapping": None,
+}  # an assistant's text_config: none of these (transformers' validate_architecture), no soft-cap
 REFUSED = (
     "hidden_size_per_layer_input",
     "enable_moe_block",
@@ -124,6 +132,55 @@ class AssistantConfig:
             centroid_top_k=int(hf.get("centroid_intermediate_top_k", 32)) if ordered else 0,
             block_size=int(block_size or hf.get("dflash_block_size") or DEFAULT_BLOCK_SIZE),
         )
+
+    @classmethod
+    def for_target(cls, target: ModelConfig, *, num_layers: int, block_size: int = DEFAULT_BLOCK_SIZE
+                   ) -> AssistantConfig:
+        """A fresh assistant for a ``gemma4`` target that ships none: ``num_layers`` layers of the
+        target's own spec (its width, heads, MLP, RoPE and window; sliding layers, then one full
+        layer, which a Gemma 4 model always ends with), each reading the target's keys and values of
+        its type; no per-layer inputs, experts or double-wide MLPs; the plain, tied LM head. Built
+        through the ``config.json`` the export writes, so exporting and loading it give it back."""
+        if target.model_type != "gemma4":
+            raise ConfigError(f"a Gemma 4 assistant drafts for a gemma4 target, not {target.model_type!r}")
+        if num_layers < 2:
+            raise ConfigError(f"drafter.num_layers={num_layers}: a Gemma 4 assistant needs at least 2 layers "
+                              "(sliding layers, then the full layer a Gemma 4 model ends with)")
+        text = target.to_hf()
+        made = producers(target)
+        types = [GEMMA4_TYPES[0]] * (num_layers - 1) + [GEMMA4_TYPES[1]]
+        text.pop("dflash_layers", None)
+        shapes = {str(i): text["per_layer_config"][str(made[t])] for i, t in enumerate(types)}
+        text.update(num_hidden_layers=num_layers, layer_types=types, per_layer_config=shapes)
+        text.update(ASSISTANT_TEXT)
+        return cls.from_hf({"text_config": text, "backbone_hidden_size": target.hidden_size},
+                           block_size=block_size)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` ``Gemma4AssistantForCausalLM.save_pretrained`` writes for this assistant
+        (``from_hf``'s inverse; ``dflash_block_size`` records the chain, which transformers ignores)."""
+        layers = []
+        for spec in self.layers.layers:
+            opts = {k: v for k, v in dict(spec.mixer_options).items() if k != "kv_reuse"}
+            if opts.get("window"):
+                opts["window"] = int(opts["window"]) - 2  # module docstring: the bidirectional window
+            layers.append(dataclasses.replace(spec, mixer_options=opts))
+        text = dataclasses.replace(self.layers, layers=tuple(layers)).to_hf()
+        for key in ("architectures", "torch_dtype", "dflash_layers"):
+            text.pop(key, None)
+        text.update(ASSISTANT_TEXT, num_kv_shared_layers=self.num_layers)
+        hf: dict[str, Any] = {
+            "architectures": ["Gemma4AssistantForCausalLM"],
+            "model_type": "gemma4_assistant",
+            "text_config": text,
+            "backbone_hidden_size": self.backbone_hidden_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_ordered_embeddings": bool(self.num_centroids),
+            "dflash_block_size": self.block_size,
+        }
+        if self.num_centroids:
+            hf.update(num_centroids=self.num_centroids, centroid_intermediate_top_k=self.centroid_top_k)
+        return hf
 
     def check_target(self, target: ModelConfig) -> None:
         """The assistant reads ``target``'s embeddings, hidden states and keys and values: widths,
@@ -222,11 +279,48 @@ class Gemma4Assistant(nnx.Module):
         y = self.norm(x)
         return y, self.post_projection(y)
 
+    def at_anchors(
+        self,
+        emb_BAD: jax.Array,
+        hidden_BAD: jax.Array,
+        positions_BA: jax.Array,
+        kv: dict[str, tuple[jax.Array, jax.Array]],
+        visible_BAS: jax.Array,
+        key_positions_BS: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        """``__call__``'s step for training: the A queries of a row at ``positions_BA`` see the keys
+        ``visible_BAS`` allows (the row's own keys before each query, in its document) and, in a
+        sliding layer, only those ``window`` positions back (``key_positions_BS``: the keys'
+        positions). Dense ``attend`` over ``[A, S]``, the op the engine's step reduces to."""
+        dtype = self.pre_projection.kernel[...].dtype
+        x = self.pre_projection(jnp.concatenate([emb_BAD.astype(dtype), hidden_BAD.astype(dtype)], axis=-1))
+        tables: dict[Any, tuple[jax.Array, jax.Array]] = {}
+
+        def mix(h_BAD: jax.Array, attn: Any) -> tuple[jax.Array, None]:
+            rope = attn.rope or self.cfg.layers.rope
+            if (attn.rotary_dim, rope) not in tables:
+                tables[attn.rotary_dim, rope] = rope_tables(rope, attn.rotary_dim, positions_BA)
+            q, gate = attn.queries(h_BAD, *tables[attn.rotary_dim, rope])
+            mask = visible_BAS
+            if attn.window:
+                mask = mask & window_mask(positions_BA, key_positions_BS, attn.window)
+            k, v = kv[attn.kv_reuse]
+            return attn.output(attend(q, k, v, mask, attn.sink_logits()), gate), None
+
+        for decoder in self.layers:
+            x, _ = decoder(x, lambda h, attn=decoder.mixer: mix(h, attn))
+        y = self.norm(x)
+        return y, self.post_projection(y)
+
+    def head_table(self) -> jax.Array:
+        """The LM head as ``[V, D]`` (the tied embedding, or ``lm_head`` transposed)."""
+        return self.embed_tokens[...] if self.lm_head is None else self.lm_head[...].T
+
     def logits(self, y_BTD: jax.Array) -> jax.Array:
         """``[B, T, V]`` float32: the LM head, or the centroid-masked head (only the tokens of the
         ``centroid_top_k`` best centroids get logits; the others -inf, where transformers writes the
         smallest selected logit of the batch minus one: the same argmax and the same top-k)."""
-        table = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...].T  # [V, D]
+        table = self.head_table()
         if self.centroids is None:
             return jnp.einsum("btd,vd->btv", y_BTD, table, preferred_element_type=jnp.float32)
         b, t, _ = y_BTD.shape
