@@ -25,7 +25,13 @@ from dflash.config import ModelConfig
 from dflash.drafters.dflash.model import SHAPE_FIELDS
 from dflash.drafters.eagle3 import hf
 from dflash.drafters.eagle3.draft import Eagle3Draft
-from dflash.drafters.eagle3.model import DEFAULT_BLOCK_SIZE, Eagle3Config, Eagle3Drafter, vocab_map
+from dflash.drafters.eagle3.model import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CHUNK,
+    Eagle3Config,
+    Eagle3Drafter,
+    vocab_map,
+)
 from dflash.drafters.eagle3.ttt import ttt_loss
 from dflash.drafters.registry import DrafterKind, register
 from dflash.flops import target_forward_flops
@@ -117,8 +123,9 @@ class Eagle3Kind(DrafterKind):
     def loss(self, drafter: Eagle3Drafter, target: Transformer, batch: dict[str, jax.Array], key: jax.Array,
              **step_kw: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         """TTT (``ttt.py``); the block-drafter settings of the shared step (anchors, gamma, CE/KL
-        weights) do not apply."""
-        return ttt_loss(drafter, target, batch, drafter.cfg.ttt_steps)
+        weights) do not apply; ``loss_chunk`` (``train.loss_chunk``) is TTT's rows per chunk."""
+        return ttt_loss(drafter, target, batch, drafter.cfg.ttt_steps,
+                        chunk=step_kw.get("loss_chunk", DEFAULT_CHUNK))
 
     def flops(self, target: ModelConfig, dcfg: Eagle3Config, *, batch: int, seq: int, anchors: int,
               block: int,
