@@ -131,7 +131,8 @@ class Eagle3Kind(DrafterKind):
               block: int,
               target_logits: bool, remat: bool) -> dict[str, float]:
         """The whole target with its logits, then ``ttt_steps`` passes of the layer over every row
-        (trained: forward + 2x backward), ``fc`` once, and the draft head at every step."""
+        (trained: forward + 2x backward; with ``remat`` one forward more), ``fc`` once, and the draft
+        head at every step (its chunked logits are made again in the backward: 4x a forward)."""
         rows, steps = batch * seq, dcfg.ttt_steps
         d, lc = dcfg.hidden_size, dcfg.layers
         t = target_forward_flops(target, batch, seq, logits_rows=rows)
@@ -141,8 +142,8 @@ class Eagle3Kind(DrafterKind):
         head = 2.0 * rows * d * dcfg.draft_vocab_size
         fc = 2.0 * rows * len(dcfg.target_layer_ids) * d * d
         draft = (3.0 + (1.0 if remat else 0.0)) * steps * layer + 3.0 * fc
-        return {"target": t, "drafter": draft, "loss_head": 3.0 * steps * head,
-                "total": t + draft + 3.0 * steps * head}
+        return {"target": t, "drafter": draft, "loss_head": 4.0 * steps * head,
+                "total": t + draft + 4.0 * steps * head}
 
 
 EAGLE3 = register(Eagle3Kind())
