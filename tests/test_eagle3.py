@@ -171,17 +171,22 @@ def test_ttt_loss_and_gradient_equal_the_unrolled_engine_reference(drafter):
     assert label_mask(batch["loss_mask"], batch["segment_ids"], 2).sum() > 4
     graphdef, params, rest = nnx.split(drafter, nnx.Param, ...)
 
-    def ours(p):
-        return ttt_terms(nnx.merge(graphdef, p, rest), feats, t_logits, batch, steps)[0]
+    def ours(p, chunk, remat):
+        d = nnx.merge(graphdef, p, rest)
+        d.remat = remat
+        return ttt_terms(d, feats, t_logits, batch, steps, chunk=chunk)[0]
 
     def ref(p):
         return unrolled_ttt(nnx.merge(graphdef, p, rest), feats, t_logits, batch, steps)
 
-    (l1, g1), (l2, g2) = jax.value_and_grad(ours)(params), jax.jit(jax.value_and_grad(ref))(params)
-    assert float(l1) > 0
-    np.testing.assert_allclose(l1, l2, rtol=1e-5)
-    for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
-        np.testing.assert_allclose(a, c, rtol=2e-4, atol=2e-6)
+    l2, g2 = jax.jit(jax.value_and_grad(ref))(params)
+    # one chunk; and chunks of 4 rows (11 = 4 + 4 + 3: a padded last chunk) with each step recomputed
+    for chunk, remat in ((256, False), (4, True)):
+        l1, g1 = jax.jit(jax.value_and_grad(ours), static_argnums=(1, 2))(params, chunk, remat)
+        assert float(l1) > 0
+        np.testing.assert_allclose(l1, l2, rtol=1e-5)
+        for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+            np.testing.assert_allclose(a, c, rtol=2e-4, atol=2e-6)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,13 @@ from dflash.config import ModelConfig
 from dflash.drafters.dflash.model import SHAPE_FIELDS
 from dflash.drafters.eagle3 import hf
 from dflash.drafters.eagle3.draft import Eagle3Draft
-from dflash.drafters.eagle3.model import DEFAULT_BLOCK_SIZE, Eagle3Config, Eagle3Drafter, vocab_map
+from dflash.drafters.eagle3.model import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CHUNK,
+    Eagle3Config,
+    Eagle3Drafter,
+    vocab_map,
+)
 from dflash.drafters.eagle3.ttt import ttt_loss
 from dflash.drafters.registry import DrafterKind, register
 from dflash.flops import target_forward_flops
@@ -119,14 +125,16 @@ class Eagle3Kind(DrafterKind):
     def loss(self, drafter: Eagle3Drafter, target: Transformer, batch: dict[str, jax.Array], key: jax.Array,
              **step_kw: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         """TTT (``ttt.py``); the block-drafter settings of the shared step (anchors, gamma, CE/KL
-        weights) do not apply."""
-        return ttt_loss(drafter, target, batch, drafter.cfg.ttt_steps)
+        weights) do not apply; ``loss_chunk`` (``train.loss_chunk``) is TTT's rows per chunk."""
+        return ttt_loss(drafter, target, batch, drafter.cfg.ttt_steps,
+                        chunk=step_kw.get("loss_chunk", DEFAULT_CHUNK))
 
     def flops(self, target: ModelConfig, dcfg: Eagle3Config, *, batch: int, seq: int, anchors: int,
               block: int,
               target_logits: bool, remat: bool) -> dict[str, float]:
         """The whole target with its logits, then ``ttt_steps`` passes of the layer over every row
-        (trained: forward + 2x backward), ``fc`` once, and the draft head at every step."""
+        (trained: forward + 2x backward; with ``remat`` one forward more), ``fc`` once, and the draft
+        head at every step (its chunked logits are made again in the backward: 4x a forward)."""
         rows, steps = batch * seq, dcfg.ttt_steps
         d, lc = dcfg.hidden_size, dcfg.layers
         t = target_forward_flops(target, batch, seq, logits_rows=rows)
@@ -136,8 +144,8 @@ class Eagle3Kind(DrafterKind):
         head = 2.0 * rows * d * dcfg.draft_vocab_size
         fc = 2.0 * rows * len(dcfg.target_layer_ids) * d * d
         draft = (3.0 + (1.0 if remat else 0.0)) * steps * layer + 3.0 * fc
-        return {"target": t, "drafter": draft, "loss_head": 3.0 * steps * head,
-                "total": t + draft + 3.0 * steps * head}
+        return {"target": t, "drafter": draft, "loss_head": 4.0 * steps * head,
+                "total": t + draft + 4.0 * steps * head}
 
 
 EAGLE3 = register(Eagle3Kind())

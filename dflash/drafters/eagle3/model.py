@@ -20,6 +20,7 @@ W draft vocabulary, n feature layers, J earlier TTT steps, N/K/H heads, kv heads
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ from dflash.attention import NEG_INF, attend, causal_mask
 from dflash.config import ConfigError, LayerSpec, ModelConfig, check_built_for
 from dflash.drafters.dflash.model import SHAPE_FIELDS, layer_config
 from dflash.kernels import dispatch
+from dflash.kernels.prefill_attention import doc_causal_mask
 from dflash.models.cache import Cache
 from dflash.models.kinds import init_cache
 from dflash.models.layers import Context, Linear, RMSNorm, normal, rope_cos_sin
@@ -39,6 +41,7 @@ from dflash.models.transformer import DecoderLayer
 DEFAULT_BLOCK_SIZE = 8  # anchor + 7 chained drafts (the TTT depth)
 DEFAULT_TTT_STEPS = 7
 STEP_DECAY = 0.8  # TTT step i's loss weight is 0.8**i (SpecForge, specforge/core/eagle3.py)
+DEFAULT_CHUNK = 256  # TTT rows of each sequence per chunk of the attention and the loss (train.loss_chunk)
 LLAMA_LAYER = LayerSpec()  # plain attention (no q/k norm, no biases), dense SiLU MLP
 
 
@@ -135,6 +138,8 @@ def check_vocab_map(d2t_W: np.ndarray, t2d_V: np.ndarray) -> None:
 
 class Eagle3Drafter(nnx.Module):
     """Parameters and the vocabulary maps; the drafter's KV cache goes in and comes out."""
+
+    remat = False  # training: recompute each TTT step's layer in the backward (``train.remat``; static)
 
     def __init__(self, cfg: Eagle3Config, *, dtype: jnp.dtype = jnp.float32, attention_impl: str = "auto",
                  rngs: nnx.Rngs):
@@ -234,54 +239,94 @@ class Eagle3Drafter(nnx.Module):
 
     # ------------------------------------------------------------------ training: TTT
     def ttt_forward(self, feats_BSnD: jax.Array, tokens_BS: jax.Array, positions_BS: jax.Array,
-                    segment_ids_BS: jax.Array, steps: int) -> list[jax.Array]:
+                    segment_ids_BS: jax.Array, steps: int, chunk: int = DEFAULT_CHUNK) -> list[jax.Array]:
         """Pre-norm outputs ``[B, S, D]`` of ``steps`` training-time-test steps over packed rows.
 
         Step ``i``, row ``t``: the embedding of token ``t+1+i`` (the data's), the hidden input
         ``fc(features_t)`` (step 0) or step ``i-1``'s output at ``t``, RoPE position ``pos_t + i``;
         it sees step 0's rows ``s <= t`` of its document and its own earlier steps at ``t`` -- what
         the engine computes when it drafts ``i`` tokens after row ``t`` (``extend`` + chained steps).
+        Attention runs ``chunk`` query rows at a time (``ttt_attention``); with ``remat`` each step's
+        layer is recomputed in the backward, so only its inputs and keys stay between the steps.
         """
-        b, s = tokens_BS.shape
         attn = self.layer.self_attn
         nxt = lambda x, i: jnp.pad(x[:, i:], ((0, 0), (0, i)))  # noqa: E731  x[t + i], 0 past the end
+
+        def step(hidden_BSD, emb_BSD, cos, sin, earlier):
+            def mix(x2):
+                q = attn.q(x2, cos, sin)
+                k, v = attn.kv(x2, cos, sin)
+                return attn.output(ttt_attention(q, (*earlier, (k, v)), segment_ids_BS, chunk)), (k, v)
+
+            return self.rows(emb_BSD, hidden_BSD, mix)
+
+        step = jax.checkpoint(step) if self.remat else step
         hidden = self.project(feats_BSnD)
-        same_doc = segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :]
-        mask0_BSS = same_doc & causal_mask(s)[None]
-        keys: list[tuple[jax.Array, jax.Array]] = []
+        earlier: tuple[tuple[jax.Array, jax.Array], ...] = ()
         outs = []
         for i in range(steps):
             cos, sin = rope_cos_sin(self.layer_cfg, positions_BS + i)
-
-            def mix(x2, cos=cos, sin=sin):
-                q = attn.q(x2, cos, sin)
-                k, v = attn.kv(x2, cos, sin)
-                keys.append((k, v))
-                return attn.output(ttt_attention(q, keys, mask0_BSS)), None
-
-            hidden, _ = self.rows(self.embed(nxt(tokens_BS, 1 + i)), hidden, mix)
+            hidden, kv = step(hidden, self.embed(nxt(tokens_BS, 1 + i)), cos, sin, earlier)
+            earlier = (*earlier, kv)
             outs.append(hidden)
         return outs
 
 
-def ttt_attention(q_BSNH: jax.Array, keys: list[tuple[jax.Array, jax.Array]],
-                  mask0_BSS: jax.Array) -> jax.Array:
-    """Attention of TTT step ``J = len(keys) - 1``: over step 0's keys under ``mask0`` and over every
-    later step's key at the query's own row (the "diagonal"), one softmax in float32. ``[B, S, N*H]``.
+def seq_map(body: Callable[..., Any], xs: Any, seq_len: int, chunk: int, *, remat: bool) -> Any:
+    """``body(start, xs_chunk)`` over ``chunk`` rows of the sequence at a time, in a ``lax.scan``.
+
+    ``xs``: a tree of ``[B, S, ...]`` arrays, handed to ``body`` as ``[B, c, ...]`` chunks (the last
+    zero-padded) with ``start`` the chunk's first row; the outputs ``[B, c, ...]`` come back as
+    ``[B, S, ...]``. With ``remat`` the body is ``jax.checkpoint``-ed: the backward recomputes one
+    chunk at a time, so no ``[B, S, ...]`` intermediate of the body is ever kept whole.
+    """
+    if chunk < 1:
+        raise ConfigError(f"train.loss_chunk must be >= 1, got {chunk}")
+    c = min(chunk, seq_len)
+    n = -(-seq_len // c)
+
+    def split(x: jax.Array) -> jax.Array:  # [B, S, ...] -> [n, B, c, ...]
+        x = jnp.pad(x, [(0, 0), (0, n * c - seq_len)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(x.shape[0], n, c, *x.shape[2:]), 0, 1)
+
+    def merge(y: jax.Array) -> jax.Array:  # [n, B, c, ...] -> [B, S, ...]
+        y = jnp.swapaxes(y, 0, 1)
+        return y.reshape(y.shape[0], n * c, *y.shape[3:])[:, :seq_len]
+
+    f = jax.checkpoint(body) if remat else body
+    _, ys = jax.lax.scan(lambda _, a: (None, f(*a)), None, (jnp.arange(n) * c, jax.tree.map(split, xs)))
+    return jax.tree.map(merge, ys)
+
+
+def ttt_attention(q_BSNH: jax.Array, keys: tuple[tuple[jax.Array, jax.Array], ...], segment_ids_BS: jax.Array,
+                  chunk: int = DEFAULT_CHUNK) -> jax.Array:
+    """Attention of TTT step ``J = len(keys) - 1``: over step 0's keys (causal, same document) and
+    over every later step's key at the query's own row (the "diagonal"), one softmax in float32.
+    ``[B, S, N*H]``. ``chunk`` query rows at a time, rematerialised (``seq_map``): scores
+    ``[B, N, chunk, S]``, never ``[B, N, S, S]``; each row's values are the dense form's.
     ``dflash.attention.attend`` over the concatenated keys is its reference (tests)."""
     b, s, n, h = q_BSNH.shape
     (k0, v0), later = keys[0], keys[1:]
     kh = k0.shape[2]
-    q = q_BSNH.reshape(b, s, kh, n // kh, h).astype(jnp.float32)
+    k0_f, v0_f = k0.astype(jnp.float32), v0.astype(jnp.float32)
     scale = h ** -0.5
-    s0 = jnp.einsum("BTKGH,BSKH->BKGTS", q, k0.astype(jnp.float32)) * scale
-    s0 = jnp.where(mask0_BSS[:, None, None], s0, NEG_INF)
-    diag = [jnp.einsum("BTKGH,BTKH->BKGT", q, k.astype(jnp.float32))[..., None] * scale for k, _ in later]
-    probs = jax.nn.softmax(jnp.concatenate([s0, *diag], axis=-1), axis=-1)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :s], v0.astype(jnp.float32))
-    for j, (_, v) in enumerate(later):
-        out = out + probs[..., s + j].transpose(0, 3, 1, 2)[..., None] * v.astype(jnp.float32)[:, :, :, None]
-    return out.reshape(b, s, n * h).astype(q_BSNH.dtype)
+
+    def one(start, xs):
+        q_BcNH, seg_Bc, later_c = xs
+        c = q_BcNH.shape[1]
+        q = q_BcNH.reshape(b, c, kh, n // kh, h).astype(jnp.float32)
+        s0 = jnp.einsum("BTKGH,BSKH->BKGTS", q, k0_f) * scale
+        s0 = jnp.where(doc_causal_mask(seg_Bc, segment_ids_BS, start)[:, None, None], s0, NEG_INF)
+        diag = [jnp.einsum("BTKGH,BTKH->BKGT", q, k.astype(jnp.float32))[..., None] * scale
+                for k, _ in later_c]
+        probs = jax.nn.softmax(jnp.concatenate([s0, *diag], axis=-1), axis=-1)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :s], v0_f)
+        for j, (_, v) in enumerate(later_c):
+            p_BTKG1 = probs[..., s + j].transpose(0, 3, 1, 2)[..., None]
+            out = out + p_BTKG1 * v.astype(jnp.float32)[:, :, :, None]
+        return out.reshape(b, c, n * h).astype(q_BSNH.dtype)
+
+    return seq_map(one, (q_BSNH, segment_ids_BS, later), s, chunk, remat=True)
 
 
 def build_drafter(cfg: Eagle3Config, *, dtype: jnp.dtype = jnp.float32, seed: int = 0,
