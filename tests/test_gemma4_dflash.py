@@ -1,0 +1,115 @@
+"""DFlash drafters for Gemma 4 targets: the loss head soft-caps as the target does, the feature taps
+are transformers' hidden states, and a drafter trained with ``dflash-train --set target.name=DIR``
+on a tiny random ``Gemma4ForCausalLM`` (tests/test_gemma4.py's, soft-cap on) is lossless and its
+export records the embedding scale and the cap, re-imports, and refuses a target that differs."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from test_gemma4 import TEXT, save_tiny_gemma4
+
+from dflash.config import ModelConfig
+from dflash.decoding import generate
+from dflash.decoding.speculative import speculative_generate
+from dflash.drafters import blocks as blk
+from dflash.drafters import loss_head, resolve_method
+from dflash.drafters import objective as obj
+from dflash.drafters.dflash import DFlashDraft
+from dflash.errors import CheckpointError
+from dflash.io import load_target
+from dflash.io.tokenizer import load_tokenizer
+from dflash.models import build
+
+GAMMA = 2.0
+
+
+def test_loss_head_logits_and_loss_are_the_soft_capped_targets():
+    """On a tiny Gemma 4 target with a soft-cap of 3: the chunked head's logits equal
+    ``target.unembed``'s, and the block drafters' loss (``blocks.score``: CE + KL, and CE on the
+    target's argmax) equals ``score_blocks`` on ``unembed`` logits, value and gradient; without
+    the cap it would not."""
+    target = build(ModelConfig.from_hf({**TEXT, "model_type": "gemma4_text"}), seed=1)
+    cap = target.cfg.final_logit_softcapping
+    assert cap == 3.0
+    rng = np.random.default_rng(0)
+    b, a, k, s, d = 2, 3, 4, 11, target.cfg.hidden_size
+    h = jnp.asarray(rng.normal(size=(b, a, k, d)) * 60.0, jnp.float32)  # logits well past the cap
+    t_final = jnp.asarray(rng.normal(size=(b, s, d)) * 60.0, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, target.cfg.vocab_size, (b, a, k)), jnp.int32)
+    mask = jnp.asarray(rng.random((b, a, k)) < 0.8)
+    idx = jnp.asarray(rng.integers(1, s, (b, a, k)), jnp.int32)
+    w = target.head_weight()
+    blocks = blk.AnchorBlocks(None, None, None, labels, mask, idx, jnp.ones((b, a), bool))
+    batch = {"loss_mask": jnp.ones((b, s), bool), "segment_ids": jnp.ones((b, s), jnp.int32)}
+    want = target.unembed(h.reshape(b, a * k, d))
+    assert float(jnp.abs(want).max()) < cap < float(jnp.abs(h.reshape(b, a * k, d) @ w).max())
+    # fp32: the head as [D, V] vs unembed's [V, D] table sums in another order (pre-cap logits ~30)
+    np.testing.assert_allclose(loss_head._logits(h.reshape(b, a * k, d), w, cap), want, rtol=0, atol=1e-5)
+    for kl_w, tl in ((0.5, False), (0.0, True)):
+        kw = dict(gamma=GAMMA, ce_weight=1.0, kl_weight=kl_w, target_labels=tl)
+
+        def dense(h, kw=kw):
+            return obj.score_blocks(target.unembed(h), labels, mask, idx, target.unembed(t_final), **kw)
+
+        def chunked(h, kw=kw):  # as every block drafter's loss calls the head
+            return blk.score(h, target, blocks, t_final, batch, chunk=5, **kw)
+
+        (g_loss, g_m), g_grad = jax.value_and_grad(chunked, has_aux=True)(h)
+        (w_loss, w_m), w_grad = jax.value_and_grad(dense, has_aux=True)(h)
+        np.testing.assert_allclose(float(g_loss), float(w_loss), rtol=1e-5)
+        for name in w_m:  # ce, kl, tau_sim, accuracies (score adds token and block counts)
+            np.testing.assert_allclose(np.asarray(g_m[name]), np.asarray(w_m[name]), rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(np.asarray(g_grad), np.asarray(w_grad), rtol=1e-4, atol=1e-7)
+        uncapped, _ = loss_head.score_hidden(h, w, labels, mask, idx, t_final, chunk=5, **kw)
+        assert abs(float(uncapped) - float(w_loss)) > 0.1
+
+
+def test_dflash_train_on_a_gemma4_target_is_lossless_and_its_export_reimports(tmp_path):
+    """``dflash-train --set target.name=DIR`` a few steps on the tiny Gemma 4 (KV-shared layers, per-layer
+    inputs, the expert block, soft-cap 3; the tokenizer's mask token); feature taps at a sliding, a full
+    and a KV-shared layer are transformers' ``hidden_states[i + 1]``; speculative greedy with the
+    exported drafter == AR token for token; the export says qwen3 / DFlashDraftModel with the target's
+    ``sqrt(D)`` embedding scale and cap; a changed cap is refused on load."""
+    from dflash.cli.train import main
+
+    target_dir, run = tmp_path / "gemma4", tmp_path / "run"
+    hf = save_tiny_gemma4(target_dir)
+    taps = (1, 3, 4)
+    target = load_target(target_dir)
+    ids = np.random.default_rng(4).integers(0, 4096, size=(1, 9))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids), output_hidden_states=True).hidden_states
+    ours = target(jnp.asarray(ids), jnp.arange(9)[None], hidden_layers=taps, compute_logits=False).hidden
+    for i, tap in enumerate(taps):
+        np.testing.assert_allclose(np.asarray(ours[i]), ref[tap + 1].numpy(), atol=1e-4, rtol=0)
+
+    sets = [f"target.name={target_dir}", f"run_dir={run}", "data.max_examples=24", "data.seq_len=64",
+            "train.batch_size=2", "train.num_anchors=4", "train.steps=3", "train.eval_every=3",
+            "train.save_every=3", "train.log_every=1", "drafter.block_size=4",
+            f"drafter.target_layer_ids=[{', '.join(map(str, taps))}]", "eval.num_prompts=1",
+            "eval.max_new_tokens=6", "eval.heldout_rows=2", "regen.num_sequences=0"]
+    assert main(["--config", "configs/tiny_code.yaml", "--no-progress",
+                 *[arg for kv in sets for arg in ("--set", kv)]]) == 0
+    export = run / "export"
+    hf_cfg = json.loads((export / "config.json").read_text())
+    assert hf_cfg["architectures"] == ["DFlashDraftModel"] and hf_cfg["model_type"] == "qwen3"
+    assert hf_cfg["dflash_config"] == {"mask_token_id": load_tokenizer(str(target_dir)).mask_token_id,
+                                       "target_layer_ids": list(taps), "input_embedding_scale": 32 ** 0.5,
+                                       "final_logit_softcapping": 3.0}
+    method, drafter = resolve_method(str(export), target)
+    assert isinstance(method, DFlashDraft) and method.block_size == 4
+    rng = np.random.default_rng(5)
+    prompts = [(rng.integers(5, 4000, n).tolist() * 3)[:3 * n - 1] for n in (4, 7)]
+    ref_tokens = generate(target, prompts, max_new_tokens=14, eos_ids=()).tokens
+    out = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=14, eos_ids=())
+    assert out.tokens == ref_tokens
+    hf_cfg["dflash_config"]["final_logit_softcapping"] = 5.0
+    (export / "config.json").write_text(json.dumps(hf_cfg))
+    with pytest.raises(CheckpointError, match="final_logit_softcapping=5.0"):
+        resolve_method(str(export), target)
