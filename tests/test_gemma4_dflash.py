@@ -6,6 +6,7 @@ export records the embedding scale and the cap, re-imports, and refuses a target
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import torch
 from test_gemma4 import TEXT, save_tiny_gemma4
 
 from dflash.config import ModelConfig
+from dflash.configio import load_yaml
 from dflash.decoding import generate
 from dflash.decoding.speculative import speculative_generate
 from dflash.drafters import blocks as blk
@@ -25,7 +27,10 @@ from dflash.errors import CheckpointError
 from dflash.io import load_target
 from dflash.io.tokenizer import load_tokenizer
 from dflash.models import build
+from dflash.training.config import ExperimentConfig
+from dflash.training.trainer import run_training
 
+ROOT = Path(__file__).resolve().parents[1]
 GAMMA = 2.0
 
 
@@ -71,13 +76,11 @@ def test_loss_head_logits_and_loss_are_the_soft_capped_targets():
 
 
 def test_dflash_train_on_a_gemma4_target_is_lossless_and_its_export_reimports(tmp_path):
-    """``dflash-train --set target.name=DIR`` a few steps on the tiny Gemma 4 (KV-shared layers, per-layer
-    inputs, the expert block, soft-cap 3; the tokenizer's mask token); feature taps at a sliding, a full
-    and a KV-shared layer are transformers' ``hidden_states[i + 1]``; speculative greedy with the
-    exported drafter == AR token for token; the export says qwen3 / DFlashDraftModel with the target's
-    ``sqrt(D)`` embedding scale and cap; a changed cap is refused on load."""
-    from dflash.cli.train import main
-
+    """``dflash-train --set target.name=DIR ...`` (``run_training``) two steps on the tiny Gemma 4
+    (KV-shared layers, per-layer inputs, the expert block, soft-cap 3; the tokenizer's mask token);
+    feature taps at a sliding, a full and a KV-shared layer are transformers' ``hidden_states[i + 1]``;
+    speculative greedy with the exported drafter == AR token for token; the export says qwen3 /
+    DFlashDraftModel with the target's ``sqrt(D)`` embedding scale and cap; a changed cap is refused."""
     target_dir, run = tmp_path / "gemma4", tmp_path / "run"
     hf = save_tiny_gemma4(target_dir)
     taps = (1, 3, 4)
@@ -89,13 +92,14 @@ def test_dflash_train_on_a_gemma4_target_is_lossless_and_its_export_reimports(tm
     for i, tap in enumerate(taps):
         np.testing.assert_allclose(np.asarray(ours[i]), ref[tap + 1].numpy(), atol=1e-4, rtol=0)
 
-    sets = [f"target.name={target_dir}", f"run_dir={run}", "data.max_examples=24", "data.seq_len=64",
-            "train.batch_size=2", "train.num_anchors=4", "train.steps=3", "train.eval_every=3",
-            "train.save_every=3", "train.log_every=1", "drafter.block_size=4",
-            f"drafter.target_layer_ids=[{', '.join(map(str, taps))}]", "eval.num_prompts=1",
-            "eval.max_new_tokens=6", "eval.heldout_rows=2", "regen.num_sequences=0"]
-    assert main(["--config", "configs/tiny_code.yaml", "--no-progress",
-                 *[arg for kv in sets for arg in ("--set", kv)]]) == 0
+    # dflash-train --config configs/tiny_code.yaml --set ... (less its final decoding eval)
+    sets = [f"target.name={target_dir}", f"run_dir={run}", "data.max_examples=16", "data.seq_len=64",
+            "train.batch_size=2", "train.num_anchors=4", "train.steps=2", "train.eval_every=100",
+            "train.save_every=2", "train.log_every=1", "drafter.block_size=4",
+            f"drafter.target_layer_ids=[{', '.join(map(str, taps))}]", "regen.num_sequences=0"]
+    result = run_training(load_yaml(ExperimentConfig, ROOT / "configs/tiny_code.yaml", sets), progress=False,
+                          final_eval=False)
+    assert result["steps"] == 2
     export = run / "export"
     hf_cfg = json.loads((export / "config.json").read_text())
     assert hf_cfg["architectures"] == ["DFlashDraftModel"] and hf_cfg["model_type"] == "qwen3"
@@ -113,3 +117,47 @@ def test_dflash_train_on_a_gemma4_target_is_lossless_and_its_export_reimports(tm
     (export / "config.json").write_text(json.dumps(hf_cfg))
     with pytest.raises(CheckpointError, match="final_logit_softcapping=5.0"):
         resolve_method(str(export), target)
+
+
+# z-lab's Gemma 4 DFlash drafters as public copies of their config state them (the 26B one's heads and
+# MLP width inferred from its size: configs/gemma4_26b_a4b_dflash.yaml).
+_SWA = ["sliding_attention"] * 4 + ["full_attention"]
+GEMMA4_PRESETS = {
+    "gemma4_31b_dflash.yaml": ("gemma4_31b", dict(
+        num_hidden_layers=5, hidden_size=5376, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+        intermediate_size=10752, num_target_layers=60, layer_types=_SWA, sliding_window=2048,
+        dflash_config={"mask_token_id": 4, "target_layer_ids": [1, 12, 23, 35, 46, 57],
+                       "input_embedding_scale": 5376 ** 0.5, "final_logit_softcapping": 30.0})),
+    "gemma4_26b_a4b_dflash.yaml": ("gemma4_26b_a4b", dict(
+        num_hidden_layers=5, hidden_size=2816, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        intermediate_size=5632, num_target_layers=30, layer_types=_SWA, sliding_window=2048,
+        dflash_config={"mask_token_id": 4, "target_layer_ids": [1, 6, 11, 17, 22, 27],
+                       "input_embedding_scale": 2816 ** 0.5, "final_logit_softcapping": 30.0})),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEMMA4_PRESETS))
+def test_gemma4_presets_build_the_published_drafters(name):
+    """The presets' drafters export as z-lab's (model_type qwen3, shapes, taps, window, mask token 4,
+    the target's embedding scale and cap) with the Qwen3-8B recipe; they build abstractly."""
+    from flax import nnx
+
+    from dflash.config import PRESETS, preset_for_hub_id
+    from dflash.drafters.dflash import DFLASH
+    from dflash.drafters.dflash.hf import drafter_hf_config
+
+    cfg = load_yaml(ExperimentConfig, ROOT / "configs" / name)
+    preset, published = GEMMA4_PRESETS[name]
+    model_cfg = preset_for_hub_id(cfg.target.name)
+    assert model_cfg == PRESETS[preset] and model_cfg.final_logit_softcapping == 30.0
+    recipe = (cfg.optim.lr, cfg.optim.clip_norm, cfg.optim.warmup_ratio, cfg.train.epochs)
+    assert recipe == (6e-4, 1.0, 0.04, 6)
+    assert (cfg.data.seq_len, cfg.train.num_anchors, cfg.drafter.block_size) == (3072, 512, 16)
+    cfg.check_context(model_cfg.max_position_embeddings)
+    dcfg = DFLASH.config(cfg.drafter, model_cfg, mask_token_id=cfg.drafter.mask_token_id,
+                         block_size=cfg.drafter.block_size)
+    hf = drafter_hf_config(dcfg, "google/x", model_cfg)
+    assert {key: hf[key] for key in published} == published
+    assert (hf["architectures"], hf["model_type"]) == (["DFlashDraftModel"], "qwen3")
+    shapes = nnx.eval_shape(lambda: DFLASH.construct(dcfg))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(shapes)))
