@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from test_gemma4 import TEXT, save_tiny_gemma4
+from test_torch_reference import RefDFlash
 
 from dflash.config import ModelConfig
 from dflash.configio import load_yaml
@@ -77,8 +78,9 @@ def test_loss_head_logits_and_loss_are_the_soft_capped_targets():
 def test_dflash_train_on_a_gemma4_target_is_lossless_and_its_export_reimports(tmp_path):
     """``dflash-train --set target.name=DIR ...`` (``run_training``) two steps on the tiny Gemma 4
     (KV-shared layers, per-layer inputs, soft-cap 3; the tokenizer's mask token); feature taps at a
-    sliding, a full and a KV-shared layer are transformers' ``hidden_states[i + 1]``; speculative
-    greedy with the exported drafter == transformers' greedy token for token; the export says qwen3 /
+    sliding, a full and a KV-shared layer are transformers' ``hidden_states[i + 1]``; the export's draft
+    logits in the PyTorch reference == ours; speculative greedy with it == transformers' greedy token
+    for token; the export says qwen3 /
     DFlashDraftModel with the target's ``sqrt(D)`` embedding scale and cap; a changed cap is refused."""
     target_dir, run = tmp_path / "gemma4", tmp_path / "run"
     hf = save_tiny_gemma4(target_dir, enable_moe_block=False)  # experts: test_gemma4 (compile time)
@@ -108,6 +110,18 @@ def test_dflash_train_on_a_gemma4_target_is_lossless_and_its_export_reimports(tm
                                        "final_logit_softcapping": 3.0}
     method, drafter = resolve_method(str(export), target)
     assert isinstance(method, DFlashDraft) and method.block_size == 4
+    # The PyTorch reference (tests/test_torch_reference.py) reads the export as z-lab's code does:
+    # raw embedding rows times input_embedding_scale, the head then final_logit_softcapping.
+    tokens = np.random.default_rng(6).integers(0, 4000, size=13).tolist()
+    with torch.no_grad():
+        hidden = hf(torch.tensor([tokens[:-1]]), output_hidden_states=True).hidden_states
+        want = RefDFlash(export).draft_logits(hf, hidden, tokens[-1]).numpy()
+    feats = np.concatenate([hidden[i + 1].numpy() for i in taps], axis=-1)
+    cache = drafter.extend_context(drafter.init_context_cache(1, 20), jnp.asarray(feats),
+                                   jnp.arange(12)[None], jnp.array([12]))
+    got = np.asarray(drafter.draft_logits(target, cache, jnp.array([tokens[-1]])))[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert np.abs(np.arctanh(want / 3.0) * 3.0 - want).max() > 1e-3  # the cap moved some logit
     rng = np.random.default_rng(5)
     prompts = [(rng.integers(5, 4000, n).tolist() * 3)[:3 * n - 1] for n in (4, 7)]
     out = speculative_generate(target, prompts, method=method, drafter=drafter, max_new_tokens=14, eos_ids=())
