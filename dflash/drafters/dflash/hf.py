@@ -74,8 +74,8 @@ def check_target_io(dcfg: dict[str, Any], target_cfg: ModelConfig, directory: An
     want = {**TARGET_IO_DEFAULTS, **target_io(target_cfg)}
     for key, value in want.items():
         got = dcfg.get(key)
-        # rel 1e-3: a scale recorded in bfloat16 precision (transformers rounds Gemma's sqrt(D) so)
-        if got is not None and not math.isclose(float(got or 0.0), value, rel_tol=1e-3):
+        # rel 2^-8: a scale recorded in bfloat16 (transformers multiplies by sqrt(D) rounded so)
+        if got is not None and not math.isclose(float(got or 0.0), value, rel_tol=2 ** -8):
             raise CheckpointError(f"drafter {directory}: config.json dflash_config.{key}={got!r}, but this "
                                   f"target's is {value!r}")
 
