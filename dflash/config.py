@@ -230,7 +230,8 @@ FAMILIES: dict[str, Family] = {
                           hf_model_type="qwen3_5_moe_text", drafter_model_type="qwen3"),
     # Gemma 4 text: q/k norms, unscaled v norm, attention scale 1, GeGLU; layer_types slide or not,
     # full layers with their own head shapes and proportional RoPE; KV sharing, per-layer inputs
-    # (_gemma4_layers).
+    # (_gemma4_layers). Its DFlash drafters are Qwen3 layers recording model_type qwen3, as z-lab's
+    # gemma-4 drafters do (their embedding scale and soft-cap go in dflash_config: dflash.drafters.dflash.hf).
     "gemma4": Family("Gemma4ForCausalLM", LayerSpec(mixer_options={"qk_norm": True, "v_norm": True,
                                                                    "scale": 1.0},
                                                     mlp_options={"activation": "gelu_tanh"}),

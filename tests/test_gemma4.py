@@ -34,12 +34,12 @@ TEXT = dict(vocab_size=4096, vocab_size_per_layer_input=4096, hidden_size=32, in
             final_logit_softcapping=3.0, max_position_embeddings=256, tie_word_embeddings=True)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """The tiny model (fp32, eval; norms, scales and layer scalars randomised, routers spread so
-    top-k routing is decisive) and its ``save_pretrained`` directory, with the shipped tokenizer."""
+def save_tiny_gemma4(directory, **overrides) -> transformers.Gemma4ForCausalLM:
+    """The tiny model (``TEXT`` with ``overrides``; fp32, eval; norms, scales and layer scalars
+    randomised, routers spread so top-k routing is decisive) saved with ``save_pretrained`` in
+    ``directory``, with the shipped tokenizer (tests/test_gemma4_dflash.py trains drafters on it)."""
     torch.manual_seed(0)
-    hf = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**TEXT)).eval()
+    hf = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**{**TEXT, **overrides})).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if p.ndim == 1:
@@ -49,11 +49,17 @@ def checkpoint(tmp_path_factory):
         for name, b in hf.named_buffers():
             if name.endswith("layer_scalar"):
                 b.fill_(0.7)
-    directory = tmp_path_factory.mktemp("gemma4")
     hf.save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(SHIPPED["tiny-code"] / name, directory / name)
-    return hf, directory, load_target(directory)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """``save_tiny_gemma4``'s model, its directory and our load of it."""
+    directory = tmp_path_factory.mktemp("gemma4")
+    return save_tiny_gemma4(directory), directory, load_target(directory)
 
 
 def _logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:

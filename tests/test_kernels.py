@@ -33,7 +33,7 @@ from dflash.kernels import (
     reference_verify_attention,
     verify_attention,
 )
-from dflash.kernels.prefill_attention import prefill_attention, reference_prefill_attention
+from dflash.kernels.prefill_attention import default_q_tile, prefill_attention, reference_prefill_attention
 from dflash.models import build, init_cache
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
@@ -198,6 +198,13 @@ def test_tpu_variants_under_the_tpu_interpreter():
     qp = _normal(rng, (b, s, n, h), jnp.float32)
     out = prefill_attention(qp, k, v, seg, sinks, window=6, q_tile=8, kv_tile=8, interpret=params)
     _close(out, reference_prefill_attention(qp, k, v, seg, sinks, window=6), jnp.float32)
+
+
+def test_prefill_query_tile_keeps_a_group_within_scoped_vmem():
+    """256-row tiles for narrow groups, fewer rows for 8 heads per kv head (Qwen3-30B-A3B: 128) and
+    fewer again for heads wider than 256 (Gemma 4's full layers, 512: 64, i.e. 512 rows per step)."""
+    assert [default_q_tile(g) for g in (1, 4, 8, 6)] == [256, 256, 128, 168]
+    assert [default_q_tile(g, h) for g, h in ((2, 256), (6, 256), (8, 512), (2, 512))] == [256, 168, 64, 256]
 
 
 def test_verify_attention_rejects_long_blocks_and_bad_options():

@@ -85,6 +85,10 @@ class RefDFlash(nn.Module):
         self.layer_ids = hf["dflash_config"]["target_layer_ids"]
         self.mask_id = hf["dflash_config"]["mask_token_id"]
         self.block_size = hf["block_size"]
+        # As z-lab's reference reads them: block rows are the raw embedding rows times this scale,
+        # the logits the target's head then this soft-cap (Gemma: sqrt(D) and 30; absent: plain).
+        self.embed_scale = hf["dflash_config"].get("input_embedding_scale", 1.0)
+        self.cap = hf["dflash_config"].get("final_logit_softcapping") or 0.0
         d = cfg.hidden_size
         self.fc = nn.Linear(len(self.layer_ids) * d, d, bias=False)
         self.hidden_norm = Qwen3RMSNorm(d, cfg.rms_norm_eps)
@@ -102,13 +106,14 @@ class RefDFlash(nn.Module):
         p = feats.shape[1]
         ctx = self.hidden_norm(self.fc(feats))
         block = torch.tensor([[anchor] + [self.mask_id] * (self.block_size - 1)])
-        x = target.model.embed_tokens(block)
+        x = nn.functional.embedding(block, target.get_input_embeddings().weight) * self.embed_scale
         pos_ctx, pos_q = torch.arange(p)[None], torch.arange(p, p + self.block_size)[None]
         rope_q, rope_ctx = self.rotary(x, pos_q), self.rotary(x, pos_ctx)
         rope_kv = tuple(torch.cat([c, q], dim=1) for c, q in zip(rope_ctx, rope_q, strict=True))
         for layer in self.layers:
             x = layer(x, ctx, rope_q, rope_kv)
-        return target.lm_head(self.norm(x))[0, 1:]  # row k predicts the token at p + k
+        logits = target.lm_head(self.norm(x))[0, 1:]  # row k predicts the token at p + k
+        return torch.tanh(logits / self.cap) * self.cap if self.cap else logits
 
 
 def ref_speculative_greedy(target, drafter: RefDFlash, prompt: list[int], max_new: int,

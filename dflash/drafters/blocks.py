@@ -70,8 +70,10 @@ def blocks_at(target: Transformer, seq_1S: jax.Array, anchors_A: jax.Array, bloc
 
 def score(h_BAkD: jax.Array, target: Transformer, blocks: AnchorBlocks, t_final_BSD: jax.Array | None,
           batch: dict[str, jax.Array], **loss_kw: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``score_blocks`` of the rows whose logits are ``h @ head``, in row chunks (``loss_head``)."""
+    """``score_blocks`` of the rows whose logits are ``target.unembed(h)`` (the LM head and the
+    target's soft-cap), in row chunks (``loss_head``)."""
     loss, metrics = loss_head.score_hidden(h_BAkD, target.head_weight(), blocks.labels, blocks.label_mask,
-                                           blocks.label_idx, t_final_BSD, **loss_kw)
+                                           blocks.label_idx, t_final_BSD,
+                                           logit_softcap=target.cfg.final_logit_softcapping, **loss_kw)
     metrics.update(tokens=(batch["loss_mask"] & (batch["segment_ids"] > 0)).sum(), blocks=blocks.valid.sum())
     return loss, metrics

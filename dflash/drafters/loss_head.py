@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dflash.drafters import objective as obj
+from dflash.models.transformer import softcap
 from dflash.sharding import constrain
 
 DEFAULT_CHUNK = 256  # rows of each sequence per chunk (``train.loss_chunk``)
@@ -36,19 +37,24 @@ class RowStats(NamedTuple):
     t_pred: jax.Array | None  # [B, R] int32 the target's argmax (with target hidden states)
 
 
-def _logits(h_BcD: jax.Array, w_DV: jax.Array) -> jax.Array:
-    """One chunk's logits ``[B, c, V]`` (fp32 accumulation, as ``Transformer.unembed``)."""
-    return constrain(jnp.einsum("BcD,DV->BcV", h_BcD, w_DV, preferred_element_type=jnp.float32),
-                     ("batch", None, "vocab"))
+def _logits(h_BcD: jax.Array, w_DV: jax.Array, cap: float = 0.0) -> jax.Array:
+    """One chunk's logits ``[B, c, V]``: fp32 accumulation and the soft-cap ``cap``, as
+    ``Transformer.unembed`` makes them."""
+    logits = jnp.einsum("BcD,DV->BcV", h_BcD, w_DV, preferred_element_type=jnp.float32)
+    return constrain(softcap(logits, cap), ("batch", None, "vocab"))
 
 
 def row_stats(h_BRD: jax.Array, w_DV: jax.Array, labels_BR: jax.Array, t_h_BRD: jax.Array | None = None,
-              *, chunk: int = DEFAULT_CHUNK, kl: bool = False, target_labels: bool = False) -> RowStats:
-    """Per-row CE (and KL) of ``logits = h @ w``, computed ``chunk`` rows of each sequence at a time.
+              *, chunk: int = DEFAULT_CHUNK, kl: bool = False, target_labels: bool = False,
+              logit_softcap: float = 0.0) -> RowStats:
+    """Per-row CE (and KL) of ``logits = softcap(h @ w)``, computed ``chunk`` rows of each sequence at
+    a time.
 
     ``t_h_BRD``: the target's final-normed hidden state for the same rows (its logits are
-    ``t_h @ w``, never differentiated); needed for ``kl`` and ``target_labels`` (CE on the
-    target's argmax). Gradients flow into ``h`` and ``w`` exactly as through the dense form.
+    ``softcap(t_h @ w)``, never differentiated); needed for ``kl`` and ``target_labels`` (CE on the
+    target's argmax). ``logit_softcap``: the target's ``final_logit_softcapping`` (Gemma), applied
+    to both, so both are the logits ``Transformer.unembed`` makes. Gradients flow into ``h`` and
+    ``w`` exactly as through the dense form.
     """
     if (kl or target_labels) and t_h_BRD is None:
         raise ValueError("the KL term and target labels need the target's hidden states")
@@ -70,10 +76,10 @@ def row_stats(h_BRD: jax.Array, w_DV: jax.Array, labels_BR: jax.Array, t_h_BRD: 
     @jax.checkpoint
     def body(carry, xs):
         h_BcD, labels_Bc, t_BcD = xs
-        logits_BcV = _logits(h_BcD, w_DV)
+        logits_BcV = _logits(h_BcD, w_DV, logit_softcap)
         t_logits_BcV = t_pred_Bc = None
         if t_BcD is not None:
-            t_logits_BcV = jax.lax.stop_gradient(_logits(t_BcD, w_DV))
+            t_logits_BcV = jax.lax.stop_gradient(_logits(t_BcD, w_DV, logit_softcap))
             t_pred_Bc = jnp.argmax(t_logits_BcV, axis=-1).astype(jnp.int32)
         if target_labels:
             labels_Bc = t_pred_Bc
@@ -87,10 +93,10 @@ def row_stats(h_BRD: jax.Array, w_DV: jax.Array, labels_BR: jax.Array, t_h_BRD: 
 def score_hidden(h_BAkD: jax.Array, w_DV: jax.Array, labels_BAk: jax.Array, label_mask_BAk: jax.Array,
                  label_idx_BAk: jax.Array, t_final_BSD: jax.Array | None, *, gamma: float,
                  ce_weight: float, kl_weight: float, target_labels: bool = False,
-                 chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, dict]:
+                 chunk: int = DEFAULT_CHUNK, logit_softcap: float = 0.0) -> tuple[jax.Array, dict]:
     """``objective.score_blocks`` from hidden states: same loss, gradient and metrics.
 
-    ``h_BAkD``: the rows whose logits ``h @ w_DV`` ``score_blocks`` would take;
+    ``h_BAkD``: the rows whose logits ``softcap(h @ w_DV, logit_softcap)`` ``score_blocks`` would take;
     ``t_final_BSD``: the target's final-normed hidden states of its clean pass
     (``Transformer(..., final_hidden=True).final``; None when the loss needs no target),
     gathered at ``label_idx - 1`` before any logits are made.
@@ -104,7 +110,7 @@ def score_hidden(h_BAkD: jax.Array, w_DV: jax.Array, labels_BAk: jax.Array, labe
         prev_BR = (label_idx_BAk - 1).reshape(b, a * k)
         t_h = jnp.take_along_axis(t_final_BSD, prev_BR[..., None], axis=1)  # [B, R, D]
     stats = row_stats(h_BAkD.reshape(b, a * k, d), w_DV, labels_BAk.reshape(b, a * k), t_h, chunk=chunk,
-                      kl=kl_weight > 0, target_labels=target_labels)
+                      kl=kl_weight > 0, target_labels=target_labels, logit_softcap=logit_softcap)
     shape = labels_BAk.shape
     t_argmax = labels_BAk if stats.t_pred is None else stats.t_pred.reshape(shape)
     if target_labels:

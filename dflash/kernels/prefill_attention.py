@@ -39,13 +39,18 @@ DEFAULT_CHUNK = 512  # query rows per step of the chunked jnp form
 DEFAULT_TILES = (256, 512)  # (q_tile, kv_tile) of the kernel
 # A grid step holds G * q_tile query rows (and their [rows, kv_tile] float32 scores) in VMEM: at
 # most this many, so 8 query heads per kv head (Qwen3-30B-A3B: 32 / 4) take 128-row query tiles
-# (256 asked for 17.7 MiB of v5e's 16 MiB of scoped VMEM in its train plan).
+# (256 asked for 17.7 MiB of v5e's 16 MiB of scoped VMEM in its train plan). Each row's q, output
+# and float32 accumulator grow with the head size: above MAX_GROUP_HEAD_DIM the cap shrinks in
+# proportion (Gemma 4's full layers, head size 512, 8 per kv head: 1024 rows asked for 17.6 MiB).
 MAX_GROUP_ROWS = 1024
+MAX_GROUP_HEAD_DIM = 256
 
 
-def default_q_tile(group: int) -> int:
-    """The query tile for ``group`` query heads per kv head: 256, less for wide groups (a multiple of 8)."""
-    return max(8, min(DEFAULT_TILES[0], MAX_GROUP_ROWS // group) // 8 * 8)
+def default_q_tile(group: int, head_dim: int = 128) -> int:
+    """The query tile for ``group`` query heads per kv head of ``head_dim``: 256, less for wide groups
+    or heads past ``MAX_GROUP_HEAD_DIM`` (a multiple of 8)."""
+    rows = MAX_GROUP_ROWS * MAX_GROUP_HEAD_DIM // max(head_dim, MAX_GROUP_HEAD_DIM)
+    return max(8, min(DEFAULT_TILES[0], rows // group) // 8 * 8)
 
 
 def doc_causal_mask(seg_q_BT: jax.Array, seg_k_BS: jax.Array, q0: jax.Array | int = 0,
@@ -103,7 +108,7 @@ def prefill_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, sinks_N=None, *, w
     if window < 0:
         raise ValueError(f"window must be >= 0 (0: none), got {window}")
     s8 = -(-s // 8) * 8
-    tq = min(q_tile or default_q_tile(n // k_BSKH.shape[2]), s8)
+    tq = min(q_tile or default_q_tile(n // k_BSKH.shape[2], h), s8)
     tk = min(kv_tile or DEFAULT_TILES[1], s8)
     return _prefill_op(q_BSNH, k_BSKH, v_BSKH, sinks_N, segment_ids_BS.astype(jnp.int32),
                        (tq, tk, int(window), interpret))

@@ -127,6 +127,19 @@ def pass_context(cfg: ModelConfig, impl: str, positions_BT: jax.Array, cache: Ca
                    stack_kv=stack_kv, valid_B=valid_B)
 
 
+def softcap(logits: jax.Array, cap: float) -> jax.Array:
+    """Gemma's final-logit soft-cap ``c * tanh(logits / c)`` (``cap`` 0: unchanged). The one place it
+    is written: ``Transformer.unembed`` and the chunked loss head (``dflash.drafters.loss_head``)
+    both apply it, so the drafter trains on the distribution the target emits."""
+    return jnp.tanh(logits / cap) * cap if cap else logits
+
+
+def embed_scale(cfg: ModelConfig) -> float:
+    """What the word embeddings are multiplied by: ``sqrt(D)`` for Gemma (in the weights' dtype, as
+    transformers rounds it), 0.0 (not scaled) otherwise."""
+    return cfg.hidden_size ** 0.5 if FAMILIES[cfg.model_type].gemma else 0.0
+
+
 class Transformer(nnx.Module):
     """Decoder-only target LM. Holds parameters only; the cache goes in and comes out."""
 
@@ -137,8 +150,7 @@ class Transformer(nnx.Module):
         # auto | pallas | reference (dflash.kernels.dispatch): a static attribute, part of the graphdef.
         self.attention_impl = dispatch.check_impl(attention_impl)
         self.embed_tokens = normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
-        # Gemma: embeddings times sqrt(D) (in the weights' dtype, as transformers rounds it)
-        self.embed_scale = cfg.hidden_size ** 0.5 if FAMILIES[cfg.model_type].gemma else 0.0
+        self.embed_scale = embed_scale(cfg)
         ple, n = cfg.per_layer_input_size, cfg.num_layers
         per_layer_shape = (cfg.per_layer_vocab_size, n * ple)
         self.embed_tokens_per_layer = normal(rngs, per_layer_shape, dtype) if ple else None
@@ -188,10 +200,7 @@ class Transformer(nnx.Module):
                                 preferred_element_type=jnp.float32)
         else:
             logits = jnp.einsum("...D,DV->...V", x_BTD, self.lm_head[...], preferred_element_type=jnp.float32)
-        cap = self.cfg.final_logit_softcapping
-        if cap:  # Gemma: c * tanh(logits / c)
-            logits = jnp.tanh(logits / cap) * cap
-        return constrain(logits, "vocab")
+        return constrain(softcap(logits, self.cfg.final_logit_softcapping), "vocab")
 
     def context(self, positions_BT: jax.Array, cache: Cache | None = None, *,
                 block_mask: jax.Array | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import types
 import warnings
@@ -32,6 +33,7 @@ from dflash.errors import CheckpointError
 from dflash.io.loading import ASSETS, load_params_into, read_config_json, save_params
 from dflash.models import kinds
 from dflash.models.kinds import WeightRow
+from dflash.models.transformer import embed_scale
 
 ARCHITECTURE = "DFlashDraftModel"
 SHIPPED_DRAFTERS = {"tiny-code-dflash": ASSETS / "tiny-code-dflash"}
@@ -49,6 +51,33 @@ def target_fingerprint(cfg: ModelConfig) -> str:
     """Short hash of the target's architecture: a drafter is only valid for its own target."""
     blob = json.dumps(cfg.to_hf(), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# dflash_config keys for a target whose embedding and LM head are not a plain lookup / matmul, as
+# the reference DFlash code and vLLM's DFlash readers apply them around the target's shared table and
+# head, and the value that means "plain" when a key is absent.
+TARGET_IO_DEFAULTS = {"input_embedding_scale": 1.0, "final_logit_softcapping": 0.0}
+
+
+def target_io(cfg: ModelConfig) -> dict[str, float]:
+    """``dflash_config`` keys for ``cfg``'s target: ``input_embedding_scale`` (block rows are the raw
+    embedding rows times it: Gemma's ``sqrt(D)``, what ``Transformer.embed`` applies) and
+    ``final_logit_softcapping`` (the drafter's logits capped as the target's); only those not plain."""
+    io = {"input_embedding_scale": embed_scale(cfg) or 1.0,
+          "final_logit_softcapping": float(cfg.final_logit_softcapping)}
+    return {key: value for key, value in io.items() if value != TARGET_IO_DEFAULTS[key]}
+
+
+def check_target_io(dcfg: dict[str, Any], target_cfg: ModelConfig, directory: Any) -> None:
+    """A drafter whose recorded ``target_io`` differs from the target's is refused (our drafter always
+    embeds and unembeds as the target does); an absent key is the target's own."""
+    want = {**TARGET_IO_DEFAULTS, **target_io(target_cfg)}
+    for key, value in want.items():
+        got = dcfg.get(key)
+        # rel 2^-8: a scale recorded in bfloat16 (transformers multiplies by sqrt(D) rounded so)
+        if got is not None and not math.isclose(float(got or 0.0), value, rel_tol=2 ** -8):
+            raise CheckpointError(f"drafter {directory}: config.json dflash_config.{key}={got!r}, but this "
+                                  f"target's is {value!r}")
 
 
 def drafter_hf_config(cfg: DFlashConfig, target_name: str = "", target_cfg: ModelConfig | None = None,
@@ -84,6 +113,7 @@ def drafter_hf_config(cfg: DFlashConfig, target_name: str = "", target_cfg: Mode
     if cfg.rope.rope_type != "default":  # the target's (llama3, YaRN): the fields of its type
         out["rope_scaling"] = cfg.rope.scaling_to_hf()
     if target_cfg is not None:
+        out["dflash_config"].update(target_io(target_cfg))
         out["dflash_target"] = {"name_or_path": str(target_name),
                                 "fingerprint": target_fingerprint(target_cfg)}
     return out
@@ -163,6 +193,7 @@ def load_drafter(directory: Path, target_cfg: ModelConfig | None = None, *, dtyp
             cfg.check_target(target_cfg)
         except ConfigError as err:
             raise CheckpointError(f"drafter {directory} does not match the target: {err}") from err
+        check_target_io(hf.get("dflash_config") or {}, target_cfg, directory)
         recorded = (hf.get("dflash_target") or {}).get("fingerprint")
         if recorded and recorded != target_fingerprint(target_cfg):
             warnings.warn(f"drafter {directory} was trained against target "
