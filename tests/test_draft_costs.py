@@ -15,7 +15,7 @@ def test_step_cost_and_ceiling():
 
 def test_method_rows():
     verify = {1: 10.0, 2: 10.5, 3: 11.0, 4: 11.5, 8: 13.0}
-    rows = method_rows(verify, 10.0, {8: 2.0}, 0.5, taus=(3.0,), ks=(1, 3), lookups=(4,))
+    rows = method_rows(verify, 10.0, {8: 2.0}, {"assistant": 0.5}, taus=(3.0,), ks=(1, 3), lookups=(4,))
     got = {r["method"]: r for r in rows}
     assert list(got) == ["lookup γ=4", "assistant k=1", "assistant k=3", "DFlash B=8"]
     assert got["lookup γ=4"]["step_over_ar"] == pytest.approx(1.15)

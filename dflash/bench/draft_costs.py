@@ -36,6 +36,9 @@ LOOKUP_GAMMAS = (4, 8)
 PRESET_YAML = {"gemma4_31b": "configs/gemma4_31b_dflash.yaml",
                "gemma4_26b_a4b": "configs/gemma4_26b_a4b_dflash.yaml"}
 ASSISTANT_LAYERS = 4  # google/gemma-4-31B-it-assistant has 4 layers (public MLX / GGUF copies of it)
+# The published assistants' weight bytes in bf16, from public copies (their widths are not known here):
+# gemma-4-31B-it-assistant 0.94 GB (MLX bf16 copy), gemma-4-26B-A4B-it-assistant ~0.4 B params (GGUF).
+PUBLISHED_ASSISTANT_BYTES = {"gemma4_31b": 0.94e9, "gemma4_26b_a4b": 0.8e9}
 
 
 # ----------------------------------------------------------------------------- the arithmetic
@@ -53,11 +56,13 @@ def speedup_ceiling(tau: float, cost: float, max_tau: float) -> float:
     return min(tau, max_tau) / cost
 
 
-def method_rows(verify_s: dict[int, float], ar_s: float, dflash_s: dict[int, float], assistant_step_s: float,
-                taus: tuple[float, ...] = REFERENCE_TAUS, ks: tuple[int, ...] = ASSISTANT_KS,
-                lookups: tuple[int, ...] = LOOKUP_GAMMAS) -> list[dict[str, Any]]:
+def method_rows(verify_s: dict[int, float], ar_s: float, dflash_s: dict[int, float],
+                assistant_s: dict[str, float], taus: tuple[float, ...] = REFERENCE_TAUS,
+                ks: tuple[int, ...] = ASSISTANT_KS, lookups: tuple[int, ...] = LOOKUP_GAMMAS
+                ) -> list[dict[str, Any]]:
     """Per method: verify and drafting time, ``step / AR`` (= break-even tau) and the ceiling at
-    ``taus``. ``verify_s``: the target's pass per new tokens; ``dflash_s``: a drafter pass per block."""
+    ``taus``. ``verify_s``: the target's pass per new tokens; ``dflash_s``: a drafter pass per block;
+    ``assistant_s``: one assistant step per assistant variant (its name)."""
     def row(method: str, width: int, draft: float) -> dict[str, Any]:
         cost = step_over_ar(verify_s[width], draft, ar_s)
         return {"method": method, "verify_tokens": width, "verify_s": verify_s[width], "draft_s": draft,
@@ -65,7 +70,7 @@ def method_rows(verify_s: dict[int, float], ar_s: float, dflash_s: dict[int, flo
                 "ceiling": {str(t): speedup_ceiling(t, cost, width) for t in taus}}
 
     return ([row(f"lookup γ={g}", g, 0.0) for g in lookups]
-            + [row(f"assistant k={k}", k + 1, k * assistant_step_s) for k in ks]
+            + [row(f"{name} k={k}", k + 1, k * step) for name, step in assistant_s.items() for k in ks]
             + [row(f"DFlash B={b}", b, dflash_s[b]) for b in sorted(dflash_s)])
 
 
@@ -207,7 +212,7 @@ def draft_costs(target: str, topology: str, *, batch: int = 1, context: int = 20
     """The target's AR step and verify passes, the drafters' passes, and per method the step cost
     and ceiling (module docstring)."""
     from dflash.bench.moe_ceiling import ceiling
-    from dflash.plan import decode_plan
+    from dflash.plan import decode_plan, get_topology
 
     drafters = drafter_passes(target, topology, blocks=blocks, yaml=yaml, batch=batch, context=context,
                               assistant_layers=assistant_layers)
@@ -217,13 +222,23 @@ def draft_costs(target: str, topology: str, *, batch: int = 1, context: int = 20
     widths = sorted({1, *range(2, max(ASSISTANT_KS) + 2), *blocks, *LOOKUP_GAMMAS})
     verify = {r["gamma"]: r["est_s"] for r in ceiling(plan, gammas=tuple(widths))["rows"]}
     ar = verify[1]
-    rows = method_rows(verify, ar, {b: p["est_s"] for b, p in drafters["dflash"].items()},
-                       drafters["assistant"]["est_s"], taus)
+    steps = {f"assistant ({assistant_layers} layers, target width)": drafters["assistant"]["est_s"]}
+    published = PUBLISHED_ASSISTANT_BYTES.get(target)
+    if published:  # the same estimate at the published assistant's bytes (sharded alike) + the KV it reads
+        topo = get_topology(topology)
+        read = published / topo.chips + drafters["assistant"]["kv_read_bytes"]
+        flops = batch * published  # 2 FLOPs per bf16 parameter (2 bytes) and row
+        est = max(read / topo.hbm_bw, flops / (topo.chips * topo.peak_flops))
+        drafters["published_assistant"] = {"weight_bytes": published, "bytes_read_per_chip": round(read),
+                                           "est_s": est}
+        steps["assistant (published size)"] = drafters["published_assistant"]["est_s"]
+    rows = method_rows(verify, ar, {b: p["est_s"] for b, p in drafters["dflash"].items()}, steps, taus)
     return {"target": target, "topology": topology, "batch": batch, "context": context,
             "mesh": plan["mesh"], "ar_s": ar, "verify_s": verify,
             "compiled_target_passes": {g: p["passes"] for g, p in plans.items()},
             "target_fits": all(p["all_fit"] for p in plans.values()),
             "dflash_passes": drafters["dflash"], "assistant_step": drafters["assistant"],
+            "published_assistant_step": drafters.get("published_assistant"),
             "assistant_layers": assistant_layers, "reference_taus": list(taus), "methods": rows}
 
 
