@@ -25,3 +25,11 @@ def test_method_rows():
     assert k3["ceiling"]["3.0"] == pytest.approx(3.0 / 1.3)
     assert got["assistant k=1"]["ceiling"]["3.0"] == pytest.approx(2.0 / 1.1)  # tau capped at k + 1
     assert got["DFlash B=8"]["step_over_ar"] == pytest.approx(1.5)
+
+
+def test_a_target_without_an_assistant_is_refused_before_compiling():
+    from dflash.bench.draft_costs import draft_costs
+    from dflash.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--target 'qwen3_8b' is not a Gemma 4 target"):
+        draft_costs("qwen3_8b", "v5e-8")

@@ -212,8 +212,12 @@ def draft_costs(target: str, topology: str, *, batch: int = 1, context: int = 20
     """The target's AR step and verify passes, the drafters' passes, and per method the step cost
     and ceiling (module docstring)."""
     from dflash.bench.moe_ceiling import ceiling
-    from dflash.plan import decode_plan, get_topology
+    from dflash.errors import ConfigError
+    from dflash.plan import decode_plan, get_topology, model_config
 
+    if model_config(target).model_type != "gemma4":  # before minutes of compiling
+        raise ConfigError(f"--target {target!r} is not a Gemma 4 target: the assistant drafts for "
+                          "gemma4 only")
     drafters = drafter_passes(target, topology, blocks=blocks, yaml=yaml, batch=batch, context=context,
                               assistant_layers=assistant_layers)
     plans = {g: decode_plan(target, topology, batch=batch, block_size=g, context=context)
