@@ -33,8 +33,9 @@ REFERENCE_TAUS = (2.0, 3.0, 4.0, 6.0, 8.0)
 ASSISTANT_KS = tuple(range(1, 8))
 DFLASH_BLOCKS = (8, 16)
 LOOKUP_GAMMAS = (4, 8)
-PRESET_YAML = {"gemma4_31b": "configs/gemma4_31b_dflash.yaml",
-               "gemma4_26b_a4b": "configs/gemma4_26b_a4b_dflash.yaml"}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the repository's presets (a source checkout)
+PRESET_YAML = {"gemma4_31b": CONFIGS / "gemma4_31b_dflash.yaml",
+               "gemma4_26b_a4b": CONFIGS / "gemma4_26b_a4b_dflash.yaml"}
 ASSISTANT_LAYERS = 4  # google/gemma-4-31B-it-assistant has 4 layers (public MLX / GGUF copies of it)
 # The published assistants' weight bytes in bf16, from public copies (their widths are not known here):
 # gemma-4-31B-it-assistant 0.94 GB (MLX bf16 copy), gemma-4-26B-A4B-it-assistant ~0.4 B params (GGUF).
