@@ -23,11 +23,10 @@ from dflash.bench.methods import bench_methods
 from dflash.configio import load_yaml
 from dflash.decoding import SamplingParams
 from dflash.decoding.method import StepwiseDraft
-from dflash.drafters import dynamic_tree_method_for, resolve_method
+from dflash.drafters import dynamic_tree_method_for, load_drafter, method_for, resolve_method
 from dflash.errors import ConfigError
 from dflash.training.config import ExperimentConfig
-
-REGEN_FILES = ("regenerated.npz", "regenerated_eval.npz", "regenerated.json")
+from dflash.training.rundata import REGEN_FILES
 
 
 @dataclass(frozen=True)
@@ -89,22 +88,25 @@ def decode_all(target: Any, prompts: list[list[int]], runs: dict[tuple[str, int]
     depth, top-k, tokens; the depth is capped at the drafter's trained chain). At T > 0 the
     drafters sample their drafts (the lossless rule for stochastic drafts). Prompt lookup runs
     at the longest block decoded, AR as the reference."""
+    impl = target.attention_impl
+    drafters = {key: load_drafter(str(run_dir), target, dtype=target.dtype, attention_impl=impl)
+                for key, run_dir in runs.items()}  # each read once; the methods below only wrap them
     by_temperature: dict[str, Any] = {}
     for temperature in temperatures:
         stochastic = temperature > 0
         methods: dict[str, tuple[Any, Any]] = {"ar": resolve_method("ar", target)}
         mask_ids: set[int] = set()
         longest = 1
-        for (name, seed_), run_dir in runs.items():
-            method, drafter = resolve_method(str(run_dir), target, stochastic=stochastic)
+        for (name, seed_), drafter in drafters.items():
+            method = method_for(drafter, stochastic=stochastic)
             if method.mask_token_id is not None:
                 mask_ids.add(method.mask_token_id)
             methods[f"{name}/s{seed_}"] = (method, drafter)
             longest = max(longest, method.block_size)
             for k in extra_blocks:
                 if k < method.block_size and not isinstance(method, StepwiseDraft):
-                    methods[f"{name}@B{k}/s{seed_}"] = resolve_method(str(run_dir), target, block_size=k,
-                                                                       stochastic=stochastic)
+                    smaller = method_for(drafter, stochastic=stochastic, block_size=k)
+                    methods[f"{name}@B{k}/s{seed_}"] = (smaller, drafter)
             if dynamic_tree is not None and isinstance(method, StepwiseDraft):
                 depth, top_k, tokens = dynamic_tree
                 tree = dynamic_tree_method_for(drafter, min(depth, method.block_size - 1), top_k, tokens)

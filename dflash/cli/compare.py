@@ -61,11 +61,11 @@ def _compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--config names must differ (run dirs are named by them): {names}")
     out = Path(args.out)
     overrides = [*args.overrides, *([f"train.steps={args.steps}"] if args.steps else [])]
-    cfgs = [recipe_config(r, s, out, overrides) for r in recipes for s in args.seeds]
+    cfgs = [recipe_config(r, s, out, overrides) for s in args.seeds for r in recipes]
     target_name, dtype = check_one_target(cfgs)
     if args.eval_only:
-        runs = {(r.name, s): Path(recipe_config(r, s, out, overrides).run_dir)
-                for r in recipes for s in args.seeds}
+        pairs = [(r.name, s) for s in args.seeds for r in recipes]  # cfgs' order below
+        runs = {pair: Path(c.run_dir) for pair, c in zip(pairs, cfgs, strict=True)}
         missing = [str(d) for d in runs.values() if not (d / "export").exists()]
         if missing:
             raise ConfigError(f"--eval-only: these runs have no export yet: {', '.join(missing)}")

@@ -85,15 +85,16 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run
     return RunData(train_rows, held_rows, prompts)
 
 
+REGEN_FILES = ("regenerated.npz", "regenerated_eval.npz", "regenerated.json")  # what a run keeps of it
+
 def _regenerated(cfg: ExperimentConfig, target: Transformer, run_dir: Path, train_docs: list[Document],
                  held_docs: list[Document], progress: bool,
                  mesh: Mesh | None) -> tuple[list[Document], list[Document]]:
     """Train and eval rows alike become (corpus prompt, target's greedy continuation), which is
     what the drafter sees when decoding; read from the run directory when made with these settings."""
     eos = tuple(target.cfg.eos_token_id)
-    cached = run_dir / "regenerated.npz"
-    cached_eval = run_dir / "regenerated_eval.npz"
-    made_with = run_dir / "regenerated.json"  # the settings the stored data was made with
+    # train and eval documents, and the settings the stored data was made with
+    cached, cached_eval, made_with = (run_dir / name for name in REGEN_FILES)
     settings = regen_settings(cfg, target)  # plain JSON values (to_dict turns tuples into lists)
     sync_processes("dflash regen cache check")  # every process sees the same cache state
     reuse = (cached.exists() and cached_eval.exists() and made_with.exists()
