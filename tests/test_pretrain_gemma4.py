@@ -27,9 +27,10 @@ TINY = {"vocab-size": 512, "hidden-size": 32, "intermediate-size": 48, "num-laye
 
 def test_gemma4_pretraining_saves_a_directory_transformers_and_we_read_alike(tmp_path, monkeypatch):
     whole = tiny_corpus.stdlib_files
-    monkeypatch.setattr(pretrain.corpus, "stdlib_files", lambda split: whole(split, limit=6))  # a small corpus
+    monkeypatch.setattr(pretrain.corpus, "stdlib_files", lambda split: whole(split, limit=6))  # small corpus
     out = tmp_path / "gemma4"
-    argv = ["--out", str(out), "--architecture", "gemma4", *(x for k, v in TINY.items() for x in (f"--{k}", str(v)))]
+    flags = [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
+    argv = ["--out", str(out), "--architecture", "gemma4", *flags]
     assert pretrain_target.main(argv) == 0
     info = json.loads((out / "training_info.json").read_text())
     assert info["step"] == 3 and np.isfinite(info["heldout_loss"])
