@@ -1,4 +1,5 @@
-"""``dflash-pretrain-target``: pretrain the tiny code target on the stdlib corpus."""
+"""``dflash-pretrain-target``: pretrain the tiny code target on the stdlib corpus (``--architecture
+gemma4``: a Gemma-4-architecture one of the same sizes)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ from pathlib import Path
 from dflash.checks import flag
 from dflash.cli.failures import run_command
 from dflash.cli.parser import make_parser
-from dflash.training.pretrain import RANGES, PretrainConfig, pretrain
+from dflash.training.pretrain import CHOICES, RANGES, PretrainConfig, pretrain
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser("dflash-pretrain-target", __doc__)
     parser.add_argument("--out", type=Path, required=True, help="HF-format output directory")
     for field in dataclasses.fields(PretrainConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=flag(RANGES[field.name]),
-                            default=field.default)
+        name = f"--{field.name.replace('_', '-')}"
+        if field.name in CHOICES:
+            parser.add_argument(name, choices=CHOICES[field.name], default=field.default)
+        else:
+            parser.add_argument(name, type=flag(RANGES[field.name]), default=field.default)
     args = parser.parse_args(argv)
     return run_command("dflash-pretrain-target", lambda: _pretrain(args))
 

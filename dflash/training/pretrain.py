@@ -1,4 +1,5 @@
-"""Pretraining the shipped tiny code target on the stdlib corpus (causal LM, Optax AdamW)."""
+"""Pretraining the shipped tiny code target on the stdlib corpus (causal LM, Optax AdamW): the
+Qwen3-architecture tiny-code, or a Gemma-4-architecture one of the same sizes (issue 34's comparison)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from dflash.checks import COUNT, COUNT_OR_ZERO, INTEGER, NON_NEGATIVE, POSITIVE, check
-from dflash.config import ModelConfig, RopeConfig
+from dflash.config import HF_DEFAULTS, ModelConfig, RopeConfig
+from dflash.errors import ConfigError
 from dflash.io.loading import save_target
 from dflash.models.transformer import Transformer, build
 from dflash.training import tiny_corpus as corpus
@@ -24,9 +26,12 @@ from dflash.training import tiny_corpus as corpus
 # Each field's range (dflash.checks): the config and dflash-pretrain-target's flags check the same.
 RANGES = {name: COUNT for name in (
     "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-    "seq_len", "batch_size", "steps", "eval_every", "eval_windows")} | {
+    "seq_len", "batch_size", "steps", "eval_every", "eval_windows", "sliding_window")} | {
     "lr": POSITIVE, "warmup": COUNT_OR_ZERO, "weight_decay": NON_NEGATIVE, "seed": INTEGER,
-    "minutes": NON_NEGATIVE}
+    "minutes": NON_NEGATIVE, "num_kv_shared_layers": COUNT_OR_ZERO}
+# The text fields' choices (the first is the default).
+CHOICES = {"architecture": ("qwen3", "gemma4")}
+GEMMA4_SOFTCAP = 30.0  # final_logit_softcapping of the published Gemma 4 models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +55,26 @@ class PretrainConfig:
     eval_every: int = 200
     eval_windows: int = 64
     minutes: float = 0.0  # > 0: stop (and save) when this wall-clock budget is spent
+    architecture: str = "qwen3"  # gemma4: the fields below shape its attention
+    sliding_window: int = 128  # gemma4: the sliding layers' window
+    num_kv_shared_layers: int = 2  # gemma4: the last layers reuse earlier layers' keys and values
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            check(field.name, getattr(self, field.name), RANGES[field.name])
+            if field.name in CHOICES:
+                if getattr(self, field.name) not in CHOICES[field.name]:
+                    raise ConfigError(f"{field.name} must be one of {', '.join(CHOICES[field.name])}, "
+                                      f"got {getattr(self, field.name)!r}")
+            else:
+                check(field.name, getattr(self, field.name), RANGES[field.name])
+        if self.architecture == "gemma4" and self.num_kv_shared_layers > self.num_layers - 2:
+            raise ConfigError(f"num_kv_shared_layers must be <= num_layers - 2 = {self.num_layers - 2} (each "
+                              f"shared layer reuses an earlier sliding or full layer), got "
+                              f"{self.num_kv_shared_layers}")
 
     def model_config(self, eos_id: int) -> ModelConfig:
+        if self.architecture == "gemma4":
+            return ModelConfig.from_hf(self.gemma4_hf_config(eos_id))
         return ModelConfig(
             model_type="qwen3", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size, num_layers=self.num_layers,
@@ -63,6 +82,28 @@ class PretrainConfig:
             rms_norm_eps=1e-6, rope=RopeConfig(theta=10000.0), max_position_embeddings=2048,
             tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=(eos_id,),
         )
+
+    def gemma4_hf_config(self, eos_id: int) -> dict:
+        """The ``gemma4_text`` config.json of the Gemma-4-architecture target, read as a real
+        checkpoint's is: sliding and full layers alternating (the last full) with the published
+        per-type RoPE, one head shape throughout, the last ``num_kv_shared_layers`` sharing KV,
+        soft-capped logits, tied embeddings, no per-layer inputs or experts."""
+        n = self.num_layers
+        return {
+            "model_type": "gemma4_text", "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": n,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "global_head_dim": self.head_dim, "attention_k_eq_v": False,
+            "layer_types": ["full_attention" if (n - 1 - i) % 2 == 0 else "sliding_attention"
+                            for i in range(n)],
+            "sliding_window": self.sliding_window, "num_kv_shared_layers": self.num_kv_shared_layers,
+            "use_double_wide_mlp": False, "hidden_size_per_layer_input": 0,
+            "vocab_size_per_layer_input": self.vocab_size, "enable_moe_block": False,
+            "final_logit_softcapping": GEMMA4_SOFTCAP, "hidden_activation": "gelu_pytorch_tanh",
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "tie_word_embeddings": True,
+            "rope_parameters": HF_DEFAULTS["gemma4"]["rope_parameters"],
+            "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
+        }
 
 
 def encode_stream(tok, texts: list[str], eos_id: int) -> np.ndarray:
