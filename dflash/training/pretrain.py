@@ -57,7 +57,7 @@ class PretrainConfig:
     minutes: float = 0.0  # > 0: stop (and save) when this wall-clock budget is spent
     architecture: str = "qwen3"  # gemma4: the fields below shape its attention
     sliding_window: int = 128  # gemma4: the sliding layers' window
-    num_kv_shared_layers: int = 2  # gemma4: the last layers reuse earlier layers' keys and values
+    num_kv_shared_layers: int = 0  # gemma4: the last layers reuse earlier layers' KV (0: as 31B and 26B-A4B)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
