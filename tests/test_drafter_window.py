@@ -5,6 +5,7 @@ drafter with sliding layers keeps speculative decoding lossless."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -109,11 +110,23 @@ def test_config_json_attention_forms_we_do_not_run_are_refused(changes, match):
 
 
 def test_drafter_section_keys_build_the_sliding_layers(run_config, tiny_target, tmp_path):
-    cfg = run_config(tiny_target, tmp_path, "drafter.num_layers=3",
-                     'drafter.layer_types=["sliding_attention","full_attention","sliding_attention"]',
-                     "drafter.sliding_window=5", "drafter.num_heads=2", "drafter.intermediate_size=40")
-    dcfg = DFLASH.config(cfg.drafter, load_target(tiny_target).cfg, mask_token_id=7, block_size=4)
+    cfg_keys = ("drafter.num_layers=3",
+                'drafter.layer_types=["sliding_attention","full_attention","sliding_attention"]',
+                "drafter.sliding_window=5", "drafter.num_heads=2", "drafter.intermediate_size=40",
+                "drafter.rope_theta=1e6")
+    cfg = run_config(tiny_target, tmp_path, *cfg_keys)
+    target_cfg = load_target(tiny_target).cfg
+    dcfg = DFLASH.config(cfg.drafter, target_cfg, mask_token_id=7, block_size=4)
     assert (dcfg.windows, dcfg.num_heads, dcfg.num_kv_heads, dcfg.intermediate_size) == ((5, 0, 5), 2, 2, 40)
+    assert dcfg.rope_theta == 1e6 != target_cfg.rope.theta  # the drafter's own RoPE base
+    assert dcfg.rope == dataclasses.replace(target_cfg.rope, theta=1e6)  # the rest of the target's rope
+    assert config_from_hf(drafter_hf_config(dcfg, "x", target_cfg)).rope_theta == 1e6  # exported, read back
+    keys = [k for k in cfg_keys if k != "drafter.rope_theta=1e6"]
+    unset = DFLASH.config(run_config(tiny_target, tmp_path, *keys).drafter, target_cfg, mask_token_id=7,
+                          block_size=4)
+    assert unset.rope == target_cfg.rope  # 0: the target's
+    theta = target_cfg.rope.theta
+    assert DFLASH.init_from_diffs(unset, dcfg) == [f"drafter.rope_theta: config {theta!r}, drafter 1000000.0"]
     with pytest.raises(ConfigError, match="drafter.sliding_window=0 with layer_types"):
         DFLASH.config(run_config(tiny_target, tmp_path, "drafter.num_layers=1",
                                  'drafter.layer_types=["sliding_attention"]').drafter,

@@ -136,18 +136,17 @@ def test_dflash_train_on_a_gemma4_target_is_lossless_and_its_export_reimports(tm
         resolve_method(str(export), target)
 
 
-# z-lab's Gemma 4 DFlash drafters as public copies of their config state them (the 26B one's heads and
-# MLP width inferred from its size: configs/gemma4_26b_a4b_dflash.yaml).
+# z-lab's Gemma 4 DFlash drafters as public copies of their config.json state them.
 _SWA = ["sliding_attention"] * 4 + ["full_attention"]
 GEMMA4_PRESETS = {
     "gemma4_31b_dflash.yaml": ("gemma4_31b", dict(
         num_hidden_layers=5, hidden_size=5376, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
-        intermediate_size=10752, num_target_layers=60, layer_types=_SWA, sliding_window=2048,
+        intermediate_size=10752, num_target_layers=60, layer_types=_SWA, sliding_window=2048, rope_theta=1e6,
         dflash_config={"mask_token_id": 4, "target_layer_ids": [1, 12, 23, 35, 46, 57],
                        "input_embedding_scale": 5376 ** 0.5, "final_logit_softcapping": 30.0})),
     "gemma4_26b_a4b_dflash.yaml": ("gemma4_26b_a4b", dict(
         num_hidden_layers=5, hidden_size=2816, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        intermediate_size=5632, num_target_layers=30, layer_types=_SWA, sliding_window=2048,
+        intermediate_size=5632, num_target_layers=30, layer_types=_SWA, sliding_window=2048, rope_theta=1e6,
         dflash_config={"mask_token_id": 4, "target_layer_ids": [1, 6, 11, 17, 22, 27],
                        "input_embedding_scale": 2816 ** 0.5, "final_logit_softcapping": 30.0})),
 }

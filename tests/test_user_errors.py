@@ -113,6 +113,7 @@ BAD_CONFIG = {  # one out-of-range value per numeric key
     "drafter.num_target_features": "0", "drafter.mask_token_id": "-2", "drafter.sliding_window": "-1",
     "drafter.num_heads": "-1", "drafter.num_kv_heads": "1.5", "drafter.head_dim": "-8",
     "drafter.intermediate_size": "-1", "drafter.draft_vocab_size": "-1", "drafter.ttt_steps": "0",
+    "drafter.rope_theta": "-1.0",
     "data.seq_len": "4", "data.max_examples": "-1", "data.heldout_fraction": "1.0", "data.seed": "1.5",
     "data.lanes": "0",
     "regen.num_sequences": "-1", "regen.prompt_tokens": "0", "regen.new_tokens": "0",

@@ -39,6 +39,7 @@ class DrafterSection:
     num_target_features: int = 5  # DFlash: how many ids when target_layer_ids is ()
     layer_types: tuple[str, ...] = ()  # DFlash: full_attention / sliding_attention per layer; () = all full
     sliding_window: int = 0  # DFlash: the sliding layers' window (positions, the row's own included)
+    rope_theta: float = 0.0  # DFlash: the drafter's RoPE base; 0 = the target's (its base / sliding layers')
     num_heads: int = 0  # DFlash: the drafter's own attention shape and MLP width; 0 = the target's
     num_kv_heads: int = 0
     head_dim: int = 0
@@ -55,6 +56,7 @@ class DrafterSection:
                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                intermediate_size=self.intermediate_size, draft_vocab_size=self.draft_vocab_size)
         _check("drafter", COUNT, ttt_steps=self.ttt_steps)
+        _check("drafter", NON_NEGATIVE, rope_theta=self.rope_theta)
         if self.mask_token_id == -1:  # runs written before None meant "the tokenizer's" said -1
             object.__setattr__(self, "mask_token_id", None)
         _check("drafter", COUNT_OR_ZERO, mask_token_id=self.mask_token_id)  # None: the tokenizer's

@@ -2,8 +2,8 @@
 
 Its registry entry (``dflash.drafters.registry``): ``drafter:`` keys ``num_layers``,
 ``target_layer_ids``, ``num_target_features``, ``layer_types`` / ``sliding_window`` (sliding
-layers) and ``num_heads`` / ``num_kv_heads`` / ``head_dim`` / ``intermediate_size`` (0: the
-target's); block size 16; loss CE on the data (KL optional);
+layers), ``rope_theta`` (0: the target's RoPE base) and ``num_heads`` / ``num_kv_heads`` /
+``head_dim`` / ``intermediate_size`` (0: the target's); block size 16; loss CE on the data (KL optional);
 export ``DFlashDraftModel``. The training forward is ``loss`` below (docs/design.md §5).
 
 Shape letters (docs/architecture.md): B rows, S sequence, A anchors, Q block rows, D width, n features.
@@ -42,9 +42,9 @@ class DFlashKind(DrafterKind):
     default_block_size = DEFAULT_BLOCK_SIZE
     default_loss_weights = (1.0, 0.0)
     section_keys = frozenset({"num_layers", "target_layer_ids", "num_target_features", "layer_types",
-                              "sliding_window", *SHAPE_FIELDS})
+                              "sliding_window", "rope_theta", *SHAPE_FIELDS})
     compared_on_init_from = ("num_layers", "block_size", "target_layer_ids", "mask_token_id", "layer_types",
-                             "sliding_window", *SHAPE_FIELDS)
+                             "sliding_window", "rope_theta", *SHAPE_FIELDS)
     sharding = ((r"(^|\.)fc\.kernel$", ("embed", None)),)  # the context projection [n*D, D]
 
     def config(self, section: Any, target: ModelConfig, *, mask_token_id: int,
@@ -54,6 +54,7 @@ class DFlashKind(DrafterKind):
                                        target_layer_ids=section.target_layer_ids or None,
                                        num_target_features=section.num_target_features,
                                        layer_types=section.layer_types, sliding_window=section.sliding_window,
+                                       rope_theta=section.rope_theta,
                                        **{name: getattr(section, name) for name in SHAPE_FIELDS})
 
     def construct(self, dcfg: DFlashConfig, *, dtype: Any = jnp.float32, seed: int = 0) -> DFlashDrafter:

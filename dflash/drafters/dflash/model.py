@@ -106,6 +106,7 @@ class DFlashConfig:
     vocab_size = property(lambda self: self.layers.vocab_size)
     rms_norm_eps = property(lambda self: self.layers.rms_norm_eps)
     rope = property(lambda self: self.layers.rope)
+    rope_theta = property(lambda self: self.layers.rope.theta)
     max_position_embeddings = property(lambda self: self.layers.max_position_embeddings)
 
     @property
@@ -126,14 +127,20 @@ class DFlashConfig:
     def for_target(cls, target: ModelConfig, *, mask_token_id: int, num_layers: int = 1,
                    block_size: int = DEFAULT_BLOCK_SIZE, target_layer_ids: tuple[int, ...] | None = None,
                    num_target_features: int = 5, layer_types: tuple[str, ...] = (), sliding_window: int = 0,
-                   **shape: int) -> DFlashConfig:
+                   rope_theta: float = 0.0, **shape: int) -> DFlashConfig:
         """Defaults from the target: its width, heads, rope and vocabulary. ``shape``
         (``num_heads``, ``num_kv_heads``, ``head_dim``, ``intermediate_size``; 0 = the target's)
-        gives the drafter's own, as published drafters for hybrid targets have."""
+        gives the drafter's own, as published drafters for hybrid targets have; ``rope_theta`` > 0
+        the drafter's own RoPE base (z-lab's Gemma 4 drafters: 1e6, where the target's base
+        RoPE, its sliding layers', is 1e4)."""
         ids = tuple(target_layer_ids) if target_layer_ids else default_target_layer_ids(
             target.num_layers, num_target_features)
         specs = drafter_layers(num_layers, layer_types, sliding_window)
-        return cls(layers=layer_config(target, num_layers, specs, **shape),
+        layers = layer_config(target, num_layers, specs, **shape)
+        if rope_theta:
+            rope = dataclasses.replace(layers.rope, theta=float(rope_theta))
+            layers = dataclasses.replace(layers, rope=rope)
+        return cls(layers=layers,
                    num_target_layers=target.num_layers,
                    target_layer_ids=ids, mask_token_id=mask_token_id, block_size=block_size,
                    model_type=FAMILIES[target.model_type].drafter_model_type or target.model_type)
