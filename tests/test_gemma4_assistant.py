@@ -276,6 +276,13 @@ def test_speculative_greedy_with_an_assistant_equals_the_targets_greedy_tokens(c
         target, prompts, method=method_for(head, block_size=3), drafter=head, max_new_tokens=20, eos_ids=()
     )
     assert spec.tokens == ref
+    # --dynamic-tree: the assistant's steps as an EAGLE-2 tree (depth 2, top 3, 6 nodes) verified by the
+    # KV-shared target in one pass, the tree's rows rolled back to the accepted path
+    argv = ["--target", str(root / "target"), "--drafter", str(root / "centroids"), "--prompt",
+            "def fib(n):\n    a, b = 0, 1\n", "--max-new-tokens", "20", "--dynamic-tree", "2,3,6", "--json"]
+    assert main(argv) == 0
+    tree = json.loads(capsys.readouterr().out)
+    assert tree["tokens"] == ref[0] and tree["block_size"] == 3, tree  # the depth + 1, not the chain's 4
 
 
 def test_speculative_sampling_with_an_assistant_preserves_the_target_distribution():
