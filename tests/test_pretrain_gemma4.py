@@ -22,23 +22,46 @@ from dflash.training.pretrain import PretrainConfig
 
 TINY = {"vocab-size": 512, "hidden-size": 32, "intermediate-size": 48, "num-layers": 4, "num-heads": 2,
         "num-kv-heads": 1, "head-dim": 16, "seq-len": 24, "sliding-window": 8, "num-kv-shared-layers": 2,
-        "batch-size": 2, "steps": 3, "warmup": 1, "eval-every": 3, "eval-windows": 2}
+        "batch-size": 2, "steps": 4, "warmup": 1, "eval-every": 2, "eval-windows": 2}
 
 
-def test_gemma4_pretraining_saves_a_directory_transformers_and_we_read_alike(tmp_path, monkeypatch):
+def _fields(flags: dict) -> dict:
+    return {k.replace("-", "_"): v for k, v in flags.items()}
+
+
+def test_gemma4_pretraining_resumes_exactly_and_saves_a_directory_transformers_and_we_read_alike(tmp_path,
+                                                                                         monkeypatch):
     whole = tiny_corpus.stdlib_files
     monkeypatch.setattr(pretrain.corpus, "stdlib_files", lambda split: whole(split, limit=6))  # small corpus
-    out = tmp_path / "gemma4"
+    out, straight = tmp_path / "gemma4", tmp_path / "straight"
     flags = [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
-    argv = ["--out", str(out), "--architecture", "gemma4", *flags]
-    assert pretrain_target.main(argv) == 0
+    argv = ["--architecture", "gemma4", *flags]
+    assert pretrain_target.main(["--out", str(straight), *argv]) == 0
+    # Killed right after the step-2 checkpoint, then run again: it continues from step 2 and ends with
+    # the uninterrupted run's bits (weights, held-out losses); another config is refused, not mixed in.
+    save = pretrain.Checkpoints.save
+
+    def killed_after_step_2(self, step, state, meta):
+        save(self, step, state, meta)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain.Checkpoints, "save", killed_after_step_2)
+    assert pretrain_target.main(["--out", str(out), *argv]) != 0
+    assert json.loads((out / "training_info.json").read_text())["step"] == 2
+    monkeypatch.setattr(pretrain.Checkpoints, "save", save)
+    with pytest.raises(ConfigError, match=r"another config \(lr: saved 0.003, now 0.001\)"):
+        pretrain.pretrain(PretrainConfig(architecture="gemma4", lr=1e-3, **_fields(TINY)), out)
+    assert pretrain_target.main(["--out", str(out), *argv]) == 0
     info = json.loads((out / "training_info.json").read_text())
-    assert info["step"] == 3 and np.isfinite(info["heldout_loss"])
+    assert info == json.loads((straight / "training_info.json").read_text())
+    assert info["step"] == 4 and np.isfinite(info["heldout_loss"])
+    assert (out / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
     hf_cfg = json.loads((out / "config.json").read_text())
     assert hf_cfg["model_type"] == "gemma4_text" and hf_cfg["architectures"] == ["Gemma4ForCausalLM"]
     ours = load_target(out)
     eos = ours.cfg.bos_token_id
-    built = PretrainConfig(architecture="gemma4", **{k.replace("-", "_"): v for k, v in TINY.items()})
+    built = PretrainConfig(architecture="gemma4", **_fields(TINY))
     assert ours.cfg == ModelConfig.from_hf(built.gemma4_hf_config(eos))
     specs = ours.cfg.layers
     assert [s.mixer_option("window", 0) for s in specs] == [8, 0, 8, 0]

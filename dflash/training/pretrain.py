@@ -22,6 +22,8 @@ from dflash.errors import ConfigError
 from dflash.io.loading import save_target
 from dflash.models.transformer import Transformer, build
 from dflash.training import tiny_corpus as corpus
+from dflash.training.checkpoints import Checkpoints
+from dflash.training.recovery import restore_latest
 
 # Each field's range (dflash.checks): the config and dflash-pretrain-target's flags check the same.
 RANGES = {name: COUNT for name in (
@@ -121,8 +123,16 @@ def lm_loss(model: Transformer, tokens_BT: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BT[:, 1:]).mean()
 
 
+STATE_DIR = "pretrain_checkpoints"  # under the output directory: what a stopped run resumes from
+RESUME_FREE = ("minutes",)  # fields a resumed run may change (the budget of this invocation)
+
+
 def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict:
-    """Trains tokenizer + model, saves an HF directory at ``out_dir`` after every eval."""
+    """Trains tokenizer + model, saves an HF directory at ``out_dir`` after every eval, with an Orbax
+    checkpoint of the training state (model, optimizer, batch sampler) beside it: run again with the
+    same config, a stopped or killed run continues from the last eval step and ends with the bits of
+    an uninterrupted one."""
+    out_dir = Path(out_dir)
     train_files = corpus.stdlib_files("train")
     held_files = corpus.stdlib_files("heldout")
     tok = corpus.train_tokenizer([t for _, t in train_files], cfg.vocab_size)
@@ -139,6 +149,16 @@ def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict:
                      optax.adamw(schedule, b2=0.95, weight_decay=cfg.weight_decay))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
+    rng = np.random.default_rng(cfg.seed)
+    ckpts = Checkpoints(out_dir / STATE_DIR, keep_last=2, owner=True)
+    history: list[dict] = []
+    first = 1
+    if ckpts.steps():
+        _check_resumable(cfg, ckpts.latest_meta().get("config", {}), out_dir)
+        state, meta, done = restore_latest(ckpts, state)
+        rng.bit_generator.state = meta["rng"]
+        history, first = list(meta["history"]), done + 1
+        print(f"resuming from step {done} of {cfg.steps} ({out_dir / STATE_DIR})")
 
     # Donate the (model, optimizer) state: it is overwritten every step.
     @jax.jit(donate_argnums=0)
@@ -153,7 +173,6 @@ def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict:
         model, _ = nnx.merge(graphdef, state)
         return lm_loss(model, tokens_BT)
 
-    rng = np.random.default_rng(cfg.seed)
     window = cfg.seq_len + 1
     held_starts = np.linspace(0, held_ids.size - window - 1, cfg.eval_windows).astype(np.int64)
     held_batch = np.stack([held_ids[s:s + window] for s in held_starts])
@@ -173,11 +192,13 @@ def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict:
             json.dump({"step": step, "heldout_loss": held_loss, "heldout_ppl": math.exp(held_loss),
                        "train_tokens_seen": step * cfg.batch_size * cfg.seq_len,
                        "config": dataclasses.asdict(cfg)}, f, indent=2)
+        ckpts.save(step, state, {"step": step, "rng": rng.bit_generator.state, "history": history,
+                                 "config": dataclasses.asdict(cfg)})
 
     start = time.time()
-    history = []
-    bar = tqdm(range(1, cfg.steps + 1), desc="pretrain", dynamic_ncols=True)
-    held = float("nan")
+    held = history[-1]["heldout_loss"] if history else float("nan")
+    bar = tqdm(range(first, cfg.steps + 1), desc="pretrain", dynamic_ncols=True, initial=first - 1,
+               total=cfg.steps)
     for step in bar:
         starts = rng.integers(0, train_ids.size - window, cfg.batch_size)
         batch = np.stack([train_ids[s:s + window] for s in starts])
@@ -194,3 +215,14 @@ def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict:
         if out_of_time:
             break
     return {"history": history, "heldout_loss": held}
+
+
+def _check_resumable(cfg: PretrainConfig, saved: dict, out_dir: Path) -> None:
+    """A stopped run continues only under the config it started with (its schedule and batches
+    depend on every field but the time budget)."""
+    now = dataclasses.asdict(cfg)
+    differ = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()
+              if k not in RESUME_FREE and saved.get(k) != v]
+    if differ:
+        raise ConfigError(f"{out_dir} holds a pretraining with another config ({'; '.join(differ)}): "
+                          f"rerun with its settings to continue it, or give another --out")
