@@ -124,7 +124,7 @@ def lm_loss(model: Transformer, tokens_BT: jax.Array) -> jax.Array:
 
 
 STATE_DIR = "pretrain_checkpoints"  # under the output directory: what a stopped run resumes from
-RESUME_FREE = ("minutes",)  # fields a resumed run may change (the budget of this invocation)
+RESUME_FREE = ("minutes", "eval_every")  # a resumed run may change these: the training is the same
 
 
 def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict:
