@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from devices import on_cpu_devices
 from test_verify import assert_first_three_follow, exact_joint
 
 from dflash.config import ModelConfig
@@ -288,20 +289,7 @@ def test_speculative_greedy_with_an_assistant_equals_the_targets_greedy_tokens(c
 def test_speculative_sampling_with_an_assistant_preserves_the_target_distribution():
     """Chi-square on the first three sampled tokens (test_verify's exact joint) of a tiny Gemma 4
     target, drafts sampled from a random centroid-head assistant's distribution over two chained steps."""
-    hf = {"model_type": "gemma4_text", **TARGET, "vocab_size": 6, "vocab_size_per_layer_input": 6}
-    target, prompt, joint = exact_joint(ModelConfig.from_hf(hf))
-    cfg = AssistantConfig.from_hf(
-        {
-            "text_config": {**ASSISTANT, "vocab_size": 6},
-            "backbone_hidden_size": 32,
-            **CENTROIDS,
-            "num_centroids": 3,
-            "centroid_intermediate_top_k": 2,
-        },
-        block_size=3,
-    )
-    head = build_assistant(cfg, seed=2)
-    head.pre_projection.kernel[...] = head.pre_projection.kernel[...] * 5.0  # far from uniform
+    target, prompt, joint, head = _small_vocab_pair()
     n = 4000
     out = speculative_generate(
         target,
@@ -316,6 +304,51 @@ def test_speculative_sampling_with_an_assistant_preserves_the_target_distributio
     )
     assert sum(a > 1 for row in out.acceptance_lengths for a in row) > n // 20
     assert_first_three_follow(out.tokens, joint)
+
+
+def _small_vocab_pair(vocab: int = 6):
+    """A tiny Gemma 4 target (KV-shared layers, per-layer inputs, soft-cap) of ``vocab`` tokens, far
+    from uniform (test_verify's ``exact_joint``), and a centroid-head assistant for it whose drafts
+    are often accepted: ``(target, prompt, joint, assistant)``."""
+    hf = {"model_type": "gemma4_text", **TARGET, "vocab_size": vocab, "vocab_size_per_layer_input": vocab}
+    target, prompt, joint = exact_joint(ModelConfig.from_hf(hf))
+    cfg = AssistantConfig.from_hf(
+        {
+            "text_config": {**ASSISTANT, "vocab_size": vocab},
+            "backbone_hidden_size": 32,
+            **CENTROIDS,
+            "num_centroids": 3,
+            "centroid_intermediate_top_k": 2,
+        },
+        block_size=3,
+    )
+    head = build_assistant(cfg, seed=2)
+    head.pre_projection.kernel[...] = head.pre_projection.kernel[...] * 5.0  # far from uniform
+    return target, prompt, joint, head
+
+
+@on_cpu_devices(8)
+def test_an_assistant_on_a_mesh_drafts_and_decodes_as_unsharded():
+    """Greedy speculative decoding with the assistant on a data x fsdp x tensor mesh (target and
+    assistant read into their shards by the rule table): the unsharded run's tokens and acceptance,
+    which equal the target's own greedy tokens."""
+    from dflash import sharding as sh
+    from dflash.decoding.autoregressive import generate
+
+    target, _, _, head = _small_vocab_pair()
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 6, size=n).tolist() for n in (5, 9, 3, 7)]
+    common = dict(max_new_tokens=[12, 7, 15, 10], eos_ids=())
+    ref = speculative_generate(target, prompts, method=AssistantDraft.of(head), drafter=head, **common)
+    assert ref.tokens == generate(target, prompts, **common).tokens
+    assert any(a > 1 for row in ref.acceptance_lengths for a in row)  # drafts were accepted
+    # data 2 x fsdp 2 x tensor 2: tensor splits the heads, the MLPs and the vocabulary (the full
+    # layers' one kv head replicated, as mesh.replicate_indivisible asks), fsdp the widths
+    mesh = sh.make_mesh(sh.MeshConfig(2, 2, 2))
+    on_mesh = sh.shard_model(head, mesh, replicate_indivisible=True)
+    got = speculative_generate(sh.shard_model(target, mesh, replicate_indivisible=True), prompts,
+                               method=AssistantDraft.of(on_mesh), drafter=on_mesh, mesh=mesh, **common)
+    assert got.tokens == ref.tokens and got.acceptance_lengths == ref.acceptance_lengths
 
 
 @pytest.mark.parametrize(
