@@ -404,14 +404,3 @@ def test_shipped_drafter_is_lossless_and_drafts(batch, block):
                                eos_ids=target.cfg.eos_token_id, mask_token_id=drafter.cfg.mask_token_id)
     assert out.tokens == ref.tokens
     assert out.tau > 1.5  # it really drafts (trained: ~2.6 on held-out prompts at B = 32)
-
-
-def test_bench_runs_orthrus_and_dflash_side_by_side(tmp_path, capsys):
-    from test_engine_cli import run_bench
-
-    methods, tokens = run_bench(tmp_path, "--drafter", "tiny-code-orthrus", "--also", "tiny-code-dflash",
-                                "--block-size", "8", "--num-prompts", "2", "--max-new-tokens", "16")
-    assert set(methods) == {"ar", "ngram", "drafter", "also:tiny-code-dflash"}
-    assert tokens["drafter"] == tokens["ar"] == tokens["also:tiny-code-dflash"]
-    assert methods["drafter"]["block_size"] == methods["also:tiny-code-dflash"]["block_size"] == 8
-    assert "also:tiny-code-dflash" in capsys.readouterr().out

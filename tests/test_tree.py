@@ -344,15 +344,18 @@ def test_grafted_chain_sharing_a_prefix_samples_the_target_distribution(exact): 
     assert_first_three_follow(out.tokens, joint)
 
 
-def test_bench_runs_the_tree_beside_the_chain(tmp_path, capsys):
+def test_bench_runs_the_tree_beside_the_chain_and_orthrus_beside_dflash(tmp_path, capsys):
+    """One bench: the DFlash chain, its beam tree and tree + lookup branch, and the shipped Orthrus
+    drafter (``--also``) at the same block, on the same prompts: every method gives AR's tokens."""
     from test_engine_cli import run_bench
 
     methods, tokens = run_bench(tmp_path, "--drafter", "tiny-code-dflash", "--num-prompts", "2",
                                 "--max-new-tokens", "16", "--tree-width", "2", "--block-size", "6",
-                                "--ngram-branch")
-    assert set(methods) == {"ar", "ngram", "drafter", "tree", "drafter+ngram"}
-    assert tokens["tree"] == tokens["drafter+ngram"] == tokens["ar"] == tokens["drafter"]
+                                "--ngram-branch", "--also", "tiny-code-orthrus")
+    assert set(methods) == {"ar", "ngram", "drafter", "tree", "drafter+ngram", "also:tiny-code-orthrus"}
+    assert all(t == tokens["ar"] for t in tokens.values())
     assert methods["tree"]["tau"] >= methods["drafter"]["tau"]
     assert methods["drafter+ngram"]["tau"] >= methods["tree"]["tau"]
+    assert methods["drafter"]["block_size"] == methods["also:tiny-code-orthrus"]["block_size"] == 6
     out = capsys.readouterr().out
-    assert "tree" in out and "drafter+ngram" in out
+    assert "tree" in out and "drafter+ngram" in out and "also:tiny-code-orthrus" in out
