@@ -158,7 +158,8 @@ def test_step_comparison_counts_length_mismatches():
 
 
 def test_check_refuses_methods_vllm_cannot_run(tmp_path):
-    with pytest.raises(VllmCheckError, match="runs DFlash and EAGLE-3 drafters; this export is .orthrus."):
+    with pytest.raises(VllmCheckError, match="runs DFlash, EAGLE-3, Gemma 4 assistant drafters; this export "
+                                              "is .orthrus."):
         cli_check({"method": "orthrus", "out": str(tmp_path), "target": "tiny-code"})
 
 

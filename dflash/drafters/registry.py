@@ -53,6 +53,8 @@ class DrafterKind(abc.ABC):
     sharding: ClassVar[tuple[tuple[str, tuple[str | None, ...]], ...]] = ()
     """Rule-table rows of the drafter's own parameters (``dflash.sharding.RULES``)."""
     compared_on_init_from: ClassVar[tuple[str, ...]] = ("block_size", "mask_token_id")
+    vllm_method: ClassVar[str | None] = None
+    """vLLM's ``speculative_config`` method for this kind's export (None: vLLM does not run it)."""
 
     # ------------------------------------------------------------------ config and build
     def check_section(self, section: Any) -> None:

@@ -109,7 +109,7 @@ def _vllm_runs(python: Path, target_dir: Path, cases: Sequence[Case], prompts: l
     patched = []
     for c in cases:
         run = {"name": c.name, "drafter": str(c.drafter), "num_speculative_tokens": c.block_size - 1,
-               "method": find_export(c.drafter)[0].name,  # vLLM's method names are our kinds' names
+               "method": find_export(c.drafter)[0].vllm_method,
                "per_layer_k_norm": c.per_layer_k_norm}
         (patched if c.per_layer_k_norm else stock).append(run)
     runs, version = {}, ""
@@ -135,6 +135,8 @@ def _tau(lengths: list[list[int]]) -> float:
 
 def compare(cases: Sequence[Case], ours: dict, vllm: dict) -> list[dict]:
     """One row per case: token equality and acceptance agreement (see the module docstring)."""
+    from dflash.drafters import find_export
+
     reference = ours["ar"]
     rows = []
     for case in cases:
@@ -142,7 +144,7 @@ def compare(cases: Sequence[Case], ours: dict, vllm: dict) -> list[dict]:
         pairs = [_same_steps(a, b) for a, b in zip(mine["acceptance_lengths"], theirs["per_step_accepted"],
                                                    strict=True)]
         vllm_lengths = [[b + 1 for b in row or []] for row in theirs["per_step_accepted"]]
-        layers = json.loads((case.drafter / "config.json").read_text())["num_hidden_layers"]
+        layers = find_export(case.drafter)[0].read_config(case.drafter).num_layers
         rows.append({
             "case": case.name, "drafter": case.label, "layers": layers, "block_size": case.block_size,
             "per_layer_k_norm": case.per_layer_k_norm, "prompts": len(reference),
@@ -203,13 +205,14 @@ def cli_check(info: dict, num_prompts: int = 4, max_new_tokens: int = 48) -> int
     Exit code 0 when tokens are identical everywhere (and acceptance on every step for a 1-layer
     drafter; deeper drafters are reported, docs/serving.md), 1 on a mismatch.
     """
-    from dflash.drafters import find_export
+    from dflash.drafters import KINDS, find_export
     from dflash.io.tokenizer import load_tokenizer
     from dflash.training.tiny_corpus import heldout_prompts
 
-    if info.get("method") not in ("dflash", "eagle3"):
-        raise VllmCheckError(f"--check-with vllm runs DFlash and EAGLE-3 drafters; this export is "
-                             f"{info.get('method')!r}")
+    served = [k for k in KINDS.values() if k.vllm_method]
+    if info.get("method") not in {k.name for k in served}:
+        raise VllmCheckError(f"--check-with vllm runs {', '.join(k.label for k in served)} drafters; this "
+                             f"export is {info.get('method')!r}")
     out = Path(info["out"])
     kind, _ = find_export(out)
     block = kind.read_config(out).block_size

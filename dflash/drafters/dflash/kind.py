@@ -45,6 +45,7 @@ class DFlashKind(DrafterKind):
                               "sliding_window", "rope_theta", *SHAPE_FIELDS})
     compared_on_init_from = ("num_layers", "block_size", "target_layer_ids", "mask_token_id", "layer_types",
                              "sliding_window", "rope_theta", *SHAPE_FIELDS)
+    vllm_method = "dflash"
     sharding = ((r"(^|\.)fc\.kernel$", ("embed", None)),)  # the context projection [n*D, D]
 
     def config(self, section: Any, target: ModelConfig, *, mask_token_id: int,

@@ -59,6 +59,7 @@ class Eagle3Kind(DrafterKind):
     section_keys = frozenset({"num_layers", "target_layer_ids", "draft_vocab_size", "ttt_steps",
                               *SHAPE_FIELDS})
     compared_on_init_from = ("block_size", "target_layer_ids", "draft_vocab_size")
+    vllm_method = "eagle3"
     sharding = ((r"(^|\.)fc\.kernel$", ("embed", None)),  # [n*D, D]
                 (r"(^|\.)lm_head\.kernel$", ("embed", "vocab")),  # [D, W]
                 (r"(^|\.)(d2t|t2d)$", (None,)))  # the vocabulary maps: whole on every chip

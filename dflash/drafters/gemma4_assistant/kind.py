@@ -40,6 +40,7 @@ class Gemma4AssistantKind(DrafterKind):
     default_loss_weights = (1.0, 0.0)
     section_keys = frozenset({"num_layers"})
     compared_on_init_from = ("num_layers", "block_size")
+    vllm_method = "mtp"  # vLLM reads it as Gemma4MTPModel under its mtp method
     sharding = (
         (r"(^|\.)pre_projection\.kernel$", ("embed", None)),  # [2 D_target, D]
         (r"(^|\.)post_projection\.kernel$", (None, "embed")),  # [D, D_target]
