@@ -50,9 +50,10 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     """A test (its fixtures' setup and teardown included) leaves the process's SIGINT handler as it
-    found it. Ctrl-C handling (dflash-train's StopRequest) takes over only a default handler, so a
-    handler left behind by one test made test_accidents' Ctrl-C test, run later in the same worker,
-    see none of its Ctrl-Cs (CI at 7412f98). One left behind is put back, and said, naming the test."""
+    found it: Ctrl-C handling (dflash-train's StopRequest) takes over only a default handler, and
+    whether test_accidents' Ctrl-C test saw its Ctrl-Cs depended on what earlier tests in its worker
+    had left (CI at 7412f98 and ac21f82; that test now sets the default handler itself). One left
+    behind is put back, and said, naming the test."""
     import signal
 
     before = signal.getsignal(signal.SIGINT)
@@ -62,7 +63,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         after = signal.getsignal(signal.SIGINT)
         if after is not before:
             signal.signal(signal.SIGINT, before)
-            item.warn(pytest.PytestWarning(f"left SIGINT handled by {after!r}; put back"))
+            item.warn(pytest.PytestWarning(f"left SIGINT handled by {after!r}; put back {before!r}"))
 
 
 # The longest tests (`pytest --durations`, CI at 2b87087: 675, 266, 185, 139, 132, 128, 121 s) start

@@ -199,8 +199,20 @@ def tiny_config_file(run_config, target, run: Path, path: Path, *extra: str) -> 
     return path
 
 
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT handled as in a command run from a terminal (Python's default handler): a suite started
+    as a shell's background job (`.ci/run ... &`) runs with SIGINT ignored, which dflash-train rightly
+    leaves alone (StopRequest, dflash/training/accidents.py: a background job's Ctrl-C is not its own)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_during_a_step_and_during_a_save_loses_nothing(good_run, tmp_path, capsys, monkeypatch,
-                                                               run_config, tiny_target):
+                                                               run_config, tiny_target, terminal_sigint):
     """Each Ctrl-C ends the run after the step in progress, saved, with one line; the rerun says it
     resumes, and the run ends bit-identical to an uninterrupted one (``good_run``)."""
     import signal
