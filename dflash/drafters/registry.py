@@ -54,7 +54,8 @@ class DrafterKind(abc.ABC):
     """Rule-table rows of the drafter's own parameters (``dflash.sharding.RULES``)."""
     compared_on_init_from: ClassVar[tuple[str, ...]] = ("block_size", "mask_token_id")
     vllm_method: ClassVar[str | None] = None
-    """vLLM's ``speculative_config`` method for this kind's export (None: vLLM does not run it)."""
+    """vLLM's ``speculative_config`` method for this kind's export, which ``--check-with vllm`` runs
+    (None: not that export; an MTP head reaches vLLM only inside its target, ``--form full``)."""
 
     # ------------------------------------------------------------------ config and build
     def check_section(self, section: Any) -> None:

@@ -87,6 +87,7 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any, target: Transformer, run
 
 REGEN_FILES = ("regenerated.npz", "regenerated_eval.npz", "regenerated.json")  # what a run keeps of it
 
+
 def _regenerated(cfg: ExperimentConfig, target: Transformer, run_dir: Path, train_docs: list[Document],
                  held_docs: list[Document], progress: bool,
                  mesh: Mesh | None) -> tuple[list[Document], list[Document]]:
