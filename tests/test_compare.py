@@ -51,8 +51,8 @@ def test_compare_trains_seeds_on_shared_data_and_decodes_losslessly(tiny_target,
         assert "seed: 1" in (out / run / "config.yaml").read_text().split("train:")[1]
         assert (out / run / "regenerated.npz").read_bytes() == first.read_bytes()
     result = record["results"]["0"]["methods"]
-    # DFlash at its own block and at 2 (8 is not smaller than its block: no such row); MTP stepwise
-    variants = ("tiny_code", "tiny_code@B2", "tiny_code_mtp")
+    # each drafter at its own block and at 2 (MTP: a chain of 1 step); 8 is not smaller than either's
+    variants = ("tiny_code", "tiny_code@B2", "tiny_code_mtp", "tiny_code_mtp@B2")
     assert set(result) == {"ar", "ngram", *(f"{r}/s1" for r in variants)}
     ar = [p["tokens"] for p in result["ar"]["per_prompt"]]
     for name, r in result.items():  # greedy: every method emits the target's own tokens

@@ -82,8 +82,9 @@ def decode_all(target: Any, prompts: list[list[int]], runs: dict[tuple[str, int]
                log=print) -> dict[str, Any]:
     """Every run's drafter on the same prompts at each temperature: ``bench_methods`` results.
 
-    Method names are ``RECIPE[@VARIANT]/sSEED``; the variants are ``B<k>`` (a block drafter
-    decoded at block ``k`` besides its own, for each of ``extra_blocks`` smaller than its own)
+    Method names are ``RECIPE[@VARIANT]/sSEED``; the variants are ``B<k>`` (a drafter decoded at
+    block ``k`` besides its own, for each of ``extra_blocks`` smaller than its own: a block
+    drafter's pass of ``k`` rows, a stepwise drafter's chain of ``k - 1`` steps)
     and ``dynamic-tree`` (a stepwise drafter as an EAGLE-2 dynamic tree, ``dynamic_tree`` =
     depth, top-k, tokens; the depth is capped at the drafter's trained chain). At T > 0 the
     drafters sample their drafts (the lossless rule for stochastic drafts). Prompt lookup runs
@@ -104,7 +105,7 @@ def decode_all(target: Any, prompts: list[list[int]], runs: dict[tuple[str, int]
             methods[f"{name}/s{seed_}"] = (method, drafter)
             longest = max(longest, method.block_size)
             for k in extra_blocks:
-                if k < method.block_size and not isinstance(method, StepwiseDraft):
+                if k < method.block_size:
                     smaller = method_for(drafter, stochastic=stochastic, block_size=k)
                     methods[f"{name}@B{k}/s{seed_}"] = (smaller, drafter)
             if dynamic_tree is not None and isinstance(method, StepwiseDraft):

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/compare", help="run directories go here")
     p.add_argument("--temperatures", type=flag_list(NON_NEGATIVE), default=[0.0, 1.0])
     p.add_argument("--block-sizes", type=flag_list(BLOCK), default=[],
-                   help="also decode block drafters (DFlash) at these smaller blocks (method RECIPE@B<k>)")
+                   help="also decode each drafter at these blocks smaller than its own (method RECIPE@B<k>: "
+                        "a block drafter's pass over k positions, a stepwise one's chain of k - 1 steps)")
     add_dynamic_tree_arg(p, "also decode stepwise drafters (EAGLE-3, MTP) as an EAGLE-2 dynamic tree "
                             "(method RECIPE@dynamic-tree; depth capped at the drafter's trained chain)")
     p.add_argument("--prompts", default="tiny-code-heldout",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -100,12 +101,18 @@ class DrafterKind(abc.ABC):
     def read_config(self, directory: Path) -> Any:
         """The drafter config of an export, without its weights."""
 
-    @abc.abstractmethod
+    # Its export reader, given the target's config (``hf.load_*``, as a staticmethod): what ``load`` calls.
+    loader: ClassVar[Callable[..., nnx.Module]]
+
     def load(self, directory: Path, target: Transformer | None = None, *,
              target_cfg: ModelConfig | None = None,
              dtype: Any = jnp.float32, attention_impl: str = "auto", mesh: Mesh | None = None,
              replicate_indivisible: bool = False) -> nnx.Module:
-        """An export loaded (into its shards on ``mesh``), checked against the target when given."""
+        """An export loaded (into its shards on ``mesh``), checked against the target (``target`` or
+        ``target_cfg``) by the kind's ``loader``; a kind that reads more of the target overrides this."""
+        return self.loader(directory, target.cfg if target is not None else target_cfg, dtype=dtype,
+                           attention_impl=attention_impl, mesh=mesh,
+                           replicate_indivisible=replicate_indivisible)
 
     @abc.abstractmethod
     def save(self, drafter: nnx.Module, target: Transformer | None, target_cfg: ModelConfig, out: Path, *,

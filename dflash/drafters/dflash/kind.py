@@ -71,16 +71,10 @@ class DFlashKind(DrafterKind):
     def claims(self, hf_config: dict[str, Any]) -> bool:
         return hf.ARCHITECTURE in (hf_config.get("architectures") or [])
 
+    loader = staticmethod(hf.load_drafter)
+
     def read_config(self, directory: Path) -> DFlashConfig:
         return hf.config_from_hf(read_config_json(directory))
-
-    def load(self, directory: Path, target: Transformer | None = None, *,
-             target_cfg: ModelConfig | None = None,
-             dtype: Any = jnp.float32, attention_impl: str = "auto", mesh: Mesh | None = None,
-             replicate_indivisible: bool = False) -> DFlashDrafter:
-        return hf.load_drafter(directory, target.cfg if target is not None else target_cfg, dtype=dtype,
-                               attention_impl=attention_impl, mesh=mesh,
-                               replicate_indivisible=replicate_indivisible)
 
     def save(self, drafter: DFlashDrafter, target: Transformer | None, target_cfg: ModelConfig, out: Path, *,
              target_name: str, dtype: Any = None, form: str = "delta", **prepared: Any) -> Path:

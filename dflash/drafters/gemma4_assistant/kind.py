@@ -80,28 +80,10 @@ class Gemma4AssistantKind(DrafterKind):
     def claims(self, hf_config: dict[str, Any]) -> bool:
         return hf.claims(hf_config)
 
+    loader = staticmethod(hf.load_assistant)
+
     def read_config(self, directory: Path) -> AssistantConfig:
         return AssistantConfig.from_hf(read_config_json(directory))
-
-    def load(
-        self,
-        directory: Path,
-        target: Transformer | None = None,
-        *,
-        target_cfg: ModelConfig | None = None,
-        dtype: Any = jnp.float32,
-        attention_impl: str = "auto",
-        mesh: Mesh | None = None,
-        replicate_indivisible: bool = False,
-    ) -> Gemma4Assistant:
-        return hf.load_assistant(
-            directory,
-            target.cfg if target is not None else target_cfg,
-            dtype=dtype,
-            attention_impl=attention_impl,
-            mesh=mesh,
-            replicate_indivisible=replicate_indivisible,
-        )
 
     def save(
         self,

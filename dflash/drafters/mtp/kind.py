@@ -77,28 +77,10 @@ class MTPKind(DrafterKind):
     def claims(self, hf_config: dict[str, Any]) -> bool:
         return hf.ARCHITECTURE in (hf_config.get("architectures") or []) or hf.declared_layers(hf_config) > 0
 
+    loader = staticmethod(hf.load_head)
+
     def read_config(self, directory: Path) -> MTPConfig:
         return hf.config_from_hf(read_config_json(directory))
-
-    def load(
-        self,
-        directory: Path,
-        target: Transformer | None = None,
-        *,
-        target_cfg: ModelConfig | None = None,
-        dtype: Any = jnp.float32,
-        attention_impl: str = "auto",
-        mesh: Mesh | None = None,
-        replicate_indivisible: bool = False,
-    ) -> MTPHead:
-        return hf.load_head(
-            directory,
-            target.cfg if target is not None else target_cfg,
-            dtype=dtype,
-            attention_impl=attention_impl,
-            mesh=mesh,
-            replicate_indivisible=replicate_indivisible,
-        )
 
     def save(
         self,
