@@ -10,6 +10,7 @@ import pytest
 
 from dflash.bench.compare import Recipe, summarize, train_all
 from dflash.cli.compare import main
+from dflash.viz.figures import block_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,11 @@ def test_compare_trains_seeds_on_shared_data_and_decodes_losslessly(tiny_target,
     summary = record["summary"]["0"]
     assert summary["tiny_code"]["taus"] == [result["tiny_code/s1"]["tau"]]
     assert summary["tiny_code"]["seeds"] == [1]
-    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["acceptance_T0.png", "tau_by_method.png"]
+    curves = block_curves(summary)  # tau_by_block.png's points: drafts per step of each chain
+    drafts = {r: [k for k, _ in pts] for r, pts in curves.items()}
+    assert drafts == {"tiny_code": [1, 3], "tiny_code_mtp": [1, 3], "ngram": [3]}
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["acceptance_T0.png", "tau_by_block.png",
+                                                              "tau_by_method.png"]
     assert "tiny_code_mtp" in capsys.readouterr().out
 
     # Called again, nothing trains (every run is complete): the runs come back as they are.

@@ -275,15 +275,47 @@ def seed_taus(summary: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Figure:
     return fig
 
 
+def block_curves(groups: Mapping[str, Mapping[str, Any]]) -> dict[str, list[tuple[int, Mapping[str, Any]]]]:
+    """One temperature's summary -> recipe -> ``(drafts per step, group)`` sorted, from each recipe's
+    own chain and its ``@B<k>`` variants (``dflash-compare --block-sizes``); trees are left out."""
+    curves: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
+    for name, g in groups.items():
+        recipe, _, variant = name.partition("@")
+        if g["block_size"] > 1 and (not variant or variant[1:].isdigit() and variant[0] == "B"):
+            curves.setdefault(recipe, []).append((g["block_size"] - 1, g))
+    return {r: sorted(points, key=lambda p: p[0]) for r, points in curves.items()}
+
+
+def tau_vs_block(summary: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Figure:
+    """τ against the drafts per verify step (block size - 1) for each recipe, one panel per
+    temperature, the bars spanning the seeds' min..max: where a stepwise drafter's k sequential
+    steps and a block drafter's one pass of the same length stand (issue 34's assistant k = 1..7)."""
+    fig, axes = new_figure((FIGSIZE[0] * max(len(summary), 1) * 0.75, FIGSIZE[1]), ncols=len(summary))
+    for ax, (t, groups) in zip(axes, summary.items(), strict=True):
+        for i, (recipe, points) in enumerate(sorted(block_curves(groups).items())):
+            ks = [k for k, _ in points]
+            means = np.array([g["mean"] for _, g in points])
+            spread = np.array([[g["mean"] - g["min"] for _, g in points],
+                               [g["max"] - g["mean"] for _, g in points]])  # [2, points]
+            ax.errorbar(ks, means, yerr=spread, marker="o", capsize=3, color=f"C{i}", label=recipe)
+        ax.set(xlabel="drafts per verify step (block size - 1)", ylabel="τ (tokens per verify step)",
+               title=f"T={t}")
+        ax.legend()
+    return fig
+
+
 def compare_figures(record: Mapping[str, Any], out: str | Path) -> list[Path]:
-    """``dflash-compare --plots DIR``: τ per method with the seed spread, and per temperature the
-    acceptance histogram of each method (all seeds' verify steps together)."""
+    """``dflash-compare --plots DIR``: τ per method with the seed spread; τ against the block when
+    some recipe was decoded at several (``--block-sizes``); and per temperature the acceptance
+    histogram of each method at its own block (all seeds' verify steps together)."""
     out = Path(out)
     summary = record["summary"]
     paths = [save(seed_taus(summary), out / "tau_by_method.png")]
+    if any(len(points) > 1 for groups in summary.values() for points in block_curves(groups).values()):
+        paths.append(save(tau_vs_block(summary), out / "tau_by_block.png"))
     for t, groups in summary.items():
         lengths = {n: [a + 1 for a, c in enumerate(g["acceptance_histogram"]) for _ in range(c)]
-                   for n, g in groups.items() if g["block_size"] > 1}
+                   for n, g in groups.items() if g["block_size"] > 1 and "@B" not in n}
         k = max(g["block_size"] for g in groups.values())
         taus = {n: groups[n]["mean"] for n in lengths}
         fig = acceptance_histogram(lengths, k, taus=taus, title=f"Tokens accepted per verify step, T={t}")
