@@ -59,11 +59,13 @@ def test_train_default_config_is_shipped_and_works_from_any_directory(tmp_path, 
 
     import dflash.cli.train as train_cli
     from dflash.configio import load_yaml
+    from dflash.io import resolve
     from dflash.training.config import ExperimentConfig
 
     root = Path(__file__).resolve().parents[1]
     for name, shipped in train_cli.SHIPPED_CONFIGS.items():  # configs/ is the same file, to edit
         assert filecmp.cmp(shipped, root / "configs" / f"{name}.yaml", shallow=False), name
+        assert resolve(load_yaml(ExperimentConfig, shipped).target.name).is_dir(), name  # target ships
     seen = []
     monkeypatch.setattr(train_cli, "run_training", lambda cfg, **kw: seen.append(cfg) or {})
     monkeypatch.setattr(train_cli, "write_report", lambda run_dir: Path(run_dir) / "report")  # no run made

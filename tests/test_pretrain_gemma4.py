@@ -77,9 +77,11 @@ def test_gemma4_pretraining_resumes_exactly_and_saves_a_directory_transformers_a
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 
 
-def test_the_default_architecture_builds_the_shipped_tiny_code():
+def test_the_default_architectures_build_the_shipped_tiny_targets():
     shipped = load_target("tiny-code").cfg
     assert PretrainConfig().model_config(shipped.bos_token_id) == shipped
+    gemma = load_target("tiny-gemma4").cfg  # made by issue 34's recipe (docs/benchmarks.md)
+    assert PretrainConfig(architecture="gemma4").model_config(gemma.bos_token_id) == gemma
 
 
 @pytest.mark.parametrize("fields, message", [

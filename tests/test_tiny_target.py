@@ -1,4 +1,5 @@
-"""The shipped tiny code target: a genuine HF directory both stacks open identically."""
+"""The shipped tiny targets (tiny-code, and its Gemma 4 twin tiny-gemma4): genuine HF directories
+both stacks open identically."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from dflash.io import load_target, resolve
@@ -13,27 +15,32 @@ from dflash.io.loading import SHIPPED
 from dflash.io.tokenizer import load_tokenizer
 from dflash.training import tiny_corpus
 
+SHIPPED_TARGETS = pytest.mark.parametrize("name, model_type", [("tiny-code", "qwen3"),
+                                                                ("tiny-gemma4", "gemma4_text")])
 
-def test_shipped_directory_is_small_and_complete():
-    directory = resolve("tiny-code")
-    assert directory == SHIPPED["tiny-code"]
+
+@SHIPPED_TARGETS
+def test_shipped_directory_is_small_and_complete(name, model_type):
+    directory = resolve(name)
+    assert directory == SHIPPED[name]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (directory / name).is_file(), name
     total = sum(f.stat().st_size for f in directory.iterdir())
     assert total <= 20 * 1024 * 1024
     cfg = json.loads((directory / "config.json").read_text())
-    assert cfg["model_type"] == "qwen3"
+    assert cfg["model_type"] == model_type
     assert 4000 <= cfg["vocab_size"] <= 8192
 
 
-def test_transformers_and_dflash_agree_on_the_shipped_target():
+@SHIPPED_TARGETS
+def test_transformers_and_dflash_agree_on_the_shipped_target(name, model_type):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = resolve("tiny-code")
+    directory = resolve(name)
     hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(str(directory))
-    ours = load_target("tiny-code")
-    tok = load_tokenizer("tiny-code")
+    ours = load_target(name)
+    tok = load_tokenizer(name)
     text = tiny_corpus.heldout_prompts(1)[0]
     ids = tok(text, add_special_tokens=False).input_ids
     assert ids == hf_tok(text, add_special_tokens=False).input_ids

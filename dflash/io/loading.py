@@ -28,8 +28,9 @@ from dflash.models.transformer import Transformer, abstract
 from dflash.sharding import param_spec
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# Short names of checkpoints that ship inside the package.
-SHIPPED = {"tiny-code": ASSETS / "tiny-code"}
+# Short names of checkpoints that ship inside the package: the tiny code target (Qwen3 architecture)
+# and its Gemma 4 twin (same sizes, tokenizer and corpus; issue 34's comparison on the tiny scale).
+SHIPPED = {"tiny-code": ASSETS / "tiny-code", "tiny-gemma4": ASSETS / "tiny-gemma4"}
 
 
 TEXT_MODEL = "model."
