@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 from test_gemma4 import TEXT, save_tiny_gemma4
 from test_torch_reference import RefDFlash
 
@@ -24,6 +25,7 @@ from dflash.drafters import loss_head, resolve_method
 from dflash.drafters import objective as obj
 from dflash.drafters.dflash import DFlashDraft
 from dflash.errors import CheckpointError
+from dflash.export.from_run import export_checkpoint
 from dflash.io import load_target
 from dflash.io.tokenizer import load_tokenizer
 from dflash.models import build
@@ -81,7 +83,8 @@ def test_dflash_train_on_a_gemma4_target_is_lossless_and_its_export_reimports(tm
     sliding, a full and a KV-shared layer are transformers' ``hidden_states[i + 1]``; the export's draft
     logits in the PyTorch reference == ours; speculative greedy with it == transformers' greedy token
     for token; the export says qwen3 /
-    DFlashDraftModel with the target's ``sqrt(D)`` embedding scale and cap; a changed cap is refused."""
+    DFlashDraftModel with the target's ``sqrt(D)`` embedding scale and cap, and ships the scaled table
+    for vLLM; a changed cap is refused."""
     target_dir, run = tmp_path / "gemma4", tmp_path / "run"
     hf = save_tiny_gemma4(target_dir, enable_moe_block=False)  # experts: test_gemma4 (compile time)
     taps = (1, 3, 4)
@@ -113,9 +116,18 @@ def test_dflash_train_on_a_gemma4_target_is_lossless_and_its_export_reimports(tm
     # The PyTorch reference (tests/test_torch_reference.py) reads the export as z-lab's code does:
     # raw embedding rows times input_embedding_scale, the head then final_logit_softcapping.
     tokens = np.random.default_rng(6).integers(0, 4000, size=13).tolist()
+    ref_drafter = RefDFlash(export)
     with torch.no_grad():
         hidden = hf(torch.tensor([tokens[:-1]]), output_hidden_states=True).hidden_states
-        want = RefDFlash(export).draft_logits(hf, hidden, tokens[-1]).numpy()
+        want = ref_drafter.draft_logits(hf, hidden, tokens[-1]).numpy()
+    # ... and it ships the block rows' table, what vLLM's DFlash reader embeds with (it ignores the
+    # scale): exactly the rows our engine feeds, the trainer's export and dflash-export --run's alike
+    rows = np.asarray(target.embed(jnp.arange(hf_cfg["vocab_size"])[None]))[0]
+    np.testing.assert_array_equal(ref_drafter.shipped_embedding.numpy(), rows)
+    np.testing.assert_allclose(rows, hf.get_input_embeddings()(torch.arange(4096)).detach().numpy(), rtol=1e-6,
+                               atol=0)
+    again = Path(export_checkpoint(tmp_path / "again", run_dir=run)["out"]) / "model.safetensors"
+    np.testing.assert_array_equal(load_file(str(again))["embed_tokens.weight"], rows)
     feats = np.concatenate([hidden[i + 1].numpy() for i in taps], axis=-1)
     cache = drafter.extend_context(drafter.init_context_cache(1, 20), jnp.asarray(feats),
                                    jnp.arange(12)[None], jnp.array([12]))

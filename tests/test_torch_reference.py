@@ -97,6 +97,9 @@ class RefDFlash(nn.Module):
         self.rotary = Qwen3RotaryEmbedding(cfg)
         weights = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in
                    load_file(str(directory / "model.safetensors")).items()}
+        # A scaled-embedding target's export also ships the scaled table, for vLLM (dflash.drafters.
+        # dflash.hf.scaled_embedding); the reference embeds with the target's table and the scale.
+        self.shipped_embedding = weights.pop("embed_tokens.weight", None)
         self.load_state_dict(weights, strict=True)  # exact names, exact [out, in] shapes
         self.eval()
 

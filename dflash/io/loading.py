@@ -323,8 +323,10 @@ def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float
                             dtype, mesh=mesh, replicate_indivisible=replicate_indivisible)
 
 
-def save_params(model: nnx.Module, rows: tuple[WeightRow, ...], path: Path, dtype: Any = None) -> None:
-    """Writes ``model``'s parameters as safetensors under their HF names (``[out, in]`` layout)."""
+def save_params(model: nnx.Module, rows: tuple[WeightRow, ...], path: Path, dtype: Any = None,
+                extra: dict[str, np.ndarray] | None = None) -> None:
+    """Writes ``model``'s parameters as safetensors under their HF names (``[out, in]`` layout), and
+    the ``extra`` tensors (HF name -> array, cast to ``dtype``) beside them."""
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     by_key = {_path_key(p): v for p, v in flat.items()}
     tensors: dict[str, np.ndarray] = {}
@@ -346,6 +348,8 @@ def save_params(model: nnx.Module, rows: tuple[WeightRow, ...], path: Path, dtyp
     missing = set(by_key) - {row.ours for row in rows}
     if missing:
         raise CheckpointError(f"no table row names parameters {sorted(missing)}")
+    for hf_key, array in (extra or {}).items():
+        tensors[hf_key] = np.ascontiguousarray(array if dtype is None else array.astype(dtype))
     save_file(tensors, str(path), metadata={"format": "pt"})
     world_readable(path)
 

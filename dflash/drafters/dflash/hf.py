@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -30,10 +31,11 @@ from dflash.drafters.dflash.model import (
     layer_config,
 )
 from dflash.errors import CheckpointError
+from dflash.io.host import to_host
 from dflash.io.loading import ASSETS, load_params_into, read_config_json, save_params
 from dflash.models import kinds
 from dflash.models.kinds import WeightRow
-from dflash.models.transformer import embed_scale
+from dflash.models.transformer import Transformer, embed_scale
 
 ARCHITECTURE = "DFlashDraftModel"
 SHIPPED_DRAFTERS = {"tiny-code-dflash": ASSETS / "tiny-code-dflash"}
@@ -54,8 +56,9 @@ def target_fingerprint(cfg: ModelConfig) -> str:
 
 
 # dflash_config keys for a target whose embedding and LM head are not a plain lookup / matmul, as
-# the reference DFlash code and vLLM's DFlash readers apply them around the target's shared table and
-# head, and the value that means "plain" when a key is absent.
+# the reference DFlash code applies them around the target's shared table and head (and vLLM's
+# DFlash2 reader; its DFlash reader does not: see scaled_embedding), and the value that means
+# "plain" when a key is absent.
 TARGET_IO_DEFAULTS = {"input_embedding_scale": 1.0, "final_logit_softcapping": 0.0}
 
 
@@ -171,11 +174,31 @@ def _layers_from_hf(hf: dict[str, Any], n: int) -> tuple[LayerSpec, ...]:
         raise CheckpointError(f"DFlash config.json: {err}") from err
 
 
+def scaled_embedding(target: Transformer) -> np.ndarray:
+    """The block rows' embedding table ``[V, D]`` of a target that scales its embeddings (Gemma's
+    ``sqrt(D)``): its table times the scale, in its dtype, as ``Transformer.embed`` computes each row;
+    gathered when sharded over processes (a collective).
+
+    A DFlash export for such a target ships it as ``embed_tokens.weight``: vLLM's DFlash reader
+    (``DFlashDraftModel``, 0.32) embeds the block with the target's raw table and ignores
+    ``dflash_config.input_embedding_scale``, but takes a drafter's own table when the file has one
+    (and ours, and the reference, read the target's and the scale; the copy is not read back)."""
+    table = target.embed_tokens[...]
+    return to_host(table * jnp.asarray(target.embed_scale, table.dtype))
+
+
 def save_drafter(drafter: DFlashDrafter, directory: str | os.PathLike, *, target_name: str = "",
-                 target_cfg: ModelConfig | None = None, dtype: Any = None) -> Path:
+                 target_cfg: ModelConfig | None = None, dtype: Any = None,
+                 embed_tokens: np.ndarray | None = None) -> Path:
+    """The export; ``embed_tokens``: the scaled table a target that scales its embeddings ships
+    with (``scaled_embedding``), written as ``embed_tokens.weight``."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    save_params(drafter, drafter_rows(drafter.cfg), out / "model.safetensors", dtype)
+    if target_cfg is not None and embed_scale(target_cfg) and embed_tokens is None:
+        raise CheckpointError("a DFlash export for a target that scales its embeddings needs the scaled "
+                              "table (hf.scaled_embedding), which vLLM's DFlash reader takes from the file")
+    extra = {} if embed_tokens is None else {"embed_tokens.weight": np.asarray(embed_tokens)}
+    save_params(drafter, drafter_rows(drafter.cfg), out / "model.safetensors", dtype, extra=extra)
     name = jnp.dtype(dtype).name if dtype is not None else jnp.dtype(drafter.fc.kernel[...].dtype).name
     with open(out / "config.json", "w") as f:
         json.dump(drafter_hf_config(drafter.cfg, target_name, target_cfg, name), f, indent=2)

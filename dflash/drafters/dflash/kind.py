@@ -31,7 +31,7 @@ from dflash.drafters.registry import SHIPPED, DrafterKind, register
 from dflash.flops import head_flops, target_forward_flops
 from dflash.io.loading import read_config_json
 from dflash.models import kinds
-from dflash.models.transformer import Transformer
+from dflash.models.transformer import Transformer, embed_scale
 
 
 class DFlashKind(DrafterKind):
@@ -76,9 +76,19 @@ class DFlashKind(DrafterKind):
     def read_config(self, directory: Path) -> DFlashConfig:
         return hf.config_from_hf(read_config_json(directory))
 
+    def needs_target_weights(self, target_cfg: ModelConfig) -> bool:
+        return bool(embed_scale(target_cfg))  # a scaled table ships for vLLM (hf.scaled_embedding)
+
+    def prepare_export(self, target: Transformer) -> dict[str, Any]:
+        return {"embed_tokens": hf.scaled_embedding(target)} if embed_scale(target.cfg) else {}
+
     def save(self, drafter: DFlashDrafter, target: Transformer | None, target_cfg: ModelConfig, out: Path, *,
              target_name: str, dtype: Any = None, form: str = "delta", **prepared: Any) -> Path:
-        return hf.save_drafter(drafter, out, target_name=target_name, target_cfg=target_cfg, dtype=dtype)
+        table = prepared.get("embed_tokens")
+        if table is None and target is not None and embed_scale(target_cfg):
+            table = hf.scaled_embedding(target)
+        return hf.save_drafter(drafter, out, target_name=target_name, target_cfg=target_cfg, dtype=dtype,
+                               embed_tokens=table)
 
     def method(self, drafter: DFlashDrafter, *, stochastic: bool = False,
                block_size: int | None = None) -> DFlashDraft:
