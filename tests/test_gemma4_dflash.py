@@ -124,8 +124,8 @@ def test_dflash_train_on_a_gemma4_target_is_lossless_and_its_export_reimports(tm
     # scale): exactly the rows our engine feeds, the trainer's export and dflash-export --run's alike
     rows = np.asarray(target.embed(jnp.arange(hf_cfg["vocab_size"])[None]))[0]
     np.testing.assert_array_equal(ref_drafter.shipped_embedding.numpy(), rows)
-    np.testing.assert_allclose(rows, hf.get_input_embeddings()(torch.arange(4096)).detach().numpy(), rtol=1e-6,
-                               atol=0)
+    hf_rows = hf.get_input_embeddings()(torch.arange(4096)).detach().numpy()  # transformers' scaled rows
+    np.testing.assert_allclose(rows, hf_rows, rtol=1e-6, atol=0)
     again = Path(export_checkpoint(tmp_path / "again", run_dir=run)["out"]) / "model.safetensors"
     np.testing.assert_array_equal(load_file(str(again))["embed_tokens.weight"], rows)
     feats = np.concatenate([hidden[i + 1].numpy() for i in taps], axis=-1)

@@ -209,4 +209,5 @@ def test_check_cli_exit_code_follows_the_comparison(monkeypatch, capsys, layers,
     assert cli_check(info) == code
     assert asked == {"target": "tiny-code", "blocks": [16, 8], "prompts": 4}  # its K and K/2
     out = capsys.readouterr().out
-    assert "| d | " in out and (("k_norm defect" in out) == (layers > 1 and steps_identical < 10))
+    k_norm_note = "layer 0's k_norm to every DFlash layer" in out
+    assert "| d | " in out and k_norm_note == (layers > 1 and steps_identical < 10)
