@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from dflash.bench.methods import bench_methods
@@ -94,6 +95,11 @@ def decode_all(target: Any, prompts: list[list[int]], runs: dict[tuple[str, int]
                 for key, run_dir in runs.items()}  # each read once; the methods below only wrap them
     by_temperature: dict[str, Any] = {}
     for temperature in temperatures:
+        # Nothing compiled before (the runs' training steps, the last temperature's decode loops:
+        # stochastic drafts compile anew) is used again: the Gemma comparison of issue 34 (six runs
+        # trained, then 2 x 50 methods decoded in one process) ran a 24 GiB host out of memory in
+        # LLVM at its second temperature with them all kept; decoding alone peaks at ~4 GiB.
+        jax.clear_caches()
         stochastic = temperature > 0
         methods: dict[str, tuple[Any, Any]] = {"ar": resolve_method("ar", target)}
         mask_ids: set[int] = set()
