@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dflash.bench.compare import Recipe, summarize, train_all
+from dflash.bench.compare import Recipe, not_lossless, summarize, train_all
 from dflash.cli.compare import main
 from dflash.viz.figures import block_curves
 
@@ -58,6 +58,7 @@ def test_compare_trains_seeds_on_shared_data_and_decodes_losslessly(tiny_target,
     ar = [p["tokens"] for p in result["ar"]["per_prompt"]]
     for name, r in result.items():  # greedy: every method emits the target's own tokens
         assert [p["tokens"] for p in r["per_prompt"]] == ar, name
+    assert record["results"]["0"]["not_lossless"] == []  # and the command found so
     summary = record["summary"]["0"]
     assert summary["tiny_code"]["taus"] == [result["tiny_code/s1"]["tau"]]
     assert summary["tiny_code"]["seeds"] == [1]
@@ -75,6 +76,13 @@ def test_compare_trains_seeds_on_shared_data_and_decodes_losslessly(tiny_target,
     again = train_all(recipes, [1], out, overrides, progress=False, log=logs.append)
     assert sorted(p.name for p in again.values()) == sorted(runs)
     assert sum("already complete" in line for line in logs) == 2
+
+
+def test_a_method_whose_greedy_tokens_differ_from_ar_is_named():
+    rows = lambda *toks: {"per_prompt": [{"tokens": t} for t in toks]}  # noqa: E731
+    result = {"methods": {"ar": rows([1, 2], [3]), "ok": rows([1, 2], [3]), "bad": rows([1, 2], [4]),
+                          "short": rows([1], [3])}}
+    assert not_lossless(result) == ["bad", "short"]
 
 
 def test_compare_refuses_runs_on_different_targets(tmp_path, capsys):

@@ -89,7 +89,8 @@ def decode_all(target: Any, prompts: list[list[int]], runs: dict[tuple[str, int]
     and ``dynamic-tree`` (a stepwise drafter as an EAGLE-2 dynamic tree, ``dynamic_tree`` =
     depth, top-k, tokens; the depth is capped at the drafter's trained chain). At T > 0 the
     drafters sample their drafts (the lossless rule for stochastic drafts). Prompt lookup runs
-    at the longest block decoded, AR as the reference."""
+    at the longest block decoded, AR as the reference; greedy, every method's tokens are compared
+    with AR's (``not_lossless``: the methods whose differ)."""
     impl = target.attention_impl
     drafters = {key: load_drafter(str(run_dir), target, dtype=target.dtype, attention_impl=impl)
                 for key, run_dir in runs.items()}  # each read once; the methods below only wrap them
@@ -126,8 +127,20 @@ def decode_all(target: Any, prompts: list[list[int]], runs: dict[tuple[str, int]
         result = bench_methods(target, prompts, methods, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                sampling=SamplingParams(temperature=temperature), eos_ids=eos_ids,
                                mask_token_id=next(iter(mask_ids), None), seed=seed, warmup=False)
+        if not stochastic:
+            result["not_lossless"] = not_lossless(result)
+            for name in result["not_lossless"]:
+                log(f"[compare] ERROR: {name}'s greedy tokens differ from the target's own (AR)")
         by_temperature[f"{temperature:g}"] = result
     return by_temperature
+
+
+def not_lossless(result: dict[str, Any]) -> list[str]:
+    """The methods of a greedy ``bench_methods`` result whose tokens differ from AR's (greedy
+    speculative decoding must emit the target's own tokens)."""
+    ar = [p["tokens"] for p in result["methods"]["ar"]["per_prompt"]]
+    return sorted(name for name, r in result["methods"].items()
+                  if [p["tokens"] for p in r["per_prompt"]] != ar)
 
 
 def summarize(by_temperature: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -9,6 +9,7 @@ every trained drafter decodes the same held-out prompts in one engine, greedy an
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from dflash.bench import load_prompts, write_json
@@ -99,6 +100,11 @@ def _compare(args: argparse.Namespace) -> int:
         from dflash.viz.figures import compare_figures
 
         print("figures:", ", ".join(str(p) for p in compare_figures(record, args.plots)))
+    broken = sorted({n for r in by_temperature.values() for n in r.get("not_lossless", [])})
+    if broken:  # after the record is written: the results stay for the diagnosis
+        print(f"dflash-compare: error: greedy tokens differ from the target's for {', '.join(broken)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
