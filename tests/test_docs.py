@@ -54,7 +54,7 @@ def test_design_section_references_exist():
 
 def test_readme_outputs_are_ignored_by_git():
     """What the README's commands write (run from the root) never shows up in ``git status``."""
-    flags = r"--(?:out|json|run-dir|anchor-profile)"
+    flags = r"--(?:out|json|run-dir|anchor-profile|plots)"
     outputs = set()
     for doc in ("README.md", "docs/export.md"):
         outputs |= set(re.findall(flags + r"[ =]([\w./-]+)", (ROOT / doc).read_text()))
