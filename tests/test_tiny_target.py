@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dflash.io import load_target, resolve
-from dflash.io.loading import SHIPPED
+from dflash.io.loading import SHIPPED, read_embedding
 from dflash.io.tokenizer import load_tokenizer
 from dflash.training import tiny_corpus
 
@@ -49,6 +49,8 @@ def test_transformers_and_dflash_agree_on_the_shipped_target(name, model_type):
         ref = hf(torch.tensor([ids])).logits.numpy()
     got = np.asarray(ours(jnp.asarray([ids]), jnp.arange(len(ids))[None]).logits)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    # the embedding table read alone (what a Gemma DFlash export ships, scaled) is the loaded one
+    np.testing.assert_array_equal(np.asarray(read_embedding(name)), np.asarray(ours.embed_tokens[...]))
 
 
 def test_tokenizer_reserves_mask_and_end_of_text():

@@ -323,6 +323,19 @@ def load_target(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float
                             dtype, mesh=mesh, replicate_indivisible=replicate_indivisible)
 
 
+def read_embedding(name_or_path: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """A target checkpoint's word-embedding table ``[V, D]`` alone, as ``load_target`` holds it (in
+    ``dtype``), without reading any other tensor (an export that needs only it, of a 31B target)."""
+    directory = resolve(name_or_path)
+    source = _TensorSource(directory)
+    for key in (f"{WRAPPED_TEXT_MODEL}embed_tokens.weight", f"{TEXT_MODEL}embed_tokens.weight"):
+        if key in source:
+            array = source.get(key)
+            _check_dtype(key, array)
+            return jnp.asarray(array, dtype=dtype)
+    raise CheckpointError(f"checkpoint {directory} has no {TEXT_MODEL}embed_tokens.weight")
+
+
 def save_params(model: nnx.Module, rows: tuple[WeightRow, ...], path: Path, dtype: Any = None,
                 extra: dict[str, np.ndarray] | None = None) -> None:
     """Writes ``model``'s parameters as safetensors under their HF names (``[out, in]`` layout), and

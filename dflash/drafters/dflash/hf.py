@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -35,7 +36,7 @@ from dflash.io.host import to_host
 from dflash.io.loading import ASSETS, load_params_into, read_config_json, save_params
 from dflash.models import kinds
 from dflash.models.kinds import WeightRow
-from dflash.models.transformer import Transformer, embed_scale
+from dflash.models.transformer import embed_scale
 
 ARCHITECTURE = "DFlashDraftModel"
 SHIPPED_DRAFTERS = {"tiny-code-dflash": ASSETS / "tiny-code-dflash"}
@@ -174,17 +175,17 @@ def _layers_from_hf(hf: dict[str, Any], n: int) -> tuple[LayerSpec, ...]:
         raise CheckpointError(f"DFlash config.json: {err}") from err
 
 
-def scaled_embedding(target: Transformer) -> np.ndarray:
+def scaled_embedding(table_VD: jax.Array, cfg: ModelConfig) -> np.ndarray:
     """The block rows' embedding table ``[V, D]`` of a target that scales its embeddings (Gemma's
-    ``sqrt(D)``): its table times the scale, in its dtype, as ``Transformer.embed`` computes each row;
-    gathered when sharded over processes (a collective).
+    ``sqrt(D)``): its table (``Transformer.embed_tokens``, or ``read_embedding`` of its checkpoint)
+    times the scale, in its dtype, as ``Transformer.embed`` computes each row; gathered when sharded
+    over processes (a collective).
 
     A DFlash export for such a target ships it as ``embed_tokens.weight``: vLLM's DFlash reader
     (``DFlashDraftModel``, 0.32) embeds the block with the target's raw table and ignores
     ``dflash_config.input_embedding_scale``, but takes a drafter's own table when the file has one
     (and ours, and the reference, read the target's and the scale; the copy is not read back)."""
-    table = target.embed_tokens[...]
-    return to_host(table * jnp.asarray(target.embed_scale, table.dtype))
+    return to_host(table_VD * jnp.asarray(embed_scale(cfg), table_VD.dtype))
 
 
 def save_drafter(drafter: DFlashDrafter, directory: str | os.PathLike, *, target_name: str = "",

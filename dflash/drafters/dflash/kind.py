@@ -29,7 +29,7 @@ from dflash.drafters.dflash.draft import DFlashDraft
 from dflash.drafters.dflash.model import DEFAULT_BLOCK_SIZE, SHAPE_FIELDS, DFlashConfig, DFlashDrafter
 from dflash.drafters.registry import SHIPPED, DrafterKind, register
 from dflash.flops import head_flops, target_forward_flops
-from dflash.io.loading import read_config_json
+from dflash.io.loading import read_config_json, read_embedding
 from dflash.models import kinds
 from dflash.models.transformer import Transformer, embed_scale
 
@@ -76,17 +76,19 @@ class DFlashKind(DrafterKind):
     def read_config(self, directory: Path) -> DFlashConfig:
         return hf.config_from_hf(read_config_json(directory))
 
-    def needs_target_weights(self, target_cfg: ModelConfig) -> bool:
-        return bool(embed_scale(target_cfg))  # a scaled table ships for vLLM (hf.scaled_embedding)
-
     def prepare_export(self, target: Transformer) -> dict[str, Any]:
-        return {"embed_tokens": hf.scaled_embedding(target)} if embed_scale(target.cfg) else {}
+        """A target that scales its embeddings: the scaled table the export ships for vLLM
+        (``hf.scaled_embedding``)."""
+        if not embed_scale(target.cfg):
+            return {}
+        return {"embed_tokens": hf.scaled_embedding(target.embed_tokens[...], target.cfg)}
 
     def save(self, drafter: DFlashDrafter, target: Transformer | None, target_cfg: ModelConfig, out: Path, *,
              target_name: str, dtype: Any = None, form: str = "delta", **prepared: Any) -> Path:
         table = prepared.get("embed_tokens")
-        if table is None and target is not None and embed_scale(target_cfg):
-            table = hf.scaled_embedding(target)
+        if table is None and embed_scale(target_cfg):  # dflash-export: the checkpoint's table alone
+            table = hf.scaled_embedding(target.embed_tokens[...] if target is not None
+                                        else read_embedding(target_name), target_cfg)
         return hf.save_drafter(drafter, out, target_name=target_name, target_cfg=target_cfg, dtype=dtype,
                                embed_tokens=table)
 
