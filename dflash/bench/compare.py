@@ -99,7 +99,7 @@ def decode_all(target: Any, prompts: list[list[int]], runs: dict[tuple[str, int]
         # Nothing compiled before (the runs' training steps, the last temperature's decode loops:
         # stochastic drafts compile anew) is used again: the Gemma comparison of issue 34 (six runs
         # trained, then 2 x 50 methods decoded in one process) ran a 24 GiB host out of memory in
-        # LLVM at its second temperature with them all kept; decoding alone peaks at ~4 GiB.
+        # LLVM at its second temperature with them all kept; decoding alone peaked at 5.1 GB.
         jax.clear_caches()
         stochastic = temperature > 0
         methods: dict[str, tuple[Any, Any]] = {"ar": resolve_method("ar", target)}

@@ -124,10 +124,8 @@ class DrafterKind(abc.ABC):
         (``dflash-export`` prints it)."""
         return None
 
-    def needs_target_weights(self, target_cfg: ModelConfig) -> bool:
-        """Whether ``save`` reads the weights of a target of ``target_cfg`` (``dflash-export`` then
-        loads them; in training ``prepare_export`` gathers what it needs on every process)."""
-        return False
+    needs_target_weights: ClassVar[bool] = False
+    """Whether ``save`` reads the target's weights (then ``prepare_export`` runs on every process)."""
 
     def prepare_export(self, target: Transformer) -> dict[str, Any]:
         """What ``save`` needs from a target that may be sharded over processes (a collective: every

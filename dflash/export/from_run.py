@@ -157,7 +157,7 @@ def export_checkpoint(out: Path, *, run_dir: Path | None = None, checkpoint: Pat
     nnx.replace_by_pure_dict(abstract_state, jax.tree.map(np.asarray, saved))
     drafter = nnx.merge(graphdef, abstract_state)
     # A kind whose export records the target's weights (Orthrus: a fingerprint) reads them.
-    target = load_target(cfg.target.name) if cfg.kind.needs_target_weights(target_cfg) else None
+    target = load_target(cfg.target.name) if cfg.kind.needs_target_weights else None
     cfg.kind.save(drafter, target, target_cfg, out, target_name=cfg.target.name, dtype=EXPORT_DTYPES[dtype],
                   form=form)
     target_dir = resolve(cfg.target.name)

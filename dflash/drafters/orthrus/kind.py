@@ -39,8 +39,7 @@ class OrthrusKind(DrafterKind):
     architectures = hf.ARCHITECTURES
     default_block_size = DEFAULT_BLOCK_SIZE
     default_loss_weights = (0.0, 1.0)
-    def needs_target_weights(self, target_cfg: ModelConfig) -> bool:
-        return True  # the export records a fingerprint of them
+    needs_target_weights = True
 
     def config(self, section: Any, target: ModelConfig, *, mask_token_id: int,
                block_size: int) -> OrthrusConfig:
